@@ -1,0 +1,64 @@
+"""casty-sa: the SQLAlchemy event journal for casty's event-sourced actors.
+
+Replace ``SqliteJournal("x.db")`` with ``SAJournal("sqlite:///x.db")`` or
+``SAJournal("postgresql://…")``: the same ``EventJournal`` protocol, on tables
+a DBA manages with Alembic.
+
+Examples
+--------
+>>> from casty import JournalKind
+>>> SAJournal("sqlite:///bank.db").kind is JournalKind.local
+True
+>>> SAJournal("postgresql://app:secret@db/bank")
+SAJournal('postgresql+asyncpg://app:***@db/bank', kind=centralized)
+"""
+
+from casty_sa.errors import (
+    CommitOutcomeUnknown,
+    DatabaseUnavailable,
+    InvalidEventError,
+    JournalClosed,
+    JournalError,
+    PayloadDecodeError,
+    PayloadEncodeError,
+    SchemaError,
+    SequenceConflict,
+    UnsupportedDatabase,
+)
+from casty_sa.journal import MAX_SEQUENCE_NR, SAJournal
+from casty_sa.migrate import current, downgrade, head_revision, upgrade
+from casty_sa.models import (
+    MAX_ENTITY_ID_LENGTH,
+    NAMING_CONVENTION,
+    VERSION_TABLE,
+    Base,
+    EventRecord,
+    SnapshotRecord,
+    metadata,
+)
+
+__all__ = [
+    "MAX_ENTITY_ID_LENGTH",
+    "MAX_SEQUENCE_NR",
+    "NAMING_CONVENTION",
+    "VERSION_TABLE",
+    "Base",
+    "CommitOutcomeUnknown",
+    "DatabaseUnavailable",
+    "EventRecord",
+    "InvalidEventError",
+    "JournalClosed",
+    "JournalError",
+    "PayloadDecodeError",
+    "PayloadEncodeError",
+    "SAJournal",
+    "SchemaError",
+    "SequenceConflict",
+    "SnapshotRecord",
+    "UnsupportedDatabase",
+    "current",
+    "downgrade",
+    "head_revision",
+    "metadata",
+    "upgrade",
+]

@@ -1,0 +1,82 @@
+"""Engines tuned for a journal: durable SQLite, pooled PostgreSQL.
+
+SQLite (``aiosqlite``)
+    WAL mode, ``synchronous=FULL`` by default (an acknowledged commit survives
+    power loss; ``NORMAL`` is faster and may lose the last commits on power
+    loss, never corrupting the file; ``OFF`` trusts the OS entirely), a busy
+    timeout so writers from other processes wait instead of failing, and
+    ``BEGIN IMMEDIATE`` for every write transaction so a transaction never has
+    to upgrade a read lock (the source of "database is locked" deadlocks). An
+    in-memory database uses one connection for the journal's lifetime, so all
+    calls see one database.
+PostgreSQL (``asyncpg``)
+    A queue pool with pre-ping, a connect timeout and a statement timeout, so a
+    call during an outage fails promptly instead of hanging.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import URL, event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from casty_sa.urls import is_memory_sqlite
+
+__all__ = ["SQLITE_SYNCHRONOUS", "build_engine"]
+
+SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+def build_engine(
+    url: URL,
+    *,
+    busy_timeout: float,
+    sqlite_synchronous: str,
+    connect_timeout: float,
+    statement_timeout: float | None,
+    engine_options: dict[str, Any],
+) -> AsyncEngine:
+    """Create the async engine for a normalized URL (see :func:`casty_sa.urls.to_async_url`).
+
+    ``engine_options`` go to :func:`~sqlalchemy.ext.asyncio.create_async_engine`
+    last, so they override every default chosen here; ``connect_args`` are
+    merged key by key.
+    """
+    options = dict(engine_options)
+    user_connect_args = dict(options.pop("connect_args", {}))
+    if url.get_backend_name() == "sqlite":
+        synchronous = sqlite_synchronous.upper()
+        if synchronous not in SQLITE_SYNCHRONOUS:
+            raise ValueError(
+                f"sqlite_synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}, "
+                f"not {sqlite_synchronous!r}"
+            )
+        memory = is_memory_sqlite(url)
+        connect_args: dict[str, Any] = {"isolation_level": "IMMEDIATE", "timeout": busy_timeout}
+        defaults: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
+        engine = create_async_engine(
+            url, connect_args={**connect_args, **user_connect_args}, **{**defaults, **options}
+        )
+        busy_ms = int(busy_timeout * 1000)
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            try:
+                if not memory:
+                    cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute(f"PRAGMA synchronous={synchronous}")
+                cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+            finally:
+                cursor.close()
+
+        return engine
+    connect_args = {"timeout": connect_timeout}
+    if statement_timeout is not None:
+        connect_args["command_timeout"] = statement_timeout
+    defaults = {"pool_pre_ping": True}
+    return create_async_engine(
+        url, connect_args={**connect_args, **user_connect_args}, **{**defaults, **options}
+    )

@@ -1,0 +1,165 @@
+"""Typed errors raised by casty-sa.
+
+Every error derives from :class:`JournalError`, so an application can catch
+the whole family in one ``except`` clause, and each message says what went
+wrong and what to do about it. No message ever contains a database password.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CommitOutcomeUnknown",
+    "DatabaseUnavailable",
+    "InvalidEventError",
+    "JournalClosed",
+    "JournalError",
+    "PayloadDecodeError",
+    "PayloadEncodeError",
+    "SchemaError",
+    "SequenceConflict",
+    "UnsupportedDatabase",
+]
+
+
+class JournalError(Exception):
+    """Base class of every error raised by casty-sa.
+
+    Examples
+    --------
+    >>> issubclass(SequenceConflict, JournalError)
+    True
+    """
+
+
+class SequenceConflict(JournalError):
+    """A sequence number is already stored for this entity.
+
+    Raised by ``persist`` when another writer (a second node running the same
+    entity, or a replayed command) already stored one of the call's sequence
+    numbers. Nothing of the failed call is stored. casty stops the entity; its
+    next message re-activates it from the journal, which then includes the
+    other writer's events.
+
+    Parameters
+    ----------
+    entity_id : str
+        The entity whose history already holds the sequence number.
+    sequence_nr : int
+        The lowest sequence number of the call that is already stored.
+
+    Examples
+    --------
+    >>> err = SequenceConflict("acct-1", 7)
+    >>> (err.entity_id, err.sequence_nr)
+    ('acct-1', 7)
+    """
+
+    def __init__(self, entity_id: str, sequence_nr: int) -> None:
+        self.entity_id = entity_id
+        self.sequence_nr = sequence_nr
+        super().__init__(
+            f"entity {entity_id!r} already has an event with sequence number "
+            f"{sequence_nr}; nothing of this persist call was stored. Another writer "
+            "got there first: reload the entity from the journal before writing again."
+        )
+
+    def __reduce__(self) -> tuple[type[SequenceConflict], tuple[str, int]]:
+        return (type(self), (self.entity_id, self.sequence_nr))
+
+
+class InvalidEventError(JournalError, ValueError):
+    """An entity id, sequence number or event batch that the journal refuses.
+
+    Nothing of the call is stored. Entity ids must be non-empty strings of at
+    most :data:`casty_sa.MAX_ENTITY_ID_LENGTH` characters, encodable as UTF-8
+    and free of NUL; sequence numbers must be 64-bit integers >= 1, strictly
+    increasing within one call.
+    """
+
+
+class PayloadEncodeError(JournalError):
+    """The serializer failed on an event or snapshot; nothing was stored.
+
+    Parameters
+    ----------
+    entity_id : str
+        The entity being written.
+    sequence_nr : int
+        The sequence number of the event (or snapshot) that failed.
+    """
+
+    def __init__(self, entity_id: str, sequence_nr: int, cause: BaseException) -> None:
+        self.entity_id = entity_id
+        self.sequence_nr = sequence_nr
+        super().__init__(
+            f"could not serialize the payload of entity {entity_id!r} at sequence "
+            f"number {sequence_nr}: {type(cause).__name__}: {cause}. Nothing of this "
+            "call was stored; make the object serializable by the journal's serializer "
+            "(pickle by default) or pass serialize=/deserialize= to SAJournal."
+        )
+
+
+class PayloadDecodeError(JournalError):
+    """A stored payload could not be turned back into an object.
+
+    Typical causes: the event class was renamed or moved since it was stored,
+    or the journal is configured with a different serializer than the one that
+    wrote the row.
+
+    Parameters
+    ----------
+    entity_id : str
+        The entity whose row failed to decode.
+    sequence_nr : int
+        The sequence number of that row.
+    """
+
+    def __init__(
+        self, entity_id: str, sequence_nr: int, cause: BaseException, *, what: str = "event"
+    ) -> None:
+        self.entity_id = entity_id
+        self.sequence_nr = sequence_nr
+        super().__init__(
+            f"could not decode the stored {what} of entity {entity_id!r} at sequence "
+            f"number {sequence_nr}: {type(cause).__name__}: {cause}. If the class was "
+            "renamed or moved, keep an alias under its old name (or a custom "
+            "deserialize= that maps it); if the serializer changed, configure the one "
+            "that wrote the data."
+        )
+
+
+class SchemaError(JournalError):
+    """The database has no casty-sa tables, or they are not at the expected revision.
+
+    The message names the revision found and the one expected, and the command
+    that brings the database to head.
+    """
+
+
+class UnsupportedDatabase(JournalError):
+    """The URL or engine names a database or driver casty-sa does not support.
+
+    Supported: SQLite through ``aiosqlite`` and PostgreSQL through ``asyncpg``.
+    """
+
+
+class DatabaseUnavailable(JournalError):
+    """The database could not be reached, or a statement failed or timed out.
+
+    Nothing of a failed write was committed (when the outcome cannot be known,
+    :class:`CommitOutcomeUnknown` is raised instead). The journal stays usable:
+    later calls open fresh connections.
+    """
+
+
+class CommitOutcomeUnknown(DatabaseUnavailable):
+    """The connection was lost while the commit was in flight.
+
+    The events may or may not be stored. Do not re-send them blindly: reload
+    the entity (``load``) to see whether they are there. casty does this on its
+    own, since the failed entity stops and re-activates from the journal.
+    """
+
+
+class JournalClosed(JournalError):
+    """The journal was used after ``close()``; create a new ``SAJournal``."""

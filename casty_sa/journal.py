@@ -1,0 +1,637 @@
+"""``SAJournal``: casty's ``EventJournal`` over SQLAlchemy async sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, Self
+
+from casty import JournalKind, PersistedEvent, Snapshot
+from sqlalchemy import URL, bindparam, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from casty_sa.batching import GroupCommitter, WriteRequest
+from casty_sa.engine import build_engine
+from casty_sa.errors import (
+    CommitOutcomeUnknown,
+    DatabaseUnavailable,
+    InvalidEventError,
+    JournalClosed,
+    JournalError,
+    PayloadDecodeError,
+    PayloadEncodeError,
+    SchemaError,
+    SequenceConflict,
+
+)
+from casty_sa.models import MAX_ENTITY_ID_LENGTH, EventRecord, SnapshotRecord
+from casty_sa.urls import is_memory_sqlite, kind_of, safe_url, to_async_url
+
+__all__ = ["MAX_SEQUENCE_NR", "SAJournal", "open_engine"]
+
+log = logging.getLogger("casty_sa")
+
+#: Highest sequence number a 64-bit signed column holds.
+MAX_SEQUENCE_NR = 2**63 - 1
+
+_events = EventRecord.__table__
+_snapshots = SnapshotRecord.__table__
+
+_INSERT_EVENTS = insert(_events)
+_LOAD_EVENTS = (
+    select(_events.c.sequence_nr, _events.c.payload, _events.c.timestamp)
+    .where(_events.c.entity_id == bindparam("entity_id"))
+    .where(_events.c.sequence_nr >= bindparam("from_nr"))
+    .order_by(_events.c.sequence_nr)
+)
+_LOAD_SNAPSHOT = select(_snapshots.c.sequence_nr, _snapshots.c.payload, _snapshots.c.timestamp).where(
+    _snapshots.c.entity_id == bindparam("entity_id")
+)
+_STORED_AMONG = (
+    select(_events.c.sequence_nr)
+    .where(_events.c.entity_id == bindparam("entity_id"))
+    .where(_events.c.sequence_nr.in_(bindparam("seqs", expanding=True)))
+    .order_by(_events.c.sequence_nr)
+    .limit(1)
+)
+
+
+def _snapshot_upsert(dialect: str) -> Any:
+    """One statement: insert, or replace unless the stored snapshot is newer."""
+    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_snapshots)
+    return stmt.on_conflict_do_update(
+        index_elements=[_snapshots.c.entity_id],
+        set_={
+            "sequence_nr": stmt.excluded.sequence_nr,
+            "timestamp": stmt.excluded.timestamp,
+            "payload": stmt.excluded.payload,
+        },
+        where=stmt.excluded.sequence_nr >= _snapshots.c.sequence_nr,
+    )
+
+
+def open_engine(
+    target: str | URL | AsyncEngine, **engine_options: Any
+) -> tuple[AsyncEngine, bool]:
+    """The engine for ``target`` and whether the caller owns (must dispose) it.
+
+    An ``AsyncEngine`` is returned as is (not owned) after checking its
+    dialect; a URL gets an engine tuned by :func:`casty_sa.engine.build_engine`.
+    """
+    if isinstance(target, AsyncEngine):
+        to_async_url(target.url)  # refuse unsupported databases early
+        return target, False
+    url = to_async_url(target)
+    return (
+        build_engine(
+            url,
+            busy_timeout=engine_options.pop("busy_timeout", 5.0),
+            sqlite_synchronous=engine_options.pop("sqlite_synchronous", "FULL"),
+            connect_timeout=engine_options.pop("connect_timeout", 10.0),
+            statement_timeout=engine_options.pop("statement_timeout", 30.0),
+            engine_options=engine_options,
+        ),
+        True,
+    )
+
+
+class SAJournal:
+    """casty ``EventJournal`` storing events and snapshots through SQLAlchemy.
+
+    A drop-in for casty's ``SqliteJournal``: SQLite files are node-local,
+    PostgreSQL is shared by the whole cluster (``JournalKind.centralized``, so
+    casty's replicas skip persisting). All methods are safe to call
+    concurrently from many entities; concurrent ``persist`` calls are written
+    together in one transaction (group commit) and each returns only once its
+    own events are committed.
+
+    Parameters
+    ----------
+    url : str | URL | AsyncEngine
+        ``sqlite:///journal.db``, ``sqlite://`` (memory, one database for the
+        journal's lifetime), ``postgresql://user:pw@host/db``, or an
+        application's ``AsyncEngine`` (shared; ``close()`` leaves it open).
+    kind : JournalKind | None
+        Override the kind derived from the database.
+    serialize, deserialize : Callable
+        Turn events and states into bytes and back (pickle by default, which
+        executes code from the table when loading: see the README's security
+        section).
+    migrate : bool | None
+        Bring the schema to head on first use. ``None``: yes for SQLite, no for
+        a server database, which must already be at head (:class:`SchemaError`
+        otherwise).
+    group_commit : bool
+        Write concurrent calls in shared transactions (default). ``False``
+        gives every call its own transaction.
+    max_batch_events : int
+        Cap on rows per group transaction.
+    max_pending : int
+        Cap on queued write calls; more callers wait (back-pressure).
+    read_retries : int
+        Extra attempts of ``load``/``load_snapshot`` after a connection error,
+        with exponential backoff from ``retry_backoff`` seconds. casty cannot
+        recover an entity whose activation failed, so a blip must not fail it.
+    busy_timeout : float
+        SQLite: seconds a writer waits for another process's lock.
+    sqlite_synchronous : str
+        SQLite: ``FULL`` (default, durable on power loss), ``NORMAL`` (faster,
+        may lose the last commits on power loss), ``OFF``.
+    connect_timeout, statement_timeout : float
+        PostgreSQL: seconds before a connection attempt or a statement fails.
+    **engine_options
+        Passed to ``create_async_engine`` (``pool_size``, ``echo``, …).
+
+    Examples
+    --------
+    >>> import asyncio
+    >>> from casty import PersistedEvent
+    >>> async def main() -> list[PersistedEvent]:
+    ...     async with SAJournal("sqlite://") as journal:
+    ...         await journal.persist("acct-1", [PersistedEvent(1, "opened", 1.5)])
+    ...         return await journal.load("acct-1")
+    >>> asyncio.run(main())
+    [PersistedEvent(sequence_nr=1, event='opened', timestamp=1.5)]
+    """
+
+    def __init__(
+        self,
+        url: str | URL | AsyncEngine,
+        *,
+        kind: JournalKind | None = None,
+        serialize: Callable[[Any], bytes] = pickle.dumps,
+        deserialize: Callable[[bytes], Any] = pickle.loads,
+        migrate: bool | None = None,
+        group_commit: bool = True,
+        max_batch_events: int = 2000,
+        max_pending: int = 10_000,
+        read_retries: int = 3,
+        retry_backoff: float = 0.05,
+        **engine_options: Any,
+    ) -> None:
+        self._engine, self._owns_engine = open_engine(url, **engine_options)
+        self._url = self._engine.url
+        self._dialect = self._engine.dialect.name
+        self._kind = kind if kind is not None else kind_of(self._url)
+        self._serialize = serialize
+        self._deserialize = deserialize
+        self._migrate = self._dialect == "sqlite" if migrate is None else migrate
+        self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
+        self._upsert_snapshot = _snapshot_upsert(self._dialect)
+        self._read_retries = read_retries
+        self._retry_backoff = retry_backoff
+        # one connection for a memory database: calls must take turns on it
+        self._serial = asyncio.Lock() if is_memory_sqlite(self._url) else None
+        self._committer = (
+            GroupCommitter(self._write_group, max_batch_events=max_batch_events, max_pending=max_pending)
+            if group_commit
+            else None
+        )
+        self._ready = False
+        self._ready_lock = asyncio.Lock()
+        self._closed = False
+        self._inflight: set[asyncio.Task[Any]] = set()
+
+    # -- public face -------------------------------------------------------------------------
+
+    @property
+    def kind(self) -> JournalKind:
+        """``local`` for SQLite, ``centralized`` for PostgreSQL, unless overridden."""
+        return self._kind
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine in use (the application's own when one was passed in)."""
+        return self._engine
+
+    def __repr__(self) -> str:
+        return f"SAJournal({safe_url(self._url)!r}, kind={self._kind.value})"
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect and check (or, when allowed, migrate) the schema.
+
+        Called by the first journal call on its own; call it early to fail fast
+        on a wrong URL or an old schema.
+
+        Raises
+        ------
+        SchemaError
+            The database is not at casty-sa's head revision and ``migrate`` is off.
+        DatabaseUnavailable
+            The database cannot be reached.
+        """
+        if self._closed:
+            raise JournalClosed("this SAJournal is closed; create a new one")
+        if self._ready:
+            return
+        async with self._ready_lock:
+            if not self._ready:
+                await self._ensure_schema()
+                self._ready = True
+
+    async def close(self) -> None:
+        """Finish queued writes, then release the engine if the journal created it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._committer is not None:
+            await self._committer.close()
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        if self._owns_engine:
+            await self._engine.dispose()
+
+    async def persist(self, entity_id: str, events: Sequence[PersistedEvent[Any]]) -> None:
+        """Store a batch of events atomically: all of them, or none.
+
+        Parameters
+        ----------
+        entity_id : str
+            The entity (an opaque string, matched exactly).
+        events : Sequence[PersistedEvent]
+            Events with strictly increasing sequence numbers. Empty: nothing
+            happens.
+
+        Raises
+        ------
+        SequenceConflict
+            One of the sequence numbers is already stored for the entity.
+        PayloadEncodeError
+            The serializer failed on one of the events.
+        InvalidEventError
+            A bad entity id or sequence number.
+        DatabaseUnavailable, CommitOutcomeUnknown
+            The database failed; see each class for what was stored.
+        """
+        if not events:
+            return
+        rows = self._encode_events(entity_id, events)
+        await self._submit(WriteRequest(entity_id, events=rows))
+
+    async def load(self, entity_id: str, from_sequence_nr: int = 0) -> list[PersistedEvent[Any]]:
+        """Events of ``entity_id`` with ``sequence_nr >= from_sequence_nr``, ascending.
+
+        An unknown entity gives ``[]``.
+
+        Raises
+        ------
+        PayloadDecodeError
+            A stored event could not be deserialized (names its sequence number).
+        """
+        _check_entity_id(entity_id)
+        if type(from_sequence_nr) is not int:
+            raise InvalidEventError(
+                f"from_sequence_nr must be an int, not {type(from_sequence_nr).__name__}"
+            )
+        if from_sequence_nr > MAX_SEQUENCE_NR:
+            return []
+        params = {"entity_id": entity_id, "from_nr": max(from_sequence_nr, 0)}
+        rows = await self._read(_LOAD_EVENTS, params, f"load events of {entity_id!r}", many=True)
+        deserialize = self._deserialize
+        try:
+            return [PersistedEvent(seq, deserialize(payload), ts) for seq, payload, ts in rows]
+        except Exception:
+            for seq, payload, _ts in rows:
+                try:
+                    deserialize(payload)
+                except Exception as exc:
+                    raise PayloadDecodeError(entity_id, seq, exc) from exc
+            raise
+
+    async def save_snapshot(self, entity_id: str, snapshot: Snapshot[Any]) -> None:
+        """Keep ``snapshot`` as the entity's latest, unless a newer one is stored.
+
+        A snapshot with a lower sequence number than the stored one is ignored,
+        so a late write from a deposed node never moves recovery backwards.
+        """
+        _check_entity_id(entity_id)
+        seq = _check_sequence_nr(entity_id, snapshot.sequence_nr)
+        try:
+            payload = self._serialize(snapshot.state)
+        except Exception as exc:
+            raise PayloadEncodeError(entity_id, seq, exc) from exc
+        _check_payload(entity_id, seq, payload)
+        row = {
+            "entity_id": entity_id,
+            "sequence_nr": seq,
+            "timestamp": _check_timestamp(entity_id, seq, snapshot.timestamp),
+            "payload": payload,
+        }
+        await self._submit(WriteRequest(entity_id, snapshot=row))
+
+    async def load_snapshot(self, entity_id: str) -> Snapshot[Any] | None:
+        """The entity's latest snapshot, or ``None``."""
+        _check_entity_id(entity_id)
+        rows = await self._read(
+            _LOAD_SNAPSHOT, {"entity_id": entity_id}, f"load the snapshot of {entity_id!r}", many=False
+        )
+        if not rows:
+            return None
+        seq, payload, ts = rows[0]
+        try:
+            state = self._deserialize(payload)
+        except Exception as exc:
+            raise PayloadDecodeError(entity_id, seq, exc, what="snapshot") from exc
+        return Snapshot(seq, state, ts)
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def _encode_events(
+        self, entity_id: str, events: Sequence[PersistedEvent[Any]]
+    ) -> list[dict[str, Any]]:
+        _check_entity_id(entity_id)
+        serialize = self._serialize
+        rows: list[dict[str, Any]] = []
+        previous = 0
+        for event in events:
+            seq = _check_sequence_nr(entity_id, event.sequence_nr)
+            if seq <= previous:
+                raise InvalidEventError(
+                    f"sequence numbers of one persist call must increase: {seq} follows "
+                    f"{previous} for entity {entity_id!r}; nothing was stored"
+                )
+            previous = seq
+            try:
+                payload = serialize(event.event)
+            except Exception as exc:
+                raise PayloadEncodeError(entity_id, seq, exc) from exc
+            _check_payload(entity_id, seq, payload)
+            rows.append(
+                {
+                    "entity_id": entity_id,
+                    "sequence_nr": seq,
+                    "timestamp": _check_timestamp(entity_id, seq, event.timestamp),
+                    "payload": payload,
+                }
+            )
+        return rows
+
+    # -- writing -------------------------------------------------------------------------------
+
+    async def _submit(self, request: WriteRequest) -> None:
+        await self.start()
+        if self._committer is not None:
+            await self._committer.submit(request)
+            return
+        # own transaction, shielded: a cancelled caller must not cut it in half
+        task = asyncio.get_running_loop().create_task(self._write_group([request]))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        outcome = (await asyncio.shield(task))[0]
+        if outcome is not None:
+            raise outcome
+
+    async def _write_group(self, group: Sequence[WriteRequest]) -> list[BaseException | None]:
+        """Write ``group`` in one transaction; on a conflict, isolate the culprits."""
+        try:
+            await self._write_transaction(group)
+            return [None] * len(group)
+        except (IntegrityError, DataError) as exc:
+            if len(group) == 1:
+                return [await self._conflict_error(group[0], exc)]
+        except JournalError as exc:
+            return [_copy_error(exc) for _ in group]
+        # several callers shared the failed transaction: give each its own
+        outcomes: list[BaseException | None] = []
+        for request in group:
+            try:
+                await self._write_transaction([request])
+                outcomes.append(None)
+            except (IntegrityError, DataError) as exc:
+                outcomes.append(await self._conflict_error(request, exc))
+            except JournalError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    async def _write_transaction(self, group: Sequence[WriteRequest]) -> None:
+        events = [row for request in group for row in request.events]
+        snapshots = [request.snapshot for request in group if request.snapshot is not None]
+        committing = False
+        try:
+            async with self._session() as session:
+                if events:
+                    await session.execute(_INSERT_EVENTS, events)
+                if snapshots:
+                    await session.execute(self._upsert_snapshot, snapshots)
+                committing = True
+                await session.commit()
+        except (IntegrityError, DataError):
+            raise
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            what = f"write {len(events)} events and {len(snapshots)} snapshots"
+            if committing and not isinstance(exc, SchemaError):
+                raise CommitOutcomeUnknown(
+                    f"lost the connection to {safe_url(self._url)} while committing "
+                    f"({what}): the events may or may not be stored; reload the entity "
+                    f"before writing again ({_describe(exc)})"
+                ) from exc
+            raise self._database_error(exc, what) from exc
+
+    async def _conflict_error(self, request: WriteRequest, exc: Exception) -> JournalError:
+        if isinstance(exc, DataError) or not request.events:
+            return InvalidEventError(
+                f"the database refused the write for entity {request.entity_id!r}: "
+                f"{_describe(exc)}; nothing was stored"
+            )
+        seqs = [row["sequence_nr"] for row in request.events]
+        try:
+            rows = await self._read(
+                _STORED_AMONG,
+                {"entity_id": request.entity_id, "seqs": seqs},
+                "find the conflicting sequence number",
+                many=False,
+            )
+        except JournalError:
+            rows = []
+        conflict = SequenceConflict(request.entity_id, rows[0][0] if rows else seqs[0])
+        conflict.__cause__ = exc
+        return conflict
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def _read(
+        self, statement: Any, params: dict[str, Any], what: str, *, many: bool
+    ) -> list[Any]:
+        await self.start()
+        attempt = 0
+        while True:
+            try:
+                async with self._session() as session:
+                    result = await session.execute(statement, params)
+                    return list(result.all() if many else result.fetchmany(1))
+            except (SQLAlchemyError, OSError, TimeoutError) as exc:
+                error = self._database_error(exc, what)
+                if isinstance(error, SchemaError) or attempt >= self._read_retries:
+                    raise error from exc
+                delay = self._retry_backoff * (2**attempt) * (0.5 + random.random())
+                attempt += 1
+                log.warning(
+                    "casty_sa: %s failed (%s); retry %d of %d in %.2fs",
+                    what,
+                    _describe(exc),
+                    attempt,
+                    self._read_retries,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[AsyncSession]:
+        if self._serial is None:
+            async with self._sessions() as session:
+                yield session
+        else:
+            async with self._serial, self._sessions() as session:
+                yield session
+
+    async def _ensure_schema(self) -> None:
+        from casty_sa import migrate
+
+        head = migrate.head_revision()
+        try:
+            async with self._session() as session:
+                connection = await session.connection()
+                found = await connection.run_sync(migrate.current_revision)
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            raise self._database_error(exc, "read the schema revision") from exc
+        if found == head:
+            return
+        if found is not None and not migrate.known_revision(found):
+            raise SchemaError(
+                f"{safe_url(self._url)} is at casty-sa schema revision {found!r}, which this "
+                f"version of casty-sa does not know (its newest is {head!r}): a newer casty-sa "
+                "migrated it. Upgrade the casty-sa package."
+            )
+        if not self._migrate:
+            state = "has no casty-sa tables" if found is None else f"is at revision {found!r}"
+            raise SchemaError(
+                f"{safe_url(self._url)} {state}; casty-sa needs revision {head!r}. "
+                f"Run `casty-sa upgrade --url '{safe_url(self._url)}'` (or "
+                "`await casty_sa.upgrade(url)`), or pass migrate=True to SAJournal."
+            )
+        log.info("casty_sa: migrating %s from %s to %s", safe_url(self._url), found, head)
+        try:
+            if self._serial is not None:
+                async with self._serial:
+                    await migrate.upgrade(self._engine)
+            else:
+                await migrate.upgrade(self._engine)
+        except (SQLAlchemyError, OSError) as exc:
+            # another process may have migrated the same file at the same moment
+            async with self._session() as session:
+                connection = await session.connection()
+                if await connection.run_sync(migrate.current_revision) != head:
+                    raise self._database_error(exc, "migrate the schema") from exc
+
+    def _database_error(self, exc: BaseException, what: str) -> JournalError:
+        if isinstance(exc, JournalError):
+            return exc
+        text = _describe(exc)
+        lowered = text.lower()
+        if ("no such table" in lowered or "does not exist" in lowered) and "casty_sa_" in lowered:
+            return SchemaError(
+                f"casty-sa's tables are missing from {safe_url(self._url)} (could not {what}: "
+                f"{text}). Run `casty-sa upgrade --url '{safe_url(self._url)}'`."
+            )
+        return DatabaseUnavailable(
+            f"could not {what} on {safe_url(self._url)}: {text}. Nothing of a failed write "
+            "was stored; check that the database is reachable, then call again."
+        )
+
+
+# -- validation helpers (module level: they run on every call) ---------------------------------
+
+
+def _check_entity_id(entity_id: object) -> None:
+    if type(entity_id) is not str:
+        raise InvalidEventError(f"entity_id must be a str, not {type(entity_id).__name__}")
+    if not entity_id:
+        raise InvalidEventError("entity_id must not be empty")
+    if len(entity_id) > MAX_ENTITY_ID_LENGTH:
+        raise InvalidEventError(
+            f"entity_id is {len(entity_id)} characters long; casty-sa stores at most "
+            f"{MAX_ENTITY_ID_LENGTH} ({entity_id[:40]!r}…)"
+        )
+    if not entity_id.isascii():
+        try:
+            entity_id.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidEventError(
+                f"entity_id {entity_id[:60]!r} is not valid Unicode text ({exc.reason} at "
+                f"position {exc.start}); use a string that encodes to UTF-8"
+            ) from None
+    if "\x00" in entity_id:
+        raise InvalidEventError(
+            f"entity_id {entity_id[:60]!r} contains a NUL character, which PostgreSQL text "
+            "cannot hold; casty-sa refuses it on every backend"
+        )
+
+
+def _check_sequence_nr(entity_id: str, seq: object) -> int:
+    if type(seq) is not int or not 1 <= seq <= MAX_SEQUENCE_NR:
+        raise InvalidEventError(
+            f"sequence number {seq!r} of entity {entity_id!r} is not an int from 1 to "
+            f"{MAX_SEQUENCE_NR}; nothing was stored"
+        )
+    return seq
+
+
+def _check_timestamp(entity_id: str, seq: int, timestamp: object) -> float:
+    if type(timestamp) is float:
+        return timestamp
+    if isinstance(timestamp, int | float) and not isinstance(timestamp, bool):
+        return float(timestamp)
+    raise InvalidEventError(
+        f"timestamp {timestamp!r} of entity {entity_id!r} at sequence number {seq} is not a "
+        "number (casty uses time.time()); nothing was stored"
+    )
+
+
+def _check_payload(entity_id: str, seq: int, payload: object) -> None:
+    if not isinstance(payload, bytes):
+        raise PayloadEncodeError(
+            entity_id,
+            seq,
+            TypeError(f"the serializer returned {type(payload).__name__}, not bytes"),
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, password-free description of a driver error (no SQL, no parameters)."""
+    original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    text = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    if len(text) > 300:
+        text = text[:300] + "…"
+    return f"{type(original).__name__}: {text}" if text else type(original).__name__
+
+
+def _copy_error(exc: JournalError) -> JournalError:
+    """A fresh instance per caller, so tracebacks of different callers do not pile up."""
+    clone = type(exc).__new__(type(exc))
+    clone.__dict__.update(exc.__dict__)
+    clone.args = exc.args
+    clone.__cause__ = exc.__cause__
+    return clone
+
+

@@ -1,0 +1,150 @@
+"""Run casty-sa's Alembic migrations from code.
+
+The migrations live in the top-level ``migrations/`` folder of a checkout and
+ship inside the wheel as ``casty_sa/migrations``; :func:`script_location`
+finds whichever is there. casty-sa keeps its own version table
+(:data:`casty_sa.models.VERSION_TABLE`), so an application's ``alembic_version``
+in the same database is never touched.
+
+Examples
+--------
+>>> import asyncio, pathlib, tempfile
+>>> url = f"sqlite:///{pathlib.Path(tempfile.mkdtemp()) / 'journal.db'}"
+>>> asyncio.run(current(url)) is None
+True
+>>> asyncio.run(upgrade(url))
+>>> asyncio.run(current(url)) == head_revision()
+True
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import URL, Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from casty_sa.errors import SchemaError
+from casty_sa.models import VERSION_TABLE
+
+__all__ = [
+    "alembic_config",
+    "current",
+    "current_revision",
+    "downgrade",
+    "head_revision",
+    "script_location",
+    "upgrade",
+]
+
+
+def script_location() -> Path:
+    """The folder holding ``env.py`` and ``versions/``, in a wheel or a checkout."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "migrations", package.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise SchemaError(
+        "casty-sa's migrations are missing from this installation (looked in "
+        f"{package / 'migrations'} and {package.parent / 'migrations'}); reinstall casty-sa"
+    )
+
+
+def alembic_config(url: str | URL | None = None, *, stdout: TextIO | None = None) -> Config:
+    """An Alembic ``Config`` for casty-sa's migrations, without any ini file.
+
+    Parameters
+    ----------
+    url : str | URL | None
+        Database to migrate. Kept as an attribute, never written into the
+        config's text, so a password is neither interpolated nor printed.
+    stdout : TextIO | None
+        Where Alembic writes (``--sql`` output, ``history``).
+    """
+    config = Config(stdout=stdout) if stdout is not None else Config()
+    config.set_main_option("script_location", str(script_location()))
+    if url is not None:
+        config.attributes["url"] = url
+    return config
+
+
+@functools.cache
+def head_revision() -> str:
+    """The newest revision this casty-sa knows (what ``upgrade`` brings a database to)."""
+    heads = ScriptDirectory.from_config(alembic_config()).get_heads()
+    if len(heads) != 1:
+        raise SchemaError(f"casty-sa's migrations have {len(heads)} heads; expected one")
+    return heads[0]
+
+
+def known_revision(revision: str) -> bool:
+    """True when ``revision`` is one of this casty-sa's migrations."""
+    script = ScriptDirectory.from_config(alembic_config())
+    return any(rev.revision == revision for rev in script.walk_revisions())
+
+
+def current_revision(connection: Connection) -> str | None:
+    """The revision a (sync) connection's database is at, or ``None`` before any."""
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    heads = context.get_current_heads()
+    return heads[0] if heads else None
+
+
+def _invoke(
+    connection: Connection, action: Callable[..., Any], args: tuple[Any, ...]
+) -> Any:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    return action(config, *args)
+
+
+async def _on_engine(
+    target: str | URL | AsyncEngine, action: Callable[..., Any], args: tuple[Any, ...]
+) -> Any:
+    from casty_sa.journal import open_engine  # local: journal imports this module
+
+    engine, owned = open_engine(target)
+    try:
+        async with engine.begin() as connection:
+            return await connection.run_sync(_invoke, action, args)
+    finally:
+        if owned:
+            await engine.dispose()
+
+
+async def upgrade(target: str | URL | AsyncEngine, revision: str = "head") -> None:
+    """Migrate a database up to ``revision`` (default: the newest).
+
+    Parameters
+    ----------
+    target : str | URL | AsyncEngine
+        A URL (plain ``sqlite:///…``/``postgresql://…`` picks the async
+        driver) or an application's ``AsyncEngine``, which is left open.
+    revision : str
+        Alembic revision to reach.
+
+    Examples
+    --------
+    >>> import asyncio
+    >>> asyncio.run(upgrade("sqlite://"))  # a throwaway in-memory database
+    """
+    await _on_engine(target, command.upgrade, (revision,))
+
+
+async def downgrade(target: str | URL | AsyncEngine, revision: str = "base") -> None:
+    """Migrate a database down to ``revision``; ``"base"`` drops casty-sa's tables only."""
+    await _on_engine(target, command.downgrade, (revision,))
+
+
+async def current(target: str | URL | AsyncEngine) -> str | None:
+    """The casty-sa revision a database is at, or ``None`` when it has none."""
+    return await _on_engine(
+        target, lambda config: current_revision(config.attributes["connection"]), ()
+    )

@@ -1,0 +1,96 @@
+"""Alembic environment of casty-sa's own migrations (async, own version table).
+
+The database comes from, in order: a connection handed over by
+``casty_sa.upgrade`` (``config.attributes["connection"]``), a URL attribute
+(the ``casty-sa`` command), ``-x url=…`` on the alembic command line, the
+``CASTY_SA_URL`` environment variable, or ``sqlalchemy.url`` in alembic.ini.
+Plain ``sqlite://`` and ``postgresql://`` URLs get their async driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy import URL, Connection
+
+from casty_sa.journal import open_engine
+from casty_sa.models import VERSION_TABLE, metadata
+
+config = context.config
+if config.config_file_name is not None and config.attributes.get("configure_logger", True):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+
+def _url() -> str | URL:
+    url = (
+        config.attributes.get("url")
+        or context.get_x_argument(as_dictionary=True).get("url")
+        or os.environ.get("CASTY_SA_URL")
+        or config.get_main_option("sqlalchemy.url")
+    )
+    if not url:
+        raise SystemExit(
+            "no database URL: pass -x url=postgresql://user@host/db (or sqlite:///file.db), "
+            "or set CASTY_SA_URL"
+        )
+    return url  # type: ignore[no-any-return]
+
+
+def _include_object(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+    """Only casty-sa's own tables: an application's tables are none of our business."""
+    if type_ == "table":
+        return name in metadata.tables
+    return True
+
+
+def _configure(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        version_table=VERSION_TABLE,
+        include_object=_include_object,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_offline() -> None:
+    from casty_sa.urls import to_async_url
+
+    context.configure(
+        url=to_async_url(_url()),
+        target_metadata=metadata,
+        version_table=VERSION_TABLE,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _run_online_async() -> None:
+    engine, _owned = open_engine(_url())
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(_configure)
+    finally:
+        await engine.dispose()
+
+
+def run_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _configure(connection)
+    else:
+        asyncio.run(_run_online_async())
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    run_online()
