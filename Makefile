@@ -1,0 +1,40 @@
+# casty-sa: every target does its own set-up on a fresh machine.
+#   make test   - the whole suite (SQLite files and a real PostgreSQL started by the suite)
+#   make demo   - the bank-account example, run twice to show recovery
+#   make lint   - ruff + mypy --strict
+#   make bench  - the side-by-side benchmark
+
+PYTHON ?= $(shell command -v python3.12 || command -v python3.13 || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -n 1)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "casty-sa needs Python >= 3.12 (casty 0.21); none found" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	rm -f examples/bank.db examples/bank.db-wal examples/bank.db-shm
+	$(BIN)/python examples/bank_account.py --url sqlite:///examples/bank.db
+	$(BIN)/python examples/bank_account.py --url sqlite:///examples/bank.db
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build
