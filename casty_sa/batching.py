@@ -109,7 +109,7 @@ class GroupCommitter:
             started = time.perf_counter()
             try:
                 outcomes = await self._write(group)
-            except BaseException as exc:  # noqa: BLE001 - every caller must hear of it
+            except BaseException as exc:
                 outcomes = [exc] * len(group)
                 if isinstance(exc, asyncio.CancelledError):
                     for request in group:

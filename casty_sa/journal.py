@@ -9,10 +9,10 @@ import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from casty import JournalKind, PersistedEvent, Snapshot
-from sqlalchemy import URL, bindparam, insert, select
+from sqlalchemy import URL, Table, bindparam, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -29,7 +29,6 @@ from casty_sa.errors import (
     PayloadEncodeError,
     SchemaError,
     SequenceConflict,
-
 )
 from casty_sa.models import MAX_ENTITY_ID_LENGTH, EventRecord, SnapshotRecord
 from casty_sa.urls import is_memory_sqlite, kind_of, safe_url, to_async_url
@@ -41,8 +40,8 @@ log = logging.getLogger("casty_sa")
 #: Highest sequence number a 64-bit signed column holds.
 MAX_SEQUENCE_NR = 2**63 - 1
 
-_events = EventRecord.__table__
-_snapshots = SnapshotRecord.__table__
+_events = cast(Table, EventRecord.__table__)
+_snapshots = cast(Table, SnapshotRecord.__table__)
 
 _INSERT_EVENTS = insert(_events)
 _LOAD_EVENTS = (
@@ -51,9 +50,9 @@ _LOAD_EVENTS = (
     .where(_events.c.sequence_nr >= bindparam("from_nr"))
     .order_by(_events.c.sequence_nr)
 )
-_LOAD_SNAPSHOT = select(_snapshots.c.sequence_nr, _snapshots.c.payload, _snapshots.c.timestamp).where(
-    _snapshots.c.entity_id == bindparam("entity_id")
-)
+_LOAD_SNAPSHOT = select(
+    _snapshots.c.sequence_nr, _snapshots.c.payload, _snapshots.c.timestamp
+).where(_snapshots.c.entity_id == bindparam("entity_id"))
 _STORED_AMONG = (
     select(_events.c.sequence_nr)
     .where(_events.c.entity_id == bindparam("entity_id"))
@@ -77,9 +76,7 @@ def _snapshot_upsert(dialect: str) -> Any:
     )
 
 
-def open_engine(
-    target: str | URL | AsyncEngine, **engine_options: Any
-) -> tuple[AsyncEngine, bool]:
+def open_engine(target: str | URL | AsyncEngine, **engine_options: Any) -> tuple[AsyncEngine, bool]:
     """The engine for ``target`` and whether the caller owns (must dispose) it.
 
     An ``AsyncEngine`` is returned as is (not owned) after checking its
@@ -190,7 +187,9 @@ class SAJournal:
         # one connection for a memory database: calls must take turns on it
         self._serial = asyncio.Lock() if is_memory_sqlite(self._url) else None
         self._committer = (
-            GroupCommitter(self._write_group, max_batch_events=max_batch_events, max_pending=max_pending)
+            GroupCommitter(
+                self._write_group, max_batch_events=max_batch_events, max_pending=max_pending
+            )
             if group_commit
             else None
         )
@@ -342,7 +341,10 @@ class SAJournal:
         """The entity's latest snapshot, or ``None``."""
         _check_entity_id(entity_id)
         rows = await self._read(
-            _LOAD_SNAPSHOT, {"entity_id": entity_id}, f"load the snapshot of {entity_id!r}", many=False
+            _LOAD_SNAPSHOT,
+            {"entity_id": entity_id},
+            f"load the snapshot of {entity_id!r}",
+            many=False,
         )
         if not rows:
             return None
@@ -633,5 +635,3 @@ def _copy_error(exc: JournalError) -> JournalError:
     clone.args = exc.args
     clone.__cause__ = exc.__cause__
     return clone
-
-

@@ -97,9 +97,7 @@ def current_revision(connection: Connection) -> str | None:
     return heads[0] if heads else None
 
 
-def _invoke(
-    connection: Connection, action: Callable[..., Any], args: tuple[Any, ...]
-) -> Any:
+def _invoke(connection: Connection, action: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     config = alembic_config()
     config.attributes["connection"] = connection
     return action(config, *args)
@@ -145,6 +143,7 @@ async def downgrade(target: str | URL | AsyncEngine, revision: str = "base") -> 
 
 async def current(target: str | URL | AsyncEngine) -> str | None:
     """The casty-sa revision a database is at, or ``None`` when it has none."""
-    return await _on_engine(
+    revision: str | None = await _on_engine(
         target, lambda config: current_revision(config.attributes["connection"]), ()
     )
+    return revision

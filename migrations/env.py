@@ -36,10 +36,12 @@ def _url() -> str | URL:
             "no database URL: pass -x url=postgresql://user@host/db (or sqlite:///file.db), "
             "or set CASTY_SA_URL"
         )
-    return url  # type: ignore[no-any-return]
+    return url
 
 
-def _include_object(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+def _include_object(
+    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
+) -> bool:
     """Only casty-sa's own tables: an application's tables are none of our business."""
     if type_ == "table":
         return name in metadata.tables

@@ -39,10 +39,10 @@ def postgres_server_url() -> Iterator[URL]:
     if given:
         yield casty_sa.urls.to_async_url(given)
         return
-    import pgserver
+    import pgserver  # type: ignore[attr-defined,unused-ignore]
 
     data = Path(tempfile.mkdtemp(prefix="casty-sa-pg-"))
-    server = pgserver.get_server(data, cleanup_mode="delete")
+    server = pgserver.get_server(data, cleanup_mode="delete")  # type: ignore[attr-defined]
     try:
         yield casty_sa.urls.to_async_url(server.get_uri())
     finally:

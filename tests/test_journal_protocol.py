@@ -13,7 +13,9 @@ from casty_sa import SAJournal
 
 
 def ev(seq: int, event: Any = None, ts: float | None = None) -> PersistedEvent[Any]:
-    return PersistedEvent(seq, event if event is not None else f"e{seq}", ts if ts is not None else seq + 0.5)
+    return PersistedEvent(
+        seq, event if event is not None else f"e{seq}", ts if ts is not None else seq + 0.5
+    )
 
 
 def test_satisfies_casty_protocol(journal: SAJournal) -> None:
@@ -108,7 +110,7 @@ async def test_snapshots_kept_per_entity(journal: SAJournal) -> None:
     [
         "plain",
         "üñíçødé-名前-🙂",
-        "quote's \"double\" `back`",
+        'quote\'s "double" `back`',
         "100%_like_%",
         "x" * 255,
         "x" * 512,
