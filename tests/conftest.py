@@ -27,6 +27,8 @@ from sqlalchemy import URL, make_url
 import casty_sa
 from casty_sa import SAJournal
 
+os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())  # pgserver's platformdirs
+
 BACKENDS = ("sqlite", "postgresql")
 _TEMPLATE = "casty_sa_template"
 _counter = itertools.count()

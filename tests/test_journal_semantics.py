@@ -1,0 +1,186 @@
+"""Write semantics: atomic calls, conflicts, serializer failures, cancellation, sharing."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from casty import PersistedEvent, Snapshot
+from sqlalchemy import URL
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from casty_sa import (
+    JournalClosed,
+    JournalError,
+    PayloadEncodeError,
+    SAJournal,
+    SequenceConflict,
+)
+
+
+def ev(seq: int, event: Any = None) -> PersistedEvent[Any]:
+    return PersistedEvent(seq, event if event is not None else f"e{seq}", float(seq))
+
+
+async def seqs(journal: SAJournal, entity_id: str) -> list[int]:
+    return [e.sequence_nr for e in await journal.load(entity_id)]
+
+
+class TestAtomicPersist:
+    async def test_conflict_stores_nothing_of_the_call(self, journal: SAJournal) -> None:
+        await journal.persist("acct", [ev(1), ev(2), ev(3)])
+        with pytest.raises(SequenceConflict) as info:
+            await journal.persist("acct", [ev(3, "dup"), ev(4), ev(5)])
+        assert (info.value.entity_id, info.value.sequence_nr) == ("acct", 3)
+        assert await seqs(journal, "acct") == [1, 2, 3]
+        assert (await journal.load("acct", 3))[0].event == "e3"
+
+    async def test_conflict_in_the_middle_names_the_stored_number(self, journal: SAJournal) -> None:
+        await journal.persist("acct", [ev(5)])
+        with pytest.raises(SequenceConflict) as info:
+            await journal.persist("acct", [ev(4), ev(5), ev(6)])
+        assert info.value.sequence_nr == 5
+        assert await seqs(journal, "acct") == [5]
+
+    async def test_serializer_failure_stores_nothing(self, journal: SAJournal) -> None:
+        with pytest.raises(PayloadEncodeError) as info:
+            await journal.persist("acct", [ev(1), ev(2, lambda: None), ev(3)])
+        assert info.value.entity_id == "acct" and info.value.sequence_nr == 2
+        assert await journal.load("acct") == []
+        await journal.persist("acct", [ev(1)])  # still usable
+        assert await seqs(journal, "acct") == [1]
+
+    async def test_serializer_returning_non_bytes_is_refused(
+        self, db_url: URL, make_journal: Callable[..., SAJournal]
+    ) -> None:
+        journal = make_journal(db_url, serialize=str)
+        with pytest.raises(PayloadEncodeError, match="not bytes"):
+            await journal.persist("acct", [ev(1)])
+        with pytest.raises(PayloadEncodeError):
+            await journal.save_snapshot("acct", Snapshot(1, "s", 1.0))
+        assert await journal.load("acct") == []
+        assert await journal.load_snapshot("acct") is None
+
+    async def test_conflict_is_a_journal_error(self) -> None:
+        assert issubclass(SequenceConflict, JournalError)
+
+
+class TestSharedDatabase:
+    async def test_two_journals_see_each_other_and_conflict(
+        self, db_url: URL, make_journal: Callable[..., SAJournal]
+    ) -> None:
+        first, second = make_journal(db_url), make_journal(db_url)
+        await first.persist("acct", [ev(1, "from first")])
+        assert [e.event for e in await second.load("acct")] == ["from first"]
+        with pytest.raises(SequenceConflict):
+            await second.persist("acct", [ev(1, "from second")])
+        await second.persist("acct", [ev(2, "from second")])
+        assert [e.event for e in await first.load("acct")] == ["from first", "from second"]
+        await second.save_snapshot("acct", Snapshot(2, "snap", 1.0))
+        assert await first.load_snapshot("acct") == Snapshot(2, "snap", 1.0)
+
+    async def test_racing_writers_of_one_sequence_number_one_wins(
+        self, db_url: URL, make_journal: Callable[..., SAJournal]
+    ) -> None:
+        journals = [make_journal(db_url) for _ in range(4)]
+        results = await asyncio.gather(
+            *(j.persist("acct", [ev(1, i), ev(2, i)]) for i, j in enumerate(journals)),
+            return_exceptions=True,
+        )
+        winners = [i for i, r in enumerate(results) if r is None]
+        assert len(winners) == 1
+        assert all(isinstance(r, SequenceConflict) for r in results if r is not None)
+        assert [e.event for e in await journals[0].load("acct")] == [winners[0]] * 2
+
+    async def test_application_engine_is_shared_and_left_open(self, db_url: URL) -> None:
+        engine = create_async_engine(db_url)
+        try:
+            journal = SAJournal(engine)
+            assert journal.engine is engine
+            await journal.persist("acct", [ev(1)])
+            await journal.close()
+            async with engine.connect() as conn:  # still usable: not disposed
+                assert (await conn.exec_driver_sql("select 1")).scalar() == 1
+            async with SAJournal(engine) as again:
+                assert await seqs(again, "acct") == [1]
+            assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        finally:
+            await engine.dispose()
+
+
+class TestConcurrency:
+    async def test_many_concurrent_writers(self, journal: SAJournal) -> None:
+        async def writer(n: int) -> None:
+            for seq in range(1, 11):
+                await journal.persist(f"e{n}", [ev(seq, n)])
+
+        await asyncio.gather(*(writer(n) for n in range(100)))
+        loaded = await asyncio.gather(*(journal.load(f"e{n}") for n in range(100)))
+        for n, events in enumerate(loaded):
+            assert [e.sequence_nr for e in events] == list(range(1, 11))
+            assert {e.event for e in events} == {n}
+
+    async def test_group_commit_off_behaves_the_same(
+        self, db_url: URL, make_journal: Callable[..., SAJournal]
+    ) -> None:
+        journal = make_journal(db_url, group_commit=False)
+        await asyncio.gather(*(journal.persist(f"e{n}", [ev(1), ev(2)]) for n in range(50)))
+        with pytest.raises(SequenceConflict):
+            await journal.persist("e0", [ev(2)])
+        assert all([await seqs(journal, f"e{n}") == [1, 2] for n in range(50)])
+
+    async def test_memory_database_is_one_database(self) -> None:
+        async with SAJournal("sqlite://") as journal:
+            await asyncio.gather(*(journal.persist(f"e{n}", [ev(1)]) for n in range(50)))
+            loaded = await asyncio.gather(*(journal.load(f"e{n}") for n in range(50)))
+            assert all(len(events) == 1 for events in loaded)
+
+
+class TestCancellation:
+    @pytest.mark.parametrize("group_commit", [True, False])
+    async def test_cancelled_persist_is_all_or_nothing(
+        self, db_url: URL, make_journal: Callable[..., SAJournal], group_commit: bool
+    ) -> None:
+        journal = make_journal(db_url, group_commit=group_commit)
+        await journal.start()
+        rng = random.Random(7)
+        batch = 20
+        for round_ in range(30):
+            task = asyncio.create_task(
+                journal.persist(f"e{round_}", [ev(s, b"x" * 1000) for s in range(1, batch + 1)])
+            )
+            await asyncio.sleep(rng.uniform(0, 0.004))
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.05)  # let shielded writes settle
+        for round_ in range(30):
+            stored = await seqs(journal, f"e{round_}")
+            assert stored in ([], list(range(1, batch + 1))), stored
+            # the journal keeps working for that entity
+            nxt = (stored[-1] if stored else 0) + 1
+            await journal.persist(f"e{round_}", [ev(nxt)])
+            assert (await seqs(journal, f"e{round_}"))[-1] == nxt
+
+
+class TestLifecycle:
+    async def test_closed_journal_refuses_calls(self, db_url: URL) -> None:
+        journal = SAJournal(db_url)
+        await journal.persist("acct", [ev(1)])
+        await journal.close()
+        await journal.close()  # idempotent
+        with pytest.raises(JournalClosed):
+            await journal.persist("acct", [ev(2)])
+        with pytest.raises(JournalClosed):
+            await journal.load("acct")
+
+    async def test_close_waits_for_queued_writes(self, db_url: URL) -> None:
+        journal = SAJournal(db_url)
+        tasks = [asyncio.create_task(journal.persist(f"e{n}", [ev(1)])) for n in range(50)]
+        await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        await journal.close()
+        async with SAJournal(db_url) as again:
+            assert all([await seqs(again, f"e{n}") == [1] for n in range(50)])

@@ -1,0 +1,213 @@
+"""Alembic migrations: from empty, twice, down to base, models == migrations, from a wheel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import URL, Connection, inspect, text
+
+import casty_sa
+from casty_sa import SAJournal, SchemaError, head_revision, metadata
+from casty_sa.journal import open_engine
+
+REPO = Path(__file__).resolve().parent.parent
+OUR_TABLES = {"casty_sa_events", "casty_sa_snapshots"}
+
+
+async def table_names(url: URL) -> set[str]:
+    engine, _ = open_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+    finally:
+        await engine.dispose()
+
+
+async def execute(url: URL, *statements: str) -> None:
+    engine, _ = open_engine(url)
+    try:
+        async with engine.begin() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+def plain(url: URL) -> str:
+    return url.render_as_string(hide_password=False)
+
+
+async def test_upgrade_from_empty(empty_db_url: URL) -> None:
+    assert await casty_sa.current(empty_db_url) is None
+    await casty_sa.upgrade(empty_db_url)
+    assert await casty_sa.current(empty_db_url) == head_revision()
+    assert OUR_TABLES | {casty_sa.VERSION_TABLE} <= await table_names(empty_db_url)
+
+
+async def test_upgrade_twice_is_harmless(empty_db_url: URL) -> None:
+    await casty_sa.upgrade(empty_db_url)
+    await casty_sa.upgrade(empty_db_url)
+    assert await casty_sa.current(empty_db_url) == head_revision()
+
+
+async def test_downgrade_to_base_removes_only_our_tables(empty_db_url: URL) -> None:
+    await execute(
+        empty_db_url,
+        "CREATE TABLE events (id INTEGER PRIMARY KEY)",
+        "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)",
+        "INSERT INTO alembic_version VALUES ('app_rev_1')",
+    )
+    await casty_sa.upgrade(empty_db_url)
+    await casty_sa.downgrade(empty_db_url, "base")
+    remaining = await table_names(empty_db_url)
+    assert not (remaining & OUR_TABLES)
+    assert {"events", "alembic_version"} <= remaining
+    assert await casty_sa.current(empty_db_url) is None
+    engine, _ = open_engine(empty_db_url)
+    try:
+        async with engine.connect() as conn:
+            app_rev = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
+    finally:
+        await engine.dispose()
+    assert app_rev == [("app_rev_1",)]
+    await casty_sa.upgrade(empty_db_url)  # and back up again
+    assert await casty_sa.current(empty_db_url) == head_revision()
+
+
+async def test_models_match_migrations(empty_db_url: URL) -> None:
+    await casty_sa.upgrade(empty_db_url)
+
+    def diff(conn: Connection) -> list[object]:
+        context = MigrationContext.configure(
+            conn,
+            opts={
+                "compare_type": True,
+                "include_object": lambda obj, name, type_, reflected, compare_to: (
+                    type_ != "table" or name in metadata.tables
+                ),
+            },
+        )
+        return list(compare_metadata(context, metadata))
+
+    engine, _ = open_engine(empty_db_url)
+    try:
+        async with engine.connect() as conn:
+            assert await conn.run_sync(diff) == []
+            pk_names = await conn.run_sync(
+                lambda c: {t: inspect(c).get_pk_constraint(t)["name"] for t in sorted(OUR_TABLES)}
+            )
+    finally:
+        await engine.dispose()
+    if empty_db_url.get_backend_name() == "postgresql":  # SQLite does not keep PK names
+        assert pk_names == {t: f"pk_{t}" for t in OUR_TABLES}
+
+
+async def test_sqlite_is_migrated_on_first_use(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    async with SAJournal(url) as journal:
+        assert await journal.load("x") == []
+    assert await casty_sa.current(url) == head_revision()
+
+
+async def test_server_database_is_never_altered_implicitly(
+    new_postgres_db: Callable[..., Awaitable[URL]],
+) -> None:
+    empty_db_url = await new_postgres_db(migrated=False)
+    journal = SAJournal(empty_db_url)
+    try:
+        with pytest.raises(SchemaError, match="casty-sa upgrade"):
+            await journal.start()
+        assert await casty_sa.current(empty_db_url) is None
+    finally:
+        await journal.close()
+    async with SAJournal(empty_db_url, migrate=True) as journal:
+        assert await journal.load("x") == []
+    assert await casty_sa.current(empty_db_url) == head_revision()
+
+
+async def test_sqlite_can_refuse_to_migrate(tmp_path: Path) -> None:
+    journal = SAJournal(f"sqlite:///{tmp_path / 'f.db'}", migrate=False)
+    try:
+        with pytest.raises(SchemaError, match="has no casty-sa tables"):
+            await journal.start()
+    finally:
+        await journal.close()
+
+
+def test_alembic_command_line_from_checkout(empty_db_url: URL) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for args in (["upgrade", "head"], ["current"], ["downgrade", "base"], ["upgrade", "head"]):
+        run = subprocess.run(
+            [sys.executable, "-m", "alembic", "-x", f"url={plain(empty_db_url)}", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr
+    assert (
+        "casty_sa_events"
+        in subprocess.run(
+            [sys.executable, "-m", "alembic", "upgrade", "head", "--sql"],
+            cwd=REPO,
+            env={**env, "CASTY_SA_URL": "postgresql://nobody@nowhere.invalid/db"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    )
+
+
+def test_upgrade_runs_from_an_installed_wheel(tmp_path: Path) -> None:
+    """Build the wheel, unpack it outside the repo, and migrate with it."""
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(REPO),
+        ],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = wheels.glob("casty_sa-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        zf.extractall(site)
+    assert "casty_sa/migrations/env.py" in names
+    assert any(n.startswith("casty_sa/migrations/versions/0001") for n in names)
+    script = (
+        "import asyncio, casty_sa, casty_sa.migrate as m, sys\n"
+        "assert casty_sa.__file__.startswith(sys.argv[1]), casty_sa.__file__\n"
+        "assert str(m.script_location()).startswith(sys.argv[1]), m.script_location()\n"
+        "url = 'sqlite:///' + sys.argv[2]\n"
+        "asyncio.run(casty_sa.upgrade(url))\n"
+        "print(asyncio.run(casty_sa.current(url)))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(site), str(tmp_path / "w.db")],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == head_revision()
