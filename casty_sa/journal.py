@@ -29,6 +29,7 @@ from casty_sa.errors import (
     PayloadEncodeError,
     SchemaError,
     SequenceConflict,
+    UnsupportedDatabase,
 )
 from casty_sa.models import MAX_ENTITY_ID_LENGTH, EventRecord, SnapshotRecord
 from casty_sa.urls import is_memory_sqlite, kind_of, safe_url, to_async_url
@@ -76,13 +77,30 @@ def _snapshot_upsert(dialect: str) -> Any:
     )
 
 
-def open_engine(target: str | URL | AsyncEngine, **engine_options: Any) -> tuple[AsyncEngine, bool]:
+def open_engine(
+    target: str | URL | AsyncEngine | async_sessionmaker[Any], **engine_options: Any
+) -> tuple[AsyncEngine, bool]:
     """The engine for ``target`` and whether the caller owns (must dispose) it.
 
-    An ``AsyncEngine`` is returned as is (not owned) after checking its
-    dialect; a URL gets an engine tuned by :func:`casty_sa.engine.build_engine`.
+    An ``AsyncEngine`` (or the engine an ``async_sessionmaker`` is bound to) is
+    returned as is (not owned) after checking its dialect; a URL gets an
+    engine tuned by :func:`casty_sa.engine.build_engine`.
     """
+    if isinstance(target, async_sessionmaker):
+        bound = target.kw.get("bind")
+        if not isinstance(bound, AsyncEngine):
+            raise UnsupportedDatabase(
+                "the async_sessionmaker passed to casty-sa is not bound to an AsyncEngine; "
+                "create it with async_sessionmaker(engine) or pass the engine itself"
+            )
+        target = bound
     if isinstance(target, AsyncEngine):
+        if engine_options:
+            raise TypeError(
+                "engine options "
+                f"({', '.join(sorted(engine_options))}) only apply when casty-sa creates the "
+                "engine from a URL; configure the application's engine instead"
+            )
         to_async_url(target.url)  # refuse unsupported databases early
         return target, False
     url = to_async_url(target)
@@ -111,16 +129,20 @@ class SAJournal:
 
     Parameters
     ----------
-    url : str | URL | AsyncEngine
+    url : str | URL | AsyncEngine | async_sessionmaker
         ``sqlite:///journal.db``, ``sqlite://`` (memory, one database for the
         journal's lifetime), ``postgresql://user:pw@host/db``, or an
-        application's ``AsyncEngine`` (shared; ``close()`` leaves it open).
+        application's ``AsyncEngine`` or ``async_sessionmaker`` (its pool is
+        shared; ``close()`` leaves it open).
     kind : JournalKind | None
         Override the kind derived from the database.
     serialize, deserialize : Callable
         Turn events and states into bytes and back (pickle by default, which
         executes code from the table when loading: see the README's security
         section).
+    schema : str | None
+        PostgreSQL schema holding casty-sa's tables (default: the connection's
+        ``search_path``, usually ``public``); migrate with the same schema.
     migrate : bool | None
         Bring the schema to head on first use. ``None``: yes for SQLite, no for
         a server database, which must already be at head (:class:`SchemaError`
@@ -160,12 +182,13 @@ class SAJournal:
 
     def __init__(
         self,
-        url: str | URL | AsyncEngine,
+        url: str | URL | AsyncEngine | async_sessionmaker[Any],
         *,
         kind: JournalKind | None = None,
         serialize: Callable[[Any], bytes] = pickle.dumps,
         deserialize: Callable[[bytes], Any] = pickle.loads,
         migrate: bool | None = None,
+        schema: str | None = None,
         group_commit: bool = True,
         max_batch_events: int = 2000,
         max_pending: int = 10_000,
@@ -176,11 +199,20 @@ class SAJournal:
         self._engine, self._owns_engine = open_engine(url, **engine_options)
         self._url = self._engine.url
         self._dialect = self._engine.dialect.name
+        from casty_sa.migrate import check_schema
+
+        check_schema(self._dialect, schema)
+        self._schema = schema
+        bind = (
+            self._engine
+            if schema is None
+            else self._engine.execution_options(schema_translate_map={None: schema})
+        )
         self._kind = kind if kind is not None else kind_of(self._url)
         self._serialize = serialize
         self._deserialize = deserialize
         self._migrate = self._dialect == "sqlite" if migrate is None else migrate
-        self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
+        self._sessions = async_sessionmaker(bind, expire_on_commit=False)
         self._upsert_snapshot = _snapshot_upsert(self._dialect)
         self._read_retries = read_retries
         self._retry_backoff = retry_backoff
@@ -211,7 +243,8 @@ class SAJournal:
         return self._engine
 
     def __repr__(self) -> str:
-        return f"SAJournal({safe_url(self._url)!r}, kind={self._kind.value})"
+        schema = f", schema={self._schema!r}" if self._schema is not None else ""
+        return f"SAJournal({safe_url(self._url)!r}, kind={self._kind.value}{schema})"
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -498,6 +531,10 @@ class SAJournal:
 
     # -- plumbing ------------------------------------------------------------------------------
 
+    @property
+    def _schema_flag(self) -> str:
+        return f" --schema {self._schema}" if self._schema is not None else ""
+
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[AsyncSession]:
         if self._serial is None:
@@ -514,7 +551,7 @@ class SAJournal:
         try:
             async with self._session() as session:
                 connection = await session.connection()
-                found = await connection.run_sync(migrate.current_revision)
+                found = await connection.run_sync(migrate.current_revision, self._schema)
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
             raise self._database_error(exc, "read the schema revision") from exc
         if found == head:
@@ -529,21 +566,21 @@ class SAJournal:
             state = "has no casty-sa tables" if found is None else f"is at revision {found!r}"
             raise SchemaError(
                 f"{safe_url(self._url)} {state}; casty-sa needs revision {head!r}. "
-                f"Run `casty-sa upgrade --url '{safe_url(self._url)}'` (or "
+                f"Run `casty-sa upgrade --url '{safe_url(self._url)}'{self._schema_flag}` (or "
                 "`await casty_sa.upgrade(url)`), or pass migrate=True to SAJournal."
             )
         log.info("casty_sa: migrating %s from %s to %s", safe_url(self._url), found, head)
         try:
             if self._serial is not None:
                 async with self._serial:
-                    await migrate.upgrade(self._engine)
+                    await migrate.upgrade(self._engine, schema=self._schema)
             else:
-                await migrate.upgrade(self._engine)
+                await migrate.upgrade(self._engine, schema=self._schema)
         except (SQLAlchemyError, OSError) as exc:
             # another process may have migrated the same file at the same moment
             async with self._session() as session:
                 connection = await session.connection()
-                if await connection.run_sync(migrate.current_revision) != head:
+                if await connection.run_sync(migrate.current_revision, self._schema) != head:
                     raise self._database_error(exc, "migrate the schema") from exc
 
     def _database_error(self, exc: BaseException, what: str) -> JournalError:
@@ -554,7 +591,8 @@ class SAJournal:
         if ("no such table" in lowered or "does not exist" in lowered) and "casty_sa_" in lowered:
             return SchemaError(
                 f"casty-sa's tables are missing from {safe_url(self._url)} (could not {what}: "
-                f"{text}). Run `casty-sa upgrade --url '{safe_url(self._url)}'`."
+                f"{text}). Run `casty-sa upgrade --url '{safe_url(self._url)}'"
+                f"{self._schema_flag}`."
             )
         return DatabaseUnavailable(
             f"could not {what} on {safe_url(self._url)}: {text}. Nothing of a failed write "

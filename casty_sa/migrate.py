@@ -57,7 +57,9 @@ def script_location() -> Path:
     )
 
 
-def alembic_config(url: str | URL | None = None, *, stdout: TextIO | None = None) -> Config:
+def alembic_config(
+    url: str | URL | None = None, *, schema: str | None = None, stdout: TextIO | None = None
+) -> Config:
     """An Alembic ``Config`` for casty-sa's migrations, without any ini file.
 
     Parameters
@@ -65,6 +67,9 @@ def alembic_config(url: str | URL | None = None, *, stdout: TextIO | None = None
     url : str | URL | None
         Database to migrate. Kept as an attribute, never written into the
         config's text, so a password is neither interpolated nor printed.
+    schema : str | None
+        PostgreSQL schema for casty-sa's tables and version table (created if
+        missing); ``None`` uses the connection's default (``public``).
     stdout : TextIO | None
         Where Alembic writes (``--sql`` output, ``history``).
     """
@@ -72,6 +77,8 @@ def alembic_config(url: str | URL | None = None, *, stdout: TextIO | None = None
     config.set_main_option("script_location", str(script_location()))
     if url is not None:
         config.attributes["url"] = url
+    if schema is not None:
+        config.attributes["schema"] = schema
     return config
 
 
@@ -90,34 +97,53 @@ def known_revision(revision: str) -> bool:
     return any(rev.revision == revision for rev in script.walk_revisions())
 
 
-def current_revision(connection: Connection) -> str | None:
+def current_revision(connection: Connection, schema: str | None = None) -> str | None:
     """The revision a (sync) connection's database is at, or ``None`` before any."""
-    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    context = MigrationContext.configure(
+        connection, opts={"version_table": VERSION_TABLE, "version_table_schema": schema}
+    )
     heads = context.get_current_heads()
     return heads[0] if heads else None
 
 
-def _invoke(connection: Connection, action: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-    config = alembic_config()
+def _invoke(
+    connection: Connection,
+    action: Callable[..., Any],
+    args: tuple[Any, ...],
+    schema: str | None,
+) -> Any:
+    config = alembic_config(schema=schema)
     config.attributes["connection"] = connection
     return action(config, *args)
 
 
 async def _on_engine(
-    target: str | URL | AsyncEngine, action: Callable[..., Any], args: tuple[Any, ...]
+    target: str | URL | AsyncEngine,
+    action: Callable[..., Any],
+    args: tuple[Any, ...],
+    schema: str | None,
 ) -> Any:
     from casty_sa.journal import open_engine  # local: journal imports this module
 
     engine, owned = open_engine(target)
+    check_schema(engine.dialect.name, schema)
     try:
         async with engine.begin() as connection:
-            return await connection.run_sync(_invoke, action, args)
+            return await connection.run_sync(_invoke, action, args, schema)
     finally:
         if owned:
             await engine.dispose()
 
 
-async def upgrade(target: str | URL | AsyncEngine, revision: str = "head") -> None:
+def check_schema(dialect: str, schema: str | None) -> None:
+    """Refuse ``schema=`` where the database has no schemas to put tables in."""
+    if schema is not None and dialect != "postgresql":
+        raise ValueError(f"schema={schema!r} needs PostgreSQL; {dialect} has no schemas")
+
+
+async def upgrade(
+    target: str | URL | AsyncEngine, revision: str = "head", *, schema: str | None = None
+) -> None:
     """Migrate a database up to ``revision`` (default: the newest).
 
     Parameters
@@ -127,23 +153,30 @@ async def upgrade(target: str | URL | AsyncEngine, revision: str = "head") -> No
         driver) or an application's ``AsyncEngine``, which is left open.
     revision : str
         Alembic revision to reach.
+    schema : str | None
+        PostgreSQL schema to put the tables in (created if missing).
 
     Examples
     --------
     >>> import asyncio
     >>> asyncio.run(upgrade("sqlite://"))  # a throwaway in-memory database
     """
-    await _on_engine(target, command.upgrade, (revision,))
+    await _on_engine(target, command.upgrade, (revision,), schema)
 
 
-async def downgrade(target: str | URL | AsyncEngine, revision: str = "base") -> None:
+async def downgrade(
+    target: str | URL | AsyncEngine, revision: str = "base", *, schema: str | None = None
+) -> None:
     """Migrate a database down to ``revision``; ``"base"`` drops casty-sa's tables only."""
-    await _on_engine(target, command.downgrade, (revision,))
+    await _on_engine(target, command.downgrade, (revision,), schema)
 
 
-async def current(target: str | URL | AsyncEngine) -> str | None:
+async def current(target: str | URL | AsyncEngine, *, schema: str | None = None) -> str | None:
     """The casty-sa revision a database is at, or ``None`` when it has none."""
     revision: str | None = await _on_engine(
-        target, lambda config: current_revision(config.attributes["connection"]), ()
+        target,
+        lambda config: current_revision(config.attributes["connection"], schema),
+        (),
+        schema,
     )
     return revision

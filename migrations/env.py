@@ -39,6 +39,15 @@ def _url() -> str | URL:
     return url
 
 
+def _schema() -> str | None:
+    schema = (
+        config.attributes.get("schema")
+        or context.get_x_argument(as_dictionary=True).get("schema")
+        or os.environ.get("CASTY_SA_SCHEMA")
+    )
+    return str(schema) if schema else None
+
+
 def _include_object(
     obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
 ) -> bool:
@@ -49,10 +58,17 @@ def _include_object(
 
 
 def _configure(connection: Connection) -> None:
+    schema = _schema()
+    if schema is not None:
+        if connection.dialect.name != "postgresql":
+            raise SystemExit(f"schema={schema!r} needs PostgreSQL, not {connection.dialect.name}")
+        connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {_quote(connection, schema)}")
+        connection = connection.execution_options(schema_translate_map={None: schema})
     context.configure(
         connection=connection,
         target_metadata=metadata,
         version_table=VERSION_TABLE,
+        version_table_schema=schema,
         include_object=_include_object,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
@@ -61,9 +77,19 @@ def _configure(connection: Connection) -> None:
         context.run_migrations()
 
 
+def _quote(connection: Connection, name: str) -> str:
+    return connection.dialect.identifier_preparer.quote_identifier(name)
+
+
 def run_offline() -> None:
     from casty_sa.urls import to_async_url
 
+    schema = _schema()
+    if schema is not None:
+        raise SystemExit(
+            "--sql with a schema is not supported: review the DDL without it, then run it "
+            "with SET search_path TO your schema"
+        )
     context.configure(
         url=to_async_url(_url()),
         target_metadata=metadata,

@@ -27,7 +27,7 @@ from sqlalchemy import URL, make_url
 import casty_sa
 from casty_sa import SAJournal
 
-os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())  # pgserver's platformdirs
+os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="casty-sa-xdg-"))  # for pgserver
 
 BACKENDS = ("sqlite", "postgresql")
 _TEMPLATE = "casty_sa_template"
