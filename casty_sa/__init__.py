@@ -26,7 +26,7 @@ from casty_sa.errors import (
     UnsupportedDatabase,
 )
 from casty_sa.journal import MAX_SEQUENCE_NR, SAJournal
-from casty_sa.migrate import current, downgrade, head_revision, upgrade
+from casty_sa.migrate import current, downgrade, exclude_journal_tables, head_revision, upgrade
 from casty_sa.models import (
     MAX_ENTITY_ID_LENGTH,
     NAMING_CONVENTION,
@@ -58,6 +58,7 @@ __all__ = [
     "UnsupportedDatabase",
     "current",
     "downgrade",
+    "exclude_journal_tables",
     "head_revision",
     "metadata",
     "upgrade",

@@ -552,9 +552,16 @@ class SAJournal:
             async with self._session() as session:
                 connection = await session.connection()
                 found = await connection.run_sync(migrate.current_revision, self._schema)
+                app_managed = found is None and await connection.run_sync(
+                    migrate.tables_match_models, self._schema
+                )
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
             raise self._database_error(exc, "read the schema revision") from exc
         if found == head:
+            return
+        if app_managed:
+            # the application's own Alembic history created the tables from casty_sa.metadata
+            log.debug("casty_sa: tables managed by the application's migrations; using them")
             return
         if found is not None and not migrate.known_revision(found):
             raise SchemaError(

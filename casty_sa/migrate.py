@@ -28,19 +28,21 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import URL, Connection
+from sqlalchemy import URL, Connection, inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa.errors import SchemaError
-from casty_sa.models import VERSION_TABLE
+from casty_sa.models import VERSION_TABLE, metadata
 
 __all__ = [
     "alembic_config",
     "current",
     "current_revision",
     "downgrade",
+    "exclude_journal_tables",
     "head_revision",
     "script_location",
+    "tables_match_models",
     "upgrade",
 ]
 
@@ -104,6 +106,45 @@ def current_revision(connection: Connection, schema: str | None = None) -> str |
     )
     heads = context.get_current_heads()
     return heads[0] if heads else None
+
+
+def tables_match_models(connection: Connection, schema: str | None = None) -> bool:
+    """True when casty-sa's tables exist with the models' columns.
+
+    That is the case when an application created them through its own Alembic
+    history from :data:`casty_sa.metadata`, instead of running casty-sa's
+    migrations.
+    """
+    inspector = inspect(connection)
+    present = set(inspector.get_table_names(schema=schema))
+    for table in metadata.tables.values():
+        if table.name not in present:
+            return False
+        columns = {column["name"] for column in inspector.get_columns(table.name, schema=schema)}
+        if columns != set(table.columns.keys()):
+            return False
+    return True
+
+
+def exclude_journal_tables(
+    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
+) -> bool:
+    """An Alembic ``include_object`` hook that leaves casty-sa's tables alone.
+
+    Give it to the application's ``context.configure(include_object=...)`` when
+    casty-sa's own migrations manage its tables, so the application's
+    autogenerate neither drops them nor tries to create them.
+
+    Examples
+    --------
+    >>> exclude_journal_tables(None, "casty_sa_events", "table", True, None)
+    False
+    >>> exclude_journal_tables(None, "orders", "table", True, None)
+    True
+    """
+    if type_ == "table":
+        return name not in metadata.tables and name != VERSION_TABLE
+    return True
 
 
 def _invoke(

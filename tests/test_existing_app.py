@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from casty import PersistedEvent, Snapshot
-from sqlalchemy import URL, inspect
+from sqlalchemy import URL, Connection, MetaData, inspect, text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 import casty_sa
 from casty_sa import SAJournal, SchemaError
+from casty_sa.journal import open_engine
 
 
 def ev(seq: int) -> PersistedEvent[Any]:
@@ -88,3 +97,142 @@ class TestPostgresSchema:
     def test_schema_needs_postgresql(self) -> None:
         with pytest.raises(ValueError, match="needs PostgreSQL"):
             SAJournal("sqlite://", schema="casty")
+
+
+# -- an application with its own models and Alembic history in the same database ---------------
+
+APP_SCRIPTS = Path(__file__).resolve().parent / "app_fixture"
+
+
+def _app_models() -> MetaData:
+    spec = importlib.util.spec_from_file_location("app_fixture_models", APP_SCRIPTS / "models.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # resolvable for its string annotations
+    spec.loader.exec_module(module)
+    metadata: MetaData = module.AppBase.metadata
+    return metadata
+
+
+APP_METADATA = _app_models()
+
+
+async def run_app_alembic(
+    url: URL,
+    action: Callable[..., Any],
+    *args: Any,
+    scripts: Path = APP_SCRIPTS,
+    target_metadata: Any = APP_METADATA,
+    include_object: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """Run an ``alembic.command`` of the app's own history, the way apps do from code."""
+
+    def invoke(connection: Connection) -> Any:
+        config = Config()
+        config.set_main_option("script_location", str(scripts))
+        config.attributes.update(
+            connection=connection, target_metadata=target_metadata, include_object=include_object
+        )
+        return action(config, *args, **kwargs)
+
+    engine, _ = open_engine(url)
+    try:
+        async with engine.begin() as connection:
+            return await connection.run_sync(invoke)
+    finally:
+        await engine.dispose()
+
+
+async def autogenerate_diff(url: URL, target_metadata: Any, include_object: Any) -> list[Any]:
+    def diff(connection: Connection) -> list[Any]:
+        context = MigrationContext.configure(
+            connection, opts={"compare_type": True, "include_object": include_object}
+        )
+        return list(compare_metadata(context, target_metadata))
+
+    engine, _ = open_engine(url)
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(diff)
+    finally:
+        await engine.dispose()
+
+
+async def app_revision(url: URL) -> list[str]:
+    engine, _ = open_engine(url)
+    try:
+        async with engine.connect() as connection:
+            rows = await connection.execute(text("SELECT version_num FROM alembic_version"))
+            return [row[0] for row in rows]
+    finally:
+        await engine.dispose()
+
+
+class TestSideBySideHistories:
+    """Way (a): casty-sa's migrations and the app's, each with its own version table."""
+
+    async def test_two_histories_in_one_database(
+        self, empty_db_url: URL, make_journal: Callable[..., SAJournal]
+    ) -> None:
+        await run_app_alembic(empty_db_url, command.upgrade, "head")
+        await casty_sa.upgrade(empty_db_url)
+        assert await app_revision(empty_db_url) == ["a001"]
+        assert await casty_sa.current(empty_db_url) == casty_sa.head_revision()
+
+        journal = make_journal(empty_db_url)
+        await journal.persist("acct", [ev(1)])
+        assert [e.sequence_nr for e in await journal.load("acct")] == [1]
+
+        # the app's autogenerate would drop our tables unless told to leave them alone...
+        unfiltered = await autogenerate_diff(empty_db_url, APP_METADATA, None)
+        assert {d[1].name for d in unfiltered if d[0] == "remove_table"} >= {
+            "casty_sa_events",
+            "casty_sa_snapshots",
+        }
+        # ...which casty_sa.exclude_journal_tables does
+        assert (
+            await autogenerate_diff(empty_db_url, APP_METADATA, casty_sa.exclude_journal_tables)
+            == []
+        )
+
+        # each side downgrades without touching the other
+        await run_app_alembic(empty_db_url, command.downgrade, "base")
+        assert [e.sequence_nr for e in await journal.load("acct")] == [1]
+        await casty_sa.downgrade(empty_db_url, "base")
+        await run_app_alembic(empty_db_url, command.upgrade, "head")
+        assert await app_revision(empty_db_url) == ["a001"]
+
+
+class TestAppOwnsTheTables:
+    """Way (b): the app's own autogenerate creates casty-sa's tables from casty_sa.metadata."""
+
+    async def test_app_autogenerate_includes_our_tables(
+        self, empty_db_url: URL, tmp_path: Path, make_journal: Callable[..., SAJournal]
+    ) -> None:
+        scripts = tmp_path / "app_migrations"
+        shutil.copytree(APP_SCRIPTS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
+        both = [APP_METADATA, casty_sa.metadata]
+        await run_app_alembic(empty_db_url, command.upgrade, "head", scripts=scripts)
+        await run_app_alembic(
+            empty_db_url,
+            command.revision,
+            scripts=scripts,
+            target_metadata=both,
+            message="add casty-sa journal tables",
+            autogenerate=True,
+            rev_id="a002",
+        )
+        generated = next((scripts / "versions").glob("a002_*.py")).read_text()
+        assert "casty_sa_events" in generated and "casty_sa_snapshots" in generated
+        await run_app_alembic(empty_db_url, command.upgrade, "head", scripts=scripts)
+        assert await app_revision(empty_db_url) == ["a002"]
+        assert await casty_sa.current(empty_db_url) is None  # casty-sa's history unused
+        assert await autogenerate_diff(empty_db_url, both, None) == []
+
+        # the journal accepts tables it did not create, and migrates nothing over them
+        journal = make_journal(empty_db_url, migrate=None)
+        await journal.persist("acct", [ev(1), ev(2)])
+        await journal.save_snapshot("acct", Snapshot(2, "s", 1.0))
+        assert [e.sequence_nr for e in await journal.load("acct")] == [1, 2]
+        assert await casty_sa.current(empty_db_url) is None
