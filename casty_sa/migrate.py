@@ -75,7 +75,7 @@ def alembic_config(
     stdout : TextIO | None
         Where Alembic writes (``--sql`` output, ``history``).
     """
-    config = Config(stdout=stdout) if stdout is not None else Config()
+    config = Config(stdout=stdout, output_buffer=stdout) if stdout is not None else Config()
     config.set_main_option("script_location", str(script_location()))
     if url is not None:
         config.attributes["url"] = url
