@@ -47,7 +47,7 @@ def safe_url(url: str | URL) -> str:
         return url.render_as_string(hide_password=True)
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return url.split(":", 1)[0] + "://…" if ":" in url else "<unparseable URL>"
 
 
@@ -67,7 +67,7 @@ def to_async_url(url: str | URL) -> URL:
     """
     try:
         parsed = make_url(url) if isinstance(url, str) else url
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:
         raise UnsupportedDatabase(
             f"{safe_url(url)} is not a database URL ({exc}); expected e.g. "
             "'sqlite:///journal.db' or 'postgresql://user@host/dbname'"

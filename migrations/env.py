@@ -62,7 +62,13 @@ def _configure(connection: Connection) -> None:
     if schema is not None:
         if connection.dialect.name != "postgresql":
             raise SystemExit(f"schema={schema!r} needs PostgreSQL, not {connection.dialect.name}")
-        connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {_quote(connection, schema)}")
+        # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema is
+        # there: look first, so a DBA can hand a migrator a schema made for it
+        exists = connection.exec_driver_sql(
+            "SELECT 1 FROM pg_namespace WHERE nspname = $1", (schema,)
+        ).first()
+        if exists is None:
+            connection.exec_driver_sql(f"CREATE SCHEMA {_quote(connection, schema)}")
         connection = connection.execution_options(schema_translate_map={None: schema})
     context.configure(
         connection=connection,

@@ -29,6 +29,8 @@ from casty_sa import SAJournal
 
 os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="casty-sa-xdg-"))  # for pgserver
 
+collect_ignore = ["app_fixture"]  # an Alembic script folder, imported only by Alembic
+
 BACKENDS = ("sqlite", "postgresql")
 _TEMPLATE = "casty_sa_template"
 _counter = itertools.count()

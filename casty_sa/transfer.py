@@ -1,0 +1,1055 @@
+"""Copy journals between casty's own ``SqliteJournal`` file and a casty-sa database.
+
+``casty-sa import`` and ``casty-sa export`` run on these functions. A copy
+reads the source in key order (entity id, then sequence number), writes it to
+the target in batches (one transaction per batch, Core inserts), and then
+compares per-entity counts of the two sides.
+
+A copy is idempotent and resumable: an event whose key the target already
+holds is left alone (insert-or-ignore), a snapshot replaces the target's only
+when its sequence number is higher, and an entity whose events the target
+holds as an unbroken run is skipped up to that run's end without being sent.
+A rerun after a crash or Ctrl-C therefore copies only what is missing.
+
+Payloads are copied as the bytes the serializer produced; nothing is decoded.
+Both journals default to pickle; a source written with a custom serializer
+needs an ``SAJournal`` configured with the same ``deserialize``.
+
+Examples
+--------
+>>> import asyncio, pathlib, tempfile
+>>> from casty import PersistedEvent, SqliteJournal
+>>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> old = SqliteJournal(folder / "casty.db")
+>>> asyncio.run(old.persist("acct-1", [PersistedEvent(1, "opened", 1.5)]))
+>>> old.close()
+>>> report = asyncio.run(import_casty_file(folder / "casty.db", f"sqlite:///{folder}/sa.db"))
+>>> (report.events_copied, report.verified)
+(1, True)
+>>> asyncio.run(import_casty_file(folder / "casty.db", f"sqlite:///{folder}/sa.db")).events_copied
+0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+from sqlalchemy import URL, Table, func, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from casty_sa.errors import DatabaseUnavailable, InvalidEventError, JournalError
+from casty_sa.journal import SAJournal
+from casty_sa.models import MAX_ENTITY_ID_LENGTH, EventRecord, SnapshotRecord
+from casty_sa.urls import is_memory_sqlite, safe_url, to_async_url
+
+__all__ = [
+    "CastyFile",
+    "EntityStats",
+    "JournalDatabase",
+    "JournalFileError",
+    "JournalStats",
+    "Mismatch",
+    "Progress",
+    "Row",
+    "TransferReport",
+    "copy_journal",
+    "export_casty_file",
+    "import_casty_file",
+    "missing_sqlite_file",
+    "require_existing_database",
+]
+
+log = logging.getLogger("casty_sa.transfer")
+
+#: Rows per batch (and per target transaction) unless told otherwise.
+DEFAULT_BATCH_SIZE = 1000
+
+#: The columns of casty's ``SqliteJournal`` tables (casty 0.21).
+CASTY_EVENT_COLUMNS = frozenset({"entity_id", "sequence_nr", "event_data", "timestamp"})
+CASTY_SNAPSHOT_COLUMNS = frozenset({"entity_id", "sequence_nr", "state_data", "timestamp"})
+
+_events = cast(Table, EventRecord.__table__)
+_snapshots = cast(Table, SnapshotRecord.__table__)
+
+
+class JournalFileError(JournalError):
+    """A file that is missing, not SQLite, or not in casty's ``SqliteJournal`` format."""
+
+
+# -- values ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One event or snapshot row, with its payload as stored (serializer bytes).
+
+    Parameters
+    ----------
+    entity_id : str
+        The entity the row belongs to.
+    sequence_nr : int
+        The event's sequence number, or the one a snapshot covers.
+    timestamp : float
+        casty's ``time.time()`` of the event or snapshot.
+    payload : bytes
+        The serializer's bytes, never decoded by a copy.
+    """
+
+    entity_id: str
+    sequence_nr: int
+    timestamp: float
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EntityStats:
+    """How many events one entity has, and its lowest and highest sequence numbers.
+
+    Parameters
+    ----------
+    events : int
+        Number of stored events.
+    first, last : int
+        Lowest and highest stored sequence number.
+
+    Examples
+    --------
+    >>> EntityStats(events=3, first=1, last=3).contiguous
+    True
+    >>> EntityStats(events=2, first=1, last=3).contiguous
+    False
+    """
+
+    events: int
+    first: int
+    last: int
+
+    @property
+    def contiguous(self) -> bool:
+        """True when every sequence number from ``first`` to ``last`` is stored."""
+        return self.events == self.last - self.first + 1
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStats:
+    """Per-entity event statistics and snapshot positions of one side of a copy.
+
+    Parameters
+    ----------
+    events : dict[str, EntityStats]
+        Entity id to its event statistics (entities with events only).
+    snapshots : dict[str, int]
+        Entity id to the sequence number its snapshot covers.
+    """
+
+    events: dict[str, EntityStats]
+    snapshots: dict[str, int]
+
+    @property
+    def event_count(self) -> int:
+        """Total number of events."""
+        return sum(stats.events for stats in self.events.values())
+
+    @property
+    def entity_count(self) -> int:
+        """Number of distinct entities having events or a snapshot."""
+        return len(self.events.keys() | self.snapshots.keys())
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far a copy is, handed to the ``on_progress`` callback after every batch.
+
+    Parameters
+    ----------
+    events_done, events_total : int
+        Source events handled so far (copied or already present), and in all.
+    snapshots_done, snapshots_total : int
+        The same for snapshots.
+    """
+
+    events_done: int
+    events_total: int
+    snapshots_done: int
+    snapshots_total: int
+
+    @property
+    def fraction(self) -> float:
+        """Share of all rows handled, from 0.0 to 1.0."""
+        total = self.events_total + self.snapshots_total
+        return 1.0 if total == 0 else (self.events_done + self.snapshots_done) / total
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """An entity whose target does not hold what its source holds, after a copy.
+
+    Parameters
+    ----------
+    entity_id : str
+        The entity.
+    what : str
+        ``"events"`` or ``"snapshot"``.
+    expected : str
+        What the source holds (e.g. ``"12 events up to 12"``).
+    found : str
+        What the target holds.
+    """
+
+    entity_id: str
+    what: str
+    expected: str
+    found: str
+
+    def __str__(self) -> str:
+        return f"{self.entity_id!r}: {self.what}: source has {self.expected}, target {self.found}"
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """The outcome of a copy, with the verification of counts at its end.
+
+    Parameters
+    ----------
+    source, target : str
+        Where the copy read and wrote (passwords masked).
+    entities, events, snapshots : int
+        What the source holds at the end of the copy.
+    events_copied : int
+        Events written to the target by this run.
+    events_present : int
+        Source events the target already held (an earlier run, or skipped).
+    snapshots_copied : int
+        Snapshots written (new, or replacing an older one).
+    snapshots_present : int
+        Source snapshots the target held at the same or a higher sequence number.
+    mismatches : tuple[Mismatch, ...]
+        Entities failing the verification (empty when verified); at most
+        :data:`MAX_REPORTED_MISMATCHES` are kept, ``mismatch_count`` has them all.
+    mismatch_count : int
+        Number of entities failing the verification.
+    target_ahead : int
+        Entities for which the target holds more events than the source (the
+        target was in use already); not an error.
+    source_changed : bool
+        The source was written to during the copy: rerun to pick up the rest.
+    seconds : float
+        Wall-clock duration.
+    """
+
+    source: str
+    target: str
+    entities: int
+    events: int
+    snapshots: int
+    events_copied: int
+    events_present: int
+    snapshots_copied: int
+    snapshots_present: int
+    mismatches: tuple[Mismatch, ...] = ()
+    mismatch_count: int = 0
+    target_ahead: int = 0
+    source_changed: bool = False
+    seconds: float = field(default=0.0, compare=False)
+
+    @property
+    def verified(self) -> bool:
+        """True when the target holds every event and snapshot of the source."""
+        return self.mismatch_count == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the report (for ``--json``)."""
+        return {
+            "source": self.source,
+            "target": self.target,
+            "entities": self.entities,
+            "events": self.events,
+            "snapshots": self.snapshots,
+            "events_copied": self.events_copied,
+            "events_present": self.events_present,
+            "snapshots_copied": self.snapshots_copied,
+            "snapshots_present": self.snapshots_present,
+            "verified": self.verified,
+            "mismatch_count": self.mismatch_count,
+            "mismatches": [
+                {"entity_id": m.entity_id, "what": m.what, "expected": m.expected, "found": m.found}
+                for m in self.mismatches
+            ],
+            "target_ahead": self.target_ahead,
+            "source_changed": self.source_changed,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+#: Mismatching entities kept in a :class:`TransferReport` (the count covers all).
+MAX_REPORTED_MISMATCHES = 20
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class Endpoint(Protocol):
+    """One side of a copy: a casty file or a casty-sa database."""
+
+    @property
+    def name(self) -> str:
+        """Where the side is, for messages (passwords masked)."""
+        ...
+
+    async def stats(self) -> JournalStats:
+        """Per-entity event statistics and snapshot positions."""
+        ...
+
+    async def read_events(self, after: tuple[str, int] | None, limit: int) -> list[Row]:
+        """Up to ``limit`` events in key order, starting after the key ``after``."""
+        ...
+
+    async def read_snapshots(self, after: str | None, limit: int) -> list[Row]:
+        """Up to ``limit`` snapshots in entity order, starting after entity ``after``."""
+        ...
+
+    async def write_events(self, rows: Sequence[Row]) -> int:
+        """Insert the rows the side lacks, in one transaction; return how many were new."""
+        ...
+
+    async def write_snapshots(self, rows: Sequence[Row]) -> int:
+        """Insert or advance snapshots in one transaction; return how many changed."""
+        ...
+
+
+# -- casty's SqliteJournal file ----------------------------------------------------------------
+
+
+class CastyFile:
+    """A file in casty's ``SqliteJournal`` format, read or written with ``sqlite3``.
+
+    Every call runs in a worker thread, so the event loop stays free.
+
+    Parameters
+    ----------
+    connection : sqlite3.Connection
+        An open connection to a file with casty's ``events`` and ``snapshots``
+        tables; use :meth:`open` to get one.
+    path : Path
+        The file, for messages.
+    """
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._conn = connection
+        self._path = path
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, path: str | Path, *, create: bool = False) -> AsyncIterator[CastyFile]:
+        """Open a casty journal file (an async context manager yielding a ``CastyFile``).
+
+        Parameters
+        ----------
+        path : str | Path
+            The file.
+        create : bool
+            Create the file (with casty's own ``SqliteJournal``, so the format
+            is exactly casty's) when it is missing or holds no tables.
+
+        Raises
+        ------
+        JournalFileError
+            The file is missing (and ``create`` is false), is not SQLite, or
+            holds other tables than casty's.
+        """
+        file = Path(path)
+        connection = await asyncio.to_thread(_open_casty_file, file, create)
+        try:
+            yield cls(connection, file)
+        finally:
+            await asyncio.to_thread(connection.close)
+
+    @property
+    def name(self) -> str:
+        """The file's path."""
+        return str(self._path)
+
+    async def stats(self) -> JournalStats:
+        """Per-entity event statistics and snapshot positions of the file."""
+        return await asyncio.to_thread(self._stats)
+
+    def _stats(self) -> JournalStats:
+        """Per-entity statistics, in the worker thread."""
+        with self._errors("read statistics"):
+            events = {
+                entity: EntityStats(count, first, last)
+                for entity, count, first, last in self._conn.execute(
+                    "SELECT entity_id, count(*), min(sequence_nr), max(sequence_nr) "
+                    "FROM events GROUP BY entity_id"
+                )
+            }
+            snapshots = dict(self._conn.execute("SELECT entity_id, sequence_nr FROM snapshots"))
+        return JournalStats(events, snapshots)
+
+    async def read_events(self, after: tuple[str, int] | None, limit: int) -> list[Row]:
+        """Up to ``limit`` events in key order, after the key ``after``."""
+        columns = "SELECT entity_id, sequence_nr, timestamp, event_data FROM events "
+        order = " ORDER BY entity_id, sequence_nr LIMIT ?"
+        if after is None:
+            return await asyncio.to_thread(self._rows, columns + order, (limit,))
+        return await asyncio.to_thread(
+            self._rows, columns + "WHERE (entity_id, sequence_nr) > (?, ?)" + order, (*after, limit)
+        )
+
+    async def read_snapshots(self, after: str | None, limit: int) -> list[Row]:
+        """Up to ``limit`` snapshots in entity order, after entity ``after``."""
+        columns = "SELECT entity_id, sequence_nr, timestamp, state_data FROM snapshots "
+        order = " ORDER BY entity_id LIMIT ?"
+        if after is None:
+            return await asyncio.to_thread(self._rows, columns + order, (limit,))
+        return await asyncio.to_thread(
+            self._rows, columns + "WHERE entity_id > ?" + order, (after, limit)
+        )
+
+    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[Row]:
+        """Run a read query and check every row it returns."""
+        with self._errors("read rows"):
+            rows = self._conn.execute(sql, params).fetchall()
+        return [_checked_row(*row) for row in rows]
+
+    async def write_events(self, rows: Sequence[Row]) -> int:
+        """Insert the events the file lacks, in one transaction; return how many."""
+        return await asyncio.to_thread(
+            self._write,
+            "INSERT OR IGNORE INTO events (entity_id, sequence_nr, event_data, timestamp) "
+            "VALUES (?, ?, ?, ?)",
+            rows,
+        )
+
+    async def write_snapshots(self, rows: Sequence[Row]) -> int:
+        """Insert snapshots, or advance those with a lower sequence number; return how many."""
+        return await asyncio.to_thread(
+            self._write,
+            "INSERT INTO snapshots (entity_id, sequence_nr, state_data, timestamp) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (entity_id) DO UPDATE SET "
+            "sequence_nr = excluded.sequence_nr, state_data = excluded.state_data, "
+            "timestamp = excluded.timestamp WHERE excluded.sequence_nr > snapshots.sequence_nr",
+            rows,
+        )
+
+    def _write(self, sql: str, rows: Sequence[Row]) -> int:
+        """Run an insert over ``rows`` in one transaction; return the rows it changed."""
+        before = self._conn.total_changes
+        with self._errors("write rows"), self._conn:
+            self._conn.executemany(
+                sql, [(r.entity_id, r.sequence_nr, r.payload, r.timestamp) for r in rows]
+            )
+        return self._conn.total_changes - before
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Turn ``sqlite3`` errors into :class:`JournalFileError` naming the file."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise JournalFileError(
+                f"could not {what} in {self._path}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _open_casty_file(path: Path, create: bool) -> sqlite3.Connection:
+    """Connect to a casty journal file, creating it when allowed; check its tables."""
+    if not path.exists() and not create:
+        raise JournalFileError(f"{path}: no such file")
+    if path.is_dir():
+        raise JournalFileError(f"{path} is a directory, not a casty journal file")
+    try:
+        if create:
+            tables = _tables(path) if path.exists() else {}
+            if not tables:
+                _create_with_casty(path)
+        connection = _connect_existing(path)
+        tables = _table_columns(connection)
+    except sqlite3.Error as exc:
+        raise JournalFileError(
+            f"{path} is not a casty SqliteJournal file ({type(exc).__name__}: {exc})"
+        ) from exc
+    expected = {"events": CASTY_EVENT_COLUMNS, "snapshots": CASTY_SNAPSHOT_COLUMNS}
+    if any(tables.get(name) != columns for name, columns in expected.items()) or (
+        create and set(tables) - set(expected)
+    ):
+        connection.close()
+        found = ", ".join(sorted(tables)) or "no tables"
+        raise JournalFileError(
+            f"{path} is not a casty SqliteJournal file: it has {found}; expected tables "
+            "'events' (entity_id, sequence_nr, event_data, timestamp) and 'snapshots' "
+            "(entity_id, sequence_nr, state_data, timestamp)"
+            + ("; export writes only to a new file or a casty journal file" if create else "")
+        )
+    return connection
+
+
+def _create_with_casty(path: Path) -> None:
+    """Create an empty journal with casty's own ``SqliteJournal``: the format is casty's."""
+    from casty import SqliteJournal
+
+    SqliteJournal(path).close()
+    log.debug("created casty journal file %s", path)
+
+
+def _connect_existing(path: Path) -> sqlite3.Connection:
+    """Open an existing file without ever creating one; read-only when writing is denied."""
+    uri = path.resolve().as_uri()
+    try:
+        connection = sqlite3.connect(f"{uri}?mode=rw", uri=True, check_same_thread=False)
+        connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError:
+        connection = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False)
+    return connection
+
+
+def _tables(path: Path) -> dict[str, frozenset[str]]:
+    """The tables (with their columns) of a SQLite file, opened and closed again."""
+    connection = _connect_existing(path)
+    try:
+        return _table_columns(connection)
+    finally:
+        connection.close()
+
+
+def _table_columns(connection: sqlite3.Connection) -> dict[str, frozenset[str]]:
+    """Table name to column names, for every non-internal table of a connection."""
+    names = [
+        name
+        for (name,) in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        )
+    ]
+    return {
+        name: frozenset(row[1] for row in connection.execute(f'PRAGMA table_info("{name}")'))
+        for name in names
+    }
+
+
+def _checked_row(entity_id: object, sequence_nr: object, timestamp: object, payload: object) -> Row:
+    """A row from the file, refusing values casty-sa's tables cannot hold."""
+    if not isinstance(entity_id, str) or not isinstance(sequence_nr, int):
+        raise InvalidEventError(
+            f"row ({entity_id!r}, {sequence_nr!r}) has an entity id that is not text or a "
+            "sequence number that is not an integer; casty never writes such rows"
+        )
+    if not isinstance(payload, bytes):
+        raise InvalidEventError(
+            f"the payload of entity {entity_id!r} at sequence number {sequence_nr} is "
+            f"{type(payload).__name__}, not bytes: the source was written by a serializer "
+            "that does not return bytes, which casty-sa's binary columns cannot hold"
+        )
+    if not isinstance(timestamp, int | float):
+        raise InvalidEventError(
+            f"the timestamp of entity {entity_id!r} at sequence number {sequence_nr} is "
+            f"{timestamp!r}, not a number"
+        )
+    return Row(entity_id, sequence_nr, float(timestamp), payload)
+
+
+# -- a casty-sa database -----------------------------------------------------------------------
+
+
+class JournalDatabase:
+    """casty-sa's tables in a database, read and written with Core statements.
+
+    Parameters
+    ----------
+    engine : AsyncEngine
+        An engine whose database is at casty-sa's head revision; use
+        :meth:`open` to get one checked (and, for SQLite, migrated).
+    schema : str | None
+        PostgreSQL schema holding the tables.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, schema: str | None = None) -> None:
+        self._engine = (
+            engine
+            if schema is None
+            else engine.execution_options(schema_translate_map={None: schema})
+        )
+        self._name = safe_url(engine.url)
+        insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        events = insert(_events)
+        self._insert_events = events.on_conflict_do_nothing(
+            index_elements=[_events.c.entity_id, _events.c.sequence_nr]
+        ).returning(_events.c.sequence_nr)
+        snapshots = insert(_snapshots)
+        self._upsert_snapshots = snapshots.on_conflict_do_update(
+            index_elements=[_snapshots.c.entity_id],
+            set_={
+                "sequence_nr": snapshots.excluded.sequence_nr,
+                "timestamp": snapshots.excluded.timestamp,
+                "payload": snapshots.excluded.payload,
+            },
+            where=snapshots.excluded.sequence_nr > _snapshots.c.sequence_nr,
+        ).returning(_snapshots.c.entity_id)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        target: str | URL | AsyncEngine,
+        *,
+        migrate: bool | None = None,
+        schema: str | None = None,
+        must_exist: bool = False,
+        **engine_options: Any,
+    ) -> AsyncIterator[JournalDatabase]:
+        """Open a database, checking its schema as ``SAJournal`` does (async context manager).
+
+        Parameters
+        ----------
+        target : str | URL | AsyncEngine
+            The database (an engine passed in is left open).
+        migrate : bool | None
+            As for :class:`~casty_sa.SAJournal`: ``None`` migrates a SQLite
+            database and requires a server database to be at head.
+        schema : str | None
+            PostgreSQL schema holding the tables.
+        must_exist : bool
+            Refuse a SQLite file that does not exist instead of creating it.
+        **engine_options
+            Passed on to :class:`~casty_sa.SAJournal` (``connect_timeout``, …).
+
+        Raises
+        ------
+        SchemaError
+            The database is not at head and may not be migrated.
+        DatabaseUnavailable
+            The database cannot be reached, or (``must_exist``) is a missing file.
+        """
+        if must_exist:
+            require_existing_database(target)
+        journal = SAJournal(target, migrate=migrate, schema=schema, **engine_options)
+        try:
+            await journal.start()
+            yield cls(journal.engine, schema=schema)
+        finally:
+            await journal.close()  # also when start() failed: the engine must not outlive us
+
+    @property
+    def name(self) -> str:
+        """The database URL, password masked."""
+        return self._name
+
+    async def stats(self) -> JournalStats:
+        """Per-entity event statistics and snapshot positions of the database."""
+        c = _events.c
+        events_query = select(
+            c.entity_id, func.count(), func.min(c.sequence_nr), func.max(c.sequence_nr)
+        ).group_by(c.entity_id)
+        snapshot_query = select(_snapshots.c.entity_id, _snapshots.c.sequence_nr)
+        async with self._engine.connect() as connection:
+            events = {
+                entity: EntityStats(count, first, last)
+                for entity, count, first, last in await connection.execute(events_query)
+            }
+            snapshots = {entity: seq for entity, seq in await connection.execute(snapshot_query)}
+        return JournalStats(events, snapshots)
+
+    async def read_events(self, after: tuple[str, int] | None, limit: int) -> list[Row]:
+        """Up to ``limit`` events in key order, after the key ``after``."""
+        c = _events.c
+        query = select(c.entity_id, c.sequence_nr, c.timestamp, c.payload)
+        if after is not None:
+            query = query.where(tuple_(c.entity_id, c.sequence_nr) > tuple_(*after))
+        query = query.order_by(c.entity_id, c.sequence_nr).limit(limit)
+        async with self._engine.connect() as connection:
+            return [Row(*row) for row in await connection.execute(query)]
+
+    async def read_snapshots(self, after: str | None, limit: int) -> list[Row]:
+        """Up to ``limit`` snapshots in entity order, after entity ``after``."""
+        c = _snapshots.c
+        query = select(c.entity_id, c.sequence_nr, c.timestamp, c.payload)
+        if after is not None:
+            query = query.where(c.entity_id > after)
+        query = query.order_by(c.entity_id).limit(limit)
+        async with self._engine.connect() as connection:
+            return [Row(*row) for row in await connection.execute(query)]
+
+    async def write_events(self, rows: Sequence[Row]) -> int:
+        """Insert the events the database lacks, in one transaction; return how many."""
+        async with self._engine.begin() as connection:
+            result = await connection.execute(self._insert_events, [_params(r) for r in rows])
+            return len(result.all())
+
+    async def write_snapshots(self, rows: Sequence[Row]) -> int:
+        """Insert snapshots, or advance those with a lower sequence number; return how many."""
+        async with self._engine.begin() as connection:
+            result = await connection.execute(self._upsert_snapshots, [_params(r) for r in rows])
+            return len(result.all())
+
+
+def missing_sqlite_file(target: str | URL | AsyncEngine) -> Path | None:
+    """The file of a SQLite URL when that file does not exist, else ``None``.
+
+    Connecting to a missing SQLite file creates an empty one; commands that
+    only read check this first, so a typo in a path does not leave a file behind.
+
+    Examples
+    --------
+    >>> missing_sqlite_file("sqlite:///no/such/dir/journal.db")
+    PosixPath('no/such/dir/journal.db')
+    >>> missing_sqlite_file("postgresql://db/bank") is None
+    True
+    """
+    if isinstance(target, AsyncEngine):
+        return None
+    url = to_async_url(target)
+    if url.get_backend_name() != "sqlite" or is_memory_sqlite(url) or not url.database:
+        return None
+    database = url.database
+    if database.startswith("file:"):
+        return None  # a URI filename: SQLite's own options decide
+    path = Path(database)
+    return None if path.exists() else path
+
+
+def require_existing_database(target: str | URL | AsyncEngine) -> None:
+    """Raise ``DatabaseUnavailable`` for a SQLite URL naming a file that does not exist.
+
+    Raises
+    ------
+    DatabaseUnavailable
+        The SQLite file is missing.
+    """
+    missing = missing_sqlite_file(target)
+    if missing is not None:
+        raise DatabaseUnavailable(
+            f"{safe_url(to_async_url(cast(str | URL, target)))}: no such SQLite file {missing}"
+        )
+
+
+def _params(row: Row) -> dict[str, Any]:
+    """A row as the bind parameters of casty-sa's insert statements."""
+    return {
+        "entity_id": row.entity_id,
+        "sequence_nr": row.sequence_nr,
+        "timestamp": row.timestamp,
+        "payload": row.payload,
+    }
+
+
+# -- the copy ----------------------------------------------------------------------------------
+
+
+async def copy_journal(
+    source: Endpoint,
+    target: Endpoint,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_progress: ProgressCallback | None = None,
+) -> TransferReport:
+    """Copy every event and snapshot of ``source`` that ``target`` lacks, then verify.
+
+    Events go first, in key order, one target transaction per batch;
+    snapshots follow, so a snapshot never gets ahead of the events it
+    summarizes. An exception (Ctrl-C, a lost connection) leaves whole batches
+    behind; calling again copies the rest.
+
+    Parameters
+    ----------
+    source, target : Endpoint
+        A :class:`CastyFile` or a :class:`JournalDatabase`, either way round.
+    batch_size : int
+        Rows read and written per batch.
+    on_progress : Callable[[Progress], None] | None
+        Called after every batch.
+
+    Returns
+    -------
+    TransferReport
+        Counts of the run and the verification: ``report.verified`` is true
+        when the target holds, for every source entity, at least as many
+        events up to the same highest sequence number, and a snapshot at least
+        as recent.
+
+    Raises
+    ------
+    InvalidEventError
+        The source holds an entity id casty-sa cannot store; nothing is copied.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    started = time.perf_counter()
+    before = await source.stats()
+    _check_entity_ids(before)
+    already = await target.stats()
+    log.debug(
+        "copy %s -> %s: source has %d events of %d entities and %d snapshots; target has %d "
+        "events of %d entities",
+        source.name,
+        target.name,
+        before.event_count,
+        len(before.events),
+        len(before.snapshots),
+        already.event_count,
+        len(already.events),
+    )
+    progress = Progress(0, before.event_count, 0, len(before.snapshots))
+    report = _Counts()
+    await _copy_events(source, target, before, already, batch_size, progress, report, on_progress)
+    progress = Progress(progress.events_total, progress.events_total, 0, len(before.snapshots))
+    await _copy_snapshots(source, target, already, batch_size, progress, report, on_progress)
+    after = await source.stats()
+    mismatches, target_ahead = _verify(after, await target.stats())
+    seconds = time.perf_counter() - started
+    log.debug("copy %s -> %s finished in %.3fs", source.name, target.name, seconds)
+    return TransferReport(
+        source=source.name,
+        target=target.name,
+        entities=after.entity_count,
+        events=after.event_count,
+        snapshots=len(after.snapshots),
+        events_copied=report.events_copied,
+        events_present=report.events_seen - report.events_copied,
+        snapshots_copied=report.snapshots_copied,
+        snapshots_present=report.snapshots_seen - report.snapshots_copied,
+        mismatches=tuple(mismatches[:MAX_REPORTED_MISMATCHES]),
+        mismatch_count=len(mismatches),
+        target_ahead=target_ahead,
+        source_changed=after != before,
+        seconds=seconds,
+    )
+
+
+@dataclass(slots=True)
+class _Counts:
+    """Running totals of a copy."""
+
+    events_seen: int = 0
+    events_copied: int = 0
+    snapshots_seen: int = 0
+    snapshots_copied: int = 0
+
+
+async def _copy_events(
+    source: Endpoint,
+    target: Endpoint,
+    src: JournalStats,
+    dst: JournalStats,
+    batch_size: int,
+    progress: Progress,
+    counts: _Counts,
+    on_progress: ProgressCallback | None,
+) -> None:
+    """Copy events batch by batch, skipping what the target provably holds."""
+    held = _held_up_to(src, dst)
+    after: tuple[str, int] | None = None
+    while True:
+        read_started = time.perf_counter()
+        rows = await source.read_events(after, batch_size)
+        if not rows:
+            return
+        read_seconds = time.perf_counter() - read_started
+        missing = [row for row in rows if row.sequence_nr > held.get(row.entity_id, 0)]
+        write_started = time.perf_counter()
+        copied = await target.write_events(missing) if missing else 0
+        log.debug(
+            "events: read %d in %.1f ms, sent %d, %d new, in %.1f ms",
+            len(rows),
+            read_seconds * 1000,
+            len(missing),
+            copied,
+            (time.perf_counter() - write_started) * 1000,
+        )
+        counts.events_seen += len(rows)
+        counts.events_copied += copied
+        after = (rows[-1].entity_id, rows[-1].sequence_nr)
+        if on_progress is not None:
+            on_progress(
+                Progress(
+                    min(counts.events_seen, progress.events_total),
+                    progress.events_total,
+                    0,
+                    progress.snapshots_total,
+                )
+            )
+
+
+async def _copy_snapshots(
+    source: Endpoint,
+    target: Endpoint,
+    dst: JournalStats,
+    batch_size: int,
+    progress: Progress,
+    counts: _Counts,
+    on_progress: ProgressCallback | None,
+) -> None:
+    """Copy snapshots the target lacks or holds at a lower sequence number."""
+    after: str | None = None
+    while True:
+        rows = await source.read_snapshots(after, batch_size)
+        if not rows:
+            return
+        newer = [row for row in rows if row.sequence_nr > dst.snapshots.get(row.entity_id, -1)]
+        copied = await target.write_snapshots(newer) if newer else 0
+        log.debug("snapshots: read %d, sent %d, %d written", len(rows), len(newer), copied)
+        counts.snapshots_seen += len(rows)
+        counts.snapshots_copied += copied
+        after = rows[-1].entity_id
+        if on_progress is not None:
+            on_progress(
+                Progress(
+                    progress.events_done,
+                    progress.events_total,
+                    min(counts.snapshots_seen, progress.snapshots_total),
+                    progress.snapshots_total,
+                )
+            )
+
+
+def _held_up_to(src: JournalStats, dst: JournalStats) -> dict[str, int]:
+    """Per entity, the sequence number up to which the target provably holds every event.
+
+    That is the case when the target's events of the entity form an unbroken run
+    starting at or below the source's first: every source event up to the run's
+    end is there, and need not be sent again.
+    """
+    held: dict[str, int] = {}
+    for entity, theirs in dst.events.items():
+        ours = src.events.get(entity)
+        if ours is not None and theirs.contiguous and theirs.first <= ours.first:
+            held[entity] = theirs.last
+    return held
+
+
+def _verify(src: JournalStats, dst: JournalStats) -> tuple[list[Mismatch], int]:
+    """Compare per-entity counts: which entities the target lacks, and how many it has more of."""
+    mismatches: list[Mismatch] = []
+    ahead = 0
+    for entity, ours in src.events.items():
+        theirs = dst.events.get(entity)
+        if theirs is None or theirs.events < ours.events or theirs.last < ours.last:
+            found = "none" if theirs is None else f"{theirs.events} events up to {theirs.last}"
+            mismatches.append(
+                Mismatch(entity, "events", f"{ours.events} events up to {ours.last}", found)
+            )
+        elif theirs.events > ours.events:
+            ahead += 1
+    for entity, seq in src.snapshots.items():
+        found_seq = dst.snapshots.get(entity)
+        if found_seq is None or found_seq < seq:
+            found = "none" if found_seq is None else f"a snapshot at {found_seq}"
+            mismatches.append(Mismatch(entity, "snapshot", f"a snapshot at {seq}", found))
+    return mismatches, ahead
+
+
+def _check_entity_ids(stats: JournalStats) -> None:
+    """Refuse, before copying anything, entity ids casty-sa's tables cannot hold."""
+    for entity in stats.events.keys() | stats.snapshots.keys():
+        if len(entity) > MAX_ENTITY_ID_LENGTH or "\x00" in entity or not entity:
+            raise InvalidEventError(
+                f"the source holds entity id {entity[:60]!r} (length {len(entity)}), which "
+                f"casty-sa cannot store: ids must be 1 to {MAX_ENTITY_ID_LENGTH} characters "
+                "without NUL; nothing was copied"
+            )
+
+
+# -- the two directions ------------------------------------------------------------------------
+
+
+async def import_casty_file(
+    path: str | Path,
+    target: str | URL | AsyncEngine,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    migrate: bool | None = None,
+    schema: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    **engine_options: Any,
+) -> TransferReport:
+    """Copy a casty ``SqliteJournal`` file into a casty-sa database.
+
+    Parameters
+    ----------
+    path : str | Path
+        The casty journal file (opened without being created or changed).
+    target : str | URL | AsyncEngine
+        The database. A new SQLite database is migrated first; a server
+        database must be at head unless ``migrate=True``.
+    batch_size : int
+        Events per batch and per target transaction.
+    migrate : bool | None
+        As for :class:`~casty_sa.SAJournal`.
+    schema : str | None
+        PostgreSQL schema of the target's tables.
+    on_progress : Callable[[Progress], None] | None
+        Called after every batch.
+    **engine_options
+        Passed on to :class:`~casty_sa.SAJournal` (``connect_timeout``, …).
+
+    Returns
+    -------
+    TransferReport
+        What was copied and whether the counts match.
+
+    Raises
+    ------
+    JournalFileError
+        ``path`` is missing or not a casty journal file.
+    SchemaError, DatabaseUnavailable
+        The target is not at head or cannot be reached.
+    """
+    async with (
+        CastyFile.open(path) as source,
+        JournalDatabase.open(target, migrate=migrate, schema=schema, **engine_options) as sink,
+    ):
+        return await copy_journal(source, sink, batch_size=batch_size, on_progress=on_progress)
+
+
+async def export_casty_file(
+    source: str | URL | AsyncEngine,
+    path: str | Path,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    schema: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    **engine_options: Any,
+) -> TransferReport:
+    """Copy a casty-sa database into a casty ``SqliteJournal`` file.
+
+    Parameters
+    ----------
+    source : str | URL | AsyncEngine
+        The database; it must be at head (it is never migrated).
+    path : str | Path
+        The file: created (by casty's own ``SqliteJournal``) when missing;
+        an existing casty journal file gets what it lacks.
+    batch_size : int
+        Events per batch.
+    schema : str | None
+        PostgreSQL schema of the source's tables.
+    on_progress : Callable[[Progress], None] | None
+        Called after every batch.
+    **engine_options
+        Passed on to :class:`~casty_sa.SAJournal`.
+
+    Returns
+    -------
+    TransferReport
+        What was copied and whether the counts match.
+
+    Raises
+    ------
+    JournalFileError
+        ``path`` exists and is not a casty journal file.
+    SchemaError, DatabaseUnavailable
+        The source is not at head or cannot be reached.
+    """
+    async with (
+        JournalDatabase.open(
+            source, migrate=False, schema=schema, must_exist=True, **engine_options
+        ) as origin,
+        CastyFile.open(path, create=True) as sink,
+    ):
+        return await copy_journal(origin, sink, batch_size=batch_size, on_progress=on_progress)

@@ -1,0 +1,471 @@
+"""``casty-sa import`` / ``export``: casty's own SqliteJournal files in and out of casty-sa.
+
+Source files are written by casty's real ``SqliteJournal``, exported files are read back with
+it, and targets are real SQLite files and the suite's PostgreSQL (both backends through the
+``db_url`` fixtures). Interruptions are real too: an exception thrown mid-copy, and a
+``casty-sa import`` process killed with SIGINT and SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import decimal
+import json
+import pickle
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from casty import PersistedEvent, Snapshot, SqliteJournal
+from sqlalchemy import URL, event, text
+
+from casty_sa import SAJournal
+from casty_sa.cli import ExitCode, main
+from casty_sa.journal import open_engine
+from casty_sa.transfer import Progress, TransferReport, import_casty_file
+
+TIMEOUT = 60
+UNICODE_ID = "ação-ü 口座"
+
+
+def plain(url: URL | str) -> str:
+    """A URL as a user would type it."""
+    return url if isinstance(url, str) else url.render_as_string(hide_password=False)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run ``casty-sa argv`` in-process; return the exit code, stdout and stderr."""
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@dataclass
+class Journal:
+    """What a journal holds, loaded through casty's protocol."""
+
+    events: dict[str, list[PersistedEvent[Any]]]
+    snapshots: dict[str, Snapshot[Any] | None]
+
+    @property
+    def event_count(self) -> int:
+        return sum(len(events) for events in self.events.values())
+
+
+async def load_all(journal: Any, entities: list[str]) -> Journal:
+    """Load every entity's events and snapshot through the ``EventJournal`` protocol."""
+    return Journal(
+        {entity: await journal.load(entity) for entity in entities},
+        {entity: await journal.load_snapshot(entity) for entity in entities},
+    )
+
+
+def load_casty_file(path: Path, entities: list[str]) -> Journal:
+    journal = SqliteJournal(path)
+    try:
+        return asyncio.run(load_all(journal, entities))
+    finally:
+        journal.close()
+
+
+def load_database(url: URL | str, entities: list[str]) -> Journal:
+    async def load() -> Journal:
+        async with SAJournal(url) as journal:
+            return await load_all(journal, entities)
+
+    return asyncio.run(load())
+
+
+def write_casty_file(path: Path, events: dict[str, list[Any]], snapshots: dict[str, int]) -> None:
+    """A journal file written by casty's own SqliteJournal."""
+    journal = SqliteJournal(path)
+
+    async def write() -> None:
+        start = time.time()
+        for entity, payloads in events.items():
+            batch = [
+                PersistedEvent(i, payload, start + i * 1e-6)
+                for i, payload in enumerate(payloads, start=1)
+            ]
+            for chunk in range(0, len(batch), 50):  # several persist calls, as casty makes them
+                await journal.persist(entity, batch[chunk : chunk + 50])
+        for entity, seq in snapshots.items():
+            await journal.save_snapshot(entity, Snapshot(seq, {"state-of": entity}, start + seq))
+
+    try:
+        asyncio.run(write())
+    finally:
+        journal.close()
+
+
+SOURCE_EVENTS: dict[str, list[Any]] = {
+    "acct-1": [{"deposit": i} for i in range(1, 121)],
+    UNICODE_ID: [("opened", 1), ("renamed", "ü"), None],
+    "it's 100%_": [decimal.Decimal("1.10"), datetime.datetime(2026, 1, 1, 12, 0)],
+    "big": [b"\x00\xff" * (512 * 1024)],  # 1 MiB payload
+}
+SOURCE_SNAPSHOTS = {"acct-1": 100, UNICODE_ID: 2, "snapshot-only": 7}
+ENTITIES = [*SOURCE_EVENTS, "snapshot-only"]
+SOURCE_EVENT_COUNT = sum(len(events) for events in SOURCE_EVENTS.values())
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    """A casty SqliteJournal file with several entities, odd ids, a big payload, snapshots."""
+    path = tmp_path / "casty-journal.db"
+    write_casty_file(path, SOURCE_EVENTS, SOURCE_SNAPSHOTS)
+    return path
+
+
+def raw_file_rows(path: Path) -> set[tuple[Any, ...]]:
+    with sqlite3.connect(path) as conn:
+        return set(conn.execute("SELECT entity_id, sequence_nr, timestamp, event_data FROM events"))
+
+
+def raw_database_rows(url: URL | str) -> set[tuple[Any, ...]]:
+    async def read() -> set[tuple[Any, ...]]:
+        engine, _ = open_engine(url)
+        try:
+            async with engine.connect() as conn:
+                result = await conn.execute(
+                    text("SELECT entity_id, sequence_nr, timestamp, payload FROM casty_sa_events")
+                )
+                return {(e, s, t, bytes(p)) for e, s, t, p in result}
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+def event_count(url: URL | str) -> int:
+    async def count() -> int:
+        engine, _ = open_engine(url)
+        try:
+            async with engine.connect() as conn:
+                query = text("SELECT count(*) FROM casty_sa_events")
+                return int((await conn.execute(query)).scalar_one())
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(count())
+
+
+# -- import ------------------------------------------------------------------------------------
+
+
+class TestImport:
+    def test_copies_every_event_and_snapshot_identically(
+        self, source: Path, db_url: URL, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        url = plain(db_url)
+        code, out, err = run(
+            capsys, "-v", "import", "--from", str(source), "--url", url, "--batch-size", "7"
+        )
+        assert code == ExitCode.OK, err
+        assert f"{SOURCE_EVENT_COUNT} copied, 0 already there" in out
+        assert "3 copied, 0 already there" in out and "verified" in out
+        assert "DEBUG casty_sa.transfer: events: read 7 in" in err  # batch sizes and timings
+
+        expected = load_casty_file(source, ENTITIES)
+        assert load_database(db_url, ENTITIES) == expected
+        assert expected.event_count == SOURCE_EVENT_COUNT
+        assert raw_database_rows(db_url) == raw_file_rows(source)  # the very bytes
+
+        code, out, _ = run(capsys, "import", "--from", str(source), "--url", url, "--json")
+        report = json.loads(out)
+        assert code == ExitCode.OK
+        assert (report["events_copied"], report["snapshots_copied"]) == (0, 0)
+        assert (report["events_present"], report["snapshots_present"]) == (SOURCE_EVENT_COUNT, 3)
+        assert (report["entities"], report["verified"]) == (len(ENTITIES), True)
+        assert load_database(db_url, ENTITIES) == expected
+
+    def test_into_a_new_database(
+        self,
+        source: Path,
+        empty_db_url: URL,
+        backend: str,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        url = plain(empty_db_url)
+        if backend == "postgresql":  # a server database is never migrated implicitly
+            code, _, err = run(capsys, "import", "--from", str(source), "--url", url)
+            assert code == ExitCode.DATABASE_ERROR and "casty-sa upgrade" in err
+            argv = ["import", "--from", str(source), "--url", url, "--migrate"]
+        else:  # a new SQLite file is created and migrated, as SAJournal does
+            argv = ["import", "--from", str(source), "--url", url]
+        assert run(capsys, *argv)[0] == ExitCode.OK
+        assert load_database(empty_db_url, ENTITIES) == load_casty_file(source, ENTITIES)
+
+    def test_writes_in_batches(self, source: Path, tmp_path: Path) -> None:
+        engine, _ = open_engine(f"sqlite:///{tmp_path / 'journal.db'}")
+        inserts: list[str] = []
+
+        @event.listens_for(engine.sync_engine, "before_cursor_execute")
+        def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if statement.startswith("INSERT INTO casty_sa_events"):
+                inserts.append(statement)
+
+        async def copy() -> TransferReport:
+            try:
+                return await import_casty_file(source, engine, batch_size=50)
+            finally:
+                await engine.dispose()
+
+        report = asyncio.run(copy())
+        assert report.events_copied == SOURCE_EVENT_COUNT and report.verified
+        assert len(inserts) == -(-SOURCE_EVENT_COUNT // 50)  # one statement per batch
+
+    def test_keeps_the_newer_snapshot(
+        self, source: Path, db_url: URL, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        async def prepare() -> None:
+            async with SAJournal(db_url) as journal:
+                await journal.save_snapshot("acct-1", Snapshot(110, "target's newer", 5.0))
+                await journal.save_snapshot(UNICODE_ID, Snapshot(1, "target's older", 5.0))
+
+        asyncio.run(prepare())
+        code, out, _ = run(
+            capsys, "import", "--from", str(source), "--url", plain(db_url), "--json"
+        )
+        report = json.loads(out)
+        assert code == ExitCode.OK and report["verified"]
+        assert (report["snapshots_copied"], report["snapshots_present"]) == (2, 1)
+        found = load_database(db_url, ENTITIES).snapshots
+        assert found["acct-1"] == Snapshot(110, "target's newer", 5.0)
+        assert found[UNICODE_ID] == load_casty_file(source, ENTITIES).snapshots[UNICODE_ID]
+
+    def test_interrupted_import_resumes(
+        self, source: Path, db_url: URL, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        class Interrupted(Exception):
+            pass
+
+        calls: list[Progress] = []
+
+        def stop_after_three_batches(progress: Progress) -> None:
+            calls.append(progress)
+            if len(calls) == 3:
+                raise Interrupted
+
+        with pytest.raises(Interrupted):
+            asyncio.run(
+                import_casty_file(
+                    source, db_url, batch_size=10, on_progress=stop_after_three_batches
+                )
+            )
+        assert event_count(db_url) == 30  # whole batches, nothing more
+        assert [p.events_done for p in calls] == [10, 20, 30]
+
+        code, out, _ = run(
+            capsys, "import", "--from", str(source), "--url", plain(db_url), "--json"
+        )
+        report = json.loads(out)
+        assert code == ExitCode.OK and report["verified"]
+        assert report["events_copied"] == SOURCE_EVENT_COUNT - 30
+        assert report["events_present"] == 30
+        assert load_database(db_url, ENTITIES) == load_casty_file(source, ENTITIES)
+
+    @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+    def test_killed_import_resumes(
+        self, sig: signal.Signals, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        source = tmp_path / "casty.db"
+        write_casty_file(source, {f"e{n:02}": list(range(100)) for n in range(20)}, {"e00": 50})
+        target = tmp_path / "journal.db"
+        url = f"sqlite:///{target}"
+        command = ["import", "--from", str(source), "--url", url, "--batch-size", "1"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "casty_sa.cli", *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while _rows_in(target) == 0:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the import never started writing"
+                time.sleep(0.01)
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if sig == signal.SIGINT:
+            assert proc.returncode == ExitCode.INTERRUPTED
+            assert "interrupted (run the same command again to copy the rest)" in err
+        else:
+            assert proc.returncode == -signal.SIGKILL
+        copied = _rows_in(target)
+        assert 0 < copied < 2000
+
+        code, out, _ = run(capsys, "import", "--from", str(source), "--url", url, "--json")
+        report = json.loads(out)
+        assert code == ExitCode.OK and report["verified"]
+        assert (report["events_copied"], report["events_present"]) == (2000 - copied, copied)
+        assert report["snapshots_copied"] == 1
+        entities = [f"e{n:02}" for n in range(20)]
+        assert load_database(url, entities) == load_casty_file(source, entities)
+
+    def test_a_target_losing_rows_fails_verification(
+        self, source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        url = f"sqlite:///{tmp_path / 'journal.db'}"
+        assert run(capsys, "upgrade", "--url", url)[0] == ExitCode.OK
+        with sqlite3.connect(tmp_path / "journal.db") as conn:  # a target that drops writes
+            conn.execute(
+                "CREATE TRIGGER lose AFTER INSERT ON casty_sa_events WHEN NEW.entity_id = 'big' "
+                "BEGIN DELETE FROM casty_sa_events WHERE entity_id = 'big'; END"
+            )
+        code, out, _ = run(capsys, "import", "--from", str(source), "--url", url)
+        assert code == ExitCode.NOT_VERIFIED
+        assert "NOT VERIFIED: 1 entities differ" in out
+        assert "'big': events: source has 1 events up to 1, target none" in out
+
+    def test_a_source_changing_during_the_copy_is_reported(
+        self, source: Path, tmp_path: Path
+    ) -> None:
+        url = f"sqlite:///{tmp_path / 'journal.db'}"
+
+        wrote: list[bool] = []
+
+        def app_still_writing(progress: Progress) -> None:
+            if progress.events_done > 120 and not wrote:  # acct-1, first in key order, is done
+                wrote.append(True)
+                with sqlite3.connect(source) as live:  # as casty's SqliteJournal writes a row
+                    live.execute(
+                        "INSERT INTO events (entity_id, sequence_nr, event_data, timestamp) "
+                        "VALUES ('acct-1', 121, ?, 9.0)",
+                        (pickle.dumps("late"),),
+                    )
+
+        report = asyncio.run(
+            import_casty_file(source, url, batch_size=10, on_progress=app_still_writing)
+        )
+        assert report.source_changed and not report.verified
+        assert [(m.entity_id, m.found) for m in report.mismatches] == [
+            ("acct-1", "120 events up to 120")
+        ]
+        again = asyncio.run(import_casty_file(source, url))
+        assert again.verified and again.events_copied == 1 and not again.source_changed
+
+
+def _rows_in(path: Path) -> int:
+    """Events in a SQLite target, read like any later process would (recovering the WAL)."""
+    try:  # mode=rw: never create the file; read-only connections cannot recover a killed WAL
+        with sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5) as conn:
+            return int(conn.execute("SELECT count(*) FROM casty_sa_events").fetchone()[0])
+    except sqlite3.OperationalError:  # not created or not migrated yet
+        return 0
+
+
+class TestBadFiles:
+    def test_import_refuses_what_is_not_a_casty_journal(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        target = tmp_path / "journal.db"
+        url = f"sqlite:///{target}"
+        not_sqlite = tmp_path / "notes.txt"
+        not_sqlite.write_text("hello " * 1000)
+        other_app = tmp_path / "other.db"
+        with sqlite3.connect(other_app) as conn:
+            conn.execute("CREATE TABLE events (id INTEGER, body TEXT)")
+        for path, message in (
+            (tmp_path / "missing.db", "no such file"),
+            (not_sqlite, "not a casty SqliteJournal file"),
+            (other_app, "not a casty SqliteJournal file"),
+        ):
+            code, _, err = run(capsys, "import", "--from", str(path), "--url", url)
+            assert code == ExitCode.BAD_FILE, err
+            assert message in err
+            assert not target.exists()  # the target is not even created
+        assert not (tmp_path / "missing.db").exists()
+
+    def test_import_refuses_ids_casty_sa_cannot_store(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        source = tmp_path / "casty.db"
+        write_casty_file(source, {"fine": [1, 2], "x" * 600: [1]}, {})
+        url = f"sqlite:///{tmp_path / 'journal.db'}"
+        code, _, err = run(capsys, "import", "--from", str(source), "--url", url)
+        assert code == ExitCode.BAD_FILE and "nothing was copied" in err
+        assert _rows_in(tmp_path / "journal.db") == 0
+
+    def test_export_refuses_to_write_into_another_file(
+        self, db_url: URL, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        other = tmp_path / "app.db"
+        with sqlite3.connect(other) as conn:
+            conn.execute("CREATE TABLE invoices (id INTEGER)")
+        before = other.read_bytes()
+        code, _, err = run(capsys, "export", "--url", plain(db_url), "--to", str(other))
+        assert code == ExitCode.BAD_FILE and "invoices" in err
+        assert other.read_bytes() == before
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+class TestExport:
+    def test_round_trip_loads_identically_in_casty(
+        self, source: Path, db_url: URL, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        url = plain(db_url)
+        assert run(capsys, "import", "--from", str(source), "--url", url)[0] == ExitCode.OK
+
+        async def more() -> None:  # the database moves on after the import
+            async with SAJournal(db_url) as journal:
+                await journal.persist("acct-1", [PersistedEvent(121, "after", 3.25)])
+                await journal.persist("new", [PersistedEvent(1, {"k": "v"}, 4.5)])
+                await journal.save_snapshot("new", Snapshot(1, "s", 4.5))
+
+        asyncio.run(more())
+        entities = [*ENTITIES, "new"]
+        exported = tmp_path / "exported.db"
+        code, out, err = run(
+            capsys, "export", "--url", url, "--to", str(exported), "--batch-size", "9", "--json"
+        )
+        report = json.loads(out)
+        assert code == ExitCode.OK, err
+        assert (report["events_copied"], report["snapshots_copied"]) == (SOURCE_EVENT_COUNT + 2, 4)
+        in_database = load_database(db_url, entities)
+        assert load_casty_file(exported, entities) == in_database  # read by casty's own journal
+        assert raw_file_rows(exported) == raw_database_rows(db_url)
+
+        code, out, _ = run(capsys, "export", "--url", url, "--to", str(exported), "--json")
+        assert code == ExitCode.OK and json.loads(out)["events_copied"] == 0
+
+        back = f"sqlite:///{tmp_path / 'back.db'}"
+        assert run(capsys, "import", "--from", str(exported), "--url", back)[0] == ExitCode.OK
+        assert load_database(back, entities) == in_database
+
+    def test_export_needs_an_existing_database(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        code, _, err = run(
+            capsys, "export", "--url", f"sqlite:///{tmp_path / 'typo.db'}", "--to", "x.db"
+        )
+        assert code == ExitCode.DATABASE_ERROR and "no such SQLite file" in err
+        assert not (tmp_path / "typo.db").exists()
+
+
+class TestProgress:
+    def test_progress_bar_on_request_only(
+        self, source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        url = f"sqlite:///{tmp_path / 'journal.db'}"
+        code, out, err = run(capsys, "import", "--from", str(source), "--url", url, "--progress")
+        assert code == ExitCode.OK
+        assert "\rimport [" in err and "100%" in err
+        assert f"{SOURCE_EVENT_COUNT:,}/{SOURCE_EVENT_COUNT:,} events, 3/3 snapshots" in err
+        assert "\r" not in out
+        code, _, err = run(capsys, "import", "--from", str(source), "--url", url)
+        assert code == ExitCode.OK and "\r" not in err  # stderr is not a terminal here
