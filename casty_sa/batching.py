@@ -34,8 +34,8 @@ class WriteRequest:
     """One caller's rows: a persist call's events, or one snapshot."""
 
     entity_id: str
-    events: list[dict[str, Any]] = field(default_factory=list)
-    snapshot: dict[str, Any] | None = None
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+    snapshot: tuple[Any, ...] | None = None
     future: asyncio.Future[None] | None = None
 
     @property

@@ -55,7 +55,12 @@ def build_engine(
             )
         memory = is_memory_sqlite(url)
         connect_args: dict[str, Any] = {"isolation_level": "IMMEDIATE", "timeout": busy_timeout}
-        defaults: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
+        # Every use of a connection ends its own transaction (the journal commits or
+        # rolls back; reads open none), so the pool's reset-on-return ROLLBACK would
+        # only cost a thread hop per call.
+        defaults: dict[str, Any] = {"pool_reset_on_return": None}
+        if memory:
+            defaults["poolclass"] = StaticPool
         engine = create_async_engine(
             url, connect_args={**connect_args, **user_connect_args}, **{**defaults, **options}
         )

@@ -1,4 +1,10 @@
-"""``SAJournal``: casty's ``EventJournal`` over SQLAlchemy async sessions."""
+"""``SAJournal``: casty's ``EventJournal`` over SQLAlchemy.
+
+The unit of work of every call is one transaction on a connection from
+SQLAlchemy's pool; the statements themselves are Core constructs compiled
+once per dialect (:mod:`casty_sa.backends`). Concurrent writes are grouped by
+:mod:`casty_sa.batching`.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,18 @@ import asyncio
 import logging
 import pickle
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, Self, TypeVar
 
 from casty import JournalKind, PersistedEvent, Snapshot
-from sqlalchemy import URL, Table, bindparam, insert, select
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy import URL
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from casty_sa.backends import ConnectionLost, Row, WriteRefused, backend_for
 from casty_sa.batching import GroupCommitter, WriteRequest
 from casty_sa.engine import build_engine
 from casty_sa.errors import (
@@ -31,50 +38,16 @@ from casty_sa.errors import (
     SequenceConflict,
     UnsupportedDatabase,
 )
-from casty_sa.models import MAX_ENTITY_ID_LENGTH, EventRecord, SnapshotRecord
+from casty_sa.models import MAX_ENTITY_ID_LENGTH
 from casty_sa.urls import is_memory_sqlite, kind_of, safe_url, to_async_url
 
 __all__ = ["MAX_SEQUENCE_NR", "SAJournal", "open_engine"]
 
 log = logging.getLogger("casty_sa")
+_T = TypeVar("_T")
 
 #: Highest sequence number a 64-bit signed column holds.
 MAX_SEQUENCE_NR = 2**63 - 1
-
-_events = cast(Table, EventRecord.__table__)
-_snapshots = cast(Table, SnapshotRecord.__table__)
-
-_INSERT_EVENTS = insert(_events)
-_LOAD_EVENTS = (
-    select(_events.c.sequence_nr, _events.c.payload, _events.c.timestamp)
-    .where(_events.c.entity_id == bindparam("entity_id"))
-    .where(_events.c.sequence_nr >= bindparam("from_nr"))
-    .order_by(_events.c.sequence_nr)
-)
-_LOAD_SNAPSHOT = select(
-    _snapshots.c.sequence_nr, _snapshots.c.payload, _snapshots.c.timestamp
-).where(_snapshots.c.entity_id == bindparam("entity_id"))
-_STORED_AMONG = (
-    select(_events.c.sequence_nr)
-    .where(_events.c.entity_id == bindparam("entity_id"))
-    .where(_events.c.sequence_nr.in_(bindparam("seqs", expanding=True)))
-    .order_by(_events.c.sequence_nr)
-    .limit(1)
-)
-
-
-def _snapshot_upsert(dialect: str) -> Any:
-    """One statement: insert, or replace unless the stored snapshot is newer."""
-    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_snapshots)
-    return stmt.on_conflict_do_update(
-        index_elements=[_snapshots.c.entity_id],
-        set_={
-            "sequence_nr": stmt.excluded.sequence_nr,
-            "timestamp": stmt.excluded.timestamp,
-            "payload": stmt.excluded.payload,
-        },
-        where=stmt.excluded.sequence_nr >= _snapshots.c.sequence_nr,
-    )
 
 
 def open_engine(
@@ -213,7 +186,7 @@ class SAJournal:
         self._deserialize = deserialize
         self._migrate = self._dialect == "sqlite" if migrate is None else migrate
         self._sessions = async_sessionmaker(bind, expire_on_commit=False)
-        self._upsert_snapshot = _snapshot_upsert(self._dialect)
+        self._backend = backend_for(self._engine, schema)
         self._read_retries = read_retries
         self._retry_backoff = retry_backoff
         # one connection for a memory database: calls must take turns on it
@@ -336,8 +309,11 @@ class SAJournal:
             )
         if from_sequence_nr > MAX_SEQUENCE_NR:
             return []
-        params = {"entity_id": entity_id, "from_nr": max(from_sequence_nr, 0)}
-        rows = await self._read(_LOAD_EVENTS, params, f"load events of {entity_id!r}", many=True)
+        rows = await self._read(
+            self._backend.fetch_events,
+            (entity_id, max(from_sequence_nr, 0)),
+            f"load events of {entity_id!r}",
+        )
         deserialize = self._deserialize
         try:
             return [PersistedEvent(seq, deserialize(payload), ts) for seq, payload, ts in rows]
@@ -362,26 +338,18 @@ class SAJournal:
         except Exception as exc:
             raise PayloadEncodeError(entity_id, seq, exc) from exc
         _check_payload(entity_id, seq, payload)
-        row = {
-            "entity_id": entity_id,
-            "sequence_nr": seq,
-            "timestamp": _check_timestamp(entity_id, seq, snapshot.timestamp),
-            "payload": payload,
-        }
+        row = (entity_id, seq, _check_timestamp(entity_id, seq, snapshot.timestamp), payload)
         await self._submit(WriteRequest(entity_id, snapshot=row))
 
     async def load_snapshot(self, entity_id: str) -> Snapshot[Any] | None:
         """The entity's latest snapshot, or ``None``."""
         _check_entity_id(entity_id)
-        rows = await self._read(
-            _LOAD_SNAPSHOT,
-            {"entity_id": entity_id},
-            f"load the snapshot of {entity_id!r}",
-            many=False,
+        row = await self._read(
+            self._backend.fetch_snapshot, (entity_id,), f"load the snapshot of {entity_id!r}"
         )
-        if not rows:
+        if row is None:
             return None
-        seq, payload, ts = rows[0]
+        seq, payload, ts = row
         try:
             state = self._deserialize(payload)
         except Exception as exc:
@@ -390,12 +358,10 @@ class SAJournal:
 
     # -- encoding ------------------------------------------------------------------------------
 
-    def _encode_events(
-        self, entity_id: str, events: Sequence[PersistedEvent[Any]]
-    ) -> list[dict[str, Any]]:
+    def _encode_events(self, entity_id: str, events: Sequence[PersistedEvent[Any]]) -> list[Row]:
         _check_entity_id(entity_id)
         serialize = self._serialize
-        rows: list[dict[str, Any]] = []
+        rows: list[Row] = []
         previous = 0
         for event in events:
             seq = _check_sequence_nr(entity_id, event.sequence_nr)
@@ -411,12 +377,7 @@ class SAJournal:
                 raise PayloadEncodeError(entity_id, seq, exc) from exc
             _check_payload(entity_id, seq, payload)
             rows.append(
-                {
-                    "entity_id": entity_id,
-                    "sequence_nr": seq,
-                    "timestamp": _check_timestamp(entity_id, seq, event.timestamp),
-                    "payload": payload,
-                }
+                (entity_id, seq, _check_timestamp(entity_id, seq, event.timestamp), payload)
             )
         return rows
 
@@ -427,95 +388,94 @@ class SAJournal:
         if self._committer is not None:
             await self._committer.submit(request)
             return
-        # own transaction, shielded: a cancelled caller must not cut it in half
-        task = asyncio.get_running_loop().create_task(self._write_group([request]))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-        outcome = (await asyncio.shield(task))[0]
+        outcome = (await self._shielded(self._write_group([request])))[0]
         if outcome is not None:
             raise outcome
 
     async def _write_group(self, group: Sequence[WriteRequest]) -> list[BaseException | None]:
-        """Write ``group`` in one transaction; on a conflict, isolate the culprits."""
+        """Write ``group`` in one transaction; if the rows are refused, isolate the culprits."""
         try:
-            await self._write_transaction(group)
+            await self._write(group)
             return [None] * len(group)
-        except (IntegrityError, DataError) as exc:
+        except WriteRefused as refused:
             if len(group) == 1:
-                return [await self._conflict_error(group[0], exc)]
+                return [await self._refusal_error(group[0], refused)]
         except JournalError as exc:
             return [_copy_error(exc) for _ in group]
-        # several callers shared the failed transaction: give each its own
+        # several callers shared the refused transaction: give each its own
         outcomes: list[BaseException | None] = []
         for request in group:
             try:
-                await self._write_transaction([request])
+                await self._write([request])
                 outcomes.append(None)
-            except (IntegrityError, DataError) as exc:
-                outcomes.append(await self._conflict_error(request, exc))
+            except WriteRefused as refused:
+                outcomes.append(await self._refusal_error(request, refused))
             except JournalError as exc:
                 outcomes.append(exc)
         return outcomes
 
-    async def _write_transaction(self, group: Sequence[WriteRequest]) -> None:
-        events = [row for request in group for row in request.events]
-        snapshots = [request.snapshot for request in group if request.snapshot is not None]
-        committing = False
+    async def _write(self, group: Sequence[WriteRequest]) -> None:
+        """One transaction for the group; failures become ``JournalError`` (or ``WriteRefused``)."""
+        if len(group) == 1:
+            request = group[0]
+            events = request.events
+            snapshots = [request.snapshot] if request.snapshot is not None else []
+        else:
+            events = [row for request in group for row in request.events]
+            snapshots = [request.snapshot for request in group if request.snapshot is not None]
         try:
-            async with self._session() as session:
-                if events:
-                    await session.execute(_INSERT_EVENTS, events)
-                if snapshots:
-                    await session.execute(self._upsert_snapshot, snapshots)
-                committing = True
-                await session.commit()
-        except (IntegrityError, DataError):
+            async with self._turn():
+                await self._backend.write(events, snapshots)
+        except WriteRefused:
             raise
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        except ConnectionLost as lost:
             what = f"write {len(events)} events and {len(snapshots)} snapshots"
-            if committing and not isinstance(exc, SchemaError):
+            if lost.during_commit:
                 raise CommitOutcomeUnknown(
-                    f"lost the connection to {safe_url(self._url)} while committing "
-                    f"({what}): the events may or may not be stored; reload the entity "
-                    f"before writing again ({_describe(exc)})"
-                ) from exc
+                    f"lost the connection to {safe_url(self._url)} while the write was in "
+                    f"flight ({what}): the rows may or may not be stored; reload the entity "
+                    f"before writing again ({_describe(lost.cause)})"
+                ) from lost.cause
+            raise self._database_error(lost.cause, what) from lost.cause
+        except Exception as exc:
+            what = f"write {len(events)} events and {len(snapshots)} snapshots"
             raise self._database_error(exc, what) from exc
 
-    async def _conflict_error(self, request: WriteRequest, exc: Exception) -> JournalError:
-        if isinstance(exc, DataError) or not request.events:
+    async def _refusal_error(self, request: WriteRequest, refused: WriteRefused) -> JournalError:
+        if not refused.duplicate or not request.events:
             return InvalidEventError(
                 f"the database refused the write for entity {request.entity_id!r}: "
-                f"{_describe(exc)}; nothing was stored"
+                f"{_describe(refused.cause)}; nothing was stored"
             )
-        seqs = [row["sequence_nr"] for row in request.events]
+        low, high = request.events[0][1], request.events[-1][1]
         try:
-            rows = await self._read(
-                _STORED_AMONG,
-                {"entity_id": request.entity_id, "seqs": seqs},
+            stored = await self._read(
+                self._backend.min_stored,
+                (request.entity_id, low, high),
                 "find the conflicting sequence number",
-                many=False,
             )
         except JournalError:
-            rows = []
-        conflict = SequenceConflict(request.entity_id, rows[0][0] if rows else seqs[0])
-        conflict.__cause__ = exc
+            stored = None
+        conflict = SequenceConflict(request.entity_id, stored if stored is not None else low)
+        conflict.__cause__ = refused.cause
         return conflict
 
     # -- reading -------------------------------------------------------------------------------
 
     async def _read(
-        self, statement: Any, params: dict[str, Any], what: str, *, many: bool
-    ) -> list[Any]:
+        self, fetch: Callable[..., Awaitable[_T]], args: tuple[Any, ...], what: str
+    ) -> _T:
+        """Run a read with bounded retries of connection errors, safe from cancellation."""
         await self.start()
         attempt = 0
         while True:
             try:
-                async with self._session() as session:
-                    result = await session.execute(statement, params)
-                    return list(result.all() if many else result.fetchmany(1))
-            except (SQLAlchemyError, OSError, TimeoutError) as exc:
+                return await self._shielded(self._fetch(fetch, args))
+            except (SQLAlchemyError, OSError, TimeoutError, ConnectionLost, Exception) as exc:
+                if isinstance(exc, JournalError):
+                    raise
                 error = self._database_error(exc, what)
-                if isinstance(error, SchemaError) or attempt >= self._read_retries:
+                if not self._retryable(exc, error) or attempt >= self._read_retries:
                     raise error from exc
                 delay = self._retry_backoff * (2**attempt) * (0.5 + random.random())
                 attempt += 1
@@ -529,11 +489,46 @@ class SAJournal:
                 )
                 await asyncio.sleep(delay)
 
+    async def _fetch(self, fetch: Callable[..., Awaitable[_T]], args: tuple[Any, ...]) -> _T:
+        async with self._turn():
+            return await fetch(*args)
+
+    def _retryable(self, exc: BaseException, error: JournalError) -> bool:
+        if isinstance(error, SchemaError):
+            return False
+        if isinstance(exc, DBAPIError):
+            return bool(exc.connection_invalidated) or isinstance(
+                exc, OperationalError | InterfaceError
+            )
+        return self._backend.is_disconnect(exc) or isinstance(exc, sqlite3.OperationalError)
+
+    async def _shielded(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``work`` to completion even if the caller is cancelled.
+
+        A database call cut off half-way can leave a pooled connection in an
+        unknown state; the caller still sees its ``CancelledError`` at once,
+        while the work finishes (or fails) on its own and ``close()`` waits
+        for it.
+        """
+        task = asyncio.get_running_loop().create_task(work)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(task)
+
     # -- plumbing ------------------------------------------------------------------------------
 
     @property
     def _schema_flag(self) -> str:
         return f" --schema {self._schema}" if self._schema is not None else ""
+
+    @asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """Take turns on a memory database's single connection; free-for-all otherwise."""
+        if self._serial is None:
+            yield
+        else:
+            async with self._serial:
+                yield
 
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[AsyncSession]:

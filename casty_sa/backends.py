@@ -1,0 +1,296 @@
+"""The journal's hot paths: Core statements compiled once, run on the pooled driver connection.
+
+Every statement here is a SQLAlchemy Core construct built from the declarative
+tables and compiled once per dialect (and schema) when the journal starts. At
+call time the rows go straight to the driver connection that SQLAlchemy's pool
+hands out, so a ``persist`` pays for the database work and little else: no
+per-call compilation, ORM session or greenlet hop per statement. The pool,
+its pre-ping and the connect-time pragmas stay SQLAlchemy's.
+
+SQLite (``aiosqlite``)
+    One transaction per write group: ``executemany`` of the insert (the driver
+    opens it with ``BEGIN IMMEDIATE``), the snapshot upsert, ``COMMIT``.
+PostgreSQL (``asyncpg``)
+    One statement per write group in autocommit: the rows travel as four
+    arrays and are inserted from ``unnest(...)``, so a group of any size costs
+    one round trip and is atomic. A group that also carries snapshots uses an
+    explicit transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+from sqlalchemy import ARRAY, MetaData, Table, bindparam, func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.compiler import Compiled
+from sqlalchemy.util import greenlet_spawn
+
+from casty_sa.models import EventRecord, SnapshotRecord
+
+__all__ = ["Backend", "ConnectionLost", "Row", "WriteRefused", "backend_for"]
+
+#: (entity_id, sequence_nr, timestamp, payload), the column order of both tables
+Row = tuple[str, int, float, bytes]
+
+
+class WriteRefused(Exception):
+    """The database refused the rows themselves (a duplicate key, a bad value).
+
+    Nothing of the transaction was stored. ``duplicate`` tells a primary-key
+    violation (a sequence number already stored) from other refusals.
+    """
+
+    def __init__(self, cause: BaseException, *, duplicate: bool) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.duplicate = duplicate
+
+
+class ConnectionLost(Exception):
+    """The connection failed; ``during_commit`` when the outcome is unknown."""
+
+    def __init__(self, cause: BaseException, *, during_commit: bool) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.during_commit = during_commit
+
+
+def _tables(schema: str | None) -> tuple[Table, Table]:
+    events = cast(Table, EventRecord.__table__)
+    snapshots = cast(Table, SnapshotRecord.__table__)
+    if schema is None:
+        return events, snapshots
+    target = MetaData()
+    return events.to_metadata(target, schema=schema), snapshots.to_metadata(target, schema=schema)
+
+
+class Backend:
+    """Statements of one dialect and the code that runs them on a driver connection."""
+
+    dialect_name = ""
+
+    def __init__(self, engine: AsyncEngine, schema: str | None) -> None:
+        self._engine = engine
+        events, snapshots = _tables(schema)
+        self.events, self.snapshots = events, snapshots
+        dialect = engine.dialect
+        self._load_events = self._compile(
+            select(events.c.sequence_nr, events.c.payload, events.c.timestamp)
+            .where(events.c.entity_id == bindparam("entity_id"))
+            .where(events.c.sequence_nr >= bindparam("from_nr"))
+            .order_by(events.c.sequence_nr)
+        )
+        self._load_snapshot = self._compile(
+            select(snapshots.c.sequence_nr, snapshots.c.payload, snapshots.c.timestamp).where(
+                snapshots.c.entity_id == bindparam("entity_id")
+            )
+        )
+        self._min_stored = self._compile(
+            select(func.min(events.c.sequence_nr))
+            .where(events.c.entity_id == bindparam("entity_id"))
+            .where(events.c.sequence_nr >= bindparam("low"))
+            .where(events.c.sequence_nr <= bindparam("high"))
+        )
+        self._dialect = dialect
+
+    def _compile(self, statement: Any) -> str:
+        compiled: Compiled = statement.compile(dialect=self._engine.dialect)
+        return compiled.string
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """A driver connection checked out of SQLAlchemy's pool, returned on exit.
+
+        A connection that failed at the transport level is invalidated, so the
+        pool replaces it instead of handing it out again.
+        """
+        fairy = await self._engine.raw_connection()
+        try:
+            yield fairy.driver_connection
+        except BaseException as exc:
+            if self.is_disconnect(exc):
+                await greenlet_spawn(fairy.invalidate, exc if isinstance(exc, Exception) else None)
+            raise
+        finally:
+            await greenlet_spawn(fairy.close)
+
+    def is_disconnect(self, exc: BaseException) -> bool:
+        """True when ``exc`` means the connection itself is gone."""
+        return isinstance(exc, OSError | ConnectionLost)
+
+    async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
+        """Store events and snapshot upserts atomically (all or nothing)."""
+        raise NotImplementedError
+
+    async def fetch_events(self, entity_id: str, from_nr: int) -> list[tuple[int, bytes, float]]:
+        """``(sequence_nr, payload, timestamp)`` rows, ascending."""
+        raise NotImplementedError
+
+    async def fetch_snapshot(self, entity_id: str) -> tuple[int, bytes, float] | None:
+        """The snapshot row of an entity, if any."""
+        raise NotImplementedError
+
+    async def min_stored(self, entity_id: str, low: int, high: int) -> int | None:
+        """Lowest stored sequence number of ``entity_id`` within ``[low, high]``."""
+        raise NotImplementedError
+
+
+class SqliteBackend(Backend):
+    """aiosqlite: one ``executemany`` per statement, ``COMMIT`` per group."""
+
+    dialect_name = "sqlite"
+
+    def __init__(self, engine: AsyncEngine, schema: str | None) -> None:
+        super().__init__(engine, schema)
+        self._insert = self._compile(insert(self.events))
+        upsert = sqlite.insert(self.snapshots)
+        self._upsert = self._compile(
+            upsert.on_conflict_do_update(
+                index_elements=[self.snapshots.c.entity_id],
+                set_={k: upsert.excluded[k] for k in ("sequence_nr", "timestamp", "payload")},
+                where=upsert.excluded.sequence_nr >= self.snapshots.c.sequence_nr,
+            )
+        )
+
+    def is_disconnect(self, exc: BaseException) -> bool:
+        return isinstance(exc, OSError | ConnectionLost | sqlite3.InterfaceError)
+
+    async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
+        async with self.connection() as conn:
+            try:
+                if events:
+                    await conn.executemany(self._insert, events)
+                if snapshots:
+                    await conn.executemany(self._upsert, snapshots)
+            except BaseException as exc:
+                await _quietly(conn.rollback())
+                if isinstance(exc, sqlite3.IntegrityError):
+                    raise WriteRefused(exc, duplicate=True) from exc
+                raise
+            try:
+                await conn.commit()
+            except BaseException:
+                await _quietly(conn.rollback())  # SQLite rolls a failed COMMIT back
+                raise
+
+    async def fetch_events(self, entity_id: str, from_nr: int) -> list[tuple[int, bytes, float]]:
+        async with self.connection() as conn:
+            return list(await conn.execute_fetchall(self._load_events, (entity_id, from_nr)))
+
+    async def fetch_snapshot(self, entity_id: str) -> tuple[int, bytes, float] | None:
+        async with self.connection() as conn:
+            rows = await conn.execute_fetchall(self._load_snapshot, (entity_id,))
+        return tuple(rows[0]) if rows else None
+
+    async def min_stored(self, entity_id: str, low: int, high: int) -> int | None:
+        async with self.connection() as conn:
+            rows = await conn.execute_fetchall(self._min_stored, (entity_id, low, high))
+        return rows[0][0] if rows else None
+
+
+class PostgresBackend(Backend):
+    """asyncpg: a whole group in one ``INSERT … SELECT FROM unnest(…)`` round trip."""
+
+    dialect_name = "postgresql"
+
+    def __init__(self, engine: AsyncEngine, schema: str | None) -> None:
+        super().__init__(engine, schema)
+        columns = [c.name for c in self.events.columns]
+
+        def from_arrays(table: Table) -> Any:
+            arrays = [bindparam(c.name, type_=ARRAY(c.type)) for c in table.columns]
+            rows = func.unnest(*arrays).table_valued(*columns).render_derived()
+            return select(*(rows.c[name] for name in columns))
+
+        self._insert = self._compile(
+            insert(self.events).from_select(columns, from_arrays(self.events))
+        )
+        upsert = postgresql.insert(self.snapshots).from_select(columns, from_arrays(self.snapshots))
+        self._upsert = self._compile(
+            upsert.on_conflict_do_update(
+                index_elements=[self.snapshots.c.entity_id],
+                set_={k: upsert.excluded[k] for k in ("sequence_nr", "timestamp", "payload")},
+                where=upsert.excluded.sequence_nr >= self.snapshots.c.sequence_nr,
+            )
+        )
+
+    def is_disconnect(self, exc: BaseException) -> bool:
+        import asyncpg
+
+        if isinstance(exc, OSError | ConnectionLost | TimeoutError):
+            return True
+        if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
+            return True
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        return sqlstate.startswith(("08", "57P"))  # connection exception, operator intervention
+
+    async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
+        import asyncpg
+
+        snapshots = _latest_per_entity(snapshots)  # ON CONFLICT may touch a row only once
+        async with self.connection() as conn:
+            try:
+                if events and snapshots:
+                    async with conn.transaction():
+                        await conn.execute(self._insert, *_columns(events))
+                        await conn.execute(self._upsert, *_columns(snapshots))
+                elif events:
+                    await conn.execute(self._insert, *_columns(events))
+                else:
+                    await conn.execute(self._upsert, *_columns(snapshots))
+            except asyncpg.UniqueViolationError as exc:
+                raise WriteRefused(exc, duplicate=True) from exc
+            except asyncpg.DataError as exc:
+                raise WriteRefused(exc, duplicate=False) from exc
+            except BaseException as exc:
+                if self.is_disconnect(exc):
+                    # a single autocommit statement (or COMMIT) may have been applied
+                    raise ConnectionLost(exc, during_commit=True) from exc
+                raise
+
+    async def fetch_events(self, entity_id: str, from_nr: int) -> list[tuple[int, bytes, float]]:
+        async with self.connection() as conn:
+            return await conn.fetch(self._load_events, entity_id, from_nr)  # type: ignore[no-any-return]
+
+    async def fetch_snapshot(self, entity_id: str) -> tuple[int, bytes, float] | None:
+        async with self.connection() as conn:
+            return await conn.fetchrow(self._load_snapshot, entity_id)  # type: ignore[no-any-return]
+
+    async def min_stored(self, entity_id: str, low: int, high: int) -> int | None:
+        async with self.connection() as conn:
+            return await conn.fetchval(self._min_stored, entity_id, low, high)  # type: ignore[no-any-return]
+
+
+def _columns(rows: Sequence[Row]) -> list[list[Any]]:
+    """Rows to the four column arrays ``unnest`` takes."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def _latest_per_entity(snapshots: Sequence[Row]) -> Sequence[Row]:
+    if len(snapshots) < 2:
+        return snapshots
+    latest: dict[str, Row] = {}
+    for row in snapshots:
+        kept = latest.get(row[0])
+        if kept is None or row[1] >= kept[1]:
+            latest[row[0]] = row
+    return list(latest.values())
+
+
+async def _quietly(awaitable: Any) -> None:
+    """Await a clean-up step whose own failure must not hide the original error."""
+    with contextlib.suppress(Exception):
+        await awaitable
+
+
+def backend_for(engine: AsyncEngine, schema: str | None) -> Backend:
+    """The backend for an engine's dialect."""
+    if engine.dialect.name == "postgresql":
+        return PostgresBackend(engine, schema)
+    return SqliteBackend(engine, schema)
