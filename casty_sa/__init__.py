@@ -36,6 +36,7 @@ from casty_sa.models import (
     SnapshotRecord,
     metadata,
 )
+from casty_sa.replication import LocalReplication
 
 __all__ = [
     "MAX_ENTITY_ID_LENGTH",
@@ -49,6 +50,7 @@ __all__ = [
     "InvalidEventError",
     "JournalClosed",
     "JournalError",
+    "LocalReplication",
     "PayloadDecodeError",
     "PayloadEncodeError",
     "SAJournal",

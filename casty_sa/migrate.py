@@ -19,7 +19,9 @@ True
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
@@ -169,11 +171,26 @@ async def _on_engine(
     engine, owned = open_engine(target)
     check_schema(engine.dialect.name, schema)
     try:
-        async with engine.begin() as connection:
+        # Alembic's migration context is process-wide: one migration at a time per loop,
+        # or journals starting together on different databases trample each other
+        async with _alembic_turn(), engine.begin() as connection:
             return await connection.run_sync(_invoke, action, args, schema)
     finally:
         if owned:
             await engine.dispose()
+
+
+_alembic_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _alembic_turn() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _alembic_locks.get(loop)
+    if lock is None:
+        lock = _alembic_locks[loop] = asyncio.Lock()
+    return lock
 
 
 def check_schema(dialect: str, schema: str | None) -> None:
