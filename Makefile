@@ -4,7 +4,9 @@
 #   make lint   - ruff + mypy --strict
 #   make bench  - the side-by-side benchmark
 
-PYTHON ?= $(shell command -v python3.12 || command -v python3.13 || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -n 1)
+# the first interpreter >= 3.12 that actually runs (pyenv shims exist even when they cannot run)
+PYTHON ?= $(shell for p in python3.12 python3.13 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[2-9]*/bin/python3 2>/dev/null); do \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { command -v $$p; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
