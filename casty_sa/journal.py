@@ -131,13 +131,18 @@ class SAJournal:
         Extra attempts of ``load``/``load_snapshot`` after a connection error,
         with exponential backoff from ``retry_backoff`` seconds. casty cannot
         recover an entity whose activation failed, so a blip must not fail it.
-    busy_timeout : float
-        SQLite: seconds a writer waits for another process's lock.
-    sqlite_synchronous : str
+    busy_timeout : float | None
+        SQLite: seconds a writer waits for another process's lock (default 5).
+    sqlite_synchronous : str | None
         SQLite: ``FULL`` (default, durable on power loss), ``NORMAL`` (faster,
         may lose the last commits on power loss), ``OFF``.
-    connect_timeout, statement_timeout : float
-        PostgreSQL: seconds before a connection attempt or a statement fails.
+    connect_timeout : float | None
+        PostgreSQL: seconds before a connection attempt fails (default 10).
+    statement_timeout : float | None
+        PostgreSQL: seconds before a statement fails (default 30).
+
+    The four tuning options apply when casty-sa creates the engine from a URL;
+    with an application's engine, configure that engine instead.
     **engine_options
         Passed to ``create_async_engine`` (``pool_size``, ``echo``, …).
 
@@ -167,8 +172,19 @@ class SAJournal:
         max_pending: int = 10_000,
         read_retries: int = 3,
         retry_backoff: float = 0.05,
+        busy_timeout: float | None = None,
+        sqlite_synchronous: str | None = None,
+        connect_timeout: float | None = None,
+        statement_timeout: float | None = None,
         **engine_options: Any,
     ) -> None:
+        tuning = {
+            "busy_timeout": busy_timeout,
+            "sqlite_synchronous": sqlite_synchronous,
+            "connect_timeout": connect_timeout,
+            "statement_timeout": statement_timeout,
+        }
+        engine_options.update({k: v for k, v in tuning.items() if v is not None})
         self._engine, self._owns_engine = open_engine(url, **engine_options)
         self._url = self._engine.url
         self._dialect = self._engine.dialect.name
