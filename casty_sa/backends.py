@@ -32,6 +32,7 @@ from sqlalchemy.sql.compiler import Compiled
 from sqlalchemy.util import greenlet_spawn
 
 from casty_sa.models import EventRecord, SnapshotRecord
+from casty_sa.urls import is_memory_sqlite
 
 __all__ = ["Backend", "ConnectionLost", "Row", "WriteRefused", "backend_for"]
 
@@ -141,6 +142,12 @@ class Backend:
         raise NotImplementedError
 
 
+#: SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN: do not reuse the connection
+_STALE_SQLITE_CODES = frozenset({8, 10, 11, 14})
+#: SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE: a sequence number already stored
+_SQLITE_DUPLICATE = frozenset({1555, 2067})
+
+
 class SqliteBackend(Backend):
     """aiosqlite: one ``executemany`` per statement, ``COMMIT`` per group."""
 
@@ -148,6 +155,7 @@ class SqliteBackend(Backend):
 
     def __init__(self, engine: AsyncEngine, schema: str | None) -> None:
         super().__init__(engine, schema)
+        self._memory = is_memory_sqlite(engine.url)
         self._insert = self._compile(insert(self.events))
         upsert = sqlite.insert(self.snapshots)
         self._upsert = self._compile(
@@ -159,7 +167,12 @@ class SqliteBackend(Backend):
         )
 
     def is_disconnect(self, exc: BaseException) -> bool:
-        return isinstance(exc, OSError | ConnectionLost | sqlite3.InterfaceError)
+        if isinstance(exc, OSError | ConnectionLost | sqlite3.InterfaceError):
+            return True
+        # a connection opened while the file was read-only (or unreadable) stays that way:
+        # let the pool replace it, except the one connection that *is* a memory database
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in _STALE_SQLITE_CODES and not self._memory
 
     async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
         async with self.connection() as conn:
@@ -171,7 +184,8 @@ class SqliteBackend(Backend):
             except BaseException as exc:
                 await _quietly(conn.rollback())
                 if isinstance(exc, sqlite3.IntegrityError):
-                    raise WriteRefused(exc, duplicate=True) from exc
+                    duplicate = getattr(exc, "sqlite_errorcode", None) in _SQLITE_DUPLICATE
+                    raise WriteRefused(exc, duplicate=duplicate) from exc
                 raise
             try:
                 await conn.commit()

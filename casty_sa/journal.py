@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import pickle
 import random
 import sqlite3
@@ -594,7 +595,7 @@ class SAJournal:
                     await migrate.upgrade(self._engine, schema=self._schema)
             else:
                 await migrate.upgrade(self._engine, schema=self._schema)
-        except (SQLAlchemyError, OSError) as exc:
+        except (SQLAlchemyError, OSError, JournalError) as exc:
             # another process may have migrated the same file at the same moment
             async with self._session() as session:
                 connection = await session.connection()
@@ -656,13 +657,18 @@ def _check_sequence_nr(entity_id: str, seq: object) -> int:
 
 
 def _check_timestamp(entity_id: str, seq: int, timestamp: object) -> float:
-    if type(timestamp) is float:
+    if type(timestamp) is float and timestamp == timestamp:
         return timestamp
     if isinstance(timestamp, int | float) and not isinstance(timestamp, bool):
-        return float(timestamp)
+        try:
+            value = float(timestamp)
+        except OverflowError:
+            value = math.nan
+        if value == value:  # not NaN: SQLite would store NULL, and NaN never equals itself
+            return value
     raise InvalidEventError(
-        f"timestamp {timestamp!r} of entity {entity_id!r} at sequence number {seq} is not a "
-        "number (casty uses time.time()); nothing was stored"
+        f"timestamp {str(timestamp)[:40]} of entity {entity_id!r} at sequence number {seq} "
+        "is not a number a float holds (casty uses time.time()); nothing was stored"
     )
 
 

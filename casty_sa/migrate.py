@@ -31,10 +31,12 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import URL, Connection, inspect
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from casty_sa.errors import SchemaError
+from casty_sa.errors import DatabaseUnavailable, JournalError, SchemaError
 from casty_sa.models import VERSION_TABLE, metadata
+from casty_sa.urls import safe_url
 
 __all__ = [
     "alembic_config",
@@ -173,11 +175,37 @@ async def _on_engine(
     try:
         # Alembic's migration context is process-wide: one migration at a time per loop,
         # or journals starting together on different databases trample each other
-        async with _alembic_turn(), engine.begin() as connection:
-            return await connection.run_sync(_invoke, action, args, schema)
+        async with _alembic_turn(), engine.connect() as connection:
+            if connection.dialect.name == "sqlite":
+                # pysqlite runs DDL outside any transaction: take the write lock first, so
+                # a migration is all or nothing (a crash half-way leaves no half-made
+                # schema) and another process migrating the same file waits, then finds head
+                await connection.exec_driver_sql("BEGIN IMMEDIATE")
+            result = await connection.run_sync(_invoke, action, args, schema)
+            await connection.commit()
+            return result
+    except (SQLAlchemyError, OSError) as exc:
+        raise _migration_error(exc, engine.url) from exc
     finally:
         if owned:
             await engine.dispose()
+
+
+def _migration_error(exc: BaseException, url: URL) -> JournalError:
+    """A casty-sa error for a failed Alembic command: no DDL, no password in it."""
+    from casty_sa.journal import _describe  # local: journal imports this module
+
+    text = _describe(exc)
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if sqlstate == "42501" or "permission denied" in text or "must be owner" in text:
+        return SchemaError(
+            f"the role connecting to {safe_url(url)} may not change casty-sa's tables "
+            f"({text}). Run the migrations (`casty-sa upgrade`) with a DDL-capable role, "
+            "such as the owner of the database or schema; the journal itself needs only "
+            "SELECT, INSERT and UPDATE on casty_sa_events and casty_sa_snapshots, and "
+            f"SELECT on {VERSION_TABLE}."
+        )
+    return DatabaseUnavailable(f"could not migrate {safe_url(url)}: {text}")
 
 
 _alembic_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (

@@ -145,9 +145,19 @@ async def make_journal() -> AsyncIterator[Callable[..., SAJournal]]:
 
     yield make
     for journal in journals:
-        checked_out = journal.engine.pool.checkedout()  # type: ignore[attr-defined]
+        checked_out = await _settled_checkouts(journal)
         await journal.close()
         assert checked_out == 0, f"{journal!r} left {checked_out} connection(s) checked out"
+
+
+async def _settled_checkouts(journal: SAJournal, within: float = 5.0) -> int:
+    """Connections still checked out once work a cancelled caller left running has ended."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        checked_out: int = journal.engine.pool.checkedout()  # type: ignore[attr-defined]
+        if checked_out == 0 or asyncio.get_running_loop().time() > deadline:
+            return checked_out
+        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -155,7 +155,12 @@ class TestCancellation:
             await asyncio.sleep(rng.uniform(0, 0.004))
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        await asyncio.sleep(0.05)  # let shielded writes settle
+        # a cancelled caller's write still runs to its end: wait until no task is left
+        for _ in range(250):
+            if asyncio.all_tasks() <= {asyncio.current_task()}:
+                break
+            await asyncio.sleep(0.02)
+        assert asyncio.all_tasks() <= {asyncio.current_task()}
         for round_ in range(30):
             stored = await seqs(journal, f"e{round_}")
             assert stored in ([], list(range(1, batch + 1))), stored

@@ -1,0 +1,70 @@
+"""The benchmark script runs end to end: ``benchmarks/run.py --quick`` on both backends.
+
+Timings are not asserted (they depend on the machine); what is asserted is that
+the run succeeds, that every journal and workload appears in the table, and
+that every figure of casty-sa's journals and of the raw baselines is a verified
+measurement rather than a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import URL
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+JOURNALS = (
+    "sa-sqlite",
+    "sa-postgresql",
+    "casty-memory",
+    "casty-sqlite",
+    "raw-aiosqlite",
+    "raw-asyncpg",
+)
+ROWS = ("W1", "W2", "W3", "W4 all", "W4 tail", "W5", "W6 save", "W6 load")
+#: casty's own journals may fail a check (SqliteJournal's concurrent reads do): a finding
+THIRD_PARTY = ("casty-memory", "casty-sqlite")
+
+
+def test_quick_run_covers_every_journal_and_workload(
+    postgres_server_url: URL, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "CASTY_SA_BENCH_POSTGRES_URL": postgres_server_url.render_as_string(hide_password=False),
+    }
+    report = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--json", str(report)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    table = done.stdout
+    for journal in JOURNALS:
+        for row in ROWS:
+            assert f"| {row} | {journal} |" in table, (row, journal)
+    for fact in ("machine:", "Python ", "SQLite ", "PostgreSQL ", "packages:", "casty-sa "):
+        assert fact in table, fact
+    assert "[bench]" in done.stderr  # progress goes to stderr, not into the table
+
+    results = json.loads(report.read_text())
+    cells = {(r["workload"], r["journal"]): r for r in results["results"]}
+    assert set(cells) == {(row, journal) for row in ROWS for journal in JOURNALS}
+    for (row, journal), cell in cells.items():
+        if journal in THIRD_PARTY and cell["failure"] is not None:
+            assert cell["rate"] is None, (row, journal)  # a wrong answer is never a number
+            continue
+        assert cell["failure"] is None, (row, journal, cell["failure"])
+        assert cell["rate"] > 0, (row, journal)
+    assert results["machine"]["postgresql"]["server_version"]
+    assert results["machine"]["sqlite_synchronous"]["sa-sqlite"] == "FULL"
+    assert results["machine"]["sqlite_synchronous"]["raw-aiosqlite"] == "FULL"

@@ -1,0 +1,709 @@
+"""PostgreSQL faults: the server stops and comes back, connections are killed, the pool runs
+dry, passwords are wrong, and the journal's role has only the privileges it needs.
+
+Outage tests use a PostgreSQL of their own (``dedicated_pg``): initdb'd from the pgserver
+wheel's binaries into a tmp dir, listening on a free 127.0.0.1 port with password
+(SCRAM) authentication, so the tests can stop it (``pg_ctl stop -m fast`` and
+``-m immediate``) and start it again without touching the suite's shared server. Pool
+exhaustion needs no outage and runs on both backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from casty import PersistedEvent, Snapshot
+from sqlalchemy import URL
+
+import casty_sa
+from casty_sa import (
+    CommitOutcomeUnknown,
+    DatabaseUnavailable,
+    JournalError,
+    SAJournal,
+    SchemaError,
+    SequenceConflict,
+)
+
+ADMIN_PASSWORD = "adm1n-Pw-casty"
+APP_PASSWORD = "app-Pw-9f3c-casty"
+OWNER_PASSWORD = "owner-Pw-77aa-casty"
+APP_NAME = "casty-sa-fault-test"
+_db_counter = itertools.count()
+
+
+# -- a PostgreSQL of our own -------------------------------------------------------------------
+
+
+def _pg_bin() -> Path:
+    import pgserver  # type: ignore[attr-defined,unused-ignore]
+
+    return Path(pgserver.__file__).parent / "pginstall" / "bin"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class DedicatedPostgres:
+    """A PostgreSQL server this module may stop and start at will.
+
+    PostgreSQL refuses to run as root; under root the binaries run as pgserver's own
+    unprivileged ``pgserver`` user, as the shared fixture does.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.port = _free_port()
+        self.bin = _pg_bin()
+        self.user: str | None = None
+        if os.geteuid() == 0:
+            from pgserver.utils import (  # type: ignore[import-not-found,unused-ignore]
+                ensure_prefix_permissions,
+                ensure_user_exists,
+            )
+
+            self.user = "pgserver"
+            entry: Any = ensure_user_exists(self.user)
+            ensure_prefix_permissions(root)
+            ensure_prefix_permissions(self.bin)
+            os.chown(root, entry.pw_uid, entry.pw_gid)
+
+    def _run(self, program: str, *args: str) -> None:
+        done = subprocess.run(
+            [str(self.bin / program), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            user=self.user,
+            cwd=self.root,
+        )
+        if done.returncode != 0:
+            log = (self.root / "log").read_text() if (self.root / "log").exists() else ""
+            raise RuntimeError(f"{program} {args} failed: {done.stderr}\n{log[-3000:]}")
+
+    def init(self) -> None:
+        pwfile = self.root / "pw"
+        pwfile.write_text(ADMIN_PASSWORD)
+        if self.user is not None:
+            shutil.chown(pwfile, self.user)
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "-E",
+            "utf8",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            f"--pwfile={pwfile}",
+            "--no-sync",
+        )
+
+    def start(self) -> None:
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.root}"
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-t", "60", "-l", str(self.root / "log"),
+                  "-o", options, "start")  # fmt: skip
+
+    def stop(self, mode: str) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-t", "60", "-m", mode, "stop")
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+    def url(
+        self, user: str = "postgres", password: str = ADMIN_PASSWORD, db: str = "postgres"
+    ) -> URL:
+        return URL.create("postgresql+asyncpg", user, password, "127.0.0.1", self.port, db)
+
+    async def admin(self, *statements: str, db: str = "postgres") -> list[Any]:
+        """Run statements as the superuser; return the rows of the last one."""
+        conn = await asyncpg.connect(
+            user="postgres", password=ADMIN_PASSWORD, host="127.0.0.1", port=self.port,
+            database=db,
+        )  # fmt: skip
+        try:
+            rows: list[Any] = []
+            for statement in statements:
+                rows = await conn.fetch(statement)
+            return rows
+        finally:
+            await conn.close()
+
+
+@pytest.fixture(scope="module")
+def dedicated_pg() -> Iterator[DedicatedPostgres]:
+    root = Path(tempfile.mkdtemp(prefix="casty-sa-pgfault-"))
+    server = DedicatedPostgres(root)
+    server.init()
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.running():
+            server.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+async def pg(dedicated_pg: DedicatedPostgres) -> AsyncIterator[DedicatedPostgres]:
+    """The dedicated server, running at the start and at the end of each test."""
+    if not dedicated_pg.running():
+        dedicated_pg.start()
+    yield dedicated_pg
+    if not dedicated_pg.running():
+        dedicated_pg.start()
+
+
+@pytest.fixture
+async def fault_db(pg: DedicatedPostgres) -> AsyncIterator[URL]:
+    """A fresh database at head on the dedicated server (admin URL)."""
+    name = f"fault_{os.getpid()}_{next(_db_counter)}"
+    await pg.admin(f'CREATE DATABASE "{name}"')
+    url = pg.url(db=name)
+    await casty_sa.upgrade(url)
+    yield url
+    if not pg.running():
+        pg.start()
+    await pg.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def fault_journal(make_journal: Callable[..., SAJournal], url: URL, **options: Any) -> SAJournal:
+    """A journal with short timeouts and a recognisable application_name."""
+    defaults: dict[str, Any] = {
+        "connect_timeout": 2.0,
+        "statement_timeout": 10.0,
+        "read_retries": 2,
+        "retry_backoff": 0.05,
+        "connect_args": {"server_settings": {"application_name": APP_NAME}},
+    }
+    return make_journal(url, **{**defaults, **options})
+
+
+async def journal_backends(pg: DedicatedPostgres, db: str, *, waiting: bool = False) -> list[int]:
+    """Backend pids of the journal's connections (optionally: only those waiting on a lock)."""
+    condition = " AND wait_event_type = 'Lock'" if waiting else ""
+    rows = await pg.admin(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = "
+        f"'{APP_NAME}' AND datname = '{db}'{condition}"
+    )
+    return [int(r["pid"]) for r in rows]
+
+
+async def terminate(pg: DedicatedPostgres, pids: list[int]) -> None:
+    if pids:
+        await pg.admin(f"SELECT pg_terminate_backend(pid) FROM unnest(ARRAY{pids}) AS pid")
+
+
+# -- writers that keep going through faults ----------------------------------------------------
+
+
+@dataclass
+class Outcomes:
+    """What the writers saw: acknowledged, failed (nothing stored), unknown attempts."""
+
+    acked: set[tuple[str, int, int, int]] = field(default_factory=set)
+    failed: set[tuple[str, int, int, int]] = field(default_factory=set)
+    unknown: set[tuple[str, int, int, int]] = field(default_factory=set)
+    errors: list[BaseException] = field(default_factory=list)
+    acked_after: int = 0  # acknowledged after the fault ended
+    recovered_at: int = 1  # how many of those prove the journal recovered
+    recovered: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+_attempts = itertools.count()
+
+
+def attempt_batch(entity_id: str, first: int, size: int) -> tuple[int, list[PersistedEvent[Any]]]:
+    """A batch whose events carry a unique attempt id, so a re-sent batch is told apart."""
+    attempt = next(_attempts)
+    events = [PersistedEvent(first + i, (entity_id, attempt, size, i), 1.0) for i in range(size)]
+    return attempt, events
+
+
+async def keep_writing(
+    journal: SAJournal, entity_id: str, outcomes: Outcomes, stop: asyncio.Event,
+    fault_over: asyncio.Event,
+) -> None:  # fmt: skip
+    """Persist batches until ``stop``; after an error, reload to learn where to go on."""
+    rng = random.Random(entity_id)
+    next_seq = 1
+    while not stop.is_set():
+        size = rng.randint(1, 4)
+        attempt, events = attempt_batch(entity_id, next_seq, size)
+        key = (entity_id, attempt, next_seq, size)
+        try:
+            await journal.persist(entity_id, events)
+        except JournalError as exc:
+            outcomes.errors.append(exc)
+            (outcomes.unknown if isinstance(exc, CommitOutcomeUnknown) else outcomes.failed).add(
+                key
+            )
+            while not stop.is_set():  # resynchronise like casty: reload the entity
+                try:
+                    stored = await journal.load(entity_id)
+                except JournalError:
+                    await asyncio.sleep(0.05)
+                    continue
+                next_seq = stored[-1].sequence_nr + 1 if stored else 1
+                break
+            continue
+        outcomes.acked.add(key)
+        if fault_over.is_set():
+            outcomes.acked_after += 1
+            if outcomes.acked_after >= outcomes.recovered_at:
+                outcomes.recovered.set()
+        next_seq += size
+
+
+async def check_outcomes(journal: SAJournal, entities: list[str], outcomes: Outcomes) -> None:
+    """Acknowledged: stored whole. Failed: absent. Unknown: whole or absent. No partials."""
+    stored: set[tuple[str, int, int, int]] = set()
+    for entity_id in entities:
+        events = await journal.load(entity_id)
+        seqs = [e.sequence_nr for e in events]
+        assert seqs == list(range(1, len(seqs) + 1)), f"{entity_id}: {seqs[:20]}"
+        i = 0
+        while i < len(events):
+            owner, attempt, size, index = events[i].event
+            members = events[i : i + size]
+            assert (owner, index) == (entity_id, 0), f"{entity_id}: partial batch at {i + 1}"
+            assert [e.event for e in members] == [
+                (entity_id, attempt, size, k) for k in range(size)
+            ]
+            stored.add((entity_id, attempt, events[i].sequence_nr, size))
+            i += size
+    assert outcomes.acked <= stored, f"acknowledged batches lost: {outcomes.acked - stored}"
+    assert not (outcomes.failed & stored), (
+        f"writes reported as failed (nothing stored) were stored: {outcomes.failed & stored}"
+    )
+    # every stored batch was attempted by a writer, and none is half there
+    attempted = outcomes.acked | outcomes.failed | outcomes.unknown
+    assert stored <= attempted
+
+
+async def run_writers_through(
+    journal: SAJournal, fault: Callable[[], Any], entities: list[str], *, settle: float = 0.4
+) -> Outcomes:
+    outcomes = Outcomes(recovered_at=3 * len(entities))
+    stop, fault_over = asyncio.Event(), asyncio.Event()
+    tasks = [
+        asyncio.ensure_future(keep_writing(journal, e, outcomes, stop, fault_over))
+        for e in entities
+    ]
+    await asyncio.sleep(settle)
+    await fault()
+    fault_over.set()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(outcomes.recovered.wait(), 20)
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    assert outcomes.acked_after >= 3 * len(entities), "the journal did not recover"
+    return outcomes
+
+
+# -- the server goes away and comes back -------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+async def test_calls_during_an_outage_fail_promptly_and_work_after_restart(
+    pg: DedicatedPostgres,
+    fault_db: URL,
+    make_journal: Callable[..., SAJournal],
+    mode: str,
+) -> None:
+    journal = fault_journal(make_journal, fault_db)
+    await journal.persist("acct", [PersistedEvent(1, "before", 1.0)])
+    await journal.save_snapshot("acct", Snapshot(1, "state", 1.0))
+    await asyncio.gather(*(journal.load("acct") for _ in range(8)))  # several pooled conns
+
+    await asyncio.to_thread(pg.stop, mode)
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        "persist": lambda: journal.persist("acct", [PersistedEvent(2, "during", 1.0)]),
+        "save_snapshot": lambda: journal.save_snapshot("acct", Snapshot(2, "during", 1.0)),
+        "load": lambda: journal.load("acct"),
+        "load_snapshot": lambda: journal.load_snapshot("acct"),
+    }
+    for name, call in calls.items():
+        started = time.monotonic()  # each call: fails within connect_timeout plus retries
+        with pytest.raises(DatabaseUnavailable) as info:
+            await asyncio.wait_for(call(), 30)
+        elapsed = time.monotonic() - started
+        assert elapsed < 3.0, f"{name} took {elapsed:.1f}s to fail during the outage"
+        assert not isinstance(info.value, CommitOutcomeUnknown), (name, str(info.value))
+        assert "127.0.0.1" in str(info.value) and ADMIN_PASSWORD not in str(info.value)
+
+    await asyncio.to_thread(pg.start)
+    # the same journal object works again; the failed calls stored nothing
+    assert [e.event for e in await journal.load("acct")] == ["before"]
+    assert await journal.load_snapshot("acct") == Snapshot(1, "state", 1.0)
+    await journal.persist("acct", [PersistedEvent(2, "after", 1.0)])
+    await journal.save_snapshot("acct", Snapshot(2, "after", 1.0))
+    assert [e.event for e in await journal.load("acct")] == ["before", "after"]
+
+
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group-commit", "own-transaction"])
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+async def test_server_stopped_mid_run_loses_nothing_acknowledged(
+    pg: DedicatedPostgres,
+    fault_db: URL,
+    make_journal: Callable[..., SAJournal],
+    mode: str,
+    group_commit: bool,
+) -> None:
+    journal = fault_journal(make_journal, fault_db, group_commit=group_commit)
+    entities = [f"w{i}" for i in range(10)]
+
+    async def outage() -> None:
+        await asyncio.to_thread(pg.stop, mode)
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(pg.start)
+
+    outcomes = await run_writers_through(journal, outage, entities)
+    assert outcomes.errors, "the outage did not interrupt any write"
+    assert all(isinstance(e, DatabaseUnavailable) for e in outcomes.errors), outcomes.errors[:3]
+    await check_outcomes(journal, entities, outcomes)
+
+
+# -- connections killed from the server side ---------------------------------------------------
+
+
+async def test_idle_pooled_connections_killed_are_replaced_silently(
+    pg: DedicatedPostgres, fault_db: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    journal = fault_journal(make_journal, fault_db, read_retries=0)
+    await journal.persist("acct", [PersistedEvent(1, "x", 1.0)])
+    await asyncio.gather(*(journal.load("acct") for _ in range(10)))
+    victims = await journal_backends(pg, fault_db.database or "")
+    assert len(victims) >= 2
+    await terminate(pg, victims)
+    # no retries allowed: the pool's pre-ping must notice and reconnect on its own
+    for _ in range(3):
+        assert len(await journal.load("acct")) == 1
+    await journal.persist("acct", [PersistedEvent(2, "y", 1.0)])
+    await journal.save_snapshot("acct", Snapshot(2, "s", 1.0))
+    assert set(await journal_backends(pg, fault_db.database or "")).isdisjoint(victims)
+
+
+async def _locked_table(pg: DedicatedPostgres, db: str) -> asyncpg.Connection:
+    """An admin connection holding an exclusive lock on the events table (open transaction)."""
+    conn = await asyncpg.connect(
+        user="postgres", password=ADMIN_PASSWORD, host="127.0.0.1", port=pg.port, database=db
+    )
+    await conn.execute("BEGIN; LOCK TABLE casty_sa_events IN ACCESS EXCLUSIVE MODE")
+    return conn
+
+
+async def _wait_for_waiters(pg: DedicatedPostgres, db: str, count: int = 1) -> list[int]:
+    deadline = time.monotonic() + 10
+    while len(pids := await journal_backends(pg, db, waiting=True)) < count:
+        assert time.monotonic() < deadline, "the journal's statement never reached the server"
+        await asyncio.sleep(0.02)
+    return pids
+
+
+async def test_read_killed_mid_statement_is_retried_transparently(
+    pg: DedicatedPostgres,
+    fault_db: URL,
+    make_journal: Callable[..., SAJournal],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    db = fault_db.database or ""
+    journal = fault_journal(make_journal, fault_db, read_retries=3)
+    await journal.persist("acct", [PersistedEvent(1, "a", 1.0), PersistedEvent(2, "b", 1.0)])
+    lock = await _locked_table(pg, db)
+    try:
+        load = asyncio.ensure_future(journal.load("acct"))
+        await terminate(pg, await _wait_for_waiters(pg, db))  # killed while running
+        await _wait_for_waiters(pg, db)  # the retry is waiting on the lock again
+    finally:
+        await lock.execute("COMMIT")
+        await lock.close()
+    assert [e.event for e in await asyncio.wait_for(load, 10)] == ["a", "b"]
+    assert "retry 1 of 3" in caplog.text
+
+
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group-commit", "own-transaction"])
+async def test_write_killed_mid_statement_fails_clearly_and_stores_nothing(
+    pg: DedicatedPostgres,
+    fault_db: URL,
+    make_journal: Callable[..., SAJournal],
+    group_commit: bool,
+) -> None:
+    db = fault_db.database or ""
+    journal = fault_journal(make_journal, fault_db, group_commit=group_commit)
+    await journal.start()
+    batches = {f"acct{k}": [PersistedEvent(s, (k, s), 1.0) for s in (1, 2, 3)] for k in range(4)}
+    lock = await _locked_table(pg, db)
+    try:
+        writes = [asyncio.ensure_future(journal.persist(e, b)) for e, b in batches.items()]
+        waiting = await _wait_for_waiters(pg, db, 1 if group_commit else len(batches))
+        await terminate(pg, waiting)
+        results = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 10)
+    finally:
+        await lock.execute("COMMIT")
+        await lock.close()
+    for result in results:
+        # a write is one autocommit statement: once it is sent, a lost connection leaves
+        # its outcome unknown to the client, and the error says so
+        assert isinstance(result, DatabaseUnavailable), result
+        if isinstance(result, CommitOutcomeUnknown):
+            assert "may or may not be stored" in str(result)
+        else:
+            assert "Nothing of a failed write was stored" in str(result)
+    for entity_id in batches:  # killed while waiting for the lock: nothing was applied
+        assert await journal.load(entity_id) == []
+    # the same calls succeed once the connection problem is gone
+    await asyncio.gather(*(journal.persist(e, b) for e, b in batches.items()))
+    for entity_id, events in batches.items():
+        assert await journal.load(entity_id) == events
+
+
+async def test_connections_killed_during_a_write_storm(
+    pg: DedicatedPostgres, fault_db: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    db = fault_db.database or ""
+    journal = fault_journal(make_journal, fault_db)
+    entities = [f"storm{i}" for i in range(10)]
+
+    async def kill_repeatedly() -> None:
+        for _ in range(10):
+            await terminate(pg, await journal_backends(pg, db))
+            await asyncio.sleep(0.05)
+
+    outcomes = await run_writers_through(journal, kill_repeatedly, entities)
+    assert all(isinstance(e, DatabaseUnavailable) for e in outcomes.errors), outcomes.errors[:3]
+    await check_outcomes(journal, entities, outcomes)
+
+
+async def test_statement_timeout_fails_a_blocked_call_and_leaves_a_working_pool(
+    pg: DedicatedPostgres, fault_db: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    db = fault_db.database or ""
+    journal = fault_journal(make_journal, fault_db, statement_timeout=0.5, read_retries=1)
+    await journal.persist("acct", [PersistedEvent(1, "a", 1.0)])
+    lock = await _locked_table(pg, db)
+    try:
+        for call in (
+            journal.persist("acct", [PersistedEvent(2, "b", 1.0)]),
+            journal.load("acct"),
+        ):
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable):
+                await asyncio.wait_for(call, 10)
+            assert time.monotonic() - started < 2.5
+    finally:
+        await lock.execute("COMMIT")
+        await lock.close()
+    assert [e.event for e in await journal.load("acct")] == ["a"]
+    await asyncio.gather(*(journal.load("acct") for _ in range(10)))
+    await journal.persist("acct", [PersistedEvent(2, "b", 1.0)])
+    assert len(await journal.load("acct")) == 2
+
+
+# -- pool exhaustion (both backends) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group-commit", "own-transaction"])
+async def test_more_callers_than_connections_queue_and_complete(
+    db_url: URL, make_journal: Callable[..., SAJournal], group_commit: bool
+) -> None:
+    journal = make_journal(db_url, group_commit=group_commit, pool_size=1, max_overflow=0)
+    await journal.persist("taken", [PersistedEvent(1, "x", 1.0)])
+
+    async def caller(i: int) -> Any:
+        entity_id = f"c{i % 50}"
+        if i % 10 == 0:  # conflicts take the slow path (re-write alone, then look up)
+            return await journal.persist("taken", [PersistedEvent(1, i, 1.0)])
+        if i % 3 == 0:
+            return await journal.load(entity_id)
+        if i % 7 == 0:
+            return await journal.save_snapshot(entity_id, Snapshot(i, i, 1.0))
+        return await journal.persist(entity_id, [PersistedEvent(1000 + i, i, 1.0)])
+
+    results = await asyncio.wait_for(
+        asyncio.gather(*(caller(i) for i in range(300)), return_exceptions=True), 60
+    )
+    for i, result in enumerate(results):
+        if i % 10 == 0:
+            assert isinstance(result, SequenceConflict), result
+        else:
+            assert not isinstance(result, BaseException), result
+    stored = sum([len(await journal.load(f"c{k}")) for k in range(50)])
+    assert stored == sum(1 for i in range(300) if i % 10 and i % 3 and i % 7)
+
+
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group-commit", "own-transaction"])
+async def test_pool_timeout_is_a_clear_error_not_a_hang(
+    db_url: URL, make_journal: Callable[..., SAJournal], group_commit: bool
+) -> None:
+    journal = make_journal(
+        db_url,
+        group_commit=group_commit,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=0.3,
+        read_retries=0,
+    )
+    await journal.persist("acct", [PersistedEvent(1, "a", 1.0)])
+    holder = await journal.engine.connect()  # someone else holds the only connection
+    await holder.exec_driver_sql("SELECT 1")
+    try:
+        for call in (
+            journal.persist("acct", [PersistedEvent(2, "b", 1.0)]),
+            journal.load("acct"),
+            journal.save_snapshot("acct", Snapshot(1, "s", 1.0)),
+        ):
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable, match=r"timed out|QueuePool limit"):
+                await asyncio.wait_for(call, 10)
+            assert time.monotonic() - started < 2.0
+    finally:
+        await holder.close()
+    assert [e.event for e in await journal.load("acct")] == ["a"]
+    assert await journal.load_snapshot("acct") is None
+    await journal.persist("acct", [PersistedEvent(2, "b", 1.0)])
+
+
+# -- passwords and privileges ------------------------------------------------------------------
+
+
+def _full_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+async def test_wrong_password_is_a_clear_error_that_never_shows_a_password(
+    pg: DedicatedPostgres, fault_db: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    wrong = "Wr0ng-pass-word-xyz"
+    journal = fault_journal(make_journal, fault_db.set(password=wrong))
+    for call in (journal.start(), journal.persist("acct", [PersistedEvent(1, "x", 1.0)])):
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable, match="password authentication failed") as info:
+            await asyncio.wait_for(call, 10)
+        assert time.monotonic() - started < 3.0
+        for shown in (str(info.value), _full_text(info.value), repr(journal)):
+            assert wrong not in shown and ADMIN_PASSWORD not in shown
+    right = fault_journal(make_journal, fault_db)
+    assert ADMIN_PASSWORD not in repr(right)
+    await right.persist("acct", [PersistedEvent(1, "x", 1.0)])
+    assert await right.load("acct") != []
+    with pytest.raises(DatabaseUnavailable, match="password authentication failed"):
+        await journal.load("acct")  # the wrong one keeps failing the same clear way
+
+
+@pytest.fixture
+async def roles(pg: DedicatedPostgres) -> AsyncIterator[tuple[URL, URL, str]]:
+    """A DDL-capable owner role, a least-privilege app role, and a database the owner owns.
+
+    Yields (owner URL, app URL) of that database and its name.
+    """
+    suffix = f"{os.getpid()}_{next(_db_counter)}"
+    owner, app, db = f"casty_owner_{suffix}", f"casty_app_{suffix}", f"priv_{suffix}"
+    await pg.admin(
+        f"CREATE ROLE {owner} LOGIN PASSWORD '{OWNER_PASSWORD}'",
+        f"CREATE ROLE {app} LOGIN PASSWORD '{APP_PASSWORD}'",
+        f"CREATE DATABASE {db} OWNER {owner}",
+    )
+    yield pg.url(owner, OWNER_PASSWORD, db), pg.url(app, APP_PASSWORD, db), db
+    if not pg.running():
+        pg.start()
+    await pg.admin(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)", f"DROP ROLE {app}",
+                   f"DROP ROLE {owner}")  # fmt: skip
+
+
+GRANTS = (
+    "GRANT SELECT, INSERT, UPDATE ON casty_sa_events, casty_sa_snapshots TO {app}",
+    "GRANT SELECT ON casty_sa_alembic_version TO {app}",
+)
+
+
+async def test_least_privilege_role_runs_the_journal(
+    pg: DedicatedPostgres,
+    roles: tuple[URL, URL, str],
+    make_journal: Callable[..., SAJournal],
+) -> None:
+    owner_url, app_url, db = roles
+    await casty_sa.upgrade(owner_url)  # the DDL-capable role migrates
+    app = app_url.username
+    await pg.admin(*(g.format(app=app) for g in GRANTS), db=db)
+    # the app role really has nothing more than that
+    checks = await pg.admin(
+        f"SELECT has_table_privilege('{app}', 'casty_sa_events', 'DELETE') AS del, "
+        f"has_table_privilege('{app}', 'casty_sa_events', 'TRUNCATE') AS trunc, "
+        f"has_table_privilege('{app}', 'casty_sa_alembic_version', 'INSERT') AS ver, "
+        f"has_schema_privilege('{app}', 'public', 'CREATE') AS ddl",
+        db=db,
+    )
+    assert dict(checks[0]) == {"del": False, "trunc": False, "ver": False, "ddl": False}
+
+    journal = fault_journal(make_journal, app_url)
+    await journal.persist("acct", [PersistedEvent(1, "a", 1.0), PersistedEvent(2, "b", 1.0)])
+    await journal.save_snapshot("acct", Snapshot(1, "s1", 1.0))  # insert
+    await journal.save_snapshot("acct", Snapshot(2, "s2", 1.0))  # update
+    await journal.save_snapshot("acct", Snapshot(1, "stale", 1.0))  # ignored
+    with pytest.raises(SequenceConflict):
+        await journal.persist("acct", [PersistedEvent(2, "dup", 1.0)])
+    await asyncio.gather(
+        *(journal.persist(f"g{i}", [PersistedEvent(1, i, 1.0)]) for i in range(20))
+    )
+    assert [e.event for e in await journal.load("acct")] == ["a", "b"]
+    assert await journal.load_snapshot("acct") == Snapshot(2, "s2", 1.0)
+    assert len(await journal.load("g7")) == 1
+
+
+async def test_least_privilege_role_cannot_migrate(
+    pg: DedicatedPostgres,
+    roles: tuple[URL, URL, str],
+    make_journal: Callable[..., SAJournal],
+) -> None:
+    owner_url, app_url, db = roles
+    journal = fault_journal(make_journal, app_url, migrate=True)
+    with pytest.raises(JournalError, match="permission denied") as info:
+        await journal.start()
+    assert APP_PASSWORD not in _full_text(info.value)
+    assert await casty_sa.current(owner_url) is None  # nothing was created
+    await casty_sa.upgrade(owner_url)  # the owner can
+    await pg.admin(*(g.format(app=app_url.username) for g in GRANTS), db=db)
+    await journal.persist("acct", [PersistedEvent(1, "a", 1.0)])  # and now the journal runs
+
+
+async def test_least_privilege_migration_error_points_at_the_ddl_role(
+    roles: tuple[URL, URL, str], make_journal: Callable[..., SAJournal]
+) -> None:
+    _owner_url, app_url, _db = roles
+    journal = fault_journal(make_journal, app_url, migrate=True)
+    with pytest.raises(SchemaError, match=r"privilege|permission") as info:
+        await journal.start()
+    assert "reachable" not in str(info.value)
+
+
+async def test_least_privilege_upgrade_raises_a_casty_sa_error(
+    roles: tuple[URL, URL, str],
+) -> None:
+    owner_url, app_url, _db = roles
+    with pytest.raises(SchemaError, match="permission denied"):
+        await casty_sa.upgrade(app_url)
+    await casty_sa.upgrade(owner_url)
+    with pytest.raises(SchemaError, match="owner"):
+        await casty_sa.downgrade(app_url)

@@ -1,0 +1,411 @@
+"""SQLite faults: lock contention, a read-only file system, a full disk.
+
+Contention runs many writers in one process (several journals on one file) and two writer
+processes on one file (``tests/crash_writer.py``), while this process reads and writes
+too: none may ever see "database is locked" within the busy timeout. Read-only and
+full-disk faults use a real tmpfs mounted for the test (when this machine lets the test
+mount one; otherwise those variants are skipped) and SQLite's own ``max_page_count`` limit,
+which produces the same SQLITE_FULL error on any machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib.util
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from casty import PersistedEvent, Snapshot
+from sqlalchemy import event
+
+import casty_sa
+from casty_sa import DatabaseUnavailable, JournalError, SAJournal
+
+WRITER_PATH = Path(__file__).with_name("crash_writer.py")
+
+
+def _load_writer() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("casty_sa_crash_writer", WRITER_PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+writer = _load_writer()
+
+
+def batch(entity_id: str, first: int, size: int) -> list[PersistedEvent[Any]]:
+    result: list[PersistedEvent[Any]] = writer.make_batch(entity_id, first, size)
+    return result
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def start_writer(url: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, str(WRITER_PATH), url, str(log), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def assert_whole(entity_id: str, events: list[PersistedEvent[Any]]) -> None:
+    i = 0
+    while i < len(events):
+        owner, first, size, index = events[i].event
+        members = events[i : i + size]
+        assert (owner, index) == (entity_id, 0)
+        assert [e.event for e in members] == [(entity_id, first, size, k) for k in range(size)]
+        i += size
+
+
+# -- durability settings -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"), [(None, 2), ("NORMAL", 1), ("EXTRA", 3), ("OFF", 0)]
+)
+async def test_connections_use_wal_and_the_chosen_synchronous_level(
+    tmp_path: Path, make_journal: Callable[..., SAJournal], setting: str | None, expected: int
+) -> None:
+    """Default ``synchronous=FULL`` (2): a commit is on disk before ``persist`` returns."""
+    options = {} if setting is None else {"sqlite_synchronous": setting}
+    journal = make_journal(sqlite_url(tmp_path / "durable.db"), **options)
+    await journal.persist("acct", batch("acct", 1, 1))
+    async with journal.engine.connect() as conn:
+        mode = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar_one()
+        level = (await conn.exec_driver_sql("PRAGMA synchronous")).scalar_one()
+        busy = (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar_one()
+    assert (mode, level, busy) == ("wal", expected, 5000)
+
+
+# -- contention --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group-commit", "own-transaction"])
+async def test_hundred_concurrent_writers_in_one_process_never_see_locked(
+    tmp_path: Path, make_journal: Callable[..., SAJournal], group_commit: bool
+) -> None:
+    url = sqlite_url(tmp_path / "contended.db")
+    await casty_sa.upgrade(url)
+    # four journals (four pools, up to 60 connections) fight over one file
+    journals = [make_journal(url, group_commit=group_commit) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    async def writer_task(i: int) -> None:
+        journal = journals[i % len(journals)]
+        entity_id = f"w{i}"
+        seq = 1
+        for n in range(8):
+            size = 1 + (i + n) % 3
+            try:
+                await journal.persist(entity_id, batch(entity_id, seq, size))
+                if n % 4 == 3:
+                    await journal.save_snapshot(entity_id, Snapshot(seq, ("s", seq), 1.0))
+                await journal.load(entity_id, seq)  # reads interleaved with the writes
+            except JournalError as exc:
+                errors.append(exc)
+                return
+            seq += size
+
+    await asyncio.wait_for(asyncio.gather(*(writer_task(i) for i in range(100))), 90)
+    assert not errors, [str(e) for e in errors[:3]]
+    for i in range(100):
+        events = await journals[0].load(f"w{i}")
+        assert_whole(f"w{i}", events)
+        assert len(events) == sum(1 + (i + n) % 3 for n in range(8))
+
+
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group-commit", "own-transaction"])
+async def test_two_processes_and_this_one_write_one_file(
+    tmp_path: Path, make_journal: Callable[..., SAJournal], group_commit: bool
+) -> None:
+    url = sqlite_url(tmp_path / "shared.db")
+    await casty_sa.upgrade(url)
+    extra = [] if group_commit else ["--no-group-commit"]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    options = ["--entities", "20", "--workers", "10", "--batches", "25", *extra]
+    procs = [
+        start_writer(url, logs[k], "--prefix", prefix, *options)
+        for k, prefix in enumerate(("a", "b"))
+    ]
+    # meanwhile this process reads everything and writes its own entities
+    journal = make_journal(url, group_commit=group_commit)
+    errors: list[str] = []
+    mine = 0
+    while any(p.poll() is None for p in procs):
+        try:
+            await journal.persist("local", batch("local", mine + 1, 2))
+            mine += 2
+            await asyncio.gather(*(journal.load(f"{p}{i}") for p in "ab" for i in range(0, 20, 4)))
+        except JournalError as exc:
+            errors.append(str(exc))
+        await asyncio.sleep(0.005)
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert b"locked" not in err
+    assert not errors, errors[:3]
+    for prefix, log in zip("ab", logs, strict=True):
+        await writer.verify(journal, str(log), [f"{prefix}{i}" for i in range(20)])
+    assert len(await journal.load("local")) == mine > 0
+
+
+async def test_a_write_waits_for_another_connections_lock_within_busy_timeout(
+    tmp_path: Path, make_journal: Callable[..., SAJournal]
+) -> None:
+    path = tmp_path / "locked.db"
+    await casty_sa.upgrade(sqlite_url(path))
+    patient = make_journal(sqlite_url(path))  # busy_timeout 5 s
+    impatient = make_journal(sqlite_url(path), busy_timeout=0.3)
+    await patient.start()
+    await impatient.start()
+
+    def hold_write_lock(seconds: float) -> None:
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("INSERT INTO casty_sa_events VALUES ('other-app', 1, 1.0, x'00')")
+            time.sleep(seconds)
+            other.execute("COMMIT")
+        finally:
+            other.close()
+
+    holder = asyncio.ensure_future(asyncio.to_thread(hold_write_lock, 1.0))
+    await asyncio.sleep(0.1)
+    # a reader is never blocked by the writer (WAL)
+    started = time.monotonic()
+    assert await patient.load("anything") == []
+    assert time.monotonic() - started < 0.5
+    # a write past its busy timeout fails clearly and stores nothing
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailable, match="locked"):
+        await impatient.persist("impatient", batch("impatient", 1, 3))
+    assert time.monotonic() - started < 0.9
+    # a write within its busy timeout waits and succeeds
+    await patient.persist("patient", batch("patient", 1, 3))
+    assert time.monotonic() - started >= 0.7
+    await holder
+    assert len(await patient.load("patient")) == 3
+    assert await patient.load("impatient") == []
+    await impatient.persist("impatient", batch("impatient", 1, 3))  # works once free
+    assert len(await impatient.load("impatient")) == 3
+
+
+async def test_second_process_starting_during_the_first_migration(
+    tmp_path: Path, make_journal: Callable[..., SAJournal]
+) -> None:
+    url = sqlite_url(tmp_path / "fresh.db")
+    proc = start_writer(
+        url,
+        tmp_path / "acks.log",
+        "--pause-after-sql",
+        "CREATE TABLE casty_sa_events",
+        "--pause",
+        "1.0",
+        "--batches",
+        "3",
+        "--entities",
+        "4",
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+    assert line.strip() == b"paused"
+    journal = make_journal(url)  # this process starts while the other one migrates
+    try:
+        await journal.persist("second", batch("second", 1, 2))
+    finally:
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert len(await journal.load("second")) == 2
+    assert await casty_sa.current(url) == casty_sa.head_revision()
+
+
+# -- read-only file system and full disk -------------------------------------------------------
+
+
+@functools.cache
+def _can_mount() -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    probe = tempfile.mkdtemp(prefix="casty-sa-mount-probe-")
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", probe], capture_output=True
+        )
+        if mounted.returncode != 0:
+            return False
+        subprocess.run(["umount", probe], check=True)
+        return True
+    finally:
+        os.rmdir(probe)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real, small file system of its own, mounted for the test."""
+    if not _can_mount():
+        pytest.skip("needs permission to mount a tmpfs (root in a privileged container)")
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def remount(path: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
+
+
+def _lines(log: Path) -> int:
+    return log.read_bytes().count(b"\n") if log.exists() else 0
+
+
+async def _crashed_writer_leaves_wal(url: str, log: Path) -> None:
+    """Run a writer and SIGKILL it, so the file keeps its -wal and -shm (an unclean stop)."""
+    proc = start_writer(url, log, "--entities", "5", "--workers", "5")
+    deadline = time.monotonic() + 30
+    while _lines(log) < 5:
+        assert proc.poll() is None and time.monotonic() < deadline, "the writer did not run"
+        await asyncio.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+
+@pytest.mark.parametrize("stop", ["clean-close", "after-crash"])
+async def test_read_only_file_system_fails_clearly_and_recovers(
+    tmp_path: Path,
+    make_journal: Callable[..., SAJournal],
+    stop: str,
+) -> None:
+    with tmpfs(tmp_path / "fs", "16m") as fs:
+        url = sqlite_url(fs / "journal.db")
+        log = tmp_path / "acks.log"
+        if stop == "clean-close":
+            first = SAJournal(url)
+            await first.persist("e0", batch("e0", 1, 2))
+            await first.close()
+            log.write_text("E e0 1 2\n")
+        else:
+            await _crashed_writer_leaves_wal(url, log)
+            assert (fs / "journal.db-wal").exists()
+        entities = [f"e{i}" for i in range(5)]
+        remount(fs, "ro")
+        journal = make_journal(url)
+        try:
+            with pytest.raises(DatabaseUnavailable) as info:
+                await journal.persist("e0", batch("e0", 100, 3))
+            assert "readonly" in str(info.value) or "unable to open" in str(info.value)
+            with pytest.raises(DatabaseUnavailable):
+                await journal.save_snapshot("e0", Snapshot(1, ("state", "e0", 1), 1.0))
+        finally:
+            remount(fs, "rw")
+        # the same journal works again, and nothing of the failed calls was stored
+        next_seq = await writer.verify(journal, str(log), entities)
+        await journal.persist("e0", batch("e0", next_seq["e0"], 3))
+        assert len(await journal.load("e0")) == next_seq["e0"] + 2
+        await journal.close()
+
+
+def _fill(fs: Path) -> Path:
+    """Fill the file system to the last byte with one file; return it."""
+    filler = fs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for size in (1 << 20, 1 << 16, 1 << 12, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\xff" * size):
+                    pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_full_disk_fails_clearly_stores_nothing_and_recovers(
+    tmp_path: Path, make_journal: Callable[..., SAJournal]
+) -> None:
+    with tmpfs(tmp_path / "fs", "4m") as fs:
+        url = sqlite_url(fs / "journal.db")
+        journal = make_journal(url)
+        await journal.persist("small", batch("small", 1, 2))
+        filler = _fill(fs)
+        big = [PersistedEvent(i, (b"\x00" * 100_000, i), 1.0) for i in range(1, 11)]
+        for attempt in range(3):
+            with pytest.raises(DatabaseUnavailable) as info:
+                await journal.persist(f"big{attempt}", big)
+            assert "full" in str(info.value)
+            # neighbours in the same moment either succeed whole or fail whole
+            results = await asyncio.gather(
+                *(
+                    journal.persist(f"n{attempt}-{k}", batch(f"n{attempt}-{k}", 1, 3))
+                    for k in range(5)
+                ),
+                return_exceptions=True,
+            )
+            assert all(r is None or isinstance(r, DatabaseUnavailable) for r in results)
+        assert len(await journal.load("small")) == 2  # reads still work
+        for attempt in range(3):
+            assert await journal.load(f"big{attempt}") == []
+            for k in range(5):
+                assert_whole(f"n{attempt}-{k}", await journal.load(f"n{attempt}-{k}"))
+        filler.unlink()  # space returns: the same journal writes again
+        await journal.persist("big0", big)
+        assert len(await journal.load("big0")) == 10
+        await journal.close()
+        fresh = SAJournal(url)
+        assert len(await fresh.load("big0")) == 10
+        assert len(await fresh.load("small")) == 2
+        await fresh.close()
+
+
+async def test_database_full_by_max_page_count_fails_clearly_and_recovers(
+    tmp_path: Path, make_journal: Callable[..., SAJournal]
+) -> None:
+    """SQLITE_FULL from SQLite's own size limit, on any machine."""
+    url = sqlite_url(tmp_path / "capped.db")
+    journal = make_journal(url)
+    await journal.persist("small", batch("small", 1, 2))
+    limit: dict[str, int | None] = {"pages": None}
+
+    @event.listens_for(journal.engine.sync_engine, "checkout")
+    def _cap(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            pages = limit["pages"]
+            cursor.execute(f"PRAGMA max_page_count = {pages if pages else 1073741823}")
+        finally:
+            cursor.close()
+
+    async with journal.engine.connect() as conn:
+        used = (await conn.exec_driver_sql("PRAGMA page_count")).scalar_one()
+    limit["pages"] = int(used) + 2
+    big = [PersistedEvent(i, (b"\x00" * 50_000, i), 1.0) for i in range(1, 11)]
+    with pytest.raises(DatabaseUnavailable, match="full"):
+        await journal.persist("big", big)
+    with pytest.raises(DatabaseUnavailable, match="full"):
+        await journal.save_snapshot("big", Snapshot(1, b"\x00" * 200_000, 1.0))
+    assert await journal.load("big") == []
+    assert await journal.load_snapshot("big") is None
+    assert len(await journal.load("small")) == 2
+    limit["pages"] = None  # space returns
+    await journal.persist("big", big)
+    await journal.save_snapshot("big", Snapshot(10, "s", 1.0))
+    assert len(await journal.load("big")) == 10

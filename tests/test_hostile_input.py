@@ -1,0 +1,555 @@
+"""Hostile or bad input: each case gets a typed casty-sa error, stores nothing, and the
+journal stays usable afterwards.
+
+Every journal-level case runs on both backends (``journal``/``db_url`` fixtures). URL cases
+need no database. The wrong-password case lives in ``test_faults_postgres.py``, which runs
+a PostgreSQL that asks for passwords.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from casty import PersistedEvent, Snapshot
+from sqlalchemy import URL, text
+
+import casty_sa
+from casty_sa import (
+    MAX_ENTITY_ID_LENGTH,
+    MAX_SEQUENCE_NR,
+    DatabaseUnavailable,
+    InvalidEventError,
+    JournalError,
+    PayloadDecodeError,
+    PayloadEncodeError,
+    SAJournal,
+    SchemaError,
+    SequenceConflict,
+    UnsupportedDatabase,
+)
+
+PASSWORD = "hunter2-Secret-PW"
+
+
+def ev(seq: Any, event: Any = None, ts: Any = 1.5) -> PersistedEvent[Any]:
+    return PersistedEvent(seq, event if event is not None else f"e{seq}", ts)
+
+
+async def stored_rows(journal: SAJournal) -> tuple[int, int]:
+    """(events, snapshots) rows in the journal's tables, read past the journal's own code."""
+    async with journal.engine.connect() as conn:
+        events = (await conn.execute(text("SELECT count(*) FROM casty_sa_events"))).scalar_one()
+        snaps = (await conn.execute(text("SELECT count(*) FROM casty_sa_snapshots"))).scalar_one()
+    return int(events), int(snaps)
+
+
+async def assert_still_usable(journal: SAJournal, entity_id: str = "still-usable") -> None:
+    """A normal write and read after the bad call both work."""
+    before = await journal.load(entity_id)
+    seq = before[-1].sequence_nr + 1 if before else 1
+    await journal.persist(entity_id, [ev(seq, "ok")])
+    await journal.save_snapshot(entity_id, Snapshot(seq, "state", 2.0))
+    assert [e.sequence_nr for e in await journal.load(entity_id)][-1] == seq
+    snapshot = await journal.load_snapshot(entity_id)
+    assert snapshot is not None and snapshot.sequence_nr == seq
+
+
+# -- entity ids --------------------------------------------------------------------------------
+
+BAD_ENTITY_IDS = {
+    "empty": "",
+    "10k-chars": "x" * 10_000,
+    "just-over-limit": "y" * (MAX_ENTITY_ID_LENGTH + 1),
+    "nul": "acct\x00-1",
+    "only-nul": "\x00",
+    "lone-high-surrogate": "acct-\ud800",
+    "lone-low-surrogate": "\udfff-acct",
+    "bytes": b"acct-1",
+    "int": 7,
+    "none": None,
+}
+
+
+@pytest.mark.parametrize("entity_id", list(BAD_ENTITY_IDS.values()), ids=list(BAD_ENTITY_IDS))
+async def test_bad_entity_ids_are_refused_by_every_method(
+    journal: SAJournal, entity_id: Any
+) -> None:
+    calls: list[Callable[[], Awaitable[Any]]] = [
+        lambda: journal.persist(entity_id, [ev(1)]),
+        lambda: journal.save_snapshot(entity_id, Snapshot(1, "s", 1.0)),
+        lambda: journal.load(entity_id),
+        lambda: journal.load_snapshot(entity_id),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidEventError) as info:
+            await call()
+        assert isinstance(info.value, JournalError)
+        assert len(str(info.value)) < 1000, "the message must not echo a 10k-character id"
+    assert await stored_rows(journal) == (0, 0)
+    await assert_still_usable(journal)
+
+
+SQL_METACHARACTERS = [
+    "'; DROP TABLE casty_sa_events; --",
+    '" OR 1=1 --',
+    "%",
+    "_",
+    "%(entity_id)s",
+    ":entity_id",
+    "?",
+    "$1",
+    "\\x00",
+    "\\",
+    "{}",
+    "a\nb\tc\r",
+    "*/ SELECT 1; /*",
+    "\u202eevil\u202c",
+    "\U0001f4a5 emoji",
+    "z" * MAX_ENTITY_ID_LENGTH,
+]
+
+
+async def test_sql_metacharacter_ids_round_trip_unharmed(journal: SAJournal) -> None:
+    for i, entity_id in enumerate(SQL_METACHARACTERS):
+        await journal.persist(entity_id, [ev(1, ("first", i)), ev(2, ("second", i))])
+        await journal.save_snapshot(entity_id, Snapshot(2, ("state", i), 3.0))
+    for i, entity_id in enumerate(SQL_METACHARACTERS):
+        assert [e.event for e in await journal.load(entity_id)] == [("first", i), ("second", i)]
+        assert await journal.load_snapshot(entity_id) == Snapshot(2, ("state", i), 3.0)
+    assert await stored_rows(journal) == (2 * len(SQL_METACHARACTERS), len(SQL_METACHARACTERS))
+    await assert_still_usable(journal)
+
+
+# -- sequence numbers --------------------------------------------------------------------------
+
+BAD_SEQUENCE_NRS = {
+    "zero": 0,
+    "negative": -1,
+    "very-negative": -(2**63),
+    "just-over-int64": MAX_SEQUENCE_NR + 1,
+    "2**64": 2**64,
+    "huge": 10**40,
+    "true": True,
+    "false": False,
+    "float": 1.0,
+    "str": "1",
+    "none": None,
+}
+
+
+@pytest.mark.parametrize("seq", list(BAD_SEQUENCE_NRS.values()), ids=list(BAD_SEQUENCE_NRS))
+async def test_bad_sequence_numbers_are_refused(journal: SAJournal, seq: Any) -> None:
+    with pytest.raises(InvalidEventError, match="sequence number"):
+        await journal.persist("acct", [ev(seq)])
+    # a bad number after good ones: the good ones are not stored either
+    with pytest.raises(InvalidEventError, match="sequence number"):
+        await journal.persist("acct", [ev(1), ev(2), ev(seq)])
+    with pytest.raises(InvalidEventError, match="sequence number"):
+        await journal.save_snapshot("acct", Snapshot(seq, "state", 1.0))
+    assert await stored_rows(journal) == (0, 0)
+    await assert_still_usable(journal, "acct")
+
+
+@pytest.mark.parametrize(
+    "seqs", [[1, 3, 2], [2, 2], [5, 4], [1, 2, 3, 3], [MAX_SEQUENCE_NR, 1]], ids=str
+)
+async def test_sequence_numbers_must_increase_within_one_call(
+    journal: SAJournal, seqs: list[int]
+) -> None:
+    with pytest.raises(InvalidEventError, match="must increase"):
+        await journal.persist("acct", [ev(s) for s in seqs])
+    assert await stored_rows(journal) == (0, 0)
+    await assert_still_usable(journal, "acct")
+
+
+async def test_from_sequence_nr_must_be_an_int(journal: SAJournal) -> None:
+    await journal.persist("acct", [ev(1)])
+    bad_values: tuple[Any, ...] = (1.0, "1", None, True)
+    for bad in bad_values:
+        with pytest.raises(InvalidEventError, match="from_sequence_nr"):
+            await journal.load("acct", bad)
+    assert [e.sequence_nr for e in await journal.load("acct", -(2**70))] == [1]
+    assert await journal.load("acct", 2**70) == []
+
+
+async def test_gap_policy_gaps_are_accepted_duplicates_are_not(journal: SAJournal) -> None:
+    """The documented policy: the journal enforces uniqueness per entity and a strict
+    increase within one call, nothing else. A gap after the stored highest number is
+    accepted, and so is a lower number that is still free; casty itself never produces
+    either (it numbers events from its own counter)."""
+    await journal.persist("acct", [ev(1), ev(2)])
+    await journal.persist("acct", [ev(5), ev(9)])  # gap after the highest, gap inside
+    await journal.persist("acct", [ev(3)])  # a free number below the highest
+    assert [e.sequence_nr for e in await journal.load("acct")] == [1, 2, 3, 5, 9]
+    with pytest.raises(SequenceConflict) as info:
+        await journal.persist("acct", [ev(9)])
+    assert info.value.sequence_nr == 9
+    with pytest.raises(SequenceConflict) as info:
+        await journal.persist("acct", [ev(4), ev(5), ev(6)])  # 4 is free, 5 is not
+    assert (info.value.entity_id, info.value.sequence_nr) == ("acct", 5)
+    assert [e.sequence_nr for e in await journal.load("acct")] == [1, 2, 3, 5, 9]
+    await journal.persist("acct", [ev(10)])
+    assert [e.sequence_nr for e in await journal.load("acct", 9)] == [9, 10]
+
+
+# -- timestamps --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("timestamp", ["now", None, True, b"1", [1.0]], ids=repr)
+async def test_non_numeric_timestamps_are_refused(journal: SAJournal, timestamp: Any) -> None:
+    with pytest.raises(InvalidEventError, match="timestamp"):
+        await journal.persist("acct", [ev(1), ev(2, ts=timestamp)])
+    with pytest.raises(InvalidEventError, match="timestamp"):
+        await journal.save_snapshot("acct", Snapshot(1, "s", timestamp))
+    assert await stored_rows(journal) == (0, 0)
+    await assert_still_usable(journal, "acct")
+
+
+async def test_infinite_and_integer_timestamps_round_trip(journal: SAJournal) -> None:
+    await journal.persist("acct", [ev(1, ts=float("inf")), ev(2, ts=-float("inf")), ev(3, ts=7)])
+    assert [e.timestamp for e in await journal.load("acct")] == [float("inf"), -float("inf"), 7.0]
+
+
+@pytest.mark.parametrize("timestamp", [float("nan"), 10**400], ids=["nan", "10**400"])
+async def test_unrepresentable_timestamp_is_refused_as_invalid(
+    journal: SAJournal, timestamp: Any
+) -> None:
+    with pytest.raises(InvalidEventError, match="timestamp"):
+        await journal.persist("acct", [ev(1, ts=timestamp)])
+    with pytest.raises(InvalidEventError, match="timestamp"):
+        await journal.save_snapshot("acct", Snapshot(1, "s", timestamp))
+    assert await stored_rows(journal) == (0, 0)
+
+
+# -- payloads ----------------------------------------------------------------------------------
+
+UNPICKLABLE: dict[str, Any] = {
+    "lambda": lambda: None,
+    "lock": threading.Lock(),
+    "generator": (i for i in range(3)),
+    "nested": {"fine": 1, "bad": [1, 2, lambda: 3]},
+}
+
+
+@pytest.mark.parametrize("payload", list(UNPICKLABLE.values()), ids=list(UNPICKLABLE))
+async def test_unpicklable_payload_fails_that_call_and_stores_nothing(
+    journal: SAJournal, payload: Any
+) -> None:
+    with pytest.raises(PayloadEncodeError) as info:
+        await journal.persist("acct", [ev(1, "fine"), ev(2, payload), ev(3, "fine")])
+    assert (info.value.entity_id, info.value.sequence_nr) == ("acct", 2)
+    assert "acct" in str(info.value) and "sequence number 2" in str(info.value)
+    with pytest.raises(PayloadEncodeError) as info:
+        await journal.save_snapshot("acct", Snapshot(4, payload, 1.0))
+    assert info.value.sequence_nr == 4
+    assert await stored_rows(journal) == (0, 0)
+    await assert_still_usable(journal, "acct")
+
+
+async def test_serializer_returning_non_bytes_is_an_encode_error(
+    db_url: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    journal = make_journal(db_url, serialize=lambda obj: "not bytes" if obj == "bad" else b"ok")
+    with pytest.raises(PayloadEncodeError, match="not bytes"):
+        await journal.persist("acct", [ev(1, "good"), ev(2, "bad")])
+    with pytest.raises(PayloadEncodeError, match="not bytes"):
+        await journal.save_snapshot("acct", Snapshot(2, "bad", 1.0))
+    assert await stored_rows(journal) == (0, 0)
+
+
+async def test_tens_of_mib_payloads_round_trip(journal: SAJournal) -> None:
+    blob = bytes(range(256)) * (4096 * 24)  # 24 MiB
+    await journal.persist("huge", [ev(1, blob), ev(2, "small after")])
+    await journal.save_snapshot("huge", Snapshot(2, blob, 1.0))
+    loaded = await journal.load("huge")
+    assert [len(e.event) for e in loaded] == [len(blob), len("small after")]
+    assert loaded[0].event == blob
+    snapshot = await journal.load_snapshot("huge")
+    assert snapshot is not None and snapshot.state == blob
+    await assert_still_usable(journal)
+
+
+_EVENTS_MODULE = """
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Deposited:
+    amount: int
+"""
+
+
+@pytest.fixture
+def events_module(tmp_path: Path) -> Iterator[ModuleType]:
+    """A real module with an event class, importable by name while the test holds it."""
+    name = f"casty_sa_hostile_events_{uuid.uuid4().hex}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(_EVENTS_MODULE)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    try:
+        yield module
+    finally:
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("how", ["class-renamed", "module-gone"])
+async def test_row_that_no_longer_unpickles_names_entity_and_sequence_nr(
+    journal: SAJournal, events_module: ModuleType, how: str
+) -> None:
+    deposited = events_module.Deposited
+    await journal.persist("acct-7", [ev(1, "opened"), ev(2, deposited(10)), ev(3, "closed")])
+    await journal.save_snapshot("acct-7", Snapshot(2, deposited(10), 1.0))
+    await journal.persist("other", [ev(1, "unrelated")])
+    assert (await journal.load("acct-7"))[1].event == deposited(10)
+
+    if how == "class-renamed":
+        setattr(events_module, "Deposit", deposited)  # noqa: B010 - a module built at runtime
+        delattr(events_module, "Deposited")
+    else:
+        del sys.modules[events_module.__name__]
+
+    with pytest.raises(PayloadDecodeError) as info:
+        await journal.load("acct-7")
+    error = info.value
+    assert (error.entity_id, error.sequence_nr) == ("acct-7", 2)
+    message = str(error)
+    assert "'acct-7'" in message and "sequence number 2" in message
+    assert "renamed" in message and "alias" in message  # says how to fix it
+    assert isinstance(error.__cause__, AttributeError | ImportError)
+
+    with pytest.raises(PayloadDecodeError) as snap_info:
+        await journal.load_snapshot("acct-7")
+    assert (snap_info.value.entity_id, snap_info.value.sequence_nr) == ("acct-7", 2)
+    assert "snapshot" in str(snap_info.value)
+
+    # the rows around it and other entities still load; the journal keeps working
+    assert [e.event for e in await journal.load("acct-7", 3)] == ["closed"]
+    assert [e.event for e in await journal.load("other")] == ["unrelated"]
+    await journal.persist("acct-7", [ev(4, "more")])
+    await assert_still_usable(journal)
+
+
+async def test_garbage_bytes_in_a_row_are_a_decode_error(journal: SAJournal) -> None:
+    await journal.persist("acct", [ev(1)])
+    async with journal.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload) "
+                "VALUES ('acct', 2, 1.0, :payload)"
+            ),
+            {"payload": b"\x80\x05not a pickle at all"},
+        )
+    with pytest.raises(PayloadDecodeError) as info:
+        await journal.load("acct")
+    assert (info.value.entity_id, info.value.sequence_nr) == ("acct", 2)
+    assert [e.sequence_nr for e in await journal.load("acct", 3)] == []
+    await assert_still_usable(journal)
+
+
+# -- URLs --------------------------------------------------------------------------------------
+
+
+def assert_password_hidden(*texts: str) -> None:
+    for shown in texts:
+        assert PASSWORD not in shown, f"password leaked in: {shown[:300]}"
+
+
+def full_text(exc: BaseException) -> str:
+    """The error as a user sees it: message, chained causes, traceback."""
+    return "".join(traceback.format_exception(exc))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"mysql://app:{PASSWORD}@127.0.0.1/bank",
+        f"oracle+oracledb://app:{PASSWORD}@127.0.0.1/bank",
+        f"http://app:{PASSWORD}@127.0.0.1/bank",
+        f"sqlite+pysqlite:///{PASSWORD}.db",
+        f"postgresql+psycopg2://app:{PASSWORD}@127.0.0.1/bank",
+        f"postgresql+psycopg://app:{PASSWORD}@127.0.0.1/bank",
+        f"postgresql+pg8000://app:{PASSWORD}@127.0.0.1/bank",
+        f"app:{PASSWORD}@127.0.0.1/bank",
+        f"not a url {PASSWORD}",
+        "",
+    ],
+    ids=[
+        "mysql",
+        "oracle",
+        "http",
+        "sqlite-pysqlite",
+        "pg-psycopg2",
+        "pg-psycopg3",
+        "pg-pg8000",
+        "no-scheme",
+        "garbage",
+        "empty",
+    ],
+)
+async def test_unsupported_urls_are_refused_without_showing_the_password(url: str) -> None:
+    with pytest.raises(UnsupportedDatabase) as info:
+        SAJournal(url)
+    assert_password_hidden(str(info.value), full_text(info.value))
+    with pytest.raises(UnsupportedDatabase) as info:
+        await casty_sa.upgrade(url)
+    assert_password_hidden(str(info.value), full_text(info.value))
+
+
+def test_repr_never_shows_the_password() -> None:
+    for url in (
+        f"postgresql://app:{PASSWORD}@db.example/bank",
+        URL.create("postgresql", "app", PASSWORD, "db.example", 5432, "bank"),
+        f"postgres://app:{PASSWORD}@db.example:6543/bank?sslmode=require",
+    ):
+        journal = SAJournal(url)
+        assert_password_hidden(repr(journal), str(journal))
+        assert "app:***@db.example" in repr(journal)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A TCP port that accepts connections and never says a word (a hung server)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)  # the kernel completes the handshake; nobody ever answers
+    try:
+        yield int(sock.getsockname()[1])
+    finally:
+        sock.close()
+
+
+async def _fails_promptly(call: Awaitable[Any], limit: float) -> JournalError:
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailable) as info:
+        await asyncio.wait_for(call, timeout=limit + 10)
+    assert time.monotonic() - started < limit, "the call did not fail promptly"
+    return info.value
+
+
+async def test_unreachable_postgres_fails_promptly_without_the_password(
+    make_journal: Callable[..., SAJournal],
+) -> None:
+    port = _free_port()  # nothing listens there: connection refused
+    journal = make_journal(
+        f"postgresql://app:{PASSWORD}@127.0.0.1:{port}/bank", connect_timeout=2.0
+    )
+    for call in (journal.start(), journal.persist("acct", [ev(1)]), journal.load("acct")):
+        error = await _fails_promptly(call, limit=3.0)
+        assert f"127.0.0.1:{port}" in str(error)
+        assert_password_hidden(str(error), full_text(error), repr(journal))
+
+
+async def test_hung_postgres_hits_the_connect_timeout(
+    make_journal: Callable[..., SAJournal],
+) -> None:
+    async with silent_server() as port:
+        journal = make_journal(
+            f"postgresql://app:{PASSWORD}@127.0.0.1:{port}/bank", connect_timeout=1.0
+        )
+        for call in (journal.persist("acct", [ev(1)]), journal.load_snapshot("acct")):
+            error = await _fails_promptly(call, limit=4.0)
+            assert_password_hidden(str(error), full_text(error), repr(journal))
+
+
+async def test_sqlite_file_in_a_missing_directory_is_unavailable(
+    tmp_path: Path, make_journal: Callable[..., SAJournal]
+) -> None:
+    journal = make_journal(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'journal.db'}")
+    for call in (journal.start(), journal.persist("acct", [ev(1)]), journal.load("acct")):
+        await _fails_promptly(call, limit=3.0)
+    assert not (tmp_path / "no").exists()
+    (tmp_path / "no" / "such" / "dir").mkdir(parents=True)  # fixed: the same journal works
+    await assert_still_usable(journal)
+
+
+# -- schema ------------------------------------------------------------------------------------
+
+
+async def _set_revision(journal: SAJournal, revision: str) -> None:
+    async with journal.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE casty_sa_alembic_version SET version_num = :rev"), {"rev": revision}
+        )
+
+
+async def test_database_at_an_unknown_revision_is_a_schema_error(
+    db_url: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    journal = make_journal(db_url)  # SQLite would migrate if it could: it must not here
+    await _set_revision(journal, "9f9f_from_a_newer_casty_sa")
+    for call in (
+        journal.start(),
+        journal.persist("acct", [ev(1)]),
+        journal.save_snapshot("acct", Snapshot(1, "s", 1.0)),
+        journal.load("acct"),
+        journal.load_snapshot("acct"),
+    ):
+        with pytest.raises(SchemaError, match="9f9f_from_a_newer_casty_sa") as info:
+            await call
+        assert "Upgrade the casty-sa package" in str(info.value)
+    assert await stored_rows(journal) == (0, 0)
+    await _set_revision(journal, casty_sa.head_revision())  # fixed: the same journal works
+    await assert_still_usable(journal)
+
+
+async def test_database_without_tables_is_a_schema_error_until_migrated(
+    empty_db_url: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    journal = make_journal(empty_db_url, migrate=False)
+    for call in (journal.persist("acct", [ev(1)]), journal.load("acct")):
+        with pytest.raises(SchemaError, match="casty-sa upgrade") as info:
+            await call
+        assert "has no casty-sa tables" in str(info.value)
+    assert await casty_sa.current(empty_db_url) is None  # the journal created nothing
+    await casty_sa.upgrade(empty_db_url)
+    await assert_still_usable(journal)
+
+
+async def test_tables_dropped_under_a_running_journal(journal: SAJournal) -> None:
+    await journal.persist("acct", [ev(1), ev(2)])
+    await journal.save_snapshot("acct", Snapshot(2, "s", 1.0))
+    async with journal.engine.begin() as conn:
+        await conn.execute(text("DROP TABLE casty_sa_events"))
+    started = time.monotonic()
+    for call in (journal.persist("acct", [ev(3)]), journal.load("acct")):
+        with pytest.raises(SchemaError, match="casty-sa upgrade") as info:
+            await call
+        assert "casty_sa_events" in str(info.value)
+    assert time.monotonic() - started < 2.0, "a missing table is not worth retrying"
+    # the other table still answers
+    assert await journal.load_snapshot("acct") == Snapshot(2, "s", 1.0)
+    async with journal.engine.begin() as conn:
+        await conn.execute(text("DROP TABLE casty_sa_snapshots"))
+    with pytest.raises(SchemaError):
+        await journal.save_snapshot("acct", Snapshot(3, "s", 1.0))
+    with pytest.raises(SchemaError):
+        await journal.load_snapshot("acct")
+    # an operator re-creates the schema: the running journal carries on
+    async with journal.engine.begin() as conn:
+        await conn.execute(text("DROP TABLE casty_sa_alembic_version"))
+    await casty_sa.upgrade(journal.engine)
+    assert await journal.load("acct") == []
+    await assert_still_usable(journal, "acct")
