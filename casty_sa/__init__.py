@@ -37,6 +37,7 @@ from casty_sa.models import (
     metadata,
 )
 from casty_sa.replication import LocalReplication
+from casty_sa.serializers import JsonSerializer, SerializationError, UnknownTypeError
 
 __all__ = [
     "MAX_ENTITY_ID_LENGTH",
@@ -50,13 +51,16 @@ __all__ = [
     "InvalidEventError",
     "JournalClosed",
     "JournalError",
+    "JsonSerializer",
     "LocalReplication",
     "PayloadDecodeError",
     "PayloadEncodeError",
     "SAJournal",
     "SchemaError",
     "SequenceConflict",
+    "SerializationError",
     "SnapshotRecord",
+    "UnknownTypeError",
     "UnsupportedDatabase",
     "current",
     "downgrade",

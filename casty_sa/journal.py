@@ -613,9 +613,16 @@ class SAJournal:
                 f"{text}). Run `casty-sa upgrade --url '{safe_url(self._url)}'"
                 f"{self._schema_flag}`."
             )
+        if isinstance(exc, TimeoutError) or isinstance(getattr(exc, "orig", None), TimeoutError):
+            hint = (
+                "it timed out: check the database's load and reachability, or raise "
+                "connect_timeout / statement_timeout (or pool_timeout) on SAJournal"
+            )
+        else:
+            hint = "check that the database is reachable, then call again"
         return DatabaseUnavailable(
             f"could not {what} on {safe_url(self._url)}: {text}. Nothing of a failed write "
-            "was stored; check that the database is reachable, then call again."
+            f"was stored; {hint}."
         )
 
 

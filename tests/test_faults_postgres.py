@@ -633,7 +633,8 @@ async def roles(pg: DedicatedPostgres) -> AsyncIterator[tuple[URL, URL, str]]:
 
 
 GRANTS = (
-    "GRANT SELECT, INSERT, UPDATE ON casty_sa_events, casty_sa_snapshots TO {app}",
+    "GRANT SELECT, INSERT ON casty_sa_events TO {app}",
+    "GRANT SELECT, INSERT, UPDATE ON casty_sa_snapshots TO {app}",
     "GRANT SELECT ON casty_sa_alembic_version TO {app}",
 )
 

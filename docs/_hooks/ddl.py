@@ -2,7 +2,7 @@
 
 A page marks a block the way README.md does (``<!-- ddl:postgresql -->``, an empty
 ```` ```sql ```` fence, ``<!-- /ddl -->``), and this hook fills it with the output of
-``casty-sa upgrade --sql`` for that dialect, through ``tools/readme_ddl.py``. The DDL is
+``casty-sa upgrade --sql`` for that dialect, through ``tools/sync_readme.py``. The DDL is
 therefore never copied into the docs by hand and cannot go stale.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-_TOOL = Path(__file__).resolve().parents[2] / "tools" / "readme_ddl.py"
+_TOOL = Path(__file__).resolve().parents[2] / "tools" / "sync_readme.py"
 _MARK = "<!-- ddl:"
 
 
