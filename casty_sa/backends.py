@@ -19,7 +19,9 @@ PostgreSQL (``asyncpg``)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -31,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.compiler import Compiled
 from sqlalchemy.util import greenlet_spawn
 
+from casty_sa.engine import AUTOCOMMIT_ENGINES
 from casty_sa.models import EventRecord, SnapshotRecord
 from casty_sa.urls import is_memory_sqlite
 
@@ -78,6 +81,8 @@ class Backend:
 
     def __init__(self, engine: AsyncEngine, schema: str | None) -> None:
         self._engine = engine
+        # callers beyond what the pool holds wait here, cheaply, instead of in the pool
+        self._gate = asyncio.Semaphore(_pool_capacity(engine))
         events, snapshots = _tables(schema)
         self.events, self.snapshots = events, snapshots
         dialect = engine.dialect
@@ -111,15 +116,17 @@ class Backend:
         A connection that failed at the transport level is invalidated, so the
         pool replaces it instead of handing it out again.
         """
-        fairy = await self._engine.raw_connection()
-        try:
-            yield fairy.driver_connection
-        except BaseException as exc:
-            if self.is_disconnect(exc):
-                await greenlet_spawn(fairy.invalidate, exc if isinstance(exc, Exception) else None)
-            raise
-        finally:
-            await greenlet_spawn(fairy.close)
+        async with self._gate:
+            fairy = await self._engine.raw_connection()
+            try:
+                yield fairy.driver_connection
+            except BaseException as exc:
+                if self.is_disconnect(exc):
+                    cause = exc if isinstance(exc, Exception) else None
+                    await greenlet_spawn(fairy.invalidate, cause)
+                raise
+            finally:
+                await greenlet_spawn(fairy.close)
 
     def is_disconnect(self, exc: BaseException) -> bool:
         """True when ``exc`` means the connection itself is gone."""
@@ -149,13 +156,23 @@ _SQLITE_DUPLICATE = frozenset({1555, 2067})
 
 
 class SqliteBackend(Backend):
-    """aiosqlite: one ``executemany`` per statement, ``COMMIT`` per group."""
+    """aiosqlite: a write group is one multi-row statement when it can be.
+
+    On engines casty-sa creates, the driver runs in autocommit mode (no
+    implicit transactions), so a group of events (or of snapshots) is a
+    single ``INSERT … VALUES (…), (…)`` that SQLite commits atomically on its
+    own: one trip to the driver's thread instead of three. Larger or mixed
+    groups use an explicit ``BEGIN IMMEDIATE`` … ``COMMIT``. On an
+    application's engine, whose driver opens transactions implicitly, each
+    group is ``executemany`` and ``COMMIT``.
+    """
 
     dialect_name = "sqlite"
 
     def __init__(self, engine: AsyncEngine, schema: str | None) -> None:
         super().__init__(engine, schema)
         self._memory = is_memory_sqlite(engine.url)
+        self._autocommit = engine.sync_engine in AUTOCOMMIT_ENGINES
         self._insert = self._compile(insert(self.events))
         upsert = sqlite.insert(self.snapshots)
         self._upsert = self._compile(
@@ -175,23 +192,49 @@ class SqliteBackend(Backend):
         return code is not None and code & 0xFF in _STALE_SQLITE_CODES and not self._memory
 
     async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
+        snapshots = _latest_per_entity(snapshots)
         async with self.connection() as conn:
             try:
-                if events:
-                    await conn.executemany(self._insert, events)
-                if snapshots:
-                    await conn.executemany(self._upsert, snapshots)
-            except BaseException as exc:
-                await _quietly(conn.rollback())
-                if isinstance(exc, sqlite3.IntegrityError):
-                    duplicate = getattr(exc, "sqlite_errorcode", None) in _SQLITE_DUPLICATE
-                    raise WriteRefused(exc, duplicate=duplicate) from exc
-                raise
-            try:
-                await conn.commit()
-            except BaseException:
-                await _quietly(conn.rollback())  # SQLite rolls a failed COMMIT back
-                raise
+                if not self._autocommit:
+                    await self._write_implicit(conn, events, snapshots)
+                elif not snapshots and len(events) <= _SQLITE_MAX_ROWS:
+                    await conn.execute(_multi_row(self._insert, len(events)), _flat(events))
+                elif not events and len(snapshots) <= _SQLITE_MAX_ROWS:
+                    await conn.execute(_multi_row(self._upsert, len(snapshots)), _flat(snapshots))
+                else:
+                    await self._write_explicit(conn, events, snapshots)
+            except sqlite3.IntegrityError as exc:
+                duplicate = getattr(exc, "sqlite_errorcode", None) in _SQLITE_DUPLICATE
+                raise WriteRefused(exc, duplicate=duplicate) from exc
+
+    async def _write_explicit(
+        self, conn: Any, events: Sequence[Row], snapshots: Sequence[Row]
+    ) -> None:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            for start in range(0, len(events), _SQLITE_MAX_ROWS):
+                chunk = events[start : start + _SQLITE_MAX_ROWS]
+                await conn.execute(_multi_row(self._insert, len(chunk)), _flat(chunk))
+            for start in range(0, len(snapshots), _SQLITE_MAX_ROWS):
+                chunk = snapshots[start : start + _SQLITE_MAX_ROWS]
+                await conn.execute(_multi_row(self._upsert, len(chunk)), _flat(chunk))
+            await conn.execute("COMMIT")
+        except BaseException:
+            await _quietly(conn.execute("ROLLBACK"))  # a failed COMMIT is rolled back too
+            raise
+
+    async def _write_implicit(
+        self, conn: Any, events: Sequence[Row], snapshots: Sequence[Row]
+    ) -> None:
+        try:
+            if events:
+                await conn.executemany(self._insert, events)
+            if snapshots:
+                await conn.executemany(self._upsert, snapshots)
+            await conn.commit()
+        except BaseException:
+            await _quietly(conn.rollback())  # a failed COMMIT is rolled back too
+            raise
 
     async def fetch_events(self, entity_id: str, from_nr: int) -> list[tuple[int, bytes, float]]:
         async with self.connection() as conn:
@@ -279,6 +322,36 @@ class PostgresBackend(Backend):
     async def min_stored(self, entity_id: str, low: int, high: int) -> int | None:
         async with self.connection() as conn:
             return await conn.fetchval(self._min_stored, entity_id, low, high)  # type: ignore[no-any-return]
+
+
+#: rows per multi-row statement: 4 parameters a row, within SQLite's variable limit
+_SQLITE_MAX_ROWS = min(
+    1000, sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 4
+)
+_ONE_ROW = "VALUES (?, ?, ?, ?)"
+
+
+@functools.lru_cache(maxsize=256)
+def _multi_row(statement: str, rows: int) -> str:
+    """``statement`` (one row of ``VALUES``) rewritten for ``rows`` rows."""
+    head, sep, tail = statement.partition(_ONE_ROW)
+    if not sep or _ONE_ROW in tail:
+        raise AssertionError(f"unexpected statement shape: {statement}")
+    return head + "VALUES " + ", ".join(["(?, ?, ?, ?)"] * rows) + tail
+
+
+def _flat(rows: Sequence[Row]) -> list[Any]:
+    return [value for row in rows for value in row]
+
+
+def _pool_capacity(engine: AsyncEngine) -> int:
+    """How many connections the engine's pool can hand out at once (at least 1)."""
+    pool: Any = engine.pool
+    size = getattr(pool, "size", None)
+    overflow = getattr(pool, "_max_overflow", 0)
+    if not callable(size):
+        return 64  # a pool without a size (NullPool and the like): a generous bound
+    return max(1, int(size()) + max(0, int(overflow)))
 
 
 def _columns(rows: Sequence[Row]) -> list[list[Any]]:

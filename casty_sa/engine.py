@@ -16,17 +16,22 @@ PostgreSQL (``asyncpg``)
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
-from sqlalchemy import URL, event
+from sqlalchemy import URL, Engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from casty_sa.urls import is_memory_sqlite
 
-__all__ = ["SQLITE_SYNCHRONOUS", "build_engine"]
+__all__ = ["AUTOCOMMIT_ENGINES", "SQLITE_SYNCHRONOUS", "build_engine"]
 
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+#: SQLite engines whose driver runs in autocommit mode (no implicit transactions): a
+#: single statement commits on its own, and transactions are explicit BEGIN IMMEDIATE.
+AUTOCOMMIT_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def build_engine(
@@ -54,16 +59,32 @@ def build_engine(
                 f"not {sqlite_synchronous!r}"
             )
         memory = is_memory_sqlite(url)
-        connect_args: dict[str, Any] = {"isolation_level": "IMMEDIATE", "timeout": busy_timeout}
+        # autocommit at the driver: pysqlite opens no transaction behind our back; writes
+        # are single statements or explicit BEGIN IMMEDIATE transactions (never a read
+        # lock upgraded to a write lock, the source of "database is locked" deadlocks)
+        connect_args: dict[str, Any] = {"isolation_level": None, "timeout": busy_timeout}
         # Every use of a connection ends its own transaction (the journal commits or
         # rolls back; reads open none), so the pool's reset-on-return ROLLBACK would
-        # only cost a thread hop per call.
+        # only cost a thread hop per call. A fixed set of connections: SQLite allows one
+        # writer at a time anyway, and opening and closing overflow connections (a thread
+        # and pragmas each) costs more than waiting for a pooled one.
         defaults: dict[str, Any] = {"pool_reset_on_return": None}
         if memory:
             defaults["poolclass"] = StaticPool
+        else:
+            defaults.update(pool_size=5, max_overflow=0)
+        final_connect_args = {**connect_args, **user_connect_args}
         engine = create_async_engine(
-            url, connect_args={**connect_args, **user_connect_args}, **{**defaults, **options}
+            url, connect_args=final_connect_args, **{**defaults, **options}
         )
+        if final_connect_args.get("isolation_level", "") is None:
+            AUTOCOMMIT_ENGINES.add(engine.sync_engine)
+
+            @event.listens_for(engine.sync_engine, "begin")
+            def _begin_immediate(connection: Any) -> None:
+                # SQLAlchemy-level transactions (sessions, migrations) are real ones
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+
         busy_ms = int(busy_timeout * 1000)
 
         @event.listens_for(engine.sync_engine, "connect")

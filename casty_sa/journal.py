@@ -440,13 +440,13 @@ class SAJournal:
         else:
             events = [row for request in group for row in request.events]
             snapshots = [request.snapshot for request in group if request.snapshot is not None]
+        what = f"write {len(events)} events and {len(snapshots)} snapshots"
         try:
             async with self._turn():
                 await self._backend.write(events, snapshots)
         except WriteRefused:
             raise
         except ConnectionLost as lost:
-            what = f"write {len(events)} events and {len(snapshots)} snapshots"
             if lost.during_commit:
                 raise CommitOutcomeUnknown(
                     f"lost the connection to {safe_url(self._url)} while the write was in "
@@ -455,7 +455,6 @@ class SAJournal:
                 ) from lost.cause
             raise self._database_error(lost.cause, what) from lost.cause
         except Exception as exc:
-            what = f"write {len(events)} events and {len(snapshots)} snapshots"
             raise self._database_error(exc, what) from exc
 
     async def _refusal_error(self, request: WriteRequest, refused: WriteRefused) -> JournalError:
@@ -488,7 +487,7 @@ class SAJournal:
         while True:
             try:
                 return await self._shielded(self._fetch(fetch, args))
-            except (SQLAlchemyError, OSError, TimeoutError, ConnectionLost, Exception) as exc:
+            except Exception as exc:
                 if isinstance(exc, JournalError):
                     raise
                 error = self._database_error(exc, what)
@@ -549,12 +548,8 @@ class SAJournal:
 
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[AsyncSession]:
-        if self._serial is None:
-            async with self._sessions() as session:
-                yield session
-        else:
-            async with self._serial, self._sessions() as session:
-                yield session
+        async with self._turn(), self._sessions() as session:
+            yield session
 
     async def _ensure_schema(self) -> None:
         from casty_sa import migrate

@@ -34,6 +34,7 @@ from sqlalchemy import URL, Connection, inspect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from casty_sa.engine import AUTOCOMMIT_ENGINES
 from casty_sa.errors import DatabaseUnavailable, JournalError, SchemaError
 from casty_sa.models import VERSION_TABLE, metadata
 from casty_sa.urls import safe_url
@@ -177,10 +178,15 @@ async def _on_engine(
         # or journals starting together on different databases trample each other
         async with _alembic_turn(), engine.connect() as connection:
             if connection.dialect.name == "sqlite":
-                # pysqlite runs DDL outside any transaction: take the write lock first, so
-                # a migration is all or nothing (a crash half-way leaves no half-made
-                # schema) and another process migrating the same file waits, then finds head
-                await connection.exec_driver_sql("BEGIN IMMEDIATE")
+                # The whole migration in one BEGIN IMMEDIATE transaction: all or nothing (a
+                # crash half-way leaves no half-made schema), and another process migrating
+                # the same file waits, then finds head. casty-sa's own engines begin that
+                # way by themselves; an application's pysqlite would run DDL outside any
+                # transaction, so it gets the BEGIN explicitly.
+                if connection.sync_engine in AUTOCOMMIT_ENGINES:
+                    await connection.begin()
+                else:
+                    await connection.exec_driver_sql("BEGIN IMMEDIATE")
             result = await connection.run_sync(_invoke, action, args, schema)
             await connection.commit()
             return result
