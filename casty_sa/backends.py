@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -37,7 +38,12 @@ from casty_sa.engine import AUTOCOMMIT_ENGINES
 from casty_sa.models import EventRecord, SnapshotRecord
 from casty_sa.urls import is_memory_sqlite
 
-__all__ = ["Backend", "ConnectionLost", "Row", "WriteRefused", "backend_for"]
+__all__ = ["PING_AFTER", "Backend", "ConnectionLost", "Row", "WriteRefused", "backend_for"]
+
+#: Seconds a pooled connection may sit unused before a checkout proves it alive.
+PING_AFTER = 0.005
+_CHECKOUT_ATTEMPTS = 3
+_RELEASED = "casty_sa_released"
 
 #: (entity_id, sequence_nr, timestamp, payload), the column order of both tables
 Row = tuple[str, int, float, bytes]
@@ -82,7 +88,10 @@ class Backend:
     def __init__(self, engine: AsyncEngine, schema: str | None) -> None:
         self._engine = engine
         # callers beyond what the pool holds wait here, cheaply, instead of in the pool
-        self._gate = asyncio.Semaphore(_pool_capacity(engine))
+        self.capacity = _pool_capacity(engine)
+        self._gate = asyncio.Semaphore(self.capacity)
+        self.hold_writes = False
+        self._held: Any = None
         events, snapshots = _tables(schema)
         self.events, self.snapshots = events, snapshots
         dialect = engine.dialect
@@ -111,22 +120,114 @@ class Backend:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:
-        """A driver connection checked out of SQLAlchemy's pool, returned on exit.
+        """A live driver connection from SQLAlchemy's pool, returned on exit.
 
         A connection that failed at the transport level is invalidated, so the
         pool replaces it instead of handing it out again.
         """
         async with self._gate:
-            fairy = await self._engine.raw_connection()
+            fairy = await self._checkout()
             try:
                 yield fairy.driver_connection
             except BaseException as exc:
-                if self.is_disconnect(exc):
-                    cause = exc if isinstance(exc, Exception) else None
-                    await greenlet_spawn(fairy.invalidate, cause)
+                await self._release(fairy, exc if self.is_disconnect(exc) else None)
                 raise
-            finally:
-                await greenlet_spawn(fairy.close)
+            await self._release(fairy, None)
+
+    @asynccontextmanager
+    async def write_connection(self) -> AsyncIterator[Any]:
+        """The connection writes use: kept between groups when ``hold_writes`` is on.
+
+        Group commit has one flusher, so consecutive groups can share one
+        connection instead of a pool checkout each; :meth:`release_held` gives
+        it back once the flusher goes idle, and it goes back at once whenever
+        every other connection is in use (readers never starve behind it).
+        """
+        if not self.hold_writes:
+            async with self.connection() as conn:
+                yield conn
+            return
+        fairy, self._held = self._held, None
+        if fairy is not None and not await self._alive(fairy):
+            fairy = None
+            self._gate.release()
+        if fairy is None:
+            await self._gate.acquire()
+            try:
+                fairy = await self._checkout()
+            except BaseException:
+                self._gate.release()
+                raise
+        try:
+            yield fairy.driver_connection
+        except BaseException as exc:
+            if self.is_disconnect(exc):
+                await self._release(fairy, exc)
+                self._gate.release()
+            else:
+                await self._keep(fairy)
+            raise
+        await self._keep(fairy)
+
+    async def _keep(self, fairy: Any) -> None:
+        """Hold on to the writer's connection, unless readers are waiting for one."""
+        fairy.info[_RELEASED] = time.monotonic()
+        if self._gate.locked():
+            await self._release(fairy, None)
+            self._gate.release()
+        else:
+            self._held = fairy
+
+    async def release_held(self) -> None:
+        """Return the connection kept for writes to the pool."""
+        fairy, self._held = self._held, None
+        if fairy is not None:
+            await self._release(fairy, None)
+            self._gate.release()
+
+    async def _checkout(self) -> Any:
+        """A pooled connection, checked to be alive when it sat unused for a while."""
+        for _ in range(_CHECKOUT_ATTEMPTS):
+            fairy = await self._engine.raw_connection()
+            if await self._alive(fairy):
+                return fairy
+        return await self._engine.raw_connection()  # its error, if any, surfaces on use
+
+    async def _alive(self, fairy: Any) -> bool:
+        """False (and the connection invalidated) when the connection is gone.
+
+        A connection used a moment ago is trusted; one that sat idle longer than
+        :data:`PING_AFTER` gets one round trip (where the backend needs it), the
+        job SQLAlchemy's ``pool_pre_ping`` does in three on asyncpg.
+        """
+        driver = fairy.driver_connection
+        try:
+            if not self.usable(driver):
+                raise ConnectionLost(OSError("connection closed"), during_commit=False)
+            idle = time.monotonic() - fairy.info.get(_RELEASED, 0.0)
+            if idle > PING_AFTER:
+                await self.ping(driver)
+            return True
+        except Exception as exc:
+            if not self.is_disconnect(exc):
+                await self._release(fairy, None)
+                raise
+            await self._release(fairy, exc)
+            return False
+
+    async def _release(self, fairy: Any, exc: BaseException | None) -> None:
+        """Back to the pool, or invalidated first when ``exc`` says it is broken."""
+        fairy.info[_RELEASED] = time.monotonic()
+        if exc is not None:
+            await greenlet_spawn(fairy.invalidate, exc if isinstance(exc, Exception) else None)
+        await greenlet_spawn(fairy.close)
+
+    async def ping(self, driver_connection: Any) -> None:
+        """Prove the connection alive with one round trip (no-op where not needed)."""
+
+    def usable(self, driver_connection: Any) -> bool:
+        """Whether a held connection may be used again without asking the pool."""
+        return True
 
     def is_disconnect(self, exc: BaseException) -> bool:
         """True when ``exc`` means the connection itself is gone."""
@@ -193,7 +294,7 @@ class SqliteBackend(Backend):
 
     async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
         snapshots = _latest_per_entity(snapshots)
-        async with self.connection() as conn:
+        async with self.write_connection() as conn:
             try:
                 if not self._autocommit:
                     await self._write_implicit(conn, events, snapshots)
@@ -277,6 +378,12 @@ class PostgresBackend(Backend):
             )
         )
 
+    def usable(self, driver_connection: Any) -> bool:
+        return not driver_connection.is_closed()
+
+    async def ping(self, driver_connection: Any) -> None:
+        await driver_connection.execute("SELECT 1")
+
     def is_disconnect(self, exc: BaseException) -> bool:
         import asyncpg
 
@@ -291,7 +398,7 @@ class PostgresBackend(Backend):
         import asyncpg
 
         snapshots = _latest_per_entity(snapshots)  # ON CONFLICT may touch a row only once
-        async with self.connection() as conn:
+        async with self.write_connection() as conn:
             try:
                 if events and snapshots:
                     async with conn.transaction():

@@ -59,12 +59,29 @@ class GroupCommitter:
         larger than this is written alone.
     max_pending : int
         Most requests queued; further callers wait for room (back-pressure).
+    linger : float
+        Seconds the flusher stays up after the queue empties, waiting for the
+        next write (a caller that writes again soon then finds it running,
+        with its connection in hand).
+    on_idle : Callable | None
+        Awaited when the flusher stops (e.g. to give its connection back).
     """
 
-    def __init__(self, write: GroupWriter, *, max_batch_events: int, max_pending: int) -> None:
+    def __init__(
+        self,
+        write: GroupWriter,
+        *,
+        max_batch_events: int,
+        max_pending: int,
+        linger: float = 0.0,
+        on_idle: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         if max_batch_events < 1 or max_pending < 1:
             raise ValueError("max_batch_events and max_pending must be >= 1")
         self._write = write
+        self._linger = linger
+        self._on_idle = on_idle
+        self._wakeup = asyncio.Event()
         self._max_batch_events = max_batch_events
         self._max_pending = max_pending
         self._queue: deque[WriteRequest] = deque()
@@ -87,9 +104,33 @@ class GroupCommitter:
         self._queue.append(request)
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush(), name="casty_sa-group-commit")
+        else:
+            self._wakeup.set()
         await future
 
     async def _flush(self) -> None:
+        try:
+            while await self._work_left():
+                await self._flush_queue()
+        finally:
+            if self._on_idle is not None:
+                await self._on_idle()
+
+    async def _work_left(self) -> bool:
+        """Whether the queue holds work, waiting up to ``linger`` for some."""
+        if self._queue:
+            return True
+        if self._linger <= 0 or self._closed:
+            return False
+        self._wakeup.clear()
+        try:
+            async with asyncio.timeout(self._linger):
+                await self._wakeup.wait()
+        except TimeoutError:
+            pass
+        return bool(self._queue)
+
+    async def _flush_queue(self) -> None:
         queue = self._queue
         while queue:
             group: list[WriteRequest] = []
@@ -129,6 +170,7 @@ class GroupCommitter:
         """Refuse new writes and wait for the queued ones to be written."""
         self._closed = True
         self._room.set()
+        self._wakeup.set()
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
 

@@ -47,6 +47,9 @@ __all__ = ["MAX_SEQUENCE_NR", "SAJournal", "open_engine"]
 log = logging.getLogger("casty_sa")
 _T = TypeVar("_T")
 
+#: Seconds the group-commit flusher (and its connection) waits for the next write.
+_WRITER_LINGER = 0.01
+
 #: Highest sequence number a 64-bit signed column holds.
 MAX_SEQUENCE_NR = 2**63 - 1
 
@@ -208,13 +211,18 @@ class SAJournal:
         self._retry_backoff = retry_backoff
         # one connection for a memory database: calls must take turns on it
         self._serial = asyncio.Lock() if is_memory_sqlite(self._url) else None
-        self._committer = (
-            GroupCommitter(
-                self._write_group, max_batch_events=max_batch_events, max_pending=max_pending
+        self._committer: GroupCommitter | None = None
+        if group_commit:
+            # the flusher keeps its connection while writes keep coming (see backends),
+            # when the pool has another one for readers
+            self._backend.hold_writes = self._backend.capacity >= 2
+            self._committer = GroupCommitter(
+                self._write_group,
+                max_batch_events=max_batch_events,
+                max_pending=max_pending,
+                linger=_WRITER_LINGER,
+                on_idle=self._backend.release_held,
             )
-            if group_commit
-            else None
-        )
         self._ready = False
         self._ready_lock = asyncio.Lock()
         self._closed = False

@@ -376,6 +376,16 @@ async def test_full_disk_fails_clearly_stores_nothing_and_recovers(
         await fresh.close()
 
 
+async def _until_pool_idle(journal: SAJournal) -> None:
+    """The cap is applied at checkout: wait until the group-commit flusher has given its
+    connection back, so the next write checks one out."""
+    for _ in range(500):
+        if journal.engine.pool.checkedout() == 0:  # type: ignore[attr-defined]
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the journal kept a connection checked out")
+
+
 async def test_database_full_by_max_page_count_fails_clearly_and_recovers(
     tmp_path: Path, make_journal: Callable[..., SAJournal]
 ) -> None:
@@ -397,6 +407,7 @@ async def test_database_full_by_max_page_count_fails_clearly_and_recovers(
     async with journal.engine.connect() as conn:
         used = (await conn.exec_driver_sql("PRAGMA page_count")).scalar_one()
     limit["pages"] = int(used) + 2
+    await _until_pool_idle(journal)
     big = [PersistedEvent(i, (b"\x00" * 50_000, i), 1.0) for i in range(1, 11)]
     with pytest.raises(DatabaseUnavailable, match="full"):
         await journal.persist("big", big)
@@ -406,6 +417,7 @@ async def test_database_full_by_max_page_count_fails_clearly_and_recovers(
     assert await journal.load_snapshot("big") is None
     assert len(await journal.load("small")) == 2
     limit["pages"] = None  # space returns
+    await _until_pool_idle(journal)
     await journal.persist("big", big)
     await journal.save_snapshot("big", Snapshot(10, "s", 1.0))
     assert len(await journal.load("big")) == 10
