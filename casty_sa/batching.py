@@ -109,12 +109,16 @@ class GroupCommitter:
         await future
 
     async def _flush(self) -> None:
-        try:
-            while await self._work_left():
-                await self._flush_queue()
-        finally:
-            if self._on_idle is not None:
-                await self._on_idle()
+        while True:
+            try:
+                while await self._work_left():
+                    await self._flush_queue()
+            finally:
+                if self._on_idle is not None:
+                    await self._on_idle()
+            # a caller that queued while on_idle ran saw this task alive and started none
+            if not self._queue:
+                return
 
     async def _work_left(self) -> bool:
         """Whether the queue holds work, waiting up to ``linger`` for some."""

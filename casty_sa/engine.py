@@ -67,12 +67,10 @@ def build_engine(
         # are single statements or explicit BEGIN IMMEDIATE transactions (never a read
         # lock upgraded to a write lock, the source of "database is locked" deadlocks)
         connect_args: dict[str, Any] = {"isolation_level": None, "timeout": busy_timeout}
-        # Every use of a connection ends its own transaction (the journal commits or
-        # rolls back; reads open none), so the pool's reset-on-return ROLLBACK would
-        # only cost a thread hop per call. A fixed set of connections: SQLite allows one
-        # writer at a time anyway, and opening and closing overflow connections (a thread
-        # and pragmas each) costs more than waiting for a pooled one.
-        defaults: dict[str, Any] = {"pool_reset_on_return": None}
+        # A fixed set of connections: SQLite allows one writer at a time anyway, and
+        # opening and closing overflow connections (a thread and pragmas each) costs more
+        # than waiting for a pooled one.
+        defaults: dict[str, Any] = {}
         if memory:
             defaults["poolclass"] = StaticPool
         else:

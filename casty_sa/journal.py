@@ -275,7 +275,9 @@ class SAJournal:
             return
         async with self._ready_lock:
             if not self._ready:
-                await self._ensure_schema()
+                # shielded: a caller cancelled half-way must not leave a migration (or
+                # the transaction that reads the revision) cut in two
+                await self._shielded(self._ensure_schema())
                 self._ready = True
 
     async def close(self) -> None:
@@ -287,6 +289,7 @@ class SAJournal:
             await self._committer.close()
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        await self._backend.close()
         if self._owns_engine:
             await self._engine.dispose()
 
@@ -494,7 +497,9 @@ class SAJournal:
         attempt = 0
         while True:
             try:
-                return await self._shielded(self._fetch(fetch, args))
+                if self._backend.reads_need_shield:
+                    return await self._shielded(self._fetch(fetch, args))
+                return await self._fetch(fetch, args)
             except Exception as exc:
                 if isinstance(exc, JournalError):
                     raise
@@ -514,7 +519,9 @@ class SAJournal:
                 await asyncio.sleep(delay)
 
     async def _fetch(self, fetch: Callable[..., Awaitable[_T]], args: tuple[Any, ...]) -> _T:
-        async with self._turn():
+        if self._serial is None:  # the common case, without a context manager per read
+            return await fetch(*args)
+        async with self._serial:
             return await fetch(*args)
 
     def _retryable(self, exc: BaseException, error: JournalError) -> bool:
