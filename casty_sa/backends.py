@@ -5,7 +5,7 @@ tables and compiled once per dialect (and schema) when the journal starts. At
 call time the rows go straight to the driver connection that SQLAlchemy's pool
 hands out, so a ``persist`` pays for the database work and little else: no
 per-call compilation, ORM session or greenlet hop per statement. The pool,
-its pre-ping and the connect-time pragmas stay SQLAlchemy's.
+its checkout and the connect-time pragmas stay SQLAlchemy's.
 
 SQLite (``aiosqlite``)
     One transaction per write group: ``executemany`` of the insert (the driver

@@ -13,9 +13,9 @@ casty quirks worked around here (see ../shared/research, casty 0.21):
 * after a node stops, requests go through the leader (the lowest port, which
   is never the node stopped), since gossip can "revive" a dead node and a
   follower's cached route to it is then never evicted;
-* the SQLite journals of one process are started one after the other, since
-  concurrent first-use migrations of separate files interfere (a casty-sa bug:
-  see the xfail ``test_journals_starting_at_once_each_migrate_their_own_database``).
+* the SQLite journals of one process are started one after the other (this
+  once worked around concurrent first-use migrations interfering; fixed since,
+  see ``test_journals_starting_at_once_each_migrate_their_own_database``).
 """
 
 from __future__ import annotations

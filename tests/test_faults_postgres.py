@@ -397,7 +397,7 @@ async def test_idle_pooled_connections_killed_are_replaced_silently(
     victims = await journal_backends(pg, fault_db.database or "")
     assert len(victims) >= 2
     await terminate(pg, victims)
-    # no retries allowed: the pool's pre-ping must notice and reconnect on its own
+    # no retries allowed: the checkout's liveness check must notice and reconnect on its own
     for _ in range(3):
         assert len(await journal.load("acct")) == 1
     await journal.persist("acct", [PersistedEvent(2, "y", 1.0)])
