@@ -21,25 +21,20 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pytest
 from casty import PersistedEvent, Snapshot, SqliteJournal
-from sqlalchemy import URL, inspect, text
+from dbtools import execute, plain, query, table_names
+from sqlalchemy import URL
 
 from casty_sa import SAJournal, head_revision
 from casty_sa.cli import ExitCode, main
-from casty_sa.journal import open_engine
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "_sections" / "cli.md"
 PASSWORD = "Pa55-w0rd_unique-9f3k"
 TIMEOUT = 60
-
-
-def plain(url: URL) -> str:
-    """A URL as a user would type it, password included."""
-    return url.render_as_string(hide_password=False)
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -54,34 +49,6 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-async def execute(url: URL | str, *statements: str) -> None:
-    engine, _ = open_engine(url)
-    try:
-        async with engine.begin() as conn:
-            for statement in statements:
-                await conn.execute(text(statement))
-    finally:
-        await engine.dispose()
-
-
-async def query(url: URL | str, statement: str) -> list[Any]:
-    engine, _ = open_engine(url)
-    try:
-        async with engine.connect() as conn:
-            return list((await conn.execute(text(statement))).all())
-    finally:
-        await engine.dispose()
-
-
-async def table_names(url: URL) -> set[str]:
-    engine, _ = open_engine(url)
-    try:
-        async with engine.connect() as conn:
-            return set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
-    finally:
-        await engine.dispose()
 
 
 async def fill(url: URL | str, entities: dict[str, int], snapshots: dict[str, int]) -> None:

@@ -12,7 +12,6 @@ next writer process recovers and carries on.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import random
 import signal
@@ -21,9 +20,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import crash_writer as writer
 import pytest
 from casty import PersistedEvent
 from sqlalchemy import URL
@@ -34,17 +33,6 @@ from casty_sa import SAJournal, SequenceConflict
 KILLS = int(os.environ.get("CASTY_SA_CRASH_KILLS", "5"))
 WRITER_PATH = Path(__file__).with_name("crash_writer.py")
 ENTITIES = 40
-
-
-def _load_writer() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("casty_sa_crash_writer", WRITER_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-writer = _load_writer()
 
 
 def start_writer(url: str, log: Path, seed: float, *extra: str) -> subprocess.Popen[bytes]:

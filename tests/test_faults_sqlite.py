@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib.util
 import os
 import shutil
 import signal
@@ -24,9 +23,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import crash_writer as writer
 import pytest
 from casty import PersistedEvent, Snapshot
 from sqlalchemy import event
@@ -35,17 +34,6 @@ import casty_sa
 from casty_sa import DatabaseUnavailable, JournalError, SAJournal
 
 WRITER_PATH = Path(__file__).with_name("crash_writer.py")
-
-
-def _load_writer() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("casty_sa_crash_writer", WRITER_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-writer = _load_writer()
 
 
 def batch(entity_id: str, first: int, size: int) -> list[PersistedEvent[Any]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from dbtools import execute, plain, table_names
 from sqlalchemy import URL, Connection, inspect, text
 
 import casty_sa
@@ -20,29 +21,6 @@ from casty_sa.journal import open_engine
 
 REPO = Path(__file__).resolve().parent.parent
 OUR_TABLES = {"casty_sa_events", "casty_sa_snapshots"}
-
-
-async def table_names(url: URL) -> set[str]:
-    engine, _ = open_engine(url)
-    try:
-        async with engine.connect() as conn:
-            return set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
-    finally:
-        await engine.dispose()
-
-
-async def execute(url: URL, *statements: str) -> None:
-    engine, _ = open_engine(url)
-    try:
-        async with engine.begin() as conn:
-            for statement in statements:
-                await conn.execute(text(statement))
-    finally:
-        await engine.dispose()
-
-
-def plain(url: URL) -> str:
-    return url.render_as_string(hide_password=False)
 
 
 async def test_upgrade_from_empty(empty_db_url: URL) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from casty import PersistedEvent, Snapshot, SqliteJournal
+from dbtools import plain
 from sqlalchemy import URL, event, text
 
 from casty_sa import SAJournal
@@ -33,11 +34,6 @@ from casty_sa.transfer import Progress, TransferReport, import_casty_file
 
 TIMEOUT = 60
 UNICODE_ID = "ação-ü 口座"
-
-
-def plain(url: URL | str) -> str:
-    """A URL as a user would type it."""
-    return url if isinstance(url, str) else url.render_as_string(hide_password=False)
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
