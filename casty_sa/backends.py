@@ -22,13 +22,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
-from sqlalchemy import ARRAY, MetaData, Table, bindparam, func, insert, select
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    MetaData,
+    String,
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    literal_column,
+    select,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.compiler import Compiled
@@ -47,6 +60,8 @@ _RELEASED = "casty_sa_released"
 
 #: (entity_id, sequence_nr, timestamp, payload), the column order of both tables
 Row = tuple[str, int, float, bytes]
+#: (sequence_nr, payload, timestamp) of a stored event or snapshot, as reads return it
+Stored = tuple[int, bytes, float]
 
 
 class WriteRefused(Exception):
@@ -244,12 +259,53 @@ class Backend:
         """Store events and snapshot upserts atomically (all or nothing)."""
         raise NotImplementedError
 
-    async def fetch_events(self, entity_id: str, from_nr: int) -> list[tuple[int, bytes, float]]:
+    async def fetch_events(self, entity_id: str, from_nr: int) -> list[Stored]:
         """``(sequence_nr, payload, timestamp)`` rows, ascending."""
         raise NotImplementedError
 
-    async def fetch_snapshot(self, entity_id: str) -> tuple[int, bytes, float] | None:
+    async def fetch_snapshot(self, entity_id: str) -> Stored | None:
         """The snapshot row of an entity, if any."""
+        raise NotImplementedError
+
+    #: Most batched reads in flight at once (see :mod:`casty_sa.coalescing`).
+    @property
+    def read_concurrency(self) -> int:
+        return self.capacity
+
+    #: Most entities one batched read asks for (1: every read is sent alone).
+    max_read_keys = 500
+
+    async def fetch_events_of(self, keys: Sequence[tuple[str, int]]) -> list[list[Stored]]:
+        """:meth:`fetch_events` of many ``(entity_id, from_nr)`` keys in one query."""
+        if len(keys) == 1:
+            return [await self.fetch_events(*keys[0])]
+        ids = [entity_id for entity_id, _ in keys]
+        froms = [from_nr for _, from_nr in keys]
+        return _split(await self._fetch_events_batch(ids, froms), len(keys), self._ordinal_base)
+
+    async def fetch_snapshots_of(self, entity_ids: Sequence[str]) -> list[Stored | None]:
+        """:meth:`fetch_snapshot` of many entities in one query."""
+        if len(entity_ids) == 1:
+            return [await self.fetch_snapshot(entity_ids[0])]
+        found: list[Stored | None] = [None] * len(entity_ids)
+        base = self._ordinal_base
+        for k, seq, payload, ts in await self._fetch_snapshots_batch(entity_ids):
+            found[k - base] = (seq, payload, ts)
+        return found
+
+    #: Number of the first key in a batch query's rows (0 on SQLite, 1 on PostgreSQL).
+    _ordinal_base = 0
+
+    async def _fetch_events_batch(
+        self, entity_ids: list[str], from_nrs: list[int]
+    ) -> Sequence[tuple[int, int, bytes, float]]:
+        """``(key number, sequence_nr, payload, timestamp)`` rows, by key and sequence."""
+        raise NotImplementedError
+
+    async def _fetch_snapshots_batch(
+        self, entity_ids: Sequence[str]
+    ) -> Sequence[tuple[int, int, bytes, float]]:
+        """``(key number, sequence_nr, payload, timestamp)`` of the entities with one."""
         raise NotImplementedError
 
     async def min_stored(self, entity_id: str, low: int, high: int) -> int | None:
@@ -299,6 +355,47 @@ class SqliteBackend(Backend):
                 where=upsert.excluded.sequence_nr >= self.snapshots.c.sequence_nr,
             )
         )
+        # batched reads name their keys in one JSON parameter: [[entity_id, from_nr], ...]
+        # for events, [entity_id, ...] for snapshots; json_each numbers them from 0
+        events, snapshots = self.events, self.snapshots
+        keys = func.json_each(bindparam("keys")).table_valued("key", "value")
+        self._load_events_batch = self._compile(
+            select(keys.c.key, events.c.sequence_nr, events.c.payload, events.c.timestamp)
+            .join_from(
+                keys,
+                events,
+                and_(
+                    events.c.entity_id == func.json_extract(keys.c.value, literal_column("'$[0]'")),
+                    events.c.sequence_nr
+                    >= func.json_extract(keys.c.value, literal_column("'$[1]'")),
+                ),
+            )
+            .order_by(keys.c.key, events.c.sequence_nr)
+        )
+        self._load_snapshots_batch = self._compile(
+            select(
+                keys.c.key, snapshots.c.sequence_nr, snapshots.c.payload, snapshots.c.timestamp
+            ).join_from(keys, snapshots, snapshots.c.entity_id == keys.c.value)
+        )
+        if not _SQLITE_HAS_JSON:
+            self.max_read_keys = 1
+
+    @property
+    def read_concurrency(self) -> int:
+        # the shared reader is one connection on one thread: batches take turns on it
+        return 1 if self._share_reader else self.capacity
+
+    async def _fetch_events_batch(
+        self, entity_ids: list[str], from_nrs: list[int]
+    ) -> Sequence[tuple[int, int, bytes, float]]:
+        keys = json.dumps(list(zip(entity_ids, from_nrs, strict=True)), ensure_ascii=False)
+        return await self._read(self._load_events_batch, (keys,))
+
+    async def _fetch_snapshots_batch(
+        self, entity_ids: Sequence[str]
+    ) -> Sequence[tuple[int, int, bytes, float]]:
+        keys = json.dumps(list(entity_ids), ensure_ascii=False)
+        return await self._read(self._load_snapshots_batch, (keys,))
 
     def is_disconnect(self, exc: BaseException) -> bool:
         if isinstance(exc, OSError | ConnectionLost | sqlite3.InterfaceError):
@@ -381,10 +478,10 @@ class SqliteBackend(Backend):
         if reader is not None:
             await _quietly(greenlet_spawn(reader[0].close))
 
-    async def fetch_events(self, entity_id: str, from_nr: int) -> list[tuple[int, bytes, float]]:
+    async def fetch_events(self, entity_id: str, from_nr: int) -> list[Stored]:
         return await self._read(self._load_events, (entity_id, from_nr))
 
-    async def fetch_snapshot(self, entity_id: str) -> tuple[int, bytes, float] | None:
+    async def fetch_snapshot(self, entity_id: str) -> Stored | None:
         rows = await self._read(self._load_snapshot, (entity_id,))
         return tuple(rows[0]) if rows else None
 
@@ -418,6 +515,46 @@ class PostgresBackend(Backend):
                 where=upsert.excluded.sequence_nr >= self.snapshots.c.sequence_nr,
             )
         )
+        # batched reads: the keys travel as arrays, numbered from 1 by WITH ORDINALITY
+        events, snapshots = self.events, self.snapshots
+        ids = bindparam("entity_ids", type_=ARRAY(String))
+        pairs = (
+            func.unnest(ids, bindparam("from_nrs", type_=ARRAY(BigInteger)))
+            .table_valued("entity_id", "from_nr", with_ordinality="k")
+            .render_derived()
+        )
+        self._load_events_batch = self._compile(
+            select(pairs.c.k, events.c.sequence_nr, events.c.payload, events.c.timestamp)
+            .join_from(
+                pairs,
+                events,
+                and_(
+                    events.c.entity_id == pairs.c.entity_id,
+                    events.c.sequence_nr >= pairs.c.from_nr,
+                ),
+            )
+            .order_by(pairs.c.k, events.c.sequence_nr)
+        )
+        singles = func.unnest(ids).table_valued("entity_id", with_ordinality="k").render_derived()
+        self._load_snapshots_batch = self._compile(
+            select(
+                singles.c.k, snapshots.c.sequence_nr, snapshots.c.payload, snapshots.c.timestamp
+            ).join_from(singles, snapshots, snapshots.c.entity_id == singles.c.entity_id)
+        )
+
+    _ordinal_base = 1
+
+    async def _fetch_events_batch(
+        self, entity_ids: list[str], from_nrs: list[int]
+    ) -> Sequence[tuple[int, int, bytes, float]]:
+        async with self.connection() as conn:
+            return await conn.fetch(self._load_events_batch, entity_ids, from_nrs)  # type: ignore[no-any-return]
+
+    async def _fetch_snapshots_batch(
+        self, entity_ids: Sequence[str]
+    ) -> Sequence[tuple[int, int, bytes, float]]:
+        async with self.connection() as conn:
+            return await conn.fetch(self._load_snapshots_batch, list(entity_ids))  # type: ignore[no-any-return]
 
     def usable(self, driver_connection: Any) -> bool:
         return not driver_connection.is_closed()
@@ -459,11 +596,11 @@ class PostgresBackend(Backend):
                     raise ConnectionLost(exc, during_commit=True) from exc
                 raise
 
-    async def fetch_events(self, entity_id: str, from_nr: int) -> list[tuple[int, bytes, float]]:
+    async def fetch_events(self, entity_id: str, from_nr: int) -> list[Stored]:
         async with self.connection() as conn:
             return await conn.fetch(self._load_events, entity_id, from_nr)  # type: ignore[no-any-return]
 
-    async def fetch_snapshot(self, entity_id: str) -> tuple[int, bytes, float] | None:
+    async def fetch_snapshot(self, entity_id: str) -> Stored | None:
         async with self.connection() as conn:
             return await conn.fetchrow(self._load_snapshot, entity_id)  # type: ignore[no-any-return]
 
@@ -477,6 +614,28 @@ _SQLITE_MAX_ROWS = min(
     1000, sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 4
 )
 _ONE_ROW = "VALUES (?, ?, ?, ?)"
+
+
+def _sqlite_has_json() -> bool:
+    """Whether this SQLite has ``json_each`` (built in since 3.38, an extension before)."""
+    try:
+        sqlite3.connect(":memory:").execute("SELECT key FROM json_each('[1]')")
+    except sqlite3.OperationalError:
+        return False
+    return True
+
+
+_SQLITE_HAS_JSON = _sqlite_has_json()
+
+
+def _split(
+    rows: Sequence[tuple[int, int, bytes, float]], keys: int, base: int
+) -> list[list[Stored]]:
+    """Rows of a batched event read, ordered by key number, as one list per key."""
+    found: list[list[Stored]] = [[] for _ in range(keys)]
+    for k, seq, payload, ts in rows:
+        found[k - base].append((seq, payload, ts))
+    return found
 
 
 @functools.lru_cache(maxsize=256)

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from casty_sa.backends import ConnectionLost, Row, WriteRefused, backend_for
 from casty_sa.batching import GroupCommitter, WriteRequest
+from casty_sa.coalescing import ReadCoalescer
 from casty_sa.engine import build_engine
 from casty_sa.errors import (
     CommitOutcomeUnknown,
@@ -227,6 +228,21 @@ class SAJournal:
         self._ready_lock = asyncio.Lock()
         self._closed = False
         self._inflight: set[asyncio.Task[Any]] = set()
+        # reads that queue up (many entities recovering at once) share one query each
+        backend = self._backend
+        concurrency = 1 if self._serial is not None else backend.read_concurrency
+        self._event_reads = ReadCoalescer(
+            self._batched(backend.fetch_events_of),
+            max_keys=backend.max_read_keys,
+            concurrency=concurrency,
+            track=self._track,
+        )
+        self._snapshot_reads = ReadCoalescer(
+            self._batched(backend.fetch_snapshots_of),
+            max_keys=backend.max_read_keys,
+            concurrency=concurrency,
+            track=self._track,
+        )
 
     # -- public face -------------------------------------------------------------------------
 
@@ -338,9 +354,10 @@ class SAJournal:
         if from_sequence_nr > MAX_SEQUENCE_NR:
             return []
         rows = await self._read(
-            self._backend.fetch_events,
-            (entity_id, max(from_sequence_nr, 0)),
+            self._event_reads.get,
+            ((entity_id, max(from_sequence_nr, 0)),),
             f"load events of {entity_id!r}",
+            in_task=True,
         )
         deserialize = self._deserialize
         try:
@@ -373,7 +390,10 @@ class SAJournal:
         """The entity's latest snapshot, or ``None``."""
         _check_entity_id(entity_id)
         row = await self._read(
-            self._backend.fetch_snapshot, (entity_id,), f"load the snapshot of {entity_id!r}"
+            self._snapshot_reads.get,
+            (entity_id,),
+            f"load the snapshot of {entity_id!r}",
+            in_task=True,
         )
         if row is None:
             return None
@@ -490,13 +510,24 @@ class SAJournal:
     # -- reading -------------------------------------------------------------------------------
 
     async def _read(
-        self, fetch: Callable[..., Awaitable[_T]], args: tuple[Any, ...], what: str
+        self,
+        fetch: Callable[..., Awaitable[_T]],
+        args: tuple[Any, ...],
+        what: str,
+        *,
+        in_task: bool = False,
     ) -> _T:
-        """Run a read with bounded retries of connection errors, safe from cancellation."""
+        """Run a read with bounded retries of connection errors, safe from cancellation.
+
+        ``in_task``: ``fetch`` already runs the query in a task of its own (a
+        coalesced read), which a cancelled caller cannot cut short.
+        """
         await self.start()
         attempt = 0
         while True:
             try:
+                if in_task:
+                    return await fetch(*args)
                 if self._backend.reads_need_shield:
                     return await self._shielded(self._fetch(fetch, args))
                 return await self._fetch(fetch, args)
@@ -533,6 +564,21 @@ class SAJournal:
             )
         return self._backend.is_disconnect(exc) or isinstance(exc, sqlite3.OperationalError)
 
+    def _batched(
+        self, fetch: Callable[[Sequence[Any]], Awaitable[Sequence[_T]]]
+    ) -> Callable[[Sequence[Any]], Awaitable[Sequence[_T]]]:
+        """``fetch`` taking turns on a memory database's single connection."""
+
+        async def run(keys: Sequence[Any]) -> Sequence[_T]:
+            return await self._fetch(fetch, (keys,))
+
+        return run
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        """Let ``close()`` wait for ``task`` (a read running on its own)."""
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
     async def _shielded(self, work: Coroutine[Any, Any, _T]) -> _T:
         """Run ``work`` to completion even if the caller is cancelled.
 
@@ -542,8 +588,7 @@ class SAJournal:
         for it.
         """
         task = asyncio.get_running_loop().create_task(work)
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        self._track(task)
         return await asyncio.shield(task)
 
     # -- plumbing ------------------------------------------------------------------------------

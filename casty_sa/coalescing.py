@@ -1,0 +1,136 @@
+"""Read coalescing: concurrent lookups that queue up go to the database together.
+
+When many entities recover at once (a node restarts, a shard moves), casty
+asks the journal for a thousand snapshots and then a thousand event tails
+within a few milliseconds. Answering each with its own query costs a driver
+round trip (or, on SQLite, a hop to the driver's thread) per entity. A
+:class:`ReadCoalescer` lets a few batches run at a time; every lookup that
+arrives meanwhile waits for the next free slot and goes out with the others
+in one query. An uncontended lookup is sent at once, alone.
+
+A lookup joins only a batch that has not been sent yet, so it sees every
+write committed before it was asked (read-your-writes holds). Batches run in
+their own tasks: a caller cancelled while its query is in flight gets its
+``CancelledError`` at once, while the query finishes on its own, so no
+connection is ever left half-way through a statement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+
+__all__ = ["BatchFetch", "ReadCoalescer"]
+
+#: Fetches the values of a batch of distinct keys, in the order of the keys.
+type BatchFetch[K, V] = Callable[[Sequence[K]], Awaitable[Sequence[V]]]
+
+
+class ReadCoalescer[K: Hashable, V]:
+    """Batches concurrent lookups of one kind into shared queries.
+
+    Parameters
+    ----------
+    fetch : BatchFetch
+        Looks up a batch of distinct keys and returns one value per key, in
+        order. Its exception is raised to every caller of that batch (each
+        caller decides on its own whether to retry).
+    max_keys : int
+        Most keys in one batch.
+    concurrency : int
+        Most batches in flight at once (the connections reads may use).
+    track : Callable | None
+        Called with every batch task, so its owner can wait for them on close.
+
+    Examples
+    --------
+    >>> import asyncio
+    >>> async def squares(keys):
+    ...     calls.append(list(keys))
+    ...     return [k * k for k in keys]
+    >>> calls = []
+    >>> async def main():
+    ...     reads = ReadCoalescer(squares, max_keys=100, concurrency=1)
+    ...     return await asyncio.gather(*(reads.get(k) for k in (2, 3, 3, 4)))
+    >>> asyncio.run(main()), calls
+    ([4, 9, 9, 16], [[2, 3, 4]])
+    """
+
+    def __init__(
+        self,
+        fetch: BatchFetch[K, V],
+        *,
+        max_keys: int,
+        concurrency: int,
+        track: Callable[[asyncio.Task[None]], None] | None = None,
+    ) -> None:
+        if max_keys < 1 or concurrency < 1:
+            raise ValueError("max_keys and concurrency must be >= 1")
+        self._fetch = fetch
+        self._max_keys = max_keys
+        self._concurrency = concurrency
+        self._track = track
+        self._pending: dict[K, list[asyncio.Future[V]]] = {}
+        self._workers = 0
+
+    async def get(self, key: K) -> V:
+        """The value of ``key``, fetched alone or together with concurrent lookups."""
+        future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        waiting = self._pending.get(key)
+        if waiting is None:
+            self._pending[key] = [future]
+        else:
+            waiting.append(future)
+        if self._workers < self._concurrency:
+            self._workers += 1
+            task = asyncio.get_running_loop().create_task(self._work(), name="casty_sa-read-batch")
+            if self._track is not None:
+                self._track(task)
+        return await future
+
+    def _next_batch(self) -> list[tuple[K, list[asyncio.Future[V]]]]:
+        """Up to a fair share of the pending keys whose callers still wait."""
+        pending = self._pending
+        share = min(self._max_keys, math.ceil(len(pending) / self._workers))
+        batch: list[tuple[K, list[asyncio.Future[V]]]] = []
+        while pending and len(batch) < share:
+            key = next(iter(pending))
+            waiting = [f for f in pending.pop(key) if not f.done()]
+            if waiting:  # every caller of this key was cancelled: not fetched
+                batch.append((key, waiting))
+        return batch
+
+    async def _work(self) -> None:
+        try:
+            while self._pending:
+                batch = self._next_batch()
+                if not batch:
+                    continue
+                try:
+                    values = await self._fetch([key for key, _ in batch])
+                    if len(values) != len(batch):
+                        raise AssertionError(
+                            f"a batch read of {len(batch)} keys returned {len(values)} values"
+                        )
+                except BaseException as exc:
+                    for _, waiting in batch:
+                        _fail(waiting, exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, waiting), value in zip(batch, values, strict=False):
+                    for future in waiting:
+                        if not future.done():
+                            future.set_result(value)
+        finally:
+            self._workers -= 1
+
+
+def _fail[V](waiting: list[asyncio.Future[V]], exc: BaseException) -> None:
+    for future in waiting:
+        if not future.done():
+            if isinstance(exc, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(exc)
