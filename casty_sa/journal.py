@@ -230,19 +230,14 @@ class SAJournal:
         self._inflight: set[asyncio.Task[Any]] = set()
         # reads that queue up (many entities recovering at once) share one query each
         backend = self._backend
-        concurrency = 1 if self._serial is not None else backend.read_concurrency
-        self._event_reads = ReadCoalescer(
-            self._batched(backend.fetch_events_of),
-            max_keys=backend.max_read_keys,
-            concurrency=concurrency,
-            track=self._track,
-        )
-        self._snapshot_reads = ReadCoalescer(
-            self._batched(backend.fetch_snapshots_of),
-            max_keys=backend.max_read_keys,
-            concurrency=concurrency,
-            track=self._track,
-        )
+        options: dict[str, Any] = {
+            "max_keys": backend.max_read_keys,
+            "concurrency": 1 if self._serial is not None else backend.read_concurrency,
+            "track": self._track,
+            "inline": not backend.reads_need_shield,
+        }
+        self._event_reads = ReadCoalescer(self._batched(backend.fetch_events_of), **options)
+        self._snapshot_reads = ReadCoalescer(self._batched(backend.fetch_snapshots_of), **options)
 
     # -- public face -------------------------------------------------------------------------
 

@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 from casty import PersistedEvent, Snapshot
 from sqlalchemy import URL
+from sqlalchemy.ext.asyncio import create_async_engine
 
+import casty_sa.backends
 from casty_sa import SAJournal
 from casty_sa.coalescing import ReadCoalescer
 
@@ -122,6 +124,27 @@ class TestCoalescerRules:
         await asyncio.gather(*started)
         assert all(t.done() and not t.cancelled() for t in started)
 
+    async def test_inline_lookups_run_in_the_callers_task_and_hand_over_to_a_batch(
+        self,
+    ) -> None:
+        fetch = Recorder(delay=0.02)
+        tasks: list[asyncio.Task[Any]] = []
+        reads: ReadCoalescer[int, int] = ReadCoalescer(
+            fetch, max_keys=100, concurrency=1, track=tasks.append, inline=True
+        )
+        assert await reads.get(3) == 9
+        assert tasks == []  # uncontended: no task of its own
+        first = asyncio.create_task(reads.get(0))
+        await asyncio.sleep(0.005)  # [0] is in flight in the caller's task
+        later = [asyncio.create_task(reads.get(k)) for k in (1, 2, 2)]
+        await asyncio.sleep(0)
+        first.cancel()  # the lookups queued behind it still get a batch
+        outcomes = await asyncio.gather(first, *later, return_exceptions=True)
+        assert isinstance(outcomes[0], asyncio.CancelledError)
+        assert outcomes[1:] == [1, 4, 4]
+        assert fetch.batches == [[3], [0], [1, 2]]
+        assert len(tasks) == 1
+
     def test_caps_must_be_positive(self) -> None:
         with pytest.raises(ValueError, match="max_keys and concurrency"):
             ReadCoalescer(Recorder(), max_keys=0, concurrency=1)
@@ -152,6 +175,7 @@ class QueryCounter:
     def __init__(self, journal: SAJournal) -> None:
         self.events = 0
         self.snapshots = 0
+        self.batched = 0
         backend: Any = journal._backend
         for name, kind in (
             ("_fetch_events_batch", "events"),
@@ -164,6 +188,7 @@ class QueryCounter:
     def _counting(self, query: Callable[..., Any], kind: str) -> Callable[..., Any]:
         async def run(*args: Any) -> Any:
             setattr(self, kind, getattr(self, kind) + 1)
+            self.batched += query.__name__.endswith("_batch")
             return await query(*args)
 
         return run
@@ -293,3 +318,38 @@ class TestCoalescedLoads:
         results = await loads
         assert [len(r) for r in results] == [3 + i % 4 for i in range(300)]
         assert not journal._inflight
+
+
+async def test_loads_through_an_applications_engine_are_coalesced_too(
+    db_url: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    """An app's engine (implicit transactions on SQLite, its own pool) batches the same way."""
+    engine = create_async_engine(db_url)
+    try:
+        journal = make_journal(engine)
+        entities = [f"app-{i}" for i in range(200)]
+        await seed(journal, entities)
+        counter = QueryCounter(journal)
+        results = await asyncio.gather(*(journal.load(e, 2) for e in entities))
+        for i, (entity_id, events) in enumerate(zip(entities, results, strict=True)):
+            assert [e.event for e in events] == [(entity_id, s) for s in range(2, 4 + i % 4)]
+        assert 1 <= counter.events < len(entities) / 4, counter.events
+    finally:
+        await journal.close()
+        await engine.dispose()
+
+
+async def test_without_sqlite_json_functions_each_load_runs_alone_and_correctly(
+    tmp_path: Any, make_journal: Callable[..., SAJournal], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite builds without json_each fall back to one query per load, with the same answers."""
+    monkeypatch.setattr(casty_sa.backends, "_SQLITE_HAS_JSON", False)
+    journal = make_journal(f"sqlite:///{tmp_path / 'nojson.db'}")
+    entities = [f"nj-{i}" for i in range(100)]
+    await seed(journal, entities)
+    counter = QueryCounter(journal)
+    results = await asyncio.gather(*(journal.load(e) for e in entities))
+    for i, (entity_id, events) in enumerate(zip(entities, results, strict=True)):
+        assert [e.event for e in events] == [(entity_id, s) for s in range(1, 4 + i % 4)]
+    assert counter.events == len(entities)
+    assert counter.batched == 0
