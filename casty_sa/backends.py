@@ -149,23 +149,23 @@ class Backend:
                 raise
             await self._release(fairy, None)
 
-    @asynccontextmanager
-    async def write_connection(self) -> AsyncIterator[Any]:
-        """The connection writes use: kept between groups when ``hold_writes`` is on.
+    async def take_writer(self) -> Any:
+        """The pooled connection (fairy) a write uses; hand it back with :meth:`give_back_writer`.
 
-        Group commit has one flusher, so consecutive groups can share one
-        connection instead of a pool checkout each; :meth:`release_held` gives
-        it back once the flusher goes idle, and it goes back at once whenever
-        every other connection is in use (readers never starve behind it).
+        With ``hold_writes`` on, the connection is kept between groups: group
+        commit has one flusher, so consecutive groups share one connection
+        instead of a pool checkout each. :meth:`release_held` gives it back
+        once the flusher goes idle, and it goes back at once whenever every
+        other connection is in use (readers never starve behind it). The pair
+        is two plain calls rather than a context manager because it sits on
+        every write's path.
         """
-        if not self.hold_writes:
-            async with self.connection() as conn:
-                yield conn
-            return
-        fairy, self._held = self._held, None
-        if fairy is not None and not await self._alive(fairy):
-            fairy = None
-            self._gate.release()
+        fairy = None
+        if self.hold_writes:
+            fairy, self._held = self._held, None
+            if fairy is not None and not await self._alive(fairy):
+                fairy = None
+                self._gate.release()
         if fairy is None:
             await self._gate.acquire()
             try:
@@ -173,16 +173,18 @@ class Backend:
             except BaseException:
                 self._gate.release()
                 raise
-        try:
-            yield fairy.driver_connection
-        except BaseException as exc:
-            if self.is_disconnect(exc):
-                await self._release(fairy, exc)
-                self._gate.release()
-            else:
-                await self._keep(fairy)
-            raise
-        await self._keep(fairy)
+        return fairy
+
+    async def give_back_writer(self, fairy: Any, exc: BaseException | None) -> None:
+        """Return (or keep) the writer's connection; ``exc``: how the write failed, if it did."""
+        if exc is not None and self.is_disconnect(exc):
+            await self._release(fairy, exc)
+            self._gate.release()
+        elif self.hold_writes:
+            await self._keep(fairy)
+        else:
+            await self._release(fairy, None)
+            self._gate.release()
 
     async def _keep(self, fairy: Any) -> None:
         """Hold on to the writer's connection, unless readers are waiting for one."""
@@ -407,19 +409,24 @@ class SqliteBackend(Backend):
 
     async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
         snapshots = _latest_per_entity(snapshots)
-        async with self.write_connection() as conn:
-            try:
-                if not self._autocommit:
-                    await self._write_implicit(conn, events, snapshots)
-                elif not snapshots and len(events) <= _SQLITE_MAX_ROWS:
-                    await conn.execute(_multi_row(self._insert, len(events)), _flat(events))
-                elif not events and len(snapshots) <= _SQLITE_MAX_ROWS:
-                    await conn.execute(_multi_row(self._upsert, len(snapshots)), _flat(snapshots))
-                else:
-                    await self._write_explicit(conn, events, snapshots)
-            except sqlite3.IntegrityError as exc:
+        fairy = await self.take_writer()
+        conn = fairy.driver_connection
+        try:
+            if not self._autocommit:
+                await self._write_implicit(conn, events, snapshots)
+            elif not snapshots and len(events) <= _SQLITE_MAX_ROWS:
+                await conn.execute(_multi_row(self._insert, len(events)), _flat(events))
+            elif not events and len(snapshots) <= _SQLITE_MAX_ROWS:
+                await conn.execute(_multi_row(self._upsert, len(snapshots)), _flat(snapshots))
+            else:
+                await self._write_explicit(conn, events, snapshots)
+        except BaseException as exc:
+            await self.give_back_writer(fairy, exc)
+            if isinstance(exc, sqlite3.IntegrityError):
                 duplicate = getattr(exc, "sqlite_errorcode", None) in _SQLITE_DUPLICATE
                 raise WriteRefused(exc, duplicate=duplicate) from exc
+            raise
+        await self.give_back_writer(fairy, None)
 
     async def _write_explicit(
         self, conn: Any, events: Sequence[Row], snapshots: Sequence[Row]
@@ -576,25 +583,28 @@ class PostgresBackend(Backend):
         import asyncpg
 
         snapshots = _latest_per_entity(snapshots)  # ON CONFLICT may touch a row only once
-        async with self.write_connection() as conn:
-            try:
-                if events and snapshots:
-                    async with conn.transaction():
-                        await conn.execute(self._insert, *_columns(events))
-                        await conn.execute(self._upsert, *_columns(snapshots))
-                elif events:
+        fairy = await self.take_writer()
+        conn = fairy.driver_connection
+        try:
+            if events and snapshots:
+                async with conn.transaction():
                     await conn.execute(self._insert, *_columns(events))
-                else:
                     await conn.execute(self._upsert, *_columns(snapshots))
-            except asyncpg.UniqueViolationError as exc:
+            elif events:
+                await conn.execute(self._insert, *_columns(events))
+            else:
+                await conn.execute(self._upsert, *_columns(snapshots))
+        except BaseException as exc:
+            await self.give_back_writer(fairy, exc)
+            if isinstance(exc, asyncpg.UniqueViolationError):
                 raise WriteRefused(exc, duplicate=True) from exc
-            except asyncpg.DataError as exc:
+            if isinstance(exc, asyncpg.DataError):
                 raise WriteRefused(exc, duplicate=False) from exc
-            except BaseException as exc:
-                if self.is_disconnect(exc):
-                    # a single autocommit statement (or COMMIT) may have been applied
-                    raise ConnectionLost(exc, during_commit=True) from exc
-                raise
+            if self.is_disconnect(exc):
+                # a single autocommit statement (or COMMIT) may have been applied
+                raise ConnectionLost(exc, during_commit=True) from exc
+            raise
+        await self.give_back_writer(fairy, None)
 
     async def fetch_events(self, entity_id: str, from_nr: int) -> list[Stored]:
         async with self.connection() as conn:

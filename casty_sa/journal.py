@@ -466,13 +466,16 @@ class SAJournal:
         else:
             events = [row for request in group for row in request.events]
             snapshots = [request.snapshot for request in group if request.snapshot is not None]
-        what = f"write {len(events)} events and {len(snapshots)} snapshots"
         try:
-            async with self._turn():
+            if self._serial is None:  # the common case, without a context manager per write
                 await self._backend.write(events, snapshots)
+            else:
+                async with self._serial:
+                    await self._backend.write(events, snapshots)
         except WriteRefused:
             raise
         except ConnectionLost as lost:
+            what = f"write {len(events)} events and {len(snapshots)} snapshots"
             if lost.during_commit:
                 raise CommitOutcomeUnknown(
                     f"lost the connection to {safe_url(self._url)} while the write was in "
@@ -481,6 +484,7 @@ class SAJournal:
                 ) from lost.cause
             raise self._database_error(lost.cause, what) from lost.cause
         except Exception as exc:
+            what = f"write {len(events)} events and {len(snapshots)} snapshots"
             raise self._database_error(exc, what) from exc
 
     async def _refusal_error(self, request: WriteRequest, refused: WriteRefused) -> JournalError:
