@@ -187,9 +187,13 @@ class Backend:
             self._gate.release()
 
     async def _keep(self, fairy: Any) -> None:
-        """Hold on to the writer's connection, unless readers are waiting for one."""
+        """Hold on to the writer's connection, unless readers are waiting for one.
+
+        With groups in flight side by side, one connection is kept; the others
+        go back to the pool.
+        """
         fairy.info[_RELEASED] = time.monotonic()
-        if self._gate.locked():
+        if self._gate.locked() or self._held is not None:
             await self._release(fairy, None)
             self._gate.release()
         else:
@@ -241,6 +245,10 @@ class Backend:
 
     async def ping(self, driver_connection: Any) -> None:
         """Prove the connection alive with one round trip (no-op where not needed)."""
+
+    #: Write groups in flight at once (see :mod:`casty_sa.batching`): 1 where the database
+    #: has a single writer anyway.
+    write_pipeline = 1
 
     #: Whether a read cut off by cancellation could leave its connection unusable, so the
     #: journal must let reads run to their end (see ``SAJournal._shielded``).
@@ -501,6 +509,9 @@ class PostgresBackend(Backend):
     """asyncpg: a whole group in one ``INSERT … SELECT FROM unnest(…)`` round trip."""
 
     dialect_name = "postgresql"
+    # the server commits transactions of several connections in parallel (and groups their
+    # WAL flushes), so a second group in flight overlaps the client's work with the server's
+    write_pipeline = 2
 
     def __init__(self, engine: AsyncEngine, schema: str | None) -> None:
         super().__init__(engine, schema)

@@ -7,6 +7,13 @@ only after its own rows are committed. The journal's ``write`` function
 decides the outcome of each request separately, so one caller's failure never
 fails its neighbours.
 
+Where the database commits concurrent transactions in parallel (PostgreSQL),
+up to ``pipeline`` groups are in flight at once: while one commits, the callers
+of the previous one wake up and queue again, so the client's work overlaps the
+server's. A group never carries an entity that another group in flight
+carries, so the calls of one entity are still written one group after the
+other, in the order they were made.
+
 Cancelling a caller that is still queued removes its request (nothing is
 written); cancelling one whose transaction is already in flight does not stop
 that transaction (all or nothing, decided by the database).
@@ -27,6 +34,9 @@ from casty_sa.errors import JournalClosed
 __all__ = ["GroupCommitter", "WriteRequest"]
 
 log = logging.getLogger("casty_sa.batching")
+
+#: Queued requests from which an idle pipeline splits the queue into two groups.
+_SPLIT_FROM = 32
 
 
 @dataclass(slots=True, eq=False)
@@ -65,6 +75,9 @@ class GroupCommitter:
         with its connection in hand).
     on_idle : Callable | None
         Awaited when the flusher stops (e.g. to give its connection back).
+    pipeline : int
+        Most groups in flight at once (1: each group waits for the previous
+        one, right for SQLite's single writer).
     """
 
     def __init__(
@@ -75,9 +88,11 @@ class GroupCommitter:
         max_pending: int,
         linger: float = 0.0,
         on_idle: Callable[[], Awaitable[None]] | None = None,
+        pipeline: int = 1,
     ) -> None:
-        if max_batch_events < 1 or max_pending < 1:
-            raise ValueError("max_batch_events and max_pending must be >= 1")
+        if max_batch_events < 1 or max_pending < 1 or pipeline < 1:
+            raise ValueError("max_batch_events, max_pending and pipeline must be >= 1")
+        self._pipeline = pipeline
         self._write = write
         self._linger = linger
         self._on_idle = on_idle
@@ -135,40 +150,87 @@ class GroupCommitter:
         return bool(self._queue)
 
     async def _flush_queue(self) -> None:
+        """Write groups cut from the queue until it is empty, up to ``pipeline`` at once."""
+        loop = asyncio.get_running_loop()
+        running: set[asyncio.Task[None]] = set()
+        busy: set[str] = set()  # entities of the groups in flight
+        try:
+            while self._queue or running:
+                group: list[WriteRequest] = []
+                if len(running) < self._pipeline:
+                    # a long queue meeting an idle pipeline is split in two, so that the
+                    # two halves' commits and callers overlap from the start
+                    group = self._cut(busy, split=self._pipeline > 1 and not running)
+                if group:
+                    # marked busy now, before the next cut, not when the task first runs
+                    entities = {request.entity_id for request in group}
+                    busy.update(entities)
+                    commit = self._commit(group, busy, entities)
+                    if self._pipeline == 1:
+                        await commit
+                    else:
+                        running.add(loop.create_task(commit))
+                elif running:
+                    # wait for a group to finish, or for a request that may fit beside it
+                    self._wakeup.clear()
+                    arrival = loop.create_task(self._wakeup.wait())
+                    try:
+                        done, _ = await asyncio.wait(
+                            {*running, arrival}, return_when=asyncio.FIRST_COMPLETED
+                        )
+                    finally:
+                        arrival.cancel()
+                    running.difference_update(done)
+        finally:
+            if running:  # cancelled while groups were in flight: they finish on their own
+                await asyncio.shield(asyncio.gather(*running, return_exceptions=True))
+
+    def _cut(self, busy: set[str], *, split: bool) -> list[WriteRequest]:
+        """The next group: queued requests in order, skipping entities in ``busy``."""
         queue = self._queue
+        limit = self._max_batch_events
+        if split and len(queue) >= _SPLIT_FROM:
+            limit = min(limit, max(1, sum(request.size for request in queue) // 2))
+        group: list[WriteRequest] = []
+        held_back: list[WriteRequest] = []
+        events = 0
         while queue:
-            group: list[WriteRequest] = []
-            events = 0
-            while queue:
-                request = queue[0]
-                if request.future is None or request.future.done():
-                    queue.popleft()  # its caller was cancelled while queued: never written
-                    continue
-                if group and events + request.size > self._max_batch_events:
-                    break
+            request = queue[0]
+            if request.future is None or request.future.done():
+                queue.popleft()  # its caller was cancelled while queued: never written
+            elif request.entity_id in busy:
+                held_back.append(queue.popleft())  # after that entity's group, in order
+            elif group and events + request.size > limit:
+                break
+            else:
                 group.append(queue.popleft())
                 events += request.size
-            self._room.set()
-            if not group:
-                continue
-            started = time.perf_counter()
-            try:
-                outcomes = await self._write(group)
-            except BaseException as exc:
-                outcomes = [exc] * len(group)
-                if isinstance(exc, asyncio.CancelledError):
-                    for request in group:
-                        _settle(request, exc)
-                    raise
-            for request, outcome in zip(group, outcomes, strict=True):
-                _settle(request, outcome)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "group commit: %d calls, %d rows in %.2f ms",
-                    len(group),
-                    events,
-                    (time.perf_counter() - started) * 1000,
-                )
+        queue.extendleft(reversed(held_back))
+        self._room.set()
+        return group
+
+    async def _commit(self, group: list[WriteRequest], busy: set[str], entities: set[str]) -> None:
+        """Write one group, free its ``entities`` from ``busy``, settle each caller."""
+        started = time.perf_counter()
+        try:
+            outcomes = await self._write(group)
+        except BaseException as exc:
+            outcomes = [exc] * len(group)
+            if isinstance(exc, asyncio.CancelledError):
+                for request in group:
+                    _settle(request, exc)
+                raise
+        finally:
+            busy.difference_update(entities)
+        for request, outcome in zip(group, outcomes, strict=True):
+            _settle(request, outcome)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "group commit: %d calls, %d rows in %.2f ms",
+                len(group),
+                sum(request.size for request in group),
+                (time.perf_counter() - started) * 1000,
+            )
 
     async def close(self) -> None:
         """Refuse new writes and wait for the queued ones to be written."""

@@ -223,6 +223,7 @@ class SAJournal:
                 max_pending=max_pending,
                 linger=_WRITER_LINGER,
                 on_idle=self._backend.release_held,
+                pipeline=min(self._backend.write_pipeline, max(1, self._backend.capacity - 1)),
             )
         self._ready = False
         self._ready_lock = asyncio.Lock()

@@ -324,6 +324,53 @@ async def test_same_sequence_nr_twice_in_one_group_first_caller_wins(
     ]
 
 
+async def test_groups_in_flight_side_by_side_never_share_an_entity(
+    journal: SAJournal, backend: str
+) -> None:
+    """PostgreSQL keeps two groups in flight; one entity's calls still go one group at a time.
+
+    Every entity queues three calls at once, made round-robin across the entities so
+    that any cut of the queue separates them: two claiming the same sequence number (the
+    first made must win) and one for the next. Whatever the groups, no two writes in
+    flight may carry the same entity, and each entity ends with the first call's events.
+    """
+    db: Any = journal._backend
+    write = db.write
+    in_flight: list[set[str]] = []
+    shared: list[set[str]] = []
+    most = 0
+
+    async def watched(events: Any, snapshots: Any) -> None:
+        nonlocal most
+        entities = {row[0] for row in [*events, *snapshots]}
+        shared.extend(entities & other for other in in_flight if entities & other)
+        in_flight.append(entities)
+        most = max(most, len(in_flight))
+        try:
+            await write(events, snapshots)
+        finally:
+            in_flight.remove(entities)
+
+    db.write = watched
+    entities = [f"pipe-{i}" for i in range(300)]
+    for round_ in range(3):
+        base = 2 * round_
+        firsts = [journal.persist(e, [ev(base + 1, ("first", round_))]) for e in entities]
+        seconds = [journal.persist(e, [ev(base + 1, ("second", round_))]) for e in entities]
+        nexts = [journal.persist(e, [ev(base + 2, ("next", round_))]) for e in entities]
+        results = await asyncio.gather(*firsts, *seconds, *nexts, return_exceptions=True)
+        n = len(entities)
+        assert results[:n] == [None] * n, [r for r in results[:n] if r is not None][:3]
+        assert all(isinstance(r, SequenceConflict) for r in results[n : 2 * n])
+        assert results[2 * n :] == [None] * n
+    assert shared == [], f"writes in flight at once shared entities: {shared[:3]}"
+    assert most == (2 if backend == "postgresql" else 1), most
+    for e in entities[::37]:
+        assert [(x.sequence_nr, x.event[0]) for x in await journal.load(e)] == [
+            (s, "first" if s % 2 else "next") for s in range(1, 7)
+        ]
+
+
 async def test_order_per_entity_is_preserved_under_concurrency(journal: SAJournal) -> None:
     """Calls of one entity issued in order are stored in order, interleaved with others."""
 
