@@ -106,7 +106,11 @@ class Backend:
         self.capacity = _pool_capacity(engine)
         self._gate = asyncio.Semaphore(self.capacity)
         self.hold_writes = False
+        #: seconds a kept writer connection may sit unused before it goes back to the pool
+        self.hold_linger = 0.01
         self._held: Any = None
+        self._idle_check: asyncio.TimerHandle | None = None
+        self._giving_back: set[asyncio.Task[None]] = set()
         events, snapshots = _tables(schema)
         self.events, self.snapshots = events, snapshots
         dialect = engine.dialect
@@ -198,6 +202,24 @@ class Backend:
             self._gate.release()
         else:
             self._held = fairy
+            if self._idle_check is None:
+                loop = asyncio.get_running_loop()
+                self._idle_check = loop.call_later(self.hold_linger, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """Give the kept connection back once it sat unused for ``hold_linger``."""
+        self._idle_check = None
+        fairy = self._held
+        if fairy is None:
+            return
+        loop = asyncio.get_running_loop()
+        unused = time.monotonic() - fairy.info[_RELEASED]
+        if unused < self.hold_linger:
+            self._idle_check = loop.call_later(self.hold_linger - unused, self._check_idle)
+            return
+        task = loop.create_task(self.release_held(), name="casty_sa-release-writer")
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     async def release_held(self) -> None:
         """Return the connection kept for writes to the pool."""
@@ -246,6 +268,10 @@ class Backend:
     async def ping(self, driver_connection: Any) -> None:
         """Prove the connection alive with one round trip (no-op where not needed)."""
 
+    #: Whether a write whose caller is cancelled still runs to its end on its own (the
+    #: driver finishes the statement on its thread), so callers may write directly.
+    writes_survive_cancellation = False
+
     #: Write groups in flight at once (see :mod:`casty_sa.batching`): 1 where the database
     #: has a single writer anyway.
     write_pipeline = 1
@@ -255,7 +281,13 @@ class Backend:
     reads_need_shield = True
 
     async def close(self) -> None:
-        """Release what the backend holds outside the pool."""
+        """Release what the backend holds outside the pool (the writer's kept connection)."""
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+            self._idle_check = None
+        await self.release_held()
+        if self._giving_back:
+            await asyncio.gather(*self._giving_back, return_exceptions=True)
 
     def usable(self, driver_connection: Any) -> bool:
         """Whether a held connection may be used again without asking the pool."""
@@ -354,6 +386,7 @@ class SqliteBackend(Backend):
         # by a cancelled caller just finishes on that thread, so no shield is needed.
         self._share_reader = self._autocommit and not self._memory
         self.reads_need_shield = not self._share_reader
+        self.writes_survive_cancellation = self._share_reader
         self._reader: Any = None
         self._reader_lock = asyncio.Lock()
         self._insert = self._compile(insert(self.events))
@@ -489,6 +522,7 @@ class SqliteBackend(Backend):
             return self._reader  # type: ignore[no-any-return]
 
     async def close(self) -> None:
+        await super().close()
         reader, self._reader = self._reader, None
         if reader is not None:
             await _quietly(greenlet_spawn(reader[0].close))

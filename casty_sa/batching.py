@@ -14,6 +14,14 @@ server's. A group never carries an entity that another group in flight
 carries, so the calls of one entity are still written one group after the
 other, in the order they were made.
 
+When the journal is quiet (nothing queued or in flight, and the last write
+carried a single call, as when one entity writes after another), a caller
+writes its own call directly, in its own task: no hand-over to the flusher and
+back. Calls that arrive meanwhile queue up and go as a group once it is done.
+This is only offered where a write cut off by cancellation still completes on
+its own (``direct``), as on SQLite, whose driver runs each statement to its
+end on the connection's own thread.
+
 Cancelling a caller that is still queued removes its request (nothing is
 written); cancelling one whose transaction is already in flight does not stop
 that transaction (all or nothing, decided by the database).
@@ -78,6 +86,9 @@ class GroupCommitter:
     pipeline : int
         Most groups in flight at once (1: each group waits for the previous
         one, right for SQLite's single writer).
+    direct : bool
+        Let a caller of a quiet journal write its own call (see above); only
+        where ``write`` survives its caller's cancellation.
     """
 
     def __init__(
@@ -89,6 +100,7 @@ class GroupCommitter:
         linger: float = 0.0,
         on_idle: Callable[[], Awaitable[None]] | None = None,
         pipeline: int = 1,
+        direct: bool = False,
     ) -> None:
         if max_batch_events < 1 or max_pending < 1 or pipeline < 1:
             raise ValueError("max_batch_events, max_pending and pipeline must be >= 1")
@@ -104,6 +116,11 @@ class GroupCommitter:
         self._room.set()
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
+        self._direct = direct
+        self._flushing = False  # the flusher is cutting and writing groups
+        self._single = True  # the last write carried one call: the load looks sequential
+        self._direct_done = asyncio.Event()  # clear while a direct write runs
+        self._direct_done.set()
 
     async def submit(self, request: WriteRequest) -> None:
         """Queue ``request`` and return once it is committed (or raise its error)."""
@@ -114,14 +131,37 @@ class GroupCommitter:
             await self._room.wait()
         if self._closed:
             raise JournalClosed("this SAJournal is closed; create a new one")
-        loop = asyncio.get_running_loop()
-        request.future = future = loop.create_future()
+        if not self._direct_done.is_set():
+            pass  # a direct write runs: queue behind it, it hands the queue over when done
+        elif self._direct and self._single and not self._queue and not self._flushing:
+            await self._write_directly(request)
+            return
+        request.future = future = asyncio.get_running_loop().create_future()
         self._queue.append(request)
+        if self._direct_done.is_set():
+            self._run_flusher()
+        await future
+
+    def _run_flusher(self) -> None:
+        """Start the flusher, or wake it if it lingers."""
         if self._flusher is None or self._flusher.done():
+            loop = asyncio.get_running_loop()
             self._flusher = loop.create_task(self._flush(), name="casty_sa-group-commit")
         else:
             self._wakeup.set()
-        await future
+
+    async def _write_directly(self, request: WriteRequest) -> None:
+        """Write one call in the caller's task, then hand over what queued meanwhile."""
+        self._direct_done.clear()
+        try:
+            outcome = (await self._write([request]))[0]
+        finally:
+            self._direct_done.set()
+            if self._queue:
+                self._single = False  # others came while it ran: they go as a group
+                self._run_flusher()
+        if outcome is not None:
+            raise outcome
 
     async def _flush(self) -> None:
         while True:
@@ -154,6 +194,8 @@ class GroupCommitter:
         loop = asyncio.get_running_loop()
         running: set[asyncio.Task[None]] = set()
         busy: set[str] = set()  # entities of the groups in flight
+        await self._direct_done.wait()  # never beside a direct write
+        self._flushing = True
         try:
             while self._queue or running:
                 group: list[WriteRequest] = []
@@ -184,6 +226,7 @@ class GroupCommitter:
         finally:
             if running:  # cancelled while groups were in flight: they finish on their own
                 await asyncio.shield(asyncio.gather(*running, return_exceptions=True))
+            self._flushing = False
 
     def _cut(self, busy: set[str], *, split: bool) -> list[WriteRequest]:
         """The next group: queued requests in order, skipping entities in ``busy``."""
@@ -212,6 +255,7 @@ class GroupCommitter:
     async def _commit(self, group: list[WriteRequest], busy: set[str], entities: set[str]) -> None:
         """Write one group, free its ``entities`` from ``busy``, settle each caller."""
         started = time.perf_counter()
+        self._single = len(group) == 1
         try:
             outcomes = await self._write(group)
         except BaseException as exc:
@@ -237,6 +281,7 @@ class GroupCommitter:
         self._closed = True
         self._room.set()
         self._wakeup.set()
+        await self._direct_done.wait()
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
 

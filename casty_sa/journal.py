@@ -224,6 +224,7 @@ class SAJournal:
                 linger=_WRITER_LINGER,
                 on_idle=self._backend.release_held,
                 pipeline=min(self._backend.write_pipeline, max(1, self._backend.capacity - 1)),
+                direct=self._backend.writes_survive_cancellation,
             )
         self._ready = False
         self._ready_lock = asyncio.Lock()
