@@ -48,6 +48,7 @@ from sqlalchemy.sql.compiler import Compiled
 from sqlalchemy.util import greenlet_spawn
 
 from casty_sa.engine import AUTOCOMMIT_ENGINES
+from casty_sa.errors import JournalClosed
 from casty_sa.models import EventRecord, SnapshotRecord
 from casty_sa.urls import is_memory_sqlite
 
@@ -137,6 +138,38 @@ class Backend:
         compiled: Compiled = statement.compile(dialect=self._engine.dialect)
         return compiled.string
 
+    def _newer_snapshot_wins(self, upsert: Any) -> str:
+        """``upsert`` (the dialect's ``INSERT``) made to replace only an older snapshot."""
+        return self._compile(
+            upsert.on_conflict_do_update(
+                index_elements=[self.snapshots.c.entity_id],
+                set_={k: upsert.excluded[k] for k in ("sequence_nr", "timestamp", "payload")},
+                where=upsert.excluded.sequence_nr >= self.snapshots.c.sequence_nr,
+            )
+        )
+
+    def _events_of_keys(self, keys: Any, number: Any, entity_id: Any, from_nr: Any) -> str:
+        """The events of every ``(entity_id, from_nr)`` row of ``keys``, led by its ``number``."""
+        events = self.events
+        return self._compile(
+            select(number, events.c.sequence_nr, events.c.payload, events.c.timestamp)
+            .join_from(
+                keys,
+                events,
+                and_(events.c.entity_id == entity_id, events.c.sequence_nr >= from_nr),
+            )
+            .order_by(number, events.c.sequence_nr)
+        )
+
+    def _snapshots_of_keys(self, keys: Any, number: Any, entity_id: Any) -> str:
+        """The snapshot of each ``entity_id`` row of ``keys`` that has one, led by ``number``."""
+        snapshots = self.snapshots
+        return self._compile(
+            select(
+                number, snapshots.c.sequence_nr, snapshots.c.payload, snapshots.c.timestamp
+            ).join_from(keys, snapshots, snapshots.c.entity_id == entity_id)
+        )
+
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:
         """A live driver connection from SQLAlchemy's pool, returned on exit.
@@ -167,9 +200,15 @@ class Backend:
         fairy = None
         if self.hold_writes:
             fairy, self._held = self._held, None
-            if fairy is not None and not await self._alive(fairy):
-                fairy = None
-                self._gate.release()
+            if fairy is not None:
+                try:
+                    alive = await self._alive(fairy)
+                except BaseException:
+                    self._gate.release()  # _alive gave the connection back; its permit too
+                    raise
+                if not alive:
+                    fairy = None
+                    self._gate.release()
         if fairy is None:
             await self._gate.acquire()
             try:
@@ -180,11 +219,16 @@ class Backend:
         return fairy
 
     async def give_back_writer(self, fairy: Any, exc: BaseException | None) -> None:
-        """Return (or keep) the writer's connection; ``exc``: how the write failed, if it did."""
+        """Return (or keep) the writer's connection; ``exc``: how the write failed, if it did.
+
+        A write cut off by cancellation may still be running on the connection, so the
+        connection goes back to the pool, whose reset (a rollback queued behind that
+        statement) leaves it clean, instead of being kept for the next write.
+        """
         if exc is not None and self.is_disconnect(exc):
             await self._release(fairy, exc)
             self._gate.release()
-        elif self.hold_writes:
+        elif self.hold_writes and (exc is None or isinstance(exc, Exception)):
             await self._keep(fairy)
         else:
             await self._release(fairy, None)
@@ -251,11 +295,12 @@ class Backend:
             if idle > PING_AFTER:
                 await self.ping(driver)
             return True
-        except Exception as exc:
-            if not self.is_disconnect(exc):
-                await self._release(fairy, None)
-                raise
+        except BaseException as exc:
+            # whatever failed ``SELECT 1`` (a server that ended the session, a protocol left
+            # mid-way, a caller cancelled mid-ping) makes this connection one not to reuse
             await self._release(fairy, exc)
+            if not isinstance(exc, Exception):
+                raise
             return False
 
     async def _release(self, fairy: Any, exc: BaseException | None) -> None:
@@ -389,37 +434,19 @@ class SqliteBackend(Backend):
         self.writes_survive_cancellation = self._share_reader
         self._reader: Any = None
         self._reader_lock = asyncio.Lock()
+        self._closed = False
         self._insert = self._compile(insert(self.events))
-        upsert = sqlite.insert(self.snapshots)
-        self._upsert = self._compile(
-            upsert.on_conflict_do_update(
-                index_elements=[self.snapshots.c.entity_id],
-                set_={k: upsert.excluded[k] for k in ("sequence_nr", "timestamp", "payload")},
-                where=upsert.excluded.sequence_nr >= self.snapshots.c.sequence_nr,
-            )
-        )
+        self._upsert = self._newer_snapshot_wins(sqlite.insert(self.snapshots))
         # batched reads name their keys in one JSON parameter: [[entity_id, from_nr], ...]
         # for events, [entity_id, ...] for snapshots; json_each numbers them from 0
-        events, snapshots = self.events, self.snapshots
         keys = func.json_each(bindparam("keys")).table_valued("key", "value")
-        self._load_events_batch = self._compile(
-            select(keys.c.key, events.c.sequence_nr, events.c.payload, events.c.timestamp)
-            .join_from(
-                keys,
-                events,
-                and_(
-                    events.c.entity_id == func.json_extract(keys.c.value, literal_column("'$[0]'")),
-                    events.c.sequence_nr
-                    >= func.json_extract(keys.c.value, literal_column("'$[1]'")),
-                ),
-            )
-            .order_by(keys.c.key, events.c.sequence_nr)
+        self._load_events_batch = self._events_of_keys(
+            keys,
+            keys.c.key,
+            func.json_extract(keys.c.value, literal_column("'$[0]'")),
+            func.json_extract(keys.c.value, literal_column("'$[1]'")),
         )
-        self._load_snapshots_batch = self._compile(
-            select(
-                keys.c.key, snapshots.c.sequence_nr, snapshots.c.payload, snapshots.c.timestamp
-            ).join_from(keys, snapshots, snapshots.c.entity_id == keys.c.value)
-        )
+        self._load_snapshots_batch = self._snapshots_of_keys(keys, keys.c.key, keys.c.value)
         if not _SQLITE_HAS_JSON:
             self.max_read_keys = 1
 
@@ -472,8 +499,10 @@ class SqliteBackend(Backend):
     async def _write_explicit(
         self, conn: Any, events: Sequence[Row], snapshots: Sequence[Row]
     ) -> None:
-        await conn.execute("BEGIN IMMEDIATE")
         try:
+            # inside the try: a caller cancelled while BEGIN is queued on the driver's thread
+            # must still queue the ROLLBACK behind it, or the connection stays in a transaction
+            await conn.execute("BEGIN IMMEDIATE")
             for start in range(0, len(events), _SQLITE_MAX_ROWS):
                 chunk = events[start : start + _SQLITE_MAX_ROWS]
                 await conn.execute(_multi_row(self._insert, len(chunk)), _flat(chunk))
@@ -514,6 +543,8 @@ class SqliteBackend(Backend):
 
     async def _open_reader(self) -> tuple[Any, Any]:
         async with self._reader_lock:
+            if self._closed:
+                raise JournalClosed("this SAJournal is closed; create a new one")
             if self._reader is None:
                 fairy = await self._engine.raw_connection()
                 driver = fairy.driver_connection
@@ -522,8 +553,10 @@ class SqliteBackend(Backend):
             return self._reader  # type: ignore[no-any-return]
 
     async def close(self) -> None:
+        self._closed = True
         await super().close()
-        reader, self._reader = self._reader, None
+        async with self._reader_lock:  # a reader being opened is in the pool's hands until then
+            reader, self._reader = self._reader, None
         if reader is not None:
             await _quietly(greenlet_spawn(reader[0].close))
 
@@ -559,39 +592,22 @@ class PostgresBackend(Backend):
         self._insert = self._compile(
             insert(self.events).from_select(columns, from_arrays(self.events))
         )
-        upsert = postgresql.insert(self.snapshots).from_select(columns, from_arrays(self.snapshots))
-        self._upsert = self._compile(
-            upsert.on_conflict_do_update(
-                index_elements=[self.snapshots.c.entity_id],
-                set_={k: upsert.excluded[k] for k in ("sequence_nr", "timestamp", "payload")},
-                where=upsert.excluded.sequence_nr >= self.snapshots.c.sequence_nr,
-            )
+        self._upsert = self._newer_snapshot_wins(
+            postgresql.insert(self.snapshots).from_select(columns, from_arrays(self.snapshots))
         )
         # batched reads: the keys travel as arrays, numbered from 1 by WITH ORDINALITY
-        events, snapshots = self.events, self.snapshots
         ids = bindparam("entity_ids", type_=ARRAY(String))
         pairs = (
             func.unnest(ids, bindparam("from_nrs", type_=ARRAY(BigInteger)))
             .table_valued("entity_id", "from_nr", with_ordinality="k")
             .render_derived()
         )
-        self._load_events_batch = self._compile(
-            select(pairs.c.k, events.c.sequence_nr, events.c.payload, events.c.timestamp)
-            .join_from(
-                pairs,
-                events,
-                and_(
-                    events.c.entity_id == pairs.c.entity_id,
-                    events.c.sequence_nr >= pairs.c.from_nr,
-                ),
-            )
-            .order_by(pairs.c.k, events.c.sequence_nr)
+        self._load_events_batch = self._events_of_keys(
+            pairs, pairs.c.k, pairs.c.entity_id, pairs.c.from_nr
         )
         singles = func.unnest(ids).table_valued("entity_id", with_ordinality="k").render_derived()
-        self._load_snapshots_batch = self._compile(
-            select(
-                singles.c.k, snapshots.c.sequence_nr, snapshots.c.payload, snapshots.c.timestamp
-            ).join_from(singles, snapshots, snapshots.c.entity_id == singles.c.entity_id)
+        self._load_snapshots_batch = self._snapshots_of_keys(
+            singles, singles.c.k, singles.c.entity_id
         )
 
     _ordinal_base = 1
@@ -619,8 +635,11 @@ class PostgresBackend(Backend):
 
         if isinstance(exc, OSError | ConnectionLost | TimeoutError):
             return True
-        if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
-            return True
+        if isinstance(
+            exc,
+            asyncpg.PostgresConnectionError | asyncpg.InterfaceError | asyncpg.InternalClientError,
+        ):
+            return True  # the last: the protocol was left mid-way, e.g. by a server's FATAL
         sqlstate = getattr(exc, "sqlstate", None) or ""
         return sqlstate.startswith(("08", "57P"))  # connection exception, operator intervention
 

@@ -23,6 +23,9 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 
 __all__ = ["BatchFetch", "ReadCoalescer"]
 
+#: Queued keys per running batch before one more batch is started beside them.
+_MIN_SHARE = 16
+
 #: Fetches the values of a batch of distinct keys, in the order of the keys.
 type BatchFetch[K, V] = Callable[[Sequence[K]], Awaitable[Sequence[V]]]
 
@@ -80,9 +83,13 @@ class ReadCoalescer[K: Hashable, V]:
         self._inline = inline
         self._pending: dict[K, list[asyncio.Future[V]]] = {}
         self._workers = 0
+        self._fetching = 0  # workers with a batch in flight
+        self._quiet = asyncio.Event()  # set while no lookup is queued or in flight
+        self._quiet.set()
 
     async def get(self, key: K) -> V:
         """The value of ``key``, fetched alone or together with concurrent lookups."""
+        self._quiet.clear()
         if self._inline and not self._pending and self._workers < self._concurrency:
             return await self._alone(key)
         future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
@@ -91,19 +98,25 @@ class ReadCoalescer[K: Hashable, V]:
             self._pending[key] = [future]
         else:
             waiting.append(future)
-        if self._workers < self._concurrency:
+        workers = self._workers
+        # another batch goes out beside those in flight only for enough keys to be worth
+        # a connection of its own; a few more wait for the next free worker instead
+        if workers < self._concurrency and len(self._pending) > workers * _MIN_SHARE:
             self._start_worker()
         return await future
 
     async def _alone(self, key: K) -> V:
         """Fetch ``key`` in the caller's task; lookups arriving meanwhile queue up."""
         self._workers += 1
+        self._fetching += 1
         try:
             values = await self._fetch([key])
         finally:
             self._workers -= 1
+            self._fetching -= 1
             if self._pending and self._workers < self._concurrency:
                 self._start_worker()
+            self._settle_quiet()
         if len(values) != 1:
             raise AssertionError(f"a read of one key returned {len(values)} values")
         return values[0]
@@ -115,9 +128,14 @@ class ReadCoalescer[K: Hashable, V]:
             self._track(task)
 
     def _next_batch(self) -> list[tuple[K, list[asyncio.Future[V]]]]:
-        """Up to a fair share of the pending keys whose callers still wait."""
+        """Up to a fair share of the pending keys whose callers still wait.
+
+        The share divides what is queued among the workers not yet fetching, so a
+        storm spreads evenly over the connections instead of shrinking batch by batch.
+        """
         pending = self._pending
-        share = min(self._max_keys, math.ceil(len(pending) / self._workers))
+        idle = max(1, self._workers - self._fetching)
+        share = min(self._max_keys, math.ceil(len(pending) / idle))
         batch: list[tuple[K, list[asyncio.Future[V]]]] = []
         while pending and len(batch) < share:
             key = next(iter(pending))
@@ -132,6 +150,7 @@ class ReadCoalescer[K: Hashable, V]:
                 batch = self._next_batch()
                 if not batch:
                     continue
+                self._fetching += 1
                 try:
                     values = await self._fetch([key for key, _ in batch])
                     if len(values) != len(batch):
@@ -139,17 +158,33 @@ class ReadCoalescer[K: Hashable, V]:
                             f"a batch read of {len(batch)} keys returned {len(values)} values"
                         )
                 except BaseException as exc:
+                    self._fetching -= 1
                     for _, waiting in batch:
                         _fail(waiting, exc)
                     if not isinstance(exc, Exception):
+                        # this worker was cancelled (the loop shutting down): leave no
+                        # caller waiting for a worker that will not come
+                        for waiting in self._pending.values():
+                            _fail(waiting, exc)
+                        self._pending.clear()
                         raise
                     continue
+                self._fetching -= 1
                 for (_, waiting), value in zip(batch, values, strict=False):
                     for future in waiting:
                         if not future.done():
                             future.set_result(value)
         finally:
             self._workers -= 1
+            self._settle_quiet()
+
+    def _settle_quiet(self) -> None:
+        if not self._workers and not self._pending:
+            self._quiet.set()
+
+    async def drain(self) -> None:
+        """Wait until no lookup is queued or in flight (for ``close()``)."""
+        await self._quiet.wait()
 
 
 def _fail[V](waiting: list[asyncio.Future[V]], exc: BaseException) -> None:

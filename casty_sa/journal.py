@@ -300,6 +300,9 @@ class SAJournal:
         self._closed = True
         if self._committer is not None:
             await self._committer.close()
+        # reads already under way finish (new ones are refused by start())
+        await self._event_reads.drain()
+        await self._snapshot_reads.drain()
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         await self._backend.close()
@@ -538,6 +541,10 @@ class SAJournal:
                 error = self._database_error(exc, what)
                 if not self._retryable(exc, error) or attempt >= self._read_retries:
                     raise error from exc
+                if self._closed:
+                    raise JournalClosed(
+                        f"the journal was closed while it retried to {what}"
+                    ) from exc
                 delay = self._retry_backoff * (2**attempt) * (0.5 + random.random())
                 attempt += 1
                 log.warning(

@@ -221,6 +221,32 @@ async def test_cancelled_calls_leave_no_partial_write_and_no_leaked_connection(
     await wait_until_idle(journal)
 
 
+async def test_a_cancelled_large_write_never_takes_the_next_acknowledged_one_with_it(
+    db_url: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    """A persist cut off at any point must not leave its connection inside a transaction.
+
+    A call of more than 1,000 events is an explicit transaction on SQLite. Were its
+    ``BEGIN`` to run after its caller was cancelled, with no ``ROLLBACK`` behind it, the
+    next acknowledged write would join that transaction and vanish with the pool's reset.
+    """
+    journal = make_journal(db_url)
+    big = [ev(s, s) for s in range(1, 1002)]
+    trials = 40
+    for trial in range(trials):
+        task = asyncio.create_task(journal.persist(f"big-{trial}", big))
+        for _ in range(trial % 6):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await journal.persist(f"acked-{trial}", [ev(1, "acknowledged")])
+    await wait_until_idle(journal)  # the kept writer connection has gone back to the pool
+    reader = make_journal(db_url)
+    for trial in range(trials):
+        assert [e.event for e in await reader.load(f"acked-{trial}")] == ["acknowledged"], trial
+        assert len(await reader.load(f"big-{trial}")) in (0, len(big))
+
+
 async def test_cancelling_the_first_call_of_a_fresh_journal(
     db_url: URL, make_journal: Callable[..., SAJournal]
 ) -> None:

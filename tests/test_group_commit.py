@@ -44,25 +44,21 @@ def committer(write: Recorder, *, direct: bool) -> GroupCommitter:
 
 
 class TestDirectWrites:
-    async def test_a_quiet_journal_lets_each_caller_write_its_own_call(self) -> None:
+    @pytest.mark.parametrize("direct", [True, False])
+    async def test_a_quiet_journal_lets_each_caller_write_its_own_call_when_direct(
+        self, direct: bool
+    ) -> None:
         write = Recorder()
-        commits = committer(write, direct=True)
+        commits = committer(write, direct=direct)
         me = asyncio.current_task()
         for k in range(5):
             await commits.submit(request(f"e{k}"))
         assert write.groups == [[f"e{k}"] for k in range(5)]
-        assert write.tasks == [me] * 5  # no hand-over to a flusher task
-        assert commits._flusher is None
-        await commits.close()
-
-    async def test_without_direct_every_call_goes_through_the_flusher(self) -> None:
-        write = Recorder()
-        commits = committer(write, direct=False)
-        me = asyncio.current_task()
-        for k in range(3):
-            await commits.submit(request(f"e{k}"))
-        assert write.groups == [[f"e{k}"] for k in range(3)]
-        assert me not in write.tasks
+        if direct:
+            assert write.tasks == [me] * 5  # no hand-over to a flusher task
+            assert commits._flusher is None
+        else:
+            assert me not in write.tasks
         await commits.close()
 
     async def test_calls_arriving_during_a_direct_write_go_together_after_it(self) -> None:
