@@ -8,13 +8,18 @@ per-call compilation, ORM session or greenlet hop per statement. The pool,
 its checkout and the connect-time pragmas stay SQLAlchemy's.
 
 SQLite (``aiosqlite``)
-    One transaction per write group: ``executemany`` of the insert (the driver
-    opens it with ``BEGIN IMMEDIATE``), the snapshot upsert, ``COMMIT``.
+    On engines casty-sa creates, the driver runs in autocommit mode and a
+    write group is one multi-row ``INSERT`` (or snapshot upsert) that SQLite
+    commits on its own: one trip to the driver's thread. Larger or mixed
+    groups use ``BEGIN IMMEDIATE`` … ``COMMIT``. Reads go to one reader
+    connection the journal keeps; a batch of reads is one query joining the
+    keys of a JSON parameter (``json_each``).
 PostgreSQL (``asyncpg``)
     One statement per write group in autocommit: the rows travel as four
     arrays and are inserted from ``unnest(...)``, so a group of any size costs
     one round trip and is atomic. A group that also carries snapshots uses an
-    explicit transaction.
+    explicit transaction. A batch of reads joins ``unnest(...) WITH
+    ORDINALITY`` of the keys' arrays.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The unit of work of every call is one transaction on a connection from
 SQLAlchemy's pool; the statements themselves are Core constructs compiled
 once per dialect (:mod:`casty_sa.backends`). Concurrent writes are grouped by
-:mod:`casty_sa.batching`.
+:mod:`casty_sa.batching`, concurrent reads by :mod:`casty_sa.coalescing`.
 """
 
 from __future__ import annotations
