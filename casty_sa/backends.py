@@ -231,12 +231,22 @@ class Backend:
         statement) leaves it clean, instead of being kept for the next write.
         """
         if exc is not None and self.is_disconnect(exc):
-            await self._release(fairy, exc)
-            self._gate.release()
+            await self._give_back(fairy, exc)
         elif self.hold_writes and (exc is None or isinstance(exc, Exception)):
             await self._keep(fairy)
         else:
-            await self._release(fairy, None)
+            await self._give_back(fairy, None)
+
+    async def _give_back(self, fairy: Any, exc: BaseException | None) -> None:
+        """Return a connection to the pool and its permit to the gate, even if cancelled.
+
+        A caller cancelled again while the pool resets the connection (its rollback)
+        still gives the permit back; SQLAlchemy invalidates a connection whose reset was
+        cut off, so the pool's own count stays right too.
+        """
+        try:
+            await self._release(fairy, exc)
+        finally:
             self._gate.release()
 
     async def _keep(self, fairy: Any) -> None:
@@ -247,8 +257,7 @@ class Backend:
         """
         fairy.info[_RELEASED] = time.monotonic()
         if self._gate.locked() or self._held is not None:
-            await self._release(fairy, None)
-            self._gate.release()
+            await self._give_back(fairy, None)
         else:
             self._held = fairy
             if self._idle_check is None:
@@ -274,8 +283,7 @@ class Backend:
         """Return the connection kept for writes to the pool."""
         fairy, self._held = self._held, None
         if fairy is not None:
-            await self._release(fairy, None)
-            self._gate.release()
+            await self._give_back(fairy, None)
 
     async def _checkout(self) -> Any:
         """A pooled connection, checked to be alive when it sat unused for a while."""
@@ -669,6 +677,8 @@ class PostgresBackend(Backend):
                 raise WriteRefused(exc, duplicate=True) from exc
             if isinstance(exc, asyncpg.DataError):
                 raise WriteRefused(exc, duplicate=False) from exc
+            if _never_sent(exc):
+                raise ConnectionLost(exc, during_commit=False) from exc
             if self.is_disconnect(exc):
                 # a single autocommit statement (or COMMIT) may have been applied
                 raise ConnectionLost(exc, during_commit=True) from exc
@@ -738,6 +748,23 @@ def _pool_capacity(engine: AsyncEngine) -> int:
     if not callable(size):
         return 64  # a pool without a size (NullPool and the like): a generous bound
     return max(1, int(size()) + max(0, int(overflow)))
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Whether asyncpg refused an operation before sending anything to the server.
+
+    It checks its protocol state first: a connection the server has just ended (its
+    FATAL message read, the protocol left consuming it) or one already closed fails
+    there, so the statement (and any COMMIT) never left the client.
+    """
+    import asyncpg
+
+    text = str(exc)
+    if isinstance(exc, asyncpg.InternalClientError):
+        return text.startswith("cannot switch to state")
+    if isinstance(exc, asyncpg.InterfaceError):
+        return text.startswith("cannot perform operation") or text == "connection is closed"
+    return False
 
 
 def _columns(rows: Sequence[Row]) -> list[list[Any]]:

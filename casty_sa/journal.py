@@ -472,11 +472,18 @@ class SAJournal:
             events = [row for request in group for row in request.events]
             snapshots = [request.snapshot for request in group if request.snapshot is not None]
         try:
-            if self._serial is None:  # the common case, without a context manager per write
-                await self._backend.write(events, snapshots)
-            else:
-                async with self._serial:
-                    await self._backend.write(events, snapshots)
+            try:
+                await self._write_rows(events, snapshots)
+            except ConnectionLost as lost:
+                if lost.during_commit:
+                    raise
+                # the driver refused before sending anything (a connection the server had
+                # just ended): nothing is stored, so once more on a fresh connection
+                log.warning(
+                    "casty_sa: a write was not sent (%s); sending it on another connection",
+                    _describe(lost.cause),
+                )
+                await self._write_rows(events, snapshots)
         except WriteRefused:
             raise
         except ConnectionLost as lost:
@@ -492,6 +499,13 @@ class SAJournal:
             what = f"write {len(events)} events and {len(snapshots)} snapshots"
             raise self._database_error(exc, what) from exc
 
+    async def _write_rows(self, events: list[Row], snapshots: list[Row]) -> None:
+        if self._serial is None:  # the common case, without a context manager per write
+            await self._backend.write(events, snapshots)
+        else:
+            async with self._serial:
+                await self._backend.write(events, snapshots)
+
     async def _refusal_error(self, request: WriteRequest, refused: WriteRefused) -> JournalError:
         if not refused.duplicate or not request.events:
             return InvalidEventError(
@@ -504,6 +518,7 @@ class SAJournal:
                 self._backend.min_stored,
                 (request.entity_id, low, high),
                 "find the conflicting sequence number",
+                internal=True,
             )
         except JournalError:
             stored = None
@@ -520,13 +535,17 @@ class SAJournal:
         what: str,
         *,
         in_task: bool = False,
+        internal: bool = False,
     ) -> _T:
         """Run a read with bounded retries of connection errors, safe from cancellation.
 
         ``in_task``: ``fetch`` already runs the query in a task of its own (a
         coalesced read), which a cancelled caller cannot cut short.
+        ``internal``: a read the journal's own writing needs (it may run while
+        ``close()`` flushes the last writes, so it is not refused as closed).
         """
-        await self.start()
+        if not internal:
+            await self.start()
         attempt = 0
         while True:
             try:
@@ -541,7 +560,7 @@ class SAJournal:
                 error = self._database_error(exc, what)
                 if not self._retryable(exc, error) or attempt >= self._read_retries:
                     raise error from exc
-                if self._closed:
+                if self._closed and not internal:
                     raise JournalClosed(
                         f"the journal was closed while it retried to {what}"
                     ) from exc
@@ -556,6 +575,10 @@ class SAJournal:
                     delay,
                 )
                 await asyncio.sleep(delay)
+                if self._closed and not internal:  # close() did not wait for a sleeping retry
+                    raise JournalClosed(
+                        f"the journal was closed while it retried to {what}"
+                    ) from exc
 
     async def _fetch(self, fetch: Callable[..., Awaitable[_T]], args: tuple[Any, ...]) -> _T:
         if self._serial is None:  # the common case, without a context manager per read

@@ -247,6 +247,44 @@ async def test_a_cancelled_large_write_never_takes_the_next_acknowledged_one_wit
         assert len(await reader.load(f"big-{trial}")) in (0, len(big))
 
 
+async def test_calls_cancelled_again_and_again_never_cost_the_journal_a_connection(
+    db_url: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    """Cancelled once more while its clean-up runs (a TaskGroup or an outer timeout cancelling
+    again), a call still gives back its connection's place: writers never wait forever."""
+    journal = make_journal(db_url)
+    await journal.persist("warm", [ev(1, "x")])
+    rng = random.Random(1)
+    for n in range(150):
+        task = asyncio.ensure_future(journal.persist(f"again-{n}", [ev(1, "x" * 100)]))
+        await asyncio.sleep(rng.random() * 0.002)
+        while not task.done():
+            task.cancel()
+            await asyncio.sleep(0)
+    await wait_until_idle(journal)
+    backend: Any = journal._backend
+    assert backend._gate._value == backend.capacity, "a cancelled call kept a pool permit"
+    writers = [journal.persist(f"after-{k}", [ev(1, k)]) for k in range(2 * backend.capacity)]
+    assert await asyncio.wait_for(asyncio.gather(*writers), 10) == [None] * len(writers)
+
+
+async def test_a_conflict_flushed_by_close_still_names_the_stored_sequence_number(
+    db_url: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    """close() writes what is queued; a conflict among those calls reports the number that
+    is really stored, although the journal no longer takes new calls by then."""
+    journal = make_journal(db_url)
+    await journal.persist("taken", [ev(5, "stored")])
+    neighbours = [asyncio.ensure_future(journal.persist(f"n-{k}", [ev(1, k)])) for k in range(10)]
+    late = asyncio.ensure_future(journal.persist("taken", [ev(3, "a"), ev(4, "b"), ev(5, "c")]))
+    await asyncio.sleep(0)  # every call is queued (or being written)
+    await journal.close()
+    assert await asyncio.gather(*neighbours) == [None] * 10
+    conflict = (await asyncio.gather(late, return_exceptions=True))[0]
+    assert isinstance(conflict, SequenceConflict), conflict
+    assert conflict.sequence_nr == 5
+
+
 async def test_cancelling_the_first_call_of_a_fresh_journal(
     db_url: URL, make_journal: Callable[..., SAJournal]
 ) -> None:

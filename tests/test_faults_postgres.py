@@ -35,6 +35,7 @@ import casty_sa
 from casty_sa import (
     CommitOutcomeUnknown,
     DatabaseUnavailable,
+    JournalClosed,
     JournalError,
     SAJournal,
     SchemaError,
@@ -441,6 +442,53 @@ async def test_read_killed_mid_statement_is_retried_transparently(
         await lock.close()
     assert [e.event for e in await asyncio.wait_for(load, 10)] == ["a", "b"]
     assert "retry 1 of 3" in caplog.text
+
+
+async def test_a_write_on_a_connection_the_server_just_ended_is_sent_on_another(
+    pg: DedicatedPostgres, fault_db: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    """The server ends the writer's kept session a moment after its last use (too recent
+    for a ping): asyncpg refuses the next statement before sending it, so the journal sends
+    it on another connection instead of reporting an unknown outcome."""
+    db = fault_db.database or ""
+    journal = fault_journal(make_journal, fault_db)
+    admin = await asyncpg.connect(
+        user="postgres", password=ADMIN_PASSWORD, host="127.0.0.1", port=pg.port, database=db
+    )
+    try:
+        for k in range(10):
+            await journal.persist("acct", [PersistedEvent(2 * k + 1, k, 1.0)])
+            held: Any = journal._backend._held
+            assert held is not None, "the flusher keeps its connection between writes"
+            pid = held.driver_connection.get_server_pid()
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            await journal.persist("acct", [PersistedEvent(2 * k + 2, k, 1.0)])
+    finally:
+        await admin.close()
+    assert [e.sequence_nr for e in await journal.load("acct")] == list(range(1, 21))
+
+
+async def test_close_during_a_reads_retry_backoff_ends_that_read(
+    pg: DedicatedPostgres, fault_db: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    """A read waiting out its backoff when close() runs fails with JournalClosed and opens
+    no connection on the disposed engine."""
+    db = fault_db.database or ""
+    journal = fault_journal(make_journal, fault_db, read_retries=3, retry_backoff=0.5)
+    await journal.persist("acct", [PersistedEvent(1, "a", 1.0)])
+    lock = await _locked_table(pg, db)
+    try:
+        load = asyncio.ensure_future(journal.load("acct"))
+        await terminate(pg, await _wait_for_waiters(pg, db))  # the read fails, then sleeps
+    finally:
+        await lock.execute("COMMIT")
+        await lock.close()
+    await asyncio.sleep(0.1)
+    await journal.close()
+    with pytest.raises(JournalClosed):
+        await asyncio.wait_for(load, 10)
+    assert await journal_backends(pg, db) == []
+    assert journal.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("group_commit", [True, False], ids=["group-commit", "own-transaction"])
