@@ -217,6 +217,7 @@ class SAJournal:
             # the flusher keeps its connection while writes keep coming (see backends),
             # when the pool has another one for readers
             self._backend.hold_writes = self._backend.capacity >= 2
+            self._backend.hold_linger = _WRITER_LINGER
             self._committer = GroupCommitter(
                 self._write_group,
                 max_batch_events=max_batch_events,
