@@ -230,6 +230,7 @@ class SAJournal:
         self._ready = False
         self._ready_lock = asyncio.Lock()
         self._closed = False
+        self._closing: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
         # reads that queue up (many entities recovering at once) share one query each
         backend = self._backend
@@ -293,19 +294,32 @@ class SAJournal:
                 # the transaction that reads the revision) cut in two
                 await self._shielded(self._ensure_schema())
                 self._ready = True
+        if self._closed:  # close() ran while this call waited for the schema check
+            raise JournalClosed("this SAJournal was closed while the call started")
 
     async def close(self) -> None:
-        """Finish queued writes, then release the engine if the journal created it."""
-        if self._closed:
-            return
-        self._closed = True
+        """Finish queued writes, then release the engine if the journal created it.
+
+        Safe to call again, also after a ``close()`` that was cancelled half-way:
+        the closing runs in a task of its own, which every call waits for.
+        """
+        if self._closing is None:
+            self._closed = True
+            self._closing = asyncio.get_running_loop().create_task(
+                self._close(), name="casty_sa-close"
+            )
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         if self._committer is not None:
             await self._committer.close()
         # reads already under way finish (new ones are refused by start())
         await self._event_reads.drain()
         await self._snapshot_reads.drain()
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+        # tasks still running, including any that one of them started meanwhile (a finished
+        # task leaves the set only when its callback runs, so look at done() instead)
+        while running := [task for task in self._inflight if not task.done()]:
+            await asyncio.gather(*running, return_exceptions=True)
         await self._backend.close()
         if self._owns_engine:
             await self._engine.dispose()
@@ -473,18 +487,20 @@ class SAJournal:
             events = [row for request in group for row in request.events]
             snapshots = [request.snapshot for request in group if request.snapshot is not None]
         try:
-            try:
-                await self._write_rows(events, snapshots)
-            except ConnectionLost as lost:
-                if lost.during_commit:
-                    raise
-                # the driver refused before sending anything (a connection the server had
-                # just ended): nothing is stored, so once more on a fresh connection
-                log.warning(
-                    "casty_sa: a write was not sent (%s); sending it on another connection",
-                    _describe(lost.cause),
-                )
-                await self._write_rows(events, snapshots)
+            # a write the driver refused before sending anything (a connection the server
+            # had just ended, now invalidated) is stored nowhere: it goes again, on another
+            # connection, at most once per connection the pool holds
+            for attempt in range(self._backend.capacity, -1, -1):
+                try:
+                    await self._write_rows(events, snapshots)
+                    break
+                except ConnectionLost as lost:
+                    if lost.during_commit or not attempt:
+                        raise
+                    log.warning(
+                        "casty_sa: a write was not sent (%s); sending it on another connection",
+                        _describe(lost.cause),
+                    )
         except WriteRefused:
             raise
         except ConnectionLost as lost:

@@ -189,3 +189,39 @@ class TestLifecycle:
         await journal.close()
         async with SAJournal(db_url) as again:
             assert all([await seqs(again, f"e{n}") == [1] for n in range(50)])
+
+    @pytest.mark.parametrize("group_commit", [True, False], ids=["group-commit", "own-transaction"])
+    @pytest.mark.parametrize("call", ["persist", "load"])
+    async def test_close_during_the_first_start_leaves_nothing_running(
+        self, db_url: URL, group_commit: bool, call: str
+    ) -> None:
+        """A call still inside the journal's first start() when close() runs either ends
+        before close() returns or is refused: nothing runs on the engine after close."""
+        journal = SAJournal(db_url, group_commit=group_commit)
+        task: asyncio.Future[Any]
+        if call == "persist":
+            task = asyncio.ensure_future(journal.persist("late", [ev(1)]))
+        else:
+            task = asyncio.ensure_future(journal.load("late"))
+        await asyncio.sleep(0)  # the call now waits for the schema check
+        await journal.close()
+        done_when_closed = task.done()
+        outcome: Any = (await asyncio.gather(task, return_exceptions=True))[0]
+        assert done_when_closed or isinstance(outcome, JournalClosed), outcome
+        assert outcome in (None, []) or isinstance(outcome, JournalClosed), outcome
+        assert journal.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+    async def test_a_close_cancelled_half_way_is_finished_by_the_next(self, db_url: URL) -> None:
+        journal = SAJournal(db_url)
+        await journal.persist("acct", [ev(1)])
+        writes = [asyncio.ensure_future(journal.persist(f"q{n}", [ev(1)])) for n in range(20)]
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(journal.close())
+        await asyncio.sleep(0)
+        closing.cancel()
+        await asyncio.gather(closing, return_exceptions=True)
+        await asyncio.wait_for(journal.close(), 10)  # completes what the first one began
+        assert await asyncio.gather(*writes) == [None] * 20
+        assert journal.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        async with SAJournal(db_url) as again:
+            assert all([await seqs(again, f"q{n}") == [1] for n in range(20)])
