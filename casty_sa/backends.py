@@ -326,17 +326,15 @@ class Backend:
     async def ping(self, driver_connection: Any) -> None:
         """Prove the connection alive with one round trip (no-op where not needed)."""
 
-    #: Whether a write whose caller is cancelled still runs to its end on its own (the
-    #: driver finishes the statement on its thread), so callers may write directly.
-    writes_survive_cancellation = False
-
     #: Write groups in flight at once (see :mod:`casty_sa.batching`): 1 where the database
     #: has a single writer anyway.
     write_pipeline = 1
 
-    #: Whether a read cut off by cancellation could leave its connection unusable, so the
-    #: journal must let reads run to their end (see ``SAJournal._shielded``).
-    reads_need_shield = True
+    #: Whether a statement whose caller is cancelled still runs to its end on its own (the
+    #: driver finishes it on the connection's thread), so callers may run reads and writes
+    #: in their own task; otherwise the journal runs them in a task that cannot be cut off
+    #: half-way (see ``SAJournal._shielded``), since that could leave the connection unusable.
+    cancel_safe = False
 
     async def close(self) -> None:
         """Release what the backend holds outside the pool (the writer's kept connection)."""
@@ -367,9 +365,9 @@ class Backend:
         """The snapshot row of an entity, if any."""
         raise NotImplementedError
 
-    #: Most batched reads in flight at once (see :mod:`casty_sa.coalescing`).
     @property
     def read_concurrency(self) -> int:
+        """Most batched reads in flight at once (see :mod:`casty_sa.coalescing`)."""
         return self.capacity
 
     #: Most entities one batched read asks for (1: every read is sent alone).
@@ -379,9 +377,7 @@ class Backend:
         """:meth:`fetch_events` of many ``(entity_id, from_nr)`` keys in one query."""
         if len(keys) == 1:
             return [await self.fetch_events(*keys[0])]
-        ids = [entity_id for entity_id, _ in keys]
-        froms = [from_nr for _, from_nr in keys]
-        return _split(await self._fetch_events_batch(ids, froms), len(keys), self._ordinal_base)
+        return _split(await self._fetch_events_batch(keys), len(keys), self._ordinal_base)
 
     async def fetch_snapshots_of(self, entity_ids: Sequence[str]) -> list[Stored | None]:
         """:meth:`fetch_snapshot` of many entities in one query."""
@@ -397,7 +393,7 @@ class Backend:
     _ordinal_base = 0
 
     async def _fetch_events_batch(
-        self, entity_ids: list[str], from_nrs: list[int]
+        self, keys: Sequence[tuple[str, int]]
     ) -> Sequence[tuple[int, int, bytes, float]]:
         """``(key number, sequence_nr, payload, timestamp)`` rows, by key and sequence."""
         raise NotImplementedError
@@ -443,8 +439,7 @@ class SqliteBackend(Backend):
         # times faster than a pool of threads taking turns on the GIL. A read abandoned
         # by a cancelled caller just finishes on that thread, so no shield is needed.
         self._share_reader = self._autocommit and not self._memory
-        self.reads_need_shield = not self._share_reader
-        self.writes_survive_cancellation = self._share_reader
+        self.cancel_safe = self._share_reader
         self._reader: Any = None
         self._reader_lock = asyncio.Lock()
         self._closed = False
@@ -469,16 +464,15 @@ class SqliteBackend(Backend):
         return 1 if self._share_reader else self.capacity
 
     async def _fetch_events_batch(
-        self, entity_ids: list[str], from_nrs: list[int]
+        self, keys: Sequence[tuple[str, int]]
     ) -> Sequence[tuple[int, int, bytes, float]]:
-        keys = json.dumps(list(zip(entity_ids, from_nrs, strict=True)), ensure_ascii=False)
-        return await self._read(self._load_events_batch, (keys,))
+        return await self._read(self._load_events_batch, (json.dumps(keys, ensure_ascii=False),))
 
     async def _fetch_snapshots_batch(
         self, entity_ids: Sequence[str]
     ) -> Sequence[tuple[int, int, bytes, float]]:
-        keys = json.dumps(list(entity_ids), ensure_ascii=False)
-        return await self._read(self._load_snapshots_batch, (keys,))
+        ids = json.dumps(entity_ids, ensure_ascii=False)
+        return await self._read(self._load_snapshots_batch, (ids,))
 
     def is_disconnect(self, exc: BaseException) -> bool:
         if isinstance(exc, OSError | ConnectionLost | sqlite3.InterfaceError):
@@ -626,8 +620,9 @@ class PostgresBackend(Backend):
     _ordinal_base = 1
 
     async def _fetch_events_batch(
-        self, entity_ids: list[str], from_nrs: list[int]
+        self, keys: Sequence[tuple[str, int]]
     ) -> Sequence[tuple[int, int, bytes, float]]:
+        entity_ids, from_nrs = zip(*keys, strict=True)
         async with self.connection() as conn:
             return await conn.fetch(self._load_events_batch, entity_ids, from_nrs)  # type: ignore[no-any-return]
 

@@ -131,14 +131,14 @@ class GroupCommitter:
             await self._room.wait()
         if self._closed:
             raise JournalClosed("this SAJournal is closed; create a new one")
-        if not self._direct_done.is_set():
-            pass  # a direct write runs: queue behind it, it hands the queue over when done
-        elif self._direct and self._single and not self._queue and not self._flushing:
+        # while a direct write runs, calls queue behind it: it hands the queue over when done
+        direct_running = not self._direct_done.is_set()
+        if self._direct and self._single and not (direct_running or self._queue or self._flushing):
             await self._write_directly(request)
             return
         request.future = future = asyncio.get_running_loop().create_future()
         self._queue.append(request)
-        if self._direct_done.is_set():
+        if not direct_running:
             self._run_flusher()
         await future
 

@@ -225,7 +225,7 @@ class SAJournal:
                 linger=_WRITER_LINGER,
                 on_idle=self._backend.release_held,
                 pipeline=min(self._backend.write_pipeline, max(1, self._backend.capacity - 1)),
-                direct=self._backend.writes_survive_cancellation,
+                direct=self._backend.cancel_safe,
             )
         self._ready = False
         self._ready_lock = asyncio.Lock()
@@ -238,7 +238,7 @@ class SAJournal:
             "max_keys": backend.max_read_keys,
             "concurrency": 1 if self._serial is not None else backend.read_concurrency,
             "track": self._track,
-            "inline": not backend.reads_need_shield,
+            "inline": backend.cancel_safe,
         }
         self._event_reads = ReadCoalescer(self._batched(backend.fetch_events_of), **options)
         self._snapshot_reads = ReadCoalescer(self._batched(backend.fetch_snapshots_of), **options)
@@ -568,7 +568,7 @@ class SAJournal:
             try:
                 if in_task:
                     return await fetch(*args)
-                if self._backend.reads_need_shield:
+                if not self._backend.cancel_safe:
                     return await self._shielded(self._fetch(fetch, args))
                 return await self._fetch(fetch, args)
             except Exception as exc:
@@ -577,10 +577,8 @@ class SAJournal:
                 error = self._database_error(exc, what)
                 if not self._retryable(exc, error) or attempt >= self._read_retries:
                     raise error from exc
-                if self._closed and not internal:
-                    raise JournalClosed(
-                        f"the journal was closed while it retried to {what}"
-                    ) from exc
+                if not internal:
+                    self._refuse_retry_if_closed(what, exc)
                 delay = self._retry_backoff * (2**attempt) * (0.5 + random.random())
                 attempt += 1
                 log.warning(
@@ -592,10 +590,12 @@ class SAJournal:
                     delay,
                 )
                 await asyncio.sleep(delay)
-                if self._closed and not internal:  # close() did not wait for a sleeping retry
-                    raise JournalClosed(
-                        f"the journal was closed while it retried to {what}"
-                    ) from exc
+                if not internal:  # close() does not wait for a retry that sleeps
+                    self._refuse_retry_if_closed(what, exc)
+
+    def _refuse_retry_if_closed(self, what: str, exc: Exception) -> None:
+        if self._closed:
+            raise JournalClosed(f"the journal was closed while it retried to {what}") from exc
 
     async def _fetch(self, fetch: Callable[..., Awaitable[_T]], args: tuple[Any, ...]) -> _T:
         if self._serial is None:  # the common case, without a context manager per read
