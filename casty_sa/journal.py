@@ -165,7 +165,11 @@ class SAJournal:
     The four tuning options apply when casty-sa creates the engine from a URL;
     with an application's engine, configure that engine instead.
     **engine_options
-        Passed to ``create_async_engine`` (``pool_size``, ``echo``, …).
+        Passed to ``create_async_engine`` (``pool_size``, ``echo``, …). The
+        journal's own reads and writes run on the raw driver connection, so
+        ``echo``, ``before_cursor_execute`` listeners and SQLAlchemy
+        instrumentation (OpenTelemetry, Sentry) see the schema check and
+        migrations, not those statements.
 
     Examples
     --------
@@ -792,7 +796,10 @@ class SAJournal:
             hint = "create the directory (casty-sa creates the file, not its directories)"
         elif not os.access(directory, os.W_OK | os.X_OK):
             problem = f"this process may not create files in its directory {directory}"
-            hint = "give the process write permission on the directory, or fix the URL"
+            hint = (
+                "give the process write permission on the directory (or remount a read-only "
+                "file system read-write), or fix the URL"
+            )
         else:
             return None  # e.g. too many open files: transient, reported as it is
         return DatabaseAccessDenied(
