@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NoReturn, TextIO
-from urllib.parse import quote, quote_plus
 
 from alembic import command
 from alembic.script import Script, ScriptDirectory
@@ -54,7 +53,7 @@ from casty_sa.transfer import (
     import_casty_file,
     require_existing_database,
 )
-from casty_sa.urls import safe_url, to_async_url
+from casty_sa.urls import mask_secrets, safe_url, to_async_url, url_secrets
 
 __all__ = ["ExitCode", "build_parser", "main"]
 
@@ -141,12 +140,11 @@ class _Parser(argparse.ArgumentParser):
 
 # -- keeping passwords out of every line ---------------------------------------------------------
 
-_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^\s:/@]*:)([^\s@]+)(@)")
-
 
 @dataclass
 class Redactor:
-    """Scrubs passwords out of text: those of the URLs it was told about, and any ``user:pw@``.
+    """Scrubs passwords out of text: those of the URLs it was told about, and any ``user:pw@``
+    or ``?password=…`` (see :func:`casty_sa.urls.mask_secrets`).
 
     Examples
     --------
@@ -159,7 +157,8 @@ class Redactor:
     secrets: set[str] = field(default_factory=set)
 
     def add_url(self, url: str | URL) -> None:
-        """Remember the password of ``url`` (as given, and as encoded in URL text).
+        """Remember the secrets of ``url``: its password, ``?password=``, ``?sslpassword=``, …
+        (as given, and as encoded in URL text).
 
         Parameters
         ----------
@@ -167,20 +166,11 @@ class Redactor:
             A URL; one that does not parse contributes nothing here, and its
             ``user:password@`` part is still caught by the pattern.
         """
-        try:
-            password = (make_url(url) if isinstance(url, str) else url).password
-        except (ArgumentError, ValueError):
-            return
-        if password:
-            secret = str(password)
-            self.secrets |= {secret, quote(secret, safe=""), quote_plus(secret)}
+        self.secrets |= url_secrets(url)
 
     def __call__(self, text: str) -> str:
-        """``text`` with every known password and any URL password replaced by ``***``."""
-        text = _URL_PASSWORD.sub(r"\1***\3", text)
-        for secret in sorted(self.secrets, key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return text
+        """``text`` with every known secret and any URL password replaced by ``***``."""
+        return mask_secrets(text, self.secrets)
 
 
 class _RedactingFormatter(logging.Formatter):
@@ -265,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     database.add_argument(
         "--connect-timeout",
         type=float,
-        default=10.0,
+        default=None,
         metavar="SECONDS",
-        help="give up connecting after this long (default: 10)",
+        help="give up connecting after this long (default: the URL's connect_timeout, else 10)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

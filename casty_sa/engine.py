@@ -14,7 +14,11 @@ PostgreSQL (``asyncpg``)
     when the server or the network closed it, so no round trip is spent; pass
     ``pool_pre_ping=True`` for SQLAlchemy's full ping), a connect timeout and
     a statement timeout, so a call during an outage fails promptly instead of
-    hanging.
+    hanging. The statement timeout is also the server's ``statement_timeout``,
+    and connections are named ``casty-sa`` in ``pg_stat_activity`` (the URL's
+    ``application_name`` overrides it). The URL's libpq parameters
+    (``sslmode``, ``connect_timeout``, ``options=-c …``) are translated for
+    asyncpg; one it cannot honour is refused.
 """
 
 from __future__ import annotations
@@ -27,11 +31,16 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from casty_sa.urls import is_memory_sqlite
+from casty_sa.urls import DEFAULT_APPLICATION_NAME, is_memory_sqlite, postgres_options
 
 __all__ = ["AUTOCOMMIT_ENGINES", "SQLITE_SYNCHRONOUS", "build_engine"]
 
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+#: PostgreSQL: seconds before a connection attempt fails, and before a statement does
+#: (on the client and on the server), unless the call or the URL says otherwise.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_STATEMENT_TIMEOUT = 30.0
 
 #: SQLite engines whose driver runs in autocommit mode (no implicit transactions): a
 #: single statement commits on its own, and transactions are explicit BEGIN IMMEDIATE.
@@ -43,15 +52,24 @@ def build_engine(
     *,
     busy_timeout: float,
     sqlite_synchronous: str,
-    connect_timeout: float,
+    connect_timeout: float | None,
     statement_timeout: float | None,
     engine_options: dict[str, Any],
 ) -> AsyncEngine:
     """Create the async engine for a normalized URL (see :func:`casty_sa.urls.to_async_url`).
 
     ``engine_options`` go to :func:`~sqlalchemy.ext.asyncio.create_async_engine`
-    last, so they override every default chosen here; ``connect_args`` are
-    merged key by key.
+    last, so they override every default chosen here; ``connect_args`` (and
+    their ``server_settings``) are merged key by key. On PostgreSQL,
+    ``connect_timeout`` and ``statement_timeout`` left ``None`` come from the
+    URL (``?connect_timeout=``, ``?options=-c statement_timeout=``), else
+    default to 10 and 30 seconds; the URL's libpq parameters are translated by
+    :func:`casty_sa.urls.postgres_options`.
+
+    Raises
+    ------
+    UnsupportedDatabase
+        The URL carries a parameter asyncpg cannot honour.
     """
     options = dict(engine_options)
     user_connect_args = dict(options.pop("connect_args", {}))
@@ -101,9 +119,29 @@ def build_engine(
                 cursor.close()
 
         return engine
-    connect_args = {"timeout": connect_timeout}
-    if statement_timeout is not None:
-        connect_args["command_timeout"] = statement_timeout
+    # libpq parameters of the URL (sslmode=, application_name=, …), in asyncpg's terms
+    libpq = postgres_options(url)
+    url = libpq.url
+    # an explicit argument wins over the URL, which wins over the defaults
+    if connect_timeout is None:
+        connect_timeout = libpq.connect_timeout or DEFAULT_CONNECT_TIMEOUT
+    if statement_timeout is None:
+        statement_timeout = libpq.statement_timeout or DEFAULT_STATEMENT_TIMEOUT
+    # The server enforces the statement timeout too, so a statement whose client is cut
+    # off (a network partition, a frozen process) does not run on, holding its locks;
+    # and connections carry a name a DBA sees in pg_stat_activity.
+    server_settings = {
+        "application_name": DEFAULT_APPLICATION_NAME,
+        **libpq.server_settings,
+        "statement_timeout": str(max(1, round(statement_timeout * 1000))),
+        **user_connect_args.pop("server_settings", {}),
+    }
+    connect_args = {
+        **libpq.connect_args,
+        "timeout": connect_timeout,
+        "command_timeout": statement_timeout,
+        "server_settings": server_settings,
+    }
     # A fixed pool (no overflow connections opened and closed in bursts), checked on
     # checkout without a round trip: SQLAlchemy's pre-ping costs three on asyncpg
     # (BEGIN, SELECT, ROLLBACK), more than the journal's own statement.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CommitOutcomeUnknown",
+    "DatabaseAccessDenied",
     "DatabaseUnavailable",
     "InvalidEventError",
     "JournalClosed",
@@ -149,6 +150,19 @@ class DatabaseUnavailable(JournalError):
     Nothing of a failed write was committed (when the outcome cannot be known,
     :class:`CommitOutcomeUnknown` is raised instead). The journal stays usable:
     later calls open fresh connections.
+    """
+
+
+class DatabaseAccessDenied(DatabaseUnavailable):
+    """The database refused the journal: a wrong password, an unknown role, a login the
+    server does not allow, a database or SQLite directory that does not exist, a missing
+    privilege.
+
+    Nothing of the failed call was stored. Unlike its parent class this is not
+    transient: calling again fails the same way until the configuration (URL,
+    role, grants, directory) is fixed, so the journal does not retry it and a
+    retry loop should not either. A subclass of :class:`DatabaseUnavailable`,
+    so code that already catches that one still does.
     """
 
 

@@ -43,14 +43,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import URL, Table, func, select, union
+from sqlalchemy import Table, func, select, union
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa import migrate
 from casty_sa.journal import SAJournal
 from casty_sa.models import EventRecord, SnapshotRecord
 from casty_sa.transfer import require_existing_database
-from casty_sa.urls import safe_url
+from casty_sa.urls import UrlLike, safe_url
 
 __all__ = [
     "EntityDetail",
@@ -194,7 +194,7 @@ class EntityDetail:
 
 @asynccontextmanager
 async def _reading(
-    target: str | URL | AsyncEngine, schema: str | None, engine_options: dict[str, Any]
+    target: UrlLike | AsyncEngine, schema: str | None, engine_options: dict[str, Any]
 ) -> AsyncIterator[AsyncEngine]:
     """An engine on a database at head, never created or migrated by looking at it."""
     require_existing_database(target)
@@ -212,7 +212,7 @@ async def _reading(
 
 
 async def summarize(
-    target: str | URL | AsyncEngine,
+    target: UrlLike | AsyncEngine,
     *,
     after: str | None = None,
     limit: int = 20,
@@ -223,7 +223,7 @@ async def summarize(
 
     Parameters
     ----------
-    target : str | URL | AsyncEngine
+    target : str | URL | os.PathLike | AsyncEngine
         The database; it must be at head (it is never migrated, and a missing
         SQLite file is not created).
     after : str | None
@@ -287,7 +287,7 @@ async def summarize(
 
 
 async def entity_detail(
-    target: str | URL | AsyncEngine,
+    target: UrlLike | AsyncEngine,
     entity_id: str,
     *,
     from_sequence_nr: int = 0,
@@ -300,7 +300,7 @@ async def entity_detail(
 
     Parameters
     ----------
-    target : str | URL | AsyncEngine
+    target : str | URL | os.PathLike | AsyncEngine
         The database; it must be at head.
     entity_id : str
         The entity, matched exactly.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import pickle
 import random
 import sqlite3
@@ -30,6 +31,7 @@ from casty_sa.coalescing import ReadCoalescer
 from casty_sa.engine import build_engine
 from casty_sa.errors import (
     CommitOutcomeUnknown,
+    DatabaseAccessDenied,
     DatabaseUnavailable,
     InvalidEventError,
     JournalClosed,
@@ -41,7 +43,14 @@ from casty_sa.errors import (
     UnsupportedDatabase,
 )
 from casty_sa.models import MAX_ENTITY_ID_LENGTH
-from casty_sa.urls import is_memory_sqlite, kind_of, safe_url, to_async_url
+from casty_sa.urls import (
+    is_memory_sqlite,
+    kind_of,
+    mask_secrets,
+    safe_url,
+    to_async_url,
+    url_secrets,
+)
 
 __all__ = ["MAX_SEQUENCE_NR", "SAJournal", "open_engine"]
 
@@ -56,7 +65,8 @@ MAX_SEQUENCE_NR = 2**63 - 1
 
 
 def open_engine(
-    target: str | URL | AsyncEngine | async_sessionmaker[Any], **engine_options: Any
+    target: str | URL | os.PathLike[str] | AsyncEngine | async_sessionmaker[Any],
+    **engine_options: Any,
 ) -> tuple[AsyncEngine, bool]:
     """The engine for ``target`` and whether the caller owns (must dispose) it.
 
@@ -87,8 +97,8 @@ def open_engine(
             url,
             busy_timeout=engine_options.pop("busy_timeout", 5.0),
             sqlite_synchronous=engine_options.pop("sqlite_synchronous", "FULL"),
-            connect_timeout=engine_options.pop("connect_timeout", 10.0),
-            statement_timeout=engine_options.pop("statement_timeout", 30.0),
+            connect_timeout=engine_options.pop("connect_timeout", None),
+            statement_timeout=engine_options.pop("statement_timeout", None),
             engine_options=engine_options,
         ),
         True,
@@ -107,9 +117,12 @@ class SAJournal:
 
     Parameters
     ----------
-    url : str | URL | AsyncEngine | async_sessionmaker
-        ``sqlite:///journal.db``, ``sqlite://`` (memory, one database for the
-        journal's lifetime), ``postgresql://user:pw@host/db``, or an
+    url : str | URL | os.PathLike | AsyncEngine | async_sessionmaker
+        ``sqlite:///journal.db`` (or ``pathlib.Path("journal.db")``),
+        ``sqlite://`` (memory, one database for the journal's lifetime),
+        ``postgresql://user:pw@host/db`` (libpq's ``sslmode``,
+        ``application_name``, ``connect_timeout`` and ``options=-c name=value``
+        are honoured; another parameter asyncpg cannot honour is refused), or an
         application's ``AsyncEngine`` or ``async_sessionmaker`` (its pool is
         shared; ``close()`` leaves it open).
     kind : JournalKind | None
@@ -142,14 +155,21 @@ class SAJournal:
         SQLite: ``FULL`` (default, durable on power loss), ``NORMAL`` (faster,
         may lose the last commits on power loss), ``OFF``.
     connect_timeout : float | None
-        PostgreSQL: seconds before a connection attempt fails (default 10).
+        PostgreSQL: seconds before a connection attempt fails (default: the
+        URL's ``connect_timeout``, else 10).
     statement_timeout : float | None
-        PostgreSQL: seconds before a statement fails (default 30).
+        PostgreSQL: seconds before a statement fails, on the client and as the
+        server's ``statement_timeout`` (default: the URL's ``options=-c
+        statement_timeout=…``, else 30).
 
     The four tuning options apply when casty-sa creates the engine from a URL;
     with an application's engine, configure that engine instead.
     **engine_options
-        Passed to ``create_async_engine`` (``pool_size``, ``echo``, …).
+        Passed to ``create_async_engine`` (``pool_size``, ``echo``, …). The
+        journal's own reads and writes run on the raw driver connection, so
+        ``echo``, ``before_cursor_execute`` listeners and SQLAlchemy
+        instrumentation (OpenTelemetry, Sentry) see the schema check and
+        migrations, not those statements.
 
     Examples
     --------
@@ -165,7 +185,7 @@ class SAJournal:
 
     def __init__(
         self,
-        url: str | URL | AsyncEngine | async_sessionmaker[Any],
+        url: str | URL | os.PathLike[str] | AsyncEngine | async_sessionmaker[Any],
         *,
         kind: JournalKind | None = None,
         serialize: Callable[[Any], bytes] = pickle.dumps,
@@ -192,6 +212,11 @@ class SAJournal:
         engine_options.update({k: v for k, v in tuning.items() if v is not None})
         self._engine, self._owns_engine = open_engine(url, **engine_options)
         self._url = self._engine.url
+        # every secret of the URL, to scrub from driver errors (the engine's URL may lack
+        # some of the given one's: TLS parameters go to asyncpg apart)
+        self._secrets = url_secrets(self._url) | (
+            url_secrets(url) if isinstance(url, str | URL) else frozenset()
+        )
         self._dialect = self._engine.dialect.name
         from casty_sa.migrate import check_schema
 
@@ -604,8 +629,8 @@ class SAJournal:
             return await fetch(*args)
 
     def _retryable(self, exc: BaseException, error: JournalError) -> bool:
-        if isinstance(error, SchemaError):
-            return False
+        if isinstance(error, SchemaError | DatabaseAccessDenied):
+            return False  # calling again fails the same way: do not hammer the server
         if isinstance(exc, DBAPIError):
             return bool(exc.connection_invalidated) or isinstance(
                 exc, OperationalError | InterfaceError
@@ -688,8 +713,8 @@ class SAJournal:
             state = "has no casty-sa tables" if found is None else f"is at revision {found!r}"
             raise SchemaError(
                 f"{safe_url(self._url)} {state}; casty-sa needs revision {head!r}. "
-                f"Run `casty-sa upgrade --url '{safe_url(self._url)}'{self._schema_flag}` (or "
-                "`await casty_sa.upgrade(url)`), or pass migrate=True to SAJournal."
+                f"{self._upgrade_hint}, or `await casty_sa.upgrade(url)`, or pass migrate=True "
+                "to SAJournal."
             )
         log.info("casty_sa: migrating %s from %s to %s", safe_url(self._url), found, head)
         try:
@@ -709,14 +734,20 @@ class SAJournal:
         if isinstance(exc, JournalError):
             return exc
         text = _describe(exc)
+        denied = self._access_denied(exc, what, text)
+        if denied is not None:
+            return denied
         lowered = text.lower()
         if ("no such table" in lowered or "does not exist" in lowered) and "casty_sa_" in lowered:
             return SchemaError(
                 f"casty-sa's tables are missing from {safe_url(self._url)} (could not {what}: "
-                f"{text}). Run `casty-sa upgrade --url '{safe_url(self._url)}'"
-                f"{self._schema_flag}`."
+                f"{text}). {self._upgrade_hint}."
             )
-        if isinstance(exc, TimeoutError) or isinstance(getattr(exc, "orig", None), TimeoutError):
+        if (
+            isinstance(exc, TimeoutError)
+            or isinstance(getattr(exc, "orig", None), TimeoutError)
+            or _sqlstate(exc) == "57014"  # the server's statement_timeout
+        ):
             hint = (
                 "it timed out: check the database's load and reachability, or raise "
                 "connect_timeout / statement_timeout (or pool_timeout) on SAJournal"
@@ -724,8 +755,57 @@ class SAJournal:
         else:
             hint = "check that the database is reachable, then call again"
         return DatabaseUnavailable(
-            f"could not {what} on {safe_url(self._url)}: {text}. Nothing of a failed write "
-            f"was stored; {hint}."
+            mask_secrets(
+                f"could not {what} on {safe_url(self._url)}: {text}. Nothing of a failed "
+                f"write was stored; {hint}.",
+                self._secrets,
+            )
+        )
+
+    @property
+    def _upgrade_hint(self) -> str:
+        # no URL in the command: a masked password (***) would not log in, and a real one
+        # on a command line is visible to every user of the machine
+        return (
+            f"Run `casty-sa upgrade{self._schema_flag}` with the environment variable "
+            "CASTY_SA_URL set to this database's URL (the variable keeps its password off the "
+            "command line)"
+        )
+
+    def _access_denied(self, exc: BaseException, what: str, text: str) -> JournalError | None:
+        """A ``DatabaseAccessDenied`` when ``exc`` is a refusal calling again cannot fix."""
+        where = safe_url(self._url)
+        state = _sqlstate(exc)
+        if state is not None and (state.startswith("28") or state in _ACCESS_HINTS):
+            hint = _ACCESS_HINTS.get(state[:2] if state.startswith("28") else state, "")
+            return DatabaseAccessDenied(
+                mask_secrets(
+                    f"could not {what}: {where} refused casty-sa ({text}). Nothing was "
+                    f"stored, and calling again will fail the same way: {hint}.",
+                    self._secrets,
+                )
+            )
+        if self._dialect != "sqlite" or "unable to open database file" not in text:
+            return None
+        database = self._url.database or ""
+        if is_memory_sqlite(self._url) or database.startswith("file:"):
+            return None
+        directory = os.path.dirname(os.path.abspath(database))
+        if not os.path.isdir(directory):
+            problem = f"its directory {directory} does not exist"
+            hint = "create the directory (casty-sa creates the file, not its directories)"
+        elif not os.access(directory, os.W_OK | os.X_OK):
+            problem = f"this process may not create files in its directory {directory}"
+            hint = (
+                "give the process write permission on the directory (or remount a read-only "
+                "file system read-write), or fix the URL"
+            )
+        else:
+            return None  # e.g. too many open files: transient, reported as it is
+        return DatabaseAccessDenied(
+            f"could not {what}: cannot open the SQLite file {os.path.abspath(database)}, "
+            f"{problem} ({text}). Nothing was stored, and calling again will fail the same "
+            f"way: {hint}."
         )
 
 
@@ -794,10 +874,35 @@ def _check_payload(entity_id: str, seq: int, payload: object) -> None:
 def _describe(exc: BaseException) -> str:
     """A short, password-free description of a driver error (no SQL, no parameters)."""
     original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    text = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    # a driver may quote its DSN (user:password@…, ?password=…): masked whatever the secret
+    text = mask_secrets(str(original).strip().splitlines()[0]) if str(original).strip() else ""
     if len(text) > 300:
         text = text[:300] + "…"
     return f"{type(original).__name__}: {text}" if text else type(original).__name__
+
+
+#: What to do about a refusal, by SQLSTATE (class 28: the login itself was refused).
+_ACCESS_HINTS = {
+    "28": "check the user name and password of the URL, that the role exists and may log in, "
+    "and the server's pg_hba.conf",
+    "3D000": "create the database (then run `casty-sa upgrade`) or fix its name in the URL",
+    "42501": "grant the role the privileges casty-sa needs (see the README's least-privilege "
+    "section)",
+}
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL error, wrapped by SQLAlchemy or raised by asyncpg."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        state = getattr(current, "sqlstate", None)
+        if isinstance(state, str):
+            return state
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return None
 
 
 def _copy_error(exc: JournalError) -> JournalError:

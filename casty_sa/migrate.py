@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from casty_sa.engine import AUTOCOMMIT_ENGINES
 from casty_sa.errors import DatabaseUnavailable, JournalError, SchemaError
 from casty_sa.models import VERSION_TABLE, metadata
-from casty_sa.urls import safe_url
+from casty_sa.urls import UrlLike, safe_url
 
 __all__ = [
     "alembic_config",
@@ -164,7 +164,7 @@ def _invoke(
 
 
 async def _on_engine(
-    target: str | URL | AsyncEngine,
+    target: UrlLike | AsyncEngine,
     action: Callable[..., Any],
     args: tuple[Any, ...],
     schema: str | None,
@@ -234,13 +234,13 @@ def check_schema(dialect: str, schema: str | None) -> None:
 
 
 async def upgrade(
-    target: str | URL | AsyncEngine, revision: str = "head", *, schema: str | None = None
+    target: UrlLike | AsyncEngine, revision: str = "head", *, schema: str | None = None
 ) -> None:
     """Migrate a database up to ``revision`` (default: the newest).
 
     Parameters
     ----------
-    target : str | URL | AsyncEngine
+    target : str | URL | os.PathLike | AsyncEngine
         A URL (plain ``sqlite:///…``/``postgresql://…`` picks the async
         driver) or an application's ``AsyncEngine``, which is left open.
     revision : str
@@ -257,13 +257,13 @@ async def upgrade(
 
 
 async def downgrade(
-    target: str | URL | AsyncEngine, revision: str = "base", *, schema: str | None = None
+    target: UrlLike | AsyncEngine, revision: str = "base", *, schema: str | None = None
 ) -> None:
     """Migrate a database down to ``revision``; ``"base"`` drops casty-sa's tables only."""
     await _on_engine(target, command.downgrade, (revision,), schema)
 
 
-async def current(target: str | URL | AsyncEngine, *, schema: str | None = None) -> str | None:
+async def current(target: UrlLike | AsyncEngine, *, schema: str | None = None) -> str | None:
     """The casty-sa revision a database is at, or ``None`` when it has none."""
     revision: str | None = await _on_engine(
         target,

@@ -42,14 +42,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from sqlalchemy import URL, Table, func, select, tuple_
+from sqlalchemy import Table, func, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa.errors import DatabaseUnavailable, InvalidEventError, JournalError
 from casty_sa.journal import SAJournal
 from casty_sa.models import MAX_ENTITY_ID_LENGTH, EventRecord, SnapshotRecord
-from casty_sa.urls import is_memory_sqlite, safe_url, to_async_url
+from casty_sa.urls import UrlLike, is_memory_sqlite, safe_url, to_async_url
 
 __all__ = [
     "CastyFile",
@@ -597,7 +597,7 @@ class JournalDatabase:
     @asynccontextmanager
     async def open(
         cls,
-        target: str | URL | AsyncEngine,
+        target: UrlLike | AsyncEngine,
         *,
         migrate: bool | None = None,
         schema: str | None = None,
@@ -689,7 +689,7 @@ class JournalDatabase:
             return len(result.all())
 
 
-def missing_sqlite_file(target: str | URL | AsyncEngine) -> Path | None:
+def missing_sqlite_file(target: UrlLike | AsyncEngine) -> Path | None:
     """The file of a SQLite URL when that file does not exist, else ``None``.
 
     Connecting to a missing SQLite file creates an empty one; commands that
@@ -714,7 +714,7 @@ def missing_sqlite_file(target: str | URL | AsyncEngine) -> Path | None:
     return None if path.exists() else path
 
 
-def require_existing_database(target: str | URL | AsyncEngine) -> None:
+def require_existing_database(target: UrlLike | AsyncEngine) -> None:
     """Raise ``DatabaseUnavailable`` for a SQLite URL naming a file that does not exist.
 
     Raises
@@ -725,7 +725,7 @@ def require_existing_database(target: str | URL | AsyncEngine) -> None:
     missing = missing_sqlite_file(target)
     if missing is not None:
         raise DatabaseUnavailable(
-            f"{safe_url(to_async_url(cast(str | URL, target)))}: no such SQLite file {missing}"
+            f"{safe_url(to_async_url(cast(UrlLike, target)))}: no such SQLite file {missing}"
         )
 
 
@@ -960,7 +960,7 @@ def _check_entity_ids(stats: JournalStats) -> None:
 
 async def import_casty_file(
     path: str | Path,
-    target: str | URL | AsyncEngine,
+    target: UrlLike | AsyncEngine,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     migrate: bool | None = None,
@@ -1008,7 +1008,7 @@ async def import_casty_file(
 
 
 async def export_casty_file(
-    source: str | URL | AsyncEngine,
+    source: UrlLike | AsyncEngine,
     path: str | Path,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,

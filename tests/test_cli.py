@@ -300,6 +300,76 @@ class TestPasswords:
         assert PASSWORD not in text_out
         assert "***" in text_out
 
+    def test_query_string_secrets_never_show_with_v(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        url = (
+            f"postgresql://casty@127.0.0.1:{closed_port()}/app"
+            f"?password={PASSWORD}&sslpassword={PASSWORD}-key"
+        )
+        for command in (("current",), ("check",), ("upgrade",), ("inspect",)):
+            code, out, err = run(capsys, "-v", *command, "--url", url, "--connect-timeout", "3")
+            assert code == ExitCode.DATABASE_ERROR, (command, err)
+            assert PASSWORD not in out + err, (command, err)
+            assert "casty@127.0.0.1" in err, (command, err)
+
+    def test_query_string_secrets_from_the_environment_never_show(self, tmp_path: Path) -> None:
+        script = Path(sys.executable).with_name("casty-sa")
+        url = f"postgresql://casty@127.0.0.1:{closed_port()}/app?password={PASSWORD}"
+        env = {**os.environ, "CASTY_SA_URL": url}
+        for command in (["-v", "check"], ["-v", "current"], ["-v", "upgrade"]):
+            failed = subprocess.run(
+                [str(script), *command, "--connect-timeout", "3"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=TIMEOUT,
+            )
+            assert failed.returncode == ExitCode.DATABASE_ERROR, failed.stderr
+            assert PASSWORD not in failed.stdout + failed.stderr, failed.stderr
+            assert "password=***" in failed.stderr
+
+    def test_query_string_password_of_successful_commands_never_shows(
+        self,
+        new_postgres_db: Callable[..., Awaitable[URL]],
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        database = asyncio.run(_new_db(new_postgres_db))
+        # the suite's server trusts local logins: the password is sent and ignored
+        url = plain(database.set(password=None).update_query_dict({"password": PASSWORD}))
+        outputs = []
+        for argv in (["-v", "upgrade", "--url", url], ["-v", "check", "--url", url]):
+            code, out, err = run(capsys, *argv)
+            assert code == ExitCode.OK, (argv, err)
+            outputs.append(out + err)
+        monkeypatch.setenv("CASTY_SA_URL", url)
+        for argv in (["-v", "current"], ["-v", "inspect"]):
+            code, out, err = run(capsys, *argv)
+            assert code == ExitCode.OK, (argv, err)
+            outputs.append(out + err)
+        assert PASSWORD not in "\n".join(outputs)
+
+    def test_libpq_parameters_in_the_url_work_or_are_refused_by_name(
+        self, new_postgres_db: Callable[..., Awaitable[URL]], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        database = asyncio.run(_new_db(new_postgres_db))
+        hosted = {
+            "sslmode": "disable",
+            "application_name": "ops-console",
+            "connect_timeout": "5",
+            "options": "-c lock_timeout=2s",
+        }
+        url = plain(database.update_query_dict(hosted))
+        for argv in (["upgrade"], ["check"], ["inspect"]):
+            code, _, err = run(capsys, *argv, "--url", url)
+            assert code == ExitCode.OK, (argv, err)
+        unknown = plain(database.update_query_dict({"keepalives": "1", "sslpassword": PASSWORD}))
+        code, out, err = run(capsys, "check", "--url", unknown)
+        assert code == ExitCode.DATABASE_ERROR, err
+        assert "'keepalives'" in err and out == ""
+        assert PASSWORD not in out + err
+
     def test_missing_url_is_a_usage_error(
         self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

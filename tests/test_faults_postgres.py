@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import random
 import shutil
@@ -29,11 +30,12 @@ from typing import Any
 import asyncpg
 import pytest
 from casty import PersistedEvent, Snapshot
-from sqlalchemy import URL
+from sqlalchemy import URL, text
 
 import casty_sa
 from casty_sa import (
     CommitOutcomeUnknown,
+    DatabaseAccessDenied,
     DatabaseUnavailable,
     JournalClosed,
     JournalError,
@@ -675,6 +677,163 @@ async def test_wrong_password_is_a_clear_error_that_never_shows_a_password(
     assert await right.load("acct") != []
     with pytest.raises(DatabaseUnavailable, match="password authentication failed"):
         await journal.load("acct")  # the wrong one keeps failing the same clear way
+
+
+async def test_a_password_in_the_query_string_is_used_and_never_shown(
+    pg: DedicatedPostgres,
+    fault_db: URL,
+    make_journal: Callable[..., SAJournal],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="casty_sa")
+    wrong = "Wr0ng-query-pass-xyz"
+    bare = fault_db.set(password=None)
+    journal = fault_journal(make_journal, bare.update_query_dict({"password": wrong}))
+    for call in (journal.start(), journal.load("acct")):
+        with pytest.raises(DatabaseUnavailable, match="password authentication failed") as info:
+            await asyncio.wait_for(call, 10)
+        for shown in (str(info.value), _full_text(info.value), repr(journal)):
+            assert wrong not in shown and ADMIN_PASSWORD not in shown
+    right = fault_journal(make_journal, bare.update_query_dict({"password": ADMIN_PASSWORD}))
+    await right.persist("acct", [PersistedEvent(1, "x", 1.0)])
+    assert [e.event for e in await right.load("acct")] == ["x"]
+    assert ADMIN_PASSWORD not in repr(right) and "password=***" in repr(right)
+    assert wrong not in caplog.text and ADMIN_PASSWORD not in caplog.text
+
+
+@pytest.mark.parametrize("refusal", ["wrong-password", "unknown-role", "missing-database"])
+async def test_a_refused_login_is_not_transient_and_never_retried(
+    pg: DedicatedPostgres,
+    fault_db: URL,
+    make_journal: Callable[..., SAJournal],
+    caplog: pytest.LogCaptureFixture,
+    refusal: str,
+) -> None:
+    url, says = {
+        "wrong-password": (fault_db.set(password="Wr0ng-xyz"), "password authentication failed"),
+        "unknown-role": (fault_db.set(username="no_such_role_xyz"), "no_such_role_xyz"),
+        "missing-database": (fault_db.set(database="no_such_db_xyz"), "no_such_db_xyz"),
+    }[refusal]
+    caplog.set_level(logging.WARNING, logger="casty_sa")
+    journal = fault_journal(make_journal, url, read_retries=5)
+    for call in (
+        journal.start(),
+        journal.load("acct"),
+        journal.load_snapshot("acct"),
+        journal.persist("acct", [PersistedEvent(1, "x", 1.0)]),
+    ):
+        with pytest.raises(DatabaseAccessDenied, match=says) as info:
+            await asyncio.wait_for(call, 20)
+        message = str(info.value)
+        assert "call again" not in message and "fail the same way" in message
+        assert "Wr0ng-xyz" not in _full_text(info.value) and ADMIN_PASSWORD not in message
+    assert "retry" not in caplog.text  # reads did not hammer the server
+
+
+async def test_a_missing_privilege_is_not_transient_and_never_retried(
+    pg: DedicatedPostgres,
+    roles: tuple[URL, URL, str],
+    make_journal: Callable[..., SAJournal],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    owner_url, app_url, db = roles
+    await casty_sa.upgrade(owner_url)
+    app = app_url.username
+    await pg.admin(f"GRANT SELECT ON casty_sa_alembic_version, casty_sa_events TO {app}", db=db)
+    caplog.set_level(logging.WARNING, logger="casty_sa")
+    journal = fault_journal(make_journal, app_url, read_retries=5)
+    assert await journal.load("acct") == []
+    for call in (
+        journal.persist("acct", [PersistedEvent(1, "x", 1.0)]),
+        journal.load_snapshot("acct"),
+    ):
+        with pytest.raises(DatabaseAccessDenied, match="permission denied") as info:
+            await asyncio.wait_for(call, 20)
+        assert "call again" not in str(info.value) and "grant" in str(info.value)
+    assert "retry" not in caplog.text
+    await pg.admin(*(g.format(app=app) for g in GRANTS), db=db)  # fixed: the same journal runs
+    await journal.persist("acct", [PersistedEvent(1, "x", 1.0)])
+    assert await journal.load_snapshot("acct") is None
+
+
+@pytest.mark.parametrize("mode", ["disable", "prefer", "allow"])
+async def test_sslmode_in_the_url_is_honoured(
+    pg: DedicatedPostgres, fault_db: URL, make_journal: Callable[..., SAJournal], mode: str
+) -> None:
+    # the dedicated server speaks no TLS: these modes connect in clear text
+    url = fault_db.update_query_dict({"sslmode": mode, "connect_timeout": "3"})
+    journal = fault_journal(make_journal, url)
+    await journal.persist("acct", [PersistedEvent(1, "x", 1.0)])
+    assert [e.event for e in await journal.load("acct")] == ["x"]
+
+
+async def test_sslmode_require_against_a_server_without_tls_fails_clearly(
+    pg: DedicatedPostgres, fault_db: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    journal = fault_journal(make_journal, fault_db.update_query_dict({"sslmode": "require"}))
+    with pytest.raises(DatabaseUnavailable, match="SSL") as info:
+        await asyncio.wait_for(journal.start(), 10)
+    assert ADMIN_PASSWORD not in _full_text(info.value)
+
+
+# -- connection settings a DBA sees ------------------------------------------------------------
+
+
+async def _shown(journal: SAJournal, *settings: str) -> list[str]:
+    """``SHOW setting`` on one of the journal's own pooled connections."""
+    async with journal.engine.connect() as conn:
+        return [(await conn.execute(text(f"SHOW {name}"))).scalar_one() for name in settings]
+
+
+async def _sessions_named(url: URL) -> set[str]:
+    """The application names of the sessions on ``url``'s database, as pg_stat_activity
+    shows them to a DBA (read on a connection of its own)."""
+    conn = await asyncpg.connect(
+        user=url.username, database=url.database, host=url.query.get("host") or url.host,
+        port=url.port, password=url.password,
+    )  # fmt: skip
+    try:
+        rows = await conn.fetch(
+            "SELECT application_name FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            url.database,
+        )
+        return {row["application_name"] for row in rows}
+    finally:
+        await conn.close()
+
+
+async def test_journal_connections_are_named_and_bounded_on_the_server(
+    new_postgres_db: Callable[..., Awaitable[URL]], make_journal: Callable[..., SAJournal]
+) -> None:
+    db = await new_postgres_db()
+    journal = make_journal(db, statement_timeout=7.0)
+    await journal.persist("acct", [PersistedEvent(1, "x", 1.0)])
+    assert await _shown(journal, "application_name", "statement_timeout") == ["casty-sa", "7s"]
+    assert "casty-sa" in await _sessions_named(db)
+
+
+async def test_libpq_parameters_of_the_url_reach_the_server(
+    new_postgres_db: Callable[..., Awaitable[URL]], make_journal: Callable[..., SAJournal]
+) -> None:
+    db = await new_postgres_db()
+    url = db.update_query_dict(
+        {
+            "sslmode": "disable",
+            "application_name": "billing-node-1",
+            "connect_timeout": "5",
+            "options": "-c statement_timeout=4s -c lock_timeout=1500",
+        }
+    )
+    journal = make_journal(url)
+    await journal.persist("acct", [PersistedEvent(1, "x", 1.0)])
+    assert await journal.load("acct") != []
+    shown = await _shown(journal, "application_name", "statement_timeout", "lock_timeout")
+    assert shown == ["billing-node-1", "4s", "1500ms"]
+    assert "billing-node-1" in await _sessions_named(db)
+    # an explicit argument wins over the URL
+    explicit = make_journal(url, statement_timeout=9.0)
+    assert await _shown(explicit, "statement_timeout") == ["9s"]
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import socket
 import sys
 import threading
@@ -24,12 +25,13 @@ from typing import Any
 
 import pytest
 from casty import PersistedEvent, Snapshot
-from sqlalchemy import URL, text
+from sqlalchemy import URL, make_url, text
 
 import casty_sa
 from casty_sa import (
     MAX_ENTITY_ID_LENGTH,
     MAX_SEQUENCE_NR,
+    DatabaseAccessDenied,
     DatabaseUnavailable,
     InvalidEventError,
     JournalError,
@@ -39,6 +41,7 @@ from casty_sa import (
     SchemaError,
     SequenceConflict,
     UnsupportedDatabase,
+    urls,
 )
 
 PASSWORD = "hunter2-Secret-PW"
@@ -421,6 +424,149 @@ def test_repr_never_shows_the_password() -> None:
         journal = SAJournal(url)
         assert_password_hidden(repr(journal), str(journal))
         assert "app:***@db.example" in repr(journal)
+
+
+SECRET_QUERY_URLS = [
+    f"postgresql://app@db.example/bank?password={PASSWORD}",
+    f"postgresql://app@db.example/bank?sslmode=require&sslpassword={PASSWORD}",
+    f"postgres://app:{PASSWORD}@db.example:6543/bank?application_name=x&password={PASSWORD}",
+    URL.create("postgresql", "app", None, "db.example", None, "bank", {"password": PASSWORD}),
+    f"postgresql://app@db.example:not-a-port/bank?password={PASSWORD}",  # unparseable
+]
+
+
+@pytest.mark.parametrize("url", SECRET_QUERY_URLS, ids=["password", "sslpassword", "both",
+                                                        "URL-object", "unparseable"])  # fmt: skip
+def test_secrets_in_the_query_string_are_masked(url: str | URL) -> None:
+    shown = urls.safe_url(url)
+    assert_password_hidden(shown)
+    assert shown.startswith("postgres")
+    try:
+        journal = SAJournal(url)
+    except UnsupportedDatabase as exc:  # the unparseable one
+        assert_password_hidden(str(exc), full_text(exc))
+        return
+    assert_password_hidden(repr(journal), str(journal))
+    assert "app" in repr(journal) and "db.example" in repr(journal)
+
+
+def test_free_text_is_scrubbed_of_url_shaped_secrets() -> None:
+    text = (
+        f"failed: postgresql://app:{PASSWORD}@db/x?sslpassword={PASSWORD}&sslmode=require "
+        f"host=db password={PASSWORD} user=app"
+    )
+    masked = urls.mask_secrets(text)
+    assert_password_hidden(masked)
+    assert "sslmode=require" in masked and "user=app" in masked and "app:***@db" in masked
+    # the secrets of a URL, as given and percent-encoded, wherever they appear
+    odd = "p@ss w/rd&" + PASSWORD
+    url = URL.create("postgresql", "app", None, "db", None, "x", {"password": odd})
+    secrets = urls.url_secrets(url)
+    leaked = f"{odd} {url.render_as_string(hide_password=False)}"
+    assert PASSWORD not in urls.mask_secrets(leaked, secrets)
+
+
+async def test_a_failing_connection_never_shows_a_query_string_password(
+    make_journal: Callable[..., SAJournal], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="casty_sa")
+    port = _free_port()  # nothing listens there: connection refused
+    journal = make_journal(
+        f"postgresql://app@127.0.0.1:{port}/bank?password={PASSWORD}&application_name=t",
+        connect_timeout=2.0,
+        read_retries=1,
+    )
+    for call in (journal.start(), journal.persist("acct", [ev(1)]), journal.load("acct")):
+        error = await _fails_promptly(call, limit=5.0)
+        assert f"127.0.0.1:{port}" in str(error)
+        assert_password_hidden(str(error), full_text(error), repr(journal))
+    assert_password_hidden(caplog.text)
+
+
+async def test_a_path_is_a_sqlite_file(
+    tmp_path: Path, make_journal: Callable[..., SAJournal]
+) -> None:
+    path = tmp_path / "journal.db"
+    await casty_sa.upgrade(path)
+    assert await casty_sa.current(path) == casty_sa.head_revision()
+    journal = make_journal(path)
+    assert journal.kind.value == "local" and str(path) in repr(journal)
+    await journal.persist("acct", [ev(1)])
+    await journal.close()
+    again = make_journal(str(path).join(["sqlite:///", ""]))
+    assert [e.sequence_nr for e in await again.load("acct")] == [1]
+
+
+@pytest.mark.parametrize("url", ["sqlite://j.db", f"sqlite://app:{PASSWORD}@j.db",
+                                 "sqlite+aiosqlite://localhost:5/j.db"])  # fmt: skip
+async def test_a_sqlite_url_with_a_host_is_refused_with_the_right_form(url: str) -> None:
+    with pytest.raises(UnsupportedDatabase, match=r"sqlite:///j\.db") as info:
+        SAJournal(url)
+    assert_password_hidden(str(info.value), full_text(info.value))
+    with pytest.raises(UnsupportedDatabase, match=r"sqlite:///j\.db"):
+        await casty_sa.upgrade(url)
+
+
+async def test_a_missing_sqlite_directory_is_named_and_not_retried(
+    tmp_path: Path, make_journal: Callable[..., SAJournal], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="casty_sa")
+    directory = tmp_path / "not" / "there"
+    journal = make_journal(f"sqlite:///{directory / 'journal.db'}", read_retries=3)
+    for call in (journal.start(), journal.load("acct"), journal.persist("acct", [ev(1)])):
+        with pytest.raises(DatabaseAccessDenied) as info:
+            await asyncio.wait_for(call, 10)
+        assert str(directory) in str(info.value) and "does not exist" in str(info.value)
+        assert "call again" not in str(info.value)
+        assert isinstance(info.value, DatabaseUnavailable)  # existing handlers still catch it
+    assert "retry" not in caplog.text
+    assert not directory.exists()  # nothing created behind the user's back
+    directory.mkdir(parents=True)  # fixed: the same journal works
+    await assert_still_usable(journal)
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("keepalives=1&sslmode=require", "'keepalives'"),
+        ("gssencmode=disable&channel_binding=require", "'channel_binding', 'gssencmode'"),
+        ("sslmode=sometimes", "sslmode='sometimes'"),
+        ("connect_timeout=soon", "connect_timeout='soon'"),
+        ("connect_timeout=0", "connect_timeout='0'"),
+        ("options=-B%20100", "'-B'"),
+        ("options=-c%20statement_timeout%3D0", "statement_timeout='0'"),
+        ("statement_cache_size=many", "statement_cache_size='many'"),
+    ],
+)
+def test_libpq_options_asyncpg_cannot_honour_are_refused_by_name(query: str, named: str) -> None:
+    url = f"postgresql://app:{PASSWORD}@db.example/bank?{query}&sslpassword={PASSWORD}"
+    with pytest.raises(UnsupportedDatabase) as info:
+        SAJournal(url)
+    assert named in str(info.value)
+    assert_password_hidden(str(info.value), full_text(info.value))
+
+
+def test_libpq_options_are_translated_for_asyncpg() -> None:
+    options = urls.postgres_options(
+        make_url(
+            "postgresql://app@db/bank?sslmode=verify-full&sslrootcert=/etc/ca.pem"
+            "&application_name=billing&connect_timeout=3&statement_cache_size=0"
+            "&options=-c%20search_path%3Da%5C%20b%20--lock-timeout%3D5s%20-cstatement_timeout%3D2min"
+            "&host=/run/pg&target_session_attrs=read-write"
+        )
+    )
+    assert options.connect_args == {
+        "dsn": "postgresql://?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem",
+        "statement_cache_size": 0,
+    }
+    assert options.server_settings == {
+        "search_path": "a b",
+        "lock_timeout": "5s",
+        "application_name": "billing",
+    }
+    assert (options.connect_timeout, options.statement_timeout) == (3.0, 120.0)
+    # what asyncpg takes as it is stays in the URL
+    assert dict(options.url.query) == {"host": "/run/pg", "target_session_attrs": "read-write"}
 
 
 def _free_port() -> int:
