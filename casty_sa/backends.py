@@ -57,10 +57,21 @@ from casty_sa.errors import JournalClosed
 from casty_sa.models import EventRecord, SnapshotRecord
 from casty_sa.urls import is_memory_sqlite
 
-__all__ = ["PING_AFTER", "Backend", "ConnectionLost", "Row", "WriteRefused", "backend_for"]
+__all__ = [
+    "PING_AFTER",
+    "PING_TIMEOUT",
+    "Backend",
+    "ConnectionLost",
+    "Contended",
+    "Row",
+    "WriteRefused",
+    "backend_for",
+]
 
 #: Seconds a pooled connection may sit unused before a checkout proves it alive.
 PING_AFTER = 0.005
+#: Seconds a liveness ping may take by default (the journal sets its own from its timeouts).
+PING_TIMEOUT = 10.0
 _CHECKOUT_ATTEMPTS = 3
 _RELEASED = "casty_sa_released"
 
@@ -81,6 +92,18 @@ class WriteRefused(Exception):
         super().__init__(str(cause))
         self.cause = cause
         self.duplicate = duplicate
+
+
+class Contended(Exception):
+    """The database rolled the whole transaction back to break a deadlock or a
+    serialization conflict with another transaction.
+
+    Nothing of it was stored, and the same write may well succeed when sent again.
+    """
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class ConnectionLost(Exception):
@@ -114,6 +137,9 @@ class Backend:
         self.hold_writes = False
         #: seconds a kept writer connection may sit unused before it goes back to the pool
         self.hold_linger = 0.01
+        #: seconds a liveness ping may take: a server that does not answer ``SELECT 1``
+        #: by then is taken for gone (see :meth:`_alive`)
+        self.ping_timeout = PING_TIMEOUT
         self._held: Any = None
         self._idle_check: asyncio.TimerHandle | None = None
         self._giving_back: set[asyncio.Task[None]] = set()
@@ -286,7 +312,11 @@ class Backend:
             await self._give_back(fairy, None)
 
     async def _checkout(self) -> Any:
-        """A pooled connection, checked to be alive when it sat unused for a while."""
+        """A pooled connection, checked to be alive when it sat unused for a while.
+
+        A connection the server ended is replaced by the next one; a ping that timed
+        out fails the checkout (see :meth:`_alive`).
+        """
         for _ in range(_CHECKOUT_ATTEMPTS):
             fairy = await self._engine.raw_connection()
             if await self._alive(fairy):
@@ -299,6 +329,11 @@ class Backend:
         A connection used a moment ago is trusted; one that sat idle longer than
         :data:`PING_AFTER` gets one round trip (where the backend needs it), the
         job SQLAlchemy's ``pool_pre_ping`` does in three on asyncpg.
+
+        A ping that gets no answer within :attr:`ping_timeout` raises its
+        ``TimeoutError``: the server itself (not this one connection) is most
+        likely hung or unreachable, and pinging the pool's other connections
+        one after another would multiply the wait.
         """
         driver = fairy.driver_connection
         try:
@@ -311,8 +346,13 @@ class Backend:
         except BaseException as exc:
             # whatever failed ``SELECT 1`` (a server that ended the session, a protocol left
             # mid-way, a caller cancelled mid-ping) makes this connection one not to reuse
+            if isinstance(exc, TimeoutError):
+                # nor wait for a server that does not answer to acknowledge a goodbye
+                # (SQLAlchemy's invalidation tries a graceful close first); a ping leaves
+                # nothing on the server that a cancel request would have to stop
+                self.abort(driver)
             await self._release(fairy, exc)
-            if not isinstance(exc, Exception):
+            if not isinstance(exc, Exception) or isinstance(exc, TimeoutError):
                 raise
             return False
 
@@ -325,6 +365,9 @@ class Backend:
 
     async def ping(self, driver_connection: Any) -> None:
         """Prove the connection alive with one round trip (no-op where not needed)."""
+
+    def abort(self, driver_connection: Any) -> None:
+        """Close a connection at once, without a word to the server (no-op where not needed)."""
 
     #: Write groups in flight at once (see :mod:`casty_sa.batching`): 1 where the database
     #: has a single writer anyway.
@@ -636,7 +679,12 @@ class PostgresBackend(Backend):
         return not driver_connection.is_closed()
 
     async def ping(self, driver_connection: Any) -> None:
-        await driver_connection.execute("SELECT 1")
+        # bounded on its own: the statement timeout is for real work, far longer than a
+        # live server needs to answer SELECT 1
+        await driver_connection.execute("SELECT 1", timeout=self.ping_timeout)
+
+    def abort(self, driver_connection: Any) -> None:
+        driver_connection.terminate()
 
     def is_disconnect(self, exc: BaseException) -> bool:
         import asyncpg
@@ -672,6 +720,8 @@ class PostgresBackend(Backend):
                 raise WriteRefused(exc, duplicate=True) from exc
             if isinstance(exc, asyncpg.DataError):
                 raise WriteRefused(exc, duplicate=False) from exc
+            if getattr(exc, "sqlstate", None) in _ROLLED_BACK:
+                raise Contended(exc) from exc
             if _never_sent(exc):
                 raise ConnectionLost(exc, during_commit=False) from exc
             if self.is_disconnect(exc):
@@ -692,6 +742,10 @@ class PostgresBackend(Backend):
         async with self.connection() as conn:
             return await conn.fetchval(self._min_stored, entity_id, low, high)  # type: ignore[no-any-return]
 
+
+#: deadlock_detected, serialization_failure: the server rolled the whole transaction back
+#: (a single autocommit statement, or the explicit transaction whose COMMIT failed)
+_ROLLED_BACK = frozenset({"40P01", "40001"})
 
 #: rows per multi-row statement: 4 parameters a row, within SQLite's variable limit
 _SQLITE_MAX_ROWS = min(

@@ -2,8 +2,8 @@
 
 A single flusher task drains the queue. Whatever arrived while a transaction
 was in flight is written together in the next one, up to ``max_batch_events``
-events, so throughput grows with concurrency while each caller still returns
-only after its own rows are committed. The journal's ``write`` function
+events and ``max_batch_bytes`` bytes, so throughput grows with concurrency while
+each caller still returns only after its own rows are committed. The journal's ``write`` function
 decides the outcome of each request separately, so one caller's failure never
 fails its neighbours.
 
@@ -45,6 +45,8 @@ log = logging.getLogger("casty_sa.batching")
 
 #: Queued requests from which an idle pipeline splits the queue into two groups.
 _SPLIT_FROM = 32
+#: Bytes a row takes beside its entity id and payload (sequence number, timestamp).
+_ROW_OVERHEAD = 16
 
 
 @dataclass(slots=True, eq=False)
@@ -55,6 +57,12 @@ class WriteRequest:
     events: list[tuple[Any, ...]] = field(default_factory=list)
     snapshot: tuple[Any, ...] | None = None
     future: asyncio.Future[None] | None = None
+    #: bytes the rows take on the wire: payloads, entity ids and the fixed-size columns
+    nbytes: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        rows = self.events if self.snapshot is None else [*self.events, self.snapshot]
+        self.nbytes = sum(len(row[0]) + len(row[3]) + _ROW_OVERHEAD for row in rows)
 
     @property
     def size(self) -> int:
@@ -75,6 +83,11 @@ class GroupCommitter:
     max_batch_events : int
         Most events (plus snapshots) in one transaction. A single request
         larger than this is written alone.
+    max_batch_bytes : int
+        Most bytes (:attr:`WriteRequest.nbytes`: payloads and the rest of each
+        row) in one transaction, so that many large calls never add up to a
+        statement the database refuses (PostgreSQL's messages stop at 1 GiB).
+        A single request larger than this is written alone.
     max_pending : int
         Most requests queued; further callers wait for room (back-pressure).
     linger : float
@@ -97,19 +110,23 @@ class GroupCommitter:
         *,
         max_batch_events: int,
         max_pending: int,
+        max_batch_bytes: int = 64 * 2**20,
         linger: float = 0.0,
         on_idle: Callable[[], Awaitable[None]] | None = None,
         pipeline: int = 1,
         direct: bool = False,
     ) -> None:
-        if max_batch_events < 1 or max_pending < 1 or pipeline < 1:
-            raise ValueError("max_batch_events, max_pending and pipeline must be >= 1")
+        if min(max_batch_events, max_pending, max_batch_bytes, pipeline) < 1:
+            raise ValueError(
+                "max_batch_events, max_batch_bytes, max_pending and pipeline must be >= 1"
+            )
         self._pipeline = pipeline
         self._write = write
         self._linger = linger
         self._on_idle = on_idle
         self._wakeup = asyncio.Event()
         self._max_batch_events = max_batch_events
+        self._max_batch_bytes = max_batch_bytes
         self._max_pending = max_pending
         self._queue: deque[WriteRequest] = deque()
         self._room = asyncio.Event()
@@ -234,20 +251,22 @@ class GroupCommitter:
         limit = self._max_batch_events
         if split and len(queue) >= _SPLIT_FROM:
             limit = min(limit, max(1, sum(request.size for request in queue) // 2))
+        byte_limit = self._max_batch_bytes
         group: list[WriteRequest] = []
         held_back: list[WriteRequest] = []
-        events = 0
+        events = nbytes = 0
         while queue:
             request = queue[0]
             if request.future is None or request.future.done():
                 queue.popleft()  # its caller was cancelled while queued: never written
             elif request.entity_id in busy:
                 held_back.append(queue.popleft())  # after that entity's group, in order
-            elif group and events + request.size > limit:
+            elif group and (events + request.size > limit or nbytes + request.nbytes > byte_limit):
                 break
             else:
                 group.append(queue.popleft())
                 events += request.size
+                nbytes += request.nbytes
         queue.extendleft(reversed(held_back))
         self._room.set()
         return group
@@ -270,9 +289,10 @@ class GroupCommitter:
             _settle(request, outcome)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "group commit: %d calls, %d rows in %.2f ms",
+                "group commit: %d calls, %d rows, %d bytes in %.2f ms",
                 len(group),
                 sum(request.size for request in group),
+                sum(request.nbytes for request in group),
                 (time.perf_counter() - started) * 1000,
             )
 

@@ -33,7 +33,7 @@ from sqlalchemy.pool import StaticPool
 
 from casty_sa.urls import DEFAULT_APPLICATION_NAME, is_memory_sqlite, postgres_options
 
-__all__ = ["AUTOCOMMIT_ENGINES", "SQLITE_SYNCHRONOUS", "build_engine"]
+__all__ = ["AUTOCOMMIT_ENGINES", "SQLITE_SYNCHRONOUS", "TIMEOUTS", "build_engine"]
 
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -45,6 +45,10 @@ DEFAULT_STATEMENT_TIMEOUT = 30.0
 #: SQLite engines whose driver runs in autocommit mode (no implicit transactions): a
 #: single statement commits on its own, and transactions are explicit BEGIN IMMEDIATE.
 AUTOCOMMIT_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+#: PostgreSQL engines casty-sa creates -> their (connect, statement) timeouts in seconds, as
+#: finally configured (argument, URL or default): the journal derives a call's budget from them.
+TIMEOUTS: weakref.WeakKeyDictionary[Engine, tuple[float, float]] = weakref.WeakKeyDictionary()
 
 
 def build_engine(
@@ -146,8 +150,11 @@ def build_engine(
     # checkout without a round trip: SQLAlchemy's pre-ping costs three on asyncpg
     # (BEGIN, SELECT, ROLLBACK), more than the journal's own statement.
     defaults = {"pool_size": 10, "max_overflow": 0}
-    engine = create_async_engine(
-        url, connect_args={**connect_args, **user_connect_args}, **{**defaults, **options}
+    final_connect_args = {**connect_args, **user_connect_args}
+    engine = create_async_engine(url, connect_args=final_connect_args, **{**defaults, **options})
+    TIMEOUTS[engine.sync_engine] = (
+        float(final_connect_args["timeout"]),
+        float(final_connect_args["command_timeout"]),
     )
     if not options.get("pool_pre_ping"):
 

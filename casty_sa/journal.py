@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -25,10 +26,10 @@ from sqlalchemy import URL
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from casty_sa.backends import ConnectionLost, Row, WriteRefused, backend_for
+from casty_sa.backends import ConnectionLost, Contended, Row, WriteRefused, backend_for
 from casty_sa.batching import GroupCommitter, WriteRequest
 from casty_sa.coalescing import ReadCoalescer
-from casty_sa.engine import build_engine
+from casty_sa.engine import TIMEOUTS, build_engine
 from casty_sa.errors import (
     CommitOutcomeUnknown,
     DatabaseAccessDenied,
@@ -62,6 +63,18 @@ _WRITER_LINGER = 0.01
 
 #: Highest sequence number a 64-bit signed column holds.
 MAX_SEQUENCE_NR = 2**63 - 1
+
+#: Times a write the database rolled back whole (deadlock, serialization failure) is sent
+#: again, and the first pause before that (doubled each time, with jitter).
+_CONTENTION_RETRIES = 3
+_CONTENTION_BACKOFF = 0.005
+
+#: Why a group's transaction failed: its rows were refused, it kept deadlocking, or the
+#: database failed (the same answer for every caller).
+_Failure = WriteRefused | Contended | JournalError
+
+#: Default cap on the bytes of one group transaction.
+_MAX_BATCH_BYTES = 64 * 2**20
 
 
 def open_engine(
@@ -143,6 +156,11 @@ class SAJournal:
         gives every call its own transaction.
     max_batch_events : int
         Cap on rows per group transaction.
+    max_batch_bytes : int
+        Cap on the bytes of one group transaction (payloads plus the rest of
+        each row; default 64 MiB), so that large calls queued together never
+        add up to a statement the database refuses (PostgreSQL's messages stop
+        at 1 GiB). A single call larger than the cap is written alone.
     max_pending : int
         Cap on queued write calls; more callers wait (back-pressure).
     read_retries : int
@@ -160,7 +178,10 @@ class SAJournal:
     statement_timeout : float | None
         PostgreSQL: seconds before a statement fails, on the client and as the
         server's ``statement_timeout`` (default: the URL's ``options=-c
-        statement_timeout=…``, else 30).
+        statement_timeout=…``, else 30). A call's budget is the two together:
+        a pooled connection that does not answer a liveness ping within the
+        shorter of them fails the call (the server is taken for hung), and
+        reads are not retried once the budget is spent.
 
     The four tuning options apply when casty-sa creates the engine from a URL;
     with an application's engine, configure that engine instead.
@@ -194,6 +215,7 @@ class SAJournal:
         schema: str | None = None,
         group_commit: bool = True,
         max_batch_events: int = 2000,
+        max_batch_bytes: int = _MAX_BATCH_BYTES,
         max_pending: int = 10_000,
         read_retries: int = 3,
         retry_backoff: float = 0.05,
@@ -235,6 +257,14 @@ class SAJournal:
         self._backend = backend_for(self._engine, schema)
         self._read_retries = read_retries
         self._retry_backoff = retry_backoff
+        # a call's budget, end to end: it may have to open a connection and run its
+        # statement; a live server answers a ping well within the shorter of the two
+        self._budget: float | None = None
+        timeouts = TIMEOUTS.get(self._engine.sync_engine)
+        if timeouts is not None:
+            connect, statement = timeouts
+            self._budget = connect + statement
+            self._backend.ping_timeout = min(connect, statement)
         # one connection for a memory database: calls must take turns on it
         self._serial = asyncio.Lock() if is_memory_sqlite(self._url) else None
         self._committer: GroupCommitter | None = None
@@ -246,6 +276,7 @@ class SAJournal:
             self._committer = GroupCommitter(
                 self._write_group,
                 max_batch_events=max_batch_events,
+                max_batch_bytes=max_batch_bytes,
                 max_pending=max_pending,
                 linger=_WRITER_LINGER,
                 on_idle=self._backend.release_held,
@@ -253,7 +284,7 @@ class SAJournal:
                 direct=self._backend.cancel_safe,
             )
         self._ready = False
-        self._ready_lock = asyncio.Lock()
+        self._starting: asyncio.Task[None] | None = None
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
@@ -313,14 +344,29 @@ class SAJournal:
             raise JournalClosed("this SAJournal is closed; create a new one")
         if self._ready:
             return
-        async with self._ready_lock:
-            if not self._ready:
-                # shielded: a caller cancelled half-way must not leave a migration (or
-                # the transaction that reads the revision) cut in two
-                await self._shielded(self._ensure_schema())
-                self._ready = True
+        attempt = self._starting
+        if attempt is None or attempt.done():
+            # the first call, or the attempt before this one failed: try (again). Callers
+            # that come while it runs share its outcome instead of queueing up for attempts
+            # of their own, one after another, against a database that does not answer.
+            # In a task of its own: a caller cancelled half-way must not leave a migration
+            # (or the transaction that reads the revision) cut in two.
+            attempt = asyncio.get_running_loop().create_task(
+                self._start_once(), name="casty_sa-start"
+            )
+            attempt.add_done_callback(_retrieve)  # even when every caller was cancelled
+            self._starting = attempt
+            self._track(attempt)
+        try:
+            await asyncio.shield(attempt)
+        except JournalError as exc:
+            raise _copy_error(exc) from exc.__cause__  # each caller its own traceback
         if self._closed:  # close() ran while this call waited for the schema check
             raise JournalClosed("this SAJournal was closed while the call started")
+
+    async def _start_once(self) -> None:
+        await self._ensure_schema()
+        self._ready = True
 
     async def close(self) -> None:
         """Finish queued writes, then release the engine if the journal created it.
@@ -482,51 +528,108 @@ class SAJournal:
 
     async def _write_group(self, group: Sequence[WriteRequest]) -> list[BaseException | None]:
         """Write ``group`` in one transaction; if the rows are refused, isolate the culprits."""
+        failure = await self._attempt(group)
+        if failure is None:
+            return [None] * len(group)
+        return await self._isolate(group, failure)
+
+    async def _attempt(self, group: Sequence[WriteRequest]) -> _Failure | None:
+        """Write ``group`` in one transaction: ``None`` when committed, else why it failed."""
         try:
             await self._write(group)
-            return [None] * len(group)
-        except WriteRefused as refused:
-            if len(group) == 1:
-                return [await self._refusal_error(group[0], refused)]
-        except JournalError as exc:
-            return [_copy_error(exc) for _ in group]
-        # several callers shared the refused transaction: give each its own
-        outcomes: list[BaseException | None] = []
-        for request in group:
-            try:
-                await self._write([request])
-                outcomes.append(None)
-            except WriteRefused as refused:
-                outcomes.append(await self._refusal_error(request, refused))
-            except JournalError as exc:
-                outcomes.append(exc)
-        return outcomes
+        except (WriteRefused, Contended, JournalError) as exc:
+            return exc
+        return None
+
+    async def _isolate(
+        self, group: Sequence[WriteRequest], failure: _Failure | None
+    ) -> list[BaseException | None]:
+        """Outcomes of ``group``, whose shared transaction failed with ``failure``.
+
+        The culprits are found by halves: each half goes as one transaction, and a
+        half that fails is split again, the earlier half first (so that of two calls
+        claiming one sequence number, the first made wins). One stale caller among
+        ``n`` costs at most about ``2 log2 n`` transactions instead of ``n``, and its
+        neighbours never wait for one transaction each. Splitting is chosen over asking
+        the database which keys are already stored because it is the same on every
+        backend and finds every kind of culprit: duplicates of stored rows, two calls
+        of one group claiming the same number, rows the database refuses for any
+        other reason, and transactions that keep deadlocking. ``failure`` is ``None``
+        for a half that was not sent whole but must hold a culprit (its twin went
+        through): it is split at once, and a single call is always tried on its own
+        before it is told it failed.
+        """
+        if len(group) == 1 and failure is None:
+            failure = await self._attempt(group)
+            if failure is None:
+                return [None]
+        if isinstance(failure, JournalError):
+            # unreachable, timed out, outcome unknown: the same answer for every caller
+            return [_copy_error(failure) for _ in group]
+        if len(group) == 1 and failure is not None:  # (a single call's failure is known)
+            return [await self._refusal_error(group[0], failure)]
+        middle = len(group) // 2
+        left, right = group[:middle], group[middle:]
+        left_failure = await self._attempt(left)
+        if left_failure is None:
+            outcomes: list[BaseException | None] = [None] * len(left)
+            return outcomes + await self._isolate(right, None)
+        outcomes = await self._isolate(left, left_failure)
+        right_failure = await self._attempt(right)
+        if right_failure is None:
+            return outcomes + [None] * len(right)
+        return outcomes + await self._isolate(right, right_failure)
 
     async def _write(self, group: Sequence[WriteRequest]) -> None:
-        """One transaction for the group; failures become ``JournalError`` (or ``WriteRefused``)."""
+        """One transaction for the group; failures become ``JournalError``, ``WriteRefused``
+        (the rows were refused) or ``Contended`` (deadlocked again and again)."""
         if len(group) == 1:
             request = group[0]
             events = request.events
             snapshots = [request.snapshot] if request.snapshot is not None else []
         else:
-            events = [row for request in group for row in request.events]
-            snapshots = [request.snapshot for request in group if request.snapshot is not None]
+            # rows in one order (entity id, then sequence number: a call's events ascend, and
+            # the sort is stable) on every node, so that two groups touching the same entities
+            # take their locks in the same order rather than deadlocking
+            ordered = sorted(group, key=_entity_of)
+            events = [row for request in ordered for row in request.events]
+            snapshots = [request.snapshot for request in ordered if request.snapshot is not None]
+        deadline = None if self._budget is None else time.monotonic() + self._budget
         try:
             # a write the driver refused before sending anything (a connection the server
             # had just ended, now invalidated) is stored nowhere: it goes again, on another
-            # connection, at most once per connection the pool holds
-            for attempt in range(self._backend.capacity, -1, -1):
+            # connection, at most once per connection the pool holds; a transaction the
+            # server rolled back whole to break a deadlock goes again a few times, after a
+            # short jittered pause that lets the other transaction finish
+            resends = self._backend.capacity
+            contended = 0
+            while True:
                 try:
                     await self._write_rows(events, snapshots)
                     break
                 except ConnectionLost as lost:
-                    if lost.during_commit or not attempt:
+                    if lost.during_commit or not resends or _past(deadline):
                         raise
+                    resends -= 1
                     log.warning(
                         "casty_sa: a write was not sent (%s); sending it on another connection",
                         _describe(lost.cause),
                     )
-        except WriteRefused:
+                except Contended as exc:
+                    if contended >= _CONTENTION_RETRIES or _past(deadline):
+                        raise
+                    delay = _CONTENTION_BACKOFF * 2**contended * (0.5 + random.random())
+                    contended += 1
+                    log.info(
+                        "casty_sa: the database rolled back a write of %d events and %d "
+                        "snapshots (%s); nothing was stored, sending it again in %.3fs",
+                        len(events),
+                        len(snapshots),
+                        _describe(exc.cause),
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+        except (WriteRefused, Contended):
             raise
         except ConnectionLost as lost:
             what = f"write {len(events)} events and {len(snapshots)} snapshots"
@@ -548,7 +651,19 @@ class SAJournal:
             async with self._serial:
                 await self._backend.write(events, snapshots)
 
-    async def _refusal_error(self, request: WriteRequest, refused: WriteRefused) -> JournalError:
+    async def _refusal_error(
+        self, request: WriteRequest, refused: WriteRefused | Contended
+    ) -> JournalError:
+        if isinstance(refused, Contended):
+            contended = DatabaseUnavailable(
+                f"the database rolled back the write for entity {request.entity_id!r} "
+                f"{_CONTENTION_RETRIES + 1} times to break a deadlock or serialization "
+                f"conflict with other transactions ({_describe(refused.cause)}); nothing "
+                "was stored. Call again; if it persists, look for other writers of the "
+                "same entities"
+            )
+            contended.__cause__ = refused.cause
+            return contended
         if not refused.duplicate or not request.events:
             return InvalidEventError(
                 f"the database refused the write for entity {request.entity_id!r}: "
@@ -589,6 +704,9 @@ class SAJournal:
         if not internal:
             await self.start()
         attempt = 0
+        # retries stop once the call's budget is spent: each attempt is bounded (connect,
+        # ping and statement timeouts), so the call is bounded end to end
+        deadline = None if self._budget is None else time.monotonic() + self._budget
         while True:
             try:
                 if in_task:
@@ -600,11 +718,15 @@ class SAJournal:
                 if isinstance(exc, JournalError):
                     raise
                 error = self._database_error(exc, what)
-                if not self._retryable(exc, error) or attempt >= self._read_retries:
+                delay = self._retry_backoff * (2**attempt) * (0.5 + random.random())
+                if (
+                    not self._retryable(exc, error)
+                    or attempt >= self._read_retries
+                    or _past(deadline, delay)
+                ):
                     raise error from exc
                 if not internal:
                     self._refuse_retry_if_closed(what, exc)
-                delay = self._retry_backoff * (2**attempt) * (0.5 + random.random())
                 attempt += 1
                 log.warning(
                     "casty_sa: %s failed (%s); retry %d of %d in %.2fs",
@@ -903,6 +1025,21 @@ def _sqlstate(exc: BaseException) -> str | None:
         orig = getattr(current, "orig", None)
         current = orig if isinstance(orig, BaseException) else current.__cause__
     return None
+
+
+def _entity_of(request: WriteRequest) -> str:
+    return request.entity_id
+
+
+def _past(deadline: float | None, ahead: float = 0.0) -> bool:
+    """Whether ``deadline`` (a ``time.monotonic()`` value) is passed ``ahead`` seconds from now."""
+    return deadline is not None and time.monotonic() + ahead >= deadline
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a task's exception as seen (its callers may all have been cancelled)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _copy_error(exc: JournalError) -> JournalError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import re
@@ -369,6 +370,40 @@ async def test_one_bad_caller_in_a_group_fails_alone(
     # the conflicting call really shared a transaction with its neighbours
     sizes = [int(m) for m in re.findall(r"group commit: (\d+) calls", caplog.text)]
     assert sizes and max(sizes) > 10, caplog.text[-2000:]
+
+
+async def test_one_stale_caller_costs_its_group_a_few_transactions_not_one_per_call(
+    db_url: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    """1,000 concurrent persists and one stale call: the group that carries the stale call
+    is split in halves to find it, so every bystander is stored in a handful of
+    transactions (not one each), and the stale caller alone gets ``SequenceConflict``
+    naming the first sequence number already stored."""
+    journal = make_journal(db_url)
+    await journal.persist("stale", batch("stale", 1, 5))
+    db: Any = journal._backend
+    write = db.write
+    transactions = 0
+
+    async def counted(events: Any, snapshots: Any) -> None:
+        nonlocal transactions
+        transactions += 1
+        await write(events, snapshots)
+
+    db.write = counted
+    n = 1000
+    entities = [f"n-{i}" for i in range(n)]
+    calls = [journal.persist(e, batch(e, 1, 2)) for e in entities]
+    calls.insert(n // 3, journal.persist("stale", batch("stale", 3, 4)))  # 3, 4, 5 stored
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
+    stale = results.pop(n // 3)
+    assert isinstance(stale, SequenceConflict) and stale.sequence_nr == 3, repr(stale)
+    assert results == [None] * n, [r for r in results if r is not None][:3]
+    assert transactions <= 2 * math.log2(n) + 4, transactions
+    for e in entities[::50]:
+        assert_whole_batches(e, await journal.load(e))
+        assert len(await journal.load(e)) == 2
+    assert [e.event for e in await journal.load("stale")] == [e.event for e in batch("stale", 1, 5)]
 
 
 async def test_same_sequence_nr_twice_in_one_group_first_caller_wins(

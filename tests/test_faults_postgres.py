@@ -15,8 +15,10 @@ import contextlib
 import itertools
 import logging
 import os
+import pickle
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -932,3 +934,251 @@ async def test_least_privilege_upgrade_raises_a_casty_sa_error(
     await casty_sa.upgrade(owner_url)
     with pytest.raises(SchemaError, match="owner"):
         await casty_sa.downgrade(app_url)
+
+
+# -- deadlocks: the transaction rolled back whole goes again; bystanders never fail ----------
+
+
+async def _connect(pg: DedicatedPostgres, db: str) -> asyncpg.Connection:
+    return await asyncpg.connect(
+        user="postgres", password=ADMIN_PASSWORD, host="127.0.0.1", port=pg.port, database=db
+    )
+
+
+_INSERT = "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload) "
+
+
+@pytest.mark.parametrize("path", ["statement", "transaction"])
+async def test_a_deadlocked_group_is_sent_again_and_no_bystander_fails(
+    pg: DedicatedPostgres,
+    fault_db: URL,
+    make_journal: Callable[..., SAJournal],
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    """Another writer takes ``dl-y`` then ``dl-x`` while the journal's group takes ``dl-x``
+    then ``dl-y``: the server aborts the journal's transaction (the other sets a long
+    ``deadlock_timeout``, so the journal's check runs first). Its bystanders are stored,
+    and the calls that lost the race get ``SequenceConflict``. ``statement``: the group is
+    one autocommit INSERT; ``transaction``: it carries a snapshot too, so it is an explicit
+    transaction."""
+    caplog.set_level(logging.INFO, logger="casty_sa")
+    db = fault_db.database or ""
+    journal = fault_journal(make_journal, fault_db)
+    await journal.start()
+    other, watcher = await _connect(pg, db), await _connect(pg, db)
+    tasks: list[asyncio.Future[None]] = []
+    try:
+        await other.execute("SET deadlock_timeout = '30s'")
+        await other.execute("BEGIN")
+        await other.execute(_INSERT + "VALUES ('dl-y', 1, 1.0, $1)", pickle.dumps("other"))
+        calls = [journal.persist(f"b-{k}", [PersistedEvent(1, k, 1.0)]) for k in range(10)]
+        if path == "transaction":
+            calls.append(journal.save_snapshot("b-snap", Snapshot(1, "s", 1.0)))
+        calls += [journal.persist(e, [PersistedEvent(1, "journal", 1.0)]) for e in ("dl-x", "dl-y")]
+        tasks = [asyncio.ensure_future(call) for call in calls]
+        deadline = time.monotonic() + 10
+        while not await watcher.fetch(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = $1 AND pid <> $2 "
+            "AND wait_event_type = 'Lock'",
+            db,
+            other.get_server_pid(),
+        ):
+            assert time.monotonic() < deadline, "the journal's group never waited for dl-y"
+            await asyncio.sleep(0.01)
+        # closes the cycle; returns once the server has aborted the journal's transaction
+        await asyncio.wait_for(
+            other.execute(_INSERT + "VALUES ('dl-x', 1, 1.0, $1)", pickle.dumps("other")), 20
+        )
+        await other.execute("COMMIT")
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await other.close()
+        await watcher.close()
+    *bystanders, on_x, on_y = results
+    assert bystanders == [None] * len(bystanders), bystanders
+    assert "deadlock detected" in caplog.text, "the journal's transaction was not the victim"
+    for lost in (on_x, on_y):
+        assert isinstance(lost, SequenceConflict) and lost.sequence_nr == 1, repr(lost)
+    for k in range(10):
+        assert [e.event for e in await journal.load(f"b-{k}")] == [k]
+    for e in ("dl-x", "dl-y"):
+        assert [x.event for x in await journal.load(e)] == ["other"]
+    if path == "transaction":
+        assert await journal.load_snapshot("b-snap") == Snapshot(1, "s", 1.0)
+
+
+async def test_two_nodes_writing_the_same_entities_in_opposite_order_fail_no_bystander(
+    pg: DedicatedPostgres, fault_db: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    """Two journals (two nodes after a split brain) each write ``dl-x`` and ``dl-y``, called
+    in opposite orders, beside bystanders of their own, while a trigger slows every insert
+    of those two entities. Rows go in one order on every node, so the second node waits for
+    the first instead of deadlocking: each contested call is stored by one node and gets
+    ``SequenceConflict`` on the other, and every bystander is stored."""
+    db = fault_db.database or ""
+    await pg.admin(
+        "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.entity_id LIKE 'dl-%' THEN PERFORM pg_sleep(0.3); END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER slow_insert BEFORE INSERT ON casty_sa_events FOR EACH ROW "
+        "EXECUTE FUNCTION slow_insert()",
+        db=db,
+    )
+    a, b = fault_journal(make_journal, fault_db), fault_journal(make_journal, fault_db)
+    await asyncio.gather(a.start(), b.start())
+
+    def calls(journal: SAJournal, name: str, contested: list[str]) -> list[Awaitable[None]]:
+        made: list[Awaitable[None]] = [
+            journal.persist(f"{name}-{k}", [PersistedEvent(1, k, 1.0)]) for k in range(5)
+        ]
+        return made + [journal.persist(e, [PersistedEvent(1, name, 1.0)]) for e in contested]
+
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            *calls(a, "a", ["dl-x", "dl-y"]),
+            *calls(b, "b", ["dl-y", "dl-x"]),
+            return_exceptions=True,
+        ),
+        30,
+    )
+    outcome_a, outcome_b = results[:7], results[7:]
+    assert outcome_a[:5] == [None] * 5 and outcome_b[:5] == [None] * 5, results
+    contested = {"a": dict(zip(["dl-x", "dl-y"], outcome_a[5:], strict=True)),
+                 "b": dict(zip(["dl-y", "dl-x"], outcome_b[5:], strict=True))}  # fmt: skip
+    for entity_id in ("dl-x", "dl-y"):
+        stored = [e.event for e in await a.load(entity_id)]
+        assert stored in (["a"], ["b"]), stored
+        winner, loser = stored[0], "b" if stored[0] == "a" else "a"
+        assert contested[winner][entity_id] is None
+        lost = contested[loser][entity_id]
+        assert isinstance(lost, SequenceConflict) and lost.sequence_nr == 1, repr(lost)
+    for name, journal in (("a", a), ("b", b)):
+        for k in range(5):
+            assert [e.event for e in await journal.load(f"{name}-{k}")] == [k]
+
+
+# -- start-up and hung servers: every call bounded by its own budget -------------------------
+
+
+async def test_concurrent_first_calls_share_one_start_attempt(
+    make_journal: Callable[..., SAJournal],
+) -> None:
+    """16 first calls against a server that accepts connections and never answers share
+    the one schema check in flight: all fail after about one connect timeout, not one
+    after another. A call made after that attempt failed tries again."""
+    peers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer)
+        await reader.read()  # never answers; returns when the client gives up
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    timeout = 0.5
+    try:
+        url = f"postgresql://app:pw@127.0.0.1:{port}/db"
+        journal = make_journal(url, connect_timeout=timeout, read_retries=0)
+        calls = [
+            journal.start() if k % 3 == 0
+            else journal.load(f"e{k}") if k % 3 == 1
+            else journal.persist(f"e{k}", [PersistedEvent(1, k, 1.0)])
+            for k in range(16)
+        ]  # fmt: skip
+        started = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
+        elapsed = time.monotonic() - started
+        assert all(isinstance(r, DatabaseUnavailable) for r in results), results
+        assert not any(isinstance(r, CommitOutcomeUnknown) for r in results)
+        assert len({id(r) for r in results}) == len(results), "callers share one exception"
+        assert elapsed < 2 * timeout + 0.5, f"16 first calls took {elapsed:.1f}s to fail"
+        # the failed attempt is not remembered: the next call tries again
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            await asyncio.wait_for(journal.load("again"), 10)
+        assert time.monotonic() - started >= 0.8 * timeout, "the next call did not try again"
+    finally:
+        server.close()
+        for writer in peers:
+            writer.close()
+        await server.wait_closed()
+
+
+def _postgres_processes(pg: DedicatedPostgres) -> list[int]:
+    """The postmaster and its children (the backends and background workers)."""
+    postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        if int(stat.rpartition(")")[2].split()[1]) == postmaster:
+            children.append(int(entry.name))
+    return [postmaster, *children]
+
+
+@contextlib.contextmanager
+def frozen(pg: DedicatedPostgres) -> Iterator[None]:
+    """The whole server stopped with SIGSTOP (it keeps its sockets; nothing answers)."""
+    processes = _postgres_processes(pg)
+    try:
+        for pid in processes:
+            os.kill(pid, signal.SIGSTOP)
+        yield
+    finally:
+        for pid in reversed(processes):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+async def test_a_frozen_server_fails_each_call_within_its_budget(
+    pg: DedicatedPostgres, fault_db: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    """A server frozen with SIGSTOP answers nothing, but its connections stay open. Every
+    call fails within a small multiple of connect_timeout + statement_timeout (a ping gets
+    a short timeout of its own, a ping timeout does not lead to pinging the rest of the
+    pool, and read retries stop when the budget is spent), each error tells the truth
+    about what was stored, and the journal works again once the server is resumed."""
+    connect, statement = 1.0, 2.0
+    options = {"connect_timeout": connect, "statement_timeout": statement, "read_retries": 3}
+    journal = fault_journal(make_journal, fault_db, **options)
+    await journal.persist("acct", [PersistedEvent(1, "before", 1.0)])
+    await asyncio.gather(*(journal.load("acct") for _ in range(8)))  # several pooled conns
+    await asyncio.sleep(0.1)  # idle long enough to be pinged on checkout
+    bound = 2 * (connect + statement) + 1.0
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        "persist": lambda: journal.persist("acct", [PersistedEvent(2, "frozen", 1.0)]),
+        "load": lambda: journal.load("acct"),
+        "save_snapshot": lambda: journal.save_snapshot("acct", Snapshot(2, "frozen", 1.0)),
+        "load_snapshot": lambda: journal.load_snapshot("acct"),
+        "first call of a new journal": lambda: fault_journal(
+            make_journal, fault_db, **options
+        ).load("acct"),
+    }
+    errors: dict[str, DatabaseUnavailable] = {}
+    with frozen(pg):
+        for name, call in calls.items():
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable) as info:
+                await asyncio.wait_for(call(), 60)
+            elapsed = time.monotonic() - started
+            assert elapsed < bound, f"{name} took {elapsed:.1f}s against a frozen server"
+            errors[name] = info.value
+    # a write reported as not stored was not stored; an unknown outcome says so
+    stored = [e.event for e in await asyncio.wait_for(journal.load("acct"), 30)]
+    if isinstance(errors["persist"], CommitOutcomeUnknown):
+        assert stored in (["before"], ["before", "frozen"]), stored
+    else:
+        assert stored == ["before"], stored
+    snapshot = await journal.load_snapshot("acct")
+    if not isinstance(errors["save_snapshot"], CommitOutcomeUnknown):
+        assert snapshot is None, snapshot
+    # the same journal works again
+    await journal.persist("acct", [PersistedEvent(len(stored) + 1, "after", 1.0)])
+    await journal.save_snapshot("acct", Snapshot(3, "after", 1.0))
+    assert [e.event for e in await journal.load("acct")] == [*stored, "after"]
+    assert await journal.load_snapshot("acct") == Snapshot(3, "after", 1.0)

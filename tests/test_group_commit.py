@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
-from casty import PersistedEvent
+from casty import PersistedEvent, Snapshot
 from sqlalchemy import URL
 
 from casty_sa import SAJournal
@@ -26,10 +26,12 @@ class Recorder:
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
         self.groups: list[list[str]] = []
+        self.bytes: list[int] = []
         self.tasks: list[asyncio.Task[Any] | None] = []
 
     async def __call__(self, group: Sequence[WriteRequest]) -> list[BaseException | None]:
         self.groups.append([request.entity_id for request in group])
+        self.bytes.append(sum(request.nbytes for request in group))
         self.tasks.append(asyncio.current_task())
         await asyncio.sleep(self.delay)
         return [None] * len(group)
@@ -93,6 +95,49 @@ class TestDirectWrites:
             GroupCommitter(Recorder(), max_batch_events=1, max_pending=1, pipeline=0)
 
 
+class TestByteCap:
+    """Groups are capped in bytes as well as rows: five large calls that each fit a
+    statement alone must not add up to one the database refuses (PostgreSQL stops at 1 GiB)."""
+
+    def test_a_request_counts_the_bytes_of_its_payloads(self) -> None:
+        events = WriteRequest("e", events=[("e", 1, 1.0, b"x" * 10_000), ("e", 2, 1.0, b"y" * 5)])
+        snapshot = WriteRequest("e", snapshot=("e", 3, 1.0, b"z" * 7_000))
+        both = WriteRequest("e", events=events.events, snapshot=snapshot.snapshot)
+        assert 10_005 <= events.nbytes < 10_005 + 100
+        assert 7_000 <= snapshot.nbytes < 7_000 + 50
+        assert both.nbytes == events.nbytes + snapshot.nbytes
+        tiny = WriteRequest("e", events=[("e", 1, 1.0, b"")])
+        assert 0 < tiny.nbytes < 50
+
+    async def test_groups_stop_at_max_batch_bytes_and_a_larger_call_goes_alone(self) -> None:
+        write = Recorder(delay=0.01)
+        cap = 10_000
+        commits = GroupCommitter(
+            write, max_batch_events=1000, max_pending=1000, max_batch_bytes=cap
+        )
+
+        def sized(entity_id: str, size: int) -> WriteRequest:
+            return WriteRequest(entity_id, events=[(entity_id, 1, 1.0, b"p" * size)])
+
+        first = asyncio.create_task(commits.submit(sized("first", 10)))
+        await asyncio.sleep(0)  # "first" is in flight: the rest queue up behind it
+        rest = [sized(f"r{k}", 3_000) for k in range(10)]
+        rest.insert(5, sized("huge", 4 * cap))
+        await asyncio.gather(first, *(commits.submit(r) for r in rest))
+        assert write.groups[0] == ["first"]
+        assert all(size <= cap for size, group in zip(write.bytes, write.groups, strict=True)
+                   if group != ["huge"])  # fmt: skip
+        assert ["huge"] in write.groups, write.groups
+        # three 3,000-byte calls fit in 10,000 bytes, a fourth does not; rows alone would
+        # have let all of them (and the huge one) go together
+        assert [len(g) for g in write.groups[1:]] == [3, 2, 1, 3, 2], write.groups
+        await commits.close()
+
+    def test_max_batch_bytes_must_be_positive(self) -> None:
+        with pytest.raises(ValueError, match="max_batch_bytes"):
+            GroupCommitter(Recorder(), max_batch_events=1, max_pending=1, max_batch_bytes=0)
+
+
 # -- on the journal ----------------------------------------------------------------------------
 
 
@@ -123,3 +168,35 @@ async def test_sequential_writes_skip_the_flusher_where_writes_survive_cancellat
     # writing again after the quiet period takes a connection again and works
     await journal.persist("seq", [ev(21)])
     assert (await journal.load("seq", 21))[0].event == ("payload", 21)
+
+
+async def test_a_group_never_carries_more_than_max_batch_bytes(
+    db_url: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    """Concurrent calls of about 3 kB each with a 10 kB cap go three to a transaction, and
+    a call larger than the cap is written alone; every call is stored."""
+    cap = 10_000
+    journal = make_journal(db_url, max_batch_bytes=cap)
+    await journal.start()
+    db: Any = journal._backend
+    write = db.write
+    written: list[tuple[int, int]] = []  # (rows, payload bytes) of each transaction
+
+    async def measured(events: Any, snapshots: Any) -> None:
+        rows = [*events, *snapshots]
+        written.append((len(rows), sum(len(row[3]) for row in rows)))
+        await write(events, snapshots)
+
+    db.write = measured
+    payload = "p" * 3_000
+    calls = [journal.persist(f"e{k}", [PersistedEvent(1, payload, 1.0)]) for k in range(40)]
+    calls.insert(20, journal.persist("huge", [PersistedEvent(1, "h" * (3 * cap), 1.0)]))
+    calls.insert(30, journal.save_snapshot("snap", Snapshot(1, payload, 1.0)))
+    assert await asyncio.gather(*calls) == [None] * len(calls)
+    assert [size for rows, size in written if rows > 1], "no call shared a transaction"
+    assert all(size <= cap for rows, size in written if rows > 1), written
+    assert any(size > 3 * cap for rows, size in written if rows == 1), written
+    for k in range(40):
+        assert [e.event for e in await journal.load(f"e{k}")] == [payload]
+    assert [e.event for e in await journal.load("huge")] == ["h" * (3 * cap)]
+    assert await journal.load_snapshot("snap") == Snapshot(1, payload, 1.0)
