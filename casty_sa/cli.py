@@ -80,7 +80,8 @@ class ExitCode(IntEnum):
     NO_SUCH_ENTITY = 1
     #: The database failed: unreachable, refused the login, missing tables, a failed statement.
     DATABASE_ERROR = 2
-    #: ``import``/``export`` finished but the target's counts do not match the source's.
+    #: ``import``/``export``: the target holds another history under the source's keys
+    #: (refused, nothing written), or does not hold the source's content after the copy.
     NOT_VERIFIED = 3
     #: ``import``/``export``: the file is missing, or not in casty's SqliteJournal format.
     BAD_FILE = 4
@@ -101,7 +102,8 @@ exit codes:
   0    success (check: the database is at head)
   1    check: not at head; inspect ENTITY_ID: no such entity
   2    database error: unreachable, login refused, tables missing, statement failed
-  3    import/export: counts of target and source differ after the copy
+  3    import/export: the target holds another history (refused, nothing written),
+       or its content differs from the source's after the copy
   4    import/export: the file is missing or not a casty SqliteJournal file
   64   usage error: bad or missing arguments (e.g. no URL), unknown revision
   70   internal error (a bug: run with -v and report the traceback)
@@ -876,6 +878,18 @@ def _summary(args: argparse.Namespace, verb: str, report: TransferReport) -> int
     """Print a copy's summary (text or JSON); the exit code says whether it verified."""
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
+    elif report.refused:
+        print(f"{verb} nothing: {report.source} -> {report.target}")
+        print(
+            f"  REFUSED: the target already holds another history for {report.fork_count:,} "
+            "entities (different content under the same keys); nothing was written. E.g.:"
+        )
+        for fork in report.forks:
+            print(f"    {inspection.printable(str(fork))}")
+        print(
+            "  Copying would mix two histories. Import into a new, empty database (or one "
+            "holding only this source's rows), or find out which history is the right one first."
+        )
     else:
         print(f"{verb} {report.source} -> {report.target} in {report.seconds:.2f}s")
         print(
@@ -887,11 +901,19 @@ def _summary(args: argparse.Namespace, verb: str, report: TransferReport) -> int
             "already there (same or newer)"
         )
         if report.verified:
-            print("  verified   the target holds every event and snapshot of the source")
+            print(
+                f"  verified   content compared: all {report.events:,} events and "
+                f"{report.snapshots:,} snapshots of the source are in the target, byte for byte"
+            )
         else:
             print(f"  NOT VERIFIED: {report.mismatch_count:,} entities differ, e.g.:")
             for mismatch in report.mismatches:
                 print(f"    {inspection.printable(str(mismatch))}")
+        if report.snapshots_newer:
+            print(
+                f"  note       the target holds a newer snapshot than the source for "
+                f"{report.snapshots_newer:,} entities (kept: a snapshot never moves backwards)"
+            )
         if report.target_ahead:
             print(
                 f"  note       the target holds more events than the source for "

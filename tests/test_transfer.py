@@ -324,7 +324,8 @@ class TestImport:
         code, out, _ = run(capsys, "import", "--from", str(source), "--url", url)
         assert code == ExitCode.NOT_VERIFIED
         assert "NOT VERIFIED: 1 entities differ" in out
-        assert "'big': events: source has 1 events up to 1, target none" in out
+        assert "'big': events: first differs at sequence number 1: source has event 1" in out
+        assert out.rstrip().endswith("target none")
 
     def test_a_source_changing_during_the_copy_is_reported(
         self, source: Path, tmp_path: Path
@@ -347,8 +348,8 @@ class TestImport:
             import_casty_file(source, url, batch_size=10, on_progress=app_still_writing)
         )
         assert report.source_changed and not report.verified
-        assert [(m.entity_id, m.found) for m in report.mismatches] == [
-            ("acct-1", "120 events up to 120")
+        assert [(m.entity_id, m.sequence_nr, m.found) for m in report.mismatches] == [
+            ("acct-1", 121, "none")
         ]
         again = asyncio.run(import_casty_file(source, url))
         assert again.verified and again.events_copied == 1 and not again.source_changed
@@ -465,3 +466,122 @@ class TestProgress:
         assert "\r" not in out
         code, _, err = run(capsys, "import", "--from", str(source), "--url", url)
         assert code == ExitCode.OK and "\r" not in err  # stderr is not a terminal here
+
+
+class TestForkedHistories:
+    """A target holding other content under the source's keys is never called verified."""
+
+    def test_two_local_node_files_are_never_mixed(
+        self, db_url: URL, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        node_a, node_b = tmp_path / "node-a.db", tmp_path / "node-b.db"
+        write_casty_file(node_a, {"acct-1": ["opened", "deposit 10", "deposit 5"]}, {})
+        # node b ran the same entity with another history: the same first event, then others
+        write_casty_file(node_b, {"acct-1": ["opened", "withdraw 7"], "other": [1]}, {})
+        with sqlite3.connect(node_a) as conn:
+            row = conn.execute(
+                "SELECT event_data, timestamp FROM events WHERE sequence_nr = 1"
+            ).fetchone()
+        with sqlite3.connect(node_b) as conn:  # the same first event, byte for byte
+            conn.execute(
+                "UPDATE events SET event_data = ?, timestamp = ? "
+                "WHERE entity_id = 'acct-1' AND sequence_nr = 1",
+                row,
+            )
+        url = plain(db_url)
+        assert run(capsys, "import", "--from", str(node_a), "--url", url)[0] == ExitCode.OK
+        before = raw_database_rows(db_url)
+
+        code, out, err = run(capsys, "import", "--from", str(node_b), "--url", url)
+        assert code == ExitCode.NOT_VERIFIED, err
+        assert "verified" not in out.replace("NOT VERIFIED", "")
+        assert "REFUSED" in out and "nothing was written" in out
+        assert "'acct-1': events: first differs at sequence number 2" in out
+        assert "'other'" not in out  # only the entity that differs is named
+        assert raw_database_rows(db_url) == before  # not even 'other' was copied
+
+        code, out, _ = run(capsys, "import", "--from", str(node_b), "--url", url, "--json")
+        report = json.loads(out)
+        assert code == ExitCode.NOT_VERIFIED
+        assert (report["refused"], report["verified"], report["fork_count"]) == (True, False, 1)
+        assert [(f["entity_id"], f["sequence_nr"]) for f in report["forks"]] == [("acct-1", 2)]
+
+        code, out, _ = run(capsys, "import", "--from", str(node_a), "--url", url)
+        assert code == ExitCode.OK and "verified   content compared" in out
+        assert raw_database_rows(db_url) == before
+
+    def test_a_timestamp_one_ulp_away_is_another_history(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        source = tmp_path / "casty.db"
+        write_casty_file(source, {"e": ["x"]}, {})
+        url = f"sqlite:///{tmp_path / 'journal.db'}"
+        assert run(capsys, "import", "--from", str(source), "--url", url)[0] == ExitCode.OK
+        with sqlite3.connect(source) as conn:  # same payload, timestamp one ulp away
+            conn.execute("UPDATE events SET timestamp = timestamp + timestamp * 2.3e-16")
+        code, out, _ = run(capsys, "import", "--from", str(source), "--url", url)
+        assert code == ExitCode.NOT_VERIFIED
+        assert "first differs at sequence number 1" in out and "timestamp differs" in out
+
+    def test_the_application_already_ran_on_the_new_tables(
+        self, source: Path, db_url: URL, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        async def app_started_from_nothing() -> None:
+            async with SAJournal(db_url) as journal:
+                await journal.persist("acct-1", [PersistedEvent(1, {"deposit": 99}, 1.0)])
+
+        asyncio.run(app_started_from_nothing())
+        before = raw_database_rows(db_url)
+        code, out, _ = run(capsys, "import", "--from", str(source), "--url", plain(db_url))
+        assert code == ExitCode.NOT_VERIFIED
+        assert "'acct-1': events: first differs at sequence number 1" in out
+        assert raw_database_rows(db_url) == before
+
+    def test_a_differing_snapshot_at_the_same_position_is_a_fork(
+        self, source: Path, db_url: URL, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        url = plain(db_url)
+        assert run(capsys, "import", "--from", str(source), "--url", url)[0] == ExitCode.OK
+
+        async def overwrite() -> None:
+            async with SAJournal(db_url) as journal:
+                snapshot = await journal.load_snapshot("acct-1")
+                assert snapshot is not None
+                await journal.save_snapshot("acct-1", Snapshot(100, "other", snapshot.timestamp))
+
+        asyncio.run(overwrite())
+        code, out, _ = run(capsys, "import", "--from", str(source), "--url", url)
+        assert code == ExitCode.NOT_VERIFIED
+        assert "'acct-1': snapshot: first differs at sequence number 100" in out
+        assert "payload differs" in out
+
+    def test_export_into_a_file_of_another_history_is_refused(
+        self, source: Path, db_url: URL, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        url = plain(db_url)
+        assert run(capsys, "import", "--from", str(source), "--url", url)[0] == ExitCode.OK
+        other = tmp_path / "other-node.db"
+        write_casty_file(other, {"acct-1": ["something else"]}, {})
+        before = raw_file_rows(other)
+        code, out, _ = run(capsys, "export", "--url", url, "--to", str(other))
+        assert code == ExitCode.NOT_VERIFIED and "REFUSED" in out
+        assert "'acct-1': events: first differs at sequence number 1" in out
+        assert raw_file_rows(other) == before
+
+    def test_verification_compares_content_not_counts(
+        self, source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        target = tmp_path / "journal.db"
+        url = f"sqlite:///{target}"
+        assert run(capsys, "upgrade", "--url", url)[0] == ExitCode.OK
+        with sqlite3.connect(target) as conn:  # a target that mangles what it is given
+            conn.execute(
+                "CREATE TRIGGER mangle AFTER INSERT ON casty_sa_events "
+                "WHEN NEW.entity_id = 'acct-1' AND NEW.sequence_nr = 7 BEGIN "
+                "UPDATE casty_sa_events SET payload = x'00' "
+                "WHERE entity_id = NEW.entity_id AND sequence_nr = 7; END"
+            )
+        code, out, _ = run(capsys, "import", "--from", str(source), "--url", url)
+        assert code == ExitCode.NOT_VERIFIED
+        assert "NOT VERIFIED: 1 entities differ" in out
+        assert "'acct-1': events: first differs at sequence number 7" in out
