@@ -40,12 +40,15 @@ from casty_sa.models import VERSION_TABLE, metadata
 from casty_sa.urls import safe_url
 
 __all__ = [
+    "CASTY_EVENT_COLUMNS",
+    "CASTY_SNAPSHOT_COLUMNS",
     "alembic_config",
     "current",
     "current_revision",
     "downgrade",
     "exclude_journal_tables",
     "head_revision",
+    "refuse_casty_tables",
     "script_location",
     "tables_match_models",
     "upgrade",
@@ -129,6 +132,60 @@ def tables_match_models(connection: Connection, schema: str | None = None) -> bo
         if columns != set(table.columns.keys()):
             return False
     return True
+
+
+#: The columns of casty's own ``SqliteJournal`` tables ``events`` and ``snapshots`` (casty 0.21).
+CASTY_EVENT_COLUMNS = frozenset({"entity_id", "sequence_nr", "event_data", "timestamp"})
+CASTY_SNAPSHOT_COLUMNS = frozenset({"entity_id", "sequence_nr", "state_data", "timestamp"})
+
+
+def casty_tables(connection: Connection) -> list[str]:
+    """The tables of casty's own ``SqliteJournal`` a SQLite database holds (none elsewhere).
+
+    ``SqliteJournal`` keeps its journal in ``events`` and ``snapshots`` tables
+    with the columns :data:`CASTY_EVENT_COLUMNS` and
+    :data:`CASTY_SNAPSHOT_COLUMNS`; casty-sa never reads them.
+    """
+    if connection.dialect.name != "sqlite":
+        return []  # SqliteJournal writes SQLite files only
+    expected = {"events": CASTY_EVENT_COLUMNS, "snapshots": CASTY_SNAPSHOT_COLUMNS}
+    # one query on the schema table: this runs on every journal's start
+    found = connection.exec_driver_sql(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('events', 'snapshots')"
+    ).all()
+    inspector = inspect(connection)
+    return sorted(
+        name
+        for (name,) in found
+        if expected[name] <= {column["name"] for column in inspector.get_columns(name)}
+    )
+
+
+def refuse_casty_tables(connection: Connection, url: URL) -> None:
+    """Refuse a SQLite file written by casty's own ``SqliteJournal``.
+
+    casty-sa keeps its journal in tables of its own, so on such a file every
+    entity would recover from nothing, silently, beside its real history.
+
+    Raises
+    ------
+    SchemaError
+        The file holds ``SqliteJournal``'s tables; the message gives the
+        ``casty-sa import`` command that copies them into a new file.
+    """
+    tables = casty_tables(connection)
+    if not tables:
+        return
+    database = url.database or "journal.db"
+    old = Path(database)
+    new = old.with_name(f"{old.stem}-casty-sa{old.suffix or '.db'}")
+    raise SchemaError(
+        f"{safe_url(url)} is a journal file of casty's own SqliteJournal (it holds its "
+        f"{' and '.join(repr(t) for t in tables)} tables), which SAJournal does not read: "
+        "opening it would recover every entity from nothing. Copy it into a new file, "
+        f"`casty-sa import --from '{old}' --url 'sqlite:///{new}'`, and give SAJournal that "
+        f"file (SAJournal('sqlite:///{new}')); nothing was written to {old}."
+    )
 
 
 def exclude_journal_tables(

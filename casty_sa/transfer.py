@@ -57,6 +57,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa.errors import DatabaseUnavailable, InvalidEventError, JournalError
 from casty_sa.journal import SAJournal
+from casty_sa.migrate import CASTY_EVENT_COLUMNS, CASTY_SNAPSHOT_COLUMNS
 from casty_sa.models import MAX_ENTITY_ID_LENGTH, EventRecord, SnapshotRecord
 from casty_sa.urls import is_memory_sqlite, safe_url, to_async_url
 
@@ -82,9 +83,6 @@ log = logging.getLogger("casty_sa.transfer")
 #: Rows per batch (and per target transaction) unless told otherwise.
 DEFAULT_BATCH_SIZE = 1000
 
-#: The columns of casty's ``SqliteJournal`` tables (casty 0.21).
-CASTY_EVENT_COLUMNS = frozenset({"entity_id", "sequence_nr", "event_data", "timestamp"})
-CASTY_SNAPSHOT_COLUMNS = frozenset({"entity_id", "sequence_nr", "state_data", "timestamp"})
 
 _events = cast(Table, EventRecord.__table__)
 _snapshots = cast(Table, SnapshotRecord.__table__)

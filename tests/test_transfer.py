@@ -13,6 +13,7 @@ import datetime
 import decimal
 import json
 import pickle
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -27,7 +28,7 @@ from casty import PersistedEvent, Snapshot, SqliteJournal
 from dbtools import plain
 from sqlalchemy import URL, event, text
 
-from casty_sa import SAJournal
+from casty_sa import SAJournal, SchemaError
 from casty_sa.cli import ExitCode, main
 from casty_sa.journal import open_engine
 from casty_sa.transfer import Progress, TransferReport, import_casty_file
@@ -585,3 +586,61 @@ class TestForkedHistories:
         assert code == ExitCode.NOT_VERIFIED
         assert "NOT VERIFIED: 1 entities differ" in out
         assert "'acct-1': events: first differs at sequence number 7" in out
+
+
+class TestOpeningACastyFile:
+    """``SAJournal`` on a file of casty's ``SqliteJournal`` refuses instead of starting over."""
+
+    def test_refuses_and_names_the_import_command(
+        self, source: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        tables_before = _table_names(source)
+
+        async def open_it() -> None:
+            async with SAJournal(f"sqlite:///{source}") as journal:
+                await journal.load("acct-1")
+
+        with pytest.raises(SchemaError) as refused:
+            asyncio.run(asyncio.wait_for(open_it(), TIMEOUT))
+        message = str(refused.value)
+        assert "casty's own SqliteJournal" in message and "from nothing" in message
+        new_file = source.with_name("casty-journal-casty-sa.db")
+        command = f"casty-sa import --from '{source}' --url 'sqlite:///{new_file}'"
+        assert command in message
+        assert _table_names(source) == tables_before  # no casty_sa_ tables beside casty's
+
+        # the command in the message does what it says
+        argv = shlex.split(command)[1:]
+        code, _, err = run(capsys, *argv)
+        assert code == ExitCode.OK, err
+        assert load_database(f"sqlite:///{new_file}", ENTITIES) == load_casty_file(source, ENTITIES)
+
+    def test_a_file_holding_only_casty_snapshots_is_refused_too(self, tmp_path: Path) -> None:
+        path = tmp_path / "casty.db"
+        SqliteJournal(path).close()
+        with sqlite3.connect(path) as conn:
+            conn.execute("DROP TABLE events")
+
+        async def open_it() -> None:
+            async with SAJournal(f"sqlite:///{path}") as journal:
+                await journal.load("x")
+
+        with pytest.raises(SchemaError, match="'snapshots' tables"):
+            asyncio.run(asyncio.wait_for(open_it(), TIMEOUT))
+
+    def test_other_tables_named_events_are_left_alone(self, tmp_path: Path) -> None:
+        path = tmp_path / "app.db"
+        with sqlite3.connect(path) as conn:  # an application's own, unrelated 'events'
+            conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, body TEXT)")
+
+        async def use_it() -> list[PersistedEvent[Any]]:
+            async with SAJournal(f"sqlite:///{path}") as journal:
+                await journal.persist("e", [PersistedEvent(1, "x", 1.0)])
+                return await journal.load("e")
+
+        assert asyncio.run(asyncio.wait_for(use_it(), TIMEOUT)) == [PersistedEvent(1, "x", 1.0)]
+
+
+def _table_names(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        return {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
