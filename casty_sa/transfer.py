@@ -445,7 +445,9 @@ class CastyFile:
         file = Path(path)
         connection = await asyncio.to_thread(_open_casty_file, file, create)
         try:
-            yield cls(connection, file)
+            opened = cls(connection, file)
+            await asyncio.to_thread(opened.check_shapes)  # before any copy begins
+            yield opened
         finally:
             await asyncio.to_thread(connection.close)
 
@@ -490,6 +492,44 @@ class CastyFile:
         return await asyncio.to_thread(
             self._rows, columns + "WHERE entity_id > ?" + order, (after, limit)
         )
+
+    def check_shapes(self) -> None:
+        """Refuse a file holding a row casty's ``SqliteJournal`` never writes (on opening).
+
+        One scan per table, before anything is copied: an entity id that is not
+        text (a BLOB, a number, NULL), a sequence number that is not an integer,
+        a payload that is not a BLOB, or a timestamp that is not a number.
+
+        Raises
+        ------
+        JournalFileError
+            Naming the first such row (its rowid, entity id and sequence number).
+        """
+        for table, payload in (("events", "event_data"), ("snapshots", "state_data")):
+            with self._errors("check rows"):
+                bad = self._conn.execute(
+                    "SELECT rowid, entity_id, sequence_nr, typeof(entity_id), "
+                    f"typeof(sequence_nr), typeof({payload}), typeof(timestamp) FROM {table} "
+                    "WHERE typeof(entity_id) != 'text' OR typeof(sequence_nr) != 'integer' "
+                    f"OR typeof({payload}) != 'blob' "
+                    "OR typeof(timestamp) NOT IN ('real', 'integer') LIMIT 1"
+                ).fetchone()
+            if bad is None:
+                continue
+            rowid, entity_id, sequence_nr, *types = bad  # (the first bad row: the scan stops)
+            wanted = ("text", "integer", "blob", "real")
+            names = ("entity id", "sequence number", "payload", "timestamp")
+            problems = ", ".join(
+                f"a {name} that is {found.upper()}, not {want.upper()}"
+                for name, found, want in zip(names, types, wanted, strict=True)
+                if found != want and not (name == "timestamp" and found == "integer")
+            )
+            raise JournalFileError(
+                f"{self._path} is not a well-formed casty SqliteJournal file: row {rowid} of "
+                f"table {table!r} (entity id {str(entity_id)[:60]!r}, sequence number "
+                f"{str(sequence_nr)[:30]}) has {problems}; casty's SqliteJournal never writes "
+                "such rows. Nothing was copied."
+            )
 
     def _rows(self, sql: str, params: tuple[Any, ...]) -> list[Row]:
         """Run a read query and check every row it returns."""

@@ -644,3 +644,40 @@ class TestOpeningACastyFile:
 def _table_names(path: Path) -> set[str]:
     with sqlite3.connect(path) as conn:
         return {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+
+
+HOSTILE_ROWS = {
+    "blob entity id": ((b"acct", 1, b"x", 1.0), "entity id that is BLOB, not TEXT"),
+    "null entity id": ((None, 1, b"x", 1.0), "entity id that is NULL, not TEXT"),
+    "integer entity id": ((7, 1, b"x", 1.0), "entity id that is INTEGER, not TEXT"),
+    "text sequence number": (("a", "one", b"x", 1.0), "sequence number that is TEXT"),
+    "real sequence number": (("a", 1.5, b"x", 1.0), "sequence number that is REAL"),
+    "null sequence number": (("a", None, b"x", 1.0), "sequence number that is NULL"),
+    "text payload": (("a", 1, "x", 1.0), "payload that is TEXT, not BLOB"),
+    "null payload": (("a", 1, None, 1.0), "payload that is NULL, not BLOB"),
+    "nan timestamp": (("a", 1, b"x", float("nan")), "timestamp that is NULL"),  # SQLite: NULL
+    "text timestamp": (("a", 1, b"x", "NaN"), "timestamp that is TEXT, not REAL"),
+}
+
+
+class TestHostileSourceRows:
+    """A file whose rows casty's SqliteJournal never writes is a bad file (exit 4), row named."""
+
+    @pytest.mark.parametrize("table", ["events", "snapshots"])
+    @pytest.mark.parametrize("shape", list(HOSTILE_ROWS))
+    def test_is_refused_before_anything_is_copied(
+        self, shape: str, table: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        source = tmp_path / "hostile.db"
+        with sqlite3.connect(source) as conn:  # casty's columns, without its types/constraints
+            conn.execute("CREATE TABLE events (entity_id, sequence_nr, event_data, timestamp)")
+            conn.execute("CREATE TABLE snapshots (entity_id, sequence_nr, state_data, timestamp)")
+            good = [(f"fine-{n}", 1, pickle.dumps("ok"), 1.0) for n in (1, 2)]
+            conn.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?)", good)
+            conn.execute(f"INSERT INTO {table} VALUES (?, ?, ?, ?)", HOSTILE_ROWS[shape][0])
+        target = tmp_path / "journal.db"
+        code, _, err = run(capsys, "import", "--from", str(source), "--url", f"sqlite:///{target}")
+        assert code == ExitCode.BAD_FILE, err
+        assert f"row 3 of table {table!r}" in err and HOSTILE_ROWS[shape][1] in err
+        assert "Nothing was copied" in err and "internal error" not in err
+        assert _rows_in(target) == 0
