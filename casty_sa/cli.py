@@ -458,7 +458,7 @@ def _run(args: argparse.Namespace, redact: Redactor) -> int:
         return ExitCode.USAGE
     except (JournalError, SQLAlchemyError, OSError, TimeoutError) as exc:
         log.debug("%s failed", args.command, exc_info=True)
-        _error(redact(_describe(exc, args)))
+        _error(redact(_for_the_command_line(_describe(exc, args), args.command)))
         return ExitCode.DATABASE_ERROR
     except KeyboardInterrupt:
         transfer = args.command in ("import", "export")
@@ -485,6 +485,25 @@ def _silence_stdout() -> None:
 def _error(message: str) -> None:
     """Print one ``casty-sa: error: …`` line on stderr."""
     print(f"casty-sa: error: {message}", file=sys.stderr)
+
+
+#: The library's advice in a ``SchemaError``, which means nothing on a command line.
+_LIBRARY_MIGRATE_HINT = re.compile(r",? or pass migrate=True to SAJournal")
+
+
+def _for_the_command_line(message: str, command: str) -> str:
+    """A library message in the CLI's words: ``--migrate`` where ``import`` has it, else nothing.
+
+    Examples
+    --------
+    >>> text = "Run `casty-sa upgrade`, or pass migrate=True to SAJournal."
+    >>> _for_the_command_line(text, "import")
+    'Run `casty-sa upgrade`, or pass --migrate to casty-sa import.'
+    >>> _for_the_command_line(text, "export")
+    'Run `casty-sa upgrade`.'
+    """
+    hint = ", or pass --migrate to casty-sa import" if command == "import" else ""
+    return _LIBRARY_MIGRATE_HINT.sub(hint, message)
 
 
 def _describe(exc: BaseException, args: argparse.Namespace) -> str:

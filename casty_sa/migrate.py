@@ -265,8 +265,8 @@ def _migration_error(exc: BaseException, url: URL) -> JournalError:
             f"the role connecting to {safe_url(url)} may not change casty-sa's tables "
             f"({text}). Run the migrations (`casty-sa upgrade`) with a DDL-capable role, "
             "such as the owner of the database or schema; the journal itself needs only "
-            "SELECT, INSERT and UPDATE on casty_sa_events and casty_sa_snapshots, and "
-            f"SELECT on {VERSION_TABLE}."
+            "SELECT and INSERT on casty_sa_events, SELECT, INSERT and UPDATE on "
+            f"casty_sa_snapshots, and SELECT on {VERSION_TABLE}. Nothing was changed."
         )
     return DatabaseUnavailable(f"could not migrate {safe_url(url)}: {text}")
 
@@ -309,8 +309,46 @@ async def upgrade(
     --------
     >>> import asyncio
     >>> asyncio.run(upgrade("sqlite://"))  # a throwaway in-memory database
+
+    Raises
+    ------
+    SchemaError
+        casty-sa's tables exist without casty-sa's version table (the
+        application's own migrations made them): nothing is changed.
     """
-    await _on_engine(target, command.upgrade, (revision,), schema)
+    await _on_engine(target, _upgrade_own_tables, (revision,), schema)
+
+
+def _upgrade_own_tables(config: Config, revision: str) -> None:
+    """``alembic upgrade``, refusing tables casty-sa's history did not make.
+
+    Without this, the first migration's ``CREATE TABLE`` fails with "relation
+    already exists", although the journal uses such tables as they are.
+    """
+    connection: Connection = config.attributes["connection"]
+    schema: str | None = config.attributes.get("schema")
+    if current_revision(connection, schema) is None:
+        present = set(inspect(connection).get_table_names(schema=schema))
+        ours = sorted(present & set(metadata.tables))
+        if ours:
+            if tables_match_models(connection, schema):
+                made = (
+                    "they match this casty-sa's models: the application's own migrations "
+                    "made them (from casty_sa.metadata), and SAJournal uses them as they are "
+                    "(`casty-sa check` says so). Keep managing them with the application's "
+                    "Alembic history; casty-sa's own migrations are not needed"
+                )
+            else:
+                made = (
+                    "they do not match this casty-sa's models either. Bring them to the "
+                    "models with the migrations that made them, or move them away"
+                )
+            raise SchemaError(
+                f"casty-sa's tables ({', '.join(ours)}) exist without casty-sa's version table "
+                f"{VERSION_TABLE}, so casty-sa's migrations would create them again; {made}. "
+                "Nothing was changed."
+            )
+    command.upgrade(config, revision)
 
 
 async def downgrade(

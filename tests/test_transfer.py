@@ -194,6 +194,11 @@ class TestImport:
         if backend == "postgresql":  # a server database is never migrated implicitly
             code, _, err = run(capsys, "import", "--from", str(source), "--url", url)
             assert code == ExitCode.DATABASE_ERROR and "casty-sa upgrade" in err
+            # the command line's words, not the library's
+            assert "pass --migrate to casty-sa import" in err and "migrate=True" not in err
+            code, _, err = run(capsys, "export", "--url", url, "--to", str(source) + ".out")
+            assert code == ExitCode.DATABASE_ERROR and "casty-sa upgrade" in err
+            assert "migrate" not in err.replace("casty-sa upgrade", "")
             argv = ["import", "--from", str(source), "--url", url, "--migrate"]
         else:  # a new SQLite file is created and migrated, as SAJournal does
             argv = ["import", "--from", str(source), "--url", url]
