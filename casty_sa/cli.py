@@ -637,13 +637,8 @@ def _require_known(url: str, revision: str | None) -> None:
 
 def _offline(args: argparse.Namespace, url: str, verb: str, revision: str) -> int:
     """Print the DDL of a migration for the URL's dialect; connects to nothing."""
-    if args.schema is not None:
-        raise UsageError(
-            "--sql with --schema is not supported: review the DDL without it, then run it "
-            "after SET search_path TO your schema"
-        )
     to_async_url(url)  # an unsupported dialect fails here, with its own message
-    config = migrate.alembic_config(url, stdout=sys.stdout)
+    config = migrate.alembic_config(url, schema=args.schema, stdout=sys.stdout)
     action = command.upgrade if verb == "upgrade" else command.downgrade
     try:
         action(config, revision, sql=True)

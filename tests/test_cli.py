@@ -126,7 +126,8 @@ class TestMigrations:
         assert "to base (no casty-sa tables)" in out
         tables = asyncio.run(table_names(db_url))
         assert {"orders", "alembic_version"} <= tables
-        assert not {"casty_sa_events", "casty_sa_snapshots"} & tables
+        # at base nothing of casty-sa is left, its version table neither
+        assert not {"casty_sa_events", "casty_sa_snapshots", "casty_sa_alembic_version"} & tables
         assert asyncio.run(query(db_url, "SELECT * FROM orders")) == [(1, "book")]
         assert asyncio.run(query(db_url, "SELECT * FROM alembic_version")) == [("app_0007",)]
         assert run(capsys, "check", "--url", plain(db_url))[0] == ExitCode.NOT_AT_HEAD
@@ -162,9 +163,12 @@ class TestMigrations:
         assert "CREATE TABLE casty_sa_events" in out and "CREATE TABLE casty_sa_snapshots" in out
         assert binary in out
         assert "casty_sa_alembic_version" in out
+        # the version table's key follows NAMING_CONVENTION too ("pk_%(table_name)s")
+        assert "CONSTRAINT pk_casty_sa_alembic_version PRIMARY KEY" in out and "_pkc" not in out
         code, out, err = run(capsys, "downgrade", "--sql", "--url", url)
         assert code == ExitCode.OK, err
         assert "DROP TABLE casty_sa_events" in out and "CREATE TABLE" not in out
+        assert "DROP TABLE casty_sa_alembic_version" in out
         code, out, _ = run(capsys, "downgrade", "--sql", f"{head_revision()}:base", "--url", url)
         assert code == ExitCode.OK and "DROP TABLE casty_sa_snapshots" in out
         assert not missing.parent.exists()
@@ -180,6 +184,37 @@ class TestMigrations:
 
 
 class TestSchema:
+    def test_sql_with_schema_is_the_ddl_a_dba_runs(
+        self,
+        new_postgres_db: Callable[..., Awaitable[URL]],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        database = asyncio.run(_new_db(new_postgres_db))
+        url = plain(database)
+        code, ddl, err = run(capsys, "upgrade", "--sql", "--schema", "ledger", "--url", url)
+        assert code == ExitCode.OK, err
+        assert "CREATE SCHEMA IF NOT EXISTS ledger" in ddl
+        assert "SET LOCAL search_path TO ledger" in ddl
+        assert asyncio.run(table_names(database)) == set()  # printed, not run
+
+        asyncio.run(_run_script(url, ddl))  # as a DBA would, with psql -f
+        code, out, _ = run(capsys, "check", "--schema", "ledger", "--url", url)
+        assert code == ExitCode.OK and "at head" in out
+        assert asyncio.run(table_names(database)) == set()  # nothing in public
+        asyncio.run(_journal_round_trip_in(url, "ledger"))
+
+        code, ddl, err = run(capsys, "downgrade", "--sql", "--schema", "ledger", "--url", url)
+        assert code == ExitCode.OK, err
+        assert "CREATE SCHEMA" not in ddl
+        asyncio.run(_run_script(url, ddl))
+        left = asyncio.run(
+            query(
+                database,
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'ledger'",
+            )
+        )
+        assert left == []  # the version table went too
+
     def test_every_command_honours_schema(
         self,
         new_postgres_db: Callable[..., Awaitable[URL]],
@@ -199,8 +234,8 @@ class TestSchema:
         found = json.loads(run(capsys, "inspect", "--url", url, "--json")[1])
         assert (found["entities"], found["events"]) == (2, 5)
         assert asyncio.run(query(url, "SELECT count(*) FROM journal.casty_sa_events")) == [(5,)]
-        code, _, err = run(capsys, "upgrade", "--sql", "--url", url)
-        assert code == ExitCode.USAGE and "--schema" in err
+        code, out, err = run(capsys, "upgrade", "--sql", "--url", url)  # the DDL, for it
+        assert code == ExitCode.OK and "SET LOCAL search_path TO journal" in out, err
         assert run(capsys, "downgrade", "--yes", "--url", url)[0] == ExitCode.OK
         assert asyncio.run(query(url, "SELECT to_regclass('journal.casty_sa_events')")) == [(None,)]
 
@@ -627,6 +662,24 @@ async def _execute_noting(url: str, statements: list[str]) -> list[str]:
     finally:
         await connection.close()
     return heard
+
+
+async def _run_script(url: str, script: str) -> None:
+    """Run a printed DDL script in one go on a raw asyncpg connection, as ``psql -f`` would."""
+    import asyncpg
+
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(script)
+    finally:
+        await connection.close()
+
+
+async def _journal_round_trip_in(url: str, schema: str) -> None:
+    async with SAJournal(url, schema=schema) as journal:
+        await journal.persist("acct-9", [PersistedEvent(1, "opened", 1.0)])
+        assert [e.event for e in await journal.load("acct-9")] == ["opened"]
 
 
 async def _journal_round_trip(url: str) -> None:
