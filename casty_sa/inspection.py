@@ -363,7 +363,31 @@ def _payload(seq: int, timestamp: float, raw: bytes, decode: Decoder | None) -> 
     try:
         return Payload(seq, timestamp, raw, repr(decode(raw)), None)
     except Exception as exc:  # noqa: BLE001 - whatever the decoder raises is shown, not raised
-        return Payload(seq, timestamp, raw, None, f"cannot decode: {type(exc).__name__}: {exc}")
+        return Payload(seq, timestamp, raw, None, _cannot_decode(exc))
+
+
+def _cannot_decode(exc: Exception) -> str:
+    """Why a payload did not decode, with what to do when its class cannot be found.
+
+    Examples
+    --------
+    >>> error = AttributeError("Can't get attribute 'Deposited' on <module '__main__'>")
+    >>> "--decoder MODULE:FUNCTION" in _cannot_decode(error)
+    True
+    """
+    text = f"cannot decode: {type(exc).__name__}: {exc}"
+    if "__main__" in str(exc):
+        return text + (
+            " (the event's class was defined in the writing script's __main__, which this "
+            "process is not: move the classes into a module this process can import, or pass "
+            "--decoder MODULE:FUNCTION, or --raw)"
+        )
+    if isinstance(exc, ImportError | AttributeError):  # pickle looks classes up by module
+        return text + (
+            " (the payload names a class this process cannot import: run inspect where the "
+            "application's modules are importable, or pass --decoder MODULE:FUNCTION, or --raw)"
+        )
+    return text
 
 
 # -- output ------------------------------------------------------------------------------------

@@ -538,8 +538,32 @@ class TestInspect:
         if backend == "sqlite":
             assert not Path(str(empty_db_url.database)).exists()
 
+    # -- the documentation -------------------------------------------------------------------------
 
-# -- the documentation -------------------------------------------------------------------------
+    def test_classes_of_a_scripts_main_get_a_hint(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        url = f"sqlite:///{tmp_path / 'journal.db'}"
+        script = tmp_path / "app.py"
+        script.write_text(
+            "import asyncio, sys\n"
+            "from dataclasses import dataclass\n"
+            "from casty import PersistedEvent\n"
+            "from casty_sa import SAJournal\n"
+            "@dataclass(frozen=True)\n"
+            "class Deposited:\n"
+            "    amount: int\n"
+            "async def main() -> None:\n"
+            "    async with SAJournal(sys.argv[1]) as journal:\n"
+            "        await journal.persist('acct', [PersistedEvent(1, Deposited(5), 1.0)])\n"
+            "asyncio.run(main())\n"
+        )
+        subprocess.run([sys.executable, str(script), url], check=True, timeout=60)
+        code, out, _ = run(capsys, "inspect", "--url", url, "acct")
+        assert code == ExitCode.OK
+        assert "cannot decode: AttributeError" in out
+        assert "__main__" in out and "--decoder MODULE:FUNCTION" in out
+        assert "move the classes into a module" in out
 
 
 def _blocks(kind: str) -> list[str]:
