@@ -378,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEQ",
         help="events: start at this sequence number",
     )
+    inspect.add_argument(
+        "--exact",
+        action="store_true",
+        help="count the totals; on PostgreSQL, big tables get estimates by default",
+    )
     inspect.add_argument("--raw", action="store_true", help="show payload bytes, do not decode")
     inspect.add_argument(
         "--decoder",
@@ -981,7 +986,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     found: inspection.JournalSummary | inspection.EntityDetail
     if args.entity_id is None:
         found = asyncio.run(
-            inspection.summarize(url, after=args.after, limit=args.limit or 20, **options)
+            inspection.summarize(
+                url, after=args.after, limit=args.limit or 20, exact=args.exact, **options
+            )
         )
         missing = False
     else:

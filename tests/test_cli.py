@@ -540,6 +540,35 @@ class TestInspect:
 
     # -- the documentation -------------------------------------------------------------------------
 
+    def test_totals_of_big_postgresql_tables_are_estimates(
+        self, new_postgres_db: Callable[..., Awaitable[URL]], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        database = asyncio.run(new_postgres_db())
+        asyncio.run(
+            execute(
+                database,
+                "INSERT INTO casty_sa_events SELECT 'e' || (i % 1000), i, 1.0, '\\x00'::bytea "
+                "FROM generate_series(1, 120000) AS i",
+                "INSERT INTO casty_sa_snapshots VALUES ('e1', 1, 1.0, '\\x00'::bytea)",
+            )
+        )
+        asyncio.run(_run_script(plain(database), "ANALYZE"))
+        url = plain(database)
+        code, out, _ = run(capsys, "inspect", "--url", url)
+        assert code == ExitCode.OK
+        assert re.search(r"^events +~1[12]\d,\d{3}$", out, re.M), out  # the planner's figure
+        assert "totals are PostgreSQL's estimates" in out and "--exact" in out
+        assert json.loads(run(capsys, "inspect", "--url", url, "--json")[1])["estimated"]
+
+        code, out, _ = run(capsys, "inspect", "--url", url, "--exact")
+        assert code == ExitCode.OK and "estimates" not in out
+        assert re.search(r"^entities +1,000$", out, re.M) and re.search(
+            r"^events +120,000$", out, re.M
+        )
+        found = json.loads(run(capsys, "inspect", "--url", url, "--exact", "--json")[1])
+        assert (found["entities"], found["events"], found["snapshots"]) == (1000, 120000, 1)
+        assert not found["estimated"]
+
     def test_classes_of_a_scripts_main_get_a_hint(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
