@@ -378,6 +378,10 @@ async def _new_db(factory: Callable[..., Awaitable[URL]]) -> URL:
     return await factory(migrated=False)
 
 
+async def _new_migrated_db(factory: Callable[..., Awaitable[URL]]) -> URL:
+    return await factory()
+
+
 # -- the console entry point -------------------------------------------------------------------
 
 
@@ -543,7 +547,7 @@ class TestInspect:
     def test_totals_of_big_postgresql_tables_are_estimates(
         self, new_postgres_db: Callable[..., Awaitable[URL]], capsys: pytest.CaptureFixture[str]
     ) -> None:
-        database = asyncio.run(new_postgres_db())
+        database = asyncio.run(_new_migrated_db(new_postgres_db))
         asyncio.run(
             execute(
                 database,
