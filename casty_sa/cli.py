@@ -79,7 +79,8 @@ class ExitCode(IntEnum):
     NO_SUCH_ENTITY = 1
     #: The database failed: unreachable, refused the login, missing tables, a failed statement.
     DATABASE_ERROR = 2
-    #: ``import``/``export`` finished but the target's counts do not match the source's.
+    #: ``import``/``export``: the target holds another history under the source's keys
+    #: (refused, nothing written), or does not hold the source's content after the copy.
     NOT_VERIFIED = 3
     #: ``import``/``export``: the file is missing, or not in casty's SqliteJournal format.
     BAD_FILE = 4
@@ -100,7 +101,8 @@ exit codes:
   0    success (check: the database is at head)
   1    check: not at head; inspect ENTITY_ID: no such entity
   2    database error: unreachable, login refused, tables missing, statement failed
-  3    import/export: counts of target and source differ after the copy
+  3    import/export: the target holds another history (refused, nothing written),
+       or its content differs from the source's after the copy
   4    import/export: the file is missing or not a casty SqliteJournal file
   64   usage error: bad or missing arguments (e.g. no URL), unknown revision
   70   internal error (a bug: run with -v and report the traceback)
@@ -366,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEQ",
         help="events: start at this sequence number",
     )
+    inspect.add_argument(
+        "--exact",
+        action="store_true",
+        help="count the totals; on PostgreSQL, big tables get estimates by default",
+    )
     inspect.add_argument("--raw", action="store_true", help="show payload bytes, do not decode")
     inspect.add_argument(
         "--decoder",
@@ -446,7 +453,7 @@ def _run(args: argparse.Namespace, redact: Redactor) -> int:
         return ExitCode.USAGE
     except (JournalError, SQLAlchemyError, OSError, TimeoutError) as exc:
         log.debug("%s failed", args.command, exc_info=True)
-        _error(redact(_describe(exc, args)))
+        _error(redact(_for_the_command_line(_describe(exc, args), args.command)))
         return ExitCode.DATABASE_ERROR
     except KeyboardInterrupt:
         transfer = args.command in ("import", "export")
@@ -473,6 +480,25 @@ def _silence_stdout() -> None:
 def _error(message: str) -> None:
     """Print one ``casty-sa: error: …`` line on stderr."""
     print(f"casty-sa: error: {message}", file=sys.stderr)
+
+
+#: The library's advice in a ``SchemaError``, which means nothing on a command line.
+_LIBRARY_MIGRATE_HINT = re.compile(r",? or pass migrate=True to SAJournal")
+
+
+def _for_the_command_line(message: str, command: str) -> str:
+    """A library message in the CLI's words: ``--migrate`` where ``import`` has it, else nothing.
+
+    Examples
+    --------
+    >>> text = "Run `casty-sa upgrade`, or pass migrate=True to SAJournal."
+    >>> _for_the_command_line(text, "import")
+    'Run `casty-sa upgrade`, or pass --migrate to casty-sa import.'
+    >>> _for_the_command_line(text, "export")
+    'Run `casty-sa upgrade`.'
+    """
+    hint = ", or pass --migrate to casty-sa import" if command == "import" else ""
+    return _LIBRARY_MIGRATE_HINT.sub(hint, message)
 
 
 def _describe(exc: BaseException, args: argparse.Namespace) -> str:
@@ -606,13 +632,8 @@ def _require_known(url: str, revision: str | None) -> None:
 
 def _offline(args: argparse.Namespace, url: str, verb: str, revision: str) -> int:
     """Print the DDL of a migration for the URL's dialect; connects to nothing."""
-    if args.schema is not None:
-        raise UsageError(
-            "--sql with --schema is not supported: review the DDL without it, then run it "
-            "after SET search_path TO your schema"
-        )
     to_async_url(url)  # an unsupported dialect fails here, with its own message
-    config = migrate.alembic_config(url, stdout=sys.stdout)
+    config = migrate.alembic_config(url, schema=args.schema, stdout=sys.stdout)
     action = command.upgrade if verb == "upgrade" else command.downgrade
     try:
         action(config, revision, sql=True)
@@ -866,6 +887,18 @@ def _summary(args: argparse.Namespace, verb: str, report: TransferReport) -> int
     """Print a copy's summary (text or JSON); the exit code says whether it verified."""
     if args.json:
         print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
+    elif report.refused:
+        print(f"{verb} nothing: {report.source} -> {report.target}")
+        print(
+            f"  REFUSED: the target already holds another history for {report.fork_count:,} "
+            "entities (different content under the same keys); nothing was written. E.g.:"
+        )
+        for fork in report.forks:
+            print(f"    {inspection.printable(str(fork))}")
+        print(
+            "  Copying would mix two histories. Import into a new, empty database (or one "
+            "holding only this source's rows), or find out which history is the right one first."
+        )
     else:
         print(f"{verb} {report.source} -> {report.target} in {report.seconds:.2f}s")
         print(
@@ -877,11 +910,19 @@ def _summary(args: argparse.Namespace, verb: str, report: TransferReport) -> int
             "already there (same or newer)"
         )
         if report.verified:
-            print("  verified   the target holds every event and snapshot of the source")
+            print(
+                f"  verified   content compared: all {report.events:,} events and "
+                f"{report.snapshots:,} snapshots of the source are in the target, byte for byte"
+            )
         else:
             print(f"  NOT VERIFIED: {report.mismatch_count:,} entities differ, e.g.:")
             for mismatch in report.mismatches:
                 print(f"    {inspection.printable(str(mismatch))}")
+        if report.snapshots_newer:
+            print(
+                f"  note       the target holds a newer snapshot than the source for "
+                f"{report.snapshots_newer:,} entities (kept: a snapshot never moves backwards)"
+            )
         if report.target_ahead:
             print(
                 f"  note       the target holds more events than the source for "
@@ -935,7 +976,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     found: inspection.JournalSummary | inspection.EntityDetail
     if args.entity_id is None:
         found = asyncio.run(
-            inspection.summarize(url, after=args.after, limit=args.limit or 20, **options)
+            inspection.summarize(
+                url, after=args.after, limit=args.limit or 20, exact=args.exact, **options
+            )
         )
         missing = False
     else:

@@ -44,7 +44,8 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, func, select, union
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import text as sql_text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from casty_sa import migrate
 from casty_sa.journal import SAJournal
@@ -111,11 +112,14 @@ class JournalSummary:
     head : str
         The newest revision this casty-sa knows.
     entities, events, snapshots : int
-        Totals.
+        Totals: exact, or PostgreSQL's estimates when ``estimated``.
     page : tuple[EntitySummary, ...]
         Entities in id order, starting after the ``after`` asked for.
     next_after : str | None
         Pass as ``after`` for the next page; ``None`` on the last page.
+    estimated : bool
+        The totals are the planner's statistics, not counts (PostgreSQL, big
+        tables, unless ``exact``); the page's numbers are always exact.
     """
 
     database: str
@@ -126,6 +130,12 @@ class JournalSummary:
     snapshots: int
     page: tuple[EntitySummary, ...]
     next_after: str | None
+    estimated: bool = False
+
+
+#: On PostgreSQL, tables estimated to hold at least this many events get estimated totals
+#: (counting them means reading them whole); smaller ones are counted, which costs little.
+ESTIMATE_FROM_EVENTS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,9 +227,15 @@ async def summarize(
     after: str | None = None,
     limit: int = 20,
     schema: str | None = None,
+    exact: bool = False,
     **engine_options: Any,
 ) -> JournalSummary:
     """Count a journal's entities, events and snapshots, with one page of entities.
+
+    Counting reads a table whole (seconds at millions of events), so on
+    PostgreSQL the totals of big tables are the planner's statistics
+    (``pg_class.reltuples``, ``pg_stats.n_distinct``, kept by ANALYZE and
+    autovacuum) unless ``exact``; ``summary.estimated`` says which.
 
     Parameters
     ----------
@@ -232,6 +248,8 @@ async def summarize(
         Entities per page.
     schema : str | None
         PostgreSQL schema of the tables.
+    exact : bool
+        Count the totals even where that reads whole tables.
     **engine_options
         Passed on to :class:`~casty_sa.SAJournal` (``connect_timeout``, …).
 
@@ -241,14 +259,28 @@ async def summarize(
         The database is not at head, or cannot be reached.
     """
     ids = union(select(_events.c.entity_id), select(_snapshots.c.entity_id)).subquery()
-    page_query = select(ids.c.entity_id).order_by(ids.c.entity_id).limit(limit + 1)
-    if after is not None:
-        page_query = page_query.where(ids.c.entity_id > after)
+    # the page from each table's primary key, in order, as far as the page goes: never the
+    # union of every id
+    pages = []
+    for table in (_events, _snapshots):
+        query = select(table.c.entity_id).distinct().order_by(table.c.entity_id).limit(limit + 1)
+        if after is not None:
+            query = query.where(table.c.entity_id > after)
+        part = query.subquery()  # SQLite takes no ORDER BY/LIMIT in a UNION's members
+        pages.append(select(part.c.entity_id))
+    paged = union(*pages).subquery()
+    page_query = select(paged.c.entity_id).order_by(paged.c.entity_id).limit(limit + 1)
     async with _reading(target, schema, engine_options) as engine, engine.connect() as conn:
         revision = await conn.run_sync(migrate.current_revision, schema)
-        entities = (await conn.execute(select(func.count()).select_from(ids))).scalar_one()
-        events = (await conn.execute(select(func.count()).select_from(_events))).scalar_one()
-        snapshots = (await conn.execute(select(func.count()).select_from(_snapshots))).scalar_one()
+        totals = None if exact else await _estimates(conn, schema)
+        if totals is None:
+            entities = (await conn.execute(select(func.count()).select_from(ids))).scalar_one()
+            events = (await conn.execute(select(func.count()).select_from(_events))).scalar_one()
+            snapshots = (
+                await conn.execute(select(func.count()).select_from(_snapshots))
+            ).scalar_one()
+        else:
+            entities, events, snapshots = totals
         page_ids = [entity for (entity,) in await conn.execute(page_query)]
         more = len(page_ids) > limit
         page_ids = page_ids[:limit]
@@ -283,7 +315,39 @@ async def summarize(
         snapshots=snapshots,
         page=page,
         next_after=page_ids[-1] if more and page_ids else None,
+        estimated=totals is not None,
     )
+
+
+async def _estimates(conn: AsyncConnection, schema: str | None) -> tuple[int, int, int] | None:
+    """PostgreSQL's estimates of (entities, events, snapshots), or ``None`` to count instead.
+
+    ``None`` on other databases, for tables small enough to count cheaply, and
+    for tables never analysed (no statistics to go by).
+    """
+    if conn.dialect.name != "postgresql":
+        return None
+    rows = await conn.execute(
+        sql_text(
+            "SELECT c.relname, c.reltuples, s.n_distinct FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "LEFT JOIN pg_stats s ON s.schemaname = n.nspname AND s.tablename = c.relname "
+            "AND s.attname = 'entity_id' "
+            "WHERE n.nspname = coalesce(:schema, current_schema()) "
+            "AND c.relname IN ('casty_sa_events', 'casty_sa_snapshots')"
+        ),
+        {"schema": schema},
+    )
+    stats = {name: (tuples, distinct) for name, tuples, distinct in rows}
+    if set(stats) != {"casty_sa_events", "casty_sa_snapshots"}:
+        return None
+    events, distinct = stats["casty_sa_events"]
+    snapshots, _ = stats["casty_sa_snapshots"]
+    if events < ESTIMATE_FROM_EVENTS or distinct is None or snapshots < 0:
+        return None  # small (or never analysed, reltuples -1): counting is cheap or needed
+    # n_distinct < 0 is a fraction of the rows; snapshots are at most one per entity
+    with_events = -distinct * events if distinct < 0 else distinct
+    return round(max(with_events, snapshots)), round(events), round(snapshots)
 
 
 async def entity_detail(
@@ -363,7 +427,31 @@ def _payload(seq: int, timestamp: float, raw: bytes, decode: Decoder | None) -> 
     try:
         return Payload(seq, timestamp, raw, repr(decode(raw)), None)
     except Exception as exc:  # noqa: BLE001 - whatever the decoder raises is shown, not raised
-        return Payload(seq, timestamp, raw, None, f"cannot decode: {type(exc).__name__}: {exc}")
+        return Payload(seq, timestamp, raw, None, _cannot_decode(exc))
+
+
+def _cannot_decode(exc: Exception) -> str:
+    """Why a payload did not decode, with what to do when its class cannot be found.
+
+    Examples
+    --------
+    >>> error = AttributeError("Can't get attribute 'Deposited' on <module '__main__'>")
+    >>> "--decoder MODULE:FUNCTION" in _cannot_decode(error)
+    True
+    """
+    text = f"cannot decode: {type(exc).__name__}: {exc}"
+    if "__main__" in str(exc):
+        return text + (
+            " (the event's class was defined in the writing script's __main__, which this "
+            "process is not: move the classes into a module this process can import, or pass "
+            "--decoder MODULE:FUNCTION, or --raw)"
+        )
+    if isinstance(exc, ImportError | AttributeError):  # pickle looks classes up by module
+        return text + (
+            " (the payload names a class this process cannot import: run inspect where the "
+            "application's modules are importable, or pass --decoder MODULE:FUNCTION, or --raw)"
+        )
+    return text
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -410,12 +498,17 @@ def render_summary(summary: JournalSummary, style: Style) -> str:
         [
             ("database", summary.database),
             ("revision", revision),
-            ("entities", f"{summary.entities:,}"),
-            ("events", f"{summary.events:,}"),
-            ("snapshots", f"{summary.snapshots:,}"),
+            ("entities", f"{'~' * summary.estimated}{summary.entities:,}"),
+            ("events", f"{'~' * summary.estimated}{summary.events:,}"),
+            ("snapshots", f"{'~' * summary.estimated}{summary.snapshots:,}"),
         ],
         style,
     )
+    if summary.estimated:
+        lines.append(
+            "(totals are PostgreSQL's estimates, from its statistics; --exact counts them, "
+            "reading the tables whole)"
+        )
     if summary.page:
         lines.append("")
         lines += _table(
@@ -503,6 +596,7 @@ def as_dict(found: JournalSummary | EntityDetail) -> dict[str, Any]:
             "entities": found.entities,
             "events": found.events,
             "snapshots": found.snapshots,
+            "estimated": found.estimated,
             "page": [
                 {
                     "entity_id": e.entity_id,

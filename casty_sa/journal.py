@@ -813,6 +813,7 @@ class SAJournal:
         try:
             async with self._session() as session:
                 connection = await session.connection()
+                await connection.run_sync(migrate.refuse_casty_tables, self._url)
                 found = await connection.run_sync(migrate.current_revision, self._schema)
                 app_managed = found is None and await connection.run_sync(
                     migrate.tables_match_models, self._schema

@@ -40,12 +40,15 @@ from casty_sa.models import VERSION_TABLE, metadata
 from casty_sa.urls import UrlLike, safe_url
 
 __all__ = [
+    "CASTY_EVENT_COLUMNS",
+    "CASTY_SNAPSHOT_COLUMNS",
     "alembic_config",
     "current",
     "current_revision",
     "downgrade",
     "exclude_journal_tables",
     "head_revision",
+    "refuse_casty_tables",
     "script_location",
     "tables_match_models",
     "upgrade",
@@ -131,6 +134,60 @@ def tables_match_models(connection: Connection, schema: str | None = None) -> bo
     return True
 
 
+#: The columns of casty's own ``SqliteJournal`` tables ``events`` and ``snapshots`` (casty 0.21).
+CASTY_EVENT_COLUMNS = frozenset({"entity_id", "sequence_nr", "event_data", "timestamp"})
+CASTY_SNAPSHOT_COLUMNS = frozenset({"entity_id", "sequence_nr", "state_data", "timestamp"})
+
+
+def casty_tables(connection: Connection) -> list[str]:
+    """The tables of casty's own ``SqliteJournal`` a SQLite database holds (none elsewhere).
+
+    ``SqliteJournal`` keeps its journal in ``events`` and ``snapshots`` tables
+    with the columns :data:`CASTY_EVENT_COLUMNS` and
+    :data:`CASTY_SNAPSHOT_COLUMNS`; casty-sa never reads them.
+    """
+    if connection.dialect.name != "sqlite":
+        return []  # SqliteJournal writes SQLite files only
+    expected = {"events": CASTY_EVENT_COLUMNS, "snapshots": CASTY_SNAPSHOT_COLUMNS}
+    # one query on the schema table: this runs on every journal's start
+    found = connection.exec_driver_sql(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('events', 'snapshots')"
+    ).all()
+    inspector = inspect(connection)
+    return sorted(
+        name
+        for (name,) in found
+        if expected[name] <= {column["name"] for column in inspector.get_columns(name)}
+    )
+
+
+def refuse_casty_tables(connection: Connection, url: URL) -> None:
+    """Refuse a SQLite file written by casty's own ``SqliteJournal``.
+
+    casty-sa keeps its journal in tables of its own, so on such a file every
+    entity would recover from nothing, silently, beside its real history.
+
+    Raises
+    ------
+    SchemaError
+        The file holds ``SqliteJournal``'s tables; the message gives the
+        ``casty-sa import`` command that copies them into a new file.
+    """
+    tables = casty_tables(connection)
+    if not tables:
+        return
+    database = url.database or "journal.db"
+    old = Path(database)
+    new = old.with_name(f"{old.stem}-casty-sa{old.suffix or '.db'}")
+    raise SchemaError(
+        f"{safe_url(url)} is a journal file of casty's own SqliteJournal (it holds its "
+        f"{' and '.join(repr(t) for t in tables)} tables), which SAJournal does not read: "
+        "opening it would recover every entity from nothing. Copy it into a new file, "
+        f"`casty-sa import --from '{old}' --url 'sqlite:///{new}'`, and give SAJournal that "
+        f"file (SAJournal('sqlite:///{new}')); nothing was written to {old}."
+    )
+
+
 def exclude_journal_tables(
     obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
 ) -> bool:
@@ -208,8 +265,8 @@ def _migration_error(exc: BaseException, url: URL) -> JournalError:
             f"the role connecting to {safe_url(url)} may not change casty-sa's tables "
             f"({text}). Run the migrations (`casty-sa upgrade`) with a DDL-capable role, "
             "such as the owner of the database or schema; the journal itself needs only "
-            "SELECT, INSERT and UPDATE on casty_sa_events and casty_sa_snapshots, and "
-            f"SELECT on {VERSION_TABLE}."
+            "SELECT and INSERT on casty_sa_events, SELECT, INSERT and UPDATE on "
+            f"casty_sa_snapshots, and SELECT on {VERSION_TABLE}. Nothing was changed."
         )
     return DatabaseUnavailable(f"could not migrate {safe_url(url)}: {text}")
 
@@ -252,8 +309,46 @@ async def upgrade(
     --------
     >>> import asyncio
     >>> asyncio.run(upgrade("sqlite://"))  # a throwaway in-memory database
+
+    Raises
+    ------
+    SchemaError
+        casty-sa's tables exist without casty-sa's version table (the
+        application's own migrations made them): nothing is changed.
     """
-    await _on_engine(target, command.upgrade, (revision,), schema)
+    await _on_engine(target, _upgrade_own_tables, (revision,), schema)
+
+
+def _upgrade_own_tables(config: Config, revision: str) -> None:
+    """``alembic upgrade``, refusing tables casty-sa's history did not make.
+
+    Without this, the first migration's ``CREATE TABLE`` fails with "relation
+    already exists", although the journal uses such tables as they are.
+    """
+    connection: Connection = config.attributes["connection"]
+    schema: str | None = config.attributes.get("schema")
+    if current_revision(connection, schema) is None:
+        present = set(inspect(connection).get_table_names(schema=schema))
+        ours = sorted(present & set(metadata.tables))
+        if ours:
+            if tables_match_models(connection, schema):
+                made = (
+                    "they match this casty-sa's models: the application's own migrations "
+                    "made them (from casty_sa.metadata), and SAJournal uses them as they are "
+                    "(`casty-sa check` says so). Keep managing them with the application's "
+                    "Alembic history; casty-sa's own migrations are not needed"
+                )
+            else:
+                made = (
+                    "they do not match this casty-sa's models either. Bring them to the "
+                    "models with the migrations that made them, or move them away"
+                )
+            raise SchemaError(
+                f"casty-sa's tables ({', '.join(ours)}) exist without casty-sa's version table "
+                f"{VERSION_TABLE}, so casty-sa's migrations would create them again; {made}. "
+                "Nothing was changed."
+            )
+    command.upgrade(config, revision)
 
 
 async def downgrade(

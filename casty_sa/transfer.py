@@ -3,10 +3,18 @@
 ``casty-sa import`` and ``casty-sa export`` run on these functions. A copy
 reads the source in key order (entity id, then sequence number), writes it to
 the target in batches (one transaction per batch, Core inserts), and then
-compares per-entity counts of the two sides.
+verifies by content: every source event and snapshot is looked up in the
+target by its key, and its payload bytes and timestamp (bit for bit) must be
+equal.
+
+A copy never mixes two histories: before writing anything, every key the
+target already holds for an entity of the source is compared by content, and
+one that differs (another history under the same keys: the application ran on
+the new tables already, or the files of two ``local`` nodes were imported one
+after the other) refuses the whole copy, leaving the target untouched.
 
 A copy is idempotent and resumable: an event whose key the target already
-holds is left alone (insert-or-ignore), a snapshot replaces the target's only
+holds (with the same content) is left alone, a snapshot replaces the target's only
 when its sequence number is higher, and an entity whose events the target
 holds as an unbroken run is skipped up to that run's end without being sent.
 A rerun after a crash or Ctrl-C therefore copies only what is missing.
@@ -35,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -48,6 +57,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa.errors import DatabaseUnavailable, InvalidEventError, JournalError
 from casty_sa.journal import SAJournal
+from casty_sa.migrate import CASTY_EVENT_COLUMNS, CASTY_SNAPSHOT_COLUMNS
 from casty_sa.models import MAX_ENTITY_ID_LENGTH, EventRecord, SnapshotRecord
 from casty_sa.urls import UrlLike, is_memory_sqlite, safe_url, to_async_url
 
@@ -73,9 +83,6 @@ log = logging.getLogger("casty_sa.transfer")
 #: Rows per batch (and per target transaction) unless told otherwise.
 DEFAULT_BATCH_SIZE = 1000
 
-#: The columns of casty's ``SqliteJournal`` tables (casty 0.21).
-CASTY_EVENT_COLUMNS = frozenset({"entity_id", "sequence_nr", "event_data", "timestamp"})
-CASTY_SNAPSHOT_COLUMNS = frozenset({"entity_id", "sequence_nr", "state_data", "timestamp"})
 
 _events = cast(Table, EventRecord.__table__)
 _snapshots = cast(Table, SnapshotRecord.__table__)
@@ -191,7 +198,7 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class Mismatch:
-    """An entity whose target does not hold what its source holds, after a copy.
+    """An entity whose target does not hold what its source holds.
 
     Parameters
     ----------
@@ -200,23 +207,49 @@ class Mismatch:
     what : str
         ``"events"`` or ``"snapshot"``.
     expected : str
-        What the source holds (e.g. ``"12 events up to 12"``).
+        What the source holds (e.g. ``"event 3 (41 bytes, timestamp 1.5)"``).
     found : str
-        What the target holds.
+        What the target holds under the same key.
+    sequence_nr : int | None
+        The first sequence number at which the two sides differ (for
+        ``"events"``), or the source snapshot's (for ``"snapshot"``).
+
+    Examples
+    --------
+    >>> print(Mismatch("acct-1", "events", "event 2 (5 bytes)", "none", 2))
+    'acct-1': events: first differs at sequence number 2: source has event 2 (5 bytes), target none
     """
 
     entity_id: str
     what: str
     expected: str
     found: str
+    sequence_nr: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.entity_id!r}: {self.what}: source has {self.expected}, target {self.found}"
+        at = (
+            ""
+            if self.sequence_nr is None
+            else f"first differs at sequence number {self.sequence_nr}: "
+        )
+        return (
+            f"{self.entity_id!r}: {self.what}: {at}source has {self.expected}, target {self.found}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "entity_id": self.entity_id,
+            "what": self.what,
+            "sequence_nr": self.sequence_nr,
+            "expected": self.expected,
+            "found": self.found,
+        }
 
 
 @dataclass(frozen=True)
 class TransferReport:
-    """The outcome of a copy, with the verification of counts at its end.
+    """The outcome of a copy, with the verification by content at its end.
 
     Parameters
     ----------
@@ -244,6 +277,19 @@ class TransferReport:
         The source was written to during the copy: rerun to pick up the rest.
     seconds : float
         Wall-clock duration.
+    forks : tuple[Mismatch, ...]
+        Entities for which the target already held other content under the
+        source's keys (another history): the copy was refused and nothing
+        written. At most :data:`MAX_REPORTED_MISMATCHES`; ``fork_count`` has them all.
+    fork_count : int
+        Number of such entities.
+    events_compared, snapshots_compared : int
+        Source events and snapshots whose content the final verification
+        compared with the target's (every one of the source, unless refused).
+    snapshots_newer : int
+        Source snapshots for which the target holds a newer one (a higher
+        sequence number), kept because a snapshot never moves backwards; its
+        content has nothing to be compared with, and it is not a fork.
     """
 
     source: str
@@ -260,11 +306,31 @@ class TransferReport:
     target_ahead: int = 0
     source_changed: bool = False
     seconds: float = field(default=0.0, compare=False)
+    forks: tuple[Mismatch, ...] = ()
+    fork_count: int = 0
+    events_compared: int = 0
+    snapshots_compared: int = 0
+    snapshots_newer: int = 0
+
+    @property
+    def refused(self) -> bool:
+        """True when the target held another history and nothing was copied."""
+        return self.fork_count > 0
 
     @property
     def verified(self) -> bool:
-        """True when the target holds every event and snapshot of the source."""
-        return self.mismatch_count == 0
+        """True when content was compared and the target holds every event and snapshot.
+
+        Every source event is in the target with the same payload bytes and
+        timestamp; every source snapshot is there the same, or the target's
+        is newer (``snapshots_newer``).
+        """
+        return (
+            not self.refused
+            and self.mismatch_count == 0
+            and self.events_compared == self.events
+            and self.snapshots_compared + self.snapshots_newer == self.snapshots
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the report (for ``--json``)."""
@@ -278,12 +344,15 @@ class TransferReport:
             "events_present": self.events_present,
             "snapshots_copied": self.snapshots_copied,
             "snapshots_present": self.snapshots_present,
+            "refused": self.refused,
+            "fork_count": self.fork_count,
+            "forks": [m.as_dict() for m in self.forks],
             "verified": self.verified,
+            "events_compared": self.events_compared,
+            "snapshots_compared": self.snapshots_compared,
+            "snapshots_newer": self.snapshots_newer,
             "mismatch_count": self.mismatch_count,
-            "mismatches": [
-                {"entity_id": m.entity_id, "what": m.what, "expected": m.expected, "found": m.found}
-                for m in self.mismatches
-            ],
+            "mismatches": [m.as_dict() for m in self.mismatches],
             "target_ahead": self.target_ahead,
             "source_changed": self.source_changed,
             "seconds": round(self.seconds, 3),
@@ -314,6 +383,14 @@ class Endpoint(Protocol):
 
     async def read_snapshots(self, after: str | None, limit: int) -> list[Row]:
         """Up to ``limit`` snapshots in entity order, starting after entity ``after``."""
+        ...
+
+    async def fetch_events(self, keys: Sequence[tuple[str, int]]) -> list[Row]:
+        """The events stored under ``keys`` (``(entity id, sequence number)``), any order."""
+        ...
+
+    async def fetch_snapshots(self, entities: Sequence[str]) -> list[Row]:
+        """The snapshots of ``entities``, any order."""
         ...
 
     async def write_events(self, rows: Sequence[Row]) -> int:
@@ -368,7 +445,9 @@ class CastyFile:
         file = Path(path)
         connection = await asyncio.to_thread(_open_casty_file, file, create)
         try:
-            yield cls(connection, file)
+            opened = cls(connection, file)
+            await asyncio.to_thread(opened.check_shapes)  # before any copy begins
+            yield opened
         finally:
             await asyncio.to_thread(connection.close)
 
@@ -414,11 +493,79 @@ class CastyFile:
             self._rows, columns + "WHERE entity_id > ?" + order, (after, limit)
         )
 
+    def check_shapes(self) -> None:
+        """Refuse a file holding a row casty's ``SqliteJournal`` never writes (on opening).
+
+        One scan per table, before anything is copied: an entity id that is not
+        text (a BLOB, a number, NULL), a sequence number that is not an integer,
+        a payload that is not a BLOB, or a timestamp that is not a number.
+
+        Raises
+        ------
+        JournalFileError
+            Naming the first such row (its rowid, entity id and sequence number).
+        """
+        for table, payload in (("events", "event_data"), ("snapshots", "state_data")):
+            with self._errors("check rows"):
+                bad = self._conn.execute(
+                    "SELECT rowid, entity_id, sequence_nr, typeof(entity_id), "
+                    f"typeof(sequence_nr), typeof({payload}), typeof(timestamp) FROM {table} "
+                    "WHERE typeof(entity_id) != 'text' OR typeof(sequence_nr) != 'integer' "
+                    f"OR typeof({payload}) != 'blob' "
+                    "OR typeof(timestamp) NOT IN ('real', 'integer') LIMIT 1"
+                ).fetchone()
+            if bad is None:
+                continue
+            rowid, entity_id, sequence_nr, *types = bad  # (the first bad row: the scan stops)
+            wanted = ("text", "integer", "blob", "real")
+            names = ("entity id", "sequence number", "payload", "timestamp")
+            problems = ", ".join(
+                f"a {name} that is {found.upper()}, not {want.upper()}"
+                for name, found, want in zip(names, types, wanted, strict=True)
+                if found != want and not (name == "timestamp" and found == "integer")
+            )
+            raise JournalFileError(
+                f"{self._path} is not a well-formed casty SqliteJournal file: row {rowid} of "
+                f"table {table!r} (entity id {str(entity_id)[:60]!r}, sequence number "
+                f"{str(sequence_nr)[:30]}) has {problems}; casty's SqliteJournal never writes "
+                "such rows. Nothing was copied."
+            )
+
     def _rows(self, sql: str, params: tuple[Any, ...]) -> list[Row]:
         """Run a read query and check every row it returns."""
         with self._errors("read rows"):
             rows = self._conn.execute(sql, params).fetchall()
         return [_checked_row(*row) for row in rows]
+
+    async def fetch_events(self, keys: Sequence[tuple[str, int]]) -> list[Row]:
+        """The events stored under ``keys``, looked up by primary key."""
+        return await asyncio.to_thread(self._fetch_events, keys)
+
+    def _fetch_events(self, keys: Sequence[tuple[str, int]]) -> list[Row]:
+        found: list[Row] = []
+        for chunk in _chunks(keys, _LOOKUP_CHUNK):
+            values = ", ".join(["(?, ?)"] * len(chunk))
+            found += self._rows(
+                "SELECT entity_id, sequence_nr, timestamp, event_data FROM events "
+                f"WHERE (entity_id, sequence_nr) IN (VALUES {values})",
+                tuple(part for key in chunk for part in key),
+            )
+        return found
+
+    async def fetch_snapshots(self, entities: Sequence[str]) -> list[Row]:
+        """The snapshots of ``entities``."""
+        return await asyncio.to_thread(self._fetch_snapshots, entities)
+
+    def _fetch_snapshots(self, entities: Sequence[str]) -> list[Row]:
+        found: list[Row] = []
+        for chunk in _chunks(entities, _LOOKUP_CHUNK):
+            marks = ", ".join(["?"] * len(chunk))
+            found += self._rows(
+                "SELECT entity_id, sequence_nr, timestamp, state_data FROM snapshots "
+                f"WHERE entity_id IN ({marks})",
+                tuple(chunk),
+            )
+        return found
 
     async def write_events(self, rows: Sequence[Row]) -> int:
         """Insert the events the file lacks, in one transaction; return how many."""
@@ -676,6 +823,30 @@ class JournalDatabase:
         async with self._engine.connect() as connection:
             return [Row(*row) for row in await connection.execute(query)]
 
+    async def fetch_events(self, keys: Sequence[tuple[str, int]]) -> list[Row]:
+        """The events stored under ``keys``, looked up by primary key."""
+        c = _events.c
+        found: list[Row] = []
+        async with self._engine.connect() as connection:
+            for chunk in _chunks(keys, _LOOKUP_CHUNK):
+                query = select(c.entity_id, c.sequence_nr, c.timestamp, c.payload).where(
+                    tuple_(c.entity_id, c.sequence_nr).in_(chunk)
+                )
+                found += [Row(*row) for row in await connection.execute(query)]
+        return found
+
+    async def fetch_snapshots(self, entities: Sequence[str]) -> list[Row]:
+        """The snapshots of ``entities``."""
+        c = _snapshots.c
+        found: list[Row] = []
+        async with self._engine.connect() as connection:
+            for chunk in _chunks(entities, _LOOKUP_CHUNK):
+                query = select(c.entity_id, c.sequence_nr, c.timestamp, c.payload).where(
+                    c.entity_id.in_(chunk)
+                )
+                found += [Row(*row) for row in await connection.execute(query)]
+        return found
+
     async def write_events(self, rows: Sequence[Row]) -> int:
         """Insert the events the database lacks, in one transaction; return how many."""
         async with self._engine.begin() as connection:
@@ -769,9 +940,10 @@ async def copy_journal(
     -------
     TransferReport
         Counts of the run and the verification: ``report.verified`` is true
-        when the target holds, for every source entity, at least as many
-        events up to the same highest sequence number, and a snapshot at least
-        as recent.
+        when every source event is in the target with the same payload bytes
+        and timestamp, and every source snapshot is there the same or newer.
+        ``report.refused`` is true when the target already held another
+        history under the source's keys: then nothing was written.
 
     Raises
     ------
@@ -795,30 +967,59 @@ async def copy_journal(
         already.event_count,
         len(already.events),
     )
+    shared = (before.events.keys() | before.snapshots.keys()) & (
+        already.events.keys() | already.snapshots.keys()
+    )
+    if shared:
+        # Before writing anything: what the target holds under the source's keys must be the
+        # source's own rows, or the copy would leave a history mixing both.
+        forks = await _compare(source, target, batch_size, only=shared, missing_ok=True)
+        if forks.count:
+            log.debug(
+                "copy %s -> %s refused: %d entities differ", source.name, target.name, forks.count
+            )
+            return TransferReport(
+                source=source.name,
+                target=target.name,
+                entities=before.entity_count,
+                events=before.event_count,
+                snapshots=len(before.snapshots),
+                events_copied=0,
+                events_present=0,
+                snapshots_copied=0,
+                snapshots_present=0,
+                forks=tuple(forks.differences),
+                fork_count=forks.count,
+                seconds=time.perf_counter() - started,
+            )
     progress = Progress(0, before.event_count, 0, len(before.snapshots))
     report = _Counts()
     await _copy_events(source, target, before, already, batch_size, progress, report, on_progress)
     progress = Progress(progress.events_total, progress.events_total, 0, len(before.snapshots))
     await _copy_snapshots(source, target, already, batch_size, progress, report, on_progress)
     after = await source.stats()
-    mismatches, target_ahead = _verify(after, await target.stats())
+    check = await _compare(source, target, batch_size, only=None, missing_ok=False)
+    target_ahead = _target_ahead(after, await target.stats())
     seconds = time.perf_counter() - started
     log.debug("copy %s -> %s finished in %.3fs", source.name, target.name, seconds)
     return TransferReport(
         source=source.name,
         target=target.name,
         entities=after.entity_count,
-        events=after.event_count,
-        snapshots=len(after.snapshots),
+        events=check.events_seen,
+        snapshots=check.snapshots_seen,
         events_copied=report.events_copied,
         events_present=report.events_seen - report.events_copied,
         snapshots_copied=report.snapshots_copied,
         snapshots_present=report.snapshots_seen - report.snapshots_copied,
-        mismatches=tuple(mismatches[:MAX_REPORTED_MISMATCHES]),
-        mismatch_count=len(mismatches),
+        mismatches=tuple(check.differences),
+        mismatch_count=check.count,
         target_ahead=target_ahead,
         source_changed=after != before,
         seconds=seconds,
+        events_compared=check.events_compared,
+        snapshots_compared=check.snapshots_compared,
+        snapshots_newer=check.snapshots_newer,
     )
 
 
@@ -923,25 +1124,151 @@ def _held_up_to(src: JournalStats, dst: JournalStats) -> dict[str, int]:
     return held
 
 
-def _verify(src: JournalStats, dst: JournalStats) -> tuple[list[Mismatch], int]:
-    """Compare per-entity counts: which entities the target lacks, and how many it has more of."""
-    mismatches: list[Mismatch] = []
-    ahead = 0
-    for entity, ours in src.events.items():
-        theirs = dst.events.get(entity)
-        if theirs is None or theirs.events < ours.events or theirs.last < ours.last:
-            found = "none" if theirs is None else f"{theirs.events} events up to {theirs.last}"
-            mismatches.append(
-                Mismatch(entity, "events", f"{ours.events} events up to {ours.last}", found)
-            )
-        elif theirs.events > ours.events:
-            ahead += 1
-    for entity, seq in src.snapshots.items():
-        found_seq = dst.snapshots.get(entity)
-        if found_seq is None or found_seq < seq:
-            found = "none" if found_seq is None else f"a snapshot at {found_seq}"
-            mismatches.append(Mismatch(entity, "snapshot", f"a snapshot at {seq}", found))
-    return mismatches, ahead
+def _target_ahead(src: JournalStats, dst: JournalStats) -> int:
+    """Entities for which the target holds more events than the source."""
+    return sum(
+        1
+        for entity, ours in src.events.items()
+        if (theirs := dst.events.get(entity)) is not None and theirs.events > ours.events
+    )
+
+
+#: Keys looked up per statement: under SQLite's oldest limit of 999 bound parameters.
+_LOOKUP_CHUNK = 400
+
+
+def _chunks[T](items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """``items`` in consecutive slices of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _float_bits(value: float) -> bytes:
+    """The IEEE 754 bits of a float: ``-0.0`` differs from ``0.0``, a NaN equals itself."""
+    return struct.pack("<d", value)
+
+
+def _describe_row(row: Row, kind: str) -> str:
+    """A row for a mismatch message: its size and timestamp, never its payload."""
+    return f"{kind} {row.sequence_nr} ({len(row.payload):,} bytes, timestamp {row.timestamp!r})"
+
+
+def _difference(ours: Row, theirs: Row | None, kind: str) -> str | None:
+    """What the target's row under a key has that the source's has not; ``None`` when equal."""
+    if theirs is None:
+        return "none"
+    payload_same = ours.payload == theirs.payload
+    time_same = _float_bits(ours.timestamp) == _float_bits(theirs.timestamp)
+    if payload_same and time_same:
+        return None
+    what = " and ".join(
+        name for name, same in (("payload", payload_same), ("timestamp", time_same)) if not same
+    )
+    return f"{_describe_row(theirs, kind)}: {what} differ{'s' if ' and ' not in what else ''}"
+
+
+@dataclass(slots=True)
+class _Comparison:
+    """Differences found by :func:`_compare`, one per entity and kind, in key order."""
+
+    missing_ok: bool
+    differences: list[Mismatch] = field(default_factory=list)
+    count: int = 0
+    events_seen: int = 0
+    snapshots_seen: int = 0
+    events_compared: int = 0
+    snapshots_compared: int = 0
+    snapshots_newer: int = 0
+    _last: tuple[str, str] | None = None
+
+    def add(self, mismatch: Mismatch) -> None:
+        """Record the first difference of an entity (later ones of it are skipped)."""
+        key = (mismatch.entity_id, mismatch.what)
+        if key == self._last:  # rows come in key order: an entity's rows are adjacent
+            return
+        self._last = key
+        self.count += 1
+        if len(self.differences) < MAX_REPORTED_MISMATCHES:
+            self.differences.append(mismatch)
+
+
+async def _compare(
+    source: Endpoint,
+    target: Endpoint,
+    batch_size: int,
+    *,
+    only: set[str] | None,
+    missing_ok: bool,
+) -> _Comparison:
+    """Compare, by content, every source row (of the entities ``only``) with the target's.
+
+    The source is read in key order, a batch at a time; the target's rows under
+    the same keys are looked up by primary key, so memory stays one batch
+    whatever the sizes. A target row under a source key must have the same
+    payload bytes and timestamp bits. A key the target lacks is a difference
+    unless ``missing_ok`` (before a copy, which brings it). A target snapshot
+    at a higher sequence number is newer, not different (a snapshot never moves
+    backwards); one at a lower number is a difference unless ``missing_ok``.
+    """
+    result = _Comparison(missing_ok)
+    after: tuple[str, int] | None = None
+    while rows := await source.read_events(after, batch_size):
+        after = (rows[-1].entity_id, rows[-1].sequence_nr)
+        result.events_seen += len(rows)
+        wanted = rows if only is None else [row for row in rows if row.entity_id in only]
+        if not wanted:
+            continue
+        held = {
+            (row.entity_id, row.sequence_nr): row
+            for row in await target.fetch_events([(r.entity_id, r.sequence_nr) for r in wanted])
+        }
+        for row in wanted:
+            theirs = held.get((row.entity_id, row.sequence_nr))
+            if theirs is None and missing_ok:
+                continue
+            found = _difference(row, theirs, "event")
+            result.events_compared += theirs is not None and found is None
+            if found is not None:
+                result.add(
+                    Mismatch(
+                        row.entity_id, "events", _describe_row(row, "event"), found, row.sequence_nr
+                    )
+                )
+    entity_after: str | None = None
+    while rows := await source.read_snapshots(entity_after, batch_size):
+        entity_after = rows[-1].entity_id
+        result.snapshots_seen += len(rows)
+        wanted = rows if only is None else [row for row in rows if row.entity_id in only]
+        if not wanted:
+            continue
+        held_snapshots = {
+            row.entity_id: row
+            for row in await target.fetch_snapshots([r.entity_id for r in wanted])
+        }
+        for row in wanted:
+            theirs = held_snapshots.get(row.entity_id)
+            if theirs is not None and theirs.sequence_nr > row.sequence_nr:
+                result.snapshots_newer += 1
+                continue
+            if theirs is None or theirs.sequence_nr < row.sequence_nr:
+                if missing_ok:
+                    continue
+                found = "none" if theirs is None else f"an older snapshot at {theirs.sequence_nr}"
+            else:
+                found = _difference(row, theirs, "snapshot at") or ""
+            if found:
+                result.add(
+                    Mismatch(
+                        row.entity_id,
+                        "snapshot",
+                        _describe_row(row, "snapshot at"),
+                        found,
+                        row.sequence_nr,
+                    )
+                )
+            else:
+                result.snapshots_compared += 1
+    return result
 
 
 def _check_entity_ids(stats: JournalStats) -> None:

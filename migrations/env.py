@@ -14,7 +14,7 @@ import os
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import URL, Connection
+from sqlalchemy import URL, Connection, PrimaryKeyConstraint, Table, text
 
 from casty_sa.journal import open_engine
 from casty_sa.models import VERSION_TABLE, metadata
@@ -57,6 +57,27 @@ def _include_object(
     return True
 
 
+def _name_version_key() -> None:
+    """Name the version table's primary key by casty-sa's convention, ``pk_<table>``.
+
+    Alembic names it ``<table>_pkc`` and offers no option for the name, only
+    ``version_table_pk`` to have none; so the table is configured without one
+    and given ours, for new databases. Existing databases keep their
+    ``casty_sa_alembic_version_pkc``: nothing refers to the name, so renaming
+    it would be a migration for nothing.
+    """
+    version: Table = context.get_context()._version
+    version.append_constraint(PrimaryKeyConstraint("version_num", name=f"pk_{VERSION_TABLE}"))
+
+
+def _drop_version_table_at_base(connection: Connection) -> None:
+    """Leave no version table behind once casty-sa's last table is gone (online)."""
+    if context.get_context().get_current_heads():
+        return
+    version: Table = context.get_context()._version
+    version.drop(connection, checkfirst=True)
+
+
 def _configure(connection: Connection) -> None:
     schema = _schema()
     if schema is not None:
@@ -75,12 +96,15 @@ def _configure(connection: Connection) -> None:
         target_metadata=metadata,
         version_table=VERSION_TABLE,
         version_table_schema=schema,
+        version_table_pk=False,
         include_object=_include_object,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
     )
+    _name_version_key()
     with context.begin_transaction():
         context.run_migrations()
+        _drop_version_table_at_base(connection)
 
 
 def _quote(connection: Connection, name: str) -> str:
@@ -90,21 +114,39 @@ def _quote(connection: Connection, name: str) -> str:
 def run_offline() -> None:
     from casty_sa.urls import to_async_url
 
+    url = to_async_url(_url())
     schema = _schema()
-    if schema is not None:
-        raise SystemExit(
-            "--sql with a schema is not supported: review the DDL without it, then run it "
-            "with SET search_path TO your schema"
-        )
+    if schema is not None and url.get_backend_name() != "postgresql":
+        raise SystemExit(f"schema={schema!r} needs PostgreSQL, not {url.get_backend_name()}")
     context.configure(
-        url=to_async_url(_url()),
+        url=url,
         target_metadata=metadata,
         version_table=VERSION_TABLE,
+        version_table_schema=schema,
+        version_table_pk=False,
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
     )
+    _name_version_key()
     with context.begin_transaction():
+        if schema is not None:
+            # what the online run does with schema_translate_map, in the script's own words:
+            # the schema (made when the script starts from nothing), and the unqualified
+            # tables of the migrations inside it
+            quoted = context.get_context().dialect.identifier_preparer.quote(schema)
+            if context.get_starting_revision_argument() is None:
+                context.execute(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
+            context.execute(f"SET LOCAL search_path TO {quoted}")
         context.run_migrations()
+        if context.get_revision_argument() is None:  # down to base: no version table left
+            context.execute(text(f"DROP TABLE {_qualified(schema)}"))
+
+
+def _qualified(schema: str | None) -> str:
+    """The version table's name for offline DDL, with its schema when it has one."""
+    preparer = context.get_context().dialect.identifier_preparer
+    name = preparer.quote(VERSION_TABLE)
+    return name if schema is None else f"{preparer.quote(schema)}.{name}"
 
 
 async def _run_online_async() -> None:

@@ -26,7 +26,7 @@ from typing import ClassVar
 import pytest
 from casty import PersistedEvent, Snapshot, SqliteJournal
 from dbtools import execute, plain, query, table_names
-from sqlalchemy import URL
+from sqlalchemy import URL, make_url
 
 from casty_sa import SAJournal, head_revision
 from casty_sa.cli import ExitCode, main
@@ -126,7 +126,8 @@ class TestMigrations:
         assert "to base (no casty-sa tables)" in out
         tables = asyncio.run(table_names(db_url))
         assert {"orders", "alembic_version"} <= tables
-        assert not {"casty_sa_events", "casty_sa_snapshots"} & tables
+        # at base nothing of casty-sa is left, its version table neither
+        assert not {"casty_sa_events", "casty_sa_snapshots", "casty_sa_alembic_version"} & tables
         assert asyncio.run(query(db_url, "SELECT * FROM orders")) == [(1, "book")]
         assert asyncio.run(query(db_url, "SELECT * FROM alembic_version")) == [("app_0007",)]
         assert run(capsys, "check", "--url", plain(db_url))[0] == ExitCode.NOT_AT_HEAD
@@ -162,9 +163,12 @@ class TestMigrations:
         assert "CREATE TABLE casty_sa_events" in out and "CREATE TABLE casty_sa_snapshots" in out
         assert binary in out
         assert "casty_sa_alembic_version" in out
+        # the version table's key follows NAMING_CONVENTION too ("pk_%(table_name)s")
+        assert "CONSTRAINT pk_casty_sa_alembic_version PRIMARY KEY" in out and "_pkc" not in out
         code, out, err = run(capsys, "downgrade", "--sql", "--url", url)
         assert code == ExitCode.OK, err
         assert "DROP TABLE casty_sa_events" in out and "CREATE TABLE" not in out
+        assert "DROP TABLE casty_sa_alembic_version" in out
         code, out, _ = run(capsys, "downgrade", "--sql", f"{head_revision()}:base", "--url", url)
         assert code == ExitCode.OK and "DROP TABLE casty_sa_snapshots" in out
         assert not missing.parent.exists()
@@ -180,6 +184,37 @@ class TestMigrations:
 
 
 class TestSchema:
+    def test_sql_with_schema_is_the_ddl_a_dba_runs(
+        self,
+        new_postgres_db: Callable[..., Awaitable[URL]],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        database = asyncio.run(_new_db(new_postgres_db))
+        url = plain(database)
+        code, ddl, err = run(capsys, "upgrade", "--sql", "--schema", "ledger", "--url", url)
+        assert code == ExitCode.OK, err
+        assert "CREATE SCHEMA IF NOT EXISTS ledger" in ddl
+        assert "SET LOCAL search_path TO ledger" in ddl
+        assert asyncio.run(table_names(database)) == set()  # printed, not run
+
+        asyncio.run(_run_script(url, ddl))  # as a DBA would, with psql -f
+        code, out, _ = run(capsys, "check", "--schema", "ledger", "--url", url)
+        assert code == ExitCode.OK and "at head" in out
+        assert asyncio.run(table_names(database)) == set()  # nothing in public
+        asyncio.run(_journal_round_trip_in(url, "ledger"))
+
+        code, ddl, err = run(capsys, "downgrade", "--sql", "--schema", "ledger", "--url", url)
+        assert code == ExitCode.OK, err
+        assert "CREATE SCHEMA" not in ddl
+        asyncio.run(_run_script(url, ddl))
+        left = asyncio.run(
+            query(
+                database,
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'ledger'",
+            )
+        )
+        assert left == []  # the version table went too
+
     def test_every_command_honours_schema(
         self,
         new_postgres_db: Callable[..., Awaitable[URL]],
@@ -199,8 +234,8 @@ class TestSchema:
         found = json.loads(run(capsys, "inspect", "--url", url, "--json")[1])
         assert (found["entities"], found["events"]) == (2, 5)
         assert asyncio.run(query(url, "SELECT count(*) FROM journal.casty_sa_events")) == [(5,)]
-        code, _, err = run(capsys, "upgrade", "--sql", "--url", url)
-        assert code == ExitCode.USAGE and "--schema" in err
+        code, out, err = run(capsys, "upgrade", "--sql", "--url", url)  # the DDL, for it
+        assert code == ExitCode.OK and "SET LOCAL search_path TO journal" in out, err
         assert run(capsys, "downgrade", "--yes", "--url", url)[0] == ExitCode.OK
         assert asyncio.run(query(url, "SELECT to_regclass('journal.casty_sa_events')")) == [(None,)]
 
@@ -413,6 +448,10 @@ async def _new_db(factory: Callable[..., Awaitable[URL]]) -> URL:
     return await factory(migrated=False)
 
 
+async def _new_migrated_db(factory: Callable[..., Awaitable[URL]]) -> URL:
+    return await factory()
+
+
 # -- the console entry point -------------------------------------------------------------------
 
 
@@ -573,8 +612,61 @@ class TestInspect:
         if backend == "sqlite":
             assert not Path(str(empty_db_url.database)).exists()
 
+    # -- the documentation -------------------------------------------------------------------------
 
-# -- the documentation -------------------------------------------------------------------------
+    def test_totals_of_big_postgresql_tables_are_estimates(
+        self, new_postgres_db: Callable[..., Awaitable[URL]], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        database = asyncio.run(_new_migrated_db(new_postgres_db))
+        asyncio.run(
+            execute(
+                database,
+                "INSERT INTO casty_sa_events SELECT 'e' || (i % 1000), i, 1.0, '\\x00'::bytea "
+                "FROM generate_series(1, 120000) AS i",
+                "INSERT INTO casty_sa_snapshots VALUES ('e1', 1, 1.0, '\\x00'::bytea)",
+            )
+        )
+        asyncio.run(_run_script(plain(database), "ANALYZE"))
+        url = plain(database)
+        code, out, _ = run(capsys, "inspect", "--url", url)
+        assert code == ExitCode.OK
+        assert re.search(r"^events +~1[12]\d,\d{3}$", out, re.M), out  # the planner's figure
+        assert "totals are PostgreSQL's estimates" in out and "--exact" in out
+        assert json.loads(run(capsys, "inspect", "--url", url, "--json")[1])["estimated"]
+
+        code, out, _ = run(capsys, "inspect", "--url", url, "--exact")
+        assert code == ExitCode.OK and "estimates" not in out
+        assert re.search(r"^entities +1,000$", out, re.M) and re.search(
+            r"^events +120,000$", out, re.M
+        )
+        found = json.loads(run(capsys, "inspect", "--url", url, "--exact", "--json")[1])
+        assert (found["entities"], found["events"], found["snapshots"]) == (1000, 120000, 1)
+        assert not found["estimated"]
+
+    def test_classes_of_a_scripts_main_get_a_hint(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        url = f"sqlite:///{tmp_path / 'journal.db'}"
+        script = tmp_path / "app.py"
+        script.write_text(
+            "import asyncio, sys\n"
+            "from dataclasses import dataclass\n"
+            "from casty import PersistedEvent\n"
+            "from casty_sa import SAJournal\n"
+            "@dataclass(frozen=True)\n"
+            "class Deposited:\n"
+            "    amount: int\n"
+            "async def main() -> None:\n"
+            "    async with SAJournal(sys.argv[1]) as journal:\n"
+            "        await journal.persist('acct', [PersistedEvent(1, Deposited(5), 1.0)])\n"
+            "asyncio.run(main())\n"
+        )
+        subprocess.run([sys.executable, str(script), url], check=True, timeout=60)
+        code, out, _ = run(capsys, "inspect", "--url", url, "acct")
+        assert code == ExitCode.OK
+        assert "cannot decode: AttributeError" in out
+        assert "__main__" in out and "--decoder MODULE:FUNCTION" in out
+        assert "move the classes into a module" in out
 
 
 def _blocks(kind: str) -> list[str]:
@@ -643,7 +735,12 @@ class TestDocumentation:
         asyncio.run(execute(database, *_statements(named(before_upgrade))))
         try:
             assert run(capsys, "upgrade", "--url", as_role("migrator"))[0] == ExitCode.OK
-            asyncio.run(execute(as_role("migrator"), *_statements(named(after_upgrade))))
+            # each statement as the role the documentation names, and none merely warns
+            # (a GRANT on a schema the role does not own only warns on PostgreSQL 15+)
+            notices = asyncio.run(
+                _execute_noting(as_role("migrator"), _statements(named(after_upgrade)))
+            )
+            assert notices == []
 
             asyncio.run(_journal_round_trip(as_role("app")))
             casty = make_casty_file(tmp_path / "casty.db", {"imported": 3})
@@ -660,6 +757,10 @@ class TestDocumentation:
             assert code == ExitCode.DATABASE_ERROR and "permission denied" in err
             code, _, err = run(capsys, "downgrade", "--yes", "--url", as_role("app"))
             assert code == ExitCode.DATABASE_ERROR and "must be owner" in err
+            assert (  # what the journal needs, exactly as the table above says
+                "the journal itself needs only SELECT and INSERT on casty_sa_events, SELECT, "
+                "INSERT and UPDATE on casty_sa_snapshots, and SELECT on casty_sa_alembic_version"
+            ) in err
             code, _, err = run(capsys, "downgrade", "--yes", "--url", as_role("migrator"))
             assert code == ExitCode.OK, err
         finally:
@@ -670,6 +771,42 @@ class TestDocumentation:
 def _statements(block: str) -> list[str]:
     """The statements of a documented SQL block, without their ``--`` comments."""
     return [s.strip() for s in re.sub(r"--[^\n]*", "", block).split(";") if s.strip()]
+
+
+async def _execute_noting(url: str, statements: list[str]) -> list[str]:
+    """Run statements on a raw asyncpg connection; return the server's warnings and notices."""
+    import asyncpg
+
+    heard: list[str] = []
+    target = make_url(url)
+    dsn = target.set(drivername="postgresql").render_as_string(hide_password=False)
+    connection = await asyncpg.connect(dsn)
+    try:
+        connection.add_log_listener(lambda _c, message: heard.append(str(message)))
+        for statement in statements:
+            await connection.execute(statement)
+        await asyncio.sleep(0)  # let the listener run
+    finally:
+        await connection.close()
+    return heard
+
+
+async def _run_script(url: str, script: str) -> None:
+    """Run a printed DDL script in one go on a raw asyncpg connection, as ``psql -f`` would."""
+    import asyncpg
+
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(script)
+    finally:
+        await connection.close()
+
+
+async def _journal_round_trip_in(url: str, schema: str) -> None:
+    async with SAJournal(url, schema=schema) as journal:
+        await journal.persist("acct-9", [PersistedEvent(1, "opened", 1.0)])
+        assert [e.event for e in await journal.load("acct-9")] == ["opened"]
 
 
 async def _journal_round_trip(url: str) -> None:

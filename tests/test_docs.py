@@ -16,7 +16,8 @@ Conventions for the Markdown under ``docs/`` (the included ``docs/_sections/*.md
 
 - Every command of a ```` ```sh ```` block is checked without running it: ``casty-sa`` and
   ``alembic`` command lines must be accepted by their argument parsers, ``pip install`` must
-  name casty-sa extras that exist, ``make`` a target of the Makefile.
+  name a checkout of casty-sa or the wheel of this version (it is not published yet) and extras
+  that exist, ``make`` a target of the Makefile.
 """
 
 from __future__ import annotations
@@ -245,11 +246,20 @@ def _check_command(words: list[str]) -> None:
     elif program == "pip":
         assert args[0] == "install", words
         pyproject = (REPO / "pyproject.toml").read_text()
-        for spec in args[1:]:
-            name, _, extras = spec.partition("[")
-            assert name == "casty-sa", words
+        version = re.search(r'^version = "(.+)"', pyproject, re.M)
+        assert version is not None
+        for spec in (a for a in args[1:] if a != "-e"):
+            # casty-sa is not published: a checkout, or the wheel built from it
+            path, _, extras = spec.partition("[")
+            assert path.startswith("/path/to/casty-sa"), f"not a checkout or wheel: {words}"
+            if path.endswith(".whl"):
+                assert path.endswith(f"/dist/casty_sa-{version[1]}-py3-none-any.whl"), words
             for extra in filter(None, extras.rstrip("]").split(",")):
                 assert re.search(rf"^{extra} = \[", pyproject, re.M), f"no extra {extra!r}"
+    elif program == "python":
+        assert args[:2] == ["-m", "build"], words  # builds the wheel pip installs
+    elif program == "hatch":
+        assert args[0] == "build", words
     elif program == "make":
         makefile = (REPO / "Makefile").read_text()
         for target in args:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import shutil
 import sys
@@ -15,11 +16,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from casty import PersistedEvent, Snapshot
+from dbtools import plain
 from sqlalchemy import URL, Connection, MetaData, inspect, text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 import casty_sa
 from casty_sa import SAJournal, SchemaError
+from casty_sa.cli import ExitCode, main
 from casty_sa.journal import open_engine
 
 
@@ -208,7 +211,11 @@ class TestAppOwnsTheTables:
     """Way (b): the app's own autogenerate creates casty-sa's tables from casty_sa.metadata."""
 
     async def test_app_autogenerate_includes_our_tables(
-        self, empty_db_url: URL, tmp_path: Path, make_journal: Callable[..., SAJournal]
+        self,
+        empty_db_url: URL,
+        tmp_path: Path,
+        make_journal: Callable[..., SAJournal],
+        capsys: pytest.CaptureFixture[str],
     ) -> None:
         scripts = tmp_path / "app_migrations"
         shutil.copytree(APP_SCRIPTS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
@@ -236,3 +243,14 @@ class TestAppOwnsTheTables:
         await journal.save_snapshot("acct", Snapshot(2, "s", 1.0))
         assert [e.sequence_nr for e in await journal.load("acct")] == [1, 2]
         assert await casty_sa.current(empty_db_url) is None
+
+        # casty-sa's own migrations over them say what happened, instead of "already exists"
+        with pytest.raises(SchemaError, match="application's own migrations made them"):
+            await casty_sa.upgrade(empty_db_url)
+        code = await asyncio.to_thread(main, ["upgrade", "--url", plain(empty_db_url)])
+        err = capsys.readouterr().err
+        assert code == ExitCode.DATABASE_ERROR
+        assert "application's own migrations made them" in err and "Nothing was changed" in err
+        assert "already exists" not in err
+        assert await casty_sa.current(empty_db_url) is None
+        assert [e.sequence_nr for e in await journal.load("acct")] == [1, 2]

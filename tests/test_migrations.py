@@ -28,6 +28,18 @@ async def test_upgrade_from_empty(empty_db_url: URL) -> None:
     await casty_sa.upgrade(empty_db_url)
     assert await casty_sa.current(empty_db_url) == head_revision()
     assert OUR_TABLES | {casty_sa.VERSION_TABLE} <= await table_names(empty_db_url)
+    engine, _ = open_engine(empty_db_url)
+    try:
+        async with engine.connect() as conn:
+            keys = await conn.run_sync(
+                lambda c: {
+                    t: inspect(c).get_pk_constraint(t)["name"] for t in inspect(c).get_table_names()
+                }
+            )
+    finally:
+        await engine.dispose()
+    # every key by NAMING_CONVENTION ("pk_%(table_name)s"), Alembic's version table too
+    assert keys == {t: f"pk_{t}" for t in OUR_TABLES | {casty_sa.VERSION_TABLE}}
 
 
 async def test_upgrade_twice_is_harmless(empty_db_url: URL) -> None:
@@ -46,7 +58,7 @@ async def test_downgrade_to_base_removes_only_our_tables(empty_db_url: URL) -> N
     await casty_sa.upgrade(empty_db_url)
     await casty_sa.downgrade(empty_db_url, "base")
     remaining = await table_names(empty_db_url)
-    assert not (remaining & OUR_TABLES)
+    assert not (remaining & (OUR_TABLES | {casty_sa.VERSION_TABLE}))  # nothing of ours left
     assert {"events", "alembic_version"} <= remaining
     assert await casty_sa.current(empty_db_url) is None
     engine, _ = open_engine(empty_db_url)

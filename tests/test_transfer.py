@@ -13,6 +13,7 @@ import datetime
 import decimal
 import json
 import pickle
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -27,7 +28,7 @@ from casty import PersistedEvent, Snapshot, SqliteJournal
 from dbtools import plain
 from sqlalchemy import URL, event, text
 
-from casty_sa import SAJournal
+from casty_sa import SAJournal, SchemaError
 from casty_sa.cli import ExitCode, main
 from casty_sa.journal import open_engine
 from casty_sa.transfer import Progress, TransferReport, import_casty_file
@@ -193,6 +194,11 @@ class TestImport:
         if backend == "postgresql":  # a server database is never migrated implicitly
             code, _, err = run(capsys, "import", "--from", str(source), "--url", url)
             assert code == ExitCode.DATABASE_ERROR and "casty-sa upgrade" in err
+            # the command line's words, not the library's
+            assert "pass --migrate to casty-sa import" in err and "migrate=True" not in err
+            code, _, err = run(capsys, "export", "--url", url, "--to", str(source) + ".out")
+            assert code == ExitCode.DATABASE_ERROR and "casty-sa upgrade" in err
+            assert "migrate" not in err.replace("casty-sa upgrade", "")
             argv = ["import", "--from", str(source), "--url", url, "--migrate"]
         else:  # a new SQLite file is created and migrated, as SAJournal does
             argv = ["import", "--from", str(source), "--url", url]
@@ -324,7 +330,8 @@ class TestImport:
         code, out, _ = run(capsys, "import", "--from", str(source), "--url", url)
         assert code == ExitCode.NOT_VERIFIED
         assert "NOT VERIFIED: 1 entities differ" in out
-        assert "'big': events: source has 1 events up to 1, target none" in out
+        assert "'big': events: first differs at sequence number 1: source has event 1" in out
+        assert out.rstrip().endswith("target none")
 
     def test_a_source_changing_during_the_copy_is_reported(
         self, source: Path, tmp_path: Path
@@ -347,8 +354,8 @@ class TestImport:
             import_casty_file(source, url, batch_size=10, on_progress=app_still_writing)
         )
         assert report.source_changed and not report.verified
-        assert [(m.entity_id, m.found) for m in report.mismatches] == [
-            ("acct-1", "120 events up to 120")
+        assert [(m.entity_id, m.sequence_nr, m.found) for m in report.mismatches] == [
+            ("acct-1", 121, "none")
         ]
         again = asyncio.run(import_casty_file(source, url))
         assert again.verified and again.events_copied == 1 and not again.source_changed
@@ -465,3 +472,217 @@ class TestProgress:
         assert "\r" not in out
         code, _, err = run(capsys, "import", "--from", str(source), "--url", url)
         assert code == ExitCode.OK and "\r" not in err  # stderr is not a terminal here
+
+
+class TestForkedHistories:
+    """A target holding other content under the source's keys is never called verified."""
+
+    def test_two_local_node_files_are_never_mixed(
+        self, db_url: URL, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        node_a, node_b = tmp_path / "node-a.db", tmp_path / "node-b.db"
+        write_casty_file(node_a, {"acct-1": ["opened", "deposit 10", "deposit 5"]}, {})
+        # node b ran the same entity with another history: the same first event, then others
+        write_casty_file(node_b, {"acct-1": ["opened", "withdraw 7"], "other": [1]}, {})
+        with sqlite3.connect(node_a) as conn:
+            row = conn.execute(
+                "SELECT event_data, timestamp FROM events WHERE sequence_nr = 1"
+            ).fetchone()
+        with sqlite3.connect(node_b) as conn:  # the same first event, byte for byte
+            conn.execute(
+                "UPDATE events SET event_data = ?, timestamp = ? "
+                "WHERE entity_id = 'acct-1' AND sequence_nr = 1",
+                row,
+            )
+        url = plain(db_url)
+        assert run(capsys, "import", "--from", str(node_a), "--url", url)[0] == ExitCode.OK
+        before = raw_database_rows(db_url)
+
+        code, out, err = run(capsys, "import", "--from", str(node_b), "--url", url)
+        assert code == ExitCode.NOT_VERIFIED, err
+        assert "verified" not in out.replace("NOT VERIFIED", "")
+        assert "REFUSED" in out and "nothing was written" in out
+        assert "'acct-1': events: first differs at sequence number 2" in out
+        assert "'other'" not in out  # only the entity that differs is named
+        assert raw_database_rows(db_url) == before  # not even 'other' was copied
+
+        code, out, _ = run(capsys, "import", "--from", str(node_b), "--url", url, "--json")
+        report = json.loads(out)
+        assert code == ExitCode.NOT_VERIFIED
+        assert (report["refused"], report["verified"], report["fork_count"]) == (True, False, 1)
+        assert [(f["entity_id"], f["sequence_nr"]) for f in report["forks"]] == [("acct-1", 2)]
+
+        code, out, _ = run(capsys, "import", "--from", str(node_a), "--url", url)
+        assert code == ExitCode.OK and "verified   content compared" in out
+        assert raw_database_rows(db_url) == before
+
+    def test_a_timestamp_one_ulp_away_is_another_history(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        source = tmp_path / "casty.db"
+        write_casty_file(source, {"e": ["x"]}, {})
+        url = f"sqlite:///{tmp_path / 'journal.db'}"
+        assert run(capsys, "import", "--from", str(source), "--url", url)[0] == ExitCode.OK
+        with sqlite3.connect(source) as conn:  # same payload, timestamp one ulp away
+            conn.execute("UPDATE events SET timestamp = timestamp + timestamp * 2.3e-16")
+        code, out, _ = run(capsys, "import", "--from", str(source), "--url", url)
+        assert code == ExitCode.NOT_VERIFIED
+        assert "first differs at sequence number 1" in out and "timestamp differs" in out
+
+    def test_the_application_already_ran_on_the_new_tables(
+        self, source: Path, db_url: URL, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        async def app_started_from_nothing() -> None:
+            async with SAJournal(db_url) as journal:
+                await journal.persist("acct-1", [PersistedEvent(1, {"deposit": 99}, 1.0)])
+
+        asyncio.run(app_started_from_nothing())
+        before = raw_database_rows(db_url)
+        code, out, _ = run(capsys, "import", "--from", str(source), "--url", plain(db_url))
+        assert code == ExitCode.NOT_VERIFIED
+        assert "'acct-1': events: first differs at sequence number 1" in out
+        assert raw_database_rows(db_url) == before
+
+    def test_a_differing_snapshot_at_the_same_position_is_a_fork(
+        self, source: Path, db_url: URL, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        url = plain(db_url)
+        assert run(capsys, "import", "--from", str(source), "--url", url)[0] == ExitCode.OK
+
+        async def overwrite() -> None:
+            async with SAJournal(db_url) as journal:
+                snapshot = await journal.load_snapshot("acct-1")
+                assert snapshot is not None
+                await journal.save_snapshot("acct-1", Snapshot(100, "other", snapshot.timestamp))
+
+        asyncio.run(overwrite())
+        code, out, _ = run(capsys, "import", "--from", str(source), "--url", url)
+        assert code == ExitCode.NOT_VERIFIED
+        assert "'acct-1': snapshot: first differs at sequence number 100" in out
+        assert "payload differs" in out
+
+    def test_export_into_a_file_of_another_history_is_refused(
+        self, source: Path, db_url: URL, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        url = plain(db_url)
+        assert run(capsys, "import", "--from", str(source), "--url", url)[0] == ExitCode.OK
+        other = tmp_path / "other-node.db"
+        write_casty_file(other, {"acct-1": ["something else"]}, {})
+        before = raw_file_rows(other)
+        code, out, _ = run(capsys, "export", "--url", url, "--to", str(other))
+        assert code == ExitCode.NOT_VERIFIED and "REFUSED" in out
+        assert "'acct-1': events: first differs at sequence number 1" in out
+        assert raw_file_rows(other) == before
+
+    def test_verification_compares_content_not_counts(
+        self, source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        target = tmp_path / "journal.db"
+        url = f"sqlite:///{target}"
+        assert run(capsys, "upgrade", "--url", url)[0] == ExitCode.OK
+        with sqlite3.connect(target) as conn:  # a target that mangles what it is given
+            conn.execute(
+                "CREATE TRIGGER mangle AFTER INSERT ON casty_sa_events "
+                "WHEN NEW.entity_id = 'acct-1' AND NEW.sequence_nr = 7 BEGIN "
+                "UPDATE casty_sa_events SET payload = x'00' "
+                "WHERE entity_id = NEW.entity_id AND sequence_nr = 7; END"
+            )
+        code, out, _ = run(capsys, "import", "--from", str(source), "--url", url)
+        assert code == ExitCode.NOT_VERIFIED
+        assert "NOT VERIFIED: 1 entities differ" in out
+        assert "'acct-1': events: first differs at sequence number 7" in out
+
+
+class TestOpeningACastyFile:
+    """``SAJournal`` on a file of casty's ``SqliteJournal`` refuses instead of starting over."""
+
+    def test_refuses_and_names_the_import_command(
+        self, source: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        tables_before = _table_names(source)
+
+        async def open_it() -> None:
+            async with SAJournal(f"sqlite:///{source}") as journal:
+                await journal.load("acct-1")
+
+        with pytest.raises(SchemaError) as refused:
+            asyncio.run(asyncio.wait_for(open_it(), TIMEOUT))
+        message = str(refused.value)
+        assert "casty's own SqliteJournal" in message and "from nothing" in message
+        new_file = source.with_name("casty-journal-casty-sa.db")
+        command = f"casty-sa import --from '{source}' --url 'sqlite:///{new_file}'"
+        assert command in message
+        assert _table_names(source) == tables_before  # no casty_sa_ tables beside casty's
+
+        # the command in the message does what it says
+        argv = shlex.split(command)[1:]
+        code, _, err = run(capsys, *argv)
+        assert code == ExitCode.OK, err
+        assert load_database(f"sqlite:///{new_file}", ENTITIES) == load_casty_file(source, ENTITIES)
+
+    def test_a_file_holding_only_casty_snapshots_is_refused_too(self, tmp_path: Path) -> None:
+        path = tmp_path / "casty.db"
+        SqliteJournal(path).close()
+        with sqlite3.connect(path) as conn:
+            conn.execute("DROP TABLE events")
+
+        async def open_it() -> None:
+            async with SAJournal(f"sqlite:///{path}") as journal:
+                await journal.load("x")
+
+        with pytest.raises(SchemaError, match="'snapshots' tables"):
+            asyncio.run(asyncio.wait_for(open_it(), TIMEOUT))
+
+    def test_other_tables_named_events_are_left_alone(self, tmp_path: Path) -> None:
+        path = tmp_path / "app.db"
+        with sqlite3.connect(path) as conn:  # an application's own, unrelated 'events'
+            conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, body TEXT)")
+
+        async def use_it() -> list[PersistedEvent[Any]]:
+            async with SAJournal(f"sqlite:///{path}") as journal:
+                await journal.persist("e", [PersistedEvent(1, "x", 1.0)])
+                return await journal.load("e")
+
+        assert asyncio.run(asyncio.wait_for(use_it(), TIMEOUT)) == [PersistedEvent(1, "x", 1.0)]
+
+
+def _table_names(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        return {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+
+
+HOSTILE_ROWS = {
+    "blob entity id": ((b"acct", 1, b"x", 1.0), "entity id that is BLOB, not TEXT"),
+    "null entity id": ((None, 1, b"x", 1.0), "entity id that is NULL, not TEXT"),
+    "integer entity id": ((7, 1, b"x", 1.0), "entity id that is INTEGER, not TEXT"),
+    "text sequence number": (("a", "one", b"x", 1.0), "sequence number that is TEXT"),
+    "real sequence number": (("a", 1.5, b"x", 1.0), "sequence number that is REAL"),
+    "null sequence number": (("a", None, b"x", 1.0), "sequence number that is NULL"),
+    "text payload": (("a", 1, "x", 1.0), "payload that is TEXT, not BLOB"),
+    "null payload": (("a", 1, None, 1.0), "payload that is NULL, not BLOB"),
+    "nan timestamp": (("a", 1, b"x", float("nan")), "timestamp that is NULL"),  # SQLite: NULL
+    "text timestamp": (("a", 1, b"x", "NaN"), "timestamp that is TEXT, not REAL"),
+}
+
+
+class TestHostileSourceRows:
+    """A file whose rows casty's SqliteJournal never writes is a bad file (exit 4), row named."""
+
+    @pytest.mark.parametrize("table", ["events", "snapshots"])
+    @pytest.mark.parametrize("shape", list(HOSTILE_ROWS))
+    def test_is_refused_before_anything_is_copied(
+        self, shape: str, table: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        source = tmp_path / "hostile.db"
+        with sqlite3.connect(source) as conn:  # casty's columns, without its types/constraints
+            conn.execute("CREATE TABLE events (entity_id, sequence_nr, event_data, timestamp)")
+            conn.execute("CREATE TABLE snapshots (entity_id, sequence_nr, state_data, timestamp)")
+            good = [(f"fine-{n}", 1, pickle.dumps("ok"), 1.0) for n in (1, 2)]
+            conn.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?)", good)
+            conn.execute(f"INSERT INTO {table} VALUES (?, ?, ?, ?)", HOSTILE_ROWS[shape][0])
+        target = tmp_path / "journal.db"
+        code, _, err = run(capsys, "import", "--from", str(source), "--url", f"sqlite:///{target}")
+        assert code == ExitCode.BAD_FILE, err
+        assert f"row 3 of table {table!r}" in err and HOSTILE_ROWS[shape][1] in err
+        assert "Nothing was copied" in err and "internal error" not in err
+        assert _rows_in(target) == 0
