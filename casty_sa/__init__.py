@@ -15,6 +15,7 @@ SAJournal('postgresql+asyncpg://app:***@db/bank', kind=centralized)
 
 from casty_sa.errors import (
     CommitOutcomeUnknown,
+    DatabaseFileReplaced,
     DatabaseUnavailable,
     InvalidEventError,
     JournalClosed,
@@ -46,6 +47,7 @@ __all__ = [
     "VERSION_TABLE",
     "Base",
     "CommitOutcomeUnknown",
+    "DatabaseFileReplaced",
     "DatabaseUnavailable",
     "EventRecord",
     "InvalidEventError",

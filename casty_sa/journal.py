@@ -24,10 +24,16 @@ from sqlalchemy import URL
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from casty_sa.backends import ConnectionLost, Row, WriteRefused, backend_for
+from casty_sa.backends import (
+    ConnectionLost,
+    Row,
+    WriteRefused,
+    backend_for,
+    is_schema_mismatch,
+)
 from casty_sa.batching import GroupCommitter, WriteRequest
 from casty_sa.coalescing import ReadCoalescer
-from casty_sa.engine import build_engine
+from casty_sa.engine import READ_ONLY, build_engine
 from casty_sa.errors import (
     CommitOutcomeUnknown,
     DatabaseUnavailable,
@@ -53,6 +59,9 @@ _WRITER_LINGER = 0.01
 
 #: Highest sequence number a 64-bit signed column holds.
 MAX_SEQUENCE_NR = 2**63 - 1
+
+#: Execution options of a connection that only reads (see ``casty_sa.engine.READ_ONLY``)
+_READ_ONLY = {READ_ONLY: True}
 
 
 def open_engine(
@@ -507,9 +516,9 @@ class SAJournal:
             what = f"write {len(events)} events and {len(snapshots)} snapshots"
             if lost.during_commit:
                 raise CommitOutcomeUnknown(
-                    f"lost the connection to {safe_url(self._url)} while the write was in "
-                    f"flight ({what}): the rows may or may not be stored; reload the entity "
-                    f"before writing again ({_describe(lost.cause)})"
+                    f"could not {what} on {safe_url(self._url)}: {_describe(lost.cause)}, "
+                    "after the commit was sent. The rows may or may not be stored; reload "
+                    "the entity before writing again"
                 ) from lost.cause
             raise self._database_error(lost.cause, what) from lost.cause
         except Exception as exc:
@@ -665,7 +674,8 @@ class SAJournal:
         head = migrate.head_revision()
         try:
             async with self._session() as session:
-                connection = await session.connection()
+                # a read: on SQLite it must not wait for (or block) another writer
+                connection = await session.connection(execution_options=_READ_ONLY)
                 found = await connection.run_sync(migrate.current_revision, self._schema)
                 app_managed = found is None and await connection.run_sync(
                     migrate.tables_match_models, self._schema
@@ -701,7 +711,7 @@ class SAJournal:
         except (SQLAlchemyError, OSError, JournalError) as exc:
             # another process may have migrated the same file at the same moment
             async with self._session() as session:
-                connection = await session.connection()
+                connection = await session.connection(execution_options=_READ_ONLY)
                 if await connection.run_sync(migrate.current_revision, self._schema) != head:
                     raise self._database_error(exc, "migrate the schema") from exc
 
@@ -710,11 +720,15 @@ class SAJournal:
             return exc
         text = _describe(exc)
         lowered = text.lower()
-        if ("no such table" in lowered or "does not exist" in lowered) and "casty_sa_" in lowered:
+        if is_schema_mismatch(exc) or (
+            ("no such table" in lowered or "does not exist" in lowered) and "casty_sa_" in lowered
+        ):
             return SchemaError(
-                f"casty-sa's tables are missing from {safe_url(self._url)} (could not {what}: "
-                f"{text}). Run `casty-sa upgrade --url '{safe_url(self._url)}'"
-                f"{self._schema_flag}`."
+                f"casty-sa's tables on {safe_url(self._url)} are missing or altered (could "
+                f"not {what}: {text}); nothing of a failed write was stored. Run `casty-sa "
+                f"upgrade --url '{safe_url(self._url)}'{self._schema_flag}` to create missing "
+                "tables; a dropped or changed column must be restored by hand (casty_sa.metadata "
+                "describes the expected tables)."
             )
         if isinstance(exc, TimeoutError) or isinstance(getattr(exc, "orig", None), TimeoutError):
             hint = (
