@@ -595,28 +595,44 @@ class SqliteBackend(Backend):
 
     def _note_file(self, _dbapi_connection: Any, record: Any) -> None:
         """Record the file a new connection opened (the journal's, unless it was replaced)."""
-        if self._path is not None and self._file_changed() is None:
-            record.info[_FILE] = self._identity
+        try:
+            identity = self._stat_path()
+        except OSError:
+            return  # cannot tell (permissions): the statements themselves will say
+        if identity is None:
+            return
+        if self._identity is None:
+            self._identity = identity  # the first connection: the file the journal opened
+        record.info[_FILE] = identity
 
     def _on_other_file(self, fairy: Any) -> bool:
         """Whether a connection opened a file other than the journal's (one at the path later)."""
         opened: tuple[int, int] | None = fairy.info.get(_FILE, self._identity)
         return opened != self._identity
 
-    def _file_changed(self) -> str | None:
-        """How the path stopped naming the file the journal opened, if it did (one ``stat``)."""
+    def _stat_path(self) -> tuple[int, int] | None:
+        """(device, inode) of the file now at the path; None when there is none."""
         if self._path is None:
             return None
         try:
             found = os.stat(self._path)
         except (FileNotFoundError, NotADirectoryError):
-            return "was deleted (or its directory removed)"
+            return None
+        return (found.st_dev, found.st_ino)
+
+    def _file_changed(self) -> str | None:
+        """How the path stopped naming the file the journal opened, if it did (one ``stat``)."""
+        if self._path is None:
+            return None
+        try:
+            identity = self._stat_path()
         except OSError:
             return None  # cannot tell (permissions): the statements themselves will say
-        identity = (found.st_dev, found.st_ino)
         if self._identity is None:
-            self._identity = identity
+            self._identity = identity  # not opened before: the first file found is the one
             return None
+        if identity is None:
+            return "was deleted (or its directory removed)"
         return None if identity == self._identity else "was replaced by another file"
 
     def _check_file(self, failure: Exception | None, written: tuple[int, int] | None) -> None:
