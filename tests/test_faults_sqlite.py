@@ -530,21 +530,6 @@ async def test_writes_after_the_file_is_gone_fail_instead_of_being_acknowledged(
         assert not path.exists()
 
 
-async def test_a_journal_notices_a_replaced_file_on_a_read_too(
-    tmp_path: Path, make_journal: Callable[..., SAJournal]
-) -> None:
-    path = tmp_path / "journal.db"
-    journal = make_journal(sqlite_url(path))
-    await journal.persist("acct", batch("acct", 1, 2))
-    await journal.load("acct")  # the reader connection is open, on the file
-    _remove_file(path)
-    with pytest.raises(DatabaseFileReplaced, match="its result was discarded"):
-        await asyncio.wait_for(journal.load("acct"), 10)
-    with pytest.raises(DatabaseFileReplaced):
-        await asyncio.wait_for(journal.persist("acct", batch("acct", 3, 1)), 10)
-    assert not path.exists()
-
-
 async def test_no_new_connection_recreates_a_deleted_file(
     tmp_path: Path, make_journal: Callable[..., SAJournal]
 ) -> None:
