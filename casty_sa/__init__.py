@@ -16,6 +16,7 @@ SAJournal('postgresql+asyncpg://app:***@db/bank', kind=centralized)
 from casty_sa.errors import (
     CommitOutcomeUnknown,
     DatabaseAccessDenied,
+    DatabaseFileReplaced,
     DatabaseUnavailable,
     InvalidEventError,
     JournalClosed,
@@ -48,6 +49,7 @@ __all__ = [
     "Base",
     "CommitOutcomeUnknown",
     "DatabaseAccessDenied",
+    "DatabaseFileReplaced",
     "DatabaseUnavailable",
     "EventRecord",
     "InvalidEventError",

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -42,6 +43,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    event,
     func,
     insert,
     literal_column,
@@ -53,7 +55,7 @@ from sqlalchemy.sql.compiler import Compiled
 from sqlalchemy.util import greenlet_spawn
 
 from casty_sa.engine import AUTOCOMMIT_ENGINES
-from casty_sa.errors import JournalClosed
+from casty_sa.errors import DatabaseFileReplaced, JournalClosed
 from casty_sa.models import EventRecord, SnapshotRecord
 from casty_sa.urls import is_memory_sqlite
 
@@ -66,6 +68,8 @@ __all__ = [
     "Row",
     "WriteRefused",
     "backend_for",
+    "classify_write_failure",
+    "is_schema_mismatch",
 ]
 
 #: Seconds a pooled connection may sit unused before a checkout proves it alive.
@@ -107,7 +111,14 @@ class Contended(Exception):
 
 
 class ConnectionLost(Exception):
-    """The connection failed; ``during_commit`` when the outcome is unknown."""
+    """The write failed in a way the database did not answer for.
+
+    ``during_commit`` False: nothing reached the database (the driver refused to
+    send it), so the write may go again on another connection. True: the
+    statement that commits had been sent (an autocommit statement or
+    ``COMMIT``) when the connection broke, timed out or the database hit an
+    I/O error, so it may be stored.
+    """
 
     def __init__(self, cause: BaseException, *, during_commit: bool) -> None:
         super().__init__(str(cause))
@@ -486,6 +497,15 @@ class SqliteBackend(Backend):
         self._reader: Any = None
         self._reader_lock = asyncio.Lock()
         self._closed = False
+        # the file's identity (device, inode), checked after every write and read: see
+        # _check_file; recorded now if the file exists, else on the first check
+        self._path = None if self._memory else _sqlite_path(engine.url.database)
+        self._identity: tuple[int, int] | None = None
+        self._file_gone: str | None = None
+        if self._path is not None:
+            self._file_changed()
+            event.listen(engine.sync_engine, "do_connect", self._refuse_other_file)
+            event.listen(engine.sync_engine, "connect", self._note_file)
         self._insert = self._compile(insert(self.events))
         self._upsert = self._newer_snapshot_wins(sqlite.insert(self.snapshots))
         # batched reads name their keys in one JSON parameter: [[entity_id, from_nr], ...]
@@ -526,30 +546,61 @@ class SqliteBackend(Backend):
         return code is not None and code & 0xFF in _STALE_SQLITE_CODES and not self._memory
 
     async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
+        self._check_file_kept()
         snapshots = _latest_per_entity(snapshots)
         fairy = await self.take_writer()
+        if self._on_other_file(fairy):  # opened after the file was replaced: do not use it
+            await self.give_back_writer(fairy, ConnectionLost(OSError(), during_commit=False))
+            raise self._gone(
+                self._file_changed() or "was replaced by another file",
+                f"this write ({len(events)} events and {len(snapshots)} snapshots) was not "
+                f"sent; nothing of it is stored at {self._path}",
+            )
         conn = fairy.driver_connection
+        autocommit = self._autocommit
+        committing = False
+        max_length = _length_limit(conn)
         try:
-            if not self._autocommit:
-                await self._write_implicit(conn, events, snapshots)
-            elif not snapshots and len(events) <= _SQLITE_MAX_ROWS:
+            _refuse_too_large(events, snapshots, max_length)
+            if autocommit and not snapshots and len(events) <= _SQLITE_MAX_ROWS:
+                committing = True  # one statement in autocommit: it commits on its own
                 await conn.execute(_multi_row(self._insert, len(events)), _flat(events))
-            elif not events and len(snapshots) <= _SQLITE_MAX_ROWS:
+            elif autocommit and not events and len(snapshots) <= _SQLITE_MAX_ROWS:
+                committing = True
                 await conn.execute(_multi_row(self._upsert, len(snapshots)), _flat(snapshots))
             else:
-                await self._write_explicit(conn, events, snapshots)
+                await self._write_transaction(conn, events, snapshots)
+                committing = True
+                try:
+                    await (conn.execute("COMMIT") if autocommit else conn.commit())
+                except BaseException:
+                    # a COMMIT that failed before committing leaves the transaction open
+                    await _quietly(conn.execute("ROLLBACK") if autocommit else conn.rollback())
+                    raise
         except BaseException as exc:
             await self.give_back_writer(fairy, exc)
-            if isinstance(exc, sqlite3.IntegrityError):
-                duplicate = getattr(exc, "sqlite_errorcode", None) in _SQLITE_DUPLICATE
-                raise WriteRefused(exc, duplicate=duplicate) from exc
-            raise
+            if isinstance(exc, Exception):
+                self._check_file(exc, (len(events), len(snapshots)))
+            failure = classify_write_failure(
+                exc, committing=committing, dialect="sqlite", max_length=max_length
+            )
+            if failure is exc:
+                raise
+            raise failure from exc
         await self.give_back_writer(fairy, None)
+        self._check_file(None, (len(events), len(snapshots)))
 
-    async def _write_explicit(
+    async def _write_transaction(
         self, conn: Any, events: Sequence[Row], snapshots: Sequence[Row]
     ) -> None:
+        """The rows of a transaction, up to (not including) its COMMIT; rolled back on failure."""
         try:
+            if not self._autocommit:  # the driver begins the transaction on its own
+                if events:
+                    await conn.executemany(self._insert, events)
+                if snapshots:
+                    await conn.executemany(self._upsert, snapshots)
+                return
             # inside the try: a caller cancelled while BEGIN is queued on the driver's thread
             # must still queue the ROLLBACK behind it, or the connection stays in a transaction
             await conn.execute("BEGIN IMMEDIATE")
@@ -559,26 +610,118 @@ class SqliteBackend(Backend):
             for start in range(0, len(snapshots), _SQLITE_MAX_ROWS):
                 chunk = snapshots[start : start + _SQLITE_MAX_ROWS]
                 await conn.execute(_multi_row(self._upsert, len(chunk)), _flat(chunk))
-            await conn.execute("COMMIT")
         except BaseException:
-            await _quietly(conn.execute("ROLLBACK"))  # a failed COMMIT is rolled back too
+            await _quietly(conn.execute("ROLLBACK") if self._autocommit else conn.rollback())
             raise
 
-    async def _write_implicit(
-        self, conn: Any, events: Sequence[Row], snapshots: Sequence[Row]
-    ) -> None:
+    # -- the file under the journal ------------------------------------------------------------
+
+    def _check_file_kept(self) -> None:
+        """Refuse at once once the file was found replaced: every connection has the old one."""
+        if self._file_gone is not None:
+            raise DatabaseFileReplaced(
+                f"{self._file_gone}; this call was refused and nothing of it was stored. {_RESTART}"
+            )
+
+    def _refuse_other_file(self, *_args: Any) -> None:
+        """Open no new connection once the file is gone: SQLite would create an empty one."""
+        self._check_file_kept()
+        if self._identity is not None and (how := self._file_changed()) is not None:
+            raise self._gone(how, "this call was refused before anything was sent")
+
+    def _note_file(self, _dbapi_connection: Any, record: Any) -> None:
+        """Record the file a new connection opened (the journal's, unless it was replaced)."""
         try:
-            if events:
-                await conn.executemany(self._insert, events)
-            if snapshots:
-                await conn.executemany(self._upsert, snapshots)
-            await conn.commit()
-        except BaseException:
-            await _quietly(conn.rollback())  # a failed COMMIT is rolled back too
-            raise
+            identity = self._stat_path()
+        except OSError:
+            return  # cannot tell (permissions): the statements themselves will say
+        if identity is None:
+            return
+        if self._identity is None:
+            self._identity = identity  # the first connection: the file the journal opened
+        record.info[_FILE] = identity
+
+    def _on_other_file(self, fairy: Any) -> bool:
+        """Whether a connection opened a file other than the journal's (one at the path later)."""
+        opened: tuple[int, int] | None = fairy.info.get(_FILE, self._identity)
+        return opened != self._identity
+
+    def _stat_path(self) -> tuple[int, int] | None:
+        """(device, inode) of the file now at the path; None when there is none."""
+        if self._path is None:
+            return None
+        try:
+            found = os.stat(self._path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return (found.st_dev, found.st_ino)
+
+    def _file_changed(self) -> str | None:
+        """How the path stopped naming the file the journal opened, if it did (one ``stat``)."""
+        if self._path is None:
+            return None
+        try:
+            identity = self._stat_path()
+        except OSError:
+            return None  # cannot tell (permissions): the statements themselves will say
+        if self._identity is None:
+            self._identity = identity  # not opened before: the first file found is the one
+            return None
+        if identity is None:
+            return "was deleted (or its directory removed)"
+        return None if identity == self._identity else "was replaced by another file"
+
+    def _check_file(self, failure: Exception | None, written: tuple[int, int] | None) -> None:
+        """Before a call is answered: is the file still at its path? (One ``stat``.)
+
+        ``written``: the events and snapshots of a write, None for a read.
+        Connections keep the file they opened. Once it is deleted or replaced (a
+        backup restored over it), their commits go into a file no later process
+        will open, so an acknowledgement would be a lie. From then on every call
+        fails: opening new connections would silently start a new, empty journal
+        at the path.
+        """
+        if isinstance(failure, DatabaseFileReplaced):
+            return  # the failure already says so
+        self._check_file_kept()
+        how = self._file_changed()
+        if how is None:
+            return
+        if written is None:
+            what, done = "this read", "failed"
+        else:
+            what = f"this write ({written[0]} events and {written[1]} snapshots)"
+            done = (
+                "was committed into the old file, which the path no longer names and no "
+                f"later process will open: it is NOT stored at {self._path}"
+            )
+        if failure is not None:
+            done = f"failed ({type(failure).__name__}: {failure})"
+            if written is not None:
+                done += f"; nothing of it is stored at {self._path}"
+        raise self._gone(how, f"{what} {done}") from failure
+
+    def _gone(self, how: str, outcome: str) -> DatabaseFileReplaced:
+        """The error for the call that found the file gone; every later call fails too."""
+        self._file_gone = (
+            f"the SQLite file {self._path} that this journal opened {how} while the journal "
+            f"was running. The journal's connections still write to the old file"
+        )
+        return DatabaseFileReplaced(f"{self._file_gone}; {outcome}. {_RESTART}")
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         """Rows of one query, on the shared reader (or a pooled connection elsewhere)."""
+        self._check_file_kept()
+        try:
+            return await self._query(sql, params)
+        except Exception as exc:
+            # a read that failed may have met a file recreated at the path; a read that
+            # worked answered from the file the journal wrote, so it needs no stat (one
+            # costs ~10 µs on the loop, as the driver's thread takes the GIL meanwhile)
+            self._check_file(exc, None)
+            raise
+
+    async def _query(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         if not self._share_reader:
             async with self.connection() as conn:
                 return list(await conn.execute_fetchall(sql, params))
@@ -604,6 +747,13 @@ class SqliteBackend(Backend):
 
     async def close(self) -> None:
         self._closed = True
+        if self._path is not None:
+            for name, listener in (
+                ("do_connect", self._refuse_other_file),
+                ("connect", self._note_file),
+            ):
+                if event.contains(self._engine.sync_engine, name, listener):
+                    event.remove(self._engine.sync_engine, name, listener)
         await super().close()
         async with self._reader_lock:  # a reader being opened is in the pool's hands until then
             reader, self._reader = self._reader, None
@@ -700,34 +850,34 @@ class PostgresBackend(Backend):
         return sqlstate.startswith(("08", "57P"))  # connection exception, operator intervention
 
     async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
-        import asyncpg
-
         snapshots = _latest_per_entity(snapshots)  # ON CONFLICT may touch a row only once
         fairy = await self.take_writer()
         conn = fairy.driver_connection
+        committing = False
         try:
             if events and snapshots:
-                async with conn.transaction():
+                transaction = conn.transaction()
+                await transaction.start()
+                try:
                     await conn.execute(self._insert, *_columns(events))
                     await conn.execute(self._upsert, *_columns(snapshots))
-            elif events:
-                await conn.execute(self._insert, *_columns(events))
+                except BaseException:
+                    await _quietly(transaction.rollback())
+                    raise
+                committing = True
+                await transaction.commit()
             else:
-                await conn.execute(self._upsert, *_columns(snapshots))
+                committing = True  # one statement in autocommit: it commits on its own
+                if events:
+                    await conn.execute(self._insert, *_columns(events))
+                else:
+                    await conn.execute(self._upsert, *_columns(snapshots))
         except BaseException as exc:
             await self.give_back_writer(fairy, exc)
-            if isinstance(exc, asyncpg.UniqueViolationError):
-                raise WriteRefused(exc, duplicate=True) from exc
-            if isinstance(exc, asyncpg.DataError):
-                raise WriteRefused(exc, duplicate=False) from exc
-            if getattr(exc, "sqlstate", None) in _ROLLED_BACK:
-                raise Contended(exc) from exc
-            if _never_sent(exc):
-                raise ConnectionLost(exc, during_commit=False) from exc
-            if self.is_disconnect(exc):
-                # a single autocommit statement (or COMMIT) may have been applied
-                raise ConnectionLost(exc, during_commit=True) from exc
-            raise
+            failure = classify_write_failure(exc, committing=committing, dialect="postgresql")
+            if failure is exc:
+                raise
+            raise failure from exc
         await self.give_back_writer(fairy, None)
 
     async def fetch_events(self, entity_id: str, from_nr: int) -> list[Stored]:
@@ -752,6 +902,59 @@ _SQLITE_MAX_ROWS = min(
     1000, sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 4
 )
 _ONE_ROW = "VALUES (?, ?, ?, ?)"
+
+
+#: SQLite's default SQLITE_LIMIT_LENGTH, for a connection whose own limit cannot be read
+_SQLITE_MAX_LENGTH = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+
+#: key of a pooled SQLite connection's info: (device, inode) of the file it opened
+_FILE = "casty_sa_file"
+
+_RESTART = (
+    "Every call of this journal fails from now on: restart the node, so it opens the file "
+    "now at the path (events written into the old file after it was removed are not there)"
+)
+
+
+def _sqlite_path(database: str | None) -> str | None:
+    """The absolute path of a SQLite URL's file (``file:`` URIs included), if it has one."""
+    if not database:
+        return None
+    if database.startswith("file:"):
+        database = database[len("file:") :].partition("?")[0]
+        if database.startswith("//"):  # file:///abs/path
+            database = database[2:]
+    return os.path.abspath(database) if database else None
+
+
+def _length_limit(driver_connection: Any) -> int:
+    """SQLITE_LIMIT_LENGTH of the connection (aiosqlite's sqlite3 connection), in bytes."""
+    getlimit = getattr(getattr(driver_connection, "_conn", None), "getlimit", None)
+    if getlimit is None:
+        return _SQLITE_MAX_LENGTH
+    try:
+        return int(getlimit(sqlite3.SQLITE_LIMIT_LENGTH))
+    except (sqlite3.Error, TypeError, ValueError):
+        return _SQLITE_MAX_LENGTH
+
+
+def _refuse_too_large(events: Sequence[Row], snapshots: Sequence[Row], limit: int) -> None:
+    """Refuse (before sending anything) a payload SQLite would refuse as too big.
+
+    A payload under the limit whose whole row is over it is refused by SQLite
+    itself, which :func:`classify_write_failure` maps to the same refusal.
+    """
+    for rows, what in ((events, "event"), (snapshots, "snapshot")):
+        for row in rows:
+            if len(row[3]) > limit:
+                raise WriteRefused(
+                    PayloadTooLarge(
+                        f"the payload of the {what} of entity {row[0]!r} at sequence number "
+                        f"{row[1]} is {len(row[3]):,} bytes, over SQLite's length limit "
+                        f"SQLITE_LIMIT_LENGTH ({limit:,} bytes on this connection)"
+                    ),
+                    duplicate=False,
+                )
 
 
 def _sqlite_has_json() -> bool:
@@ -797,6 +1000,110 @@ def _pool_capacity(engine: AsyncEngine) -> int:
     if not callable(size):
         return 64  # a pool without a size (NullPool and the like): a generous bound
     return max(1, int(size()) + max(0, int(overflow)))
+
+
+class PayloadTooLarge(Exception):
+    """A value or row over the database's length limit (the caller's refusal, nothing sent)."""
+
+
+#: SQLite primary result codes: SQLITE_NOMEM, SQLITE_IOERR. Raised by a statement that
+#: commits, they may come after the commit frame reached the WAL (its fsync failed, the
+#: wal-index could not be updated): the commit may be on disk, so the outcome is unknown.
+_SQLITE_MAYBE_COMMITTED = frozenset({7, 10})
+_SQLITE_TOOBIG = 18
+#: PostgreSQL SQLSTATEs of a table, column, schema or ON CONFLICT key that is not there
+_PG_SCHEMA_MISMATCH = frozenset({"42P01", "42703", "42P10", "3F000"})
+#: SQLite's messages (SQLITE_ERROR) for the same
+_SQLITE_SCHEMA_MISMATCH = (
+    "no such table",
+    "no such column",
+    "has no column named",
+    "does not match any primary key or unique constraint",
+)
+
+
+def classify_write_failure(
+    exc: BaseException, *, committing: bool, dialect: str, max_length: int | None = None
+) -> BaseException:
+    """What a failed write means for what was stored: the one place that decides.
+
+    Parameters
+    ----------
+    exc : BaseException
+        What the driver raised.
+    committing : bool
+        Whether the statement that commits had been sent: a single autocommit
+        statement, or the ``COMMIT`` of an explicit transaction. Before that,
+        the database rolls the transaction back (or never saw it).
+    dialect : str
+        ``sqlite`` or ``postgresql``.
+    max_length : int | None
+        SQLite's length limit on the connection, for the message of a refusal.
+
+    Returns
+    -------
+    BaseException
+        :class:`WriteRefused` when the database refused the rows themselves
+        (nothing stored; the journal isolates the caller), :class:`Contended` when
+        it rolled the transaction back to break a deadlock (nothing stored; safe to
+        send again), :class:`ConnectionLost`
+        when nothing was sent (``during_commit=False``) or when the commit was
+        sent and the database did not answer with a refusal (``during_commit=True``:
+        it may be stored), or ``exc`` itself: nothing stored.
+    """
+    if not isinstance(exc, Exception):
+        return exc  # a cancelled caller sees its cancellation
+    if dialect == "postgresql":
+        import asyncpg
+
+        if isinstance(exc, asyncpg.UniqueViolationError):
+            return WriteRefused(exc, duplicate=True)
+        if isinstance(exc, asyncpg.DataError):  # a value refused, by asyncpg or the server
+            return WriteRefused(exc, duplicate=False)
+        if getattr(exc, "sqlstate", None) in _ROLLED_BACK:
+            return Contended(exc)  # the server rolled the transaction back whole
+        if _never_sent(exc):
+            return ConnectionLost(exc, during_commit=False)
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        # an error the server answered the statement with (a timeout, a cancel, a failed
+        # deferred check) means it rolled the transaction back; a broken connection, a
+        # client-side timeout or a protocol error leaves the commit's outcome open
+        answered = isinstance(exc, asyncpg.PostgresError) and not (
+            isinstance(exc, asyncpg.PostgresConnectionError) or sqlstate.startswith(("08", "57P"))
+        )
+    else:
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = code & 0xFF if code is not None else None
+        if isinstance(exc, sqlite3.IntegrityError):
+            return WriteRefused(exc, duplicate=code in _SQLITE_DUPLICATE)
+        if isinstance(exc, sqlite3.DataError) or primary == _SQLITE_TOOBIG:
+            limit = f" ({max_length:,} bytes on this connection)" if max_length else ""
+            too_big = PayloadTooLarge(
+                f"a payload (or its row) is over SQLite's length limit SQLITE_LIMIT_LENGTH"
+                f"{limit}: {exc}"
+            )
+            return WriteRefused(too_big, duplicate=False)
+        # pysqlite's own errors (no result code) come before SQLite ran anything
+        answered = isinstance(exc, sqlite3.Error) and primary not in _SQLITE_MAYBE_COMMITTED
+    if committing and not answered:
+        return ConnectionLost(exc, during_commit=True)
+    return exc
+
+
+def is_schema_mismatch(exc: BaseException) -> bool:
+    """Whether ``exc`` says a table, column or key casty-sa uses is not there.
+
+    Not worth retrying: the statement will fail the same way until an operator
+    restores the schema.
+    """
+    original = getattr(exc, "orig", None) or exc
+    if isinstance(original, sqlite3.OperationalError):
+        text = str(original).lower()
+        return any(marker in text for marker in _SQLITE_SCHEMA_MISMATCH)
+    sqlstate = getattr(original, "sqlstate", None) or getattr(exc, "sqlstate", None)
+    if sqlstate is None and isinstance(original.__cause__, Exception):
+        sqlstate = getattr(original.__cause__, "sqlstate", None)  # SQLAlchemy's asyncpg adapter
+    return sqlstate in _PG_SCHEMA_MISMATCH
 
 
 def _never_sent(exc: BaseException) -> bool:

@@ -33,7 +33,11 @@ from sqlalchemy.pool import StaticPool
 
 from casty_sa.urls import DEFAULT_APPLICATION_NAME, is_memory_sqlite, postgres_options
 
-__all__ = ["AUTOCOMMIT_ENGINES", "SQLITE_SYNCHRONOUS", "TIMEOUTS", "build_engine"]
+__all__ = ["AUTOCOMMIT_ENGINES", "READ_ONLY", "SQLITE_SYNCHRONOUS", "TIMEOUTS", "build_engine"]
+
+#: Execution option of a connection whose transaction only reads: on SQLite it begins a
+#: deferred transaction, which never waits for (nor blocks) another connection's writer.
+READ_ONLY = "casty_sa_read_only"
 
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -106,8 +110,12 @@ def build_engine(
 
             @event.listens_for(engine.sync_engine, "begin")
             def _begin_immediate(connection: Any) -> None:
-                # SQLAlchemy-level transactions (sessions, migrations) are real ones
-                connection.exec_driver_sql("BEGIN IMMEDIATE")
+                # SQLAlchemy-level transactions (sessions, migrations) are real ones; those
+                # that only read take no write lock (WAL readers never wait for writers)
+                if connection.get_execution_options().get(READ_ONLY):
+                    connection.exec_driver_sql("BEGIN DEFERRED")
+                else:
+                    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         busy_ms = int(busy_timeout * 1000)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "CommitOutcomeUnknown",
     "DatabaseAccessDenied",
+    "DatabaseFileReplaced",
     "DatabaseUnavailable",
     "InvalidEventError",
     "JournalClosed",
@@ -167,11 +168,28 @@ class DatabaseAccessDenied(DatabaseUnavailable):
 
 
 class CommitOutcomeUnknown(DatabaseUnavailable):
-    """The connection was lost while the commit was in flight.
+    """The write failed after its commit had started.
 
-    The events may or may not be stored. Do not re-send them blindly: reload
-    the entity (``load``) to see whether they are there. casty does this on its
-    own, since the failed entity stops and re-activates from the journal.
+    The statement that commits (a single autocommit statement or ``COMMIT``)
+    was sent when the connection was lost, the client timed out, or the
+    database hit an I/O error while committing (SQLite: an ``fsync`` of the
+    ``-wal`` that failed). The events may or may not be stored. Do not re-send
+    them blindly: reload the entity (``load``) to see whether they are there.
+    casty does this on its own, since the failed entity stops and re-activates
+    from the journal.
+    """
+
+
+class DatabaseFileReplaced(JournalError):
+    """The SQLite file the journal opened is no longer the file at its path.
+
+    It was deleted, replaced (a backup restored over it) or its directory was
+    removed while the journal ran. The journal's connections still hold the old
+    file, which no later process will open, so nothing the journal writes from
+    then on is stored at the path: the write that found out says whether it went
+    into the old file (committed there, NOT stored at the path) or failed. Every
+    later call of the journal fails with this error instead of writing into the
+    old file or silently starting a new journal at the path; restart the node.
     """
 
 

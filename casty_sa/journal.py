@@ -26,10 +26,17 @@ from sqlalchemy import URL
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from casty_sa.backends import ConnectionLost, Contended, Row, WriteRefused, backend_for
+from casty_sa.backends import (
+    ConnectionLost,
+    Contended,
+    Row,
+    WriteRefused,
+    backend_for,
+    is_schema_mismatch,
+)
 from casty_sa.batching import GroupCommitter, WriteRequest
 from casty_sa.coalescing import ReadCoalescer
-from casty_sa.engine import TIMEOUTS, build_engine
+from casty_sa.engine import READ_ONLY, TIMEOUTS, build_engine
 from casty_sa.errors import (
     CommitOutcomeUnknown,
     DatabaseAccessDenied,
@@ -75,6 +82,9 @@ _Failure = WriteRefused | Contended | JournalError
 
 #: Default cap on the bytes of one group transaction.
 _MAX_BATCH_BYTES = 64 * 2**20
+
+#: Execution options of a connection that only reads (see ``casty_sa.engine.READ_ONLY``)
+_READ_ONLY = {READ_ONLY: True}
 
 
 def open_engine(
@@ -635,9 +645,9 @@ class SAJournal:
             what = f"write {len(events)} events and {len(snapshots)} snapshots"
             if lost.during_commit:
                 raise CommitOutcomeUnknown(
-                    f"lost the connection to {safe_url(self._url)} while the write was in "
-                    f"flight ({what}): the rows may or may not be stored; reload the entity "
-                    f"before writing again ({_describe(lost.cause)})"
+                    f"could not {what} on {safe_url(self._url)}: {_describe(lost.cause)}, "
+                    "after the commit was sent. The rows may or may not be stored; reload "
+                    "the entity before writing again"
                 ) from lost.cause
             raise self._database_error(lost.cause, what) from lost.cause
         except Exception as exc:
@@ -812,7 +822,8 @@ class SAJournal:
         head = migrate.head_revision()
         try:
             async with self._session() as session:
-                connection = await session.connection()
+                # a read: on SQLite it must not wait for (or block) another writer
+                connection = await session.connection(execution_options=_READ_ONLY)
                 await connection.run_sync(migrate.refuse_casty_tables, self._url)
                 found = await connection.run_sync(migrate.current_revision, self._schema)
                 app_managed = found is None and await connection.run_sync(
@@ -849,7 +860,7 @@ class SAJournal:
         except (SQLAlchemyError, OSError, JournalError) as exc:
             # another process may have migrated the same file at the same moment
             async with self._session() as session:
-                connection = await session.connection()
+                connection = await session.connection(execution_options=_READ_ONLY)
                 if await connection.run_sync(migrate.current_revision, self._schema) != head:
                     raise self._database_error(exc, "migrate the schema") from exc
 
@@ -861,10 +872,14 @@ class SAJournal:
         if denied is not None:
             return denied
         lowered = text.lower()
-        if ("no such table" in lowered or "does not exist" in lowered) and "casty_sa_" in lowered:
+        if is_schema_mismatch(exc) or (
+            ("no such table" in lowered or "does not exist" in lowered) and "casty_sa_" in lowered
+        ):
             return SchemaError(
-                f"casty-sa's tables are missing from {safe_url(self._url)} (could not {what}: "
-                f"{text}). {self._upgrade_hint}."
+                f"casty-sa's tables on {safe_url(self._url)} are missing or altered (could "
+                f"not {what}: {text}); nothing of a failed write was stored. "
+                f"{self._upgrade_hint} to create missing tables; a dropped or changed column "
+                "must be restored by hand (casty_sa.metadata describes the expected tables)."
             )
         if (
             isinstance(exc, TimeoutError)

@@ -20,6 +20,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import dbtools
 import pytest
 from casty import PersistedEvent, Snapshot
 from sqlalchemy import URL, text
@@ -45,6 +47,8 @@ from casty_sa import (
     SchemaError,
     SequenceConflict,
 )
+from casty_sa.backends import ConnectionLost, WriteRefused, classify_write_failure
+from casty_sa.batching import WriteRequest
 
 ADMIN_PASSWORD = "adm1n-Pw-casty"
 APP_PASSWORD = "app-Pw-9f3c-casty"
@@ -1182,3 +1186,163 @@ async def test_a_frozen_server_fails_each_call_within_its_budget(
     await journal.save_snapshot("acct", Snapshot(3, "after", 1.0))
     assert [e.event for e in await journal.load("acct")] == [*stored, "after"]
     assert await journal.load_snapshot("acct") == Snapshot(3, "after", 1.0)
+
+
+# -- what a failed write stored: between "statement sent" and "commit acknowledged" ------------
+
+_SLOW = """
+CREATE FUNCTION casty_sa_test_slow() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(1.5); RETURN NEW; END $$
+"""
+
+
+def _event_row(entity_id: str, seq: int) -> tuple[str, int, float, bytes]:
+    return (entity_id, seq, 1.0, pickle.dumps((entity_id, seq)))
+
+
+async def _events_and_snapshot(journal: SAJournal, entity_id: str) -> None:
+    """One write group holding events and a snapshot: an explicit transaction."""
+    row = _event_row(entity_id, 1)
+    await journal._submit(WriteRequest(entity_id, events=[row], snapshot=row))
+
+
+async def test_a_client_timeout_before_commit_of_a_transaction_stores_nothing(
+    new_postgres_db: Callable[..., Awaitable[URL]], make_journal: Callable[..., SAJournal]
+) -> None:
+    """The snapshot upsert inside the explicit transaction times out on the client: COMMIT
+    was never sent, so the truth is "nothing stored", not "outcome unknown"."""
+    url = await new_postgres_db()
+    await dbtools.execute(
+        url,
+        _SLOW,
+        "CREATE TRIGGER slow BEFORE INSERT ON casty_sa_snapshots FOR EACH ROW "
+        "EXECUTE FUNCTION casty_sa_test_slow()",
+    )
+    journal = make_journal(url, connect_args={"command_timeout": 0.3})
+    with pytest.raises(DatabaseUnavailable) as info:
+        await asyncio.wait_for(_events_and_snapshot(journal, "acct"), 10)
+    assert not isinstance(info.value, CommitOutcomeUnknown), info.value
+    assert "Nothing of a failed write was stored" in str(info.value)
+    await dbtools.execute(url, "DROP TRIGGER slow ON casty_sa_snapshots")
+    assert await journal.load("acct") == []
+    assert await journal.load_snapshot("acct") is None
+
+
+async def test_a_client_timeout_on_an_autocommit_write_is_commit_outcome_unknown(
+    new_postgres_db: Callable[..., Awaitable[URL]], make_journal: Callable[..., SAJournal]
+) -> None:
+    """One autocommit statement: once sent, the server may commit it after the client gave up."""
+    url = await new_postgres_db()
+    await dbtools.execute(
+        url,
+        _SLOW,
+        "CREATE TRIGGER slow BEFORE INSERT ON casty_sa_events FOR EACH ROW "
+        "EXECUTE FUNCTION casty_sa_test_slow()",
+    )
+    journal = make_journal(url, connect_args={"command_timeout": 0.3})
+    events = [PersistedEvent(1, "a", 1.0), PersistedEvent(2, "b", 1.0)]
+    with pytest.raises(CommitOutcomeUnknown, match="may or may not be stored"):
+        await asyncio.wait_for(journal.persist("acct", events), 10)
+    await dbtools.execute(url, "DROP TRIGGER slow ON casty_sa_events")
+    assert [e.sequence_nr for e in await journal.load("acct")] in ([], [1, 2])
+
+
+_AT_COMMIT = {
+    # a deferred check that fails when the transaction commits
+    "check-fails": "BEGIN RAISE EXCEPTION 'deferred check failed'; END",
+    # a deferred trigger that is still running when another session cancels the statement
+    "cancelled": "BEGIN PERFORM pg_sleep(30); RETURN NEW; END",
+}
+
+
+async def _cancel_the_sleeper(url: URL) -> None:
+    """Cancel the statement sleeping in the deferred trigger (``pg_cancel_backend``)."""
+    for _ in range(500):
+        rows = await dbtools.query(
+            url,
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+            "WHERE wait_event = 'PgSleep' AND datname = current_database()",
+        )
+        if rows:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the write never reached the deferred trigger")
+
+
+@pytest.mark.parametrize("shape", ["autocommit", "transaction"])
+@pytest.mark.parametrize("cause", sorted(_AT_COMMIT))
+async def test_an_error_the_server_answers_the_commit_with_stores_nothing(
+    new_postgres_db: Callable[..., Awaitable[URL]],
+    make_journal: Callable[..., SAJournal],
+    shape: str,
+    cause: str,
+) -> None:
+    """A deferred trigger runs while the transaction commits (at COMMIT, or at the end of
+    the autocommit statement) and fails or is cancelled: the server answered the commit
+    with an error, so it rolled the transaction back and nothing is stored. (PostgreSQL
+    disarms statement_timeout before committing, so only a cancel can cut a commit short.)"""
+    url = await new_postgres_db()
+    await dbtools.execute(
+        url,
+        "CREATE FUNCTION casty_sa_test_at_commit() RETURNS trigger LANGUAGE plpgsql AS "
+        f"$$ {_AT_COMMIT[cause]} $$",
+        "CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT ON casty_sa_events DEFERRABLE "
+        "INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION casty_sa_test_at_commit()",
+    )
+    journal = make_journal(url)
+    if shape == "transaction":
+        write = asyncio.ensure_future(_events_and_snapshot(journal, "acct"))
+    else:
+        write = asyncio.ensure_future(journal.persist("acct", [PersistedEvent(1, "a", 1.0)]))
+    if cause == "cancelled":
+        await _cancel_the_sleeper(url)
+    with pytest.raises(DatabaseUnavailable, match=r"deferred check|canceling") as info:
+        await asyncio.wait_for(write, 10)
+    assert not isinstance(info.value, CommitOutcomeUnknown), info.value
+    assert "Nothing of a failed write was stored" in str(info.value)
+    await dbtools.execute(url, "DROP TRIGGER at_commit ON casty_sa_events")
+    assert await journal.load("acct") == []
+    assert await journal.load_snapshot("acct") is None
+
+
+def _sqlite_error(code: int, text: str) -> sqlite3.OperationalError:
+    exc = sqlite3.OperationalError(text)
+    exc.sqlite_errorcode = code
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("dialect", "error", "committing", "expected"),
+    [
+        # SQLite: an I/O error once the commit started may leave the commit in the WAL
+        ("sqlite", _sqlite_error(1034, "disk I/O error"), True, "unknown"),
+        ("sqlite", _sqlite_error(1034, "disk I/O error"), False, "nothing"),
+        ("sqlite", _sqlite_error(13, "database or disk is full"), True, "nothing"),
+        ("sqlite", _sqlite_error(5, "database is locked"), True, "nothing"),
+        ("sqlite", sqlite3.DataError("string or blob too big"), True, "refused"),
+        ("sqlite", ValueError("no active connection"), True, "unknown"),
+        # PostgreSQL: an error the server answered with rolled the transaction back
+        ("postgresql", asyncpg.QueryCanceledError("statement timeout"), True, "nothing"),
+        ("postgresql", asyncpg.UniqueViolationError("duplicate key"), True, "refused"),
+        ("postgresql", TimeoutError(), True, "unknown"),
+        ("postgresql", TimeoutError(), False, "nothing"),
+        ("postgresql", ConnectionResetError(), True, "unknown"),
+        ("postgresql", asyncpg.AdminShutdownError("terminating connection"), True, "unknown"),
+        ("postgresql", asyncpg.ProtocolError("unexpected message"), True, "unknown"),
+        ("postgresql", RuntimeError("a driver bug after sending"), True, "unknown"),
+        ("postgresql", asyncpg.InterfaceError("connection is closed"), True, "resend"),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
+)
+def test_a_write_failure_is_classified_by_what_reached_the_database(
+    dialect: str, error: Exception, committing: bool, expected: str
+) -> None:
+    failure = classify_write_failure(error, committing=committing, dialect=dialect)
+    if expected == "unknown":
+        assert isinstance(failure, ConnectionLost) and failure.during_commit
+    elif expected == "resend":
+        assert isinstance(failure, ConnectionLost) and not failure.during_commit
+    elif expected == "refused":
+        assert isinstance(failure, WriteRefused)
+    else:
+        assert failure is error

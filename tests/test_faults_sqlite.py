@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +33,13 @@ from casty import PersistedEvent, Snapshot
 from sqlalchemy import event
 
 import casty_sa
-from casty_sa import DatabaseUnavailable, JournalError, SAJournal
+from casty_sa import (
+    DatabaseFileReplaced,
+    DatabaseUnavailable,
+    InvalidEventError,
+    JournalError,
+    SAJournal,
+)
 
 WRITER_PATH = Path(__file__).with_name("crash_writer.py")
 
@@ -409,3 +417,208 @@ async def test_database_full_by_max_page_count_fails_clearly_and_recovers(
     await journal.persist("big", big)
     await journal.save_snapshot("big", Snapshot(10, "s", 1.0))
     assert len(await journal.load("big")) == 10
+
+
+# -- an I/O error while committing -------------------------------------------------------------
+
+SHIM_SOURCE = Path(__file__).with_name("fail_wal_fsync.c")
+EIO_WRITER = Path(__file__).with_name("eio_writer.py")
+
+
+@pytest.fixture(scope="module")
+def wal_fsync_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``LD_PRELOAD`` shim that fails the ``fsync`` of ``-wal`` files, built with gcc."""
+    if shutil.which("gcc") is None:
+        pytest.fail("gcc is needed to build the fsync fault shim")
+    built = tmp_path_factory.mktemp("shim") / "fail_wal_fsync.so"
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-O2", "-o", str(built), str(SHIM_SOURCE), "-ldl"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return built
+
+
+@pytest.mark.parametrize("mode", ["single", "transaction", "app-engine"])
+async def test_an_io_error_while_committing_is_commit_outcome_unknown(
+    tmp_path: Path, wal_fsync_shim: Path, mode: str
+) -> None:
+    """The WAL's fsync fails (EIO) at commit: the commit frame may already be in the WAL, so
+    "nothing stored" would be a lie; the rows may show up once the WAL is read again."""
+    path = tmp_path / "eio.db"
+    flag = tmp_path / "fail-now"
+    env = {**os.environ, "LD_PRELOAD": str(wal_fsync_shim), "FAIL_WAL_SYNC_FLAG": str(flag)}
+    run = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(EIO_WRITER), sqlite_url(path), str(flag), mode],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    outcome = json.loads(run.stdout.decode().strip().splitlines()[-1])
+    assert outcome["error"] == "CommitOutcomeUnknown", outcome
+    assert "may or may not be stored" in outcome["message"]
+    assert "I/O error" in outcome["message"]
+    # the next process reads the WAL the writer left: whatever it finds, the batch is whole
+    # (all of it or none), and the error above did not claim it was not stored
+    fresh = SAJournal(sqlite_url(path))
+    try:
+        target = await asyncio.wait_for(fresh.load("target"), 30)
+        assert [e.sequence_nr for e in target] in ([], list(range(1, len(target) + 1)))
+        assert len(target) in (0, {"single": 3, "transaction": 1500, "app-engine": 3}[mode])
+        assert len(await fresh.load("warm-up")) == 1
+    finally:
+        await fresh.close()
+
+
+# -- the file under a running journal ----------------------------------------------------------
+
+
+def _remove_file(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("change", ["deleted", "replaced-by-backup", "directory-removed"])
+async def test_writes_after_the_file_is_gone_fail_instead_of_being_acknowledged(
+    tmp_path: Path, make_journal: Callable[..., SAJournal], change: str
+) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    path = folder / "journal.db"
+    journal = make_journal(sqlite_url(path))
+    await journal.persist("acct", batch("acct", 1, 2))
+    if change == "replaced-by-backup":
+        backup = tmp_path / "backup.db"
+        with (
+            contextlib.closing(sqlite3.connect(path)) as source,
+            contextlib.closing(sqlite3.connect(backup)) as target,
+        ):
+            source.backup(target)
+        await journal.persist("acct", batch("acct", 3, 2))  # after the backup was taken
+        _remove_file(path)  # the operator restores the backup: a new file at the path
+        os.replace(backup, path)
+    elif change == "deleted":
+        _remove_file(path)
+    else:
+        shutil.rmtree(folder)
+    with pytest.raises(DatabaseFileReplaced) as info:
+        await asyncio.wait_for(journal.persist("acct", batch("acct", 5, 2)), 10)
+    message = str(info.value)
+    assert str(path) in message
+    assert "committed into the old file" in message and f"NOT stored at {path}" in message
+    # every later call fails the same way: nothing goes into the old file, nothing is
+    # recreated at the path, no read answers from a file that is not there any more
+    for call in (
+        journal.persist("other", batch("other", 1, 1)),
+        journal.save_snapshot("acct", Snapshot(6, "s", 1.0)),
+        journal.load("acct"),
+        journal.load_snapshot("acct"),
+    ):
+        with pytest.raises(DatabaseFileReplaced, match="nothing of it was stored"):
+            await asyncio.wait_for(call, 10)
+    if change == "replaced-by-backup":
+        fresh = SAJournal(sqlite_url(path))  # a restarted node sees the restored file
+        try:
+            assert [e.sequence_nr for e in await fresh.load("acct")] == [1, 2]
+            assert await fresh.load("other") == []
+        finally:
+            await fresh.close()
+    else:
+        assert not path.exists()
+
+
+async def test_no_new_connection_recreates_a_deleted_file(
+    tmp_path: Path, make_journal: Callable[..., SAJournal]
+) -> None:
+    """A journal that has not read yet would open its reader on a new, empty file."""
+    path = tmp_path / "journal.db"
+    journal = make_journal(sqlite_url(path))
+    await journal.persist("acct", batch("acct", 1, 2))
+    _remove_file(path)
+    with pytest.raises(DatabaseFileReplaced, match="refused before anything was sent"):
+        await asyncio.wait_for(journal.load("acct"), 10)
+    assert not path.exists()
+
+
+# -- reads never take the write lock -----------------------------------------------------------
+
+
+async def test_a_fresh_journals_first_read_does_not_wait_for_another_writer(
+    tmp_path: Path, make_journal: Callable[..., SAJournal]
+) -> None:
+    path = tmp_path / "busy.db"
+    seed = SAJournal(sqlite_url(path))
+    await seed.persist("acct", batch("acct", 1, 3))
+    await seed.save_snapshot("acct", Snapshot(3, "s", 1.0))
+    await seed.close()
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_write_lock() -> None:
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("INSERT INTO casty_sa_events VALUES ('other-app', 1, 1.0, x'00')")
+            locked.set()
+            release.wait(30)
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+
+    holder = asyncio.ensure_future(asyncio.to_thread(hold_write_lock))
+    try:
+        assert await asyncio.to_thread(locked.wait, 10)
+        journal = make_journal(sqlite_url(path), busy_timeout=1.0)
+        started = time.monotonic()
+        events = await asyncio.wait_for(journal.load("acct"), 10)
+        snapshot = await asyncio.wait_for(journal.load_snapshot("acct"), 10)
+        assert time.monotonic() - started < 0.5, "the first read waited for the writer"
+        assert [e.sequence_nr for e in events] == [1, 2, 3]
+        assert snapshot == Snapshot(3, "s", 1.0)
+    finally:
+        release.set()
+        await asyncio.wait_for(holder, 10)
+    await journal.persist("acct", batch("acct", 4, 1))  # writes work once the lock is free
+
+
+# -- a payload over SQLite's length limit ------------------------------------------------------
+
+LIMIT = 100_000
+
+
+def _lower_length_limit(journal: SAJournal, limit: int) -> None:
+    """Every connection of the journal gets SQLITE_LIMIT_LENGTH = ``limit``."""
+
+    @event.listens_for(journal.engine.sync_engine, "connect")
+    def _limit(dbapi_connection: Any, _record: Any) -> None:
+        # aiosqlite's sqlite3 connection, shared across threads by SQLAlchemy's dialect
+        dbapi_connection._connection._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, limit)
+
+
+@pytest.mark.parametrize("size", [LIMIT + 1, LIMIT], ids=["payload-over", "row-over"])
+async def test_a_payload_over_the_blob_limit_is_that_callers_refusal_alone(
+    tmp_path: Path, make_journal: Callable[..., SAJournal], size: int
+) -> None:
+    """``row-over``: the payload fits the limit but its row does not, which only SQLite
+    itself can tell (``string or blob too big`` while inserting)."""
+    journal = make_journal(sqlite_url(tmp_path / "limit.db"), serialize=bytes, deserialize=bytes)
+    _lower_length_limit(journal, LIMIT)
+    await journal.start()
+    neighbours = [f"n{k}" for k in range(6)]
+    calls = [journal.persist("big", [PersistedEvent(1, b"\x01" * size, 1.0)])]
+    calls += [journal.persist(n, [PersistedEvent(1, n.encode(), 1.0)]) for n in neighbours]
+    calls.append(journal.save_snapshot("snap", Snapshot(1, b"\x02" * size, 1.0)))
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
+    big, *others, snap = results
+    for refused in (big, snap):
+        assert isinstance(refused, InvalidEventError), refused
+        assert "SQLITE_LIMIT_LENGTH" in str(refused) and f"{LIMIT:,}" in str(refused)
+        assert "nothing was stored" in str(refused)
+    assert others == [None] * len(neighbours)
+    for n in neighbours:
+        assert [e.event for e in await journal.load(n)] == [n.encode()]
+    assert await journal.load("big") == []
+    assert await journal.load_snapshot("snap") is None
+    await journal.persist("big", [PersistedEvent(1, b"\x01" * 1000, 1.0)])  # a smaller one fits

@@ -674,6 +674,32 @@ async def test_database_without_tables_is_a_schema_error_until_migrated(
     await assert_still_usable(journal)
 
 
+@pytest.mark.parametrize("table", ["casty_sa_events", "casty_sa_snapshots"])
+async def test_a_column_dropped_under_a_running_journal_is_a_schema_error(
+    db_url: URL, make_journal: Callable[..., SAJournal], table: str
+) -> None:
+    """Not ``DatabaseUnavailable`` retried with backoff: the statement fails the same way
+    until an operator restores the column."""
+    journal = make_journal(db_url, retry_backoff=2.0)
+    await journal.persist("acct", [ev(1), ev(2)])
+    await journal.save_snapshot("acct", Snapshot(2, "s", 1.0))
+    await journal.load("acct")
+    await journal.load_snapshot("acct")
+    async with journal.engine.begin() as conn:
+        await conn.execute(text(f"ALTER TABLE {table} DROP COLUMN timestamp"))
+    calls = (
+        [journal.persist("acct", [ev(3)]), journal.load("acct")]
+        if table == "casty_sa_events"
+        else [journal.save_snapshot("acct", Snapshot(3, "s", 1.0)), journal.load_snapshot("acct")]
+    )
+    started = time.monotonic()
+    for call in calls:
+        with pytest.raises(SchemaError, match="timestamp") as info:
+            await asyncio.wait_for(call, 10)
+        assert "missing or altered" in str(info.value)
+    assert time.monotonic() - started < 1.5, "a missing column is not worth retrying"
+
+
 async def test_tables_dropped_under_a_running_journal(journal: SAJournal) -> None:
     await journal.persist("acct", [ev(1), ev(2)])
     await journal.save_snapshot("acct", Snapshot(2, "s", 1.0))
