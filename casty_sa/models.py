@@ -15,16 +15,24 @@ Examples
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Double, LargeBinary, MetaData, String
+import math
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import BigInteger, Dialect, Double, LargeBinary, MetaData, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 __all__ = [
     "MAX_ENTITY_ID_LENGTH",
     "NAMING_CONVENTION",
+    "SQLITE_NEGATIVE_ZERO",
     "VERSION_TABLE",
     "Base",
     "EventRecord",
     "SnapshotRecord",
+    "Timestamp",
     "metadata",
 ]
 
@@ -50,6 +58,53 @@ NAMING_CONVENTION: dict[str, str] = {
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+#: How SQLite holds a ``-0.0`` timestamp. A REAL column stores a whole-number float as an
+#: integer, which drops the sign of zero; these 8 bytes (the float's IEEE 754 form, a BLOB,
+#: which REAL affinity leaves alone) keep it. Every other float is stored as it is.
+SQLITE_NEGATIVE_ZERO = struct.pack(">d", -0.0)
+
+
+def is_negative_zero(value: object) -> bool:
+    """Whether ``value`` is the float ``-0.0`` (which ``== 0.0``, so compare the sign)."""
+    return value == 0.0 and type(value) is float and math.copysign(1.0, value) < 0
+
+
+class Timestamp(TypeDecorator[float]):
+    """A ``DOUBLE`` column whose floats come back bit for bit on every database.
+
+    On SQLite, ``-0.0`` is stored as :data:`SQLITE_NEGATIVE_ZERO` and read
+    back as ``-0.0``; elsewhere, and for every other value, it is a plain
+    ``Double``. The DDL is the same as ``Double``'s.
+
+    Examples
+    --------
+    >>> from sqlalchemy.dialects import sqlite
+    >>> Timestamp().bind_processor(sqlite.dialect())(-0.0) == SQLITE_NEGATIVE_ZERO
+    True
+    """
+
+    impl = Double
+    cache_ok = True
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        def process(value: Any) -> Any:
+            return SQLITE_NEGATIVE_ZERO if is_negative_zero(value) else value
+
+        return process
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any] | None:
+        if dialect.name != "sqlite":
+            return super().result_processor(dialect, coltype)
+
+        def process(value: Any) -> Any:
+            return -0.0 if value == SQLITE_NEGATIVE_ZERO else value
+
+        return process
+
+
 class Base(DeclarativeBase):
     """Declarative base of casty-sa's models, bound to :data:`metadata`."""
 
@@ -67,7 +122,7 @@ class EventRecord(Base):
 
     entity_id: Mapped[str] = mapped_column(String(MAX_ENTITY_ID_LENGTH), primary_key=True)
     sequence_nr: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    timestamp: Mapped[float] = mapped_column(Double)
+    timestamp: Mapped[float] = mapped_column(Timestamp)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
 
 
@@ -78,5 +133,5 @@ class SnapshotRecord(Base):
 
     entity_id: Mapped[str] = mapped_column(String(MAX_ENTITY_ID_LENGTH), primary_key=True)
     sequence_nr: Mapped[int] = mapped_column(BigInteger)
-    timestamp: Mapped[float] = mapped_column(Double)
+    timestamp: Mapped[float] = mapped_column(Timestamp)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
