@@ -33,12 +33,11 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     ARRAY,
     BigInteger,
-    MetaData,
     String,
     Table,
     and_,
@@ -57,7 +56,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from casty_sa.engine import AUTOCOMMIT_ENGINES
 from casty_sa.errors import DatabaseFileReplaced, JournalClosed
-from casty_sa.models import SQLITE_NEGATIVE_ZERO, EventRecord, SnapshotRecord, is_negative_zero
+from casty_sa.models import SQLITE_NEGATIVE_ZERO, is_negative_zero, journal_tables
 from casty_sa.urls import is_memory_sqlite
 
 __all__ = [
@@ -127,15 +126,6 @@ class ConnectionLost(Exception):
         self.during_commit = during_commit
 
 
-def _tables(schema: str | None) -> tuple[Table, Table]:
-    events = cast(Table, EventRecord.__table__)
-    snapshots = cast(Table, SnapshotRecord.__table__)
-    if schema is None:
-        return events, snapshots
-    target = MetaData()
-    return events.to_metadata(target, schema=schema), snapshots.to_metadata(target, schema=schema)
-
-
 class Backend:
     """Statements of one dialect and the code that runs them on a driver connection."""
 
@@ -155,7 +145,7 @@ class Backend:
         self._held: Any = None
         self._idle_check: asyncio.TimerHandle | None = None
         self._giving_back: set[asyncio.Task[None]] = set()
-        events, snapshots = _tables(schema)
+        events, snapshots = journal_tables(schema)
         self.events, self.snapshots = events, snapshots
         dialect = engine.dialect
         self._load_events = self._compile(

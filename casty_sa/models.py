@@ -15,13 +15,15 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, Dialect, Double, LargeBinary, MetaData, String
+from sqlalchemy import BigInteger, Dialect, Double, LargeBinary, MetaData, String, Table
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.schema import SchemaConst
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "EventRecord",
     "SnapshotRecord",
     "Timestamp",
+    "journal_tables",
     "metadata",
 ]
 
@@ -74,7 +77,9 @@ class Timestamp(TypeDecorator[float]):
 
     On SQLite, ``-0.0`` is stored as :data:`SQLITE_NEGATIVE_ZERO` and read
     back as ``-0.0``; elsewhere, and for every other value, it is a plain
-    ``Double``. The DDL is the same as ``Double``'s.
+    ``Double``. casty-sa's own statements use it (see :func:`journal_tables`);
+    the models keep a plain ``Double``, so an application's Alembic
+    autogenerate renders ``sa.Double()`` and needs no import of casty-sa.
 
     Examples
     --------
@@ -122,7 +127,7 @@ class EventRecord(Base):
 
     entity_id: Mapped[str] = mapped_column(String(MAX_ENTITY_ID_LENGTH), primary_key=True)
     sequence_nr: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    timestamp: Mapped[float] = mapped_column(Timestamp)
+    timestamp: Mapped[float] = mapped_column(Double)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
 
 
@@ -133,5 +138,31 @@ class SnapshotRecord(Base):
 
     entity_id: Mapped[str] = mapped_column(String(MAX_ENTITY_ID_LENGTH), primary_key=True)
     sequence_nr: Mapped[int] = mapped_column(BigInteger)
-    timestamp: Mapped[float] = mapped_column(Timestamp)
+    timestamp: Mapped[float] = mapped_column(Double)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+@functools.cache
+def journal_tables(schema: str | None = None) -> tuple[Table, Table]:
+    """The events and snapshots tables as casty-sa's own statements use them.
+
+    Copies of the models' tables (in ``schema``, when given) whose
+    ``timestamp`` columns are :class:`Timestamp`, so every read and write of
+    casty-sa keeps timestamps bit for bit. The DDL is the models'.
+
+    Examples
+    --------
+    >>> events, snapshots = journal_tables()
+    >>> events.name, type(snapshots.c.timestamp.type).__name__
+    ('casty_sa_events', 'Timestamp')
+    """
+    target = MetaData(naming_convention=NAMING_CONVENTION)
+    events, snapshots = (
+        cast(Table, record.__table__).to_metadata(
+            target, schema=schema if schema is not None else SchemaConst.RETAIN_SCHEMA
+        )
+        for record in (EventRecord, SnapshotRecord)
+    )
+    for table in (events, snapshots):
+        table.c.timestamp.type = Timestamp()
+    return events, snapshots

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 from casty import EventJournal, InMemoryJournal, JournalKind, PersistedEvent, Snapshot
-
 from sqlalchemy import insert, select, text
 
-from casty_sa import EventRecord, SAJournal
+from casty_sa import SAJournal
+from casty_sa.models import journal_tables
 
 
 def ev(seq: int, event: Any = None, ts: float | None = None) -> PersistedEvent[Any]:
@@ -120,20 +120,22 @@ async def test_timestamps_round_trip_bit_for_bit(journal: SAJournal) -> None:
 
 
 async def test_timestamps_are_the_same_through_sqlalchemy(journal: SAJournal) -> None:
-    """The models' ``Timestamp`` type keeps an application's own queries (and casty-sa's
-    tools, which use SQLAlchemy) bit for bit too, both ways."""
+    """casty-sa's tools (import, export, inspect) run SQLAlchemy statements on
+    ``journal_tables()``, whose ``Timestamp`` type keeps timestamps bit for bit too,
+    both ways."""
+    events, _ = journal_tables()
     await journal.persist("journal", [ev(1, "a", -0.0), ev(2, "b", 2.0)])
     async with journal.engine.begin() as conn:
         rows = (
             await conn.execute(
-                select(EventRecord.timestamp)
-                .where(EventRecord.entity_id == "journal")
-                .order_by(EventRecord.sequence_nr)
+                select(events.c.timestamp)
+                .where(events.c.entity_id == "journal")
+                .order_by(events.c.sequence_nr)
             )
         ).scalars()
         assert _bits(list(rows)) == _bits([-0.0, 2.0])
         await conn.execute(
-            insert(EventRecord),
+            insert(events),
             [{"entity_id": "app", "sequence_nr": 1, "timestamp": -0.0, "payload": b"x"}],
         )
     async with journal.engine.connect() as conn:
