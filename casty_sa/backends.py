@@ -33,16 +33,16 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     ARRAY,
     BigInteger,
-    MetaData,
     String,
     Table,
     and_,
     bindparam,
+    case,
     event,
     func,
     insert,
@@ -56,7 +56,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from casty_sa.engine import AUTOCOMMIT_ENGINES
 from casty_sa.errors import DatabaseFileReplaced, JournalClosed
-from casty_sa.models import EventRecord, SnapshotRecord
+from casty_sa.models import SQLITE_NEGATIVE_ZERO, is_negative_zero, journal_tables
 from casty_sa.urls import is_memory_sqlite
 
 __all__ = [
@@ -126,15 +126,6 @@ class ConnectionLost(Exception):
         self.during_commit = during_commit
 
 
-def _tables(schema: str | None) -> tuple[Table, Table]:
-    events = cast(Table, EventRecord.__table__)
-    snapshots = cast(Table, SnapshotRecord.__table__)
-    if schema is None:
-        return events, snapshots
-    target = MetaData()
-    return events.to_metadata(target, schema=schema), snapshots.to_metadata(target, schema=schema)
-
-
 class Backend:
     """Statements of one dialect and the code that runs them on a driver connection."""
 
@@ -154,17 +145,17 @@ class Backend:
         self._held: Any = None
         self._idle_check: asyncio.TimerHandle | None = None
         self._giving_back: set[asyncio.Task[None]] = set()
-        events, snapshots = _tables(schema)
+        events, snapshots = journal_tables(schema)
         self.events, self.snapshots = events, snapshots
         dialect = engine.dialect
         self._load_events = self._compile(
-            select(events.c.sequence_nr, events.c.payload, events.c.timestamp)
+            select(events.c.sequence_nr, events.c.payload, self._timestamp(events))
             .where(events.c.entity_id == bindparam("entity_id"))
             .where(events.c.sequence_nr >= bindparam("from_nr"))
             .order_by(events.c.sequence_nr)
         )
         self._load_snapshot = self._compile(
-            select(snapshots.c.sequence_nr, snapshots.c.payload, snapshots.c.timestamp).where(
+            select(snapshots.c.sequence_nr, snapshots.c.payload, self._timestamp(snapshots)).where(
                 snapshots.c.entity_id == bindparam("entity_id")
             )
         )
@@ -175,6 +166,10 @@ class Backend:
             .where(events.c.sequence_nr <= bindparam("high"))
         )
         self._dialect = dialect
+
+    def _timestamp(self, table: Table) -> Any:
+        """The ``timestamp`` column of ``table`` as reads select it (a float)."""
+        return table.c.timestamp
 
     def _compile(self, statement: Any) -> str:
         compiled: Compiled = statement.compile(dialect=self._engine.dialect)
@@ -194,7 +189,7 @@ class Backend:
         """The events of every ``(entity_id, from_nr)`` row of ``keys``, led by its ``number``."""
         events = self.events
         return self._compile(
-            select(number, events.c.sequence_nr, events.c.payload, events.c.timestamp)
+            select(number, events.c.sequence_nr, events.c.payload, self._timestamp(events))
             .join_from(
                 keys,
                 events,
@@ -208,7 +203,7 @@ class Backend:
         snapshots = self.snapshots
         return self._compile(
             select(
-                number, snapshots.c.sequence_nr, snapshots.c.payload, snapshots.c.timestamp
+                number, snapshots.c.sequence_nr, snapshots.c.payload, self._timestamp(snapshots)
             ).join_from(keys, snapshots, snapshots.c.entity_id == entity_id)
         )
 
@@ -521,6 +516,15 @@ class SqliteBackend(Backend):
         if not _SQLITE_HAS_JSON:
             self.max_read_keys = 1
 
+    def _timestamp(self, table: Table) -> Any:
+        # -0.0 is stored as a BLOB (see casty_sa.models.SQLITE_NEGATIVE_ZERO); SQLite turns the
+        # literal back into the float, sign included, in its own loop over the rows
+        column = table.c.timestamp
+        return case(
+            (func.typeof(column) == literal_column("'blob'"), literal_column("-0.0")),
+            else_=column,
+        )
+
     @property
     def read_concurrency(self) -> int:
         # the shared reader is one connection on one thread: batches take turns on it
@@ -547,7 +551,8 @@ class SqliteBackend(Backend):
 
     async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
         self._check_file_kept()
-        snapshots = _latest_per_entity(snapshots)
+        events = _keep_negative_zero(events)
+        snapshots = _keep_negative_zero(_latest_per_entity(snapshots))
         fairy = await self.take_writer()
         if self._on_other_file(fairy):  # opened after the file was replaced: do not use it
             await self.give_back_writer(fairy, ConnectionLost(OSError(), during_commit=False))
@@ -986,6 +991,16 @@ def _multi_row(statement: str, rows: int) -> str:
     if not sep or _ONE_ROW in tail:
         raise AssertionError(f"unexpected statement shape: {statement}")
     return head + "VALUES " + ", ".join(["(?, ?, ?, ?)"] * rows) + tail
+
+
+def _keep_negative_zero(rows: Sequence[Row]) -> Sequence[Row]:
+    """``rows`` with a ``-0.0`` timestamp as SQLite keeps it (rare: a copy only then)."""
+    if not any(row[2] == 0.0 for row in rows):
+        return rows
+    return [
+        (row[0], row[1], SQLITE_NEGATIVE_ZERO, row[3]) if is_negative_zero(row[2]) else row  # type: ignore[misc]
+        for row in rows
+    ]
 
 
 def _flat(rows: Sequence[Row]) -> list[Any]:

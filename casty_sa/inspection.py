@@ -41,15 +41,15 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, func, select, union
+from sqlalchemy import func, select, union
 from sqlalchemy import text as sql_text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from casty_sa import migrate
 from casty_sa.journal import SAJournal
-from casty_sa.models import EventRecord, SnapshotRecord
+from casty_sa.models import journal_tables
 from casty_sa.transfer import require_existing_database
 from casty_sa.urls import UrlLike, safe_url
 
@@ -67,8 +67,7 @@ __all__ = [
     "summarize",
 ]
 
-_events = cast(Table, EventRecord.__table__)
-_snapshots = cast(Table, SnapshotRecord.__table__)
+_events, _snapshots = journal_tables()
 
 Decoder = Callable[[bytes], Any]
 

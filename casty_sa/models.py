@@ -15,16 +15,27 @@ Examples
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Double, LargeBinary, MetaData, String
+import functools
+import math
+import struct
+from collections.abc import Callable
+from typing import Any, cast
+
+from sqlalchemy import BigInteger, Dialect, Double, LargeBinary, MetaData, String, Table
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.schema import SchemaConst
+from sqlalchemy.types import TypeDecorator
 
 __all__ = [
     "MAX_ENTITY_ID_LENGTH",
     "NAMING_CONVENTION",
+    "SQLITE_NEGATIVE_ZERO",
     "VERSION_TABLE",
     "Base",
     "EventRecord",
     "SnapshotRecord",
+    "Timestamp",
+    "journal_tables",
     "metadata",
 ]
 
@@ -48,6 +59,55 @@ NAMING_CONVENTION: dict[str, str] = {
 #: The ``MetaData`` holding casty-sa's tables; include it in an application's
 #: own Alembic ``target_metadata`` list to let autogenerate see them.
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+#: How SQLite holds a ``-0.0`` timestamp. A REAL column stores a whole-number float as an
+#: integer, which drops the sign of zero; these 8 bytes (the float's IEEE 754 form, a BLOB,
+#: which REAL affinity leaves alone) keep it. Every other float is stored as it is.
+SQLITE_NEGATIVE_ZERO = struct.pack(">d", -0.0)
+
+
+def is_negative_zero(value: object) -> bool:
+    """Whether ``value`` is the float ``-0.0`` (which ``== 0.0``, so compare the sign)."""
+    return value == 0.0 and type(value) is float and math.copysign(1.0, value) < 0
+
+
+class Timestamp(TypeDecorator[float]):
+    """A ``DOUBLE`` column whose floats come back bit for bit on every database.
+
+    On SQLite, ``-0.0`` is stored as :data:`SQLITE_NEGATIVE_ZERO` and read
+    back as ``-0.0``; elsewhere, and for every other value, it is a plain
+    ``Double``. casty-sa's own statements use it (see :func:`journal_tables`);
+    the models keep a plain ``Double``, so an application's Alembic
+    autogenerate renders ``sa.Double()`` and needs no import of casty-sa.
+
+    Examples
+    --------
+    >>> from sqlalchemy.dialects import sqlite
+    >>> Timestamp().bind_processor(sqlite.dialect())(-0.0) == SQLITE_NEGATIVE_ZERO
+    True
+    """
+
+    impl = Double
+    cache_ok = True
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        def process(value: Any) -> Any:
+            return SQLITE_NEGATIVE_ZERO if is_negative_zero(value) else value
+
+        return process
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any] | None:
+        if dialect.name != "sqlite":
+            return super().result_processor(dialect, coltype)
+
+        def process(value: Any) -> Any:
+            return -0.0 if value == SQLITE_NEGATIVE_ZERO else value
+
+        return process
 
 
 class Base(DeclarativeBase):
@@ -80,3 +140,29 @@ class SnapshotRecord(Base):
     sequence_nr: Mapped[int] = mapped_column(BigInteger)
     timestamp: Mapped[float] = mapped_column(Double)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+@functools.cache
+def journal_tables(schema: str | None = None) -> tuple[Table, Table]:
+    """The events and snapshots tables as casty-sa's own statements use them.
+
+    Copies of the models' tables (in ``schema``, when given) whose
+    ``timestamp`` columns are :class:`Timestamp`, so every read and write of
+    casty-sa keeps timestamps bit for bit. The DDL is the models'.
+
+    Examples
+    --------
+    >>> events, snapshots = journal_tables()
+    >>> events.name, type(snapshots.c.timestamp.type).__name__
+    ('casty_sa_events', 'Timestamp')
+    """
+    target = MetaData(naming_convention=NAMING_CONVENTION)
+    events, snapshots = (
+        cast(Table, record.__table__).to_metadata(
+            target, schema=schema if schema is not None else SchemaConst.RETAIN_SCHEMA
+        )
+        for record in (EventRecord, SnapshotRecord)
+    )
+    for table in (events, snapshots):
+        table.c.timestamp.type = Timestamp()
+    return events, snapshots

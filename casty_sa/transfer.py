@@ -51,14 +51,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, func, select, tuple_
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa.errors import DatabaseUnavailable, InvalidEventError, JournalError
 from casty_sa.journal import SAJournal
 from casty_sa.migrate import CASTY_EVENT_COLUMNS, CASTY_SNAPSHOT_COLUMNS
-from casty_sa.models import MAX_ENTITY_ID_LENGTH, EventRecord, SnapshotRecord
+from casty_sa.models import MAX_ENTITY_ID_LENGTH, journal_tables
 from casty_sa.urls import UrlLike, is_memory_sqlite, safe_url, to_async_url
 
 __all__ = [
@@ -84,8 +84,7 @@ log = logging.getLogger("casty_sa.transfer")
 DEFAULT_BATCH_SIZE = 1000
 
 
-_events = cast(Table, EventRecord.__table__)
-_snapshots = cast(Table, SnapshotRecord.__table__)
+_events, _snapshots = journal_tables()
 
 
 class JournalFileError(JournalError):

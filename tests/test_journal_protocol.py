@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import math
+import struct
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 from casty import EventJournal, InMemoryJournal, JournalKind, PersistedEvent, Snapshot
+from sqlalchemy import insert, select, text
 
 from casty_sa import SAJournal
+from casty_sa.models import journal_tables
 
 
 def ev(seq: int, event: Any = None, ts: float | None = None) -> PersistedEvent[Any]:
@@ -70,13 +76,73 @@ async def test_entities_are_isolated(journal: SAJournal) -> None:
     assert [e.event for e in await journal.load("b")] == ["b1", "b2"]
 
 
-async def test_timestamps_round_trip_exactly(journal: SAJournal) -> None:
-    stamps = [time.time(), 1.0000000000000002, 1e-300, 1.7976931348623157e308, 0.1 + 0.2]
-    await journal.persist("t", [ev(i + 1, i, ts) for i, ts in enumerate(stamps)])
-    assert [e.timestamp for e in await journal.load("t")] == stamps
-    await journal.save_snapshot("t", Snapshot(5, "s", stamps[0]))
-    snapshot = await journal.load_snapshot("t")
-    assert snapshot is not None and snapshot.timestamp == stamps[0]
+def _bits(stamps: Sequence[float]) -> list[bytes]:
+    """Floats as their IEEE 754 bytes: ``-0.0 == 0.0``, but their bits differ."""
+    return [struct.pack(">d", stamp) for stamp in stamps]
+
+
+#: Floats a database may bend: the sign of zero (SQLite stores whole-number REALs as integers),
+#: subnormals, the extremes, whole numbers past 2**53, infinities.
+_STAMPS = [
+    time.time(),
+    1.0000000000000002,
+    1e-300,
+    1.7976931348623157e308,
+    0.1 + 0.2,
+    -0.0,
+    0.0,
+    5e-324,
+    -5e-324,
+    3.0,
+    -3.0,
+    2.0**53 + 2,
+    -(2.0**63),
+    math.inf,
+    -math.inf,
+]
+
+
+async def test_timestamps_round_trip_bit_for_bit(journal: SAJournal) -> None:
+    await journal.persist("t", [ev(i + 1, i, ts) for i, ts in enumerate(_STAMPS)])
+    assert _bits([e.timestamp for e in await journal.load("t")]) == _bits(_STAMPS)
+    for seq, stamp in enumerate(_STAMPS, start=1):
+        await journal.save_snapshot(f"s{seq}", Snapshot(seq, "s", stamp))
+        snapshot = await journal.load_snapshot(f"s{seq}")
+        assert snapshot is not None and _bits([snapshot.timestamp]) == _bits([stamp])
+    # many loads at once go as one batched query per kind
+    entities = [f"s{seq}" for seq in range(1, len(_STAMPS) + 1)]
+    snapshots = await asyncio.gather(*(journal.load_snapshot(e) for e in entities))
+    assert _bits([s.timestamp for s in snapshots if s is not None]) == _bits(_STAMPS)
+    loads = await asyncio.gather(*(journal.load("t", seq) for seq in range(1, 6)))
+    assert [_bits([e.timestamp for e in events]) for events in loads] == [
+        _bits(_STAMPS[seq - 1 :]) for seq in range(1, 6)
+    ]
+
+
+async def test_timestamps_are_the_same_through_sqlalchemy(journal: SAJournal) -> None:
+    """casty-sa's tools (import, export, inspect) run SQLAlchemy statements on
+    ``journal_tables()``, whose ``Timestamp`` type keeps timestamps bit for bit too,
+    both ways."""
+    events, _ = journal_tables()
+    await journal.persist("journal", [ev(1, "a", -0.0), ev(2, "b", 2.0)])
+    async with journal.engine.begin() as conn:
+        rows = (
+            await conn.execute(
+                select(events.c.timestamp)
+                .where(events.c.entity_id == "journal")
+                .order_by(events.c.sequence_nr)
+            )
+        ).scalars()
+        assert _bits(list(rows)) == _bits([-0.0, 2.0])
+        await conn.execute(
+            insert(events),
+            [{"entity_id": "app", "sequence_nr": 1, "timestamp": -0.0, "payload": b"x"}],
+        )
+    async with journal.engine.connect() as conn:
+        stored = (await conn.execute(text("SELECT count(*) FROM casty_sa_events"))).scalar()
+    assert stored == 3
+    raw = await journal._backend.fetch_events("app", 0)
+    assert _bits([raw[0][2]]) == _bits([-0.0])
 
 
 async def test_snapshot_round_trip_and_replace(journal: SAJournal) -> None:
