@@ -41,6 +41,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa import inspection, migrate
+from casty_sa.engine import read_connection
 from casty_sa.errors import InvalidEventError, JournalError, SchemaError
 from casty_sa.journal import open_engine
 from casty_sa.models import EventRecord
@@ -604,7 +605,7 @@ async def _state(engine: AsyncEngine, schema: str | None, *, count: bool = False
             events = bound.execute(select(func.count()).select_from(table)).scalar_one()
         return _SchemaState(revision, app_managed, events)
 
-    async with engine.connect() as connection:
+    async with read_connection(engine) as connection:
         return await connection.run_sync(read)
 
 

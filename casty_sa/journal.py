@@ -24,7 +24,7 @@ from typing import Any, Self, TypeVar
 from casty import JournalKind, PersistedEvent, Snapshot
 from sqlalchemy import URL
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 
 from casty_sa.backends import (
     ConnectionLost,
@@ -36,7 +36,7 @@ from casty_sa.backends import (
 )
 from casty_sa.batching import GroupCommitter, WriteRequest
 from casty_sa.coalescing import ReadCoalescer
-from casty_sa.engine import READ_ONLY, TIMEOUTS, build_engine
+from casty_sa.engine import TIMEOUTS, build_engine, read_connection
 from casty_sa.errors import (
     CommitOutcomeUnknown,
     DatabaseAccessDenied,
@@ -82,9 +82,6 @@ _Failure = WriteRefused | Contended | JournalError
 
 #: Default cap on the bytes of one group transaction.
 _MAX_BATCH_BYTES = 64 * 2**20
-
-#: Execution options of a connection that only reads (see ``casty_sa.engine.READ_ONLY``)
-_READ_ONLY = {READ_ONLY: True}
 
 
 def open_engine(
@@ -254,7 +251,7 @@ class SAJournal:
 
         check_schema(self._dialect, schema)
         self._schema = schema
-        bind = (
+        self._bind = (
             self._engine
             if schema is None
             else self._engine.execution_options(schema_translate_map={None: schema})
@@ -263,7 +260,6 @@ class SAJournal:
         self._serialize = serialize
         self._deserialize = deserialize
         self._migrate = self._dialect == "sqlite" if migrate is None else migrate
-        self._sessions = async_sessionmaker(bind, expire_on_commit=False)
         self._backend = backend_for(self._engine, schema)
         self._read_retries = read_retries
         self._retry_backoff = retry_backoff
@@ -812,18 +808,17 @@ class SAJournal:
                 yield
 
     @asynccontextmanager
-    async def _session(self) -> AsyncIterator[AsyncSession]:
-        async with self._turn(), self._sessions() as session:
-            yield session
+    async def _read_connection(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads outside the hot paths (on SQLite it takes no write lock)."""
+        async with self._turn(), read_connection(self._bind) as connection:
+            yield connection
 
     async def _ensure_schema(self) -> None:
         from casty_sa import migrate
 
         head = migrate.head_revision()
         try:
-            async with self._session() as session:
-                # a read: on SQLite it must not wait for (or block) another writer
-                connection = await session.connection(execution_options=_READ_ONLY)
+            async with self._read_connection() as connection:
                 await connection.run_sync(migrate.refuse_casty_tables, self._url)
                 found = await connection.run_sync(migrate.current_revision, self._schema)
                 app_managed = found is None and await connection.run_sync(
@@ -859,8 +854,7 @@ class SAJournal:
                 await migrate.upgrade(self._engine, schema=self._schema)
         except (SQLAlchemyError, OSError, JournalError) as exc:
             # another process may have migrated the same file at the same moment
-            async with self._session() as session:
-                connection = await session.connection(execution_options=_READ_ONLY)
+            async with self._read_connection() as connection:
                 if await connection.run_sync(migrate.current_revision, self._schema) != head:
                     raise self._database_error(exc, "migrate the schema") from exc
 

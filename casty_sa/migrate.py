@@ -34,7 +34,7 @@ from sqlalchemy import URL, Connection, inspect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from casty_sa.engine import AUTOCOMMIT_ENGINES
+from casty_sa.engine import AUTOCOMMIT_ENGINES, read_connection
 from casty_sa.errors import DatabaseUnavailable, JournalError, SchemaError
 from casty_sa.models import VERSION_TABLE, metadata
 from casty_sa.urls import UrlLike, safe_url
@@ -225,12 +225,18 @@ async def _on_engine(
     action: Callable[..., Any],
     args: tuple[Any, ...],
     schema: str | None,
+    *,
+    writes: bool = True,
 ) -> Any:
     from casty_sa.journal import open_engine  # local: journal imports this module
 
     engine, owned = open_engine(target)
     check_schema(engine.dialect.name, schema)
     try:
+        if not writes:
+            # a look at the version table: on SQLite it neither waits for nor blocks a writer
+            async with read_connection(engine) as connection:
+                return await connection.run_sync(_invoke, action, args, schema)
         # Alembic's migration context is process-wide: one migration at a time per loop,
         # or journals starting together on different databases trample each other
         async with _alembic_turn(), engine.connect() as connection:
@@ -365,5 +371,6 @@ async def current(target: UrlLike | AsyncEngine, *, schema: str | None = None) -
         lambda config: current_revision(config.attributes["connection"], schema),
         (),
         schema,
+        writes=False,
     )
     return revision

@@ -55,6 +55,7 @@ from sqlalchemy import Table, func, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from casty_sa.engine import read_only
 from casty_sa.errors import DatabaseUnavailable, InvalidEventError, JournalError
 from casty_sa.journal import SAJournal
 from casty_sa.migrate import CASTY_EVENT_COLUMNS, CASTY_SNAPSHOT_COLUMNS
@@ -723,6 +724,9 @@ class JournalDatabase:
             if schema is None
             else engine.execution_options(schema_translate_map={None: schema})
         )
+        # reads (stats, the source side of a copy, the verification) take no write lock on
+        # SQLite: an export never waits for, nor holds up, the application's writer
+        self._reader = read_only(self._engine)
         self._name = safe_url(engine.url)
         insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         events = insert(_events)
@@ -795,7 +799,7 @@ class JournalDatabase:
             c.entity_id, func.count(), func.min(c.sequence_nr), func.max(c.sequence_nr)
         ).group_by(c.entity_id)
         snapshot_query = select(_snapshots.c.entity_id, _snapshots.c.sequence_nr)
-        async with self._engine.connect() as connection:
+        async with self._reader.connect() as connection:
             events = {
                 entity: EntityStats(count, first, last)
                 for entity, count, first, last in await connection.execute(events_query)
@@ -810,7 +814,7 @@ class JournalDatabase:
         if after is not None:
             query = query.where(tuple_(c.entity_id, c.sequence_nr) > tuple_(*after))
         query = query.order_by(c.entity_id, c.sequence_nr).limit(limit)
-        async with self._engine.connect() as connection:
+        async with self._reader.connect() as connection:
             return [Row(*row) for row in await connection.execute(query)]
 
     async def read_snapshots(self, after: str | None, limit: int) -> list[Row]:
@@ -820,14 +824,14 @@ class JournalDatabase:
         if after is not None:
             query = query.where(c.entity_id > after)
         query = query.order_by(c.entity_id).limit(limit)
-        async with self._engine.connect() as connection:
+        async with self._reader.connect() as connection:
             return [Row(*row) for row in await connection.execute(query)]
 
     async def fetch_events(self, keys: Sequence[tuple[str, int]]) -> list[Row]:
         """The events stored under ``keys``, looked up by primary key."""
         c = _events.c
         found: list[Row] = []
-        async with self._engine.connect() as connection:
+        async with self._reader.connect() as connection:
             for chunk in _chunks(keys, _LOOKUP_CHUNK):
                 query = select(c.entity_id, c.sequence_nr, c.timestamp, c.payload).where(
                     tuple_(c.entity_id, c.sequence_nr).in_(chunk)
@@ -839,7 +843,7 @@ class JournalDatabase:
         """The snapshots of ``entities``."""
         c = _snapshots.c
         found: list[Row] = []
-        async with self._engine.connect() as connection:
+        async with self._reader.connect() as connection:
             for chunk in _chunks(entities, _LOOKUP_CHUNK):
                 query = select(c.entity_id, c.sequence_nr, c.timestamp, c.payload).where(
                     c.entity_id.in_(chunk)
