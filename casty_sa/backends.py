@@ -31,7 +31,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -70,6 +70,7 @@ __all__ = [
     "backend_for",
     "classify_write_failure",
     "is_schema_mismatch",
+    "retrieve",
 ]
 
 #: Seconds a pooled connection may sit unused before a checkout proves it alive.
@@ -424,6 +425,14 @@ class Backend:
         """Most batched reads in flight at once (see :mod:`casty_sa.coalescing`)."""
         return self.capacity
 
+    def reads_pending(self) -> Awaitable[object] | None:
+        """What every read must wait for before it is queued (``None``: nothing).
+
+        Awaited by each read on its own, before read coalescing, so that reads
+        arriving together share one outcome (see :class:`SqliteBackend`).
+        """
+        return None
+
     #: Most entities one batched read asks for (1: every read is sent alone).
     max_read_keys = 500
 
@@ -495,7 +504,10 @@ class SqliteBackend(Backend):
         self._share_reader = self._autocommit and not self._memory
         self.cancel_safe = self._share_reader
         self._reader: Any = None
-        self._reader_lock = asyncio.Lock()
+        # the attempt to open the reader in flight: every read that needs the reader
+        # meanwhile shares its outcome (one failure fails them all together, instead of
+        # each read retrying the open after the previous one failed)
+        self._reader_opening: asyncio.Task[tuple[Any, Any]] | None = None
         self._closed = False
         # the file's identity (device, inode), checked after every write and read: see
         # _check_file; recorded now if the file exists, else on the first check
@@ -525,6 +537,12 @@ class SqliteBackend(Backend):
     def read_concurrency(self) -> int:
         # the shared reader is one connection on one thread: batches take turns on it
         return 1 if self._share_reader else self.capacity
+
+    def reads_pending(self) -> Awaitable[object] | None:
+        # The shared reader is opened before reads queue up for it: every read that comes
+        # while it is being opened waits for that one attempt and shares its outcome,
+        # instead of queued batches failing one attempt after another.
+        return self._open_reader() if self._share_reader and self._reader is None else None
 
     async def _fetch_events_batch(
         self, keys: Sequence[tuple[str, int]]
@@ -735,15 +753,25 @@ class SqliteBackend(Backend):
             raise
 
     async def _open_reader(self) -> tuple[Any, Any]:
-        async with self._reader_lock:
-            if self._closed:
-                raise JournalClosed("this SAJournal is closed; create a new one")
-            if self._reader is None:
-                fairy = await self._engine.raw_connection()
-                driver = fairy.driver_connection
-                await greenlet_spawn(fairy.detach)  # ours until close(), not the pool's
-                self._reader = (fairy, driver)
-            return self._reader  # type: ignore[no-any-return]
+        if self._closed:
+            raise JournalClosed("this SAJournal is closed; create a new one")
+        attempt = self._reader_opening
+        if attempt is None or attempt.done():
+            # In a task of its own: a caller cancelled half-way leaves the connection to the
+            # attempt, which keeps it as the reader (close() waits for it, then closes it).
+            attempt = asyncio.get_running_loop().create_task(
+                self._open_reader_once(), name="casty_sa-open-reader"
+            )
+            attempt.add_done_callback(retrieve)  # even when every caller was cancelled
+            self._reader_opening = attempt
+        return await asyncio.shield(attempt)
+
+    async def _open_reader_once(self) -> tuple[Any, Any]:
+        fairy = await self._engine.raw_connection()
+        driver = fairy.driver_connection
+        await greenlet_spawn(fairy.detach)  # ours until close(), not the pool's
+        self._reader = (fairy, driver)
+        return self._reader  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         self._closed = True
@@ -755,8 +783,9 @@ class SqliteBackend(Backend):
                 if event.contains(self._engine.sync_engine, name, listener):
                     event.remove(self._engine.sync_engine, name, listener)
         await super().close()
-        async with self._reader_lock:  # a reader being opened is in the pool's hands until then
-            reader, self._reader = self._reader, None
+        if self._reader_opening is not None:  # a reader being opened is the pool's until then
+            await asyncio.gather(self._reader_opening, return_exceptions=True)
+        reader, self._reader = self._reader, None
         if reader is not None:
             await _quietly(greenlet_spawn(reader[0].close))
 
@@ -1137,6 +1166,12 @@ def _latest_per_entity(snapshots: Sequence[Row]) -> Sequence[Row]:
         if kept is None or row[1] >= kept[1]:
             latest[row[0]] = row
     return list(latest.values())
+
+
+def retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a task's exception as seen (its callers may all have been cancelled)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _quietly(awaitable: Any) -> None:

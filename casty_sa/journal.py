@@ -33,6 +33,7 @@ from casty_sa.backends import (
     WriteRefused,
     backend_for,
     is_schema_mismatch,
+    retrieve,
 )
 from casty_sa.batching import GroupCommitter, WriteRequest
 from casty_sa.coalescing import ReadCoalescer
@@ -360,7 +361,7 @@ class SAJournal:
             attempt = asyncio.get_running_loop().create_task(
                 self._start_once(), name="casty_sa-start"
             )
-            attempt.add_done_callback(_retrieve)  # even when every caller was cancelled
+            attempt.add_done_callback(retrieve)  # even when every caller was cancelled
             self._starting = attempt
             self._track(attempt)
         try:
@@ -715,6 +716,9 @@ class SAJournal:
         deadline = None if self._budget is None else time.monotonic() + self._budget
         while True:
             try:
+                pending = self._backend.reads_pending()
+                if pending is not None:
+                    await pending
                 if in_task:
                     return await fetch(*args)
                 if not self._backend.cancel_safe:
@@ -1044,12 +1048,6 @@ def _entity_of(request: WriteRequest) -> str:
 def _past(deadline: float | None, ahead: float = 0.0) -> bool:
     """Whether ``deadline`` (a ``time.monotonic()`` value) is passed ``ahead`` seconds from now."""
     return deadline is not None and time.monotonic() + ahead >= deadline
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    """Mark a task's exception as seen (its callers may all have been cancelled)."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _copy_error(exc: JournalError) -> JournalError:

@@ -632,6 +632,41 @@ async def test_migrate_current_does_not_wait_for_another_writer(tmp_path: Path) 
     assert revision == casty_sa.head_revision()
 
 
+# -- the shared reader connection --------------------------------------------------------------
+
+
+async def test_reads_arriving_together_share_one_attempt_to_open_the_reader(
+    tmp_path: Path, make_journal: Callable[..., SAJournal]
+) -> None:
+    """Reads that come while the shared reader connection is being opened share that
+    attempt: when it fails (here the pool has no connection to give within pool_timeout),
+    they fail together, not one attempt after another (1x the timeout, not Nx)."""
+    timeout = 1.0
+    journal = make_journal(
+        sqlite_url(tmp_path / "j.db"), pool_size=1, max_overflow=0, pool_timeout=timeout
+    )
+    await journal.start()
+    holder = await journal.engine.connect()  # someone else holds the only connection
+    await holder.exec_driver_sql("SELECT 1")
+    started = time.monotonic()
+
+    async def read(i: int) -> float:
+        with pytest.raises(DatabaseUnavailable, match=r"timed out|QueuePool limit"):
+            if i % 2:
+                await journal.load(f"e{i}")
+            else:
+                await journal.load_snapshot(f"e{i}")
+        return time.monotonic() - started
+
+    try:
+        failed_at = await asyncio.wait_for(asyncio.gather(*(read(i) for i in range(64))), 30)
+    finally:
+        await holder.close()
+    assert max(failed_at) < 1.6 * timeout, sorted(failed_at)
+    # the connection is back in the pool: the next read opens the reader and works
+    assert await asyncio.wait_for(journal.load("e1"), 10) == []
+
+
 # -- a payload over SQLite's length limit ------------------------------------------------------
 
 LIMIT = 100_000
