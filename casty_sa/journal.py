@@ -32,11 +32,11 @@ from casty_sa.backends import (
     Row,
     WriteRefused,
     backend_for,
-    is_schema_mismatch,
     retrieve,
 )
 from casty_sa.batching import GroupCommitter, WriteRequest
 from casty_sa.coalescing import ReadCoalescer
+from casty_sa.diagnosis import database_error, describe, upgrade_hint
 from casty_sa.engine import TIMEOUTS, build_engine, read_connection
 from casty_sa.errors import (
     CommitOutcomeUnknown,
@@ -55,7 +55,6 @@ from casty_sa.models import MAX_ENTITY_ID_LENGTH
 from casty_sa.urls import (
     is_memory_sqlite,
     kind_of,
-    mask_secrets,
     safe_url,
     to_async_url,
     url_secrets,
@@ -620,7 +619,7 @@ class SAJournal:
                     resends -= 1
                     log.warning(
                         "casty_sa: a write was not sent (%s); sending it on another connection",
-                        _describe(lost.cause),
+                        describe(lost.cause),
                     )
                 except Contended as exc:
                     if contended >= _CONTENTION_RETRIES or _past(deadline):
@@ -632,7 +631,7 @@ class SAJournal:
                         "snapshots (%s); nothing was stored, sending it again in %.3fs",
                         len(events),
                         len(snapshots),
-                        _describe(exc.cause),
+                        describe(exc.cause),
                         delay,
                     )
                     await asyncio.sleep(delay)
@@ -642,7 +641,7 @@ class SAJournal:
             what = f"write {len(events)} events and {len(snapshots)} snapshots"
             if lost.during_commit:
                 raise CommitOutcomeUnknown(
-                    f"could not {what} on {safe_url(self._url)}: {_describe(lost.cause)}, "
+                    f"could not {what} on {safe_url(self._url)}: {describe(lost.cause)}, "
                     "after the commit was sent. The rows may or may not be stored; reload "
                     "the entity before writing again"
                 ) from lost.cause
@@ -665,7 +664,7 @@ class SAJournal:
             contended = DatabaseUnavailable(
                 f"the database rolled back the write for entity {request.entity_id!r} "
                 f"{_CONTENTION_RETRIES + 1} times to break a deadlock or serialization "
-                f"conflict with other transactions ({_describe(refused.cause)}); nothing "
+                f"conflict with other transactions ({describe(refused.cause)}); nothing "
                 "was stored. Call again; if it persists, look for other writers of the "
                 "same entities"
             )
@@ -674,7 +673,7 @@ class SAJournal:
         if not refused.duplicate or not request.events:
             return InvalidEventError(
                 f"the database refused the write for entity {request.entity_id!r}: "
-                f"{_describe(refused.cause)}; nothing was stored"
+                f"{describe(refused.cause)}; nothing was stored"
             )
         low, high = request.events[0][1], request.events[-1][1]
         try:
@@ -741,7 +740,7 @@ class SAJournal:
                 log.warning(
                     "casty_sa: %s failed (%s); retry %d of %d in %.2fs",
                     what,
-                    _describe(exc),
+                    describe(exc),
                     attempt,
                     self._read_retries,
                     delay,
@@ -798,10 +797,6 @@ class SAJournal:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    @property
-    def _schema_flag(self) -> str:
-        return f" --schema {self._schema}" if self._schema is not None else ""
-
     @asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
         """Take turns on a memory database's single connection; free-for-all otherwise."""
@@ -846,8 +841,8 @@ class SAJournal:
             state = "has no casty-sa tables" if found is None else f"is at revision {found!r}"
             raise SchemaError(
                 f"{safe_url(self._url)} {state}; casty-sa needs revision {head!r}. "
-                f"{self._upgrade_hint}, or `await casty_sa.upgrade(url)`, or pass migrate=True "
-                "to SAJournal."
+                f"{upgrade_hint(self._schema)}, or `await casty_sa.upgrade(url)`, or pass "
+                "migrate=True to SAJournal."
             )
         log.info("casty_sa: migrating %s from %s to %s", safe_url(self._url), found, head)
         try:
@@ -863,86 +858,7 @@ class SAJournal:
                     raise self._database_error(exc, "migrate the schema") from exc
 
     def _database_error(self, exc: BaseException, what: str) -> JournalError:
-        if isinstance(exc, JournalError):
-            return exc
-        text = _describe(exc)
-        denied = self._access_denied(exc, what, text)
-        if denied is not None:
-            return denied
-        lowered = text.lower()
-        if is_schema_mismatch(exc) or (
-            ("no such table" in lowered or "does not exist" in lowered) and "casty_sa_" in lowered
-        ):
-            return SchemaError(
-                f"casty-sa's tables on {safe_url(self._url)} are missing or altered (could "
-                f"not {what}: {text}); nothing of a failed write was stored. "
-                f"{self._upgrade_hint} to create missing tables; a dropped or changed column "
-                "must be restored by hand (casty_sa.metadata describes the expected tables)."
-            )
-        if (
-            isinstance(exc, TimeoutError)
-            or isinstance(getattr(exc, "orig", None), TimeoutError)
-            or _sqlstate(exc) == "57014"  # the server's statement_timeout
-        ):
-            hint = (
-                "it timed out: check the database's load and reachability, or raise "
-                "connect_timeout / statement_timeout (or pool_timeout) on SAJournal"
-            )
-        else:
-            hint = "check that the database is reachable, then call again"
-        return DatabaseUnavailable(
-            mask_secrets(
-                f"could not {what} on {safe_url(self._url)}: {text}. Nothing of a failed "
-                f"write was stored; {hint}.",
-                self._secrets,
-            )
-        )
-
-    @property
-    def _upgrade_hint(self) -> str:
-        # no URL in the command: a masked password (***) would not log in, and a real one
-        # on a command line is visible to every user of the machine
-        return (
-            f"Run `casty-sa upgrade{self._schema_flag}` with the environment variable "
-            "CASTY_SA_URL set to this database's URL (the variable keeps its password off the "
-            "command line)"
-        )
-
-    def _access_denied(self, exc: BaseException, what: str, text: str) -> JournalError | None:
-        """A ``DatabaseAccessDenied`` when ``exc`` is a refusal calling again cannot fix."""
-        where = safe_url(self._url)
-        state = _sqlstate(exc)
-        if state is not None and (state.startswith("28") or state in _ACCESS_HINTS):
-            hint = _ACCESS_HINTS.get(state[:2] if state.startswith("28") else state, "")
-            return DatabaseAccessDenied(
-                mask_secrets(
-                    f"could not {what}: {where} refused casty-sa ({text}). Nothing was "
-                    f"stored, and calling again will fail the same way: {hint}.",
-                    self._secrets,
-                )
-            )
-        if self._dialect != "sqlite" or "unable to open database file" not in text:
-            return None
-        database = self._url.database or ""
-        if is_memory_sqlite(self._url) or database.startswith("file:"):
-            return None
-        directory = os.path.dirname(os.path.abspath(database))
-        if not os.path.isdir(directory):
-            problem = f"its directory {directory} does not exist"
-            hint = "create the directory (casty-sa creates the file, not its directories)"
-        elif not os.access(directory, os.W_OK | os.X_OK):
-            problem = f"this process may not create files in its directory {directory}"
-            hint = (
-                "give the process write permission on the directory (or remount a read-only "
-                "file system read-write), or fix the URL"
-            )
-        else:
-            return None  # e.g. too many open files: transient, reported as it is
-        return DatabaseAccessDenied(
-            f"could not {what}: cannot open the SQLite file {os.path.abspath(database)}, "
-            f"{problem} ({text}). Nothing was stored, and calling again will fail the same "
-            f"way: {hint}."
-        )
+        return database_error(exc, self._url, what, secrets=self._secrets, schema=self._schema)
 
 
 # -- validation helpers (module level: they run on every call) ---------------------------------
@@ -1005,40 +921,6 @@ def _check_payload(entity_id: str, seq: int, payload: object) -> None:
             seq,
             TypeError(f"the serializer returned {type(payload).__name__}, not bytes"),
         )
-
-
-def _describe(exc: BaseException) -> str:
-    """A short, password-free description of a driver error (no SQL, no parameters)."""
-    original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    # a driver may quote its DSN (user:password@…, ?password=…): masked whatever the secret
-    text = mask_secrets(str(original).strip().splitlines()[0]) if str(original).strip() else ""
-    if len(text) > 300:
-        text = text[:300] + "…"
-    return f"{type(original).__name__}: {text}" if text else type(original).__name__
-
-
-#: What to do about a refusal, by SQLSTATE (class 28: the login itself was refused).
-_ACCESS_HINTS = {
-    "28": "check the user name and password of the URL, that the role exists and may log in, "
-    "and the server's pg_hba.conf",
-    "3D000": "create the database (then run `casty-sa upgrade`) or fix its name in the URL",
-    "42501": "grant the role the privileges casty-sa needs (see the README's least-privilege "
-    "section)",
-}
-
-
-def _sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a PostgreSQL error, wrapped by SQLAlchemy or raised by asyncpg."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        state = getattr(current, "sqlstate", None)
-        if isinstance(state, str):
-            return state
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else current.__cause__
-    return None
 
 
 def _entity_of(request: WriteRequest) -> str:
