@@ -34,7 +34,7 @@ from casty_sa.backends import (
     backend_for,
     retrieve,
 )
-from casty_sa.batching import GroupCommitter, WriteRequest
+from casty_sa.batching import DEFAULT_MAX_BATCH_BYTES, GroupCommitter, WriteRequest
 from casty_sa.coalescing import ReadCoalescer
 from casty_sa.diagnosis import database_error, describe, upgrade_hint
 from casty_sa.engine import TIMEOUTS, build_engine, read_connection
@@ -79,9 +79,6 @@ _CONTENTION_BACKOFF = 0.005
 #: Why a group's transaction failed: its rows were refused, it kept deadlocking, or the
 #: database failed (the same answer for every caller).
 _Failure = WriteRefused | Contended | JournalError
-
-#: Default cap on the bytes of one group transaction.
-_MAX_BATCH_BYTES = 64 * 2**20
 
 
 def open_engine(
@@ -222,7 +219,7 @@ class SAJournal:
         schema: str | None = None,
         group_commit: bool = True,
         max_batch_events: int = 2000,
-        max_batch_bytes: int = _MAX_BATCH_BYTES,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         max_pending: int = 10_000,
         read_retries: int = 3,
         retry_backoff: float = 0.05,
