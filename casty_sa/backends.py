@@ -54,6 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.compiler import Compiled
 from sqlalchemy.util import greenlet_spawn
 
+from casty_sa.coalescing import SharedAttempt
 from casty_sa.engine import AUTOCOMMIT_ENGINES
 from casty_sa.errors import DatabaseFileReplaced, JournalClosed
 from casty_sa.models import EventRecord, SnapshotRecord
@@ -70,7 +71,6 @@ __all__ = [
     "backend_for",
     "classify_write_failure",
     "is_schema_mismatch",
-    "retrieve",
 ]
 
 #: Seconds a pooled connection may sit unused before a checkout proves it alive.
@@ -504,10 +504,11 @@ class SqliteBackend(Backend):
         self._share_reader = self._autocommit and not self._memory
         self.cancel_safe = self._share_reader
         self._reader: Any = None
-        # the attempt to open the reader in flight: every read that needs the reader
-        # meanwhile shares its outcome (one failure fails them all together, instead of
-        # each read retrying the open after the previous one failed)
-        self._reader_opening: asyncio.Task[tuple[Any, Any]] | None = None
+        # every read that needs the reader while it is being opened shares that attempt (a
+        # failure fails them all together, instead of each read retrying the open after the
+        # previous one failed); a caller cancelled half-way leaves the connection to the
+        # attempt, which keeps it as the reader (close() waits for it, then closes it)
+        self._reader_opening = SharedAttempt(self._open_reader_once, "casty_sa-open-reader")
         self._closed = False
         # the file's identity (device, inode), checked after every write and read: see
         # _check_file; recorded now if the file exists, else on the first check
@@ -755,16 +756,7 @@ class SqliteBackend(Backend):
     async def _open_reader(self) -> tuple[Any, Any]:
         if self._closed:
             raise JournalClosed("this SAJournal is closed; create a new one")
-        attempt = self._reader_opening
-        if attempt is None or attempt.done():
-            # In a task of its own: a caller cancelled half-way leaves the connection to the
-            # attempt, which keeps it as the reader (close() waits for it, then closes it).
-            attempt = asyncio.get_running_loop().create_task(
-                self._open_reader_once(), name="casty_sa-open-reader"
-            )
-            attempt.add_done_callback(retrieve)  # even when every caller was cancelled
-            self._reader_opening = attempt
-        return await asyncio.shield(attempt)
+        return await self._reader_opening()
 
     async def _open_reader_once(self) -> tuple[Any, Any]:
         fairy = await self._engine.raw_connection()
@@ -783,8 +775,7 @@ class SqliteBackend(Backend):
                 if event.contains(self._engine.sync_engine, name, listener):
                     event.remove(self._engine.sync_engine, name, listener)
         await super().close()
-        if self._reader_opening is not None:  # a reader being opened is the pool's until then
-            await asyncio.gather(self._reader_opening, return_exceptions=True)
+        await self._reader_opening.settled()  # a reader being opened is the pool's until then
         reader, self._reader = self._reader, None
         if reader is not None:
             await _quietly(greenlet_spawn(reader[0].close))
@@ -1166,12 +1157,6 @@ def _latest_per_entity(snapshots: Sequence[Row]) -> Sequence[Row]:
         if kept is None or row[1] >= kept[1]:
             latest[row[0]] = row
     return list(latest.values())
-
-
-def retrieve(task: asyncio.Task[Any]) -> None:
-    """Mark a task's exception as seen (its callers may all have been cancelled)."""
-    if not task.cancelled():
-        task.exception()
 
 
 async def _quietly(awaitable: Any) -> None:

@@ -32,10 +32,9 @@ from casty_sa.backends import (
     Row,
     WriteRefused,
     backend_for,
-    retrieve,
 )
 from casty_sa.batching import DEFAULT_MAX_BATCH_BYTES, GroupCommitter, WriteRequest
-from casty_sa.coalescing import ReadCoalescer
+from casty_sa.coalescing import ReadCoalescer, SharedAttempt
 from casty_sa.diagnosis import database_error, describe, upgrade_hint
 from casty_sa.engine import TIMEOUTS, build_engine, read_connection
 from casty_sa.errors import (
@@ -287,7 +286,7 @@ class SAJournal:
                 direct=self._backend.cancel_safe,
             )
         self._ready = False
-        self._starting: asyncio.Task[None] | None = None
+        self._starting = SharedAttempt(self._start_once, "casty_sa-start", track=self._track)
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
@@ -347,21 +346,13 @@ class SAJournal:
             raise JournalClosed("this SAJournal is closed; create a new one")
         if self._ready:
             return
-        attempt = self._starting
-        if attempt is None or attempt.done():
+        try:
             # the first call, or the attempt before this one failed: try (again). Callers
             # that come while it runs share its outcome instead of queueing up for attempts
-            # of their own, one after another, against a database that does not answer.
-            # In a task of its own: a caller cancelled half-way must not leave a migration
-            # (or the transaction that reads the revision) cut in two.
-            attempt = asyncio.get_running_loop().create_task(
-                self._start_once(), name="casty_sa-start"
-            )
-            attempt.add_done_callback(retrieve)  # even when every caller was cancelled
-            self._starting = attempt
-            self._track(attempt)
-        try:
-            await asyncio.shield(attempt)
+            # of their own, one after another, against a database that does not answer; a
+            # caller cancelled half-way never leaves a migration (or the transaction that
+            # reads the revision) cut in two.
+            await self._starting()
         except JournalError as exc:
             raise _copy_error(exc) from exc.__cause__  # each caller its own traceback
         if self._closed:  # close() ran while this call waited for the schema check
