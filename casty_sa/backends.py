@@ -70,7 +70,6 @@ __all__ = [
     "WriteRefused",
     "backend_for",
     "classify_write_failure",
-    "is_schema_mismatch",
 ]
 
 #: Seconds a pooled connection may sit unused before a checkout proves it alive.
@@ -433,6 +432,13 @@ class Backend:
         """
         return None
 
+    async def reads_settled(self) -> None:
+        """Wait until what :meth:`reads_pending` returned is over (for ``close()``).
+
+        The reads that waited for it are woken first, so by the time this
+        returns they are queued for coalescing, where ``close()`` waits for them.
+        """
+
     #: Most entities one batched read asks for (1: every read is sent alone).
     max_read_keys = 500
 
@@ -545,6 +551,9 @@ class SqliteBackend(Backend):
         # instead of queued batches failing one attempt after another.
         return self._open_reader() if self._share_reader and self._reader is None else None
 
+    async def reads_settled(self) -> None:
+        await self._reader_opening.settled()
+
     async def _fetch_events_batch(
         self, keys: Sequence[tuple[str, int]]
     ) -> Sequence[tuple[int, int, bytes, float]]:
@@ -571,7 +580,7 @@ class SqliteBackend(Backend):
         if self._on_other_file(fairy):  # opened after the file was replaced: do not use it
             await self.give_back_writer(fairy, ConnectionLost(OSError(), during_commit=False))
             raise self._gone(
-                self._file_changed() or "was replaced by another file",
+                self._file_changed() or _REPLACED,
                 f"this write ({len(events)} events and {len(snapshots)} snapshots) was not "
                 f"sent; nothing of it is stored at {self._path}",
             )
@@ -688,7 +697,7 @@ class SqliteBackend(Backend):
             return None
         if identity is None:
             return "was deleted (or its directory removed)"
-        return None if identity == self._identity else "was replaced by another file"
+        return None if identity == self._identity else _REPLACED
 
     def _check_file(self, failure: Exception | None, written: tuple[int, int] | None) -> None:
         """Before a call is answered: is the file still at its path? (One ``stat``.)
@@ -930,6 +939,8 @@ _SQLITE_MAX_LENGTH = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_L
 #: key of a pooled SQLite connection's info: (device, inode) of the file it opened
 _FILE = "casty_sa_file"
 
+#: How the file at the journal's path changed when it is another file now.
+_REPLACED = "was replaced by another file"
 _RESTART = (
     "Every call of this journal fails from now on: restart the node, so it opens the file "
     "now at the path (events written into the old file after it was removed are not there)"
@@ -1031,15 +1042,6 @@ class PayloadTooLarge(Exception):
 #: wal-index could not be updated): the commit may be on disk, so the outcome is unknown.
 _SQLITE_MAYBE_COMMITTED = frozenset({7, 10})
 _SQLITE_TOOBIG = 18
-#: PostgreSQL SQLSTATEs of a table, column, schema or ON CONFLICT key that is not there
-_PG_SCHEMA_MISMATCH = frozenset({"42P01", "42703", "42P10", "3F000"})
-#: SQLite's messages (SQLITE_ERROR) for the same
-_SQLITE_SCHEMA_MISMATCH = (
-    "no such table",
-    "no such column",
-    "has no column named",
-    "does not match any primary key or unique constraint",
-)
 
 
 def classify_write_failure(
@@ -1108,22 +1110,6 @@ def classify_write_failure(
     if committing and not answered:
         return ConnectionLost(exc, during_commit=True)
     return exc
-
-
-def is_schema_mismatch(exc: BaseException) -> bool:
-    """Whether ``exc`` says a table, column or key casty-sa uses is not there.
-
-    Not worth retrying: the statement will fail the same way until an operator
-    restores the schema.
-    """
-    original = getattr(exc, "orig", None) or exc
-    if isinstance(original, sqlite3.OperationalError):
-        text = str(original).lower()
-        return any(marker in text for marker in _SQLITE_SCHEMA_MISMATCH)
-    sqlstate = getattr(original, "sqlstate", None) or getattr(exc, "sqlstate", None)
-    if sqlstate is None and isinstance(original.__cause__, Exception):
-        sqlstate = getattr(original.__cause__, "sqlstate", None)  # SQLAlchemy's asyncpg adapter
-    return sqlstate in _PG_SCHEMA_MISMATCH
 
 
 def _never_sent(exc: BaseException) -> bool:

@@ -10,15 +10,22 @@ no message ever carries a password.
 from __future__ import annotations
 
 import os
+import sqlite3
 
 from sqlalchemy import URL
 from sqlalchemy.exc import DBAPIError
 
-from casty_sa.backends import is_schema_mismatch
 from casty_sa.errors import DatabaseAccessDenied, DatabaseUnavailable, JournalError, SchemaError
 from casty_sa.urls import is_memory_sqlite, mask_secrets, safe_url
 
-__all__ = ["access_denied", "database_error", "describe", "sqlstate", "upgrade_hint"]
+__all__ = [
+    "access_denied",
+    "database_error",
+    "describe",
+    "is_schema_mismatch",
+    "sqlstate",
+    "upgrade_hint",
+]
 
 #: What to do about a refusal, by SQLSTATE (class 28: the login itself was refused).
 ACCESS_HINTS = {
@@ -54,6 +61,34 @@ def sqlstate(exc: BaseException) -> str | None:
     return None
 
 
+#: PostgreSQL SQLSTATEs of a table, column, schema or ON CONFLICT key that is not there
+_PG_SCHEMA_MISMATCH = frozenset({"42P01", "42703", "42P10", "3F000"})
+#: SQLite's messages (SQLITE_ERROR) for the same
+_SQLITE_SCHEMA_MISMATCH = (
+    "no such table",
+    "no such column",
+    "has no column named",
+    "does not match any primary key or unique constraint",
+)
+
+
+def is_schema_mismatch(exc: BaseException) -> bool:
+    """Whether ``exc`` says a table, column or key casty-sa uses is not there.
+
+    Not worth retrying: the statement will fail the same way until an operator
+    restores the schema.
+    """
+    original = getattr(exc, "orig", None) or exc
+    if isinstance(original, sqlite3.OperationalError):
+        text = str(original).lower()
+        return any(marker in text for marker in _SQLITE_SCHEMA_MISMATCH)
+    if sqlstate(exc) in _PG_SCHEMA_MISMATCH:
+        return True
+    # a driver's error without a code (or one wrapped twice) naming one of casty-sa's tables
+    text = describe(exc).lower()
+    return ("no such table" in text or "does not exist" in text) and "casty_sa_" in text
+
+
 def upgrade_hint(schema: str | None) -> str:
     """The sentence that says how to bring a database to head from a shell."""
     # no URL in the command: a masked password (***) would not log in, and a real one on a
@@ -78,14 +113,25 @@ def access_denied(
     text = describe(exc)
     state = sqlstate(exc)
     if state is not None and (state.startswith("28") or state in ACCESS_HINTS):
+        cause = f"{safe_url(url)} refused casty-sa ({text})"
         hint = ACCESS_HINTS.get(state[:2] if state.startswith("28") else state, "")
-        return DatabaseAccessDenied(
-            mask_secrets(
-                f"could not {what}: {safe_url(url)} refused casty-sa ({text}). Nothing was "
-                f"stored, and calling again will fail the same way: {hint}.",
-                secrets,
-            )
+    else:
+        sqlite = _sqlite_file_refused(url, text)
+        if sqlite is None:
+            return None
+        cause, hint = sqlite
+    return DatabaseAccessDenied(
+        mask_secrets(
+            f"could not {what}: {cause}. Nothing was stored, and calling again will fail the "
+            f"same way: {hint}.",
+            secrets,
         )
+    )
+
+
+def _sqlite_file_refused(url: URL, text: str) -> tuple[str, str] | None:
+    """What keeps a SQLite file from being opened for good, and what to do; ``None`` if
+    nothing does (e.g. too many open files: transient, reported as it is)."""
     if url.get_backend_name() != "sqlite" or "unable to open database file" not in text:
         return None
     database = url.database or ""
@@ -102,12 +148,8 @@ def access_denied(
             "file system read-write), or fix the URL"
         )
     else:
-        return None  # e.g. too many open files: transient, reported as it is
-    return DatabaseAccessDenied(
-        f"could not {what}: cannot open the SQLite file {os.path.abspath(database)}, "
-        f"{problem} ({text}). Nothing was stored, and calling again will fail the same "
-        f"way: {hint}."
-    )
+        return None
+    return f"cannot open the SQLite file {os.path.abspath(database)}, {problem} ({text})", hint
 
 
 def database_error(
@@ -139,10 +181,7 @@ def database_error(
     if denied is not None:
         return denied
     text = describe(exc)
-    lowered = text.lower()
-    if is_schema_mismatch(exc) or (
-        ("no such table" in lowered or "does not exist" in lowered) and "casty_sa_" in lowered
-    ):
+    if is_schema_mismatch(exc):
         return SchemaError(
             f"casty-sa's tables on {safe_url(url)} are missing or altered (could "
             f"not {what}: {text}); nothing of a failed write was stored. "

@@ -378,7 +378,9 @@ class SAJournal:
     async def _close(self) -> None:
         if self._committer is not None:
             await self._committer.close()
-        # reads already under way finish (new ones are refused by start())
+        # reads already under way finish (new ones are refused by start()), those waiting
+        # for the backend's reader too
+        await self._backend.reads_settled()
         await self._event_reads.drain()
         await self._snapshot_reads.drain()
         # tasks still running, including any that one of them started meanwhile (a finished
