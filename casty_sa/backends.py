@@ -31,7 +31,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -54,6 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.compiler import Compiled
 from sqlalchemy.util import greenlet_spawn
 
+from casty_sa.coalescing import SharedAttempt
 from casty_sa.engine import AUTOCOMMIT_ENGINES
 from casty_sa.errors import DatabaseFileReplaced, JournalClosed
 from casty_sa.models import SQLITE_NEGATIVE_ZERO, is_negative_zero, journal_tables
@@ -69,7 +70,6 @@ __all__ = [
     "WriteRefused",
     "backend_for",
     "classify_write_failure",
-    "is_schema_mismatch",
 ]
 
 #: Seconds a pooled connection may sit unused before a checkout proves it alive.
@@ -419,6 +419,21 @@ class Backend:
         """Most batched reads in flight at once (see :mod:`casty_sa.coalescing`)."""
         return self.capacity
 
+    def reads_pending(self) -> Awaitable[object] | None:
+        """What every read must wait for before it is queued (``None``: nothing).
+
+        Awaited by each read on its own, before read coalescing, so that reads
+        arriving together share one outcome (see :class:`SqliteBackend`).
+        """
+        return None
+
+    async def reads_settled(self) -> None:
+        """Wait until what :meth:`reads_pending` returned is over (for ``close()``).
+
+        The reads that waited for it are woken first, so by the time this
+        returns they are queued for coalescing, where ``close()`` waits for them.
+        """
+
     #: Most entities one batched read asks for (1: every read is sent alone).
     max_read_keys = 500
 
@@ -490,7 +505,11 @@ class SqliteBackend(Backend):
         self._share_reader = self._autocommit and not self._memory
         self.cancel_safe = self._share_reader
         self._reader: Any = None
-        self._reader_lock = asyncio.Lock()
+        # every read that needs the reader while it is being opened shares that attempt (a
+        # failure fails them all together, instead of each read retrying the open after the
+        # previous one failed); a caller cancelled half-way leaves the connection to the
+        # attempt, which keeps it as the reader (close() waits for it, then closes it)
+        self._reader_opening = SharedAttempt(self._open_reader_once, "casty_sa-open-reader")
         self._closed = False
         # the file's identity (device, inode), checked after every write and read: see
         # _check_file; recorded now if the file exists, else on the first check
@@ -530,6 +549,15 @@ class SqliteBackend(Backend):
         # the shared reader is one connection on one thread: batches take turns on it
         return 1 if self._share_reader else self.capacity
 
+    def reads_pending(self) -> Awaitable[object] | None:
+        # The shared reader is opened before reads queue up for it: every read that comes
+        # while it is being opened waits for that one attempt and shares its outcome,
+        # instead of queued batches failing one attempt after another.
+        return self._open_reader() if self._share_reader and self._reader is None else None
+
+    async def reads_settled(self) -> None:
+        await self._reader_opening.settled()
+
     async def _fetch_events_batch(
         self, keys: Sequence[tuple[str, int]]
     ) -> Sequence[tuple[int, int, bytes, float]]:
@@ -557,7 +585,7 @@ class SqliteBackend(Backend):
         if self._on_other_file(fairy):  # opened after the file was replaced: do not use it
             await self.give_back_writer(fairy, ConnectionLost(OSError(), during_commit=False))
             raise self._gone(
-                self._file_changed() or "was replaced by another file",
+                self._file_changed() or _REPLACED,
                 f"this write ({len(events)} events and {len(snapshots)} snapshots) was not "
                 f"sent; nothing of it is stored at {self._path}",
             )
@@ -674,7 +702,7 @@ class SqliteBackend(Backend):
             return None
         if identity is None:
             return "was deleted (or its directory removed)"
-        return None if identity == self._identity else "was replaced by another file"
+        return None if identity == self._identity else _REPLACED
 
     def _check_file(self, failure: Exception | None, written: tuple[int, int] | None) -> None:
         """Before a call is answered: is the file still at its path? (One ``stat``.)
@@ -740,15 +768,16 @@ class SqliteBackend(Backend):
             raise
 
     async def _open_reader(self) -> tuple[Any, Any]:
-        async with self._reader_lock:
-            if self._closed:
-                raise JournalClosed("this SAJournal is closed; create a new one")
-            if self._reader is None:
-                fairy = await self._engine.raw_connection()
-                driver = fairy.driver_connection
-                await greenlet_spawn(fairy.detach)  # ours until close(), not the pool's
-                self._reader = (fairy, driver)
-            return self._reader  # type: ignore[no-any-return]
+        if self._closed:
+            raise JournalClosed("this SAJournal is closed; create a new one")
+        return await self._reader_opening()
+
+    async def _open_reader_once(self) -> tuple[Any, Any]:
+        fairy = await self._engine.raw_connection()
+        driver = fairy.driver_connection
+        await greenlet_spawn(fairy.detach)  # ours until close(), not the pool's
+        self._reader = (fairy, driver)
+        return self._reader  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         self._closed = True
@@ -760,8 +789,8 @@ class SqliteBackend(Backend):
                 if event.contains(self._engine.sync_engine, name, listener):
                     event.remove(self._engine.sync_engine, name, listener)
         await super().close()
-        async with self._reader_lock:  # a reader being opened is in the pool's hands until then
-            reader, self._reader = self._reader, None
+        await self._reader_opening.settled()  # a reader being opened is the pool's until then
+        reader, self._reader = self._reader, None
         if reader is not None:
             await _quietly(greenlet_spawn(reader[0].close))
 
@@ -915,6 +944,8 @@ _SQLITE_MAX_LENGTH = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_L
 #: key of a pooled SQLite connection's info: (device, inode) of the file it opened
 _FILE = "casty_sa_file"
 
+#: How the file at the journal's path changed when it is another file now.
+_REPLACED = "was replaced by another file"
 _RESTART = (
     "Every call of this journal fails from now on: restart the node, so it opens the file "
     "now at the path (events written into the old file after it was removed are not there)"
@@ -1026,15 +1057,6 @@ class PayloadTooLarge(Exception):
 #: wal-index could not be updated): the commit may be on disk, so the outcome is unknown.
 _SQLITE_MAYBE_COMMITTED = frozenset({7, 10})
 _SQLITE_TOOBIG = 18
-#: PostgreSQL SQLSTATEs of a table, column, schema or ON CONFLICT key that is not there
-_PG_SCHEMA_MISMATCH = frozenset({"42P01", "42703", "42P10", "3F000"})
-#: SQLite's messages (SQLITE_ERROR) for the same
-_SQLITE_SCHEMA_MISMATCH = (
-    "no such table",
-    "no such column",
-    "has no column named",
-    "does not match any primary key or unique constraint",
-)
 
 
 def classify_write_failure(
@@ -1103,22 +1125,6 @@ def classify_write_failure(
     if committing and not answered:
         return ConnectionLost(exc, during_commit=True)
     return exc
-
-
-def is_schema_mismatch(exc: BaseException) -> bool:
-    """Whether ``exc`` says a table, column or key casty-sa uses is not there.
-
-    Not worth retrying: the statement will fail the same way until an operator
-    restores the schema.
-    """
-    original = getattr(exc, "orig", None) or exc
-    if isinstance(original, sqlite3.OperationalError):
-        text = str(original).lower()
-        return any(marker in text for marker in _SQLITE_SCHEMA_MISMATCH)
-    sqlstate = getattr(original, "sqlstate", None) or getattr(exc, "sqlstate", None)
-    if sqlstate is None and isinstance(original.__cause__, Exception):
-        sqlstate = getattr(original.__cause__, "sqlstate", None)  # SQLAlchemy's asyncpg adapter
-    return sqlstate in _PG_SCHEMA_MISMATCH
 
 
 def _never_sent(exc: BaseException) -> bool:

@@ -39,14 +39,23 @@ from typing import Any
 
 from casty_sa.errors import JournalClosed
 
-__all__ = ["GroupCommitter", "WriteRequest"]
+__all__ = ["DEFAULT_MAX_BATCH_BYTES", "GroupCommitter", "WriteRequest", "row_bytes"]
 
 log = logging.getLogger("casty_sa.batching")
 
 #: Queued requests from which an idle pipeline splits the queue into two groups.
 _SPLIT_FROM = 32
 #: Bytes a row takes beside its entity id and payload (sequence number, timestamp).
-_ROW_OVERHEAD = 16
+ROW_OVERHEAD = 16
+
+#: Default cap on the bytes of one transaction's rows (a group commit, a batch of a copy):
+#: far below PostgreSQL's 1 GiB limit on one message, whatever the rows' sizes.
+DEFAULT_MAX_BATCH_BYTES = 64 * 2**20
+
+
+def row_bytes(entity_id: str, payload: bytes) -> int:
+    """The bytes a row takes on the wire, as the byte caps count them."""
+    return len(entity_id) + len(payload) + ROW_OVERHEAD
 
 
 @dataclass(slots=True, eq=False)
@@ -62,7 +71,7 @@ class WriteRequest:
 
     def __post_init__(self) -> None:
         rows = self.events if self.snapshot is None else [*self.events, self.snapshot]
-        self.nbytes = sum(len(row[0]) + len(row[3]) + _ROW_OVERHEAD for row in rows)
+        self.nbytes = sum(row_bytes(row[0], row[3]) for row in rows)
 
     @property
     def size(self) -> int:
@@ -110,7 +119,7 @@ class GroupCommitter:
         *,
         max_batch_events: int,
         max_pending: int,
-        max_batch_bytes: int = 64 * 2**20,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         linger: float = 0.0,
         on_idle: Callable[[], Awaitable[None]] | None = None,
         pipeline: int = 1,

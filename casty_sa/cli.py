@@ -41,6 +41,8 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa import inspection, migrate
+from casty_sa.diagnosis import database_error
+from casty_sa.engine import read_connection
 from casty_sa.errors import InvalidEventError, JournalError, SchemaError
 from casty_sa.journal import open_engine
 from casty_sa.models import EventRecord
@@ -604,8 +606,14 @@ async def _state(engine: AsyncEngine, schema: str | None, *, count: bool = False
             events = bound.execute(select(func.count()).select_from(table)).scalar_one()
         return _SchemaState(revision, app_managed, events)
 
-    async with engine.connect() as connection:
-        return await connection.run_sync(read)
+    try:
+        async with read_connection(engine) as connection:
+            return await connection.run_sync(read)
+    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        # the library's words for it: a refused login is DatabaseAccessDenied here too
+        raise database_error(
+            exc, engine.url, "read the schema revision", secrets=url_secrets(engine.url)
+        ) from exc
 
 
 def _describe_revision(revision: str | None) -> str:

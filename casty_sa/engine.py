@@ -28,16 +28,25 @@ from typing import Any
 
 from sqlalchemy import URL, Engine, event
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from casty_sa.urls import DEFAULT_APPLICATION_NAME, is_memory_sqlite, postgres_options
 
-__all__ = ["AUTOCOMMIT_ENGINES", "READ_ONLY", "SQLITE_SYNCHRONOUS", "TIMEOUTS", "build_engine"]
+__all__ = [
+    "AUTOCOMMIT_ENGINES",
+    "READ_ONLY",
+    "SQLITE_SYNCHRONOUS",
+    "TIMEOUTS",
+    "build_engine",
+    "read_connection",
+    "read_only",
+]
 
 #: Execution option of a connection whose transaction only reads: on SQLite it begins a
 #: deferred transaction, which never waits for (nor blocks) another connection's writer.
 READ_ONLY = "casty_sa_read_only"
+
 
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -174,3 +183,18 @@ def build_engine(
                 raise DisconnectionError("connection closed by the server or the network")
 
     return engine
+
+
+def read_only(engine: AsyncEngine) -> AsyncEngine:
+    """``engine`` for connections whose transactions only read (see :data:`READ_ONLY`).
+
+    Every path of casty-sa that only looks (the schema check, ``current``,
+    ``check``, ``inspect``, the source of a copy) reads through this, so none
+    of them waits for, or holds up, an application's writer on SQLite.
+    """
+    return engine.execution_options(**{READ_ONLY: True})
+
+
+def read_connection(engine: AsyncEngine) -> AsyncConnection:
+    """A connection of ``engine`` for reading only (use as ``async with``)."""
+    return read_only(engine).connect()

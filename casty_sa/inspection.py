@@ -48,6 +48,7 @@ from sqlalchemy import text as sql_text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from casty_sa import migrate
+from casty_sa.engine import read_only
 from casty_sa.journal import SAJournal
 from casty_sa.models import journal_tables
 from casty_sa.transfer import require_existing_database
@@ -210,7 +211,8 @@ async def _reading(
     journal = SAJournal(target, migrate=False, schema=schema, **engine_options)
     try:
         await journal.start()
-        engine = journal.engine
+        # inspect only reads: on SQLite it neither waits for nor blocks the application's writer
+        engine = read_only(journal.engine)
         yield (
             engine
             if schema is None

@@ -24,7 +24,7 @@ from typing import Any, Self, TypeVar
 from casty import JournalKind, PersistedEvent, Snapshot
 from sqlalchemy import URL
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 
 from casty_sa.backends import (
     ConnectionLost,
@@ -32,11 +32,11 @@ from casty_sa.backends import (
     Row,
     WriteRefused,
     backend_for,
-    is_schema_mismatch,
 )
-from casty_sa.batching import GroupCommitter, WriteRequest
-from casty_sa.coalescing import ReadCoalescer
-from casty_sa.engine import READ_ONLY, TIMEOUTS, build_engine
+from casty_sa.batching import DEFAULT_MAX_BATCH_BYTES, GroupCommitter, WriteRequest
+from casty_sa.coalescing import ReadCoalescer, SharedAttempt
+from casty_sa.diagnosis import database_error, describe, upgrade_hint
+from casty_sa.engine import TIMEOUTS, build_engine, read_connection
 from casty_sa.errors import (
     CommitOutcomeUnknown,
     DatabaseAccessDenied,
@@ -54,7 +54,6 @@ from casty_sa.models import MAX_ENTITY_ID_LENGTH
 from casty_sa.urls import (
     is_memory_sqlite,
     kind_of,
-    mask_secrets,
     safe_url,
     to_async_url,
     url_secrets,
@@ -79,12 +78,6 @@ _CONTENTION_BACKOFF = 0.005
 #: Why a group's transaction failed: its rows were refused, it kept deadlocking, or the
 #: database failed (the same answer for every caller).
 _Failure = WriteRefused | Contended | JournalError
-
-#: Default cap on the bytes of one group transaction.
-_MAX_BATCH_BYTES = 64 * 2**20
-
-#: Execution options of a connection that only reads (see ``casty_sa.engine.READ_ONLY``)
-_READ_ONLY = {READ_ONLY: True}
 
 
 def open_engine(
@@ -225,7 +218,7 @@ class SAJournal:
         schema: str | None = None,
         group_commit: bool = True,
         max_batch_events: int = 2000,
-        max_batch_bytes: int = _MAX_BATCH_BYTES,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         max_pending: int = 10_000,
         read_retries: int = 3,
         retry_backoff: float = 0.05,
@@ -254,7 +247,7 @@ class SAJournal:
 
         check_schema(self._dialect, schema)
         self._schema = schema
-        bind = (
+        self._bind = (
             self._engine
             if schema is None
             else self._engine.execution_options(schema_translate_map={None: schema})
@@ -263,7 +256,6 @@ class SAJournal:
         self._serialize = serialize
         self._deserialize = deserialize
         self._migrate = self._dialect == "sqlite" if migrate is None else migrate
-        self._sessions = async_sessionmaker(bind, expire_on_commit=False)
         self._backend = backend_for(self._engine, schema)
         self._read_retries = read_retries
         self._retry_backoff = retry_backoff
@@ -294,7 +286,7 @@ class SAJournal:
                 direct=self._backend.cancel_safe,
             )
         self._ready = False
-        self._starting: asyncio.Task[None] | None = None
+        self._starting = SharedAttempt(self._start_once, "casty_sa-start", track=self._track)
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
@@ -354,21 +346,13 @@ class SAJournal:
             raise JournalClosed("this SAJournal is closed; create a new one")
         if self._ready:
             return
-        attempt = self._starting
-        if attempt is None or attempt.done():
+        try:
             # the first call, or the attempt before this one failed: try (again). Callers
             # that come while it runs share its outcome instead of queueing up for attempts
-            # of their own, one after another, against a database that does not answer.
-            # In a task of its own: a caller cancelled half-way must not leave a migration
-            # (or the transaction that reads the revision) cut in two.
-            attempt = asyncio.get_running_loop().create_task(
-                self._start_once(), name="casty_sa-start"
-            )
-            attempt.add_done_callback(_retrieve)  # even when every caller was cancelled
-            self._starting = attempt
-            self._track(attempt)
-        try:
-            await asyncio.shield(attempt)
+            # of their own, one after another, against a database that does not answer; a
+            # caller cancelled half-way never leaves a migration (or the transaction that
+            # reads the revision) cut in two.
+            await self._starting()
         except JournalError as exc:
             raise _copy_error(exc) from exc.__cause__  # each caller its own traceback
         if self._closed:  # close() ran while this call waited for the schema check
@@ -394,7 +378,9 @@ class SAJournal:
     async def _close(self) -> None:
         if self._committer is not None:
             await self._committer.close()
-        # reads already under way finish (new ones are refused by start())
+        # reads already under way finish (new ones are refused by start()), those waiting
+        # for the backend's reader too
+        await self._backend.reads_settled()
         await self._event_reads.drain()
         await self._snapshot_reads.drain()
         # tasks still running, including any that one of them started meanwhile (a finished
@@ -623,7 +609,7 @@ class SAJournal:
                     resends -= 1
                     log.warning(
                         "casty_sa: a write was not sent (%s); sending it on another connection",
-                        _describe(lost.cause),
+                        describe(lost.cause),
                     )
                 except Contended as exc:
                     if contended >= _CONTENTION_RETRIES or _past(deadline):
@@ -635,7 +621,7 @@ class SAJournal:
                         "snapshots (%s); nothing was stored, sending it again in %.3fs",
                         len(events),
                         len(snapshots),
-                        _describe(exc.cause),
+                        describe(exc.cause),
                         delay,
                     )
                     await asyncio.sleep(delay)
@@ -645,7 +631,7 @@ class SAJournal:
             what = f"write {len(events)} events and {len(snapshots)} snapshots"
             if lost.during_commit:
                 raise CommitOutcomeUnknown(
-                    f"could not {what} on {safe_url(self._url)}: {_describe(lost.cause)}, "
+                    f"could not {what} on {safe_url(self._url)}: {describe(lost.cause)}, "
                     "after the commit was sent. The rows may or may not be stored; reload "
                     "the entity before writing again"
                 ) from lost.cause
@@ -668,7 +654,7 @@ class SAJournal:
             contended = DatabaseUnavailable(
                 f"the database rolled back the write for entity {request.entity_id!r} "
                 f"{_CONTENTION_RETRIES + 1} times to break a deadlock or serialization "
-                f"conflict with other transactions ({_describe(refused.cause)}); nothing "
+                f"conflict with other transactions ({describe(refused.cause)}); nothing "
                 "was stored. Call again; if it persists, look for other writers of the "
                 "same entities"
             )
@@ -677,7 +663,7 @@ class SAJournal:
         if not refused.duplicate or not request.events:
             return InvalidEventError(
                 f"the database refused the write for entity {request.entity_id!r}: "
-                f"{_describe(refused.cause)}; nothing was stored"
+                f"{describe(refused.cause)}; nothing was stored"
             )
         low, high = request.events[0][1], request.events[-1][1]
         try:
@@ -719,6 +705,9 @@ class SAJournal:
         deadline = None if self._budget is None else time.monotonic() + self._budget
         while True:
             try:
+                pending = self._backend.reads_pending()
+                if pending is not None:
+                    await pending
                 if in_task:
                     return await fetch(*args)
                 if not self._backend.cancel_safe:
@@ -741,7 +730,7 @@ class SAJournal:
                 log.warning(
                     "casty_sa: %s failed (%s); retry %d of %d in %.2fs",
                     what,
-                    _describe(exc),
+                    describe(exc),
                     attempt,
                     self._read_retries,
                     delay,
@@ -798,10 +787,6 @@ class SAJournal:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    @property
-    def _schema_flag(self) -> str:
-        return f" --schema {self._schema}" if self._schema is not None else ""
-
     @asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
         """Take turns on a memory database's single connection; free-for-all otherwise."""
@@ -812,18 +797,17 @@ class SAJournal:
                 yield
 
     @asynccontextmanager
-    async def _session(self) -> AsyncIterator[AsyncSession]:
-        async with self._turn(), self._sessions() as session:
-            yield session
+    async def _read_connection(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads outside the hot paths (on SQLite it takes no write lock)."""
+        async with self._turn(), read_connection(self._bind) as connection:
+            yield connection
 
     async def _ensure_schema(self) -> None:
         from casty_sa import migrate
 
         head = migrate.head_revision()
         try:
-            async with self._session() as session:
-                # a read: on SQLite it must not wait for (or block) another writer
-                connection = await session.connection(execution_options=_READ_ONLY)
+            async with self._read_connection() as connection:
                 await connection.run_sync(migrate.refuse_casty_tables, self._url)
                 found = await connection.run_sync(migrate.current_revision, self._schema)
                 app_managed = found is None and await connection.run_sync(
@@ -847,8 +831,8 @@ class SAJournal:
             state = "has no casty-sa tables" if found is None else f"is at revision {found!r}"
             raise SchemaError(
                 f"{safe_url(self._url)} {state}; casty-sa needs revision {head!r}. "
-                f"{self._upgrade_hint}, or `await casty_sa.upgrade(url)`, or pass migrate=True "
-                "to SAJournal."
+                f"{upgrade_hint(self._schema)}, or `await casty_sa.upgrade(url)`, or pass "
+                "migrate=True to SAJournal."
             )
         log.info("casty_sa: migrating %s from %s to %s", safe_url(self._url), found, head)
         try:
@@ -859,92 +843,12 @@ class SAJournal:
                 await migrate.upgrade(self._engine, schema=self._schema)
         except (SQLAlchemyError, OSError, JournalError) as exc:
             # another process may have migrated the same file at the same moment
-            async with self._session() as session:
-                connection = await session.connection(execution_options=_READ_ONLY)
+            async with self._read_connection() as connection:
                 if await connection.run_sync(migrate.current_revision, self._schema) != head:
                     raise self._database_error(exc, "migrate the schema") from exc
 
     def _database_error(self, exc: BaseException, what: str) -> JournalError:
-        if isinstance(exc, JournalError):
-            return exc
-        text = _describe(exc)
-        denied = self._access_denied(exc, what, text)
-        if denied is not None:
-            return denied
-        lowered = text.lower()
-        if is_schema_mismatch(exc) or (
-            ("no such table" in lowered or "does not exist" in lowered) and "casty_sa_" in lowered
-        ):
-            return SchemaError(
-                f"casty-sa's tables on {safe_url(self._url)} are missing or altered (could "
-                f"not {what}: {text}); nothing of a failed write was stored. "
-                f"{self._upgrade_hint} to create missing tables; a dropped or changed column "
-                "must be restored by hand (casty_sa.metadata describes the expected tables)."
-            )
-        if (
-            isinstance(exc, TimeoutError)
-            or isinstance(getattr(exc, "orig", None), TimeoutError)
-            or _sqlstate(exc) == "57014"  # the server's statement_timeout
-        ):
-            hint = (
-                "it timed out: check the database's load and reachability, or raise "
-                "connect_timeout / statement_timeout (or pool_timeout) on SAJournal"
-            )
-        else:
-            hint = "check that the database is reachable, then call again"
-        return DatabaseUnavailable(
-            mask_secrets(
-                f"could not {what} on {safe_url(self._url)}: {text}. Nothing of a failed "
-                f"write was stored; {hint}.",
-                self._secrets,
-            )
-        )
-
-    @property
-    def _upgrade_hint(self) -> str:
-        # no URL in the command: a masked password (***) would not log in, and a real one
-        # on a command line is visible to every user of the machine
-        return (
-            f"Run `casty-sa upgrade{self._schema_flag}` with the environment variable "
-            "CASTY_SA_URL set to this database's URL (the variable keeps its password off the "
-            "command line)"
-        )
-
-    def _access_denied(self, exc: BaseException, what: str, text: str) -> JournalError | None:
-        """A ``DatabaseAccessDenied`` when ``exc`` is a refusal calling again cannot fix."""
-        where = safe_url(self._url)
-        state = _sqlstate(exc)
-        if state is not None and (state.startswith("28") or state in _ACCESS_HINTS):
-            hint = _ACCESS_HINTS.get(state[:2] if state.startswith("28") else state, "")
-            return DatabaseAccessDenied(
-                mask_secrets(
-                    f"could not {what}: {where} refused casty-sa ({text}). Nothing was "
-                    f"stored, and calling again will fail the same way: {hint}.",
-                    self._secrets,
-                )
-            )
-        if self._dialect != "sqlite" or "unable to open database file" not in text:
-            return None
-        database = self._url.database or ""
-        if is_memory_sqlite(self._url) or database.startswith("file:"):
-            return None
-        directory = os.path.dirname(os.path.abspath(database))
-        if not os.path.isdir(directory):
-            problem = f"its directory {directory} does not exist"
-            hint = "create the directory (casty-sa creates the file, not its directories)"
-        elif not os.access(directory, os.W_OK | os.X_OK):
-            problem = f"this process may not create files in its directory {directory}"
-            hint = (
-                "give the process write permission on the directory (or remount a read-only "
-                "file system read-write), or fix the URL"
-            )
-        else:
-            return None  # e.g. too many open files: transient, reported as it is
-        return DatabaseAccessDenied(
-            f"could not {what}: cannot open the SQLite file {os.path.abspath(database)}, "
-            f"{problem} ({text}). Nothing was stored, and calling again will fail the same "
-            f"way: {hint}."
-        )
+        return database_error(exc, self._url, what, secrets=self._secrets, schema=self._schema)
 
 
 # -- validation helpers (module level: they run on every call) ---------------------------------
@@ -1009,40 +913,6 @@ def _check_payload(entity_id: str, seq: int, payload: object) -> None:
         )
 
 
-def _describe(exc: BaseException) -> str:
-    """A short, password-free description of a driver error (no SQL, no parameters)."""
-    original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    # a driver may quote its DSN (user:password@…, ?password=…): masked whatever the secret
-    text = mask_secrets(str(original).strip().splitlines()[0]) if str(original).strip() else ""
-    if len(text) > 300:
-        text = text[:300] + "…"
-    return f"{type(original).__name__}: {text}" if text else type(original).__name__
-
-
-#: What to do about a refusal, by SQLSTATE (class 28: the login itself was refused).
-_ACCESS_HINTS = {
-    "28": "check the user name and password of the URL, that the role exists and may log in, "
-    "and the server's pg_hba.conf",
-    "3D000": "create the database (then run `casty-sa upgrade`) or fix its name in the URL",
-    "42501": "grant the role the privileges casty-sa needs (see the README's least-privilege "
-    "section)",
-}
-
-
-def _sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a PostgreSQL error, wrapped by SQLAlchemy or raised by asyncpg."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        state = getattr(current, "sqlstate", None)
-        if isinstance(state, str):
-            return state
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else current.__cause__
-    return None
-
-
 def _entity_of(request: WriteRequest) -> str:
     return request.entity_id
 
@@ -1050,12 +920,6 @@ def _entity_of(request: WriteRequest) -> str:
 def _past(deadline: float | None, ahead: float = 0.0) -> bool:
     """Whether ``deadline`` (a ``time.monotonic()`` value) is passed ``ahead`` seconds from now."""
     return deadline is not None and time.monotonic() + ahead >= deadline
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    """Mark a task's exception as seen (its callers may all have been cancelled)."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _copy_error(exc: JournalError) -> JournalError:

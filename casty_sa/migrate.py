@@ -34,10 +34,11 @@ from sqlalchemy import URL, Connection, inspect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from casty_sa.engine import AUTOCOMMIT_ENGINES
+from casty_sa.diagnosis import access_denied, describe, sqlstate
+from casty_sa.engine import AUTOCOMMIT_ENGINES, read_connection
 from casty_sa.errors import DatabaseUnavailable, JournalError, SchemaError
 from casty_sa.models import VERSION_TABLE, metadata
-from casty_sa.urls import UrlLike, safe_url
+from casty_sa.urls import UrlLike, safe_url, url_secrets
 
 __all__ = [
     "CASTY_EVENT_COLUMNS",
@@ -225,12 +226,18 @@ async def _on_engine(
     action: Callable[..., Any],
     args: tuple[Any, ...],
     schema: str | None,
+    *,
+    writes: bool = True,
 ) -> Any:
     from casty_sa.journal import open_engine  # local: journal imports this module
 
     engine, owned = open_engine(target)
     check_schema(engine.dialect.name, schema)
     try:
+        if not writes:
+            # a look at the version table: on SQLite it neither waits for nor blocks a writer
+            async with read_connection(engine) as connection:
+                return await connection.run_sync(_invoke, action, args, schema)
         # Alembic's migration context is process-wide: one migration at a time per loop,
         # or journals starting together on different databases trample each other
         async with _alembic_turn(), engine.connect() as connection:
@@ -248,19 +255,17 @@ async def _on_engine(
             await connection.commit()
             return result
     except (SQLAlchemyError, OSError) as exc:
-        raise _migration_error(exc, engine.url) from exc
+        what = "migrate the schema" if writes else "read the schema revision"
+        raise _migration_error(exc, engine.url, what) from exc
     finally:
         if owned:
             await engine.dispose()
 
 
-def _migration_error(exc: BaseException, url: URL) -> JournalError:
+def _migration_error(exc: BaseException, url: URL, what: str) -> JournalError:
     """A casty-sa error for a failed Alembic command: no DDL, no password in it."""
-    from casty_sa.journal import _describe  # local: journal imports this module
-
-    text = _describe(exc)
-    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
-    if sqlstate == "42501" or "permission denied" in text or "must be owner" in text:
+    text = describe(exc)
+    if sqlstate(exc) == "42501" or "permission denied" in text or "must be owner" in text:
         return SchemaError(
             f"the role connecting to {safe_url(url)} may not change casty-sa's tables "
             f"({text}). Run the migrations (`casty-sa upgrade`) with a DDL-capable role, "
@@ -268,7 +273,10 @@ def _migration_error(exc: BaseException, url: URL) -> JournalError:
             "SELECT and INSERT on casty_sa_events, SELECT, INSERT and UPDATE on "
             f"casty_sa_snapshots, and SELECT on {VERSION_TABLE}. Nothing was changed."
         )
-    return DatabaseUnavailable(f"could not migrate {safe_url(url)}: {text}")
+    # a refused login, a missing database or directory: not transient, whoever met it
+    return access_denied(exc, url, what, url_secrets(url)) or DatabaseUnavailable(
+        f"could not {what} on {safe_url(url)}: {text}"
+    )
 
 
 _alembic_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
@@ -365,5 +373,6 @@ async def current(target: UrlLike | AsyncEngine, *, schema: str | None = None) -
         lambda config: current_revision(config.attributes["connection"], schema),
         (),
         schema,
+        writes=False,
     )
     return revision

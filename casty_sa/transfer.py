@@ -51,10 +51,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import ColumnElement, Select, Table, and_, func, or_, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from casty_sa.batching import DEFAULT_MAX_BATCH_BYTES, ROW_OVERHEAD, row_bytes
+from casty_sa.engine import read_only
 from casty_sa.errors import DatabaseUnavailable, InvalidEventError, JournalError
 from casty_sa.journal import SAJournal
 from casty_sa.migrate import CASTY_EVENT_COLUMNS, CASTY_SNAPSHOT_COLUMNS
@@ -376,12 +378,18 @@ class Endpoint(Protocol):
         """Per-entity event statistics and snapshot positions."""
         ...
 
-    async def read_events(self, after: tuple[str, int] | None, limit: int) -> list[Row]:
-        """Up to ``limit`` events in key order, starting after the key ``after``."""
+    async def read_events(
+        self, after: tuple[str, int] | None, limit: int, max_bytes: int
+    ) -> list[Row]:
+        """Up to ``limit`` events in key order, starting after the key ``after``.
+
+        The rows stop before ``max_bytes`` (:func:`casty_sa.batching.row_bytes`)
+        would be passed, though never before the first row.
+        """
         ...
 
-    async def read_snapshots(self, after: str | None, limit: int) -> list[Row]:
-        """Up to ``limit`` snapshots in entity order, starting after entity ``after``."""
+    async def read_snapshots(self, after: str | None, limit: int, max_bytes: int) -> list[Row]:
+        """Up to ``limit`` snapshots (and ``max_bytes``) in entity order, after entity ``after``."""
         ...
 
     async def fetch_events(self, keys: Sequence[tuple[str, int]]) -> list[Row]:
@@ -472,24 +480,27 @@ class CastyFile:
             snapshots = dict(self._conn.execute("SELECT entity_id, sequence_nr FROM snapshots"))
         return JournalStats(events, snapshots)
 
-    async def read_events(self, after: tuple[str, int] | None, limit: int) -> list[Row]:
-        """Up to ``limit`` events in key order, after the key ``after``."""
+    async def read_events(
+        self, after: tuple[str, int] | None, limit: int, max_bytes: int
+    ) -> list[Row]:
+        """Up to ``limit`` events (and ``max_bytes``) in key order, after the key ``after``."""
         columns = "SELECT entity_id, sequence_nr, timestamp, event_data FROM events "
         order = " ORDER BY entity_id, sequence_nr LIMIT ?"
         if after is None:
-            return await asyncio.to_thread(self._rows, columns + order, (limit,))
+            return await asyncio.to_thread(self._rows, columns + order, (limit,), max_bytes)
+        where = "WHERE (entity_id, sequence_nr) > (?, ?)"
         return await asyncio.to_thread(
-            self._rows, columns + "WHERE (entity_id, sequence_nr) > (?, ?)" + order, (*after, limit)
+            self._rows, columns + where + order, (*after, limit), max_bytes
         )
 
-    async def read_snapshots(self, after: str | None, limit: int) -> list[Row]:
-        """Up to ``limit`` snapshots in entity order, after entity ``after``."""
+    async def read_snapshots(self, after: str | None, limit: int, max_bytes: int) -> list[Row]:
+        """Up to ``limit`` snapshots (and ``max_bytes``) in entity order, after entity ``after``."""
         columns = "SELECT entity_id, sequence_nr, timestamp, state_data FROM snapshots "
         order = " ORDER BY entity_id LIMIT ?"
         if after is None:
-            return await asyncio.to_thread(self._rows, columns + order, (limit,))
+            return await asyncio.to_thread(self._rows, columns + order, (limit,), max_bytes)
         return await asyncio.to_thread(
-            self._rows, columns + "WHERE entity_id > ?" + order, (after, limit)
+            self._rows, columns + "WHERE entity_id > ?" + order, (after, limit), max_bytes
         )
 
     def check_shapes(self) -> None:
@@ -530,11 +541,21 @@ class CastyFile:
                 "such rows. Nothing was copied."
             )
 
-    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[Row]:
-        """Run a read query and check every row it returns."""
+    def _rows(self, sql: str, params: tuple[Any, ...], max_bytes: int | None = None) -> list[Row]:
+        """Run a read query and check every row it returns, up to ``max_bytes`` of rows.
+
+        The cursor steps row by row, so rows past the cap are never read.
+        """
+        rows: list[Row] = []
+        total = 0
         with self._errors("read rows"):
-            rows = self._conn.execute(sql, params).fetchall()
-        return [_checked_row(*row) for row in rows]
+            for raw in self._conn.execute(sql, params):
+                row = _checked_row(*raw)
+                total += row_bytes(row.entity_id, row.payload)
+                if rows and max_bytes is not None and total > max_bytes:
+                    break
+                rows.append(row)
+        return rows
 
     async def fetch_events(self, keys: Sequence[tuple[str, int]]) -> list[Row]:
         """The events stored under ``keys``, looked up by primary key."""
@@ -722,6 +743,9 @@ class JournalDatabase:
             if schema is None
             else engine.execution_options(schema_translate_map={None: schema})
         )
+        # reads (stats, the source side of a copy, the verification) take no write lock on
+        # SQLite: an export never waits for, nor holds up, the application's writer
+        self._reader = read_only(self._engine)
         self._name = safe_url(engine.url)
         insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         events = insert(_events)
@@ -794,7 +818,7 @@ class JournalDatabase:
             c.entity_id, func.count(), func.min(c.sequence_nr), func.max(c.sequence_nr)
         ).group_by(c.entity_id)
         snapshot_query = select(_snapshots.c.entity_id, _snapshots.c.sequence_nr)
-        async with self._engine.connect() as connection:
+        async with self._reader.connect() as connection:
             events = {
                 entity: EntityStats(count, first, last)
                 for entity, count, first, last in await connection.execute(events_query)
@@ -802,31 +826,30 @@ class JournalDatabase:
             snapshots = {entity: seq for entity, seq in await connection.execute(snapshot_query)}
         return JournalStats(events, snapshots)
 
-    async def read_events(self, after: tuple[str, int] | None, limit: int) -> list[Row]:
-        """Up to ``limit`` events in key order, after the key ``after``."""
+    async def read_events(
+        self, after: tuple[str, int] | None, limit: int, max_bytes: int
+    ) -> list[Row]:
+        """Up to ``limit`` events (and ``max_bytes``) in key order, after the key ``after``."""
         c = _events.c
-        query = select(c.entity_id, c.sequence_nr, c.timestamp, c.payload)
-        if after is not None:
-            query = query.where(tuple_(c.entity_id, c.sequence_nr) > tuple_(*after))
-        query = query.order_by(c.entity_id, c.sequence_nr).limit(limit)
-        async with self._engine.connect() as connection:
+        keys = (c.entity_id, c.sequence_nr)
+        where = None if after is None else tuple_(*keys) > tuple_(*after)
+        query = _within_bytes(_events, keys, where, limit, max_bytes)
+        async with self._reader.connect() as connection:
             return [Row(*row) for row in await connection.execute(query)]
 
-    async def read_snapshots(self, after: str | None, limit: int) -> list[Row]:
-        """Up to ``limit`` snapshots in entity order, after entity ``after``."""
+    async def read_snapshots(self, after: str | None, limit: int, max_bytes: int) -> list[Row]:
+        """Up to ``limit`` snapshots (and ``max_bytes``) in entity order, after entity ``after``."""
         c = _snapshots.c
-        query = select(c.entity_id, c.sequence_nr, c.timestamp, c.payload)
-        if after is not None:
-            query = query.where(c.entity_id > after)
-        query = query.order_by(c.entity_id).limit(limit)
-        async with self._engine.connect() as connection:
+        where = None if after is None else c.entity_id > after
+        query = _within_bytes(_snapshots, (c.entity_id,), where, limit, max_bytes)
+        async with self._reader.connect() as connection:
             return [Row(*row) for row in await connection.execute(query)]
 
     async def fetch_events(self, keys: Sequence[tuple[str, int]]) -> list[Row]:
         """The events stored under ``keys``, looked up by primary key."""
         c = _events.c
         found: list[Row] = []
-        async with self._engine.connect() as connection:
+        async with self._reader.connect() as connection:
             for chunk in _chunks(keys, _LOOKUP_CHUNK):
                 query = select(c.entity_id, c.sequence_nr, c.timestamp, c.payload).where(
                     tuple_(c.entity_id, c.sequence_nr).in_(chunk)
@@ -838,7 +861,7 @@ class JournalDatabase:
         """The snapshots of ``entities``."""
         c = _snapshots.c
         found: list[Row] = []
-        async with self._engine.connect() as connection:
+        async with self._reader.connect() as connection:
             for chunk in _chunks(entities, _LOOKUP_CHUNK):
                 query = select(c.entity_id, c.sequence_nr, c.timestamp, c.payload).where(
                     c.entity_id.in_(chunk)
@@ -857,6 +880,39 @@ class JournalDatabase:
         async with self._engine.begin() as connection:
             result = await connection.execute(self._upsert_snapshots, [_params(r) for r in rows])
             return len(result.all())
+
+
+def _within_bytes(
+    table: Table,
+    keys: tuple[ColumnElement[Any], ...],
+    where: ColumnElement[bool] | None,
+    limit: int,
+    max_bytes: int,
+) -> Select[Any]:
+    """The first ``limit`` rows of ``table`` in ``keys`` order, stopping at ``max_bytes``.
+
+    The sizes (:func:`casty_sa.batching.row_bytes`) are summed in key order
+    before any payload is read, so rows past the cap are never sent; the
+    first row always comes, whatever its size.
+    """
+    c = table.c
+    size = func.length(c.entity_id) + func.length(c.payload) + ROW_OVERHEAD
+    first = select(*keys, size.label("size"))
+    if where is not None:
+        first = first.where(where)
+    page = first.order_by(*keys).limit(limit).subquery()
+    page_keys = [page.c[key.name] for key in keys]
+    running = select(
+        *page_keys,
+        page.c.size,
+        func.sum(page.c.size).over(order_by=page_keys).label("total"),
+    ).subquery()
+    return (
+        select(c.entity_id, c.sequence_nr, c.timestamp, c.payload)
+        .join(running, and_(*(c[key.name] == running.c[key.name] for key in keys)))
+        .where(or_(running.c.total <= max_bytes, running.c.total == running.c.size))
+        .order_by(*keys)
+    )
 
 
 def missing_sqlite_file(target: UrlLike | AsyncEngine) -> Path | None:
@@ -917,6 +973,7 @@ async def copy_journal(
     target: Endpoint,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     on_progress: ProgressCallback | None = None,
 ) -> TransferReport:
     """Copy every event and snapshot of ``source`` that ``target`` lacks, then verify.
@@ -932,6 +989,11 @@ async def copy_journal(
         A :class:`CastyFile` or a :class:`JournalDatabase`, either way round.
     batch_size : int
         Rows read and written per batch.
+    batch_bytes : int
+        Most bytes of rows per batch (as the journal's group commit counts
+        them); a single larger row goes alone. Large events thus never add up
+        to a statement the database refuses (PostgreSQL's 1 GiB per message),
+        nor to a batch that does not fit in memory.
     on_progress : Callable[[Progress], None] | None
         Called after every batch.
 
@@ -949,8 +1011,11 @@ async def copy_journal(
     InvalidEventError
         The source holds an entity id casty-sa cannot store; nothing is copied.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    if batch_size < 1 or batch_bytes < 1:
+        raise ValueError(
+            f"batch_size and batch_bytes must be at least 1, not {batch_size}, {batch_bytes}"
+        )
+    batch = _Batch(batch_size, batch_bytes)
     started = time.perf_counter()
     before = await source.stats()
     _check_entity_ids(before)
@@ -972,7 +1037,7 @@ async def copy_journal(
     if shared:
         # Before writing anything: what the target holds under the source's keys must be the
         # source's own rows, or the copy would leave a history mixing both.
-        forks = await _compare(source, target, batch_size, only=shared, missing_ok=True)
+        forks = await _compare(source, target, batch, only=shared, missing_ok=True)
         if forks.count:
             log.debug(
                 "copy %s -> %s refused: %d entities differ", source.name, target.name, forks.count
@@ -993,11 +1058,11 @@ async def copy_journal(
             )
     progress = Progress(0, before.event_count, 0, len(before.snapshots))
     report = _Counts()
-    await _copy_events(source, target, before, already, batch_size, progress, report, on_progress)
+    await _copy_events(source, target, before, already, batch, progress, report, on_progress)
     progress = Progress(progress.events_total, progress.events_total, 0, len(before.snapshots))
-    await _copy_snapshots(source, target, already, batch_size, progress, report, on_progress)
+    await _copy_snapshots(source, target, already, batch, progress, report, on_progress)
     after = await source.stats()
-    check = await _compare(source, target, batch_size, only=None, missing_ok=False)
+    check = await _compare(source, target, batch, only=None, missing_ok=False)
     target_ahead = _target_ahead(after, await target.stats())
     seconds = time.perf_counter() - started
     log.debug("copy %s -> %s finished in %.3fs", source.name, target.name, seconds)
@@ -1022,6 +1087,14 @@ async def copy_journal(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """How much one batch of a copy carries at most: rows, and bytes of rows."""
+
+    rows: int
+    bytes: int
+
+
 @dataclass(slots=True)
 class _Counts:
     """Running totals of a copy."""
@@ -1037,7 +1110,7 @@ async def _copy_events(
     target: Endpoint,
     src: JournalStats,
     dst: JournalStats,
-    batch_size: int,
+    batch: _Batch,
     progress: Progress,
     counts: _Counts,
     on_progress: ProgressCallback | None,
@@ -1047,7 +1120,7 @@ async def _copy_events(
     after: tuple[str, int] | None = None
     while True:
         read_started = time.perf_counter()
-        rows = await source.read_events(after, batch_size)
+        rows = await source.read_events(after, batch.rows, batch.bytes)
         if not rows:
             return
         read_seconds = time.perf_counter() - read_started
@@ -1080,7 +1153,7 @@ async def _copy_snapshots(
     source: Endpoint,
     target: Endpoint,
     dst: JournalStats,
-    batch_size: int,
+    batch: _Batch,
     progress: Progress,
     counts: _Counts,
     on_progress: ProgressCallback | None,
@@ -1088,7 +1161,7 @@ async def _copy_snapshots(
     """Copy snapshots the target lacks or holds at a lower sequence number."""
     after: str | None = None
     while True:
-        rows = await source.read_snapshots(after, batch_size)
+        rows = await source.read_snapshots(after, batch.rows, batch.bytes)
         if not rows:
             return
         newer = [row for row in rows if row.sequence_nr > dst.snapshots.get(row.entity_id, -1)]
@@ -1194,7 +1267,7 @@ class _Comparison:
 async def _compare(
     source: Endpoint,
     target: Endpoint,
-    batch_size: int,
+    batch: _Batch,
     *,
     only: set[str] | None,
     missing_ok: bool,
@@ -1211,7 +1284,7 @@ async def _compare(
     """
     result = _Comparison(missing_ok)
     after: tuple[str, int] | None = None
-    while rows := await source.read_events(after, batch_size):
+    while rows := await source.read_events(after, batch.rows, batch.bytes):
         after = (rows[-1].entity_id, rows[-1].sequence_nr)
         result.events_seen += len(rows)
         wanted = rows if only is None else [row for row in rows if row.entity_id in only]
@@ -1234,7 +1307,7 @@ async def _compare(
                     )
                 )
     entity_after: str | None = None
-    while rows := await source.read_snapshots(entity_after, batch_size):
+    while rows := await source.read_snapshots(entity_after, batch.rows, batch.bytes):
         entity_after = rows[-1].entity_id
         result.snapshots_seen += len(rows)
         wanted = rows if only is None else [row for row in rows if row.entity_id in only]
@@ -1289,6 +1362,7 @@ async def import_casty_file(
     target: UrlLike | AsyncEngine,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     migrate: bool | None = None,
     schema: str | None = None,
     on_progress: ProgressCallback | None = None,
@@ -1305,6 +1379,8 @@ async def import_casty_file(
         database must be at head unless ``migrate=True``.
     batch_size : int
         Events per batch and per target transaction.
+    batch_bytes : int
+        Most bytes of rows per batch (see :func:`copy_journal`).
     migrate : bool | None
         As for :class:`~casty_sa.SAJournal`.
     schema : str | None
@@ -1330,7 +1406,9 @@ async def import_casty_file(
         CastyFile.open(path) as source,
         JournalDatabase.open(target, migrate=migrate, schema=schema, **engine_options) as sink,
     ):
-        return await copy_journal(source, sink, batch_size=batch_size, on_progress=on_progress)
+        return await copy_journal(
+            source, sink, batch_size=batch_size, batch_bytes=batch_bytes, on_progress=on_progress
+        )
 
 
 async def export_casty_file(
@@ -1338,6 +1416,7 @@ async def export_casty_file(
     path: str | Path,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     schema: str | None = None,
     on_progress: ProgressCallback | None = None,
     **engine_options: Any,
@@ -1353,6 +1432,8 @@ async def export_casty_file(
         an existing casty journal file gets what it lacks.
     batch_size : int
         Events per batch.
+    batch_bytes : int
+        Most bytes of rows per batch (see :func:`copy_journal`).
     schema : str | None
         PostgreSQL schema of the source's tables.
     on_progress : Callable[[Progress], None] | None
@@ -1378,4 +1459,6 @@ async def export_casty_file(
         ) as origin,
         CastyFile.open(path, create=True) as sink,
     ):
-        return await copy_journal(origin, sink, batch_size=batch_size, on_progress=on_progress)
+        return await copy_journal(
+            origin, sink, batch_size=batch_size, batch_bytes=batch_bytes, on_progress=on_progress
+        )

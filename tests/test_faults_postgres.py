@@ -736,6 +736,32 @@ async def test_a_refused_login_is_not_transient_and_never_retried(
     assert "retry" not in caplog.text  # reads did not hammer the server
 
 
+@pytest.mark.parametrize("refusal", ["wrong-password", "unknown-role", "missing-database"])
+async def test_migrations_and_the_cli_say_a_refused_login_is_access_denied(
+    pg: DedicatedPostgres, fault_db: URL, capsys: pytest.CaptureFixture[str], refusal: str
+) -> None:
+    from casty_sa.cli import ExitCode, main
+
+    url, says = {
+        "wrong-password": (fault_db.set(password="Wr0ng-xyz"), "password authentication failed"),
+        "unknown-role": (fault_db.set(username="no_such_role_xyz"), "no_such_role_xyz"),
+        "missing-database": (fault_db.set(database="no_such_db_xyz"), "no_such_db_xyz"),
+    }[refusal]
+    for call in (casty_sa.upgrade(url), casty_sa.current(url), casty_sa.downgrade(url)):
+        with pytest.raises(DatabaseAccessDenied, match=says) as info:
+            await asyncio.wait_for(call, 20)
+        message = str(info.value)
+        assert "call again" not in message and "fail the same way" in message
+        assert "Wr0ng-xyz" not in _full_text(info.value) and ADMIN_PASSWORD not in message
+    for command in (["upgrade"], ["check"], ["current"]):
+        argv = [*command, "--url", dbtools.plain(url), "--connect-timeout", "5"]
+        code = await asyncio.wait_for(asyncio.to_thread(main, argv), 30)  # main runs a loop
+        out, err = capsys.readouterr()
+        assert code == ExitCode.DATABASE_ERROR, (command, err)
+        assert says in err and "fail the same way" in err, (command, err)
+        assert "Wr0ng-xyz" not in out + err and ADMIN_PASSWORD not in out + err, command
+
+
 async def test_a_missing_privilege_is_not_transient_and_never_retried(
     pg: DedicatedPostgres,
     roles: tuple[URL, URL, str],

@@ -546,14 +546,9 @@ async def test_no_new_connection_recreates_a_deleted_file(
 # -- reads never take the write lock -----------------------------------------------------------
 
 
-async def test_a_fresh_journals_first_read_does_not_wait_for_another_writer(
-    tmp_path: Path, make_journal: Callable[..., SAJournal]
-) -> None:
-    path = tmp_path / "busy.db"
-    seed = SAJournal(sqlite_url(path))
-    await seed.persist("acct", batch("acct", 1, 3))
-    await seed.save_snapshot("acct", Snapshot(3, "s", 1.0))
-    await seed.close()
+@contextlib.contextmanager
+def another_writer_holding_the_lock(path: Path) -> Iterator[None]:
+    """Another connection holds the file's write lock (``BEGIN IMMEDIATE``, a row inserted)."""
     locked, release = threading.Event(), threading.Event()
 
     def hold_write_lock() -> None:
@@ -567,9 +562,25 @@ async def test_a_fresh_journals_first_read_does_not_wait_for_another_writer(
         finally:
             other.close()
 
-    holder = asyncio.ensure_future(asyncio.to_thread(hold_write_lock))
+    holder = threading.Thread(target=hold_write_lock, daemon=True)
+    holder.start()
     try:
-        assert await asyncio.to_thread(locked.wait, 10)
+        assert locked.wait(10), "the other writer did not get the lock"
+        yield
+    finally:
+        release.set()
+        holder.join(30)
+
+
+async def test_a_fresh_journals_first_read_does_not_wait_for_another_writer(
+    tmp_path: Path, make_journal: Callable[..., SAJournal]
+) -> None:
+    path = tmp_path / "busy.db"
+    seed = SAJournal(sqlite_url(path))
+    await seed.persist("acct", batch("acct", 1, 3))
+    await seed.save_snapshot("acct", Snapshot(3, "s", 1.0))
+    await seed.close()
+    with another_writer_holding_the_lock(path):
         journal = make_journal(sqlite_url(path), busy_timeout=1.0)
         started = time.monotonic()
         events = await asyncio.wait_for(journal.load("acct"), 10)
@@ -577,10 +588,83 @@ async def test_a_fresh_journals_first_read_does_not_wait_for_another_writer(
         assert time.monotonic() - started < 0.5, "the first read waited for the writer"
         assert [e.sequence_nr for e in events] == [1, 2, 3]
         assert snapshot == Snapshot(3, "s", 1.0)
-    finally:
-        release.set()
-        await asyncio.wait_for(holder, 10)
     await journal.persist("acct", batch("acct", 4, 1))  # writes work once the lock is free
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["check"], ["current"], ["inspect"], ["inspect", "acct"], ["export", "--to", "{out}"]],
+    ids=["check", "current", "inspect", "inspect-entity", "export"],
+)
+def test_commands_that_only_read_do_not_wait_for_another_writer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    from casty_sa.cli import ExitCode, main
+
+    path = tmp_path / "busy.db"
+
+    async def seed() -> None:
+        async with SAJournal(sqlite_url(path)) as journal:
+            await journal.persist("acct", batch("acct", 1, 3))
+
+    asyncio.run(seed())
+    argv = [arg.format(out=tmp_path / "out.db") for arg in command]
+    with another_writer_holding_the_lock(path):
+        # the default busy timeout is 5 s: a read that took the write lock would wait that
+        # long, then fail with "database is locked"
+        started = time.monotonic()
+        code = main([*argv, "--url", sqlite_url(path)])
+        elapsed = time.monotonic() - started
+    out, err = capsys.readouterr()
+    assert code == ExitCode.OK, err
+    assert elapsed < 2.5, f"casty-sa {' '.join(argv)} waited {elapsed:.1f}s for the writer"
+    if command[0] == "export":
+        assert "3 copied" in out or "3 events" in out, out
+
+
+async def test_migrate_current_does_not_wait_for_another_writer(tmp_path: Path) -> None:
+    path = tmp_path / "busy.db"
+    await casty_sa.upgrade(sqlite_url(path))
+    with another_writer_holding_the_lock(path):
+        started = time.monotonic()
+        revision = await asyncio.wait_for(casty_sa.current(sqlite_url(path)), 10)
+        assert time.monotonic() - started < 2.5, "current() waited for the writer"
+    assert revision == casty_sa.head_revision()
+
+
+# -- the shared reader connection --------------------------------------------------------------
+
+
+async def test_reads_arriving_together_share_one_attempt_to_open_the_reader(
+    tmp_path: Path, make_journal: Callable[..., SAJournal]
+) -> None:
+    """Reads that come while the shared reader connection is being opened share that
+    attempt: when it fails (here the pool has no connection to give within pool_timeout),
+    they fail together, not one attempt after another (1x the timeout, not Nx)."""
+    timeout = 1.0
+    journal = make_journal(
+        sqlite_url(tmp_path / "j.db"), pool_size=1, max_overflow=0, pool_timeout=timeout
+    )
+    await journal.start()
+    holder = await journal.engine.connect()  # someone else holds the only connection
+    await holder.exec_driver_sql("SELECT 1")
+    started = time.monotonic()
+
+    async def read(i: int) -> float:
+        with pytest.raises(DatabaseUnavailable, match=r"timed out|QueuePool limit"):
+            if i % 2:
+                await journal.load(f"e{i}")
+            else:
+                await journal.load_snapshot(f"e{i}")
+        return time.monotonic() - started
+
+    try:
+        failed_at = await asyncio.wait_for(asyncio.gather(*(read(i) for i in range(64))), 30)
+    finally:
+        await holder.close()
+    assert max(failed_at) < 1.6 * timeout, sorted(failed_at)
+    # the connection is back in the pool: the next read opens the reader and works
+    assert await asyncio.wait_for(journal.load("e1"), 10) == []
 
 
 # -- a payload over SQLite's length limit ------------------------------------------------------

@@ -31,7 +31,7 @@ from sqlalchemy import URL, event, text
 from casty_sa import SAJournal, SchemaError
 from casty_sa.cli import ExitCode, main
 from casty_sa.journal import open_engine
-from casty_sa.transfer import Progress, TransferReport, import_casty_file
+from casty_sa.transfer import Progress, TransferReport, export_casty_file, import_casty_file
 
 TIMEOUT = 60
 UNICODE_ID = "ação-ü 口座"
@@ -368,6 +368,89 @@ def _rows_in(path: Path) -> int:
             return int(conn.execute("SELECT count(*) FROM casty_sa_events").fetchone()[0])
     except sqlite3.OperationalError:  # not created or not migrated yet
         return 0
+
+
+#: Big-ish events: 40 of 10,000 bytes (10,021 as the byte caps count a row), in two entities.
+BIG_EVENTS: dict[str, list[Any]] = {
+    entity: [bytes([i]) * 10_000 for i in range(20)] for entity in ("big-1", "big-2")
+}
+#: A cap that three such rows fit under and four do not: 14 batches for 40 events.
+BATCH_BYTES = 35_000
+
+
+def event_batches(progress: list[Progress]) -> list[int]:
+    """The events each batch carried, from the progress reported after every batch."""
+    done = [p.events_done for p in progress if p.snapshots_done == 0]
+    return [b - a for a, b in zip([0, *done], done, strict=False) if b > a]
+
+
+class TestBatchBytes:
+    """Batches are capped by bytes as well as rows, so large events never add up to a
+    statement PostgreSQL refuses (1 GiB per message) or a batch that fills memory."""
+
+    def test_import_batches_by_bytes(self, db_url: URL, tmp_path: Path) -> None:
+        source = tmp_path / "big.db"
+        write_casty_file(source, BIG_EVENTS, {"big-1": 20})
+        engine, _ = open_engine(db_url)
+        inserts: list[str] = []
+
+        @event.listens_for(engine.sync_engine, "before_cursor_execute")
+        def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if statement.startswith("INSERT INTO casty_sa_events"):
+                inserts.append(statement)
+
+        progress: list[Progress] = []
+
+        async def copy() -> TransferReport:
+            try:
+                return await import_casty_file(
+                    source, engine, batch_bytes=BATCH_BYTES, on_progress=progress.append
+                )
+            finally:
+                await engine.dispose()
+
+        report = asyncio.run(asyncio.wait_for(copy(), TIMEOUT))
+        assert report.events_copied == 40 and report.verified
+        assert event_batches(progress) == [3] * 13 + [1]  # 1,000 rows a batch allowed
+        assert len(inserts) == 14  # one statement per batch, each under the cap
+        assert load_database(db_url, list(BIG_EVENTS)) == load_casty_file(source, list(BIG_EVENTS))
+
+    def test_export_batches_by_bytes(self, db_url: URL, tmp_path: Path) -> None:
+        async def fill() -> None:
+            async with SAJournal(db_url) as journal:
+                for entity, payloads in BIG_EVENTS.items():
+                    events = [PersistedEvent(i, p, 1.5 * i) for i, p in enumerate(payloads, 1)]
+                    await journal.persist(entity, events)
+
+        asyncio.run(fill())
+        progress: list[Progress] = []
+        exported = tmp_path / "exported.db"
+        report = asyncio.run(
+            asyncio.wait_for(
+                export_casty_file(
+                    db_url, exported, batch_bytes=BATCH_BYTES, on_progress=progress.append
+                ),
+                TIMEOUT,
+            )
+        )
+        assert report.events_copied == 40 and report.verified
+        assert event_batches(progress) == [3] * 13 + [1]
+        assert load_casty_file(exported, list(BIG_EVENTS)) == load_database(
+            db_url, list(BIG_EVENTS)
+        )
+
+    def test_a_row_larger_than_the_cap_goes_alone(self, db_url: URL, tmp_path: Path) -> None:
+        source = tmp_path / "big.db"
+        write_casty_file(source, BIG_EVENTS, {})
+        progress: list[Progress] = []
+        report = asyncio.run(
+            asyncio.wait_for(
+                import_casty_file(source, db_url, batch_bytes=1, on_progress=progress.append),
+                TIMEOUT,
+            )
+        )
+        assert report.events_copied == 40 and report.verified
+        assert event_batches(progress) == [1] * 40
 
 
 class TestBadFiles:

@@ -1,0 +1,208 @@
+"""What a failed database call means, in casty-sa's errors: the one place that decides.
+
+The journal, the migrations (:mod:`casty_sa.migrate`) and the CLI's reads of
+the schema revision turn a driver's or SQLAlchemy's exception into a
+:class:`~casty_sa.errors.JournalError` here, so a refused login is
+:class:`~casty_sa.errors.DatabaseAccessDenied` whichever of them met it, and
+no message ever carries a password.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from sqlalchemy import URL
+from sqlalchemy.exc import DBAPIError
+
+from casty_sa.errors import DatabaseAccessDenied, DatabaseUnavailable, JournalError, SchemaError
+from casty_sa.urls import is_memory_sqlite, mask_secrets, safe_url
+
+__all__ = [
+    "access_denied",
+    "database_error",
+    "describe",
+    "is_schema_mismatch",
+    "sqlstate",
+    "upgrade_hint",
+]
+
+#: What to do about a refusal, by SQLSTATE (class 28: the login itself was refused).
+ACCESS_HINTS = {
+    "28": "check the user name and password of the URL, that the role exists and may log in, "
+    "and the server's pg_hba.conf",
+    "3D000": "create the database (then run `casty-sa upgrade`) or fix its name in the URL",
+    "42501": "grant the role the privileges casty-sa needs (see the README's least-privilege "
+    "section)",
+}
+
+
+def describe(exc: BaseException) -> str:
+    """A short, password-free description of a driver error (no SQL, no parameters)."""
+    original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    # a driver may quote its DSN (user:password@…, ?password=…): masked whatever the secret
+    text = mask_secrets(str(original).strip().splitlines()[0]) if str(original).strip() else ""
+    if len(text) > 300:
+        text = text[:300] + "…"
+    return f"{type(original).__name__}: {text}" if text else type(original).__name__
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL error, wrapped by SQLAlchemy or raised by asyncpg."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        state = getattr(current, "sqlstate", None)
+        if isinstance(state, str):
+            return state
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return None
+
+
+#: PostgreSQL SQLSTATEs of a table, column, schema or ON CONFLICT key that is not there
+_PG_SCHEMA_MISMATCH = frozenset({"42P01", "42703", "42P10", "3F000"})
+#: SQLite's messages (SQLITE_ERROR) for the same
+_SQLITE_SCHEMA_MISMATCH = (
+    "no such table",
+    "no such column",
+    "has no column named",
+    "does not match any primary key or unique constraint",
+)
+
+
+def is_schema_mismatch(exc: BaseException) -> bool:
+    """Whether ``exc`` says a table, column or key casty-sa uses is not there.
+
+    Not worth retrying: the statement will fail the same way until an operator
+    restores the schema.
+    """
+    original = getattr(exc, "orig", None) or exc
+    if isinstance(original, sqlite3.OperationalError):
+        text = str(original).lower()
+        return any(marker in text for marker in _SQLITE_SCHEMA_MISMATCH)
+    if sqlstate(exc) in _PG_SCHEMA_MISMATCH:
+        return True
+    # a driver's error without a code (or one wrapped twice) naming one of casty-sa's tables
+    text = describe(exc).lower()
+    return ("no such table" in text or "does not exist" in text) and "casty_sa_" in text
+
+
+def upgrade_hint(schema: str | None) -> str:
+    """The sentence that says how to bring a database to head from a shell."""
+    # no URL in the command: a masked password (***) would not log in, and a real one on a
+    # command line is visible to every user of the machine
+    flag = f" --schema {schema}" if schema is not None else ""
+    return (
+        f"Run `casty-sa upgrade{flag}` with the environment variable CASTY_SA_URL set to this "
+        "database's URL (the variable keeps its password off the command line)"
+    )
+
+
+def access_denied(
+    exc: BaseException, url: URL, what: str, secrets: frozenset[str] = frozenset()
+) -> DatabaseAccessDenied | None:
+    """A ``DatabaseAccessDenied`` when ``exc`` is a refusal calling again cannot fix.
+
+    A login the server refused (SQLSTATE class 28: wrong password, unknown
+    role, pg_hba.conf), a database that does not exist, a missing privilege,
+    or a SQLite file whose directory is missing or not writable; ``None`` for
+    anything else.
+    """
+    text = describe(exc)
+    state = sqlstate(exc)
+    if state is not None and (state.startswith("28") or state in ACCESS_HINTS):
+        cause = f"{safe_url(url)} refused casty-sa ({text})"
+        hint = ACCESS_HINTS.get(state[:2] if state.startswith("28") else state, "")
+    else:
+        sqlite = _sqlite_file_refused(url, text)
+        if sqlite is None:
+            return None
+        cause, hint = sqlite
+    return DatabaseAccessDenied(
+        mask_secrets(
+            f"could not {what}: {cause}. Nothing was stored, and calling again will fail the "
+            f"same way: {hint}.",
+            secrets,
+        )
+    )
+
+
+def _sqlite_file_refused(url: URL, text: str) -> tuple[str, str] | None:
+    """What keeps a SQLite file from being opened for good, and what to do; ``None`` if
+    nothing does (e.g. too many open files: transient, reported as it is)."""
+    if url.get_backend_name() != "sqlite" or "unable to open database file" not in text:
+        return None
+    database = url.database or ""
+    if is_memory_sqlite(url) or database.startswith("file:"):
+        return None
+    directory = os.path.dirname(os.path.abspath(database))
+    if not os.path.isdir(directory):
+        problem = f"its directory {directory} does not exist"
+        hint = "create the directory (casty-sa creates the file, not its directories)"
+    elif not os.access(directory, os.W_OK | os.X_OK):
+        problem = f"this process may not create files in its directory {directory}"
+        hint = (
+            "give the process write permission on the directory (or remount a read-only "
+            "file system read-write), or fix the URL"
+        )
+    else:
+        return None
+    return f"cannot open the SQLite file {os.path.abspath(database)}, {problem} ({text})", hint
+
+
+def database_error(
+    exc: BaseException,
+    url: URL,
+    what: str,
+    *,
+    secrets: frozenset[str] = frozenset(),
+    schema: str | None = None,
+) -> JournalError:
+    """casty-sa's error for a failed call: refused, tables missing or altered, or unavailable.
+
+    Parameters
+    ----------
+    exc : BaseException
+        What the driver or SQLAlchemy raised (a ``JournalError`` is returned as is).
+    url : URL
+        The database (shown with its password masked).
+    what : str
+        What failed, after "could not" (``"load events of 'acct-1'"``).
+    secrets : frozenset[str]
+        Secrets of the URL to scrub from the driver's text as well.
+    schema : str | None
+        PostgreSQL schema of the tables, for the ``casty-sa upgrade`` hint.
+    """
+    if isinstance(exc, JournalError):
+        return exc
+    denied = access_denied(exc, url, what, secrets)
+    if denied is not None:
+        return denied
+    text = describe(exc)
+    if is_schema_mismatch(exc):
+        return SchemaError(
+            f"casty-sa's tables on {safe_url(url)} are missing or altered (could "
+            f"not {what}: {text}); nothing of a failed write was stored. "
+            f"{upgrade_hint(schema)} to create missing tables; a dropped or changed column "
+            "must be restored by hand (casty_sa.metadata describes the expected tables)."
+        )
+    if (
+        isinstance(exc, TimeoutError)
+        or isinstance(getattr(exc, "orig", None), TimeoutError)
+        or sqlstate(exc) == "57014"  # the server's statement_timeout
+    ):
+        hint = (
+            "it timed out: check the database's load and reachability, or raise "
+            "connect_timeout / statement_timeout (or pool_timeout) on SAJournal"
+        )
+    else:
+        hint = "check that the database is reachable, then call again"
+    return DatabaseUnavailable(
+        mask_secrets(
+            f"could not {what} on {safe_url(url)}: {text}. Nothing of a failed "
+            f"write was stored; {hint}.",
+            secrets,
+        )
+    )
