@@ -13,10 +13,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 from sqlalchemy import URL
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+CHART = SCRIPT.with_name("chart.py")
+#: the journals the chart compares casty-sa's with, one bar each per workload
+REFERENCES = ("casty-sqlite", "raw-aiosqlite", "raw-asyncpg")
 JOURNALS = (
     "sa-sqlite",
     "sa-postgresql",
@@ -68,3 +72,28 @@ def test_quick_run_covers_every_journal_and_workload(
     assert results["machine"]["postgresql"]["server_version"]
     assert results["machine"]["sqlite_synchronous"]["sa-sqlite"] == "FULL"
     assert results["machine"]["sqlite_synchronous"]["raw-aiosqlite"] == "FULL"
+
+    # the chart of the same run: one bar per measured ratio, the rest named as not measured
+    chart = tmp_path / "ratios.svg"
+    drawn = subprocess.run(
+        [sys.executable, str(CHART), str(report), str(chart)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    svg = ElementTree.parse(chart).getroot()
+    bars = [
+        title.text or ""
+        for rect in svg.iter("{http://www.w3.org/2000/svg}rect")
+        for title in rect.iter("{http://www.w3.org/2000/svg}title")
+    ]
+    unmeasured = [
+        (row, ref) for row in ROWS for ref in REFERENCES if cells[(row, ref)]["rate"] is None
+    ]
+    assert len(bars) == len(ROWS) * len(REFERENCES) - len(unmeasured)
+    for row in ROWS:
+        assert sum(bar.startswith(f"{row}: ") for bar in bars) == len(REFERENCES) - sum(
+            missing_row == row for missing_row, _ in unmeasured
+        ), row

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Draw the ratios of a benchmark run as an SVG bar chart.
+
+Reads the JSON that ``benchmarks/run.py --json FILE`` writes and draws, per
+workload, how many times faster casty-sa is than the reference journals of the
+same run: ``sa-sqlite`` against casty's ``SqliteJournal`` and against raw
+aiosqlite, ``sa-postgresql`` against raw asyncpg. The axis is logarithmic (the
+ratios span 0.5x to 30x) with a line at 1x: a bar right of it is faster. A
+ratio the run could not measure (a journal that answered wrongly) is left out
+and named under the chart. Plain SVG, no plotting library.
+
+Examples
+--------
+``python benchmarks/run.py --json results.json``, then
+``python benchmarks/chart.py results.json docs/assets/benchmark-ratios.svg``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+#: (label, journal, reference journal, colour) of each bar of a workload
+SERIES = (
+    ("sa-sqlite vs casty SqliteJournal", "sa-sqlite", "casty-sqlite", "#2f6db5"),
+    ("sa-sqlite vs raw aiosqlite", "sa-sqlite", "raw-aiosqlite", "#8fb4e3"),
+    ("sa-postgresql vs raw asyncpg", "sa-postgresql", "raw-asyncpg", "#d9822b"),
+)
+
+_LEFT, _RIGHT, _TOP = 90, 30, 70
+_BAR, _GAP, _GROUP_GAP = 12, 2, 16
+_WIDTH = 760
+_LOW, _HIGH = 0.25, 64.0  # the axis: ratios outside are drawn at its edge, labelled truly
+
+
+def ratios(report: dict[str, Any]) -> tuple[list[str], dict[tuple[str, int], float], list[str]]:
+    """Workloads in run order, the ratio of each (workload, series), and what is missing."""
+    rates = {(r["workload"], r["journal"]): r["rate"] for r in report["results"]}
+    workloads = list(dict.fromkeys(r["workload"] for r in report["results"]))
+    found: dict[tuple[str, int], float] = {}
+    missing: list[str] = []
+    for workload in workloads:
+        for index, (label, journal, reference, _colour) in enumerate(SERIES):
+            ours, theirs = rates.get((workload, journal)), rates.get((workload, reference))
+            if ours and theirs:
+                found[(workload, index)] = ours / theirs
+            else:
+                missing.append(f"{workload}: {label}")
+    return workloads, found, missing
+
+
+def _x(ratio: float) -> float:
+    span = math.log(_HIGH) - math.log(_LOW)
+    clamped = min(max(ratio, _LOW), _HIGH)
+    return _LEFT + (math.log(clamped) - math.log(_LOW)) / span * (_WIDTH - _LEFT - _RIGHT)
+
+
+def render(report: dict[str, Any], title: str) -> str:
+    """The SVG document for a run's JSON report."""
+    workloads, found, missing = ratios(report)
+    group = len(SERIES) * (_BAR + _GAP) + _GROUP_GAP
+    height = _TOP + len(workloads) * group + 40 + 16 * len(missing)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{height}" '
+        f'viewBox="0 0 {_WIDTH} {height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{_WIDTH}" height="{height}" fill="white"/>',
+        f'<text x="{_LEFT}" y="20" font-size="15" font-weight="bold">{escape(title)}</text>',
+    ]
+    for index, (label, _journal, _reference, colour) in enumerate(SERIES):
+        key = _LEFT + index * 220
+        parts.append(f'<rect x="{key}" y="32" width="12" height="12" fill="{colour}"/>')
+        parts.append(f'<text x="{key + 16}" y="42">{escape(label)}</text>')
+    bottom = _TOP + len(workloads) * group
+    tick = _LOW
+    while tick <= _HIGH:
+        x = _x(tick)
+        stroke = "#333" if tick == 1 else "#ddd"
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{_TOP - 8}" x2="{x:.1f}" y2="{bottom}" stroke="{stroke}"/>'
+        )
+        parts.append(f'<text x="{x:.1f}" y="{bottom + 16}" text-anchor="middle">{tick:g}x</text>')
+        tick *= 2
+    for row, workload in enumerate(workloads):
+        top = _TOP + row * group
+        parts.append(
+            f'<text x="{_LEFT - 8}" y="{top + group / 2 - _GROUP_GAP / 2 + 4:.1f}" '
+            f'text-anchor="end">{escape(workload)}</text>'
+        )
+        for index, (_label, _journal, _reference, colour) in enumerate(SERIES):
+            ratio = found.get((workload, index))
+            if ratio is None:
+                continue
+            y = top + index * (_BAR + _GAP)
+            start, end = sorted((_x(1.0), _x(ratio)))
+            parts.append(
+                f'<rect x="{start:.1f}" y="{y}" width="{max(end - start, 1):.1f}" '
+                f'height="{_BAR}" fill="{colour}"><title>{escape(workload)}: '
+                f"{ratio:.2f}x</title></rect>"
+            )
+            anchor, shift = ("start", 4) if ratio >= 1 else ("end", -4)
+            label_x = (end if ratio >= 1 else start) + shift
+            parts.append(
+                f'<text x="{label_x:.1f}" y="{y + _BAR - 2}" text-anchor="{anchor}" '
+                f'font-size="10">{ratio:.2f}x</text>'
+            )
+    for line, text in enumerate(missing):
+        parts.append(
+            f'<text x="{_LEFT}" y="{bottom + 34 + 16 * line}" fill="#a00">not measured: '
+            f"{escape(text)} (a journal answered wrongly)</text>"
+        )
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("report", type=Path, help="JSON written by benchmarks/run.py --json")
+    parser.add_argument("output", type=Path, help="the SVG file to write")
+    parser.add_argument("--title", default="casty-sa: times as fast as the reference (log scale)")
+    args = parser.parse_args(argv)
+    report = json.loads(args.report.read_text())
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(render(report, args.title))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
