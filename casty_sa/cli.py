@@ -899,7 +899,8 @@ def _summary(args: argparse.Namespace, verb: str, report: TransferReport) -> int
         print(f"{verb} nothing: {report.source} -> {report.target}")
         print(
             f"  REFUSED: the target already holds another history for {report.fork_count:,} "
-            "entities (different content under the same keys); nothing was written. E.g.:"
+            "entities (different content under the same keys, or rows the source cannot "
+            "vouch for by content); nothing was written. E.g.:"
         )
         for fork in report.forks:
             print(f"    {inspection.printable(str(fork))}")
@@ -935,6 +936,13 @@ def _summary(args: argparse.Namespace, verb: str, report: TransferReport) -> int
             print(
                 f"  note       the target holds more events than the source for "
                 f"{report.target_ahead:,} entities (it was in use already)"
+            )
+        if report.zero_signs_lost:
+            plural = "s" if report.zero_signs_lost > 1 else ""
+            held = "written as" if verb == "exported" else "held as"
+            print(
+                f"  note       {report.zero_signs_lost:,} timestamp{plural} -0.0 {held} 0.0: "
+                "casty's file format cannot hold the sign of zero (every other bit compared)"
             )
         if report.source_changed:
             print("  note       the source changed during the copy; run again for the rest")

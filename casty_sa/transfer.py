@@ -7,11 +7,37 @@ verifies by content: every source event and snapshot is looked up in the
 target by its key, and its payload bytes and timestamp (bit for bit) must be
 equal.
 
-A copy never mixes two histories: before writing anything, every key the
-target already holds for an entity of the source is compared by content, and
-one that differs (another history under the same keys: the application ran on
-the new tables already, or the files of two ``local`` nodes were imported one
-after the other) refuses the whole copy, leaving the target untouched.
+A copy never mixes two histories. An entity both sides hold must be proven,
+before anything is written, to be one history; the proof is by content only
+(payloads are never decoded), so the copy is refused, leaving the target
+untouched, unless all of these hold for the entity:
+
+1. every key both sides hold has the same content: an event's payload bytes
+   and timestamp, a snapshot's at the same position (another history under
+   the same keys: the application ran on the new tables already, or the files
+   of two ``local`` nodes were imported one after the other);
+2. every event the target holds at or below the source's highest position
+   (its last event or its snapshot, whichever is higher) is one of the
+   source's events: one the source lacks there cannot be compared (a source
+   that starts from a snapshot cannot vouch for the events before it). The
+   target's events above that position are its own later history;
+3. a target snapshot is the source's own (same position, same content), or
+   the target holds every event up to it (from its first, at 1 or below),
+   which rule 2 ties to the source: otherwise it may summarize another
+   history, and recovery would apply the source's events on top of it;
+4. at least one row was compared and found equal: two sides with nothing in
+   common are not proven one history.
+
+A source snapshot needs no such proof: it summarizes the source's own events,
+and rule 2 makes the target's events below it the source's. So a rerun of the
+same copy (also after a crash half-way, when the target holds a prefix of the
+source's events), a target that ran on (more events, a newer snapshot), and a
+source that ran on since an earlier copy are all accepted.
+
+casty's file format stores timestamps in a ``REAL`` column, which cannot hold
+the sign of zero: when a casty file is one side, timestamps are compared as
+the file can hold them (``-0.0`` equals ``0.0``, every other bit is compared),
+and the report counts those timestamps (``zero_signs_lost``).
 
 A copy is idempotent and resumable: an event whose key the target already
 holds (with the same content) is left alone, a snapshot replaces the target's only
@@ -45,9 +71,10 @@ import logging
 import sqlite3
 import struct
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -206,7 +233,9 @@ class Mismatch:
     entity_id : str
         The entity.
     what : str
-        ``"events"`` or ``"snapshot"``.
+        ``"events"`` or ``"snapshot"`` (content differs under a key), or
+        ``"history"`` (the two sides cannot be proven one history: see the
+        module's rules 2 to 4).
     expected : str
         What the source holds (e.g. ``"event 3 (41 bytes, timestamp 1.5)"``).
     found : str
@@ -238,14 +267,8 @@ class Mismatch:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "entity_id": self.entity_id,
-            "what": self.what,
-            "sequence_nr": self.sequence_nr,
-            "expected": self.expected,
-            "found": self.found,
-        }
+        """A JSON-ready dict of the fields."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -291,6 +314,10 @@ class TransferReport:
         Source snapshots for which the target holds a newer one (a higher
         sequence number), kept because a snapshot never moves backwards; its
         content has nothing to be compared with, and it is not a fork.
+    zero_signs_lost : int
+        Timestamps compared equal although one side holds ``-0.0`` and the
+        other, a casty file, ``0.0``: casty's file format cannot hold the sign
+        of zero (an export writes ``-0.0`` as ``0.0``).
     """
 
     source: str
@@ -312,6 +339,7 @@ class TransferReport:
     events_compared: int = 0
     snapshots_compared: int = 0
     snapshots_newer: int = 0
+    zero_signs_lost: int = 0
 
     @property
     def refused(self) -> bool:
@@ -334,28 +362,14 @@ class TransferReport:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the report (for ``--json``)."""
+        """A JSON-ready dict of the report (for ``--json``): its fields and verdicts."""
+        fields = asdict(self)  # nested Mismatch values become dicts too
         return {
-            "source": self.source,
-            "target": self.target,
-            "entities": self.entities,
-            "events": self.events,
-            "snapshots": self.snapshots,
-            "events_copied": self.events_copied,
-            "events_present": self.events_present,
-            "snapshots_copied": self.snapshots_copied,
-            "snapshots_present": self.snapshots_present,
+            **fields,
+            "forks": list(fields["forks"]),
+            "mismatches": list(fields["mismatches"]),
             "refused": self.refused,
-            "fork_count": self.fork_count,
-            "forks": [m.as_dict() for m in self.forks],
             "verified": self.verified,
-            "events_compared": self.events_compared,
-            "snapshots_compared": self.snapshots_compared,
-            "snapshots_newer": self.snapshots_newer,
-            "mismatch_count": self.mismatch_count,
-            "mismatches": [m.as_dict() for m in self.mismatches],
-            "target_ahead": self.target_ahead,
-            "source_changed": self.source_changed,
             "seconds": round(self.seconds, 3),
         }
 
@@ -372,6 +386,11 @@ class Endpoint(Protocol):
     @property
     def name(self) -> str:
         """Where the side is, for messages (passwords masked)."""
+        ...
+
+    @property
+    def keeps_zero_sign(self) -> bool:
+        """Whether a ``-0.0`` timestamp written to the side is read back as ``-0.0``."""
         ...
 
     async def stats(self) -> JournalStats:
@@ -398,6 +417,10 @@ class Endpoint(Protocol):
 
     async def fetch_snapshots(self, entities: Sequence[str]) -> list[Row]:
         """The snapshots of ``entities``, any order."""
+        ...
+
+    async def count_events(self, bounds: Sequence[tuple[str, int]]) -> list[int]:
+        """Per ``(entity id, bound)``, how many events of the entity are at or below ``bound``."""
         ...
 
     async def write_events(self, rows: Sequence[Row]) -> int:
@@ -462,6 +485,11 @@ class CastyFile:
     def name(self) -> str:
         """The file's path."""
         return str(self._path)
+
+    @property
+    def keeps_zero_sign(self) -> bool:
+        """False: casty's ``REAL`` timestamp column reads ``-0.0`` back as ``0.0``."""
+        return False
 
     async def stats(self) -> JournalStats:
         """Per-entity event statistics and snapshot positions of the file."""
@@ -586,6 +614,15 @@ class CastyFile:
                 tuple(chunk),
             )
         return found
+
+    async def count_events(self, bounds: Sequence[tuple[str, int]]) -> list[int]:
+        """Per ``(entity id, bound)``, how many events of the entity are at or below ``bound``."""
+        return await asyncio.to_thread(self._count_events, bounds)
+
+    def _count_events(self, bounds: Sequence[tuple[str, int]]) -> list[int]:
+        sql = "SELECT count(*) FROM events WHERE entity_id = ? AND sequence_nr <= ?"
+        with self._errors("count events"):
+            return [int(self._conn.execute(sql, key).fetchone()[0]) for key in bounds]
 
     async def write_events(self, rows: Sequence[Row]) -> int:
         """Insert the events the file lacks, in one transaction; return how many."""
@@ -811,6 +848,11 @@ class JournalDatabase:
         """The database URL, password masked."""
         return self._name
 
+    @property
+    def keeps_zero_sign(self) -> bool:
+        """True: casty-sa's timestamp columns keep ``-0.0`` on every backend."""
+        return True
+
     async def stats(self) -> JournalStats:
         """Per-entity event statistics and snapshot positions of the database."""
         c = _events.c
@@ -868,6 +910,16 @@ class JournalDatabase:
                 )
                 found += [Row(*row) for row in await connection.execute(query)]
         return found
+
+    async def count_events(self, bounds: Sequence[tuple[str, int]]) -> list[int]:
+        """Per ``(entity id, bound)``, how many events of the entity are at or below ``bound``."""
+        c = _events.c
+        counts: list[int] = []
+        async with self._reader.connect() as connection:
+            for entity, bound in bounds:
+                query = select(func.count()).where(c.entity_id == entity, c.sequence_nr <= bound)
+                counts.append(int((await connection.execute(query)).scalar_one()))
+        return counts
 
     async def write_events(self, rows: Sequence[Row]) -> int:
         """Insert the events the database lacks, in one transaction; return how many."""
@@ -1004,7 +1056,8 @@ async def copy_journal(
         when every source event is in the target with the same payload bytes
         and timestamp, and every source snapshot is there the same or newer.
         ``report.refused`` is true when the target already held another
-        history under the source's keys: then nothing was written.
+        history, or rows of the source's entities the source cannot vouch
+        for by content (see the module's rules): then nothing was written.
 
     Raises
     ------
@@ -1035,9 +1088,10 @@ async def copy_journal(
         already.events.keys() | already.snapshots.keys()
     )
     if shared:
-        # Before writing anything: what the target holds under the source's keys must be the
-        # source's own rows, or the copy would leave a history mixing both.
+        # Before writing anything: what the target holds of the source's entities must be the
+        # source's own history, or the copy would leave a history mixing both.
         forks = await _compare(source, target, batch, only=shared, missing_ok=True)
+        await _check_one_history(target, before, already, shared, forks)
         if forks.count:
             log.debug(
                 "copy %s -> %s refused: %d entities differ", source.name, target.name, forks.count
@@ -1084,6 +1138,7 @@ async def copy_journal(
         events_compared=check.events_compared,
         snapshots_compared=check.snapshots_compared,
         snapshots_newer=check.snapshots_newer,
+        zero_signs_lost=check.zero_signs_lost,
     )
 
 
@@ -1220,17 +1275,31 @@ def _float_bits(value: float) -> bytes:
     return struct.pack("<d", value)
 
 
+_NEGATIVE_ZERO = _float_bits(-0.0)
+
+
+def _zero_sign_only(ours: float, theirs: float) -> bool:
+    """True when the two differ only in the sign of zero (``-0.0`` against ``0.0``)."""
+    return ours == 0.0 and theirs == 0.0 and _float_bits(ours) != _float_bits(theirs)
+
+
 def _describe_row(row: Row, kind: str) -> str:
     """A row for a mismatch message: its size and timestamp, never its payload."""
     return f"{kind} {row.sequence_nr} ({len(row.payload):,} bytes, timestamp {row.timestamp!r})"
 
 
-def _difference(ours: Row, theirs: Row | None, kind: str) -> str | None:
-    """What the target's row under a key has that the source's has not; ``None`` when equal."""
+def _difference(ours: Row, theirs: Row | None, kind: str, *, zero_sign: bool) -> str | None:
+    """What the target's row under a key has that the source's has not; ``None`` when equal.
+
+    Timestamps are compared bit for bit; without ``zero_sign`` (a side cannot
+    hold the sign of zero) ``-0.0`` and ``0.0`` are the same.
+    """
     if theirs is None:
         return "none"
     payload_same = ours.payload == theirs.payload
-    time_same = _float_bits(ours.timestamp) == _float_bits(theirs.timestamp)
+    time_same = _float_bits(ours.timestamp) == _float_bits(theirs.timestamp) or (
+        not zero_sign and _zero_sign_only(ours.timestamp, theirs.timestamp)
+    )
     if payload_same and time_same:
         return None
     what = " and ".join(
@@ -1245,13 +1314,21 @@ class _Comparison:
 
     missing_ok: bool
     differences: list[Mismatch] = field(default_factory=list)
-    count: int = 0
+    entities: set[str] = field(default_factory=set)
     events_seen: int = 0
     snapshots_seen: int = 0
     events_compared: int = 0
     snapshots_compared: int = 0
     snapshots_newer: int = 0
+    zero_signs_lost: int = 0
+    #: per entity, the target's events found equal to the source's
+    matched: Counter[str] = field(default_factory=Counter)
     _last: tuple[str, str] | None = None
+
+    @property
+    def count(self) -> int:
+        """Number of entities with a difference."""
+        return len(self.entities)
 
     def add(self, mismatch: Mismatch) -> None:
         """Record the first difference of an entity (later ones of it are skipped)."""
@@ -1259,9 +1336,13 @@ class _Comparison:
         if key == self._last:  # rows come in key order: an entity's rows are adjacent
             return
         self._last = key
-        self.count += 1
+        self.entities.add(mismatch.entity_id)
         if len(self.differences) < MAX_REPORTED_MISMATCHES:
             self.differences.append(mismatch)
+
+    def equal(self, ours: Row, theirs: Row) -> None:
+        """Count a target row found equal to the source's."""
+        self.zero_signs_lost += _zero_sign_only(ours.timestamp, theirs.timestamp)
 
 
 async def _compare(
@@ -1281,7 +1362,9 @@ async def _compare(
     unless ``missing_ok`` (before a copy, which brings it). A target snapshot
     at a higher sequence number is newer, not different (a snapshot never moves
     backwards); one at a lower number is a difference unless ``missing_ok``.
+    Timestamps are compared as both sides can hold them (see :func:`_difference`).
     """
+    zero_sign = source.keeps_zero_sign and target.keeps_zero_sign
     result = _Comparison(missing_ok)
     after: tuple[str, int] | None = None
     while rows := await source.read_events(after, batch.rows, batch.bytes):
@@ -1298,8 +1381,11 @@ async def _compare(
             theirs = held.get((row.entity_id, row.sequence_nr))
             if theirs is None and missing_ok:
                 continue
-            found = _difference(row, theirs, "event")
-            result.events_compared += theirs is not None and found is None
+            found = _difference(row, theirs, "event", zero_sign=zero_sign)
+            if theirs is not None and found is None:
+                result.events_compared += 1
+                result.matched[row.entity_id] += 1
+                result.equal(row, theirs)
             if found is not None:
                 result.add(
                     Mismatch(
@@ -1327,7 +1413,7 @@ async def _compare(
                     continue
                 found = "none" if theirs is None else f"an older snapshot at {theirs.sequence_nr}"
             else:
-                found = _difference(row, theirs, "snapshot at") or ""
+                found = _difference(row, theirs, "snapshot at", zero_sign=zero_sign) or ""
             if found:
                 result.add(
                     Mismatch(
@@ -1340,7 +1426,96 @@ async def _compare(
                 )
             else:
                 result.snapshots_compared += 1
+                if theirs is not None:  # (always: equal content under the same position)
+                    result.equal(row, theirs)
     return result
+
+
+def _events_up_to(stats: EntityStats | None, bound: int) -> int | None:
+    """How many of an entity's events are at or below ``bound``, when its statistics tell."""
+    if stats is None or bound < stats.first:
+        return 0
+    if stats.last <= bound:
+        return stats.events
+    if stats.contiguous:
+        return bound - stats.first + 1
+    return None  # a gap: only a count can tell
+
+
+def _span(stats: EntityStats) -> str:
+    """An entity's events for a message: ``events 1..9``, or a count when there are gaps."""
+    if stats.contiguous:
+        return f"events {stats.first}..{stats.last}"
+    return f"{stats.events} events from {stats.first} to {stats.last}"
+
+
+def _holding(stats: EntityStats | None, snapshot: int | None) -> str:
+    """What one side holds of an entity, for a message."""
+    events = "no events" if stats is None else _span(stats)
+    return events if snapshot is None else f"a snapshot at {snapshot} and {events}"
+
+
+async def _check_one_history(
+    target: Endpoint,
+    src: JournalStats,
+    dst: JournalStats,
+    shared: set[str],
+    compared: _Comparison,
+) -> None:
+    """Add to ``compared`` every shared entity not proven to be one history on both sides.
+
+    ``compared`` is the comparison of the shared entities' source rows with the
+    target's (rule 1 of the module docstring); this checks rules 2 to 4 with
+    its per-entity counts of equal events and the two sides' statistics,
+    counting the target's events only for entities whose statistics have gaps.
+    """
+    candidates = sorted(shared - compared.entities)
+    bounds: dict[tuple[str, int], int | None] = {}
+    for entity in candidates:
+        theirs, snapshot = dst.events.get(entity), dst.snapshots.get(entity)
+        highest = _highest(src, entity)
+        bounds[entity, highest] = _events_up_to(theirs, highest)
+        if snapshot is not None:
+            bounds[entity, snapshot] = _events_up_to(theirs, snapshot)
+    unknown = [key for key, count in bounds.items() if count is None]
+    if unknown:
+        bounds.update(zip(unknown, await target.count_events(unknown), strict=True))
+    for entity in candidates:
+        ours, theirs = src.events.get(entity), dst.events.get(entity)
+        our_snapshot, their_snapshot = src.snapshots.get(entity), dst.snapshots.get(entity)
+        highest = _highest(src, entity)
+        same_snapshot = their_snapshot is not None and their_snapshot == our_snapshot
+        unvouched = (bounds[entity, highest] or 0) - compared.matched[entity]
+        if unvouched > 0 and theirs is not None:  # rule 2
+            why = (
+                f"{_span(theirs)}, {unvouched} of them at or below {highest} not in the source: "
+                "they cannot be compared"
+                + (" (a snapshot cannot be compared with events)" if our_snapshot else "")
+            )
+        elif (
+            their_snapshot is not None
+            and not same_snapshot
+            and not (
+                theirs is not None
+                and theirs.first <= 1
+                and bounds[entity, their_snapshot] == their_snapshot - theirs.first + 1
+            )
+        ):  # rule 3
+            why = (
+                f"a snapshot at {their_snapshot} without its events 1..{their_snapshot}: it "
+                "cannot be compared with the source's rows and may summarize another history"
+            )
+        elif compared.matched[entity] == 0 and not same_snapshot:  # rule 4
+            why = f"{_holding(theirs, their_snapshot)}: no row in common to compare"
+        else:
+            continue
+        compared.add(Mismatch(entity, "history", _holding(ours, our_snapshot), why))
+
+
+def _highest(stats: JournalStats, entity: str) -> int:
+    """An entity's highest position on one side: its last event or its snapshot."""
+    events = stats.events.get(entity)
+    return max(events.last if events is not None else 0, stats.snapshots.get(entity, 0))
 
 
 def _check_entity_ids(stats: JournalStats) -> None:

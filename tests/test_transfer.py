@@ -12,6 +12,7 @@ import asyncio
 import datetime
 import decimal
 import json
+import math
 import pickle
 import shlex
 import signal
@@ -154,6 +155,40 @@ def event_count(url: URL | str) -> int:
     return asyncio.run(count())
 
 
+@dataclass(frozen=True)
+class Side:
+    """What one side of a copy holds of entity ``X``: events at positions, and a snapshot.
+
+    Two sides with the same ``tag`` hold the same history (byte for byte) where they overlap.
+    """
+
+    events: range = range(0)
+    snapshot: int | None = None
+    tag: str = "history"
+
+    def rows(self) -> tuple[list[PersistedEvent[Any]], Snapshot[Any] | None]:
+        events = [PersistedEvent(n, f"{self.tag}-{n}", float(n)) for n in self.events]
+        if self.snapshot is None:
+            return events, None
+        return events, Snapshot(self.snapshot, f"{self.tag}-state", float(self.snapshot))
+
+    async def write(self, journal: Any) -> None:
+        """Write the rows through casty's protocol, then close a casty file's journal."""
+        events, snapshot = self.rows()
+        try:
+            if events:
+                await journal.persist("X", events)
+            if snapshot is not None:
+                await journal.save_snapshot("X", snapshot)
+        finally:
+            if isinstance(journal, SqliteJournal):
+                journal.close()
+
+    async def write_to(self, url: URL) -> None:
+        async with SAJournal(url) as journal:
+            await self.write(journal)
+
+
 # -- import ------------------------------------------------------------------------------------
 
 
@@ -227,18 +262,25 @@ class TestImport:
     def test_keeps_the_newer_snapshot(
         self, source: Path, db_url: URL, capsys: pytest.CaptureFixture[str]
     ) -> None:
+        # the same history imported earlier, with an older snapshot of UNICODE_ID then; the
+        # application ran on and saved a newer snapshot of acct-1 (the target holds its events)
+        earlier = source.with_name("earlier.db")
+        earlier.write_bytes(source.read_bytes())
+        with sqlite3.connect(earlier) as conn:
+            conn.execute("UPDATE snapshots SET sequence_nr = 1 WHERE entity_id = ?", (UNICODE_ID,))
+        url = plain(db_url)
+        assert run(capsys, "import", "--from", str(earlier), "--url", url)[0] == ExitCode.OK
+
         async def prepare() -> None:
             async with SAJournal(db_url) as journal:
                 await journal.save_snapshot("acct-1", Snapshot(110, "target's newer", 5.0))
-                await journal.save_snapshot(UNICODE_ID, Snapshot(1, "target's older", 5.0))
 
         asyncio.run(prepare())
-        code, out, _ = run(
-            capsys, "import", "--from", str(source), "--url", plain(db_url), "--json"
-        )
+        code, out, _ = run(capsys, "import", "--from", str(source), "--url", url, "--json")
         report = json.loads(out)
         assert code == ExitCode.OK and report["verified"]
-        assert (report["snapshots_copied"], report["snapshots_present"]) == (2, 1)
+        assert (report["snapshots_copied"], report["snapshots_present"]) == (1, 2)
+        assert report["snapshots_newer"] == 1
         found = load_database(db_url, ENTITIES).snapshots
         assert found["acct-1"] == Snapshot(110, "target's newer", 5.0)
         assert found[UNICODE_ID] == load_casty_file(source, ENTITIES).snapshots[UNICODE_ID]
@@ -533,6 +575,46 @@ class TestExport:
         assert run(capsys, "import", "--from", str(exported), "--url", back)[0] == ExitCode.OK
         assert load_database(back, entities) == in_database
 
+    def test_a_negative_zero_timestamp_is_written_as_zero_and_said_so(
+        self, db_url: URL, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """casty's file format (a REAL column) cannot hold the sign of zero: the export says
+        so, compares every other bit, and a rerun is the same history, not another one."""
+
+        async def write() -> None:
+            async with SAJournal(db_url) as journal:
+                await journal.persist("acct", [PersistedEvent(1, "opened", -0.0)])
+                await journal.persist("acct", [PersistedEvent(2, "paid", 0.0)])
+                await journal.save_snapshot("acct", Snapshot(2, "state", -0.0))
+
+        asyncio.run(write())
+        url, exported = plain(db_url), tmp_path / "exported.db"
+        for run_number in (1, 2):
+            code, out, _ = run(capsys, "export", "--url", url, "--to", str(exported))
+            assert code == ExitCode.OK, out
+            assert "verified   content compared" in out and "REFUSED" not in out
+            assert (
+                "note       2 timestamps -0.0 written as 0.0: casty's file format cannot hold "
+                "the sign of zero" in out
+            ), out
+            assert ("1 copied" in out) == (run_number == 1)
+        with sqlite3.connect(exported) as conn:
+            stamps = conn.execute(
+                "SELECT timestamp FROM events UNION ALL SELECT timestamp FROM snapshots"
+            )
+            assert [math.copysign(1.0, t) for (t,) in stamps] == [1.0, 1.0, 1.0]
+        code, out, _ = run(capsys, "export", "--url", url, "--to", str(exported), "--json")
+        report = json.loads(out)
+        assert (code, report["verified"], report["zero_signs_lost"]) == (ExitCode.OK, True, 2)
+
+        # a timestamp that differs in any other bit is still another history
+        with sqlite3.connect(exported) as conn:
+            conn.execute("UPDATE events SET timestamp = 5e-324 WHERE sequence_nr = 1")
+            conn.execute("UPDATE snapshots SET timestamp = -5e-324")
+        code, out, _ = run(capsys, "export", "--url", url, "--to", str(exported))
+        assert code == ExitCode.NOT_VERIFIED and "timestamp differs" in out
+        assert "another history for 1 entities" in out  # one entity, however many rows differ
+
     def test_export_needs_an_existing_database(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -598,6 +680,116 @@ class TestForkedHistories:
         code, out, _ = run(capsys, "import", "--from", str(node_a), "--url", url)
         assert code == ExitCode.OK and "verified   content compared" in out
         assert raw_database_rows(db_url) == before
+
+    @pytest.mark.parametrize(
+        ("source_side", "target_side", "why"),
+        [
+            pytest.param(  # the review's case: no key in common, so nothing was compared
+                Side(snapshot=7),
+                Side(events=range(1, 10), tag="other"),
+                "target events 1..9, 7 of them at or below 7 not in the source",
+                id="source-snapshot-only-over-target-events",
+            ),
+            pytest.param(
+                Side(range(10, 13), snapshot=7),
+                Side(events=range(1, 10), tag="other"),
+                "target events 1..9, 9 of them at or below 12 not in the source",
+                id="source-snapshot-and-later-events-over-target-events",
+            ),
+            pytest.param(  # the same content at 8..10, but 1..7 cannot be compared
+                Side(range(8, 11), snapshot=7, tag="same"),
+                Side(events=range(1, 11), tag="same"),
+                "target events 1..10, 7 of them at or below 10 not in the source",
+                id="source-from-a-snapshot-target-from-the-start",
+            ),
+            pytest.param(  # a target snapshot would cover the source's events 10..12
+                Side(events=range(1, 13)),
+                Side(snapshot=9, tag="other"),
+                "target a snapshot at 9 without its events 1..9",
+                id="target-snapshot-only-within-the-source",
+            ),
+            pytest.param(
+                Side(events=range(1, 6)),
+                Side(snapshot=9, tag="other"),
+                "target a snapshot at 9 without its events 1..9",
+                id="target-snapshot-only-beyond-the-source",
+            ),
+            pytest.param(
+                Side(range(8, 11), snapshot=7),
+                Side(range(11, 13), snapshot=9, tag="other"),
+                "target a snapshot at 9 without its events 1..9",
+                id="snapshots-at-different-positions",
+            ),
+            pytest.param(
+                Side(events=range(1, 6)),
+                Side(events=range(8, 13), tag="other"),
+                "no row in common to compare",
+                id="nothing-in-common",
+            ),
+            pytest.param(  # gaps: the target's events are counted, not inferred
+                Side(snapshot=7),
+                Side(events=range(1, 10, 2), tag="other"),
+                "target 5 events from 1 to 9, 4 of them at or below 7 not in the source",
+                id="target-events-with-gaps",
+            ),
+            pytest.param(
+                Side(range(1, 13), tag="same"),
+                Side(range(1, 10, 2), snapshot=5, tag="same"),
+                "target a snapshot at 5 without its events 1..5",
+                id="target-snapshot-over-a-gap",
+            ),
+        ],
+    )
+    def test_an_entity_held_by_both_must_be_proven_one_history(
+        self,
+        source_side: Side,
+        target_side: Side,
+        why: str,
+        db_url: URL,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Both sides hold entity X, but no key or too few keys in common: refused, untouched."""
+        source = tmp_path / "node-a.db"
+        asyncio.run(source_side.write(SqliteJournal(source)))
+        asyncio.run(target_side.write_to(db_url))
+        before = raw_database_rows(db_url), load_database(db_url, ["X"]).snapshots
+        code, out, _ = run(capsys, "import", "--from", str(source), "--url", plain(db_url))
+        assert code == ExitCode.NOT_VERIFIED, out
+        assert "REFUSED" in out and "verified" not in out.replace("NOT VERIFIED", "")
+        assert "'X': history: " in out and why in out, out
+        assert (raw_database_rows(db_url), load_database(db_url, ["X"]).snapshots) == before
+
+    @pytest.mark.parametrize(
+        ("source_side", "target_side"),
+        [
+            pytest.param(Side(range(1, 13), 10), Side(range(1, 6)), id="resumed-prefix"),
+            pytest.param(Side(range(1, 6), 3), Side(range(1, 13), 10), id="target-ran-on"),
+            pytest.param(Side(range(1, 13), 10), Side(range(1, 9), 5), id="source-ran-on"),
+            pytest.param(Side(snapshot=7), Side(snapshot=7), id="same-snapshot-only"),
+            pytest.param(Side(range(1, 13), 10), Side(range(1, 10, 2)), id="target-with-gaps"),
+            pytest.param(Side(range(8, 11), 7), Side(range(8, 13), 7), id="from-the-same-snapshot"),
+        ],
+    )
+    def test_one_history_held_in_part_by_each_side_is_copied(
+        self,
+        source_side: Side,
+        target_side: Side,
+        db_url: URL,
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        source = tmp_path / "node-a.db"
+        asyncio.run(source_side.write(SqliteJournal(source)))
+        asyncio.run(target_side.write_to(db_url))
+        code, out, _ = run(capsys, "import", "--from", str(source), "--url", plain(db_url))
+        assert code == ExitCode.OK and "verified   content compared" in out, out
+        held = load_database(db_url, ["X"])
+        expected = sorted({*source_side.events, *target_side.events})
+        assert [event.sequence_nr for event in held.events["X"]] == expected
+        snapshot = held.snapshots["X"]
+        assert snapshot is not None
+        assert snapshot.sequence_nr == max(source_side.snapshot or 0, target_side.snapshot or 0)
 
     def test_a_timestamp_one_ulp_away_is_another_history(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
