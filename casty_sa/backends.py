@@ -55,7 +55,7 @@ from sqlalchemy.sql.compiler import Compiled
 from sqlalchemy.util import greenlet_spawn
 
 from casty_sa.coalescing import SharedAttempt
-from casty_sa.engine import AUTOCOMMIT_ENGINES
+from casty_sa.engine import AUTOCOMMIT_ENGINES, Timeouts
 from casty_sa.errors import DatabaseFileReplaced, JournalClosed
 from casty_sa.models import SQLITE_NEGATIVE_ZERO, is_negative_zero, journal_tables
 from casty_sa.urls import is_memory_sqlite
@@ -74,7 +74,7 @@ __all__ = [
 
 #: Seconds a pooled connection may sit unused before a checkout proves it alive.
 PING_AFTER = 0.005
-#: Seconds a liveness ping may take by default (the journal sets its own from its timeouts).
+#: Seconds a liveness ping may take by default (the journal passes its own, from its timeouts).
 PING_TIMEOUT = 10.0
 _CHECKOUT_ATTEMPTS = 3
 _RELEASED = "casty_sa_released"
@@ -131,7 +131,9 @@ class Backend:
 
     dialect_name = ""
 
-    def __init__(self, engine: AsyncEngine, schema: str | None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, schema: str | None, *, ping_timeout: float = PING_TIMEOUT
+    ) -> None:
         self._engine = engine
         # callers beyond what the pool holds wait here, cheaply, instead of in the pool
         self.capacity = _pool_capacity(engine)
@@ -141,7 +143,7 @@ class Backend:
         self.hold_linger = 0.01
         #: seconds a liveness ping may take: a server that does not answer ``SELECT 1``
         #: by then is taken for gone (see :meth:`_alive`)
-        self.ping_timeout = PING_TIMEOUT
+        self.ping_timeout = ping_timeout
         self._held: Any = None
         self._idle_check: asyncio.TimerHandle | None = None
         self._giving_back: set[asyncio.Task[None]] = set()
@@ -511,13 +513,15 @@ class SqliteBackend(Backend):
         # attempt, which keeps it as the reader (close() waits for it, then closes it)
         self._reader_opening = SharedAttempt(self._open_reader_once, "casty_sa-open-reader")
         self._closed = False
-        # the file's identity (device, inode), checked after every write and read: see
-        # _check_file; recorded now if the file exists, else on the first check
+        # the file's identity (device, inode), checked after every write and after a failed
+        # read (see _check_file): recorded when the first connection opens it, since the
+        # file at the path before then is not one the journal opened
         self._path = None if self._memory else _sqlite_path(engine.url.database)
         self._identity: tuple[int, int] | None = None
+        # the -wal file's identity, recorded when the shared reader opens (see _wal_changed)
+        self._wal_identity: tuple[int, int] | None = None
         self._file_gone: str | None = None
         if self._path is not None:
-            self._file_changed()
             event.listen(engine.sync_engine, "do_connect", self._refuse_other_file)
             event.listen(engine.sync_engine, "connect", self._note_file)
         self._insert = self._compile(insert(self.events))
@@ -621,7 +625,21 @@ class SqliteBackend(Backend):
                 raise
             raise failure from exc
         await self.give_back_writer(fairy, None)
+        if self._reader is None and self._share_reader and not self._closed:
+            await self._keep_wal()
         self._check_file(None, (len(events), len(snapshots)))
+
+    async def _keep_wal(self) -> None:
+        """Open the shared reader after the first write, if no read opened it yet.
+
+        While it is open SQLite never deletes the ``-wal``, which makes the ``-wal``
+        checkable (see :meth:`_wal_changed`). Not at start: a file system that is
+        read-only then would leave the reader unable to see a writable file later.
+        The write is committed: failing to open the reader only leaves this to the
+        next read.
+        """
+        with contextlib.suppress(Exception):
+            await self._open_reader()
 
     async def _write_transaction(
         self, conn: Any, events: Sequence[Row], snapshots: Sequence[Row]
@@ -681,28 +699,42 @@ class SqliteBackend(Backend):
 
     def _stat_path(self) -> tuple[int, int] | None:
         """(device, inode) of the file now at the path; None when there is none."""
-        if self._path is None:
-            return None
-        try:
-            found = os.stat(self._path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return (found.st_dev, found.st_ino)
+        return None if self._path is None else _stat(self._path)
 
     def _file_changed(self) -> str | None:
         """How the path stopped naming the file the journal opened, if it did (one ``stat``)."""
         if self._path is None:
             return None
+        if self._identity is None:
+            return None  # not opened yet: whatever file is at the path is the one it will open
         try:
             identity = self._stat_path()
         except OSError:
             return None  # cannot tell (permissions): the statements themselves will say
-        if self._identity is None:
-            self._identity = identity  # not opened before: the first file found is the one
-            return None
         if identity is None:
             return "was deleted (or its directory removed)"
-        return None if identity == self._identity else _REPLACED
+        if identity != self._identity:
+            return _REPLACED
+        return self._wal_changed()
+
+    def _wal_changed(self) -> str | None:
+        """Whether the ``-wal`` file the journal writes into is gone from beside the file.
+
+        SQLite itself deletes the ``-wal`` when the last connection to the database
+        closes (and the next one creates a new file), so a missing or different
+        ``-wal`` only means tampering while a connection has stayed open since its
+        identity was recorded: the shared reader, kept from the start until
+        ``close()`` (its replacement records the identity anew). Without a shared
+        reader (an application's engine) there is no such connection, and no check.
+        A checkpoint truncates the file in place, which keeps its identity.
+        """
+        if self._wal_identity is None or self._path is None:
+            return None
+        try:
+            found = _stat(self._path + "-wal")
+        except OSError:
+            return None
+        return None if found == self._wal_identity else _WAL_LOST
 
     def _check_file(self, failure: Exception | None, written: tuple[int, int] | None) -> None:
         """Before a call is answered: is the file still at its path? (One ``stat``.)
@@ -728,6 +760,11 @@ class SqliteBackend(Backend):
                 "was committed into the old file, which the path no longer names and no "
                 f"later process will open: it is NOT stored at {self._path}"
             )
+            if how == _WAL_LOST:
+                done = (
+                    "was committed into that deleted write-ahead log, which no later process "
+                    f"will read: it is NOT durably stored at {self._path} (a crash loses it)"
+                )
         if failure is not None:
             done = f"failed ({type(failure).__name__}: {failure})"
             if written is not None:
@@ -736,9 +773,10 @@ class SqliteBackend(Backend):
 
     def _gone(self, how: str, outcome: str) -> DatabaseFileReplaced:
         """The error for the call that found the file gone; every later call fails too."""
+        old = "deleted write-ahead log" if how == _WAL_LOST else "old file"
         self._file_gone = (
             f"the SQLite file {self._path} that this journal opened {how} while the journal "
-            f"was running. The journal's connections still write to the old file"
+            f"was running. The journal's connections still write to the {old}"
         )
         return DatabaseFileReplaced(f"{self._file_gone}; {outcome}. {_RESTART}")
 
@@ -764,12 +802,13 @@ class SqliteBackend(Backend):
         except BaseException as exc:
             if self.is_disconnect(exc) and self._reader is reader:
                 self._reader = None  # the next read opens a fresh one
+                self._wal_identity = None  # which records the -wal's identity anew
                 await _quietly(greenlet_spawn(reader[0].close))
             raise
 
     async def _open_reader(self) -> tuple[Any, Any]:
         if self._closed:
-            raise JournalClosed("this SAJournal is closed; create a new one")
+            raise JournalClosed()
         return await self._reader_opening()
 
     async def _open_reader_once(self) -> tuple[Any, Any]:
@@ -777,6 +816,13 @@ class SqliteBackend(Backend):
         driver = fairy.driver_connection
         await greenlet_spawn(fairy.detach)  # ours until close(), not the pool's
         self._reader = (fairy, driver)
+        # its connection opened the -wal (the connect-time journal_mode pragma reads the
+        # file), and SQLite keeps that -wal while any connection is open
+        if self._path is not None and self._identity is not None:
+            try:
+                self._wal_identity = _stat(self._path + "-wal")
+            except OSError:
+                self._wal_identity = None
         return self._reader  # type: ignore[no-any-return]
 
     async def close(self) -> None:
@@ -791,6 +837,7 @@ class SqliteBackend(Backend):
         await super().close()
         await self._reader_opening.settled()  # a reader being opened is the pool's until then
         reader, self._reader = self._reader, None
+        self._wal_identity = None
         if reader is not None:
             await _quietly(greenlet_spawn(reader[0].close))
 
@@ -814,8 +861,11 @@ class PostgresBackend(Backend):
     # WAL flushes), so a second group in flight overlaps the client's work with the server's
     write_pipeline = 2
 
-    def __init__(self, engine: AsyncEngine, schema: str | None) -> None:
-        super().__init__(engine, schema)
+    def __init__(self, engine: AsyncEngine, schema: str | None, timeouts: Timeouts) -> None:
+        super().__init__(engine, schema, ping_timeout=timeouts.ping)
+        # every statement carries the journal's statement timeout, so it is bounded on an
+        # application's engine too (whose connections may have no command_timeout)
+        self._timeout = timeouts.statement
         columns = [c.name for c in self.events.columns]
 
         def from_arrays(table: Table) -> Any:
@@ -851,13 +901,17 @@ class PostgresBackend(Backend):
     ) -> Sequence[tuple[int, int, bytes, float]]:
         entity_ids, from_nrs = zip(*keys, strict=True)
         async with self.connection() as conn:
-            return await conn.fetch(self._load_events_batch, entity_ids, from_nrs)  # type: ignore[no-any-return]
+            return await conn.fetch(  # type: ignore[no-any-return]
+                self._load_events_batch, entity_ids, from_nrs, timeout=self._timeout
+            )
 
     async def _fetch_snapshots_batch(
         self, entity_ids: Sequence[str]
     ) -> Sequence[tuple[int, int, bytes, float]]:
         async with self.connection() as conn:
-            return await conn.fetch(self._load_snapshots_batch, list(entity_ids))  # type: ignore[no-any-return]
+            return await conn.fetch(  # type: ignore[no-any-return]
+                self._load_snapshots_batch, list(entity_ids), timeout=self._timeout
+            )
 
     def usable(self, driver_connection: Any) -> bool:
         return not driver_connection.is_closed()
@@ -893,8 +947,8 @@ class PostgresBackend(Backend):
                 transaction = conn.transaction()
                 await transaction.start()
                 try:
-                    await conn.execute(self._insert, *_columns(events))
-                    await conn.execute(self._upsert, *_columns(snapshots))
+                    await conn.execute(self._insert, *_columns(events), timeout=self._timeout)
+                    await conn.execute(self._upsert, *_columns(snapshots), timeout=self._timeout)
                 except BaseException:
                     await _quietly(transaction.rollback())
                     raise
@@ -903,9 +957,9 @@ class PostgresBackend(Backend):
             else:
                 committing = True  # one statement in autocommit: it commits on its own
                 if events:
-                    await conn.execute(self._insert, *_columns(events))
+                    await conn.execute(self._insert, *_columns(events), timeout=self._timeout)
                 else:
-                    await conn.execute(self._upsert, *_columns(snapshots))
+                    await conn.execute(self._upsert, *_columns(snapshots), timeout=self._timeout)
         except BaseException as exc:
             await self.give_back_writer(fairy, exc)
             failure = classify_write_failure(exc, committing=committing, dialect="postgresql")
@@ -916,15 +970,21 @@ class PostgresBackend(Backend):
 
     async def fetch_events(self, entity_id: str, from_nr: int) -> list[Stored]:
         async with self.connection() as conn:
-            return await conn.fetch(self._load_events, entity_id, from_nr)  # type: ignore[no-any-return]
+            return await conn.fetch(  # type: ignore[no-any-return]
+                self._load_events, entity_id, from_nr, timeout=self._timeout
+            )
 
     async def fetch_snapshot(self, entity_id: str) -> Stored | None:
         async with self.connection() as conn:
-            return await conn.fetchrow(self._load_snapshot, entity_id)  # type: ignore[no-any-return]
+            return await conn.fetchrow(  # type: ignore[no-any-return]
+                self._load_snapshot, entity_id, timeout=self._timeout
+            )
 
     async def min_stored(self, entity_id: str, low: int, high: int) -> int | None:
         async with self.connection() as conn:
-            return await conn.fetchval(self._min_stored, entity_id, low, high)  # type: ignore[no-any-return]
+            return await conn.fetchval(  # type: ignore[no-any-return]
+                self._min_stored, entity_id, low, high, timeout=self._timeout
+            )
 
 
 #: deadlock_detected, serialization_failure: the server rolled the whole transaction back
@@ -946,10 +1006,23 @@ _FILE = "casty_sa_file"
 
 #: How the file at the journal's path changed when it is another file now.
 _REPLACED = "was replaced by another file"
+#: How it changed when its -wal file was deleted or replaced under the journal's connections.
+_WAL_LOST = (
+    "lost its write-ahead log (the -wal file beside it was deleted or replaced by another file)"
+)
 _RESTART = (
     "Every call of this journal fails from now on: restart the node, so it opens the file "
     "now at the path (events written into the old file after it was removed are not there)"
 )
+
+
+def _stat(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``; None when there is none."""
+    try:
+        found = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (found.st_dev, found.st_ino)
 
 
 def _sqlite_path(database: str | None) -> str | None:
@@ -983,14 +1056,20 @@ def _refuse_too_large(events: Sequence[Row], snapshots: Sequence[Row], limit: in
     for rows, what in ((events, "event"), (snapshots, "snapshot")):
         for row in rows:
             if len(row[3]) > limit:
-                raise WriteRefused(
-                    PayloadTooLarge(
-                        f"the payload of the {what} of entity {row[0]!r} at sequence number "
-                        f"{row[1]} is {len(row[3]):,} bytes, over SQLite's length limit "
-                        f"SQLITE_LIMIT_LENGTH ({limit:,} bytes on this connection)"
-                    ),
-                    duplicate=False,
+                raise _too_large(
+                    f"the payload of the {what} of entity {row[0]!r} at sequence number "
+                    f"{row[1]} ({len(row[3]):,} bytes)",
+                    limit,
                 )
+
+
+def _too_large(what: str, limit: int | None, detail: str = "") -> WriteRefused:
+    """The refusal of a value over SQLite's length limit (nothing stored; the caller's alone)."""
+    on_connection = f" ({limit:,} bytes on this connection)" if limit else ""
+    message = f"{what} is over SQLite's length limit SQLITE_LIMIT_LENGTH{on_connection}"
+    return WriteRefused(
+        PayloadTooLarge(f"{message}: {detail}" if detail else message), duplicate=False
+    )
 
 
 def _sqlite_has_json() -> bool:
@@ -1114,12 +1193,7 @@ def classify_write_failure(
         if isinstance(exc, sqlite3.IntegrityError):
             return WriteRefused(exc, duplicate=code in _SQLITE_DUPLICATE)
         if isinstance(exc, sqlite3.DataError) or primary == _SQLITE_TOOBIG:
-            limit = f" ({max_length:,} bytes on this connection)" if max_length else ""
-            too_big = PayloadTooLarge(
-                f"a payload (or its row) is over SQLite's length limit SQLITE_LIMIT_LENGTH"
-                f"{limit}: {exc}"
-            )
-            return WriteRefused(too_big, duplicate=False)
+            return _too_large("a payload (or its row)", max_length, str(exc))
         # pysqlite's own errors (no result code) come before SQLite ran anything
         answered = isinstance(exc, sqlite3.Error) and primary not in _SQLITE_MAYBE_COMMITTED
     if committing and not answered:
@@ -1166,8 +1240,8 @@ async def _quietly(awaitable: Any) -> None:
         await awaitable
 
 
-def backend_for(engine: AsyncEngine, schema: str | None) -> Backend:
-    """The backend for an engine's dialect."""
+def backend_for(engine: AsyncEngine, schema: str | None, timeouts: Timeouts | None) -> Backend:
+    """The backend for an engine's dialect; ``timeouts`` bound PostgreSQL's calls."""
     if engine.dialect.name == "postgresql":
-        return PostgresBackend(engine, schema)
+        return PostgresBackend(engine, schema, timeouts or Timeouts())
     return SqliteBackend(engine, schema)

@@ -54,8 +54,10 @@ DEFAULT_MAX_BATCH_BYTES = 64 * 2**20
 
 
 def row_bytes(entity_id: str, payload: bytes) -> int:
-    """The bytes a row takes on the wire, as the byte caps count them."""
-    return len(entity_id) + len(payload) + ROW_OVERHEAD
+    """The bytes a row takes on the wire, as the byte caps count them (UTF-8 entity ids)."""
+    # an ASCII id (the common case) has as many bytes as characters: no encoding needed
+    size = len(entity_id) if entity_id.isascii() else len(entity_id.encode("utf-8", "replace"))
+    return size + len(payload) + ROW_OVERHEAD
 
 
 @dataclass(slots=True, eq=False)
@@ -156,7 +158,7 @@ class GroupCommitter:
             self._room.clear()
             await self._room.wait()
         if self._closed:
-            raise JournalClosed("this SAJournal is closed; create a new one")
+            raise JournalClosed()
         # while a direct write runs, calls queue behind it: it hands the queue over when done
         direct_running = not self._direct_done.is_set()
         if self._direct and self._single and not (direct_running or self._queue or self._flushing):

@@ -37,11 +37,23 @@ ACCESS_HINTS = {
 }
 
 
-def describe(exc: BaseException) -> str:
-    """A short, password-free description of a driver error (no SQL, no parameters)."""
+def describe(exc: BaseException, secrets: frozenset[str] = frozenset()) -> str:
+    """A short, password-free description of a driver error (no SQL, no parameters).
+
+    The one way a driver's error text gets into casty-sa's messages and log lines.
+    A driver may quote its DSN (``user:password@…``, ``?password=…``): masked
+    whatever the secret. ``secrets`` (see :func:`casty_sa.urls.url_secrets`) are
+    masked wherever they appear, in whatever form the driver put them (a server
+    echoing a value, a libpq-style ``key=value`` string).
+
+    Examples
+    --------
+    >>> describe(ValueError("login as app with hunter2 refused"), frozenset({"hunter2"}))
+    'ValueError: login as app with *** refused'
+    """
     original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    # a driver may quote its DSN (user:password@…, ?password=…): masked whatever the secret
-    text = mask_secrets(str(original).strip().splitlines()[0]) if str(original).strip() else ""
+    first = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    text = mask_secrets(first, secrets)
     if len(text) > 300:
         text = text[:300] + "…"
     return f"{type(original).__name__}: {text}" if text else type(original).__name__
@@ -110,7 +122,7 @@ def access_denied(
     or a SQLite file whose directory is missing or not writable; ``None`` for
     anything else.
     """
-    text = describe(exc)
+    text = describe(exc, secrets)
     state = sqlstate(exc)
     if state is not None and (state.startswith("28") or state in ACCESS_HINTS):
         cause = f"{safe_url(url)} refused casty-sa ({text})"
@@ -180,7 +192,7 @@ def database_error(
     denied = access_denied(exc, url, what, secrets)
     if denied is not None:
         return denied
-    text = describe(exc)
+    text = describe(exc, secrets)
     if is_schema_mismatch(exc):
         return SchemaError(
             f"casty-sa's tables on {safe_url(url)} are missing or altered (could "

@@ -24,6 +24,7 @@ PostgreSQL (``asyncpg``)
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import URL, Engine, event
@@ -37,7 +38,7 @@ __all__ = [
     "AUTOCOMMIT_ENGINES",
     "READ_ONLY",
     "SQLITE_SYNCHRONOUS",
-    "TIMEOUTS",
+    "Timeouts",
     "build_engine",
     "read_connection",
     "read_only",
@@ -59,9 +60,32 @@ DEFAULT_STATEMENT_TIMEOUT = 30.0
 #: single statement commits on its own, and transactions are explicit BEGIN IMMEDIATE.
 AUTOCOMMIT_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 
-#: PostgreSQL engines casty-sa creates -> their (connect, statement) timeouts in seconds, as
-#: finally configured (argument, URL or default): the journal derives a call's budget from them.
-TIMEOUTS: weakref.WeakKeyDictionary[Engine, tuple[float, float]] = weakref.WeakKeyDictionary()
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """A PostgreSQL journal's timeouts in seconds: a call's budget is derived from them.
+
+    Parameters
+    ----------
+    connect : float
+        Before a connection attempt fails.
+    statement : float
+        Before a statement fails.
+    """
+
+    connect: float = DEFAULT_CONNECT_TIMEOUT
+    statement: float = DEFAULT_STATEMENT_TIMEOUT
+
+    @property
+    def budget(self) -> float:
+        """A call's budget end to end: it may have to open a connection and run its statement."""
+        return self.connect + self.statement
+
+    @property
+    def ping(self) -> float:
+        """How long a liveness ping may take: a live server answers ``SELECT 1`` well within
+        the shorter of the two."""
+        return min(self.connect, self.statement)
 
 
 def build_engine(
@@ -72,7 +96,7 @@ def build_engine(
     connect_timeout: float | None,
     statement_timeout: float | None,
     engine_options: dict[str, Any],
-) -> AsyncEngine:
+) -> tuple[AsyncEngine, Timeouts | None]:
     """Create the async engine for a normalized URL (see :func:`casty_sa.urls.to_async_url`).
 
     ``engine_options`` go to :func:`~sqlalchemy.ext.asyncio.create_async_engine`
@@ -82,6 +106,12 @@ def build_engine(
     URL (``?connect_timeout=``, ``?options=-c statement_timeout=``), else
     default to 10 and 30 seconds; the URL's libpq parameters are translated by
     :func:`casty_sa.urls.postgres_options`.
+
+    Returns
+    -------
+    tuple[AsyncEngine, Timeouts | None]
+        The engine, and on PostgreSQL its timeouts as finally configured
+        (argument, URL or default; ``connect_args`` override them too).
 
     Raises
     ------
@@ -139,7 +169,7 @@ def build_engine(
             finally:
                 cursor.close()
 
-        return engine
+        return engine, None
     # libpq parameters of the URL (sslmode=, application_name=, …), in asyncpg's terms
     libpq = postgres_options(url)
     url = libpq.url
@@ -169,9 +199,8 @@ def build_engine(
     defaults = {"pool_size": 10, "max_overflow": 0}
     final_connect_args = {**connect_args, **user_connect_args}
     engine = create_async_engine(url, connect_args=final_connect_args, **{**defaults, **options})
-    TIMEOUTS[engine.sync_engine] = (
-        float(final_connect_args["timeout"]),
-        float(final_connect_args["command_timeout"]),
+    timeouts = Timeouts(
+        float(final_connect_args["timeout"]), float(final_connect_args["command_timeout"])
     )
     if not options.get("pool_pre_ping"):
 
@@ -182,7 +211,7 @@ def build_engine(
                 # the pool discards it and hands out (or opens) another
                 raise DisconnectionError("connection closed by the server or the network")
 
-    return engine
+    return engine, timeouts
 
 
 def read_only(engine: AsyncEngine) -> AsyncEngine:

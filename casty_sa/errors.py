@@ -194,4 +194,13 @@ class DatabaseFileReplaced(JournalError):
 
 
 class JournalClosed(JournalError):
-    """The journal was used after ``close()``; create a new ``SAJournal``."""
+    """The journal was used after ``close()``; create a new ``SAJournal``.
+
+    Examples
+    --------
+    >>> str(JournalClosed())
+    'this SAJournal is closed; create a new one'
+    """
+
+    def __init__(self, message: str = "this SAJournal is closed; create a new one") -> None:
+        super().__init__(message)

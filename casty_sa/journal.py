@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import operator
 import os
 import pickle
 import random
@@ -36,7 +37,13 @@ from casty_sa.backends import (
 from casty_sa.batching import DEFAULT_MAX_BATCH_BYTES, GroupCommitter, WriteRequest
 from casty_sa.coalescing import ReadCoalescer, SharedAttempt
 from casty_sa.diagnosis import database_error, describe, upgrade_hint
-from casty_sa.engine import TIMEOUTS, build_engine, read_connection
+from casty_sa.engine import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_STATEMENT_TIMEOUT,
+    Timeouts,
+    build_engine,
+    read_connection,
+)
 from casty_sa.errors import (
     CommitOutcomeUnknown,
     DatabaseAccessDenied,
@@ -75,6 +82,8 @@ MAX_SEQUENCE_NR = 2**63 - 1
 _CONTENTION_RETRIES = 3
 _CONTENTION_BACKOFF = 0.005
 
+_ENTITY_OF = operator.attrgetter("entity_id")
+
 #: Why a group's transaction failed: its rows were refused, it kept deadlocking, or the
 #: database failed (the same answer for every caller).
 _Failure = WriteRefused | Contended | JournalError
@@ -90,6 +99,23 @@ def open_engine(
     returned as is (not owned) after checking its dialect; a URL gets an
     engine tuned by :func:`casty_sa.engine.build_engine`.
     """
+    engine, owned, _timeouts = _open_engine(target, engine_options, budget=None)
+    return engine, owned
+
+
+def _open_engine(
+    target: str | URL | os.PathLike[str] | AsyncEngine | async_sessionmaker[Any],
+    engine_options: dict[str, Any],
+    *,
+    budget: tuple[float | None, float | None] | None,
+) -> tuple[AsyncEngine, bool, Timeouts | None]:
+    """:func:`open_engine`, plus the PostgreSQL timeouts a journal's calls are bounded by.
+
+    ``budget``: the journal's ``(connect_timeout, statement_timeout)`` arguments. On an
+    engine casty-sa creates they configure it; on an application's engine they are only
+    the journal's own bounds (``None`` for either: the default), since the timeouts that
+    engine's connections were opened with cannot be read back reliably.
+    """
     if isinstance(target, async_sessionmaker):
         bound = target.kw.get("bind")
         if not isinstance(bound, AsyncEngine):
@@ -98,6 +124,7 @@ def open_engine(
                 "create it with async_sessionmaker(engine) or pass the engine itself"
             )
         target = bound
+    connect, statement = budget if budget is not None else (None, None)
     if isinstance(target, AsyncEngine):
         if engine_options:
             raise TypeError(
@@ -106,19 +133,24 @@ def open_engine(
                 "engine from a URL; configure the application's engine instead"
             )
         to_async_url(target.url)  # refuse unsupported databases early
-        return target, False
+        timeouts = None
+        if target.dialect.name == "postgresql":
+            timeouts = Timeouts(
+                connect if connect is not None else DEFAULT_CONNECT_TIMEOUT,
+                statement if statement is not None else DEFAULT_STATEMENT_TIMEOUT,
+            )
+        return target, False, timeouts
+    options = dict(engine_options)
     url = to_async_url(target)
-    return (
-        build_engine(
-            url,
-            busy_timeout=engine_options.pop("busy_timeout", 5.0),
-            sqlite_synchronous=engine_options.pop("sqlite_synchronous", "FULL"),
-            connect_timeout=engine_options.pop("connect_timeout", None),
-            statement_timeout=engine_options.pop("statement_timeout", None),
-            engine_options=engine_options,
-        ),
-        True,
+    engine, timeouts = build_engine(
+        url,
+        busy_timeout=options.pop("busy_timeout", 5.0),
+        sqlite_synchronous=options.pop("sqlite_synchronous", "FULL"),
+        connect_timeout=options.pop("connect_timeout", connect),
+        statement_timeout=options.pop("statement_timeout", statement),
+        engine_options=options,
     )
+    return engine, True, timeouts
 
 
 class SAJournal:
@@ -186,8 +218,16 @@ class SAJournal:
         shorter of them fails the call (the server is taken for hung), and
         reads are not retried once the budget is spent.
 
-    The four tuning options apply when casty-sa creates the engine from a URL;
-    with an application's engine, configure that engine instead.
+    ``busy_timeout`` and ``sqlite_synchronous`` apply when casty-sa creates the
+    engine from a URL. With an application's PostgreSQL engine,
+    ``connect_timeout`` and ``statement_timeout`` are the journal's own budget
+    (default 10 and 30 s, whatever the engine's ``connect_args``, which cannot
+    be read back reliably): every statement of the journal carries the
+    statement timeout, and pings and retries are bounded as above; opening a
+    connection is bounded by the engine's own ``timeout`` connect argument, so
+    set it too. With an application's SQLite engine, the journal does not hold
+    a connection of its own, so it cannot tell that the ``-wal`` file was
+    deleted under it (see :class:`~casty_sa.errors.DatabaseFileReplaced`).
     **engine_options
         Passed to ``create_async_engine`` (``pool_size``, ``echo``, …). The
         journal's own reads and writes run on the raw driver connection, so
@@ -228,14 +268,11 @@ class SAJournal:
         statement_timeout: float | None = None,
         **engine_options: Any,
     ) -> None:
-        tuning = {
-            "busy_timeout": busy_timeout,
-            "sqlite_synchronous": sqlite_synchronous,
-            "connect_timeout": connect_timeout,
-            "statement_timeout": statement_timeout,
-        }
+        tuning = {"busy_timeout": busy_timeout, "sqlite_synchronous": sqlite_synchronous}
         engine_options.update({k: v for k, v in tuning.items() if v is not None})
-        self._engine, self._owns_engine = open_engine(url, **engine_options)
+        self._engine, self._owns_engine, timeouts = _open_engine(
+            url, engine_options, budget=(connect_timeout, statement_timeout)
+        )
         self._url = self._engine.url
         # every secret of the URL, to scrub from driver errors (the engine's URL may lack
         # some of the given one's: TLS parameters go to asyncpg apart)
@@ -256,17 +293,11 @@ class SAJournal:
         self._serialize = serialize
         self._deserialize = deserialize
         self._migrate = self._dialect == "sqlite" if migrate is None else migrate
-        self._backend = backend_for(self._engine, schema)
+        self._backend = backend_for(self._engine, schema, timeouts)
         self._read_retries = read_retries
         self._retry_backoff = retry_backoff
-        # a call's budget, end to end: it may have to open a connection and run its
-        # statement; a live server answers a ping well within the shorter of the two
-        self._budget: float | None = None
-        timeouts = TIMEOUTS.get(self._engine.sync_engine)
-        if timeouts is not None:
-            connect, statement = timeouts
-            self._budget = connect + statement
-            self._backend.ping_timeout = min(connect, statement)
+        # a call's budget, end to end (PostgreSQL; SQLite's calls wait at most busy_timeout)
+        self._budget = None if timeouts is None else timeouts.budget
         # one connection for a memory database: calls must take turns on it
         self._serial = asyncio.Lock() if is_memory_sqlite(self._url) else None
         self._committer: GroupCommitter | None = None
@@ -343,7 +374,7 @@ class SAJournal:
             The database cannot be reached.
         """
         if self._closed:
-            raise JournalClosed("this SAJournal is closed; create a new one")
+            raise JournalClosed()
         if self._ready:
             return
         try:
@@ -562,7 +593,9 @@ class SAJournal:
         if isinstance(failure, JournalError):
             # unreachable, timed out, outcome unknown: the same answer for every caller
             return [_copy_error(failure) for _ in group]
-        if len(group) == 1 and failure is not None:  # (a single call's failure is known)
+        if len(group) == 1 and isinstance(failure, Contended):  # (a single call's failure)
+            return [self._contention_error(group[0], failure)]
+        if len(group) == 1 and isinstance(failure, WriteRefused):
             return [await self._refusal_error(group[0], failure)]
         middle = len(group) // 2
         left, right = group[:middle], group[middle:]
@@ -587,7 +620,7 @@ class SAJournal:
             # rows in one order (entity id, then sequence number: a call's events ascend, and
             # the sort is stable) on every node, so that two groups touching the same entities
             # take their locks in the same order rather than deadlocking
-            ordered = sorted(group, key=_entity_of)
+            ordered = sorted(group, key=_ENTITY_OF)
             events = [row for request in ordered for row in request.events]
             snapshots = [request.snapshot for request in ordered if request.snapshot is not None]
         deadline = None if self._budget is None else time.monotonic() + self._budget
@@ -609,7 +642,7 @@ class SAJournal:
                     resends -= 1
                     log.warning(
                         "casty_sa: a write was not sent (%s); sending it on another connection",
-                        describe(lost.cause),
+                        self._describe(lost.cause),
                     )
                 except Contended as exc:
                     if contended >= _CONTENTION_RETRIES or _past(deadline):
@@ -621,7 +654,7 @@ class SAJournal:
                         "snapshots (%s); nothing was stored, sending it again in %.3fs",
                         len(events),
                         len(snapshots),
-                        describe(exc.cause),
+                        self._describe(exc.cause),
                         delay,
                     )
                     await asyncio.sleep(delay)
@@ -631,7 +664,7 @@ class SAJournal:
             what = f"write {len(events)} events and {len(snapshots)} snapshots"
             if lost.during_commit:
                 raise CommitOutcomeUnknown(
-                    f"could not {what} on {safe_url(self._url)}: {describe(lost.cause)}, "
+                    f"could not {what} on {safe_url(self._url)}: {self._describe(lost.cause)}, "
                     "after the commit was sent. The rows may or may not be stored; reload "
                     "the entity before writing again"
                 ) from lost.cause
@@ -647,23 +680,23 @@ class SAJournal:
             async with self._serial:
                 await self._backend.write(events, snapshots)
 
-    async def _refusal_error(
-        self, request: WriteRequest, refused: WriteRefused | Contended
-    ) -> JournalError:
-        if isinstance(refused, Contended):
-            contended = DatabaseUnavailable(
-                f"the database rolled back the write for entity {request.entity_id!r} "
-                f"{_CONTENTION_RETRIES + 1} times to break a deadlock or serialization "
-                f"conflict with other transactions ({describe(refused.cause)}); nothing "
-                "was stored. Call again; if it persists, look for other writers of the "
-                "same entities"
-            )
-            contended.__cause__ = refused.cause
-            return contended
+    def _contention_error(self, request: WriteRequest, contended: Contended) -> JournalError:
+        """A call whose transaction the database kept rolling back: nothing stored, transient."""
+        error = DatabaseUnavailable(
+            f"the database rolled back the write for entity {request.entity_id!r} "
+            f"{_CONTENTION_RETRIES + 1} times to break a deadlock or serialization "
+            f"conflict with other transactions ({self._describe(contended.cause)}); nothing "
+            "was stored. Call again; if it persists, look for other writers of the "
+            "same entities"
+        )
+        error.__cause__ = contended.cause
+        return error
+
+    async def _refusal_error(self, request: WriteRequest, refused: WriteRefused) -> JournalError:
         if not refused.duplicate or not request.events:
             return InvalidEventError(
                 f"the database refused the write for entity {request.entity_id!r}: "
-                f"{describe(refused.cause)}; nothing was stored"
+                f"{self._describe(refused.cause)}; nothing was stored"
             )
         low, high = request.events[0][1], request.events[-1][1]
         try:
@@ -730,7 +763,7 @@ class SAJournal:
                 log.warning(
                     "casty_sa: %s failed (%s); retry %d of %d in %.2fs",
                     what,
-                    describe(exc),
+                    self._describe(exc),
                     attempt,
                     self._read_retries,
                     delay,
@@ -847,6 +880,10 @@ class SAJournal:
                 if await connection.run_sync(migrate.current_revision, self._schema) != head:
                     raise self._database_error(exc, "migrate the schema") from exc
 
+    def _describe(self, exc: BaseException) -> str:
+        """``exc`` in a message or log line, with every secret of the journal's URL masked."""
+        return describe(exc, self._secrets)
+
     def _database_error(self, exc: BaseException, what: str) -> JournalError:
         return database_error(exc, self._url, what, secrets=self._secrets, schema=self._schema)
 
@@ -911,10 +948,6 @@ def _check_payload(entity_id: str, seq: int, payload: object) -> None:
             seq,
             TypeError(f"the serializer returned {type(payload).__name__}, not bytes"),
         )
-
-
-def _entity_of(request: WriteRequest) -> str:
-    return request.entity_id
 
 
 def _past(deadline: float | None, ahead: float = 0.0) -> bool:

@@ -264,7 +264,7 @@ async def _on_engine(
 
 def _migration_error(exc: BaseException, url: URL, what: str) -> JournalError:
     """A casty-sa error for a failed Alembic command: no DDL, no password in it."""
-    text = describe(exc)
+    text = describe(exc, url_secrets(url))
     if sqlstate(exc) == "42501" or "permission denied" in text or "must be owner" in text:
         return SchemaError(
             f"the role connecting to {safe_url(url)} may not change casty-sa's tables "

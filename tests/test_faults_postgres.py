@@ -642,11 +642,16 @@ async def test_pool_timeout_is_a_clear_error_not_a_hang(
     holder = await journal.engine.connect()  # someone else holds the only connection
     await holder.exec_driver_sql("SELECT 1")
     try:
-        for call in (
+        calls: list[Awaitable[Any]] = [
             journal.persist("acct", [PersistedEvent(2, "b", 1.0)]),
-            journal.load("acct"),
             journal.save_snapshot("acct", Snapshot(1, "s", 1.0)),
-        ):
+        ]
+        if db_url.get_backend_name() == "sqlite":
+            # reads go to the journal's own reader (opened after its first write), not the pool
+            assert [e.event for e in await asyncio.wait_for(journal.load("acct"), 10)] == ["a"]
+        else:
+            calls.append(journal.load("acct"))
+        for call in calls:
             started = time.monotonic()
             with pytest.raises(DatabaseUnavailable, match=r"timed out|QueuePool limit"):
                 await asyncio.wait_for(call, 10)
@@ -1110,7 +1115,7 @@ async def test_concurrent_first_calls_share_one_start_attempt(
     try:
         url = f"postgresql://app:pw@127.0.0.1:{port}/db"
         journal = make_journal(url, connect_timeout=timeout, read_retries=0)
-        calls = [
+        calls: list[Awaitable[Any]] = [
             journal.start() if k % 3 == 0
             else journal.load(f"e{k}") if k % 3 == 1
             else journal.persist(f"e{k}", [PersistedEvent(1, k, 1.0)])
@@ -1212,6 +1217,41 @@ async def test_a_frozen_server_fails_each_call_within_its_budget(
     await journal.save_snapshot("acct", Snapshot(3, "after", 1.0))
     assert [e.event for e in await journal.load("acct")] == [*stored, "after"]
     assert await journal.load_snapshot("acct") == Snapshot(3, "after", 1.0)
+
+
+async def test_a_frozen_server_bounds_calls_on_an_applications_engine_too(
+    pg: DedicatedPostgres, fault_db: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    """``SAJournal(app_engine, connect_timeout=, statement_timeout=)``: the journal's own
+    budget (an application's engine does not tell its timeouts). Its statements carry the
+    statement timeout, so the engine needs no ``command_timeout`` of its own."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    connect, statement = 1.0, 2.0
+    engine = create_async_engine(
+        fault_db, connect_args={"timeout": connect}, pool_size=10, max_overflow=0
+    )
+    try:
+        journal = make_journal(
+            engine, read_retries=3, connect_timeout=connect, statement_timeout=statement
+        )
+        await journal.persist("acct", [PersistedEvent(1, "before", 1.0)])
+        await asyncio.gather(*(journal.load("acct") for _ in range(8)))
+        await asyncio.sleep(0.1)  # idle long enough to be pinged on checkout
+        bound = 2 * (connect + statement) + 1.0
+        with frozen(pg):
+            for call in (
+                lambda: journal.load("acct"),
+                lambda: journal.persist("acct", [PersistedEvent(2, "frozen", 1.0)]),
+            ):
+                started = time.monotonic()
+                with pytest.raises(DatabaseUnavailable):
+                    await asyncio.wait_for(call(), 60)
+                elapsed = time.monotonic() - started
+                assert elapsed < bound, f"a call took {elapsed:.1f}s against a frozen server"
+        await journal.close()
+    finally:
+        await engine.dispose()
 
 
 # -- what a failed write stored: between "statement sent" and "commit acknowledged" ------------

@@ -21,6 +21,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -533,14 +534,144 @@ async def test_writes_after_the_file_is_gone_fail_instead_of_being_acknowledged(
 async def test_no_new_connection_recreates_a_deleted_file(
     tmp_path: Path, make_journal: Callable[..., SAJournal]
 ) -> None:
-    """A journal that has not read yet would open its reader on a new, empty file."""
+    """A journal whose pooled connections were closed would open a new one on a new, empty
+    file (its shared reader keeps the old one; without group commit no writer's connection
+    is kept either)."""
     path = tmp_path / "journal.db"
-    journal = make_journal(sqlite_url(path))
+    journal = make_journal(sqlite_url(path), group_commit=False)
     await journal.persist("acct", batch("acct", 1, 2))
+    await journal.engine.dispose()
     _remove_file(path)
     with pytest.raises(DatabaseFileReplaced, match="refused before anything was sent"):
-        await asyncio.wait_for(journal.load("acct"), 10)
+        await asyncio.wait_for(journal.persist("acct", batch("acct", 3, 1)), 10)
     assert not path.exists()
+
+
+_WAL_WRITER = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from casty import PersistedEvent
+    from casty_sa import JournalError, SAJournal
+
+    async def main(url, go):
+        async with SAJournal(url) as journal:
+            for seq in range(1, 4):
+                await journal.persist("acct", [PersistedEvent(seq, f"e{seq}", 1.0)])
+            print("ready", flush=True)
+            while not os.path.exists(go):
+                await asyncio.sleep(0.01)
+            for seq in range(4, 10):
+                try:
+                    await journal.persist("acct", [PersistedEvent(seq, f"e{seq}", 1.0)])
+                    print("acked", seq, flush=True)
+                except JournalError as exc:
+                    print("failed", seq, type(exc).__name__, str(exc).replace("\\n", " "),
+                          flush=True)
+            print("done", flush=True)
+            await asyncio.sleep(60)
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    """
+)
+
+
+async def test_writes_after_the_wal_file_is_deleted_are_not_acknowledged_and_lost(
+    tmp_path: Path,
+) -> None:
+    """The ``-wal`` file deleted under a running journal (a clean-up script, ``rm
+    journal.db-*``): the journal's connections would keep appending to the unlinked WAL
+    and a node killed before a checkpoint would lose every write acknowledged since. The
+    journal never read (the reader it opens after its first write keeps the -wal)."""
+    path = tmp_path / "journal.db"
+    url = sqlite_url(path)
+    await casty_sa.upgrade(url)
+    script, go = tmp_path / "writer.py", tmp_path / "go"
+    script.write_text(_WAL_WRITER)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), url, str(go), stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    acked: list[int] = []
+    failures: list[list[str]] = []
+    try:
+        async with asyncio.timeout(60):
+            assert (await proc.stdout.readline()).decode().strip() == "ready"
+            os.unlink(f"{path}-wal")
+            go.touch()
+            while (line := (await proc.stdout.readline()).decode().split()) != ["done"]:
+                assert line, "the writer ended early"
+                if line[0] == "acked":
+                    acked.append(int(line[1]))
+                else:
+                    failures.append(line)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)  # the node dies before any checkpoint
+        await proc.wait()
+    async with asyncio.timeout(60), SAJournal(url) as journal:
+        stored = {event.sequence_nr for event in await journal.load("acct")}
+    lost = sorted(set(acked) - stored)
+    assert not lost, f"acknowledged after the -wal was deleted, then lost: {lost}"
+    assert acked == [], acked
+    first = " ".join(failures[0])
+    assert failures[0][:3] == ["failed", "4", "DatabaseFileReplaced"], first
+    assert "lost its write-ahead log" in first, first
+    # committed into the unlinked log (and says so), or refused at a new connection's open
+    assert f"NOT durably stored at {path}" in first or "before anything was sent" in first
+    assert all(f[2] == "DatabaseFileReplaced" for f in failures), failures
+
+
+def _checkpoint_truncate(path: Path) -> int:
+    """``PRAGMA wal_checkpoint(TRUNCATE)`` from another connection; the -wal's size after."""
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return Path(f"{path}-wal").stat().st_size
+
+
+async def test_the_wal_check_has_no_false_positives(
+    tmp_path: Path, make_journal: Callable[..., SAJournal]
+) -> None:
+    """What SQLite itself does to the ``-wal`` is not tampering: pool connections closed and
+    reopened (the shared reader keeps the -wal, so SQLite never deletes it), a checkpoint
+    that truncates it from another connection and process, many writes past the automatic
+    checkpoint, and a second journal (another node's process) opening and closing the file."""
+    path = tmp_path / "journal.db"
+    journal = make_journal(sqlite_url(path), pool_size=2)
+    async with asyncio.timeout(60):
+        await journal.persist("acct", batch("acct", 1, 1))
+        seq = 2
+        for round_ in range(4):
+            await journal.engine.dispose()  # every pooled connection closed, new ones opened
+            assert _checkpoint_truncate(path) == 0  # the -wal truncated, not deleted
+            # writes of ~4 KiB pages: past SQLite's automatic checkpoint (1000 pages)
+            big = [PersistedEvent(seq + k, b"x" * 8000, 1.0) for k in range(150)]
+            await journal.persist(f"big{round_}", big)
+            calls = [journal.persist(f"e{k}", batch(f"e{k}", round_ + 1, 1)) for k in range(50)]
+            await asyncio.gather(*calls)
+            other_journal = SAJournal(sqlite_url(path))
+            try:
+                await other_journal.persist("other", batch("other", round_ + 1, 1))
+            finally:
+                await other_journal.close()
+            await journal.persist("acct", batch("acct", seq, 1))
+            seq += 1
+        assert [e.sequence_nr for e in await journal.load("acct")] == list(range(1, seq))
+
+
+async def test_a_file_replaced_before_the_journal_first_connects_is_not_called_replaced(
+    tmp_path: Path, make_journal: Callable[..., SAJournal]
+) -> None:
+    """An application builds its journal at start-up, then puts a restored or imported file
+    at the path (``casty-sa import`` into a new file, then ``mv``): the journal never opened
+    the old file, so the new one is simply the file it opens."""
+    path, fresh = tmp_path / "journal.db", tmp_path / "imported.db"
+    await casty_sa.upgrade(sqlite_url(path))
+    await casty_sa.upgrade(sqlite_url(fresh))
+    journal = make_journal(sqlite_url(path))
+    os.replace(fresh, path)
+    async with asyncio.timeout(60):
+        await journal.persist("acct", [PersistedEvent(1, "opened", 1.0)])
+        assert [e.event for e in await journal.load("acct")] == ["opened"]
 
 
 # -- reads never take the write lock -----------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import dbtools
 import pytest
 from casty import PersistedEvent, Snapshot
 from sqlalchemy import URL, make_url, text
@@ -725,3 +726,59 @@ async def test_tables_dropped_under_a_running_journal(journal: SAJournal) -> Non
     await casty_sa.upgrade(journal.engine)
     assert await journal.load("acct") == []
     await assert_still_usable(journal, "acct")
+
+
+# -- a password in a driver's error text, in any form --------------------------------------
+
+
+def test_describe_masks_the_journals_secrets_in_any_form() -> None:
+    """The one function every driver error goes through masks what no pattern can see."""
+    from casty_sa.diagnosis import describe
+
+    secrets = urls.url_secrets(f"postgresql://app:{PASSWORD}@db/bank")
+    shown = describe(ValueError(f"value {PASSWORD!r} violates check"), secrets)
+    assert_password_hidden(shown)
+    assert "violates check" in shown
+
+
+@pytest.mark.parametrize(
+    ("errcode", "expected"),
+    [("42703", SchemaError), ("40P01", DatabaseUnavailable)],
+    ids=["schema-error", "contention"],
+)
+async def test_a_password_echoed_by_the_server_is_masked_in_every_message_and_log_line(
+    new_postgres_db: Callable[..., Awaitable[URL]],
+    make_journal: Callable[..., SAJournal],
+    caplog: pytest.LogCaptureFixture,
+    errcode: str,
+    expected: type[Exception],
+) -> None:
+    """A trigger whose error text holds the URL's password verbatim (not URL-shaped, so
+    only the journal's own secrets can mask it): the SchemaError, the contention error and
+    the log lines of the retries all go through the same masking."""
+    url = await new_postgres_db()
+    await dbtools.execute(
+        url,
+        "CREATE FUNCTION casty_sa_test_echo() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        f"BEGIN RAISE EXCEPTION 'refused: %', '{PASSWORD}' USING ERRCODE = '{errcode}'; "
+        "END $$",
+        "CREATE TRIGGER echo BEFORE INSERT ON casty_sa_events FOR EACH ROW "
+        "EXECUTE FUNCTION casty_sa_test_echo()",
+    )
+    journal = make_journal(url.set(password=PASSWORD))  # the test server trusts its clients
+    caplog.set_level(logging.DEBUG, logger="casty_sa")
+    with pytest.raises(expected) as info:
+        await asyncio.wait_for(journal.persist("acct", [ev(1)]), 30)
+    assert "refused" in str(info.value)
+    assert_password_hidden(str(info.value), caplog.text)
+    if errcode == "40P01":
+        assert "sending it again" in caplog.text
+
+
+def test_a_writes_byte_count_counts_utf8_bytes_of_the_entity_id() -> None:
+    """The group's byte cap counts what goes on the wire: a non-ASCII id's UTF-8 bytes."""
+    from casty_sa.batching import ROW_OVERHEAD, WriteRequest
+
+    entity_id = "ü" * 10  # 10 characters, 20 bytes
+    request = WriteRequest(entity_id, events=[(entity_id, 1, 1.0, b"abc")])
+    assert request.nbytes == 20 + 3 + ROW_OVERHEAD
