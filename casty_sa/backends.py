@@ -596,9 +596,7 @@ class SqliteBackend(Backend):
         conn = fairy.driver_connection
         autocommit = self._autocommit
         committing = False
-        max_length = _length_limit(conn)
         try:
-            _refuse_too_large(events, snapshots, max_length)
             if autocommit and not snapshots and len(events) <= _SQLITE_MAX_ROWS:
                 committing = True  # one statement in autocommit: it commits on its own
                 await conn.execute(_multi_row(self._insert, len(events)), _flat(events))
@@ -615,6 +613,9 @@ class SqliteBackend(Backend):
                     await _quietly(conn.execute("ROLLBACK") if autocommit else conn.rollback())
                     raise
         except BaseException as exc:
+            # a payload over SQLite's length limit fails its binding, before anything runs;
+            # the limit, for the message, is read only then (and before the connection goes)
+            max_length = _length_limit(conn)
             await self.give_back_writer(fairy, exc)
             if isinstance(exc, Exception):
                 self._check_file(exc, (len(events), len(snapshots)))
@@ -1038,29 +1039,10 @@ def _sqlite_path(database: str | None) -> str | None:
 
 def _length_limit(driver_connection: Any) -> int:
     """SQLITE_LIMIT_LENGTH of the connection (aiosqlite's sqlite3 connection), in bytes."""
-    getlimit = getattr(getattr(driver_connection, "_conn", None), "getlimit", None)
-    if getlimit is None:
+    try:  # aiosqlite's _conn raises ValueError once the connection is closed
+        return int(driver_connection._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH))
+    except (AttributeError, sqlite3.Error, TypeError, ValueError):
         return _SQLITE_MAX_LENGTH
-    try:
-        return int(getlimit(sqlite3.SQLITE_LIMIT_LENGTH))
-    except (sqlite3.Error, TypeError, ValueError):
-        return _SQLITE_MAX_LENGTH
-
-
-def _refuse_too_large(events: Sequence[Row], snapshots: Sequence[Row], limit: int) -> None:
-    """Refuse (before sending anything) a payload SQLite would refuse as too big.
-
-    A payload under the limit whose whole row is over it is refused by SQLite
-    itself, which :func:`classify_write_failure` maps to the same refusal.
-    """
-    for rows, what in ((events, "event"), (snapshots, "snapshot")):
-        for row in rows:
-            if len(row[3]) > limit:
-                raise _too_large(
-                    f"the payload of the {what} of entity {row[0]!r} at sequence number "
-                    f"{row[1]} ({len(row[3]):,} bytes)",
-                    limit,
-                )
 
 
 def _too_large(what: str, limit: int | None, detail: str = "") -> WriteRefused:
