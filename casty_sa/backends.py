@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import operator
 import os
 import sqlite3
 import time
@@ -1120,9 +1121,12 @@ def _multi_row(statement: str, rows: int) -> str:
     return head + "VALUES " + ", ".join(["(?, ?, ?, ?)"] * rows) + tail
 
 
+_TIMESTAMP = operator.itemgetter(2)
+
+
 def _keep_negative_zero(rows: Sequence[Row]) -> Sequence[Row]:
     """``rows`` with a ``-0.0`` timestamp as SQLite keeps it (rare: a copy only then)."""
-    if not any(row[2] == 0.0 for row in rows):
+    if 0.0 not in map(_TIMESTAMP, rows):  # -0.0 == 0.0; a scan in C, no copy
         return rows
     return [
         (row[0], row[1], SQLITE_NEGATIVE_ZERO, row[3]) if is_negative_zero(row[2]) else row  # type: ignore[misc]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -53,6 +54,9 @@ ROW_OVERHEAD = 16
 DEFAULT_MAX_BATCH_BYTES = 64 * 2**20
 
 
+_PAYLOAD = operator.itemgetter(3)
+
+
 def row_bytes(entity_id: str, payload: bytes) -> int:
     """The bytes a row takes on the wire, as the byte caps count them (UTF-8 entity ids)."""
     # an ASCII id (the common case) has as many bytes as characters: no encoding needed
@@ -73,7 +77,10 @@ class WriteRequest:
 
     def __post_init__(self) -> None:
         rows = self.events if self.snapshot is None else [*self.events, self.snapshot]
-        self.nbytes = sum(row_bytes(row[0], row[3]) for row in rows)
+        # every row of a request has its entity id: counted once, payloads summed in C
+        self.nbytes = row_bytes(self.entity_id, b"") * len(rows) + sum(
+            map(len, map(_PAYLOAD, rows))
+        )
 
     @property
     def size(self) -> int:
