@@ -218,6 +218,15 @@ class SAJournal:
         shorter of them fails the call (the server is taken for hung), and
         reads are not retried once the budget is spent.
 
+    **engine_options
+        Passed to ``create_async_engine`` (``pool_size``, ``echo``, …). The
+        journal's own reads and writes run on the raw driver connection, so
+        ``echo``, ``before_cursor_execute`` listeners and SQLAlchemy
+        instrumentation (OpenTelemetry, Sentry) see the schema check and
+        migrations, not those statements.
+
+    Notes
+    -----
     ``busy_timeout`` and ``sqlite_synchronous`` apply when casty-sa creates the
     engine from a URL. With an application's PostgreSQL engine,
     ``connect_timeout`` and ``statement_timeout`` are the journal's own budget
@@ -228,12 +237,6 @@ class SAJournal:
     set it too. With an application's SQLite engine, the journal does not hold
     a connection of its own, so it cannot tell that the ``-wal`` file was
     deleted under it (see :class:`~casty_sa.errors.DatabaseFileReplaced`).
-    **engine_options
-        Passed to ``create_async_engine`` (``pool_size``, ``echo``, …). The
-        journal's own reads and writes run on the raw driver connection, so
-        ``echo``, ``before_cursor_execute`` listeners and SQLAlchemy
-        instrumentation (OpenTelemetry, Sentry) see the schema check and
-        migrations, not those statements.
 
     Examples
     --------

@@ -137,7 +137,8 @@ def _pages() -> list[Path]:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The site built by ``mkdocs build --strict``, from outside the repository."""
     out = tmp_path_factory.mktemp("site")
-    command = ["build", "--strict", "-q", "-f", str(REPO / "mkdocs.yml"), "-d", str(out)]
+    # no -q: it silences the warnings that --strict counts, and the build would pass with them
+    command = ["build", "--strict", "-f", str(REPO / "mkdocs.yml"), "-d", str(out)]
     build = subprocess.run(
         [sys.executable, "-m", "mkdocs", *command],
         cwd=tmp_path_factory.mktemp("elsewhere"),
@@ -147,6 +148,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=180,
     )
     assert build.returncode == 0, f"mkdocs build --strict failed:\n{build.stderr}"
+    assert "WARNING" not in build.stderr, build.stderr
     return out
 
 

@@ -43,8 +43,12 @@ def render(text: str) -> str:
 
 
 def section(name: str) -> str:
-    """The text of ``docs/_sections/NAME.md``."""
-    return (SECTIONS / f"{name}.md").read_text().rstrip("\n") + "\n"
+    """The text of ``docs/_sections/NAME.md``, its links to ``docs/assets`` made README-relative.
+
+    The sections are written for the documentation site, whose pages sit in ``docs/``.
+    """
+    text = (SECTIONS / f"{name}.md").read_text().rstrip("\n") + "\n"
+    return text.replace("](assets/", "](docs/assets/")
 
 
 def render_readme(text: str) -> str:
