@@ -97,3 +97,9 @@ def test_every_test_the_docs_cite_exists() -> None:
         if name not in defined or (member and member not in defined[name]):
             missing.append(f"{doc}: {filename}::{name}{'::' + member if member else ''}")
     assert not missing, "cited tests that do not exist:\n" + "\n".join(missing)
+
+
+def test_every_image_the_readme_shows_exists() -> None:
+    images = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", README)
+    assert images, "the README shows the benchmark chart"
+    assert [image for image in images if not (REPO / image).is_file()] == []
