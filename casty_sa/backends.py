@@ -595,26 +595,30 @@ class SqliteBackend(Backend):
                 f"sent; nothing of it is stored at {self._path}",
             )
         conn = fairy.driver_connection
+        # the -wal this connection has held open since it connected (see _wal_changed)
+        wal = fairy.info.get(_WAL_FILE)
         autocommit = self._autocommit
         committing = False
         try:
             if autocommit and not snapshots and len(events) <= _SQLITE_MAX_ROWS:
                 committing = True  # one statement in autocommit: it commits on its own
-                how = await self._commit(conn, _multi_row(self._insert, len(events)), _flat(events))
+                how = await self._commit(
+                    conn, _multi_row(self._insert, len(events)), _flat(events), wal
+                )
             elif autocommit and not events and len(snapshots) <= _SQLITE_MAX_ROWS:
                 committing = True
                 how = await self._commit(
-                    conn, _multi_row(self._upsert, len(snapshots)), _flat(snapshots)
+                    conn, _multi_row(self._upsert, len(snapshots)), _flat(snapshots), wal
                 )
             else:
                 await self._write_transaction(conn, events, snapshots)
                 committing = True
                 try:
                     if autocommit:
-                        how = await self._commit(conn, "COMMIT", ())
+                        how = await self._commit(conn, "COMMIT", (), wal)
                     else:
                         await conn.commit()
-                        how = self._file_changed()
+                        how = self._file_changed(wal)
                 except BaseException:
                     # a COMMIT that failed before committing leaves the transaction open
                     await _quietly(conn.execute("ROLLBACK") if autocommit else conn.rollback())
@@ -638,7 +642,9 @@ class SqliteBackend(Backend):
         if how is not None:
             self._check_file(None, (len(events), len(snapshots)), how)
 
-    async def _commit(self, conn: Any, sql: str, params: Sequence[Any]) -> str | None:
+    async def _commit(
+        self, conn: Any, sql: str, params: Sequence[Any], wal: tuple[int, int] | None
+    ) -> str | None:
         """Run the statement that commits, then look at the file: both on the driver's thread.
 
         Returns how the path stopped naming the journal's file, if it did (see
@@ -646,9 +652,12 @@ class SqliteBackend(Backend):
         instead, right after the driver's thread finished, each ``stat`` hands the
         GIL back and forth between the two threads: about 30 µs a write at
         ``synchronous=FULL``, against a few µs here. (aiosqlite's ``_execute`` runs
-        a function on its thread; ``execute`` is the same call with a cursor.)
+        a function on its thread; ``execute`` is the same call with a cursor.) ``wal``:
+        the ``-wal`` the connection opened, if recorded.
         """
-        return await conn._execute(_run_and_look, conn._conn, sql, params, self._file_changed)  # type: ignore[no-any-return]
+        return await conn._execute(  # type: ignore[no-any-return]
+            _run_and_look, conn._conn, sql, params, self._file_changed, wal
+        )
 
     async def _keep_wal(self) -> None:
         """Open the shared reader after the first write, if no read opened it yet.
@@ -712,6 +721,13 @@ class SqliteBackend(Backend):
         if self._identity is None:
             self._identity = identity  # the first connection: the file the journal opened
         record.info[_FILE] = identity
+        if self._share_reader:
+            # the -wal it opened (the connect-time journal_mode pragma ran before this
+            # listener): SQLite keeps it while this connection is open, so the connection's
+            # commits can be checked from its first one on, not only once the shared
+            # reader is open (the schema check's connection holds the -wal from start())
+            with contextlib.suppress(OSError):
+                record.info[_WAL_FILE] = _stat(f"{self._path}-wal")
 
     def _on_other_file(self, fairy: Any) -> bool:
         """Whether a connection opened a file other than the journal's (one at the path later)."""
@@ -722,8 +738,11 @@ class SqliteBackend(Backend):
         """(device, inode) of the file now at the path; None when there is none."""
         return None if self._path is None else _stat(self._path)
 
-    def _file_changed(self) -> str | None:
-        """How the path stopped naming the file the journal opened, if it did (one ``stat``)."""
+    def _file_changed(self, wal: tuple[int, int] | None = None) -> str | None:
+        """How the path stopped naming the file the journal opened, if it did (one ``stat``).
+
+        ``wal``: the ``-wal`` a writer's connection opened (see :meth:`_wal_changed`).
+        """
         if self._path is None:
             return None
         if self._identity is None:
@@ -736,26 +755,29 @@ class SqliteBackend(Backend):
             return "was deleted (or its directory removed)"
         if identity != self._identity:
             return _REPLACED
-        return self._wal_changed()
+        return self._wal_changed(wal)
 
-    def _wal_changed(self) -> str | None:
+    def _wal_changed(self, wal: tuple[int, int] | None = None) -> str | None:
         """Whether the ``-wal`` file the journal writes into is gone from beside the file.
 
         SQLite itself deletes the ``-wal`` when the last connection to the database
         closes (and the next one creates a new file), so a missing or different
         ``-wal`` only means tampering while a connection has stayed open since its
         identity was recorded: the shared reader, kept from the start until
-        ``close()`` (its replacement records the identity anew). Without a shared
-        reader (an application's engine) there is no such connection, and no check.
-        A checkpoint truncates the file in place, which keeps its identity.
+        ``close()`` (its replacement records the identity anew), or the writer's
+        connection, whose ``-wal`` is ``wal`` (recorded when it connected, so a
+        ``-wal`` deleted before the shared reader opens is caught too). Without a
+        shared reader (an application's engine) there is no such record, and no
+        check. A checkpoint truncates the file in place, which keeps its identity.
         """
-        if self._wal_identity is None or self._path is None:
+        expected = wal if wal is not None else self._wal_identity
+        if expected is None or self._path is None:
             return None
         try:
             found = _stat(self._path + "-wal")
         except OSError:
             return None
-        return None if found == self._wal_identity else _WAL_LOST
+        return None if found == expected else _WAL_LOST
 
     def _check_file(
         self,
@@ -1029,6 +1051,8 @@ _SQLITE_MAX_LENGTH = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_L
 
 #: key of a pooled SQLite connection's info: (device, inode) of the file it opened
 _FILE = "casty_sa_file"
+#: key of a pooled SQLite connection's info: (device, inode) of the -wal it opened
+_WAL_FILE = "casty_sa_wal"
 
 #: How the file at the journal's path changed when it is another file now.
 _REPLACED = "was replaced by another file"
@@ -1046,11 +1070,12 @@ def _run_and_look(
     connection: sqlite3.Connection,
     sql: str,
     params: Sequence[Any],
-    look: Callable[[], str | None],
+    look: Callable[[tuple[int, int] | None], str | None],
+    wal: tuple[int, int] | None,
 ) -> str | None:
     """On the driver's thread: run ``sql`` (which commits), then ``look`` at the file."""
     connection.execute(sql, params).close()
-    return look()
+    return look(wal)
 
 
 def _stat(path: str) -> tuple[int, int] | None:
