@@ -837,3 +837,66 @@ async def test_a_payload_over_the_blob_limit_is_that_callers_refusal_alone(
     assert await journal.load("big") == []
     assert await journal.load_snapshot("snap") is None
     await journal.persist("big", [PersistedEvent(1, b"\x01" * 1000, 1.0)])  # a smaller one fits
+
+
+_STARTED_THEN_WRITES = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from casty import PersistedEvent
+    from casty_sa import JournalError, SAJournal
+
+    async def main(url, go):
+        journal = SAJournal(url)
+        await journal.start()  # the schema check: a pooled connection opens the -wal
+        print("ready", flush=True)
+        while not os.path.exists(go):
+            await asyncio.sleep(0.01)
+        for seq in range(1, 5):
+            try:
+                await journal.persist("acct", [PersistedEvent(seq, f"e{seq}", 1.0)])
+                print("acked", seq, flush=True)
+            except JournalError as exc:
+                print("failed", seq, type(exc).__name__, flush=True)
+        print("done", flush=True)
+        await asyncio.sleep(60)
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    """
+)
+
+
+async def test_a_wal_deleted_before_the_first_write_is_not_acknowledged_and_lost(
+    tmp_path: Path,
+) -> None:
+    """The pooled connection of the schema check holds the ``-wal`` from ``start()`` on, before
+    any shared reader opens: a ``-wal`` deleted between ``start()`` and the first write must
+    fail that write and every later one (each connection records the ``-wal`` it opened),
+    not let the writer commit into the unlinked log and be acknowledged, then lost when the
+    node is killed before a checkpoint."""
+    path = tmp_path / "journal.db"
+    url = sqlite_url(path)
+    await casty_sa.upgrade(url)
+    script, go = tmp_path / "writer.py", tmp_path / "go"
+    script.write_text(_STARTED_THEN_WRITES)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), url, str(go), stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    acked: list[int] = []
+    try:
+        async with asyncio.timeout(60):
+            assert (await proc.stdout.readline()).decode().strip() == "ready"
+            os.unlink(f"{path}-wal")
+            go.touch()
+            while (line := (await proc.stdout.readline()).decode().split()) != ["done"]:
+                assert line, "the writer ended early"
+                if line[0] == "acked":
+                    acked.append(int(line[1]))
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)  # the node dies before any checkpoint
+        await proc.wait()
+    async with asyncio.timeout(60), SAJournal(url) as journal:
+        stored = {event.sequence_nr for event in await journal.load("acct")}
+    lost = sorted(set(acked) - stored)
+    assert not lost, f"acknowledged after the -wal was deleted, then lost: {lost}"
