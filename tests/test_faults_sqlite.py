@@ -553,14 +553,14 @@ _WAL_WRITER = textwrap.dedent(
     from casty import PersistedEvent
     from casty_sa import JournalError, SAJournal
 
-    async def main(url, go):
-        async with SAJournal(url) as journal:
-            for seq in range(1, 4):
+    async def main(url, go, first):
+        async with SAJournal(url) as journal:  # start(): a pooled connection opens the -wal
+            for seq in range(1, first):
                 await journal.persist("acct", [PersistedEvent(seq, f"e{seq}", 1.0)])
             print("ready", flush=True)
             while not os.path.exists(go):
                 await asyncio.sleep(0.01)
-            for seq in range(4, 10):
+            for seq in range(first, first + 6):
                 try:
                     await journal.persist("acct", [PersistedEvent(seq, f"e{seq}", 1.0)])
                     print("acked", seq, flush=True)
@@ -570,25 +570,29 @@ _WAL_WRITER = textwrap.dedent(
             print("done", flush=True)
             await asyncio.sleep(60)
 
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
     """
 )
 
 
+@pytest.mark.parametrize("first", [4, 1], ids=["after-three-writes", "before-the-first-write"])
 async def test_writes_after_the_wal_file_is_deleted_are_not_acknowledged_and_lost(
-    tmp_path: Path,
+    tmp_path: Path, first: int
 ) -> None:
     """The ``-wal`` file deleted under a running journal (a clean-up script, ``rm
     journal.db-*``): the journal's connections would keep appending to the unlinked WAL
     and a node killed before a checkpoint would lose every write acknowledged since. The
-    journal never read (the reader it opens after its first write keeps the -wal)."""
+    journal never read (the reader it opens after its first write keeps the -wal). Deleted
+    before the first write, the ``-wal`` is the one the schema check's pooled connection opened
+    at ``start()``: each connection records the ``-wal`` it opened, so that is caught too.
+    ``first``: the sequence number of the first write after the deletion."""
     path = tmp_path / "journal.db"
     url = sqlite_url(path)
     await casty_sa.upgrade(url)
     script, go = tmp_path / "writer.py", tmp_path / "go"
     script.write_text(_WAL_WRITER)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), url, str(go), stdout=subprocess.PIPE
+        sys.executable, str(script), url, str(go), str(first), stdout=subprocess.PIPE
     )
     assert proc.stdout is not None
     acked: list[int] = []
@@ -613,11 +617,11 @@ async def test_writes_after_the_wal_file_is_deleted_are_not_acknowledged_and_los
     lost = sorted(set(acked) - stored)
     assert not lost, f"acknowledged after the -wal was deleted, then lost: {lost}"
     assert acked == [], acked
-    first = " ".join(failures[0])
-    assert failures[0][:3] == ["failed", "4", "DatabaseFileReplaced"], first
-    assert "lost its write-ahead log" in first, first
+    message = " ".join(failures[0])
+    assert failures[0][:3] == ["failed", str(first), "DatabaseFileReplaced"], failures[0]
+    assert "lost its write-ahead log" in message, message
     # committed into the unlinked log (and says so), or refused at a new connection's open
-    assert f"NOT durably stored at {path}" in first or "before anything was sent" in first
+    assert f"NOT durably stored at {path}" in message or "before anything was sent" in message
     assert all(f[2] == "DatabaseFileReplaced" for f in failures), failures
 
 
@@ -837,66 +841,3 @@ async def test_a_payload_over_the_blob_limit_is_that_callers_refusal_alone(
     assert await journal.load("big") == []
     assert await journal.load_snapshot("snap") is None
     await journal.persist("big", [PersistedEvent(1, b"\x01" * 1000, 1.0)])  # a smaller one fits
-
-
-_STARTED_THEN_WRITES = textwrap.dedent(
-    """
-    import asyncio, os, sys
-    from casty import PersistedEvent
-    from casty_sa import JournalError, SAJournal
-
-    async def main(url, go):
-        journal = SAJournal(url)
-        await journal.start()  # the schema check: a pooled connection opens the -wal
-        print("ready", flush=True)
-        while not os.path.exists(go):
-            await asyncio.sleep(0.01)
-        for seq in range(1, 5):
-            try:
-                await journal.persist("acct", [PersistedEvent(seq, f"e{seq}", 1.0)])
-                print("acked", seq, flush=True)
-            except JournalError as exc:
-                print("failed", seq, type(exc).__name__, flush=True)
-        print("done", flush=True)
-        await asyncio.sleep(60)
-
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
-    """
-)
-
-
-async def test_a_wal_deleted_before_the_first_write_is_not_acknowledged_and_lost(
-    tmp_path: Path,
-) -> None:
-    """The pooled connection of the schema check holds the ``-wal`` from ``start()`` on, before
-    any shared reader opens: a ``-wal`` deleted between ``start()`` and the first write must
-    fail that write and every later one (each connection records the ``-wal`` it opened),
-    not let the writer commit into the unlinked log and be acknowledged, then lost when the
-    node is killed before a checkpoint."""
-    path = tmp_path / "journal.db"
-    url = sqlite_url(path)
-    await casty_sa.upgrade(url)
-    script, go = tmp_path / "writer.py", tmp_path / "go"
-    script.write_text(_STARTED_THEN_WRITES)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), url, str(go), stdout=subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    acked: list[int] = []
-    try:
-        async with asyncio.timeout(60):
-            assert (await proc.stdout.readline()).decode().strip() == "ready"
-            os.unlink(f"{path}-wal")
-            go.touch()
-            while (line := (await proc.stdout.readline()).decode().split()) != ["done"]:
-                assert line, "the writer ended early"
-                if line[0] == "acked":
-                    acked.append(int(line[1]))
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGKILL)  # the node dies before any checkpoint
-        await proc.wait()
-    async with asyncio.timeout(60), SAJournal(url) as journal:
-        stored = {event.sequence_nr for event in await journal.load("acct")}
-    lost = sorted(set(acked) - stored)
-    assert not lost, f"acknowledged after the -wal was deleted, then lost: {lost}"
