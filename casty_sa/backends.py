@@ -521,6 +521,10 @@ class SqliteBackend(Backend):
         self._identity: tuple[int, int] | None = None
         # the -wal file's identity, recorded when the shared reader opens (see _wal_changed)
         self._wal_identity: tuple[int, int] | None = None
+        self._folder = os.path.dirname(self._path) if self._path is not None else ""
+        #: the directory (device, inode, ctime) and writer's -wal when both files were last
+        #: found in place: see _file_changed
+        self._folder_seen: tuple[Any, ...] | None = None
         self._file_gone: str | None = None
         if self._path is not None:
             event.listen(engine.sync_engine, "do_connect", self._refuse_other_file)
@@ -747,15 +751,31 @@ class SqliteBackend(Backend):
             return None
         if self._identity is None:
             return None  # not opened yet: whatever file is at the path is the one it will open
+        # Deleting, renaming or creating a file changes its directory's ctime (so does
+        # setting its times back, as a restore with rsync -a does; nothing sets ctime
+        # itself). While the directory is as it was when both files were last found in
+        # place (for this writer's -wal), one stat of it stands for the two of the files.
+        try:
+            folder = os.stat(self._folder)
+        except FileNotFoundError:
+            return "was deleted (or its directory removed)"
+        except OSError:
+            return None  # cannot tell (permissions): the statements themselves will say
+        seen = (folder.st_dev, folder.st_ino, folder.st_ctime_ns, wal)
+        if seen == self._folder_seen:
+            return None
         try:
             identity = self._stat_path()
         except OSError:
-            return None  # cannot tell (permissions): the statements themselves will say
+            return None
         if identity is None:
             return "was deleted (or its directory removed)"
         if identity != self._identity:
             return _REPLACED
-        return self._wal_changed(wal)
+        how = self._wal_changed(wal)
+        if how is None and _settled(folder.st_ctime_ns):
+            self._folder_seen = seen
+        return how
 
     def _wal_changed(self, wal: tuple[int, int] | None = None) -> str | None:
         """Whether the ``-wal`` file the journal writes into is gone from beside the file.
@@ -1048,6 +1068,19 @@ _ONE_ROW = "VALUES (?, ?, ?, ?)"
 
 #: SQLite's default SQLITE_LIMIT_LENGTH, for a connection whose own limit cannot be read
 _SQLITE_MAX_LENGTH = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+
+
+def _settled(ctime_ns: int) -> bool:
+    """Whether a directory's next change is sure to move its ctime past ``ctime_ns``.
+
+    File systems stamp times at their own granularity: a clock tick of a few
+    milliseconds where they keep sub-millisecond digits (ext4, xfs, btrfs), up
+    to two seconds elsewhere (FAT). A change within the same tick leaves the
+    time where it was, so it is trusted only once its tick is over.
+    """
+    fine = ctime_ns % 1_000_000 != 0
+    return time.time_ns() - ctime_ns > (50_000_000 if fine else 2_000_000_000)
+
 
 #: key of a pooled SQLite connection's info: (device, inode) of the file it opened
 _FILE = "casty_sa_file"

@@ -547,6 +547,46 @@ async def test_no_new_connection_recreates_a_deleted_file(
     assert not path.exists()
 
 
+@pytest.mark.parametrize(
+    "change", ["deleted", "wal-deleted", "replaced-times-restored", "directory-removed"]
+)
+async def test_the_directory_shortcut_misses_no_change(
+    tmp_path: Path, make_journal: Callable[..., SAJournal], change: str
+) -> None:
+    """Once the directory has been still for a moment, a write checks it with one ``stat`` of
+    the directory instead of two of the files: any entry deleted, renamed or created moves
+    the directory's ctime, and so does putting its times back (a restore with ``rsync -a``)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    path = folder / "journal.db"
+    journal = make_journal(sqlite_url(path))
+    await journal.persist("acct", batch("acct", 1, 2))
+    await journal.load("acct")
+    await asyncio.sleep(0.2)  # past the file system's timestamp tick
+    await journal.persist("acct", batch("acct", 3, 1))
+    await journal.persist("acct", batch("acct", 4, 1))
+    assert journal._backend._folder_seen is not None  # type: ignore[attr-defined]
+    times = folder.stat()
+    if change == "deleted":
+        path.unlink()
+    elif change == "wal-deleted":
+        os.unlink(f"{path}-wal")
+    elif change == "replaced-times-restored":
+        backup = tmp_path / "backup.db"
+        with (
+            contextlib.closing(sqlite3.connect(path)) as source,
+            contextlib.closing(sqlite3.connect(backup)) as target,
+        ):
+            source.backup(target)
+        os.replace(backup, path)
+        os.utime(folder, ns=(times.st_atime_ns, times.st_mtime_ns))
+        assert folder.stat().st_mtime_ns == times.st_mtime_ns
+    else:
+        shutil.rmtree(folder)
+    with pytest.raises(DatabaseFileReplaced):
+        await asyncio.wait_for(journal.persist("acct", batch("acct", 5, 1)), 10)
+
+
 _WAL_WRITER = textwrap.dedent(
     """
     import asyncio, os, sys
