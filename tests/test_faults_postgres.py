@@ -712,6 +712,15 @@ async def test_a_password_in_the_query_string_is_used_and_never_shown(
     assert wrong not in caplog.text and ADMIN_PASSWORD not in caplog.text
 
 
+def _refused_login(url: URL, refusal: str) -> tuple[URL, str]:
+    """``url`` changed so the server refuses the login, and what its refusal says."""
+    return {
+        "wrong-password": (url.set(password="Wr0ng-xyz"), "password authentication failed"),
+        "unknown-role": (url.set(username="no_such_role_xyz"), "no_such_role_xyz"),
+        "missing-database": (url.set(database="no_such_db_xyz"), "no_such_db_xyz"),
+    }[refusal]
+
+
 @pytest.mark.parametrize("refusal", ["wrong-password", "unknown-role", "missing-database"])
 async def test_a_refused_login_is_not_transient_and_never_retried(
     pg: DedicatedPostgres,
@@ -720,11 +729,7 @@ async def test_a_refused_login_is_not_transient_and_never_retried(
     caplog: pytest.LogCaptureFixture,
     refusal: str,
 ) -> None:
-    url, says = {
-        "wrong-password": (fault_db.set(password="Wr0ng-xyz"), "password authentication failed"),
-        "unknown-role": (fault_db.set(username="no_such_role_xyz"), "no_such_role_xyz"),
-        "missing-database": (fault_db.set(database="no_such_db_xyz"), "no_such_db_xyz"),
-    }[refusal]
+    url, says = _refused_login(fault_db, refusal)
     caplog.set_level(logging.WARNING, logger="casty_sa")
     journal = fault_journal(make_journal, url, read_retries=5)
     for call in (
@@ -747,11 +752,7 @@ async def test_migrations_and_the_cli_say_a_refused_login_is_access_denied(
 ) -> None:
     from casty_sa.cli import ExitCode, main
 
-    url, says = {
-        "wrong-password": (fault_db.set(password="Wr0ng-xyz"), "password authentication failed"),
-        "unknown-role": (fault_db.set(username="no_such_role_xyz"), "no_such_role_xyz"),
-        "missing-database": (fault_db.set(database="no_such_db_xyz"), "no_such_db_xyz"),
-    }[refusal]
+    url, says = _refused_login(fault_db, refusal)
     for call in (casty_sa.upgrade(url), casty_sa.current(url), casty_sa.downgrade(url)):
         with pytest.raises(DatabaseAccessDenied, match=says) as info:
             await asyncio.wait_for(call, 20)
@@ -1266,6 +1267,16 @@ def _event_row(entity_id: str, seq: int) -> tuple[str, int, float, bytes]:
     return (entity_id, seq, 1.0, pickle.dumps((entity_id, seq)))
 
 
+async def _slow_inserts(url: URL, table: str) -> None:
+    """Every insert into ``table`` sleeps 1.5 s in a trigger (``DROP TRIGGER slow`` ends it)."""
+    await dbtools.execute(
+        url,
+        _SLOW,
+        f"CREATE TRIGGER slow BEFORE INSERT ON {table} FOR EACH ROW "
+        "EXECUTE FUNCTION casty_sa_test_slow()",
+    )
+
+
 async def _events_and_snapshot(journal: SAJournal, entity_id: str) -> None:
     """One write group holding events and a snapshot: an explicit transaction."""
     row = _event_row(entity_id, 1)
@@ -1278,12 +1289,7 @@ async def test_a_client_timeout_before_commit_of_a_transaction_stores_nothing(
     """The snapshot upsert inside the explicit transaction times out on the client: COMMIT
     was never sent, so the truth is "nothing stored", not "outcome unknown"."""
     url = await new_postgres_db()
-    await dbtools.execute(
-        url,
-        _SLOW,
-        "CREATE TRIGGER slow BEFORE INSERT ON casty_sa_snapshots FOR EACH ROW "
-        "EXECUTE FUNCTION casty_sa_test_slow()",
-    )
+    await _slow_inserts(url, "casty_sa_snapshots")
     journal = make_journal(url, connect_args={"command_timeout": 0.3})
     with pytest.raises(DatabaseUnavailable) as info:
         await asyncio.wait_for(_events_and_snapshot(journal, "acct"), 10)
@@ -1299,12 +1305,7 @@ async def test_a_client_timeout_on_an_autocommit_write_is_commit_outcome_unknown
 ) -> None:
     """One autocommit statement: once sent, the server may commit it after the client gave up."""
     url = await new_postgres_db()
-    await dbtools.execute(
-        url,
-        _SLOW,
-        "CREATE TRIGGER slow BEFORE INSERT ON casty_sa_events FOR EACH ROW "
-        "EXECUTE FUNCTION casty_sa_test_slow()",
-    )
+    await _slow_inserts(url, "casty_sa_events")
     journal = make_journal(url, connect_args={"command_timeout": 0.3})
     events = [PersistedEvent(1, "a", 1.0), PersistedEvent(2, "b", 1.0)]
     with pytest.raises(CommitOutcomeUnknown, match="may or may not be stored"):

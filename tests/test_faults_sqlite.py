@@ -477,6 +477,16 @@ async def test_an_io_error_while_committing_is_commit_outcome_unknown(
 # -- the file under a running journal ----------------------------------------------------------
 
 
+def _backup(path: Path, to: Path) -> Path:
+    """An online backup of the SQLite file at ``path`` (sqlite3's backup API), written to ``to``."""
+    with (
+        contextlib.closing(sqlite3.connect(path)) as source,
+        contextlib.closing(sqlite3.connect(to)) as target,
+    ):
+        source.backup(target)
+    return to
+
+
 def _remove_file(path: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
@@ -492,12 +502,7 @@ async def test_writes_after_the_file_is_gone_fail_instead_of_being_acknowledged(
     journal = make_journal(sqlite_url(path))
     await journal.persist("acct", batch("acct", 1, 2))
     if change == "replaced-by-backup":
-        backup = tmp_path / "backup.db"
-        with (
-            contextlib.closing(sqlite3.connect(path)) as source,
-            contextlib.closing(sqlite3.connect(backup)) as target,
-        ):
-            source.backup(target)
+        backup = _backup(path, tmp_path / "backup.db")
         await journal.persist("acct", batch("acct", 3, 2))  # after the backup was taken
         _remove_file(path)  # the operator restores the backup: a new file at the path
         os.replace(backup, path)
@@ -572,12 +577,7 @@ async def test_the_directory_shortcut_misses_no_change(
     elif change == "wal-deleted":
         os.unlink(f"{path}-wal")
     elif change == "replaced-times-restored":
-        backup = tmp_path / "backup.db"
-        with (
-            contextlib.closing(sqlite3.connect(path)) as source,
-            contextlib.closing(sqlite3.connect(backup)) as target,
-        ):
-            source.backup(target)
+        backup = _backup(path, tmp_path / "backup.db")
         os.replace(backup, path)
         os.utime(folder, ns=(times.st_atime_ns, times.st_mtime_ns))
         assert folder.stat().st_mtime_ns == times.st_mtime_ns
