@@ -1133,9 +1133,11 @@ def _sqlite_path(database: str | None) -> str | None:
     if not database:
         return None
     if database.startswith("file:"):
-        database = database[len("file:") :].partition("?")[0]
-        if database.startswith("//"):  # file:///abs/path
-            database = database[2:]
+        # the query and the fragment are not part of the name
+        database = database[len("file:") :].partition("?")[0].partition("#")[0]
+        if database.startswith("//"):  # file:///abs/path, file://localhost/abs/path
+            authority, slash, rest = database[2:].partition("/")
+            database = slash + rest if authority.lower() in ("", "localhost") else database
     return os.path.abspath(database) if database else None
 
 
