@@ -521,6 +521,9 @@ class SqliteBackend(Backend):
         self._identity: tuple[int, int] | None = None
         # the -wal file's identity, recorded when the shared reader opens (see _wal_changed)
         self._wal_identity: tuple[int, int] | None = None
+        #: where SQLite keeps the -wal: beside the file it opened, symbolic links resolved
+        #: (set again when the first connection opens the file)
+        self._wal_path = f"{self._path}-wal"
         self._folder = os.path.dirname(self._path) if self._path is not None else ""
         #: the directory (device, inode, ctime) and writer's -wal when both files were last
         #: found in place: see _file_changed
@@ -724,6 +727,9 @@ class SqliteBackend(Backend):
             return
         if self._identity is None:
             self._identity = identity  # the first connection: the file the journal opened
+            # SQLite names the -wal after the file's real path: a path that is a symbolic
+            # link has its -wal beside the link's target, not beside the link
+            self._wal_path = f"{os.path.realpath(str(self._path))}-wal"
         record.info[_FILE] = identity
         if self._share_reader:
             # the -wal it opened (the connect-time journal_mode pragma ran before this
@@ -731,7 +737,7 @@ class SqliteBackend(Backend):
             # commits can be checked from its first one on, not only once the shared
             # reader is open (the schema check's connection holds the -wal from start())
             with contextlib.suppress(OSError):
-                record.info[_WAL_FILE] = _stat(f"{self._path}-wal")
+                record.info[_WAL_FILE] = _stat(self._wal_path)
 
     def _on_other_file(self, fairy: Any) -> bool:
         """Whether a connection opened a file other than the journal's (one at the path later)."""
@@ -773,7 +779,9 @@ class SqliteBackend(Backend):
         if identity != self._identity:
             return _REPLACED
         how = self._wal_changed(wal)
-        if how is None and _settled(folder.st_ctime_ns):
+        # a path that is a symbolic link names an entry of another directory (and its -wal
+        # is there too), whose changes leave this one's ctime alone: no shortcut for it
+        if how is None and _settled(folder.st_ctime_ns) and not os.path.islink(self._path):
             self._folder_seen = seen
         return how
 
@@ -794,7 +802,7 @@ class SqliteBackend(Backend):
         if expected is None or self._path is None:
             return None
         try:
-            found = _stat(self._path + "-wal")
+            found = _stat(self._wal_path)
         except OSError:
             return None
         return None if found == expected else _WAL_LOST
@@ -888,7 +896,7 @@ class SqliteBackend(Backend):
         # file), and SQLite keeps that -wal while any connection is open
         if self._path is not None and self._identity is not None:
             try:
-                self._wal_identity = _stat(self._path + "-wal")
+                self._wal_identity = _stat(self._wal_path)
             except OSError:
                 self._wal_identity = None
         return self._reader  # type: ignore[no-any-return]
@@ -1125,9 +1133,11 @@ def _sqlite_path(database: str | None) -> str | None:
     if not database:
         return None
     if database.startswith("file:"):
-        database = database[len("file:") :].partition("?")[0]
-        if database.startswith("//"):  # file:///abs/path
-            database = database[2:]
+        # the query and the fragment are not part of the name
+        database = database[len("file:") :].partition("?")[0].partition("#")[0]
+        if database.startswith("//"):  # file:///abs/path, file://localhost/abs/path
+            authority, slash, rest = database[2:].partition("/")
+            database = slash + rest if authority.lower() in ("", "localhost") else database
     return os.path.abspath(database) if database else None
 
 
