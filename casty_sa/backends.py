@@ -1081,13 +1081,14 @@ _SQLITE_MAX_LENGTH = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_L
 def _settled(ctime_ns: int) -> bool:
     """Whether a directory's next change is sure to move its ctime past ``ctime_ns``.
 
-    File systems stamp times at their own granularity: a clock tick of a few
-    milliseconds where they keep sub-millisecond digits (ext4, xfs, btrfs), up
-    to two seconds elsewhere (FAT). A change within the same tick leaves the
-    time where it was, so it is trusted only once its tick is over.
+    File systems that keep sub-millisecond digits (ext4, xfs, btrfs, tmpfs) stamp
+    times at a clock tick of a few milliseconds: a change within the same tick
+    leaves the time where it was, so it is trusted only once the tick is over.
+    Coarser stamps (whole milliseconds, seconds, FAT's two seconds, and FAT's
+    root directory, which it never stamps at all) are never trusted: there the
+    journal looks at both files every time.
     """
-    fine = ctime_ns % 1_000_000 != 0
-    return time.time_ns() - ctime_ns > (50_000_000 if fine else 2_000_000_000)
+    return ctime_ns % 1_000_000 != 0 and time.time_ns() - ctime_ns > 50_000_000
 
 
 #: key of a pooled SQLite connection's info: (device, inode) of the file it opened

@@ -552,6 +552,16 @@ async def test_no_new_connection_recreates_a_deleted_file(
     assert not path.exists()
 
 
+async def _settle(journal: SAJournal, entity: str) -> int:
+    """Writes until the directory shortcut is trusted (past the tick); the next sequence nr."""
+    await journal.persist(entity, batch(entity, 1, 1))
+    await journal.load(entity)
+    await asyncio.sleep(0.2)
+    await journal.persist(entity, batch(entity, 2, 1))
+    await journal.persist(entity, batch(entity, 3, 1))
+    return 4
+
+
 @pytest.mark.parametrize(
     "change", ["deleted", "wal-deleted", "replaced-times-restored", "directory-removed"]
 )
@@ -565,11 +575,7 @@ async def test_the_directory_shortcut_misses_no_change(
     folder.mkdir()
     path = folder / "journal.db"
     journal = make_journal(sqlite_url(path))
-    await journal.persist("acct", batch("acct", 1, 2))
-    await journal.load("acct")
-    await asyncio.sleep(0.2)  # past the file system's timestamp tick
-    await journal.persist("acct", batch("acct", 3, 1))
-    await journal.persist("acct", batch("acct", 4, 1))
+    seq = await _settle(journal, "acct")
     assert journal._backend._folder_seen is not None  # type: ignore[attr-defined]
     times = folder.stat()
     if change == "deleted":
@@ -584,7 +590,46 @@ async def test_the_directory_shortcut_misses_no_change(
     else:
         shutil.rmtree(folder)
     with pytest.raises(DatabaseFileReplaced):
-        await asyncio.wait_for(journal.persist("acct", batch("acct", 5, 1)), 10)
+        await asyncio.wait_for(journal.persist("acct", batch("acct", seq, 1)), 10)
+
+
+@pytest.mark.parametrize("change", ["target-replaced", "target-wal-deleted"])
+async def test_a_database_path_that_is_a_symlink_into_another_directory(
+    tmp_path: Path, make_journal: Callable[..., SAJournal], change: str
+) -> None:
+    """``data/journal.db -> ../real/journal.db``: SQLite opens the target and keeps its -wal
+    beside it, in ``real/``. Replacing the target changes ``real/``'s ctime, not ``data/``'s,
+    so the one-stat shortcut on ``data/`` said "unchanged"; the -wal check looked for
+    ``data/journal.db-wal``, which never exists, so it checked nothing at all."""
+    real, data = tmp_path / "real", tmp_path / "data"
+    real.mkdir()
+    data.mkdir()
+    target, link = real / "journal.db", data / "journal.db"
+    link.symlink_to(Path("..", "real", "journal.db"))
+    journal = make_journal(f"sqlite:///{link}")
+    async with asyncio.timeout(30):
+        seq = await _settle(journal, "acct")
+        if change == "target-replaced":
+            os.replace(_backup(target, tmp_path / "backup.db"), target)
+        else:
+            os.unlink(f"{target}-wal")
+        with pytest.raises(DatabaseFileReplaced):
+            await journal.persist("acct", batch("acct", seq, 1))
+
+
+async def test_a_file_uri_with_the_localhost_authority(
+    tmp_path: Path, make_journal: Callable[..., SAJournal]
+) -> None:
+    """``file://localhost/abs/path`` names the same file as ``file:///abs/path`` for SQLite;
+    the journal took ``localhost/abs/path`` relative to the working directory, found no file
+    there, and so never recorded an identity: no check ever ran."""
+    path = tmp_path / "journal.db"
+    journal = make_journal(f"sqlite:///file://localhost{path}?uri=true")
+    async with asyncio.timeout(30):
+        seq = await _settle(journal, "acct")
+        os.replace(_backup(path, tmp_path / "backup.sqlite"), path)
+        with pytest.raises(DatabaseFileReplaced):
+            await journal.persist("acct", batch("acct", seq, 1))
 
 
 _WAL_WRITER = textwrap.dedent(
