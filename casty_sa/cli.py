@@ -41,7 +41,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa import inspection, migrate
-from casty_sa.diagnosis import database_error
+from casty_sa.diagnosis import database_error, describe
 from casty_sa.engine import read_connection
 from casty_sa.errors import InvalidEventError, JournalError, SchemaError
 from casty_sa.journal import open_engine
@@ -507,11 +507,9 @@ def _describe(exc: BaseException, args: argparse.Namespace) -> str:
     """One line: what failed and where, without SQL, parameters or password."""
     if isinstance(exc, JournalError):
         return str(exc)
-    original = getattr(exc, "orig", None) or exc
-    detail = str(original).strip().splitlines()[0] if str(original).strip() else ""
     url = getattr(args, "url_value", None)
     where = f" on {safe_url(url)}" if url else ""
-    return f"database error{where}: {type(original).__name__}" + (f": {detail}" if detail else "")
+    return f"database error{where}: {describe(exc, url_secrets(url) if url else frozenset())}"
 
 
 # -- resolving arguments -----------------------------------------------------------------------

@@ -189,6 +189,14 @@ class Side:
             await self.write(journal)
 
 
+def _lay_out(source_side: Side, target_side: Side, tmp_path: Path, target: URL) -> Path:
+    """A casty file holding ``source_side`` and a target database holding ``target_side``."""
+    source = tmp_path / "node-a.db"
+    asyncio.run(source_side.write(SqliteJournal(source)))
+    asyncio.run(target_side.write_to(target))
+    return source
+
+
 # -- import ------------------------------------------------------------------------------------
 
 
@@ -750,9 +758,7 @@ class TestForkedHistories:
         capsys: pytest.CaptureFixture[str],
     ) -> None:
         """Both sides hold entity X, but no key or too few keys in common: refused, untouched."""
-        source = tmp_path / "node-a.db"
-        asyncio.run(source_side.write(SqliteJournal(source)))
-        asyncio.run(target_side.write_to(db_url))
+        source = _lay_out(source_side, target_side, tmp_path, db_url)
         before = raw_database_rows(db_url), load_database(db_url, ["X"]).snapshots
         code, out, _ = run(capsys, "import", "--from", str(source), "--url", plain(db_url))
         assert code == ExitCode.NOT_VERIFIED, out
@@ -779,9 +785,7 @@ class TestForkedHistories:
         tmp_path: Path,
         capsys: pytest.CaptureFixture[str],
     ) -> None:
-        source = tmp_path / "node-a.db"
-        asyncio.run(source_side.write(SqliteJournal(source)))
-        asyncio.run(target_side.write_to(db_url))
+        source = _lay_out(source_side, target_side, tmp_path, db_url)
         code, out, _ = run(capsys, "import", "--from", str(source), "--url", plain(db_url))
         assert code == ExitCode.OK and "verified   content compared" in out, out
         held = load_database(db_url, ["X"])
