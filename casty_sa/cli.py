@@ -42,9 +42,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa import inspection, migrate
 from casty_sa.diagnosis import database_error, describe
-from casty_sa.engine import read_connection
+from casty_sa.engine import open_engine, read_connection
 from casty_sa.errors import InvalidEventError, JournalError, SchemaError
-from casty_sa.journal import open_engine
 from casty_sa.models import EventRecord
 from casty_sa.transfer import (
     DEFAULT_BATCH_SIZE,

@@ -23,16 +23,28 @@ PostgreSQL (``asyncpg``)
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import URL, Engine, event
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.pool import StaticPool
 
-from casty_sa.urls import DEFAULT_APPLICATION_NAME, is_memory_sqlite, postgres_options
+from casty_sa.errors import UnsupportedDatabase
+from casty_sa.urls import (
+    DEFAULT_APPLICATION_NAME,
+    is_memory_sqlite,
+    postgres_options,
+    to_async_url,
+)
 
 __all__ = [
     "AUTOCOMMIT_ENGINES",
@@ -40,6 +52,8 @@ __all__ = [
     "SQLITE_SYNCHRONOUS",
     "Timeouts",
     "build_engine",
+    "open_engine",
+    "open_journal_engine",
     "read_connection",
     "read_only",
 ]
@@ -227,3 +241,67 @@ def read_only(engine: AsyncEngine) -> AsyncEngine:
 def read_connection(engine: AsyncEngine) -> AsyncConnection:
     """A connection of ``engine`` for reading only (use as ``async with``)."""
     return read_only(engine).connect()
+
+
+def open_engine(
+    target: str | URL | os.PathLike[str] | AsyncEngine | async_sessionmaker[Any],
+    **engine_options: Any,
+) -> tuple[AsyncEngine, bool]:
+    """The engine for ``target`` and whether the caller owns (must dispose) it.
+
+    An ``AsyncEngine`` (or the engine an ``async_sessionmaker`` is bound to) is
+    returned as is (not owned) after checking its dialect; a URL gets an
+    engine tuned by :func:`casty_sa.engine.build_engine`.
+    """
+    engine, owned, _timeouts = open_journal_engine(target, engine_options, budget=None)
+    return engine, owned
+
+
+def open_journal_engine(
+    target: str | URL | os.PathLike[str] | AsyncEngine | async_sessionmaker[Any],
+    engine_options: dict[str, Any],
+    *,
+    budget: tuple[float | None, float | None] | None,
+) -> tuple[AsyncEngine, bool, Timeouts | None]:
+    """:func:`open_engine`, plus the PostgreSQL timeouts a journal's calls are bounded by.
+
+    ``budget``: the journal's ``(connect_timeout, statement_timeout)`` arguments. On an
+    engine casty-sa creates they configure it; on an application's engine they are only
+    the journal's own bounds (``None`` for either: the default), since the timeouts that
+    engine's connections were opened with cannot be read back reliably.
+    """
+    if isinstance(target, async_sessionmaker):
+        bound = target.kw.get("bind")
+        if not isinstance(bound, AsyncEngine):
+            raise UnsupportedDatabase(
+                "the async_sessionmaker passed to casty-sa is not bound to an AsyncEngine; "
+                "create it with async_sessionmaker(engine) or pass the engine itself"
+            )
+        target = bound
+    connect, statement = budget if budget is not None else (None, None)
+    if isinstance(target, AsyncEngine):
+        if engine_options:
+            raise TypeError(
+                "engine options "
+                f"({', '.join(sorted(engine_options))}) only apply when casty-sa creates the "
+                "engine from a URL; configure the application's engine instead"
+            )
+        to_async_url(target.url)  # refuse unsupported databases early
+        timeouts = None
+        if target.dialect.name == "postgresql":
+            timeouts = Timeouts(
+                connect if connect is not None else DEFAULT_CONNECT_TIMEOUT,
+                statement if statement is not None else DEFAULT_STATEMENT_TIMEOUT,
+            )
+        return target, False, timeouts
+    options = dict(engine_options)
+    url = to_async_url(target)
+    engine, timeouts = build_engine(
+        url,
+        busy_timeout=options.pop("busy_timeout", 5.0),
+        sqlite_synchronous=options.pop("sqlite_synchronous", "FULL"),
+        connect_timeout=options.pop("connect_timeout", connect),
+        statement_timeout=options.pop("statement_timeout", statement),
+        engine_options=options,
+    )
+    return engine, True, timeouts

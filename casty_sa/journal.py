@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import operator
 import os
 import pickle
@@ -27,6 +26,7 @@ from sqlalchemy import URL
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 
+from casty_sa import migrate as migrations
 from casty_sa.backends import (
     ConnectionLost,
     Contended,
@@ -36,12 +36,17 @@ from casty_sa.backends import (
 )
 from casty_sa.batching import DEFAULT_MAX_BATCH_BYTES, GroupCommitter, WriteRequest
 from casty_sa.coalescing import ReadCoalescer, SharedAttempt
+from casty_sa.codec import (
+    MAX_SEQUENCE_NR,
+    check_entity_id,
+    decode_events,
+    decode_snapshot,
+    encode_events,
+    encode_snapshot,
+)
 from casty_sa.diagnosis import database_error, describe, upgrade_hint
 from casty_sa.engine import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_STATEMENT_TIMEOUT,
-    Timeouts,
-    build_engine,
+    open_journal_engine,
     read_connection,
 )
 from casty_sa.errors import (
@@ -51,31 +56,23 @@ from casty_sa.errors import (
     InvalidEventError,
     JournalClosed,
     JournalError,
-    PayloadDecodeError,
-    PayloadEncodeError,
     SchemaError,
     SequenceConflict,
-    UnsupportedDatabase,
 )
-from casty_sa.models import MAX_ENTITY_ID_LENGTH
 from casty_sa.urls import (
     is_memory_sqlite,
     kind_of,
     safe_url,
-    to_async_url,
     url_secrets,
 )
 
-__all__ = ["MAX_SEQUENCE_NR", "SAJournal", "open_engine"]
+__all__ = ["MAX_SEQUENCE_NR", "SAJournal"]
 
 log = logging.getLogger("casty_sa")
 _T = TypeVar("_T")
 
 #: Seconds the group-commit flusher (and its connection) waits for the next write.
 _WRITER_LINGER = 0.01
-
-#: Highest sequence number a 64-bit signed column holds.
-MAX_SEQUENCE_NR = 2**63 - 1
 
 #: Times a write the database rolled back whole (deadlock, serialization failure) is sent
 #: again, and the first pause before that (doubled each time, with jitter).
@@ -87,70 +84,6 @@ _ENTITY_OF = operator.attrgetter("entity_id")
 #: Why a group's transaction failed: its rows were refused, it kept deadlocking, or the
 #: database failed (the same answer for every caller).
 _Failure = WriteRefused | Contended | JournalError
-
-
-def open_engine(
-    target: str | URL | os.PathLike[str] | AsyncEngine | async_sessionmaker[Any],
-    **engine_options: Any,
-) -> tuple[AsyncEngine, bool]:
-    """The engine for ``target`` and whether the caller owns (must dispose) it.
-
-    An ``AsyncEngine`` (or the engine an ``async_sessionmaker`` is bound to) is
-    returned as is (not owned) after checking its dialect; a URL gets an
-    engine tuned by :func:`casty_sa.engine.build_engine`.
-    """
-    engine, owned, _timeouts = _open_engine(target, engine_options, budget=None)
-    return engine, owned
-
-
-def _open_engine(
-    target: str | URL | os.PathLike[str] | AsyncEngine | async_sessionmaker[Any],
-    engine_options: dict[str, Any],
-    *,
-    budget: tuple[float | None, float | None] | None,
-) -> tuple[AsyncEngine, bool, Timeouts | None]:
-    """:func:`open_engine`, plus the PostgreSQL timeouts a journal's calls are bounded by.
-
-    ``budget``: the journal's ``(connect_timeout, statement_timeout)`` arguments. On an
-    engine casty-sa creates they configure it; on an application's engine they are only
-    the journal's own bounds (``None`` for either: the default), since the timeouts that
-    engine's connections were opened with cannot be read back reliably.
-    """
-    if isinstance(target, async_sessionmaker):
-        bound = target.kw.get("bind")
-        if not isinstance(bound, AsyncEngine):
-            raise UnsupportedDatabase(
-                "the async_sessionmaker passed to casty-sa is not bound to an AsyncEngine; "
-                "create it with async_sessionmaker(engine) or pass the engine itself"
-            )
-        target = bound
-    connect, statement = budget if budget is not None else (None, None)
-    if isinstance(target, AsyncEngine):
-        if engine_options:
-            raise TypeError(
-                "engine options "
-                f"({', '.join(sorted(engine_options))}) only apply when casty-sa creates the "
-                "engine from a URL; configure the application's engine instead"
-            )
-        to_async_url(target.url)  # refuse unsupported databases early
-        timeouts = None
-        if target.dialect.name == "postgresql":
-            timeouts = Timeouts(
-                connect if connect is not None else DEFAULT_CONNECT_TIMEOUT,
-                statement if statement is not None else DEFAULT_STATEMENT_TIMEOUT,
-            )
-        return target, False, timeouts
-    options = dict(engine_options)
-    url = to_async_url(target)
-    engine, timeouts = build_engine(
-        url,
-        busy_timeout=options.pop("busy_timeout", 5.0),
-        sqlite_synchronous=options.pop("sqlite_synchronous", "FULL"),
-        connect_timeout=options.pop("connect_timeout", connect),
-        statement_timeout=options.pop("statement_timeout", statement),
-        engine_options=options,
-    )
-    return engine, True, timeouts
 
 
 class SAJournal:
@@ -273,7 +206,7 @@ class SAJournal:
     ) -> None:
         tuning = {"busy_timeout": busy_timeout, "sqlite_synchronous": sqlite_synchronous}
         engine_options.update({k: v for k, v in tuning.items() if v is not None})
-        self._engine, self._owns_engine, timeouts = _open_engine(
+        self._engine, self._owns_engine, timeouts = open_journal_engine(
             url, engine_options, budget=(connect_timeout, statement_timeout)
         )
         self._url = self._engine.url
@@ -283,9 +216,8 @@ class SAJournal:
             url_secrets(url) if isinstance(url, str | URL) else frozenset()
         )
         self._dialect = self._engine.dialect.name
-        from casty_sa.migrate import check_schema
 
-        check_schema(self._dialect, schema)
+        migrations.check_schema(self._dialect, schema)
         self._schema = schema
         self._bind = (
             self._engine
@@ -449,7 +381,7 @@ class SAJournal:
         """
         if not events:
             return
-        rows = self._encode_events(entity_id, events)
+        rows = encode_events(entity_id, events, self._serialize)
         await self._submit(WriteRequest(entity_id, events=rows))
 
     async def load(self, entity_id: str, from_sequence_nr: int = 0) -> list[PersistedEvent[Any]]:
@@ -462,7 +394,7 @@ class SAJournal:
         PayloadDecodeError
             A stored event could not be deserialized (names its sequence number).
         """
-        _check_entity_id(entity_id)
+        check_entity_id(entity_id)
         if type(from_sequence_nr) is not int:
             raise InvalidEventError(
                 f"from_sequence_nr must be an int, not {type(from_sequence_nr).__name__}"
@@ -475,16 +407,7 @@ class SAJournal:
             f"load events of {entity_id!r}",
             in_task=True,
         )
-        deserialize = self._deserialize
-        try:
-            return [PersistedEvent(seq, deserialize(payload), ts) for seq, payload, ts in rows]
-        except Exception:
-            for seq, payload, _ts in rows:
-                try:
-                    deserialize(payload)
-                except Exception as exc:
-                    raise PayloadDecodeError(entity_id, seq, exc) from exc
-            raise
+        return decode_events(entity_id, rows, self._deserialize)
 
     async def save_snapshot(self, entity_id: str, snapshot: Snapshot[Any]) -> None:
         """Keep ``snapshot`` as the entity's latest, unless a newer one is stored.
@@ -492,58 +415,19 @@ class SAJournal:
         A snapshot with a lower sequence number than the stored one is ignored,
         so a late write from a deposed node never moves recovery backwards.
         """
-        _check_entity_id(entity_id)
-        seq = _check_sequence_nr(entity_id, snapshot.sequence_nr)
-        try:
-            payload = self._serialize(snapshot.state)
-        except Exception as exc:
-            raise PayloadEncodeError(entity_id, seq, exc) from exc
-        _check_payload(entity_id, seq, payload)
-        row = (entity_id, seq, _check_timestamp(entity_id, seq, snapshot.timestamp), payload)
+        row = encode_snapshot(entity_id, snapshot, self._serialize)
         await self._submit(WriteRequest(entity_id, snapshot=row))
 
     async def load_snapshot(self, entity_id: str) -> Snapshot[Any] | None:
         """The entity's latest snapshot, or ``None``."""
-        _check_entity_id(entity_id)
+        check_entity_id(entity_id)
         row = await self._read(
             self._snapshot_reads.get,
             (entity_id,),
             f"load the snapshot of {entity_id!r}",
             in_task=True,
         )
-        if row is None:
-            return None
-        seq, payload, ts = row
-        try:
-            state = self._deserialize(payload)
-        except Exception as exc:
-            raise PayloadDecodeError(entity_id, seq, exc, what="snapshot") from exc
-        return Snapshot(seq, state, ts)
-
-    # -- encoding ------------------------------------------------------------------------------
-
-    def _encode_events(self, entity_id: str, events: Sequence[PersistedEvent[Any]]) -> list[Row]:
-        _check_entity_id(entity_id)
-        serialize = self._serialize
-        rows: list[Row] = []
-        previous = 0
-        for event in events:
-            seq = _check_sequence_nr(entity_id, event.sequence_nr)
-            if seq <= previous:
-                raise InvalidEventError(
-                    f"sequence numbers of one persist call must increase: {seq} follows "
-                    f"{previous} for entity {entity_id!r}; nothing was stored"
-                )
-            previous = seq
-            try:
-                payload = serialize(event.event)
-            except Exception as exc:
-                raise PayloadEncodeError(entity_id, seq, exc) from exc
-            _check_payload(entity_id, seq, payload)
-            rows.append(
-                (entity_id, seq, _check_timestamp(entity_id, seq, event.timestamp), payload)
-            )
-        return rows
+        return decode_snapshot(entity_id, row, self._deserialize)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -839,15 +723,14 @@ class SAJournal:
             yield connection
 
     async def _ensure_schema(self) -> None:
-        from casty_sa import migrate
 
-        head = migrate.head_revision()
+        head = migrations.head_revision()
         try:
             async with self._read_connection() as connection:
-                await connection.run_sync(migrate.refuse_casty_tables, self._url)
-                found = await connection.run_sync(migrate.current_revision, self._schema)
+                await connection.run_sync(migrations.refuse_casty_tables, self._url)
+                found = await connection.run_sync(migrations.current_revision, self._schema)
                 app_managed = found is None and await connection.run_sync(
-                    migrate.tables_match_models, self._schema
+                    migrations.tables_match_models, self._schema
                 )
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
             raise self._database_error(exc, "read the schema revision") from exc
@@ -857,7 +740,7 @@ class SAJournal:
             # the application's own Alembic history created the tables from casty_sa.metadata
             log.debug("casty_sa: tables managed by the application's migrations; using them")
             return
-        if found is not None and not migrate.known_revision(found):
+        if found is not None and not migrations.known_revision(found):
             raise SchemaError(
                 f"{safe_url(self._url)} is at casty-sa schema revision {found!r}, which this "
                 f"version of casty-sa does not know (its newest is {head!r}): a newer casty-sa "
@@ -874,13 +757,13 @@ class SAJournal:
         try:
             if self._serial is not None:
                 async with self._serial:
-                    await migrate.upgrade(self._engine, schema=self._schema)
+                    await migrations.upgrade(self._engine, schema=self._schema)
             else:
-                await migrate.upgrade(self._engine, schema=self._schema)
+                await migrations.upgrade(self._engine, schema=self._schema)
         except (SQLAlchemyError, OSError, JournalError) as exc:
             # another process may have migrated the same file at the same moment
             async with self._read_connection() as connection:
-                if await connection.run_sync(migrate.current_revision, self._schema) != head:
+                if await connection.run_sync(migrations.current_revision, self._schema) != head:
                     raise self._database_error(exc, "migrate the schema") from exc
 
     def _describe(self, exc: BaseException) -> str:
@@ -889,68 +772,6 @@ class SAJournal:
 
     def _database_error(self, exc: BaseException, what: str) -> JournalError:
         return database_error(exc, self._url, what, secrets=self._secrets, schema=self._schema)
-
-
-# -- validation helpers (module level: they run on every call) ---------------------------------
-
-
-def _check_entity_id(entity_id: object) -> None:
-    if type(entity_id) is not str:
-        raise InvalidEventError(f"entity_id must be a str, not {type(entity_id).__name__}")
-    if not entity_id:
-        raise InvalidEventError("entity_id must not be empty")
-    if len(entity_id) > MAX_ENTITY_ID_LENGTH:
-        raise InvalidEventError(
-            f"entity_id is {len(entity_id)} characters long; casty-sa stores at most "
-            f"{MAX_ENTITY_ID_LENGTH} ({entity_id[:40]!r}…)"
-        )
-    if not entity_id.isascii():
-        try:
-            entity_id.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidEventError(
-                f"entity_id {entity_id[:60]!r} is not valid Unicode text ({exc.reason} at "
-                f"position {exc.start}); use a string that encodes to UTF-8"
-            ) from None
-    if "\x00" in entity_id:
-        raise InvalidEventError(
-            f"entity_id {entity_id[:60]!r} contains a NUL character, which PostgreSQL text "
-            "cannot hold; casty-sa refuses it on every backend"
-        )
-
-
-def _check_sequence_nr(entity_id: str, seq: object) -> int:
-    if type(seq) is not int or not 1 <= seq <= MAX_SEQUENCE_NR:
-        raise InvalidEventError(
-            f"sequence number {seq!r} of entity {entity_id!r} is not an int from 1 to "
-            f"{MAX_SEQUENCE_NR}; nothing was stored"
-        )
-    return seq
-
-
-def _check_timestamp(entity_id: str, seq: int, timestamp: object) -> float:
-    if type(timestamp) is float and timestamp == timestamp:
-        return timestamp
-    if isinstance(timestamp, int | float) and not isinstance(timestamp, bool):
-        try:
-            value = float(timestamp)
-        except OverflowError:
-            value = math.nan
-        if value == value:  # not NaN: SQLite would store NULL, and NaN never equals itself
-            return value
-    raise InvalidEventError(
-        f"timestamp {str(timestamp)[:40]} of entity {entity_id!r} at sequence number {seq} "
-        "is not a number a float holds (casty uses time.time()); nothing was stored"
-    )
-
-
-def _check_payload(entity_id: str, seq: int, payload: object) -> None:
-    if not isinstance(payload, bytes):
-        raise PayloadEncodeError(
-            entity_id,
-            seq,
-            TypeError(f"the serializer returned {type(payload).__name__}, not bytes"),
-        )
 
 
 def _past(deadline: float | None, ahead: float = 0.0) -> bool:

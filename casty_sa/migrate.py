@@ -35,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa.diagnosis import access_denied, describe, sqlstate
-from casty_sa.engine import AUTOCOMMIT_ENGINES, read_connection
+from casty_sa.engine import AUTOCOMMIT_ENGINES, open_engine, read_connection
 from casty_sa.errors import DatabaseUnavailable, JournalError, SchemaError
 from casty_sa.models import VERSION_TABLE, metadata
 from casty_sa.urls import UrlLike, safe_url, url_secrets
@@ -229,7 +229,6 @@ async def _on_engine(
     *,
     writes: bool = True,
 ) -> Any:
-    from casty_sa.journal import open_engine  # local: journal imports this module
 
     engine, owned = open_engine(target)
     check_schema(engine.dialect.name, schema)

@@ -16,7 +16,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import URL, Connection, PrimaryKeyConstraint, Table, text
 
-from casty_sa.journal import open_engine
+from casty_sa.engine import open_engine
 from casty_sa.models import VERSION_TABLE, metadata
 
 config = context.config

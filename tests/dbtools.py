@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import URL, inspect, text
 
-from casty_sa.journal import open_engine
+from casty_sa.engine import open_engine
 
 
 def plain(url: URL | str) -> str:

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 import casty_sa
 from casty_sa import SAJournal, SchemaError
 from casty_sa.cli import ExitCode, main
-from casty_sa.journal import open_engine
+from casty_sa.engine import open_engine
 
 
 def ev(seq: int) -> PersistedEvent[Any]:

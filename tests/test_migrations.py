@@ -17,7 +17,7 @@ from sqlalchemy import URL, Connection, inspect, text
 
 import casty_sa
 from casty_sa import SAJournal, SchemaError, head_revision, metadata
-from casty_sa.journal import open_engine
+from casty_sa.engine import open_engine
 
 REPO = Path(__file__).resolve().parent.parent
 OUR_TABLES = {"casty_sa_events", "casty_sa_snapshots"}

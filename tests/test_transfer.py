@@ -31,7 +31,7 @@ from sqlalchemy import URL, event, text
 
 from casty_sa import SAJournal, SchemaError
 from casty_sa.cli import ExitCode, main
-from casty_sa.journal import open_engine
+from casty_sa.engine import open_engine
 from casty_sa.transfer import Progress, TransferReport, export_casty_file, import_casty_file
 
 TIMEOUT = 60
