@@ -28,7 +28,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import URL, Engine, event
+from sqlalchemy import URL, Connection, Engine, event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -305,3 +305,10 @@ def open_journal_engine(
         engine_options=options,
     )
     return engine, True, timeouts
+
+
+def bind_schema[B: (AsyncEngine, Connection)](bind: B, schema: str | None) -> B:
+    """``bind`` with casty-sa's tables looked up in ``schema`` (PostgreSQL), or as it is."""
+    if schema is None:
+        return bind
+    return bind.execution_options(schema_translate_map={None: schema})

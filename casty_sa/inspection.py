@@ -48,8 +48,7 @@ from sqlalchemy import text as sql_text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from casty_sa import migrate
-from casty_sa.engine import read_only
-from casty_sa.journal import SAJournal
+from casty_sa.engine import bind_schema, read_only
 from casty_sa.models import journal_tables
 from casty_sa.transfer import require_existing_database
 from casty_sa.urls import UrlLike, safe_url
@@ -208,18 +207,11 @@ async def _reading(
 ) -> AsyncIterator[AsyncEngine]:
     """An engine on a database at head, never created or migrated by looking at it."""
     require_existing_database(target)
-    journal = SAJournal(target, migrate=False, schema=schema, **engine_options)
-    try:
-        await journal.start()
+    async with migrate.checked_engine(
+        target, migrate=False, schema=schema, **engine_options
+    ) as engine:
         # inspect only reads: on SQLite it neither waits for nor blocks the application's writer
-        engine = read_only(journal.engine)
-        yield (
-            engine
-            if schema is None
-            else engine.execution_options(schema_translate_map={None: schema})
-        )
-    finally:
-        await journal.close()  # also when start() failed: the engine must not outlive us
+        yield read_only(bind_schema(engine, schema))
 
 
 async def summarize(

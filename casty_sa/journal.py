@@ -23,7 +23,7 @@ from typing import Any, Self, TypeVar
 
 from casty import JournalKind, PersistedEvent, Snapshot
 from sqlalchemy import URL
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 
 from casty_sa import migrate as migrations
@@ -44,8 +44,9 @@ from casty_sa.codec import (
     encode_events,
     encode_snapshot,
 )
-from casty_sa.diagnosis import database_error, describe, upgrade_hint
+from casty_sa.diagnosis import database_error, describe
 from casty_sa.engine import (
+    bind_schema,
     open_journal_engine,
     read_connection,
 )
@@ -219,11 +220,7 @@ class SAJournal:
 
         migrations.check_schema(self._dialect, schema)
         self._schema = schema
-        self._bind = (
-            self._engine
-            if schema is None
-            else self._engine.execution_options(schema_translate_map={None: schema})
-        )
+        self._bind = bind_schema(self._engine, schema)
         self._kind = kind if kind is not None else kind_of(self._url)
         self._serialize = serialize
         self._deserialize = deserialize
@@ -723,48 +720,13 @@ class SAJournal:
             yield connection
 
     async def _ensure_schema(self) -> None:
-
-        head = migrations.head_revision()
-        try:
-            async with self._read_connection() as connection:
-                await connection.run_sync(migrations.refuse_casty_tables, self._url)
-                found = await connection.run_sync(migrations.current_revision, self._schema)
-                app_managed = found is None and await connection.run_sync(
-                    migrations.tables_match_models, self._schema
-                )
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            raise self._database_error(exc, "read the schema revision") from exc
-        if found == head:
-            return
-        if app_managed:
-            # the application's own Alembic history created the tables from casty_sa.metadata
-            log.debug("casty_sa: tables managed by the application's migrations; using them")
-            return
-        if found is not None and not migrations.known_revision(found):
-            raise SchemaError(
-                f"{safe_url(self._url)} is at casty-sa schema revision {found!r}, which this "
-                f"version of casty-sa does not know (its newest is {head!r}): a newer casty-sa "
-                "migrated it. Upgrade the casty-sa package."
-            )
-        if not self._migrate:
-            state = "has no casty-sa tables" if found is None else f"is at revision {found!r}"
-            raise SchemaError(
-                f"{safe_url(self._url)} {state}; casty-sa needs revision {head!r}. "
-                f"{upgrade_hint(self._schema)}, or `await casty_sa.upgrade(url)`, or pass "
-                "migrate=True to SAJournal."
-            )
-        log.info("casty_sa: migrating %s from %s to %s", safe_url(self._url), found, head)
-        try:
-            if self._serial is not None:
-                async with self._serial:
-                    await migrations.upgrade(self._engine, schema=self._schema)
-            else:
-                await migrations.upgrade(self._engine, schema=self._schema)
-        except (SQLAlchemyError, OSError, JournalError) as exc:
-            # another process may have migrated the same file at the same moment
-            async with self._read_connection() as connection:
-                if await connection.run_sync(migrations.current_revision, self._schema) != head:
-                    raise self._database_error(exc, "migrate the schema") from exc
+        await migrations.ensure_schema(
+            self._engine,
+            schema=self._schema,
+            migrate=self._migrate,
+            secrets=self._secrets,
+            turn=self._turn,
+        )
 
     def _describe(self, exc: BaseException) -> str:
         """``exc`` in a message or log line, with every secret of the journal's URL masked."""

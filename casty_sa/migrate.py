@@ -20,9 +20,12 @@ True
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -34,19 +37,29 @@ from sqlalchemy import URL, Connection, inspect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from casty_sa.diagnosis import access_denied, describe, sqlstate
-from casty_sa.engine import AUTOCOMMIT_ENGINES, open_engine, read_connection
+from casty_sa.diagnosis import access_denied, database_error, describe, sqlstate, upgrade_hint
+from casty_sa.engine import (
+    AUTOCOMMIT_ENGINES,
+    bind_schema,
+    open_engine,
+    open_journal_engine,
+    read_connection,
+)
 from casty_sa.errors import DatabaseUnavailable, JournalError, SchemaError
 from casty_sa.models import VERSION_TABLE, metadata
 from casty_sa.urls import UrlLike, safe_url, url_secrets
+
+log = logging.getLogger("casty_sa")
 
 __all__ = [
     "CASTY_EVENT_COLUMNS",
     "CASTY_SNAPSHOT_COLUMNS",
     "alembic_config",
+    "checked_engine",
     "current",
     "current_revision",
     "downgrade",
+    "ensure_schema",
     "exclude_journal_tables",
     "head_revision",
     "refuse_casty_tables",
@@ -375,3 +388,99 @@ async def current(target: UrlLike | AsyncEngine, *, schema: str | None = None) -
         writes=False,
     )
     return revision
+
+
+async def ensure_schema(
+    engine: AsyncEngine,
+    *,
+    schema: str | None = None,
+    migrate: bool = False,
+    secrets: frozenset[str] = frozenset(),
+    turn: Callable[[], AbstractAsyncContextManager[object]] = contextlib.nullcontext,
+) -> None:
+    """Check that ``engine``'s database is at casty-sa's head, migrating it if allowed.
+
+    Tables an application's own Alembic history made from ``casty_sa.metadata`` are
+    accepted as they are. ``turn`` is held around each use of a connection (a memory
+    database's single connection is taken in turns).
+
+    Raises
+    ------
+    SchemaError
+        The database is at another revision (or has no tables) and ``migrate`` is off,
+        or a newer casty-sa migrated it, or it holds casty's own ``SqliteJournal`` tables.
+    DatabaseUnavailable
+        The database could not be read or migrated.
+    """
+    url = engine.url
+    head = head_revision()
+    try:
+        async with turn(), read_connection(bind_schema(engine, schema)) as connection:
+            await connection.run_sync(refuse_casty_tables, url)
+            found = await connection.run_sync(current_revision, schema)
+            app_managed = found is None and await connection.run_sync(tables_match_models, schema)
+    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        raise database_error(
+            exc, url, "read the schema revision", secrets=secrets, schema=schema
+        ) from exc
+    if found == head:
+        return
+    if app_managed:
+        log.debug("casty_sa: tables managed by the application's migrations; using them")
+        return
+    if found is not None and not known_revision(found):
+        raise SchemaError(
+            f"{safe_url(url)} is at casty-sa schema revision {found!r}, which this "
+            f"version of casty-sa does not know (its newest is {head!r}): a newer casty-sa "
+            "migrated it. Upgrade the casty-sa package."
+        )
+    if not migrate:
+        state = "has no casty-sa tables" if found is None else f"is at revision {found!r}"
+        raise SchemaError(
+            f"{safe_url(url)} {state}; casty-sa needs revision {head!r}. "
+            f"{upgrade_hint(schema)}, or `await casty_sa.upgrade(url)`, or pass "
+            "migrate=True to SAJournal."
+        )
+    log.info("casty_sa: migrating %s from %s to %s", safe_url(url), found, head)
+    try:
+        async with turn():
+            await upgrade(engine, schema=schema)
+    except (SQLAlchemyError, OSError, JournalError) as exc:
+        # another process may have migrated the same file at the same moment
+        async with turn(), read_connection(bind_schema(engine, schema)) as connection:
+            if await connection.run_sync(current_revision, schema) != head:
+                raise database_error(
+                    exc, url, "migrate the schema", secrets=secrets, schema=schema
+                ) from exc
+
+
+@asynccontextmanager
+async def checked_engine(
+    target: UrlLike | AsyncEngine,
+    *,
+    migrate: bool | None = None,
+    schema: str | None = None,
+    **engine_options: Any,
+) -> AsyncIterator[AsyncEngine]:
+    """An engine on a database at casty-sa's head revision (async context manager).
+
+    ``migrate`` as for :class:`~casty_sa.SAJournal` (``None``: migrate SQLite only).
+    An engine casty-sa creates here is disposed of on the way out, also when the
+    check fails; an engine passed in is left open.
+    """
+    budget = (
+        engine_options.pop("connect_timeout", None),
+        engine_options.pop("statement_timeout", None),
+    )
+    engine, owned, _timeouts = open_journal_engine(target, engine_options, budget=budget)
+    try:
+        check_schema(engine.dialect.name, schema)
+        secrets = url_secrets(engine.url) | (
+            url_secrets(target) if isinstance(target, str | URL) else frozenset()
+        )
+        allowed = engine.dialect.name == "sqlite" if migrate is None else migrate
+        await ensure_schema(engine, schema=schema, migrate=allowed, secrets=secrets)
+        yield engine
+    finally:
+        if owned:
+            await engine.dispose()

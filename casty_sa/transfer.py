@@ -83,10 +83,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa.batching import DEFAULT_MAX_BATCH_BYTES, ROW_OVERHEAD, row_bytes
-from casty_sa.engine import read_only
+from casty_sa.engine import bind_schema, read_only
 from casty_sa.errors import DatabaseUnavailable, InvalidEventError, JournalError
-from casty_sa.journal import SAJournal
-from casty_sa.migrate import CASTY_EVENT_COLUMNS, CASTY_SNAPSHOT_COLUMNS
+from casty_sa.migrate import CASTY_EVENT_COLUMNS, CASTY_SNAPSHOT_COLUMNS, checked_engine
 from casty_sa.models import MAX_ENTITY_ID_LENGTH, journal_tables
 from casty_sa.urls import UrlLike, is_memory_sqlite, safe_url, to_async_url
 
@@ -775,11 +774,7 @@ class JournalDatabase:
     """
 
     def __init__(self, engine: AsyncEngine, *, schema: str | None = None) -> None:
-        self._engine = (
-            engine
-            if schema is None
-            else engine.execution_options(schema_translate_map={None: schema})
-        )
+        self._engine = bind_schema(engine, schema)
         # reads (stats, the source side of a copy, the verification) take no write lock on
         # SQLite: an export never waits for, nor holds up, the application's writer
         self._reader = read_only(self._engine)
@@ -836,12 +831,10 @@ class JournalDatabase:
         """
         if must_exist:
             require_existing_database(target)
-        journal = SAJournal(target, migrate=migrate, schema=schema, **engine_options)
-        try:
-            await journal.start()
-            yield cls(journal.engine, schema=schema)
-        finally:
-            await journal.close()  # also when start() failed: the engine must not outlive us
+        async with checked_engine(
+            target, migrate=migrate, schema=schema, **engine_options
+        ) as engine:
+            yield cls(engine, schema=schema)
 
     @property
     def name(self) -> str:
