@@ -19,6 +19,7 @@ from casty_sa.errors import DatabaseAccessDenied, DatabaseUnavailable, JournalEr
 from casty_sa.urls import is_memory_sqlite, mask_secrets, safe_url
 
 __all__ = [
+    "Diagnosis",
     "access_denied",
     "database_error",
     "describe",
@@ -218,3 +219,32 @@ def database_error(
             secrets,
         )
     )
+
+
+class Diagnosis:
+    """One database's error text: its URL shown masked, its secrets scrubbed everywhere.
+
+    Examples
+    --------
+    >>> from sqlalchemy import make_url
+    >>> url = make_url("postgresql+asyncpg://app:hunter2@db/bank")
+    >>> Diagnosis(url, frozenset({"hunter2"})).describe(OSError("hunter2 rejected"))
+    'OSError: *** rejected'
+    """
+
+    __slots__ = ("schema", "secrets", "url")
+
+    def __init__(
+        self, url: URL, secrets: frozenset[str] = frozenset(), schema: str | None = None
+    ) -> None:
+        self.url = url
+        self.secrets = secrets
+        self.schema = schema
+
+    def describe(self, exc: BaseException) -> str:
+        """``exc`` for a message or a log line (see :func:`describe`)."""
+        return describe(exc, self.secrets)
+
+    def error(self, exc: BaseException, what: str) -> JournalError:
+        """casty-sa's error for a failed call (see :func:`database_error`)."""
+        return database_error(exc, self.url, what, secrets=self.secrets, schema=self.schema)

@@ -1,40 +1,32 @@
-"""``SAJournal``: casty's ``EventJournal`` over SQLAlchemy.
+"""``SAJournal``: casty's ``EventJournal`` over SQLAlchemy, wired from the layers below it.
 
-The unit of work of every call is one transaction on a connection from
-SQLAlchemy's pool; the statements themselves are Core constructs compiled
-once per dialect (:mod:`casty_sa.backends`). Concurrent writes are grouped by
-:mod:`casty_sa.batching`, concurrent reads by :mod:`casty_sa.coalescing`.
+Writes go ``SAJournal -> GroupCommitter`` (:mod:`casty_sa.batching`) ``-> Writer``
+(:mod:`casty_sa.writer`) ``-> backend`` (:mod:`casty_sa.backends`) ``-> driver``; reads go
+``SAJournal -> ReadCoalescer`` (:mod:`casty_sa.coalescing`) ``-> backend -> driver``, with
+retries from :mod:`casty_sa.reads`. Nothing below calls back up into the journal, which
+holds the wiring, the lifecycle (start, close) and the four protocol methods; events become
+rows in :mod:`casty_sa.codec`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import operator
 import os
 import pickle
-import random
-import sqlite3
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 from casty import JournalKind, PersistedEvent, Snapshot
 from sqlalchemy import URL
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from casty_sa import migrate as migrations
-from casty_sa.backends import (
-    ConnectionLost,
-    Contended,
-    Row,
-    WriteRefused,
-    backend_for,
-)
+from casty_sa.backends import Backend, backend_for
 from casty_sa.batching import DEFAULT_MAX_BATCH_BYTES, GroupCommitter, WriteRequest
+from casty_sa.calls import Inflight, copy_error
 from casty_sa.coalescing import ReadCoalescer, SharedAttempt
 from casty_sa.codec import (
     MAX_SEQUENCE_NR,
@@ -44,47 +36,19 @@ from casty_sa.codec import (
     encode_events,
     encode_snapshot,
 )
-from casty_sa.diagnosis import database_error, describe
-from casty_sa.engine import (
-    bind_schema,
-    open_journal_engine,
-    read_connection,
-)
-from casty_sa.errors import (
-    CommitOutcomeUnknown,
-    DatabaseAccessDenied,
-    DatabaseUnavailable,
-    InvalidEventError,
-    JournalClosed,
-    JournalError,
-    SchemaError,
-    SequenceConflict,
-)
-from casty_sa.urls import (
-    is_memory_sqlite,
-    kind_of,
-    safe_url,
-    url_secrets,
-)
+from casty_sa.diagnosis import Diagnosis
+from casty_sa.engine import open_journal_engine
+from casty_sa.errors import InvalidEventError, JournalClosed, JournalError
+from casty_sa.reads import RetryingReader
+from casty_sa.urls import is_memory_sqlite, kind_of, safe_url, url_secrets
+from casty_sa.writer import Writer
 
 __all__ = ["MAX_SEQUENCE_NR", "SAJournal"]
 
 log = logging.getLogger("casty_sa")
-_T = TypeVar("_T")
 
 #: Seconds the group-commit flusher (and its connection) waits for the next write.
 _WRITER_LINGER = 0.01
-
-#: Times a write the database rolled back whole (deadlock, serialization failure) is sent
-#: again, and the first pause before that (doubled each time, with jitter).
-_CONTENTION_RETRIES = 3
-_CONTENTION_BACKOFF = 0.005
-
-_ENTITY_OF = operator.attrgetter("entity_id")
-
-#: Why a group's transaction failed: its rows were refused, it kept deadlocking, or the
-#: database failed (the same answer for every caller).
-_Failure = WriteRefused | Contended | JournalError
 
 
 class SAJournal:
@@ -211,58 +175,56 @@ class SAJournal:
             url, engine_options, budget=(connect_timeout, statement_timeout)
         )
         self._url = self._engine.url
-        # every secret of the URL, to scrub from driver errors (the engine's URL may lack
-        # some of the given one's: TLS parameters go to asyncpg apart)
-        self._secrets = url_secrets(self._url) | (
-            url_secrets(url) if isinstance(url, str | URL) else frozenset()
-        )
-        self._dialect = self._engine.dialect.name
-
-        migrations.check_schema(self._dialect, schema)
+        migrations.check_schema(self._engine.dialect.name, schema)
         self._schema = schema
-        self._bind = bind_schema(self._engine, schema)
         self._kind = kind if kind is not None else kind_of(self._url)
         self._serialize = serialize
         self._deserialize = deserialize
-        self._migrate = self._dialect == "sqlite" if migrate is None else migrate
+        self._migrate = self._engine.dialect.name == "sqlite" if migrate is None else migrate
+        # every secret of the URL, to scrub from driver errors (the engine's URL may lack
+        # some of the given one's: TLS parameters go to asyncpg apart)
+        secrets = url_secrets(self._url) | (
+            url_secrets(url) if isinstance(url, str | URL) else frozenset()
+        )
+        self._diagnosis = Diagnosis(self._url, secrets, schema)
         self._backend = backend_for(self._engine, schema, timeouts)
-        self._read_retries = read_retries
-        self._retry_backoff = retry_backoff
         # a call's budget, end to end (PostgreSQL; SQLite's calls wait at most busy_timeout)
-        self._budget = None if timeouts is None else timeouts.budget
+        budget = None if timeouts is None else timeouts.budget
         # one connection for a memory database: calls must take turns on it
         self._serial = asyncio.Lock() if is_memory_sqlite(self._url) else None
-        self._committer: GroupCommitter | None = None
-        if group_commit:
-            # the flusher keeps its connection while writes keep coming (see backends),
-            # when the pool has another one for readers
-            self._backend.hold_writes = self._backend.capacity >= 2
-            self._backend.hold_linger = _WRITER_LINGER
-            self._committer = GroupCommitter(
-                self._write_group,
-                max_batch_events=max_batch_events,
-                max_batch_bytes=max_batch_bytes,
-                max_pending=max_pending,
-                linger=_WRITER_LINGER,
-                on_idle=self._backend.release_held,
-                pipeline=min(self._backend.write_pipeline, max(1, self._backend.capacity - 1)),
-                direct=self._backend.cancel_safe,
-            )
-        self._ready = False
-        self._starting = SharedAttempt(self._start_once, "casty_sa-start", track=self._track)
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Task[Any]] = set()
+        self._inflight = Inflight()
+        self._reads = RetryingReader(
+            self._backend,
+            self._diagnosis,
+            self._inflight,
+            retries=read_retries,
+            backoff=retry_backoff,
+            budget=budget,
+            closed=lambda: self._closed,
+            serial=self._serial,
+        )
+        self._writer = Writer(self._backend, self._diagnosis, self._reads, budget=budget)
+        self._committer = (
+            _committer(self._backend, self._writer, max_batch_events, max_batch_bytes, max_pending)
+            if group_commit
+            else None
+        )
+        self._ready = False
+        self._starting = SharedAttempt(
+            self._start_once, "casty_sa-start", track=self._inflight.track
+        )
         # reads that queue up (many entities recovering at once) share one query each
-        backend = self._backend
         options: dict[str, Any] = {
-            "max_keys": backend.max_read_keys,
-            "concurrency": 1 if self._serial is not None else backend.read_concurrency,
-            "track": self._track,
-            "inline": backend.cancel_safe,
+            "max_keys": self._backend.max_read_keys,
+            "concurrency": 1 if self._serial is not None else self._backend.read_concurrency,
+            "track": self._inflight.track,
+            "inline": self._backend.cancel_safe,
         }
-        self._event_reads = ReadCoalescer(self._batched(backend.fetch_events_of), **options)
-        self._snapshot_reads = ReadCoalescer(self._batched(backend.fetch_snapshots_of), **options)
+        turns = self._reads.taking_turns
+        self._event_reads = ReadCoalescer(turns(self._backend.fetch_events_of), **options)
+        self._snapshot_reads = ReadCoalescer(turns(self._backend.fetch_snapshots_of), **options)
 
     # -- public face -------------------------------------------------------------------------
 
@@ -317,7 +279,7 @@ class SAJournal:
             # reads the revision) cut in two.
             await self._starting()
         except JournalError as exc:
-            raise _copy_error(exc) from exc.__cause__  # each caller its own traceback
+            raise copy_error(exc) from exc.__cause__  # each caller its own traceback
         if self._closed:  # close() ran while this call waited for the schema check
             raise JournalClosed("this SAJournal was closed while the call started")
 
@@ -346,10 +308,7 @@ class SAJournal:
         await self._backend.reads_settled()
         await self._event_reads.drain()
         await self._snapshot_reads.drain()
-        # tasks still running, including any that one of them started meanwhile (a finished
-        # task leaves the set only when its callback runs, so look at done() instead)
-        while running := [task for task in self._inflight if not task.done()]:
-            await asyncio.gather(*running, return_exceptions=True)
+        await self._inflight.settle()  # tasks still running, and any they started
         await self._backend.close()
         if self._owns_engine:
             await self._engine.dispose()
@@ -398,7 +357,8 @@ class SAJournal:
             )
         if from_sequence_nr > MAX_SEQUENCE_NR:
             return []
-        rows = await self._read(
+        await self.start()
+        rows = await self._reads.read(
             self._event_reads.get,
             ((entity_id, max(from_sequence_nr, 0)),),
             f"load events of {entity_id!r}",
@@ -418,7 +378,8 @@ class SAJournal:
     async def load_snapshot(self, entity_id: str) -> Snapshot[Any] | None:
         """The entity's latest snapshot, or ``None``."""
         check_entity_id(entity_id)
-        row = await self._read(
+        await self.start()
+        row = await self._reads.read(
             self._snapshot_reads.get,
             (entity_id,),
             f"load the snapshot of {entity_id!r}",
@@ -426,283 +387,14 @@ class SAJournal:
         )
         return decode_snapshot(entity_id, row, self._deserialize)
 
-    # -- writing -------------------------------------------------------------------------------
-
     async def _submit(self, request: WriteRequest) -> None:
         await self.start()
         if self._committer is not None:
             await self._committer.submit(request)
             return
-        outcome = (await self._shielded(self._write_group([request])))[0]
+        outcome = (await self._inflight.shielded(self._writer.write_group([request])))[0]
         if outcome is not None:
             raise outcome
-
-    async def _write_group(self, group: Sequence[WriteRequest]) -> list[BaseException | None]:
-        """Write ``group`` in one transaction; if the rows are refused, isolate the culprits."""
-        failure = await self._attempt(group)
-        if failure is None:
-            return [None] * len(group)
-        return await self._isolate(group, failure)
-
-    async def _attempt(self, group: Sequence[WriteRequest]) -> _Failure | None:
-        """Write ``group`` in one transaction: ``None`` when committed, else why it failed."""
-        try:
-            await self._write(group)
-        except (WriteRefused, Contended, JournalError) as exc:
-            return exc
-        return None
-
-    async def _isolate(
-        self, group: Sequence[WriteRequest], failure: _Failure | None
-    ) -> list[BaseException | None]:
-        """Outcomes of ``group``, whose shared transaction failed with ``failure``.
-
-        The culprits are found by halves: each half goes as one transaction, and a
-        half that fails is split again, the earlier half first (so that of two calls
-        claiming one sequence number, the first made wins). One stale caller among
-        ``n`` costs at most about ``2 log2 n`` transactions instead of ``n``, and its
-        neighbours never wait for one transaction each. Splitting is chosen over asking
-        the database which keys are already stored because it is the same on every
-        backend and finds every kind of culprit: duplicates of stored rows, two calls
-        of one group claiming the same number, rows the database refuses for any
-        other reason, and transactions that keep deadlocking. ``failure`` is ``None``
-        for a half that was not sent whole but must hold a culprit (its twin went
-        through): it is split at once, and a single call is always tried on its own
-        before it is told it failed.
-        """
-        if len(group) == 1 and failure is None:
-            failure = await self._attempt(group)
-            if failure is None:
-                return [None]
-        if isinstance(failure, JournalError):
-            # unreachable, timed out, outcome unknown: the same answer for every caller
-            return [_copy_error(failure) for _ in group]
-        if len(group) == 1 and isinstance(failure, Contended):  # (a single call's failure)
-            return [self._contention_error(group[0], failure)]
-        if len(group) == 1 and isinstance(failure, WriteRefused):
-            return [await self._refusal_error(group[0], failure)]
-        middle = len(group) // 2
-        left, right = group[:middle], group[middle:]
-        left_failure = await self._attempt(left)
-        if left_failure is None:
-            outcomes: list[BaseException | None] = [None] * len(left)
-            return outcomes + await self._isolate(right, None)
-        outcomes = await self._isolate(left, left_failure)
-        right_failure = await self._attempt(right)
-        if right_failure is None:
-            return outcomes + [None] * len(right)
-        return outcomes + await self._isolate(right, right_failure)
-
-    async def _write(self, group: Sequence[WriteRequest]) -> None:
-        """One transaction for the group; failures become ``JournalError``, ``WriteRefused``
-        (the rows were refused) or ``Contended`` (deadlocked again and again)."""
-        if len(group) == 1:
-            request = group[0]
-            events = request.events
-            snapshots = [request.snapshot] if request.snapshot is not None else []
-        else:
-            # rows in one order (entity id, then sequence number: a call's events ascend, and
-            # the sort is stable) on every node, so that two groups touching the same entities
-            # take their locks in the same order rather than deadlocking
-            ordered = sorted(group, key=_ENTITY_OF)
-            events = [row for request in ordered for row in request.events]
-            snapshots = [request.snapshot for request in ordered if request.snapshot is not None]
-        deadline = None if self._budget is None else time.monotonic() + self._budget
-        try:
-            # a write the driver refused before sending anything (a connection the server
-            # had just ended, now invalidated) is stored nowhere: it goes again, on another
-            # connection, at most once per connection the pool holds; a transaction the
-            # server rolled back whole to break a deadlock goes again a few times, after a
-            # short jittered pause that lets the other transaction finish
-            resends = self._backend.capacity
-            contended = 0
-            while True:
-                try:
-                    await self._write_rows(events, snapshots)
-                    break
-                except ConnectionLost as lost:
-                    if lost.during_commit or not resends or _past(deadline):
-                        raise
-                    resends -= 1
-                    log.warning(
-                        "casty_sa: a write was not sent (%s); sending it on another connection",
-                        self._describe(lost.cause),
-                    )
-                except Contended as exc:
-                    if contended >= _CONTENTION_RETRIES or _past(deadline):
-                        raise
-                    delay = _CONTENTION_BACKOFF * 2**contended * (0.5 + random.random())
-                    contended += 1
-                    log.info(
-                        "casty_sa: the database rolled back a write of %d events and %d "
-                        "snapshots (%s); nothing was stored, sending it again in %.3fs",
-                        len(events),
-                        len(snapshots),
-                        self._describe(exc.cause),
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
-        except (WriteRefused, Contended):
-            raise
-        except ConnectionLost as lost:
-            what = f"write {len(events)} events and {len(snapshots)} snapshots"
-            if lost.during_commit:
-                raise CommitOutcomeUnknown(
-                    f"could not {what} on {safe_url(self._url)}: {self._describe(lost.cause)}, "
-                    "after the commit was sent. The rows may or may not be stored; reload "
-                    "the entity before writing again"
-                ) from lost.cause
-            raise self._database_error(lost.cause, what) from lost.cause
-        except Exception as exc:
-            what = f"write {len(events)} events and {len(snapshots)} snapshots"
-            raise self._database_error(exc, what) from exc
-
-    async def _write_rows(self, events: list[Row], snapshots: list[Row]) -> None:
-        if self._serial is None:  # the common case, without a context manager per write
-            await self._backend.write(events, snapshots)
-        else:
-            async with self._serial:
-                await self._backend.write(events, snapshots)
-
-    def _contention_error(self, request: WriteRequest, contended: Contended) -> JournalError:
-        """A call whose transaction the database kept rolling back: nothing stored, transient."""
-        error = DatabaseUnavailable(
-            f"the database rolled back the write for entity {request.entity_id!r} "
-            f"{_CONTENTION_RETRIES + 1} times to break a deadlock or serialization "
-            f"conflict with other transactions ({self._describe(contended.cause)}); nothing "
-            "was stored. Call again; if it persists, look for other writers of the "
-            "same entities"
-        )
-        error.__cause__ = contended.cause
-        return error
-
-    async def _refusal_error(self, request: WriteRequest, refused: WriteRefused) -> JournalError:
-        if not refused.duplicate or not request.events:
-            return InvalidEventError(
-                f"the database refused the write for entity {request.entity_id!r}: "
-                f"{self._describe(refused.cause)}; nothing was stored"
-            )
-        low, high = request.events[0][1], request.events[-1][1]
-        try:
-            stored = await self._read(
-                self._backend.min_stored,
-                (request.entity_id, low, high),
-                "find the conflicting sequence number",
-                internal=True,
-            )
-        except JournalError:
-            stored = None
-        conflict = SequenceConflict(request.entity_id, stored if stored is not None else low)
-        conflict.__cause__ = refused.cause
-        return conflict
-
-    # -- reading -------------------------------------------------------------------------------
-
-    async def _read(
-        self,
-        fetch: Callable[..., Awaitable[_T]],
-        args: tuple[Any, ...],
-        what: str,
-        *,
-        in_task: bool = False,
-        internal: bool = False,
-    ) -> _T:
-        """Run a read with bounded retries of connection errors, safe from cancellation.
-
-        ``in_task``: ``fetch`` already runs the query in a task of its own (a
-        coalesced read), which a cancelled caller cannot cut short.
-        ``internal``: a read the journal's own writing needs (it may run while
-        ``close()`` flushes the last writes, so it is not refused as closed).
-        """
-        if not internal:
-            await self.start()
-        attempt = 0
-        # retries stop once the call's budget is spent: each attempt is bounded (connect,
-        # ping and statement timeouts), so the call is bounded end to end
-        deadline = None if self._budget is None else time.monotonic() + self._budget
-        while True:
-            try:
-                pending = self._backend.reads_pending()
-                if pending is not None:
-                    await pending
-                if in_task:
-                    return await fetch(*args)
-                if not self._backend.cancel_safe:
-                    return await self._shielded(self._fetch(fetch, args))
-                return await self._fetch(fetch, args)
-            except Exception as exc:
-                if isinstance(exc, JournalError):
-                    raise
-                error = self._database_error(exc, what)
-                delay = self._retry_backoff * (2**attempt) * (0.5 + random.random())
-                if (
-                    not self._retryable(exc, error)
-                    or attempt >= self._read_retries
-                    or _past(deadline, delay)
-                ):
-                    raise error from exc
-                if not internal:
-                    self._refuse_retry_if_closed(what, exc)
-                attempt += 1
-                log.warning(
-                    "casty_sa: %s failed (%s); retry %d of %d in %.2fs",
-                    what,
-                    self._describe(exc),
-                    attempt,
-                    self._read_retries,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                if not internal:  # close() does not wait for a retry that sleeps
-                    self._refuse_retry_if_closed(what, exc)
-
-    def _refuse_retry_if_closed(self, what: str, exc: Exception) -> None:
-        if self._closed:
-            raise JournalClosed(f"the journal was closed while it retried to {what}") from exc
-
-    async def _fetch(self, fetch: Callable[..., Awaitable[_T]], args: tuple[Any, ...]) -> _T:
-        if self._serial is None:  # the common case, without a context manager per read
-            return await fetch(*args)
-        async with self._serial:
-            return await fetch(*args)
-
-    def _retryable(self, exc: BaseException, error: JournalError) -> bool:
-        if isinstance(error, SchemaError | DatabaseAccessDenied):
-            return False  # calling again fails the same way: do not hammer the server
-        if isinstance(exc, DBAPIError):
-            return bool(exc.connection_invalidated) or isinstance(
-                exc, OperationalError | InterfaceError
-            )
-        return self._backend.is_disconnect(exc) or isinstance(exc, sqlite3.OperationalError)
-
-    def _batched(
-        self, fetch: Callable[[Sequence[Any]], Awaitable[Sequence[_T]]]
-    ) -> Callable[[Sequence[Any]], Awaitable[Sequence[_T]]]:
-        """``fetch`` taking turns on a memory database's single connection."""
-
-        async def run(keys: Sequence[Any]) -> Sequence[_T]:
-            return await self._fetch(fetch, (keys,))
-
-        return run
-
-    def _track(self, task: asyncio.Task[Any]) -> None:
-        """Let ``close()`` wait for ``task`` (a read running on its own)."""
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-
-    async def _shielded(self, work: Coroutine[Any, Any, _T]) -> _T:
-        """Run ``work`` to completion even if the caller is cancelled.
-
-        A database call cut off half-way can leave a pooled connection in an
-        unknown state; the caller still sees its ``CancelledError`` at once,
-        while the work finishes (or fails) on its own and ``close()`` waits
-        for it.
-        """
-        task = asyncio.get_running_loop().create_task(work)
-        self._track(task)
-        return await asyncio.shield(task)
-
-    # -- plumbing ------------------------------------------------------------------------------
 
     @asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
@@ -713,38 +405,35 @@ class SAJournal:
             async with self._serial:
                 yield
 
-    @asynccontextmanager
-    async def _read_connection(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for reads outside the hot paths (on SQLite it takes no write lock)."""
-        async with self._turn(), read_connection(self._bind) as connection:
-            yield connection
-
     async def _ensure_schema(self) -> None:
         await migrations.ensure_schema(
             self._engine,
             schema=self._schema,
             migrate=self._migrate,
-            secrets=self._secrets,
+            secrets=self._diagnosis.secrets,
             turn=self._turn,
         )
 
-    def _describe(self, exc: BaseException) -> str:
-        """``exc`` in a message or log line, with every secret of the journal's URL masked."""
-        return describe(exc, self._secrets)
 
-    def _database_error(self, exc: BaseException, what: str) -> JournalError:
-        return database_error(exc, self._url, what, secrets=self._secrets, schema=self._schema)
-
-
-def _past(deadline: float | None, ahead: float = 0.0) -> bool:
-    """Whether ``deadline`` (a ``time.monotonic()`` value) is passed ``ahead`` seconds from now."""
-    return deadline is not None and time.monotonic() + ahead >= deadline
-
-
-def _copy_error(exc: JournalError) -> JournalError:
-    """A fresh instance per caller, so tracebacks of different callers do not pile up."""
-    clone = type(exc).__new__(type(exc))
-    clone.__dict__.update(exc.__dict__)
-    clone.args = exc.args
-    clone.__cause__ = exc.__cause__
-    return clone
+def _committer(
+    backend: Backend,
+    writer: Writer,
+    max_batch_events: int,
+    max_batch_bytes: int,
+    max_pending: int,
+) -> GroupCommitter:
+    """The group committer of a journal writing through ``writer``."""
+    # the flusher keeps its connection while writes keep coming (see backends), when the
+    # pool has another one for readers
+    backend.hold_writes = backend.capacity >= 2
+    backend.hold_linger = _WRITER_LINGER
+    return GroupCommitter(
+        writer.write_group,
+        max_batch_events=max_batch_events,
+        max_batch_bytes=max_batch_bytes,
+        max_pending=max_pending,
+        linger=_WRITER_LINGER,
+        on_idle=backend.release_held,
+        pipeline=min(backend.write_pipeline, max(1, backend.capacity - 1)),
+        direct=backend.cancel_safe,
+    )

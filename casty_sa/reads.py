@@ -1,0 +1,154 @@
+"""Reads that survive a blip: bounded retries of connection errors, safe from cancellation.
+
+casty cannot recover an entity whose activation failed, so a ``load`` that meets a
+dropped connection is tried again (a few times, with jittered exponential backoff, never
+past the call's time budget) instead of failing the entity. An error that would come
+back the same way (a refused login, a missing table) is not retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sqlite3
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from casty_sa.backends import Backend
+from casty_sa.calls import Inflight, deadline, past
+from casty_sa.diagnosis import Diagnosis
+from casty_sa.errors import DatabaseAccessDenied, JournalClosed, JournalError, SchemaError
+
+__all__ = ["RetryingReader"]
+
+log = logging.getLogger("casty_sa")
+
+
+class RetryingReader:
+    """Runs a backend's reads with retries (see the module docstring).
+
+    Parameters
+    ----------
+    backend : Backend
+        Whose reads these are (and who tells a lost connection from other errors).
+    diagnosis : Diagnosis
+        Turns a failure into the caller's error, secrets masked.
+    inflight : Inflight
+        Where a read a cancelled caller must not cut short runs.
+    retries, backoff : int, float
+        Extra attempts after a connection error, and the first pause (doubled each time).
+    budget : float | None
+        Seconds a call may take in all (``None``: unbounded); no retry starts past it.
+    closed : Callable[[], bool]
+        Whether the journal was closed (a retry is then refused).
+    serial : asyncio.Lock | None
+        Held around each read when the backend's connection must be taken in turns.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        diagnosis: Diagnosis,
+        inflight: Inflight,
+        *,
+        retries: int,
+        backoff: float,
+        budget: float | None,
+        closed: Callable[[], bool],
+        serial: asyncio.Lock | None = None,
+    ) -> None:
+        self._backend = backend
+        self._diagnosis = diagnosis
+        self._inflight = inflight
+        self._retries = retries
+        self._backoff = backoff
+        self._budget = budget
+        self._closed = closed
+        self._serial = serial
+
+    async def read[T](
+        self,
+        fetch: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+        what: str,
+        *,
+        in_task: bool = False,
+        internal: bool = False,
+    ) -> T:
+        """``await fetch(*args)``, tried again after a connection error.
+
+        ``what`` names the read in errors and log lines (after "could not").
+        ``in_task``: ``fetch`` already runs the query in a task of its own (a
+        coalesced read), which a cancelled caller cannot cut short.
+        ``internal``: a read the journal's own writing needs (it may run while
+        ``close()`` flushes the last writes, so it is not refused as closed).
+        """
+        attempt = 0
+        # each attempt is bounded (connect, ping and statement timeouts), so the call is
+        # bounded end to end once retries stop at the budget
+        ends = deadline(self._budget)
+        while True:
+            try:
+                pending = self._backend.reads_pending()
+                if pending is not None:
+                    await pending
+                if in_task:
+                    return await fetch(*args)
+                if not self._backend.cancel_safe:
+                    return await self._inflight.shielded(self._fetch(fetch, args))
+                return await self._fetch(fetch, args)
+            except Exception as exc:
+                if isinstance(exc, JournalError):
+                    raise
+                error = self._diagnosis.error(exc, what)
+                delay = self._backoff * (2**attempt) * (0.5 + random.random())
+                if not self._retryable(exc, error) or attempt >= self._retries or past(ends, delay):
+                    raise error from exc
+                if not internal:
+                    self._refuse_if_closed(what, exc)
+                attempt += 1
+                log.warning(
+                    "casty_sa: %s failed (%s); retry %d of %d in %.2fs",
+                    what,
+                    self._diagnosis.describe(exc),
+                    attempt,
+                    self._retries,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                if not internal:  # close() does not wait for a retry that sleeps
+                    self._refuse_if_closed(what, exc)
+
+    def taking_turns[**P, T](self, fetch: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        """``fetch`` holding the connection's turn, when it must be taken in turns."""
+        serial = self._serial
+        if serial is None:  # the common case, without a context manager per read
+            return fetch
+
+        async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+            async with serial:
+                return await fetch(*args, **kwargs)
+
+        return run
+
+    async def _fetch[T](self, fetch: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
+        if self._serial is None:  # the common case, without a context manager per read
+            return await fetch(*args)
+        async with self._serial:
+            return await fetch(*args)
+
+    def _refuse_if_closed(self, what: str, exc: Exception) -> None:
+        if self._closed():
+            raise JournalClosed(f"the journal was closed while it retried to {what}") from exc
+
+    def _retryable(self, exc: BaseException, error: JournalError) -> bool:
+        if isinstance(error, SchemaError | DatabaseAccessDenied):
+            return False  # calling again fails the same way: do not hammer the server
+        if isinstance(exc, DBAPIError):
+            return bool(exc.connection_invalidated) or isinstance(
+                exc, OperationalError | InterfaceError
+            )
+        return self._backend.is_disconnect(exc) or isinstance(exc, sqlite3.OperationalError)
