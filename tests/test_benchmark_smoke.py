@@ -17,21 +17,17 @@ from xml.etree import ElementTree
 
 from sqlalchemy import URL
 
+from benchmarks.chart import SERIES
+from benchmarks.journals import JOURNALS, THIRD_PARTY
+from benchmarks.workloads import QUICK, make_workloads
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
 CHART = SCRIPT.with_name("chart.py")
 #: the journals the chart compares casty-sa's with, one bar each per workload
-REFERENCES = ("casty-sqlite", "raw-aiosqlite", "raw-asyncpg")
-JOURNALS = (
-    "sa-sqlite",
-    "sa-postgresql",
-    "casty-memory",
-    "casty-sqlite",
-    "raw-aiosqlite",
-    "raw-asyncpg",
-)
-ROWS = ("W1", "W2", "W3", "W4 all", "W4 tail", "W5", "W6 save", "W6 load")
-#: casty's own journals may fail a check (SqliteJournal's concurrent reads do): a finding
-THIRD_PARTY = ("casty-memory", "casty-sqlite")
+REFERENCES = tuple(dict.fromkeys(reference for _, _, reference, _ in SERIES))
+ROWS = tuple(row.key for workload in make_workloads(QUICK).values() for row in workload.rows)
+# casty's own journals (THIRD_PARTY) may fail a check (SqliteJournal's concurrent reads do):
+# a finding, not a failure of the run
 
 
 def test_quick_run_covers_every_journal_and_workload(

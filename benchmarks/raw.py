@@ -1,0 +1,129 @@
+"""The physical references: minimal journals straight on the drivers.
+
+Both store pickled events in casty-sa's own tables, so a ratio against them
+measures casty-sa's code, not a different layout. ``RawAiosqliteJournal``
+makes one durable commit per ``persist``; ``RawAsyncpgJournal`` one
+transaction per ``persist`` on a pool with asyncpg's defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import asyncpg
+from casty import PersistedEvent, Snapshot
+
+_INSERT = "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload) VALUES "
+_SELECT = (
+    "SELECT sequence_nr, payload, timestamp FROM casty_sa_events "
+    "WHERE entity_id = {0} AND sequence_nr >= {1} ORDER BY sequence_nr"
+)
+_UPSERT = (
+    "INSERT INTO casty_sa_snapshots (entity_id, sequence_nr, timestamp, payload) "
+    "VALUES ({0}, {1}, {2}, {3}) ON CONFLICT (entity_id) DO UPDATE SET "
+    "sequence_nr = excluded.sequence_nr, timestamp = excluded.timestamp, "
+    "payload = excluded.payload WHERE excluded.sequence_nr >= casty_sa_snapshots.sequence_nr"
+)
+_SNAPSHOT = "SELECT sequence_nr, payload, timestamp FROM casty_sa_snapshots WHERE entity_id = {0}"
+
+
+def _rows(entity_id: str, events: Sequence[PersistedEvent[Any]]) -> list[tuple[Any, ...]]:
+    dumps = pickle.dumps
+    return [(entity_id, e.sequence_nr, e.timestamp, dumps(e.event)) for e in events]
+
+
+class RawAiosqliteJournal:
+    """Minimal aiosqlite journal: one connection, one durable commit per ``persist``.
+
+    Same pragmas as casty-sa's engine (WAL, ``synchronous=FULL``, ``BEGIN
+    IMMEDIATE``); writes take turns on a lock, so no two persists ever share a
+    commit.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = asyncio.Lock()
+        self._db: Any = None
+
+    async def open(self) -> None:
+        self._db = await aiosqlite.connect(str(self._path), isolation_level="IMMEDIATE")
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=5000"):
+            await self._db.execute(f"PRAGMA {pragma}")
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def persist(self, entity_id: str, events: Sequence[PersistedEvent[Any]]) -> None:
+        rows = _rows(entity_id, events)
+        async with self._lock:
+            try:
+                await self._db.executemany(_INSERT + "(?, ?, ?, ?)", rows)
+                await self._db.commit()
+            except BaseException:
+                await self._db.rollback()
+                raise
+
+    async def load(self, entity_id: str, from_sequence_nr: int = 0) -> list[PersistedEvent[Any]]:
+        rows = await self._db.execute_fetchall(
+            _SELECT.format("?", "?"), (entity_id, from_sequence_nr)
+        )
+        loads = pickle.loads
+        return [PersistedEvent(seq, loads(payload), ts) for seq, payload, ts in rows]
+
+    async def save_snapshot(self, entity_id: str, snapshot: Snapshot[Any]) -> None:
+        row = (entity_id, snapshot.sequence_nr, snapshot.timestamp, pickle.dumps(snapshot.state))
+        async with self._lock:
+            await self._db.execute(_UPSERT.format("?", "?", "?", "?"), row)
+            await self._db.commit()
+
+    async def load_snapshot(self, entity_id: str) -> Snapshot[Any] | None:
+        rows = await self._db.execute_fetchall(_SNAPSHOT.format("?"), (entity_id,))
+        if not rows:
+            return None
+        seq, payload, ts = rows[0]
+        return Snapshot(seq, pickle.loads(payload), ts)
+
+
+class RawAsyncpgJournal:
+    """Minimal asyncpg journal: a pool with asyncpg's defaults, one transaction per ``persist``."""
+
+    def __init__(self, connect_args: dict[str, Any]) -> None:
+        self._connect_args = connect_args
+        self._pool: Any = None
+
+    async def open(self) -> None:
+        self._pool = await asyncpg.create_pool(**self._connect_args)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def persist(self, entity_id: str, events: Sequence[PersistedEvent[Any]]) -> None:
+        rows = _rows(entity_id, events)
+        async with self._pool.acquire() as conn, conn.transaction():
+            if len(rows) == 1:
+                await conn.execute(_INSERT + "($1, $2, $3, $4)", *rows[0])
+            else:
+                await conn.executemany(_INSERT + "($1, $2, $3, $4)", rows)
+
+    async def load(self, entity_id: str, from_sequence_nr: int = 0) -> list[PersistedEvent[Any]]:
+        rows = await self._pool.fetch(_SELECT.format("$1", "$2"), entity_id, from_sequence_nr)
+        loads = pickle.loads
+        return [PersistedEvent(seq, loads(payload), ts) for seq, payload, ts in rows]
+
+    async def save_snapshot(self, entity_id: str, snapshot: Snapshot[Any]) -> None:
+        await self._pool.execute(
+            _UPSERT.format("$1", "$2", "$3", "$4"),
+            entity_id,
+            snapshot.sequence_nr,
+            snapshot.timestamp,
+            pickle.dumps(snapshot.state),
+        )
+
+    async def load_snapshot(self, entity_id: str) -> Snapshot[Any] | None:
+        row = await self._pool.fetchrow(_SNAPSHOT.format("$1"), entity_id)
+        return None if row is None else Snapshot(row[0], pickle.loads(row[1]), row[2])
