@@ -215,16 +215,9 @@ class SAJournal:
         self._starting = SharedAttempt(
             self._start_once, "casty_sa-start", track=self._inflight.track
         )
-        # reads that queue up (many entities recovering at once) share one query each
-        options: dict[str, Any] = {
-            "max_keys": self._backend.max_read_keys,
-            "concurrency": 1 if self._serial is not None else self._backend.read_concurrency,
-            "track": self._inflight.track,
-            "inline": self._backend.cancel_safe,
-        }
-        turns = self._reads.taking_turns
-        self._event_reads = ReadCoalescer(turns(self._backend.fetch_events_of), **options)
-        self._snapshot_reads = ReadCoalescer(turns(self._backend.fetch_snapshots_of), **options)
+        self._event_reads, self._snapshot_reads = _coalescers(
+            self._backend, self._reads, self._inflight, serial=self._serial is not None
+        )
 
     # -- public face -------------------------------------------------------------------------
 
@@ -436,4 +429,22 @@ def _committer(
         on_idle=backend.release_held,
         pipeline=min(backend.write_pipeline, max(1, backend.capacity - 1)),
         direct=backend.cancel_safe,
+    )
+
+
+def _coalescers(
+    backend: Backend, reads: RetryingReader, inflight: Inflight, *, serial: bool
+) -> tuple[ReadCoalescer[Any, Any], ReadCoalescer[Any, Any]]:
+    """Coalescers of event and snapshot reads: reads that queue up (many entities
+    recovering at once) share one query each."""
+    options: dict[str, Any] = {
+        "max_keys": backend.max_read_keys,
+        "concurrency": 1 if serial else backend.read_concurrency,
+        "track": inflight.track,
+        "inline": backend.cancel_safe,
+    }
+    turns = reads.taking_turns
+    return (
+        ReadCoalescer(turns(backend.fetch_events_of), **options),
+        ReadCoalescer(turns(backend.fetch_snapshots_of), **options),
     )
