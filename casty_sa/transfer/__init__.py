@@ -49,6 +49,11 @@ Payloads are copied as the bytes the serializer produced; nothing is decoded.
 Both journals default to pickle; a source written with a custom serializer
 needs an ``SAJournal`` configured with the same ``deserialize``.
 
+The modules: ``values`` (rows, statistics, the report), ``endpoint`` (what a side offers),
+``casty_file`` and ``database`` (the two sides), ``sqlite_paths`` (refusing a missing
+SQLite file), ``compare`` (rule 1, and the verification), ``history`` (rules 2 to 4, entity
+ids), ``copying`` (the copy), ``directions`` (import and export).
+
 Examples
 --------
 >>> import asyncio, pathlib, tempfile
