@@ -32,7 +32,18 @@ from sqlalchemy import URL, event, text
 from casty_sa import SAJournal, SchemaError
 from casty_sa.cli import ExitCode, main
 from casty_sa.engine import open_engine
-from casty_sa.transfer import Progress, TransferReport, export_casty_file, import_casty_file
+from casty_sa.errors import InvalidEventError
+from casty_sa.transfer import (
+    CastyFile,
+    EntityStats,
+    JournalDatabase,
+    JournalStats,
+    Progress,
+    TransferReport,
+    copy_journal,
+    export_casty_file,
+    import_casty_file,
+)
 
 TIMEOUT = 60
 UNICODE_ID = "ação-ü 口座"
@@ -534,6 +545,46 @@ class TestBadFiles:
         code, _, err = run(capsys, "import", "--from", str(source), "--url", url)
         assert code == ExitCode.BAD_FILE and "nothing was copied" in err
         assert _rows_in(tmp_path / "journal.db") == 0
+
+    def test_import_refuses_an_entity_id_that_is_not_utf8(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        source = tmp_path / "casty.db"
+        write_casty_file(source, {"fine": [1, 2]}, {})
+        with sqlite3.connect(source) as conn:  # TEXT bytes no str holds (a UTF-8 surrogate)
+            conn.execute(
+                "INSERT INTO events VALUES (CAST(? AS TEXT), 1, ?, 1.0)",
+                (b"acct-\xed\xa0\x80", pickle.dumps("x")),
+            )
+        target = tmp_path / "journal.db"
+        code, _, err = run(capsys, "import", "--from", str(source), "--url", f"sqlite:///{target}")
+        assert code == ExitCode.BAD_FILE and "UTF-8" in err, err
+        assert _rows_in(target) == 0
+
+    def test_copy_refuses_an_id_the_journal_refuses_for_its_text(self, tmp_path: Path) -> None:
+        """The journal's own rule (casty_sa.codec), reasons beyond length and NUL included."""
+        source = tmp_path / "casty.db"
+        write_casty_file(source, {"fine": [1, 2]}, {})
+        target = tmp_path / "journal.db"
+
+        class SurrogateIds(CastyFile):  # no file hands one over: sqlite3 refuses to decode it
+            async def stats(self) -> JournalStats:
+                held = await super().stats()
+                return JournalStats({**held.events, "acct-\ud800": EntityStats(1, 1, 1)}, {})
+
+        async def copy() -> None:
+            async with (
+                SurrogateIds.open(source) as origin,
+                JournalDatabase.open(f"sqlite:///{target}") as sink,
+            ):
+                await copy_journal(origin, sink)
+
+        with pytest.raises(InvalidEventError) as refused:
+            asyncio.run(asyncio.wait_for(copy(), TIMEOUT))
+        message = str(refused.value)
+        assert message.startswith("the source holds entity id 'acct-\\ud800'")
+        assert "not valid Unicode text" in message and message.endswith("nothing was copied")
+        assert _rows_in(target) == 0
 
     def test_export_refuses_to_write_into_another_file(
         self, db_url: URL, tmp_path: Path, capsys: pytest.CaptureFixture[str]

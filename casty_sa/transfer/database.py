@@ -1,0 +1,238 @@
+"""casty-sa's tables in a database as one side of a copy, read and written with Core statements.
+
+Reads take no write lock on SQLite and stop a batch at a byte budget summed in the database,
+so a copy never holds up the application's writer nor reads a payload past the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, Table, and_, func, or_, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from casty_sa.batching import ROW_OVERHEAD
+from casty_sa.engine import bind_schema, read_only
+from casty_sa.migrate import checked_engine
+from casty_sa.models import journal_tables
+from casty_sa.transfer.endpoint import LOOKUP_CHUNK, chunks
+from casty_sa.transfer.sqlite_paths import require_existing_database
+from casty_sa.transfer.values import EntityStats, JournalStats, Row
+from casty_sa.urls import UrlLike, safe_url
+
+__all__ = ["JournalDatabase"]
+
+_events, _snapshots = journal_tables()
+
+
+class JournalDatabase:
+    """casty-sa's tables in a database, read and written with Core statements.
+
+    Parameters
+    ----------
+    engine : AsyncEngine
+        An engine whose database is at casty-sa's head revision; use
+        :meth:`open` to get one checked (and, for SQLite, migrated).
+    schema : str | None
+        PostgreSQL schema holding the tables.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, schema: str | None = None) -> None:
+        self._engine = bind_schema(engine, schema)
+        # reads (stats, the source side of a copy, the verification) take no write lock on
+        # SQLite: an export never waits for, nor holds up, the application's writer
+        self._reader = read_only(self._engine)
+        self._name = safe_url(engine.url)
+        insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        events = insert(_events)
+        self._insert_events = events.on_conflict_do_nothing(
+            index_elements=[_events.c.entity_id, _events.c.sequence_nr]
+        ).returning(_events.c.sequence_nr)
+        snapshots = insert(_snapshots)
+        self._upsert_snapshots = snapshots.on_conflict_do_update(
+            index_elements=[_snapshots.c.entity_id],
+            set_={
+                "sequence_nr": snapshots.excluded.sequence_nr,
+                "timestamp": snapshots.excluded.timestamp,
+                "payload": snapshots.excluded.payload,
+            },
+            # tie rule `>`: a snapshot at the same sequence number keeps the stored one
+            where=snapshots.excluded.sequence_nr > _snapshots.c.sequence_nr,
+        ).returning(_snapshots.c.entity_id)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        target: UrlLike | AsyncEngine,
+        *,
+        migrate: bool | None = None,
+        schema: str | None = None,
+        must_exist: bool = False,
+        **engine_options: Any,
+    ) -> AsyncIterator[JournalDatabase]:
+        """Open a database, checking its schema as ``SAJournal`` does (async context manager).
+
+        Parameters
+        ----------
+        target : str | URL | AsyncEngine
+            The database (an engine passed in is left open).
+        migrate : bool | None
+            As for :class:`~casty_sa.SAJournal`: ``None`` migrates a SQLite
+            database and requires a server database to be at head.
+        schema : str | None
+            PostgreSQL schema holding the tables.
+        must_exist : bool
+            Refuse a SQLite file that does not exist instead of creating it.
+        **engine_options
+            Passed on to :class:`~casty_sa.SAJournal` (``connect_timeout``, …).
+
+        Raises
+        ------
+        SchemaError
+            The database is not at head and may not be migrated.
+        DatabaseUnavailable
+            The database cannot be reached, or (``must_exist``) is a missing file.
+        """
+        if must_exist:
+            require_existing_database(target)
+        async with checked_engine(
+            target, migrate=migrate, schema=schema, **engine_options
+        ) as engine:
+            yield cls(engine, schema=schema)
+
+    @property
+    def name(self) -> str:
+        """The database URL, password masked."""
+        return self._name
+
+    @property
+    def keeps_zero_sign(self) -> bool:
+        """True: casty-sa's timestamp columns keep ``-0.0`` on every backend."""
+        return True
+
+    async def stats(self) -> JournalStats:
+        """Per-entity event statistics and snapshot positions of the database."""
+        c = _events.c
+        events_query = select(
+            c.entity_id, func.count(), func.min(c.sequence_nr), func.max(c.sequence_nr)
+        ).group_by(c.entity_id)
+        snapshot_query = select(_snapshots.c.entity_id, _snapshots.c.sequence_nr)
+        async with self._reader.connect() as connection:
+            events = {
+                entity: EntityStats(count, first, last)
+                for entity, count, first, last in await connection.execute(events_query)
+            }
+            snapshots = {entity: seq for entity, seq in await connection.execute(snapshot_query)}
+        return JournalStats(events, snapshots)
+
+    async def read_events(
+        self, after: tuple[str, int] | None, limit: int, max_bytes: int
+    ) -> list[Row]:
+        """Up to ``limit`` events (and ``max_bytes``) in key order, after the key ``after``."""
+        c = _events.c
+        keys = (c.entity_id, c.sequence_nr)
+        where = None if after is None else tuple_(*keys) > tuple_(*after)
+        query = _within_bytes(_events, keys, where, limit, max_bytes)
+        async with self._reader.connect() as connection:
+            return [Row(*row) for row in await connection.execute(query)]
+
+    async def read_snapshots(self, after: str | None, limit: int, max_bytes: int) -> list[Row]:
+        """Up to ``limit`` snapshots (and ``max_bytes``) in entity order, after entity ``after``."""
+        c = _snapshots.c
+        where = None if after is None else c.entity_id > after
+        query = _within_bytes(_snapshots, (c.entity_id,), where, limit, max_bytes)
+        async with self._reader.connect() as connection:
+            return [Row(*row) for row in await connection.execute(query)]
+
+    async def fetch_events(self, keys: Sequence[tuple[str, int]]) -> list[Row]:
+        """The events stored under ``keys``, looked up by primary key."""
+        c = _events.c
+        found: list[Row] = []
+        async with self._reader.connect() as connection:
+            for chunk in chunks(keys, LOOKUP_CHUNK):
+                query = select(c.entity_id, c.sequence_nr, c.timestamp, c.payload).where(
+                    tuple_(c.entity_id, c.sequence_nr).in_(chunk)
+                )
+                found += [Row(*row) for row in await connection.execute(query)]
+        return found
+
+    async def fetch_snapshots(self, entities: Sequence[str]) -> list[Row]:
+        """The snapshots of ``entities``."""
+        c = _snapshots.c
+        found: list[Row] = []
+        async with self._reader.connect() as connection:
+            for chunk in chunks(entities, LOOKUP_CHUNK):
+                query = select(c.entity_id, c.sequence_nr, c.timestamp, c.payload).where(
+                    c.entity_id.in_(chunk)
+                )
+                found += [Row(*row) for row in await connection.execute(query)]
+        return found
+
+    async def count_events(self, bounds: Sequence[tuple[str, int]]) -> list[int]:
+        """Per ``(entity id, bound)``, how many events of the entity are at or below ``bound``."""
+        c = _events.c
+        counts: list[int] = []
+        async with self._reader.connect() as connection:
+            for entity, bound in bounds:
+                query = select(func.count()).where(c.entity_id == entity, c.sequence_nr <= bound)
+                counts.append(int((await connection.execute(query)).scalar_one()))
+        return counts
+
+    async def write_events(self, rows: Sequence[Row]) -> int:
+        """Insert the events the database lacks, in one transaction; return how many."""
+        async with self._engine.begin() as connection:
+            result = await connection.execute(self._insert_events, [_params(r) for r in rows])
+            return len(result.all())
+
+    async def write_snapshots(self, rows: Sequence[Row]) -> int:
+        """Insert snapshots, or advance those with a lower sequence number; return how many."""
+        async with self._engine.begin() as connection:
+            result = await connection.execute(self._upsert_snapshots, [_params(r) for r in rows])
+            return len(result.all())
+
+
+def _within_bytes(
+    table: Table,
+    keys: tuple[ColumnElement[Any], ...],
+    where: ColumnElement[bool] | None,
+    limit: int,
+    max_bytes: int,
+) -> Select[Any]:
+    """The first ``limit`` rows of ``table`` in ``keys`` order, stopping at ``max_bytes``.
+
+    The sizes (:func:`casty_sa.batching.row_bytes`) are summed in key order
+    before any payload is read, so rows past the cap are never sent; the
+    first row always comes, whatever its size.
+    """
+    c = table.c
+    size = func.length(c.entity_id) + func.length(c.payload) + ROW_OVERHEAD
+    first = select(*keys, size.label("size"))
+    if where is not None:
+        first = first.where(where)
+    page = first.order_by(*keys).limit(limit).subquery()
+    page_keys = [page.c[key.name] for key in keys]
+    running = select(
+        *page_keys,
+        page.c.size,
+        func.sum(page.c.size).over(order_by=page_keys).label("total"),
+    ).subquery()
+    return (
+        select(c.entity_id, c.sequence_nr, c.timestamp, c.payload)
+        .join(running, and_(*(c[key.name] == running.c[key.name] for key in keys)))
+        .where(or_(running.c.total <= max_bytes, running.c.total == running.c.size))
+        .order_by(*keys)
+    )
+
+
+def _params(row: Row) -> dict[str, Any]:
+    """A row as the bind parameters of casty-sa's insert statements."""
+    return {
+        "entity_id": row.entity_id,
+        "sequence_nr": row.sequence_nr,
+        "timestamp": row.timestamp,
+        "payload": row.payload,
+    }
