@@ -225,7 +225,15 @@ class SAJournal:
         self._serialize = serialize
         self._deserialize = deserialize
         self._migrate = self._dialect == "sqlite" if migrate is None else migrate
-        self._backend = backend_for(self._engine, schema, timeouts)
+        self._backend = backend_for(
+            self._engine,
+            schema,
+            timeouts,
+            # the flusher keeps its connection while writes keep coming (see backends),
+            # when the pool has another one for readers
+            hold_writes=group_commit,
+            hold_linger=_WRITER_LINGER,
+        )
         self._read_retries = read_retries
         self._retry_backoff = retry_backoff
         # a call's budget, end to end (PostgreSQL; SQLite's calls wait at most busy_timeout)
@@ -234,10 +242,6 @@ class SAJournal:
         self._serial = asyncio.Lock() if is_memory_sqlite(self._url) else None
         self._committer: GroupCommitter | None = None
         if group_commit:
-            # the flusher keeps its connection while writes keep coming (see backends),
-            # when the pool has another one for readers
-            self._backend.hold_writes = self._backend.capacity >= 2
-            self._backend.hold_linger = _WRITER_LINGER
             self._committer = GroupCommitter(
                 self._write_group,
                 max_batch_events=max_batch_events,
