@@ -31,7 +31,6 @@ from casty_sa.backends.base import Backend, BackendSettings
 from casty_sa.backends.failures import (
     ConnectionLost,
     Contended,
-    PayloadTooLarge,
     WriteRefused,
     classify_write_failure,
 )
@@ -46,7 +45,6 @@ __all__ = [
     "Backend",
     "ConnectionLost",
     "Contended",
-    "PayloadTooLarge",
     "PostgresBackend",
     "Row",  # journal.py imports it from here, for now (it lives in casty_sa.codec)
     "SqliteBackend",
