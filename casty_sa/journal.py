@@ -225,14 +225,10 @@ class SAJournal:
         self._serialize = serialize
         self._deserialize = deserialize
         self._migrate = self._dialect == "sqlite" if migrate is None else migrate
+        # the flusher keeps its connection while writes keep coming, when the pool has
+        # another one for readers (see casty_sa.backends.pooled)
         self._backend = backend_for(
-            self._engine,
-            schema,
-            timeouts,
-            # the flusher keeps its connection while writes keep coming (see backends),
-            # when the pool has another one for readers
-            hold_writes=group_commit,
-            hold_linger=_WRITER_LINGER,
+            self._engine, schema, timeouts, hold_writes=group_commit, hold_linger=_WRITER_LINGER
         )
         self._read_retries = read_retries
         self._retry_backoff = retry_backoff
