@@ -14,8 +14,7 @@ import asyncio
 import logging
 import os
 import pickle
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -40,7 +39,7 @@ from casty_sa.diagnosis import Diagnosis
 from casty_sa.engine import open_journal_engine
 from casty_sa.errors import InvalidEventError, JournalClosed, JournalError
 from casty_sa.reads import RetryingReader
-from casty_sa.urls import is_memory_sqlite, kind_of, safe_url, url_secrets
+from casty_sa.urls import kind_of, safe_url, url_secrets
 from casty_sa.writer import Writer
 
 __all__ = ["MAX_SEQUENCE_NR", "SAJournal"]
@@ -187,11 +186,11 @@ class SAJournal:
             url_secrets(url) if isinstance(url, str | URL) else frozenset()
         )
         self._diagnosis = Diagnosis(self._url, secrets, schema)
-        self._backend = backend_for(self._engine, schema, timeouts)
+        self._backend = backend_for(
+            self._engine, schema, timeouts, hold_writes=group_commit, hold_linger=_WRITER_LINGER
+        )
         # a call's budget, end to end (PostgreSQL; SQLite's calls wait at most busy_timeout)
         budget = None if timeouts is None else timeouts.budget
-        # one connection for a memory database: calls must take turns on it
-        self._serial = asyncio.Lock() if is_memory_sqlite(self._url) else None
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
         self._inflight = Inflight()
@@ -203,7 +202,6 @@ class SAJournal:
             backoff=retry_backoff,
             budget=budget,
             closed=lambda: self._closed,
-            serial=self._serial,
         )
         self._writer = Writer(self._backend, self._diagnosis, self._reads, budget=budget)
         self._committer = (
@@ -215,9 +213,7 @@ class SAJournal:
         self._starting = SharedAttempt(
             self._start_once, "casty_sa-start", track=self._inflight.track
         )
-        self._event_reads, self._snapshot_reads = _coalescers(
-            self._backend, self._reads, self._inflight, serial=self._serial is not None
-        )
+        self._event_reads, self._snapshot_reads = _coalescers(self._backend, self._inflight)
 
     # -- public face -------------------------------------------------------------------------
 
@@ -389,22 +385,13 @@ class SAJournal:
         if outcome is not None:
             raise outcome
 
-    @asynccontextmanager
-    async def _turn(self) -> AsyncIterator[None]:
-        """Take turns on a memory database's single connection; free-for-all otherwise."""
-        if self._serial is None:
-            yield
-        else:
-            async with self._serial:
-                yield
-
     async def _ensure_schema(self) -> None:
         await migrations.ensure_schema(
             self._engine,
             schema=self._schema,
             migrate=self._migrate,
             secrets=self._diagnosis.secrets,
-            turn=self._turn,
+            turn=self._backend.turn,
         )
 
 
@@ -416,10 +403,6 @@ def _committer(
     max_pending: int,
 ) -> GroupCommitter:
     """The group committer of a journal writing through ``writer``."""
-    # the flusher keeps its connection while writes keep coming (see backends), when the
-    # pool has another one for readers
-    backend.hold_writes = backend.capacity >= 2
-    backend.hold_linger = _WRITER_LINGER
     return GroupCommitter(
         writer.write_group,
         max_batch_events=max_batch_events,
@@ -433,18 +416,17 @@ def _committer(
 
 
 def _coalescers(
-    backend: Backend, reads: RetryingReader, inflight: Inflight, *, serial: bool
+    backend: Backend, inflight: Inflight
 ) -> tuple[ReadCoalescer[Any, Any], ReadCoalescer[Any, Any]]:
     """Coalescers of event and snapshot reads: reads that queue up (many entities
     recovering at once) share one query each."""
     options: dict[str, Any] = {
         "max_keys": backend.max_read_keys,
-        "concurrency": 1 if serial else backend.read_concurrency,
+        "concurrency": backend.read_concurrency,
         "track": inflight.track,
         "inline": backend.cancel_safe,
     }
-    turns = reads.taking_turns
     return (
-        ReadCoalescer(turns(backend.fetch_events_of), **options),
-        ReadCoalescer(turns(backend.fetch_snapshots_of), **options),
+        ReadCoalescer(backend.fetch_events_of, **options),
+        ReadCoalescer(backend.fetch_snapshots_of, **options),
     )

@@ -44,8 +44,6 @@ class RetryingReader:
         Seconds a call may take in all (``None``: unbounded); no retry starts past it.
     closed : Callable[[], bool]
         Whether the journal was closed (a retry is then refused).
-    serial : asyncio.Lock | None
-        Held around each read when the backend's connection must be taken in turns.
     """
 
     def __init__(
@@ -58,7 +56,6 @@ class RetryingReader:
         backoff: float,
         budget: float | None,
         closed: Callable[[], bool],
-        serial: asyncio.Lock | None = None,
     ) -> None:
         self._backend = backend
         self._diagnosis = diagnosis
@@ -67,7 +64,6 @@ class RetryingReader:
         self._backoff = backoff
         self._budget = budget
         self._closed = closed
-        self._serial = serial
 
     async def read[T](
         self,
@@ -98,8 +94,8 @@ class RetryingReader:
                 if in_task:
                     return await fetch(*args)
                 if not self._backend.cancel_safe:
-                    return await self._inflight.shielded(self._fetch(fetch, args))
-                return await self._fetch(fetch, args)
+                    return await self._inflight.shielded(_run(fetch, args))
+                return await fetch(*args)
             except Exception as exc:
                 if isinstance(exc, JournalError):
                     raise
@@ -122,24 +118,6 @@ class RetryingReader:
                 if not internal:  # close() does not wait for a retry that sleeps
                     self._refuse_if_closed(what, exc)
 
-    def taking_turns[**P, T](self, fetch: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-        """``fetch`` holding the connection's turn, when it must be taken in turns."""
-        serial = self._serial
-        if serial is None:  # the common case, without a context manager per read
-            return fetch
-
-        async def run(*args: P.args, **kwargs: P.kwargs) -> T:
-            async with serial:
-                return await fetch(*args, **kwargs)
-
-        return run
-
-    async def _fetch[T](self, fetch: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
-        if self._serial is None:  # the common case, without a context manager per read
-            return await fetch(*args)
-        async with self._serial:
-            return await fetch(*args)
-
     def _refuse_if_closed(self, what: str, exc: Exception) -> None:
         if self._closed():
             raise JournalClosed(f"the journal was closed while it retried to {what}") from exc
@@ -152,3 +130,8 @@ class RetryingReader:
                 exc, OperationalError | InterfaceError
             )
         return self._backend.is_disconnect(exc) or isinstance(exc, sqlite3.OperationalError)
+
+
+async def _run[T](fetch: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
+    """``fetch(*args)`` as a coroutine (a task can run it)."""
+    return await fetch(*args)

@@ -175,7 +175,7 @@ class Writer:
         contended = 0
         while True:
             try:
-                await self._reads.taking_turns(self._backend.write)(events, snapshots)
+                await self._backend.write(events, snapshots)
                 return
             except ConnectionLost as lost:
                 if lost.during_commit or not resends or past(ends):

@@ -472,7 +472,7 @@ async def test_a_write_on_a_connection_the_server_just_ended_is_sent_on_another(
     try:
         for k in range(30):
             await journal.persist(f"acct-{k}", [PersistedEvent(1, k, 1.0)])
-            held: Any = journal._backend._held
+            held: Any = journal._backend._held  # type: ignore[attr-defined]
             assert held is not None, "the flusher keeps its connection between writes"
             pid = held.driver_connection.get_server_pid()
             await admin.execute("SELECT pg_terminate_backend($1)", pid)

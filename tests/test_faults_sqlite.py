@@ -576,7 +576,7 @@ async def test_the_directory_shortcut_misses_no_change(
     path = folder / "journal.db"
     journal = make_journal(sqlite_url(path))
     seq = await _settle(journal, "acct")
-    assert journal._backend._folder_seen is not None  # type: ignore[attr-defined]
+    assert journal._backend._file._folder_seen is not None  # type: ignore[attr-defined]
     times = folder.stat()
     if change == "deleted":
         path.unlink()

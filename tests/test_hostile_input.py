@@ -27,6 +27,9 @@ import dbtools
 import pytest
 from casty import PersistedEvent, Snapshot
 from sqlalchemy import URL, make_url, text
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
+from sqlalchemy.ext.asyncio import create_async_engine
 
 import casty_sa
 from casty_sa import (
@@ -44,6 +47,7 @@ from casty_sa import (
     UnsupportedDatabase,
     urls,
 )
+from casty_sa.backends import backend_for
 
 PASSWORD = "hunter2-Secret-PW"
 
@@ -414,6 +418,25 @@ async def test_unsupported_urls_are_refused_without_showing_the_password(url: st
     with pytest.raises(UnsupportedDatabase) as info:
         await casty_sa.upgrade(url)
     assert_password_hidden(str(info.value), full_text(info.value))
+
+
+class _UnregisteredDialect(SQLiteDialect_aiosqlite):
+    """An async dialect casty-sa has no backend for (aiosqlite under another name)."""
+
+    name = "unregistered"
+
+
+registry.register("unregistered.aiosqlite", __name__, "_UnregisteredDialect")
+
+
+async def test_an_engine_of_a_dialect_without_a_backend_is_refused() -> None:
+    """The backend registry refuses a dialect it does not know instead of guessing one."""
+    engine = create_async_engine("unregistered+aiosqlite://")
+    try:
+        with pytest.raises(UnsupportedDatabase, match="no backend for the 'unregistered'"):
+            backend_for(engine, None)
+    finally:
+        await engine.dispose()
 
 
 def test_repr_never_shows_the_password() -> None:

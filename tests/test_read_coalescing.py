@@ -16,7 +16,7 @@ from casty import PersistedEvent, Snapshot
 from sqlalchemy import URL
 from sqlalchemy.ext.asyncio import create_async_engine
 
-import casty_sa.backends
+import casty_sa.backends.sqlite
 from casty_sa import JournalClosed, SAJournal
 from casty_sa.coalescing import ReadCoalescer
 
@@ -358,7 +358,7 @@ async def test_without_sqlite_json_functions_each_load_runs_alone_and_correctly(
     tmp_path: Any, make_journal: Callable[..., SAJournal], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SQLite builds without json_each fall back to one query per load, with the same answers."""
-    monkeypatch.setattr(casty_sa.backends, "_SQLITE_HAS_JSON", False)
+    monkeypatch.setattr(casty_sa.backends.sqlite, "_SQLITE_HAS_JSON", False)
     journal = make_journal(f"sqlite:///{tmp_path / 'nojson.db'}")
     entities = [f"nj-{i}" for i in range(100)]
     await seed(journal, entities)

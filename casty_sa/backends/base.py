@@ -1,0 +1,277 @@
+"""The interface the journal runs its statements through, and what every dialect shares.
+
+:class:`Backend` declares what a dialect provides (writes, reads, telling a
+broken connection from a refused statement) and holds what they share: the
+journal's settings, the read statements compiled once for the engine's dialect
+(and schema), and batched reads answered one list per key::
+
+    backend = backend_for(engine, schema=None)  # a Backend for the engine's dialect
+    await backend.write(events, snapshots)  # one transaction: all or nothing
+    rows = await backend.fetch_events_of([("acct-1", 1), ("acct-2", 5)])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Table, and_, bindparam, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.compiler import Compiled
+
+from casty_sa.codec import Row, Stored
+from casty_sa.engine import Timeouts
+from casty_sa.models import journal_tables
+
+__all__ = ["Backend", "BackendSettings", "latest_per_entity", "quietly"]
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSettings:
+    """How a backend uses its connections: the journal's choices.
+
+    Parameters
+    ----------
+    timeouts : Timeouts
+        Bound every PostgreSQL statement (``statement``) and liveness ping (``ping``).
+    hold_writes : bool
+        Keep the writer's connection between write groups (group commit has one
+        flusher), when the pool has another one for readers.
+    hold_linger : float
+        Seconds a kept writer connection may sit unused before it goes back to the pool.
+    """
+
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    hold_writes: bool = False
+    hold_linger: float = 0.01
+
+
+class Backend(ABC):
+    """Statements of one dialect and the code that runs them on a driver connection.
+
+    Parameters
+    ----------
+    engine : AsyncEngine
+        The journal's engine; its pool hands out the driver connections.
+    schema : str | None
+        The schema the tables live in (``None``: the default).
+    settings : BackendSettings
+        How the backend uses its connections.
+    capacity : int
+        How many connections the backend may use at once (at least 1).
+    """
+
+    # -- what a dialect provides ---------------------------------------------------------------
+
+    @abstractmethod
+    async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
+        """Store events and snapshot upserts atomically (all or nothing)."""
+
+    @abstractmethod
+    async def fetch_events(self, entity_id: str, from_nr: int) -> list[Stored]:
+        """``(sequence_nr, payload, timestamp)`` rows, ascending."""
+
+    @abstractmethod
+    async def fetch_snapshot(self, entity_id: str) -> Stored | None:
+        """The snapshot row of an entity, if any."""
+
+    @abstractmethod
+    async def min_stored(self, entity_id: str, low: int, high: int) -> int | None:
+        """Lowest stored sequence number of ``entity_id`` within ``[low, high]``."""
+
+    @abstractmethod
+    async def _fetch_events_batch(
+        self, keys: Sequence[tuple[str, int]]
+    ) -> Sequence[tuple[int, int, bytes, float]]:
+        """``(key number, sequence_nr, payload, timestamp)`` rows, by key and sequence."""
+
+    @abstractmethod
+    async def _fetch_snapshots_batch(
+        self, entity_ids: Sequence[str]
+    ) -> Sequence[tuple[int, int, bytes, float]]:
+        """``(key number, sequence_nr, payload, timestamp)`` of the entities with one."""
+
+    @abstractmethod
+    def is_disconnect(self, exc: BaseException) -> bool:
+        """True when ``exc`` means the connection itself is gone."""
+
+    # -- what the connection machinery provides (see casty_sa.backends.pooled) ----------------
+
+    @abstractmethod
+    def turn(self) -> AbstractAsyncContextManager[None]:
+        """A place among the users of the backend's connections, for work done beside it.
+
+        Held around work on the engine outside the backend (the schema check), so
+        that a database with a single connection (memory SQLite) is used in turns.
+        """
+
+    @abstractmethod
+    async def release_held(self) -> None:
+        """Return the connection kept for writes to the pool."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release what the backend holds outside the pool (kept connections)."""
+
+    # -- shared --------------------------------------------------------------------------------
+
+    #: Write groups in flight at once (see :mod:`casty_sa.batching`): 1 where the database
+    #: has a single writer anyway.
+    write_pipeline = 1
+
+    #: Whether a statement whose caller is cancelled still runs to its end on its own (the
+    #: driver finishes it on the connection's thread), so callers may run reads and writes
+    #: in their own task; otherwise the journal runs them in a task that cannot be cut off
+    #: half-way (see ``SAJournal._shielded``), since that could leave the connection unusable.
+    cancel_safe = False
+
+    #: Most entities one batched read asks for (1: every read is sent alone).
+    max_read_keys = 500
+
+    #: Number of the first key in a batch query's rows (0 on SQLite, 1 on PostgreSQL).
+    _ordinal_base = 0
+
+    def __init__(
+        self, engine: AsyncEngine, schema: str | None, settings: BackendSettings, *, capacity: int
+    ) -> None:
+        self._engine = engine
+        # callers beyond what the pool holds wait for one of these places, cheaply, instead
+        # of in the pool
+        self.capacity = capacity
+        # the writer's connection is kept only when there is another one: readers never
+        # starve behind it
+        self.hold_writes = settings.hold_writes and capacity >= 2
+        #: seconds a kept writer connection may sit unused before it goes back to the pool
+        self.hold_linger = settings.hold_linger
+        #: seconds a liveness ping may take: a server that does not answer ``SELECT 1``
+        #: by then is taken for gone
+        self.ping_timeout = settings.timeouts.ping
+        events, snapshots = journal_tables(schema)
+        self.events, self.snapshots = events, snapshots
+        self._load_events = self._compile(
+            select(events.c.sequence_nr, events.c.payload, self._timestamp(events))
+            .where(events.c.entity_id == bindparam("entity_id"))
+            .where(events.c.sequence_nr >= bindparam("from_nr"))
+            .order_by(events.c.sequence_nr)
+        )
+        self._load_snapshot = self._compile(
+            select(snapshots.c.sequence_nr, snapshots.c.payload, self._timestamp(snapshots)).where(
+                snapshots.c.entity_id == bindparam("entity_id")
+            )
+        )
+        self._min_stored = self._compile(
+            select(func.min(events.c.sequence_nr))
+            .where(events.c.entity_id == bindparam("entity_id"))
+            .where(events.c.sequence_nr >= bindparam("low"))
+            .where(events.c.sequence_nr <= bindparam("high"))
+        )
+
+    @property
+    def read_concurrency(self) -> int:
+        """Most batched reads in flight at once (see :mod:`casty_sa.coalescing`)."""
+        return self.capacity
+
+    def reads_pending(self) -> Awaitable[object] | None:
+        """What every read must wait for before it is queued (``None``: nothing).
+
+        Awaited by each read on its own, before read coalescing, so that reads
+        arriving together share one outcome (see
+        :class:`~casty_sa.backends.sqlite.SqliteBackend`).
+        """
+        return None
+
+    async def reads_settled(self) -> None:
+        """Wait until what :meth:`reads_pending` returned is over (for ``close()``).
+
+        The reads that waited for it are woken first, so by the time this
+        returns they are queued for coalescing, where ``close()`` waits for them.
+        """
+        return None
+
+    async def fetch_events_of(self, keys: Sequence[tuple[str, int]]) -> list[list[Stored]]:
+        """:meth:`fetch_events` of many ``(entity_id, from_nr)`` keys in one query."""
+        if len(keys) == 1:
+            return [await self.fetch_events(*keys[0])]
+        found: list[list[Stored]] = [[] for _ in keys]
+        base = self._ordinal_base
+        for k, seq, payload, ts in await self._fetch_events_batch(keys):
+            found[k - base].append((seq, payload, ts))
+        return found
+
+    async def fetch_snapshots_of(self, entity_ids: Sequence[str]) -> list[Stored | None]:
+        """:meth:`fetch_snapshot` of many entities in one query."""
+        if len(entity_ids) == 1:
+            return [await self.fetch_snapshot(entity_ids[0])]
+        found: list[Stored | None] = [None] * len(entity_ids)
+        base = self._ordinal_base
+        for k, seq, payload, ts in await self._fetch_snapshots_batch(entity_ids):
+            found[k - base] = (seq, payload, ts)
+        return found
+
+    # -- statements ----------------------------------------------------------------------------
+
+    def _timestamp(self, table: Table) -> Any:
+        """The ``timestamp`` column of ``table`` as reads select it (a float)."""
+        return table.c.timestamp
+
+    def _compile(self, statement: Any) -> str:
+        compiled: Compiled = statement.compile(dialect=self._engine.dialect)
+        return compiled.string
+
+    def _newer_snapshot_wins(self, upsert: Any) -> str:
+        """``upsert`` (the dialect's ``INSERT``) made to replace only an older snapshot."""
+        return self._compile(
+            upsert.on_conflict_do_update(
+                index_elements=[self.snapshots.c.entity_id],
+                set_={k: upsert.excluded[k] for k in ("sequence_nr", "timestamp", "payload")},
+                # tie rule: a snapshot at the stored one's sequence number replaces it (>=)
+                where=upsert.excluded.sequence_nr >= self.snapshots.c.sequence_nr,
+            )
+        )
+
+    def _events_of_keys(self, keys: Any, number: Any, entity_id: Any, from_nr: Any) -> str:
+        """The events of every ``(entity_id, from_nr)`` row of ``keys``, led by its ``number``."""
+        events = self.events
+        return self._compile(
+            select(number, events.c.sequence_nr, events.c.payload, self._timestamp(events))
+            .join_from(
+                keys,
+                events,
+                and_(events.c.entity_id == entity_id, events.c.sequence_nr >= from_nr),
+            )
+            .order_by(number, events.c.sequence_nr)
+        )
+
+    def _snapshots_of_keys(self, keys: Any, number: Any, entity_id: Any) -> str:
+        """The snapshot of each ``entity_id`` row of ``keys`` that has one, led by ``number``."""
+        snapshots = self.snapshots
+        return self._compile(
+            select(
+                number, snapshots.c.sequence_nr, snapshots.c.payload, self._timestamp(snapshots)
+            ).join_from(keys, snapshots, snapshots.c.entity_id == entity_id)
+        )
+
+
+def latest_per_entity(snapshots: Sequence[Row]) -> Sequence[Row]:
+    """Of each entity's snapshots, the one at the highest sequence number (the later of a tie).
+
+    An upsert statement may touch a row only once.
+    """
+    if len(snapshots) < 2:
+        return snapshots
+    latest: dict[str, Row] = {}
+    for row in snapshots:
+        kept = latest.get(row[0])
+        if kept is None or row[1] >= kept[1]:
+            latest[row[0]] = row
+    return list(latest.values())
+
+
+async def quietly(awaitable: Awaitable[Any]) -> None:
+    """Await a clean-up step whose own failure must not hide the original error."""
+    with contextlib.suppress(Exception):
+        await awaitable

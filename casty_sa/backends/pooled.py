@@ -1,0 +1,261 @@
+"""Driver connections from SQLAlchemy's pool: the gate, the liveness ping, the kept writer.
+
+:class:`PooledBackend` is the :class:`~casty_sa.backends.base.Backend` both
+dialects build on. Its connections come from the engine's pool and go back to
+it; on the way it adds three things the hot paths need:
+
+- a gate (a semaphore of the pool's capacity), where callers beyond what the
+  pool holds wait cheaply instead of in the pool;
+- a liveness ping of a connection that sat idle (one round trip, bounded on
+  its own), so a connection the server ended is replaced before use;
+- the writer's connection kept between write groups (``hold_writes``).
+
+A dialect provides :meth:`~PooledBackend.usable`, :meth:`~PooledBackend.ping`
+and :meth:`~PooledBackend.abort` where its driver needs them::
+
+    async with backend.connection() as driver_connection:
+        rows = await driver_connection.fetch(sql, entity_id)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import greenlet_spawn
+
+from casty_sa.backends.base import Backend, BackendSettings
+from casty_sa.backends.failures import ConnectionLost
+
+__all__ = ["PING_AFTER", "PooledBackend"]
+
+#: Seconds a pooled connection may sit unused before a checkout proves it alive.
+PING_AFTER = 0.005
+_CHECKOUT_ATTEMPTS = 3
+_RELEASED = "casty_sa_released"
+
+
+class PooledBackend(Backend):
+    """A backend on the driver connections of the engine's pool.
+
+    Parameters
+    ----------
+    engine, schema, settings
+        As for :class:`~casty_sa.backends.base.Backend`.
+    capacity : int | None
+        How many connections it may use at once; ``None``: as many as the pool holds.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        schema: str | None,
+        settings: BackendSettings,
+        *,
+        capacity: int | None = None,
+    ) -> None:
+        capacity = _pool_capacity(engine) if capacity is None else capacity
+        super().__init__(engine, schema, settings, capacity=capacity)
+        self._gate = asyncio.Semaphore(capacity)
+        self._held: Any = None
+        self._idle_check: asyncio.TimerHandle | None = None
+        self._giving_back: set[asyncio.Task[None]] = set()
+
+    def usable(self, driver_connection: Any) -> bool:
+        """Whether a held connection may be used again without asking the pool."""
+        return True
+
+    async def ping(self, driver_connection: Any) -> None:
+        """Prove the connection alive with one round trip (no-op where not needed)."""
+
+    def abort(self, driver_connection: Any) -> None:
+        """Close a connection at once, without a word to the server (no-op where not needed)."""
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        # a place at the gate, like any other user of a connection
+        async with self._gate:
+            yield
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """A live driver connection from SQLAlchemy's pool, returned on exit.
+
+        A connection that failed at the transport level is invalidated, so the
+        pool replaces it instead of handing it out again.
+        """
+        async with self._gate:
+            fairy = await self._checkout()
+            try:
+                yield fairy.driver_connection
+            except BaseException as exc:
+                await self._release(fairy, exc if self.is_disconnect(exc) else None)
+                raise
+            await self._release(fairy, None)
+
+    async def take_writer(self) -> Any:
+        """The pooled connection (fairy) a write uses; hand it back with :meth:`give_back_writer`.
+
+        With ``hold_writes`` on, the connection is kept between groups: group
+        commit has one flusher, so consecutive groups share one connection
+        instead of a pool checkout each. :meth:`release_held` gives it back
+        once the flusher goes idle, and it goes back at once whenever every
+        other connection is in use (readers never starve behind it). The pair
+        is two plain calls rather than a context manager because it sits on
+        every write's path.
+        """
+        fairy = None
+        if self.hold_writes:
+            fairy, self._held = self._held, None
+            if fairy is not None:
+                try:
+                    alive = await self._alive(fairy)
+                except BaseException:
+                    self._gate.release()  # _alive gave the connection back; its permit too
+                    raise
+                if not alive:
+                    fairy = None
+                    self._gate.release()
+        if fairy is None:
+            await self._gate.acquire()
+            try:
+                fairy = await self._checkout()
+            except BaseException:
+                self._gate.release()
+                raise
+        return fairy
+
+    async def give_back_writer(self, fairy: Any, exc: BaseException | None) -> None:
+        """Return (or keep) the writer's connection; ``exc``: how the write failed, if it did.
+
+        A write cut off by cancellation may still be running on the connection, so the
+        connection goes back to the pool, whose reset (a rollback queued behind that
+        statement) leaves it clean, instead of being kept for the next write.
+        """
+        if exc is not None and self.is_disconnect(exc):
+            await self._give_back(fairy, exc)
+        elif self.hold_writes and (exc is None or isinstance(exc, Exception)):
+            await self._keep(fairy)
+        else:
+            await self._give_back(fairy, None)
+
+    async def release_held(self) -> None:
+        fairy, self._held = self._held, None
+        if fairy is not None:
+            await self._give_back(fairy, None)
+
+    async def close(self) -> None:
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+            self._idle_check = None
+        await self.release_held()
+        if self._giving_back:
+            await asyncio.gather(*self._giving_back, return_exceptions=True)
+
+    async def _give_back(self, fairy: Any, exc: BaseException | None) -> None:
+        """Return a connection to the pool and its permit to the gate, even if cancelled.
+
+        A caller cancelled again while the pool resets the connection (its rollback)
+        still gives the permit back; SQLAlchemy invalidates a connection whose reset was
+        cut off, so the pool's own count stays right too.
+        """
+        try:
+            await self._release(fairy, exc)
+        finally:
+            self._gate.release()
+
+    async def _keep(self, fairy: Any) -> None:
+        """Hold on to the writer's connection, unless readers are waiting for one.
+
+        With groups in flight side by side, one connection is kept; the others
+        go back to the pool.
+        """
+        fairy.info[_RELEASED] = time.monotonic()
+        if self._gate.locked() or self._held is not None:
+            await self._give_back(fairy, None)
+        else:
+            self._held = fairy
+            if self._idle_check is None:
+                loop = asyncio.get_running_loop()
+                self._idle_check = loop.call_later(self.hold_linger, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """Give the kept connection back once it sat unused for ``hold_linger``."""
+        self._idle_check = None
+        fairy = self._held
+        if fairy is None:
+            return
+        loop = asyncio.get_running_loop()
+        unused = time.monotonic() - fairy.info[_RELEASED]
+        if unused < self.hold_linger:
+            self._idle_check = loop.call_later(self.hold_linger - unused, self._check_idle)
+            return
+        task = loop.create_task(self.release_held(), name="casty_sa-release-writer")
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
+
+    async def _checkout(self) -> Any:
+        """A pooled connection, checked to be alive when it sat unused for a while.
+
+        A connection the server ended is replaced by the next one; a ping that timed
+        out fails the checkout (see :meth:`_alive`).
+        """
+        for _ in range(_CHECKOUT_ATTEMPTS):
+            fairy = await self._engine.raw_connection()
+            if await self._alive(fairy):
+                return fairy
+        return await self._engine.raw_connection()  # its error, if any, surfaces on use
+
+    async def _alive(self, fairy: Any) -> bool:
+        """False (and the connection invalidated) when the connection is gone.
+
+        A connection used a moment ago is trusted; one that sat idle longer than
+        :data:`PING_AFTER` gets one round trip (where the backend needs it), the
+        job SQLAlchemy's ``pool_pre_ping`` does in three on asyncpg.
+
+        A ping that gets no answer within :attr:`ping_timeout` raises its
+        ``TimeoutError``: the server itself (not this one connection) is most
+        likely hung or unreachable, and pinging the pool's other connections
+        one after another would multiply the wait.
+        """
+        driver = fairy.driver_connection
+        try:
+            if not self.usable(driver):
+                raise ConnectionLost(OSError("connection closed"), during_commit=False)
+            idle = time.monotonic() - fairy.info.get(_RELEASED, 0.0)
+            if idle > PING_AFTER:
+                await self.ping(driver)
+            return True
+        except BaseException as exc:
+            # whatever failed ``SELECT 1`` (a server that ended the session, a protocol left
+            # mid-way, a caller cancelled mid-ping) makes this connection one not to reuse
+            if isinstance(exc, TimeoutError):
+                # nor wait for a server that does not answer to acknowledge a goodbye
+                # (SQLAlchemy's invalidation tries a graceful close first); a ping leaves
+                # nothing on the server that a cancel request would have to stop
+                self.abort(driver)
+            await self._release(fairy, exc)
+            if not isinstance(exc, Exception) or isinstance(exc, TimeoutError):
+                raise
+            return False
+
+    async def _release(self, fairy: Any, exc: BaseException | None) -> None:
+        """Back to the pool, or invalidated first when ``exc`` says it is broken."""
+        fairy.info[_RELEASED] = time.monotonic()
+        if exc is not None:
+            await greenlet_spawn(fairy.invalidate, exc if isinstance(exc, Exception) else None)
+        await greenlet_spawn(fairy.close)
+
+
+def _pool_capacity(engine: AsyncEngine) -> int:
+    """How many connections the engine's pool can hand out at once (at least 1)."""
+    pool: Any = engine.pool
+    size = getattr(pool, "size", None)
+    overflow = getattr(pool, "_max_overflow", 0)
+    if not callable(size):
+        return 64  # a pool without a size (NullPool and the like): a generous bound
+    return max(1, int(size()) + max(0, int(overflow)))

@@ -1,0 +1,161 @@
+"""PostgreSQL through ``asyncpg``: a whole write group in one round trip.
+
+One statement per write group in autocommit: the rows travel as four arrays
+and are inserted from ``unnest(...)``, so a group of any size costs one round
+trip and is atomic. A group that also carries snapshots uses an explicit
+transaction. A batch of reads joins ``unnest(...) WITH ORDINALITY`` of the
+keys' arrays. Every statement carries the journal's statement timeout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import ARRAY, BigInteger, String, Table, bindparam, func, insert, select
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from casty_sa.backends.base import BackendSettings, latest_per_entity, quietly
+from casty_sa.backends.failures import ConnectionLost, classify_write_failure
+from casty_sa.backends.pooled import PooledBackend
+from casty_sa.codec import Row, Stored
+
+__all__ = ["PostgresBackend"]
+
+
+class PostgresBackend(PooledBackend):
+    """asyncpg: a whole group in one ``INSERT … SELECT FROM unnest(…)`` round trip."""
+
+    # the server commits transactions of several connections in parallel (and groups their
+    # WAL flushes), so a second group in flight overlaps the client's work with the server's
+    write_pipeline = 2
+    _ordinal_base = 1
+
+    def __init__(self, engine: AsyncEngine, schema: str | None, settings: BackendSettings) -> None:
+        super().__init__(engine, schema, settings)
+        # every statement carries the journal's statement timeout, so it is bounded on an
+        # application's engine too (whose connections may have no command_timeout)
+        self._timeout = settings.timeouts.statement
+        columns = [c.name for c in self.events.columns]
+
+        def from_arrays(table: Table) -> Any:
+            arrays = [bindparam(c.name, type_=ARRAY(c.type)) for c in table.columns]
+            rows = func.unnest(*arrays).table_valued(*columns).render_derived()
+            return select(*(rows.c[name] for name in columns))
+
+        self._insert = self._compile(
+            insert(self.events).from_select(columns, from_arrays(self.events))
+        )
+        self._upsert = self._newer_snapshot_wins(
+            postgresql.insert(self.snapshots).from_select(columns, from_arrays(self.snapshots))
+        )
+        # batched reads: the keys travel as arrays, numbered from 1 by WITH ORDINALITY
+        ids = bindparam("entity_ids", type_=ARRAY(String))
+        pairs = (
+            func.unnest(ids, bindparam("from_nrs", type_=ARRAY(BigInteger)))
+            .table_valued("entity_id", "from_nr", with_ordinality="k")
+            .render_derived()
+        )
+        self._load_events_batch = self._events_of_keys(
+            pairs, pairs.c.k, pairs.c.entity_id, pairs.c.from_nr
+        )
+        singles = func.unnest(ids).table_valued("entity_id", with_ordinality="k").render_derived()
+        self._load_snapshots_batch = self._snapshots_of_keys(
+            singles, singles.c.k, singles.c.entity_id
+        )
+
+    def usable(self, driver_connection: Any) -> bool:
+        return not driver_connection.is_closed()
+
+    async def ping(self, driver_connection: Any) -> None:
+        # bounded on its own: the statement timeout is for real work, far longer than a
+        # live server needs to answer SELECT 1
+        await driver_connection.execute("SELECT 1", timeout=self.ping_timeout)
+
+    def abort(self, driver_connection: Any) -> None:
+        driver_connection.terminate()
+
+    def is_disconnect(self, exc: BaseException) -> bool:
+        import asyncpg
+
+        if isinstance(exc, OSError | ConnectionLost | TimeoutError):
+            return True
+        if isinstance(
+            exc,
+            asyncpg.PostgresConnectionError | asyncpg.InterfaceError | asyncpg.InternalClientError,
+        ):
+            return True  # the last: the protocol was left mid-way, e.g. by a server's FATAL
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        return sqlstate.startswith(("08", "57P"))  # connection exception, operator intervention
+
+    async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
+        snapshots = latest_per_entity(snapshots)  # ON CONFLICT may touch a row only once
+        fairy = await self.take_writer()
+        conn = fairy.driver_connection
+        committing = False
+        try:
+            if events and snapshots:
+                transaction = conn.transaction()
+                await transaction.start()
+                try:
+                    await conn.execute(self._insert, *_columns(events), timeout=self._timeout)
+                    await conn.execute(self._upsert, *_columns(snapshots), timeout=self._timeout)
+                except BaseException:
+                    await quietly(transaction.rollback())
+                    raise
+                committing = True
+                await transaction.commit()
+            else:
+                committing = True  # one statement in autocommit: it commits on its own
+                if events:
+                    await conn.execute(self._insert, *_columns(events), timeout=self._timeout)
+                else:
+                    await conn.execute(self._upsert, *_columns(snapshots), timeout=self._timeout)
+        except BaseException as exc:
+            await self.give_back_writer(fairy, exc)
+            failure = classify_write_failure(exc, committing=committing, dialect="postgresql")
+            if failure is exc:
+                raise
+            raise failure from exc
+        await self.give_back_writer(fairy, None)
+
+    async def fetch_events(self, entity_id: str, from_nr: int) -> list[Stored]:
+        async with self.connection() as conn:
+            return await conn.fetch(  # type: ignore[no-any-return]
+                self._load_events, entity_id, from_nr, timeout=self._timeout
+            )
+
+    async def fetch_snapshot(self, entity_id: str) -> Stored | None:
+        async with self.connection() as conn:
+            return await conn.fetchrow(  # type: ignore[no-any-return]
+                self._load_snapshot, entity_id, timeout=self._timeout
+            )
+
+    async def min_stored(self, entity_id: str, low: int, high: int) -> int | None:
+        async with self.connection() as conn:
+            return await conn.fetchval(  # type: ignore[no-any-return]
+                self._min_stored, entity_id, low, high, timeout=self._timeout
+            )
+
+    async def _fetch_events_batch(
+        self, keys: Sequence[tuple[str, int]]
+    ) -> Sequence[tuple[int, int, bytes, float]]:
+        entity_ids, from_nrs = zip(*keys, strict=True)
+        async with self.connection() as conn:
+            return await conn.fetch(  # type: ignore[no-any-return]
+                self._load_events_batch, entity_ids, from_nrs, timeout=self._timeout
+            )
+
+    async def _fetch_snapshots_batch(
+        self, entity_ids: Sequence[str]
+    ) -> Sequence[tuple[int, int, bytes, float]]:
+        async with self.connection() as conn:
+            return await conn.fetch(  # type: ignore[no-any-return]
+                self._load_snapshots_batch, list(entity_ids), timeout=self._timeout
+            )
+
+
+def _columns(rows: Sequence[Row]) -> list[list[Any]]:
+    """Rows to the four column arrays ``unnest`` takes."""
+    return [list(column) for column in zip(*rows, strict=True)]

@@ -1,0 +1,367 @@
+"""SQLite through ``aiosqlite``: files, and memory databases (a backend of one connection).
+
+On engines casty-sa creates, the driver runs in autocommit mode and a write
+group is one multi-row ``INSERT`` (or snapshot upsert) that SQLite commits on
+its own: one trip to the driver's thread. Larger or mixed groups use ``BEGIN
+IMMEDIATE`` … ``COMMIT``. Reads of a file go to one reader connection the
+backend keeps; a batch of reads is one query joining the keys of a JSON
+parameter (``json_each``). A memory database is a single connection: its
+backend has a capacity of 1, so its users (writes, reads, the schema check
+holding :meth:`~casty_sa.backends.pooled.PooledBackend.turn`) take turns on it.
+After every write, the file's path is checked to still name the file the
+connections opened (:mod:`casty_sa.backends.sqlite_file`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import operator
+import sqlite3
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
+from sqlalchemy import Table, bindparam, case, func, insert, literal_column
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import greenlet_spawn
+
+from casty_sa.backends.base import BackendSettings, latest_per_entity, quietly
+from casty_sa.backends.failures import ConnectionLost, classify_write_failure
+from casty_sa.backends.pooled import PooledBackend
+from casty_sa.backends.sqlite_file import DatabaseFile, FileId, run_and_look
+from casty_sa.coalescing import SharedAttempt
+from casty_sa.codec import Row, Stored
+from casty_sa.engine import AUTOCOMMIT_ENGINES
+from casty_sa.errors import JournalClosed
+from casty_sa.models import SQLITE_NEGATIVE_ZERO, is_negative_zero
+from casty_sa.urls import is_memory_sqlite
+
+__all__ = ["SqliteBackend"]
+
+#: SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN: do not reuse the connection
+_STALE_SQLITE_CODES = frozenset({8, 10, 11, 14})
+
+#: rows per multi-row statement: 4 parameters a row, within SQLite's variable limit
+_SQLITE_MAX_ROWS = min(
+    1000, sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 4
+)
+_ONE_ROW = "VALUES (?, ?, ?, ?)"
+
+#: SQLite's default SQLITE_LIMIT_LENGTH, for a connection whose own limit cannot be read
+_SQLITE_MAX_LENGTH = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+
+
+def _sqlite_has_json() -> bool:
+    """Whether this SQLite has ``json_each`` (built in since 3.38, an extension before)."""
+    try:
+        sqlite3.connect(":memory:").execute("SELECT key FROM json_each('[1]')")
+    except sqlite3.OperationalError:
+        return False
+    return True
+
+
+_SQLITE_HAS_JSON = _sqlite_has_json()
+
+
+class SqliteBackend(PooledBackend):
+    """aiosqlite: a write group is one multi-row statement when it can be.
+
+    On engines casty-sa creates, the driver runs in autocommit mode (no
+    implicit transactions), so a group of events (or of snapshots) is a
+    single ``INSERT … VALUES (…), (…)`` that SQLite commits atomically on its
+    own: one trip to the driver's thread instead of three. Larger or mixed
+    groups use an explicit ``BEGIN IMMEDIATE`` … ``COMMIT``. On an
+    application's engine, whose driver opens transactions implicitly, each
+    group is ``executemany`` and ``COMMIT``.
+    """
+
+    def __init__(self, engine: AsyncEngine, schema: str | None, settings: BackendSettings) -> None:
+        memory = is_memory_sqlite(engine.url)
+        # a memory database is the one connection of its pool: every user takes turns on it
+        super().__init__(engine, schema, settings, capacity=1 if memory else None)
+        self._memory = memory
+        self._autocommit = engine.sync_engine in AUTOCOMMIT_ENGINES
+        # On casty-sa's own file engines every read goes to one reader connection that
+        # the journal keeps (detached from the pool): aiosqlite queues calls on that
+        # connection's thread, which serves a thousand concurrent recoveries several
+        # times faster than a pool of threads taking turns on the GIL. A read abandoned
+        # by a cancelled caller just finishes on that thread, so no shield is needed.
+        self._share_reader = self._autocommit and not memory
+        self.cancel_safe = self._share_reader
+        self._reader: Any = None
+        # every read that needs the reader while it is being opened shares that attempt (a
+        # failure fails them all together, instead of each read retrying the open after the
+        # previous one failed); a caller cancelled half-way leaves the connection to the
+        # attempt, which keeps it as the reader (close() waits for it, then closes it)
+        self._reader_opening = SharedAttempt(self._open_reader_once, "casty_sa-open-reader")
+        self._closed = False
+        self._file = DatabaseFile(
+            None if memory else engine.url.database, track_wal=self._share_reader
+        )
+        self._file.watch(engine.sync_engine)
+        self._insert = self._compile(insert(self.events))
+        self._upsert = self._newer_snapshot_wins(sqlite.insert(self.snapshots))
+        # batched reads name their keys in one JSON parameter: [[entity_id, from_nr], ...]
+        # for events, [entity_id, ...] for snapshots; json_each numbers them from 0
+        keys = func.json_each(bindparam("keys")).table_valued("key", "value")
+        self._load_events_batch = self._events_of_keys(
+            keys,
+            keys.c.key,
+            func.json_extract(keys.c.value, literal_column("'$[0]'")),
+            func.json_extract(keys.c.value, literal_column("'$[1]'")),
+        )
+        self._load_snapshots_batch = self._snapshots_of_keys(keys, keys.c.key, keys.c.value)
+        if not _SQLITE_HAS_JSON:
+            self.max_read_keys = 1
+
+    def _timestamp(self, table: Table) -> Any:
+        # -0.0 is stored as a BLOB (see casty_sa.models.SQLITE_NEGATIVE_ZERO); SQLite turns the
+        # literal back into the float, sign included, in its own loop over the rows
+        column = table.c.timestamp
+        return case(
+            (func.typeof(column) == literal_column("'blob'"), literal_column("-0.0")),
+            else_=column,
+        )
+
+    @property
+    def read_concurrency(self) -> int:
+        # the shared reader is one connection on one thread: batches take turns on it
+        return 1 if self._share_reader else self.capacity
+
+    def reads_pending(self) -> Awaitable[object] | None:
+        # The shared reader is opened before reads queue up for it: every read that comes
+        # while it is being opened waits for that one attempt and shares its outcome,
+        # instead of queued batches failing one attempt after another.
+        return self._open_reader() if self._share_reader and self._reader is None else None
+
+    async def reads_settled(self) -> None:
+        await self._reader_opening.settled()
+
+    def is_disconnect(self, exc: BaseException) -> bool:
+        if isinstance(exc, OSError | ConnectionLost | sqlite3.InterfaceError):
+            return True
+        # a connection opened while the file was read-only (or unreadable) stays that way:
+        # let the pool replace it, except the one connection that *is* a memory database
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in _STALE_SQLITE_CODES and not self._memory
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
+        self._file.check_kept()
+        events = _keep_negative_zero(events)
+        snapshots = _keep_negative_zero(latest_per_entity(snapshots))
+        fairy = await self.take_writer()
+        if self._file.on_other_file(fairy):  # opened after the file was replaced: do not use it
+            await self.give_back_writer(fairy, ConnectionLost(OSError(), during_commit=False))
+            raise self._file.unsent(len(events), len(snapshots))
+        conn = fairy.driver_connection
+        # the -wal this connection has held open since it connected (see DatabaseFile)
+        wal = self._file.wal_of(fairy)
+        autocommit = self._autocommit
+        committing = False
+        try:
+            if autocommit and not snapshots and len(events) <= _SQLITE_MAX_ROWS:
+                committing = True  # one statement in autocommit: it commits on its own
+                how = await self._commit(
+                    conn, _multi_row(self._insert, len(events)), _flat(events), wal
+                )
+            elif autocommit and not events and len(snapshots) <= _SQLITE_MAX_ROWS:
+                committing = True
+                how = await self._commit(
+                    conn, _multi_row(self._upsert, len(snapshots)), _flat(snapshots), wal
+                )
+            else:
+                await self._write_transaction(conn, events, snapshots)
+                committing = True
+                try:
+                    if autocommit:
+                        how = await self._commit(conn, "COMMIT", (), wal)
+                    else:
+                        await conn.commit()
+                        how = self._file.changed(wal)
+                except BaseException:
+                    # a COMMIT that failed before committing leaves the transaction open
+                    await quietly(conn.execute("ROLLBACK") if autocommit else conn.rollback())
+                    raise
+        except BaseException as exc:
+            # a payload over SQLite's length limit fails its binding, before anything runs;
+            # the limit, for the message, is read only then (and before the connection goes)
+            max_length = _length_limit(conn)
+            await self.give_back_writer(fairy, exc)
+            if isinstance(exc, Exception):
+                self._file.check(exc, (len(events), len(snapshots)))
+            failure = classify_write_failure(
+                exc, committing=committing, dialect="sqlite", max_length=max_length
+            )
+            if failure is exc:
+                raise
+            raise failure from exc
+        await self.give_back_writer(fairy, None)
+        if self._reader is None and self._share_reader and not self._closed:
+            await self._keep_wal()
+        if how is not None:
+            self._file.check(None, (len(events), len(snapshots)), how)
+
+    async def _commit(
+        self, conn: Any, sql: str, params: Sequence[Any], wal: FileId | None
+    ) -> str | None:
+        """Run the statement that commits, then look at the file: both on the driver's thread.
+
+        Returns how the path stopped naming the journal's file, if it did (see
+        :meth:`DatabaseFile.changed <casty_sa.backends.sqlite_file.DatabaseFile.changed>`:
+        two ``stat`` calls). Looked at from the loop's thread
+        instead, right after the driver's thread finished, each ``stat`` hands the
+        GIL back and forth between the two threads: about 30 µs a write at
+        ``synchronous=FULL``, against a few µs here. (aiosqlite's ``_execute`` runs
+        a function on its thread; ``execute`` is the same call with a cursor.) ``wal``:
+        the ``-wal`` the connection opened, if recorded.
+        """
+        return await conn._execute(  # type: ignore[no-any-return]
+            run_and_look, conn._conn, sql, params, self._file.changed, wal
+        )
+
+    async def _keep_wal(self) -> None:
+        """Open the shared reader after the first write, if no read opened it yet.
+
+        While it is open SQLite never deletes the ``-wal``, which makes the ``-wal``
+        checkable (see :class:`~casty_sa.backends.sqlite_file.DatabaseFile`). Not at
+        start: a file system that is read-only then would leave the reader unable to
+        see a writable file later. The write is committed: failing to open the reader
+        only leaves this to the next read.
+        """
+        with contextlib.suppress(Exception):
+            await self._open_reader()
+
+    async def _write_transaction(
+        self, conn: Any, events: Sequence[Row], snapshots: Sequence[Row]
+    ) -> None:
+        """The rows of a transaction, up to (not including) its COMMIT; rolled back on failure."""
+        try:
+            if not self._autocommit:  # the driver begins the transaction on its own
+                if events:
+                    await conn.executemany(self._insert, events)
+                if snapshots:
+                    await conn.executemany(self._upsert, snapshots)
+                return
+            # inside the try: a caller cancelled while BEGIN is queued on the driver's thread
+            # must still queue the ROLLBACK behind it, or the connection stays in a transaction
+            await conn.execute("BEGIN IMMEDIATE")
+            for start in range(0, len(events), _SQLITE_MAX_ROWS):
+                chunk = events[start : start + _SQLITE_MAX_ROWS]
+                await conn.execute(_multi_row(self._insert, len(chunk)), _flat(chunk))
+            for start in range(0, len(snapshots), _SQLITE_MAX_ROWS):
+                chunk = snapshots[start : start + _SQLITE_MAX_ROWS]
+                await conn.execute(_multi_row(self._upsert, len(chunk)), _flat(chunk))
+        except BaseException:
+            await quietly(conn.execute("ROLLBACK") if self._autocommit else conn.rollback())
+            raise
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def fetch_events(self, entity_id: str, from_nr: int) -> list[Stored]:
+        return await self._read(self._load_events, (entity_id, from_nr))
+
+    async def fetch_snapshot(self, entity_id: str) -> Stored | None:
+        rows = await self._read(self._load_snapshot, (entity_id,))
+        return tuple(rows[0]) if rows else None
+
+    async def min_stored(self, entity_id: str, low: int, high: int) -> int | None:
+        rows = await self._read(self._min_stored, (entity_id, low, high))
+        return rows[0][0] if rows else None
+
+    async def _fetch_events_batch(
+        self, keys: Sequence[tuple[str, int]]
+    ) -> Sequence[tuple[int, int, bytes, float]]:
+        return await self._read(self._load_events_batch, (json.dumps(keys, ensure_ascii=False),))
+
+    async def _fetch_snapshots_batch(
+        self, entity_ids: Sequence[str]
+    ) -> Sequence[tuple[int, int, bytes, float]]:
+        ids = json.dumps(entity_ids, ensure_ascii=False)
+        return await self._read(self._load_snapshots_batch, (ids,))
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        """Rows of one query, on the shared reader (or a pooled connection elsewhere)."""
+        self._file.check_kept()
+        try:
+            return await self._query(sql, params)
+        except Exception as exc:
+            # a read that failed may have met a file recreated at the path; a read that
+            # worked answered from the file the journal wrote, so it needs no stat (one
+            # costs ~10 µs on the loop, as the driver's thread takes the GIL meanwhile)
+            self._file.check(exc, None)
+            raise
+
+    async def _query(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        if not self._share_reader:
+            async with self.connection() as conn:
+                return list(await conn.execute_fetchall(sql, params))
+        reader = self._reader or await self._open_reader()
+        try:
+            return list(await reader[1].execute_fetchall(sql, params))
+        except BaseException as exc:
+            if self.is_disconnect(exc) and self._reader is reader:
+                self._reader = None  # the next read opens a fresh one
+                self._file.forget_wal()  # which records the -wal's identity anew
+                await quietly(greenlet_spawn(reader[0].close))
+            raise
+
+    async def _open_reader(self) -> tuple[Any, Any]:
+        if self._closed:
+            raise JournalClosed()
+        return await self._reader_opening()
+
+    async def _open_reader_once(self) -> tuple[Any, Any]:
+        fairy = await self._engine.raw_connection()
+        driver = fairy.driver_connection
+        await greenlet_spawn(fairy.detach)  # ours until close(), not the pool's
+        self._reader = (fairy, driver)
+        self._file.note_wal()
+        return self._reader  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        self._closed = True
+        self._file.unwatch(self._engine.sync_engine)
+        await super().close()
+        await self._reader_opening.settled()  # a reader being opened is the pool's until then
+        reader, self._reader = self._reader, None
+        self._file.forget_wal()
+        if reader is not None:
+            await quietly(greenlet_spawn(reader[0].close))
+
+
+def _length_limit(driver_connection: Any) -> int:
+    """SQLITE_LIMIT_LENGTH of the connection (aiosqlite's sqlite3 connection), in bytes."""
+    try:  # aiosqlite's _conn raises ValueError once the connection is closed
+        return int(driver_connection._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH))
+    except (AttributeError, sqlite3.Error, TypeError, ValueError):
+        return _SQLITE_MAX_LENGTH
+
+
+@functools.lru_cache(maxsize=256)
+def _multi_row(statement: str, rows: int) -> str:
+    """``statement`` (one row of ``VALUES``) rewritten for ``rows`` rows."""
+    head, sep, tail = statement.partition(_ONE_ROW)
+    if not sep or _ONE_ROW in tail:
+        raise AssertionError(f"unexpected statement shape: {statement}")
+    return head + "VALUES " + ", ".join(["(?, ?, ?, ?)"] * rows) + tail
+
+
+def _flat(rows: Sequence[Row]) -> list[Any]:
+    return [value for row in rows for value in row]
+
+
+_TIMESTAMP = operator.itemgetter(2)
+
+
+def _keep_negative_zero(rows: Sequence[Row]) -> Sequence[Row]:
+    """``rows`` with a ``-0.0`` timestamp as SQLite keeps it (rare: a copy only then)."""
+    if 0.0 not in map(_TIMESTAMP, rows):  # -0.0 == 0.0; a scan in C, no copy
+        return rows
+    return [
+        (row[0], row[1], SQLITE_NEGATIVE_ZERO, row[3]) if is_negative_zero(row[2]) else row  # type: ignore[misc]
+        for row in rows
+    ]
