@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from sqlalchemy import BigInteger, Dialect, Double, LargeBinary, MetaData, String, Table
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.schema import SchemaConst
 from sqlalchemy.types import TypeDecorator
@@ -37,6 +38,7 @@ __all__ = [
     "Timestamp",
     "journal_tables",
     "metadata",
+    "newer_snapshot_wins",
 ]
 
 #: Longest entity id, in characters. 512 characters of UTF-8 stay under
@@ -166,3 +168,40 @@ def journal_tables(schema: str | None = None) -> tuple[Table, Table]:
     for table in (events, snapshots):
         table.c.timestamp.type = Timestamp()
     return events, snapshots
+
+
+def newer_snapshot_wins(
+    insert: postgresql.Insert | sqlite.Insert, table: Table, *, replace_equal: bool
+) -> postgresql.Insert | sqlite.Insert:
+    """``insert`` (the dialect's ``INSERT`` into a snapshots ``table``) that never moves back.
+
+    An entity keeps one snapshot. A row for an entity that already has one
+    replaces it only when its sequence number is higher, so a late write from a
+    deposed node never moves recovery backwards. At an equal sequence number the
+    two writers disagree on purpose, and this is the one place that says so:
+
+    - the journal (``replace_equal=True``): the latest ``save_snapshot`` wins, as
+      casty's own journals do; both snapshots stand for the same events;
+    - a copy (``replace_equal=False``, ``casty-sa import``/``export``): what the
+      target already holds is never rewritten, so running a copy again changes
+      nothing and reports nothing copied.
+
+    Examples
+    --------
+    >>> from sqlalchemy.dialects import sqlite
+    >>> snapshots = journal_tables(None)[1]
+    >>> statement = newer_snapshot_wins(sqlite.insert(snapshots), snapshots, replace_equal=False)
+    >>> str(statement.compile(dialect=sqlite.dialect())).split("WHERE ")[1]
+    'excluded.sequence_nr > casty_sa_snapshots.sequence_nr'
+    """
+    excluded = insert.excluded
+    newer = (
+        excluded.sequence_nr >= table.c.sequence_nr
+        if replace_equal
+        else excluded.sequence_nr > table.c.sequence_nr
+    )
+    updated = {column.name: excluded[column.name] for column in table.c if not column.primary_key}
+    upsert: postgresql.Insert | sqlite.Insert = insert.on_conflict_do_update(
+        index_elements=[table.c.entity_id], set_=updated, where=newer
+    )
+    return upsert

@@ -25,7 +25,7 @@ from sqlalchemy.sql.compiler import Compiled
 
 from casty_sa.codec import Row, Stored
 from casty_sa.engine import Timeouts
-from casty_sa.models import journal_tables
+from casty_sa.models import journal_tables, newer_snapshot_wins
 
 __all__ = ["Backend", "BackendSettings", "latest_per_entity", "quietly"]
 
@@ -224,14 +224,7 @@ class Backend(ABC):
 
     def _newer_snapshot_wins(self, upsert: Any) -> str:
         """``upsert`` (the dialect's ``INSERT``) made to replace only an older snapshot."""
-        return self._compile(
-            upsert.on_conflict_do_update(
-                index_elements=[self.snapshots.c.entity_id],
-                set_={k: upsert.excluded[k] for k in ("sequence_nr", "timestamp", "payload")},
-                # tie rule: a snapshot at the stored one's sequence number replaces it (>=)
-                where=upsert.excluded.sequence_nr >= self.snapshots.c.sequence_nr,
-            )
-        )
+        return self._compile(newer_snapshot_wins(upsert, self.snapshots, replace_equal=True))
 
     def _events_of_keys(self, keys: Any, number: Any, entity_id: Any, from_nr: Any) -> str:
         """The events of every ``(entity_id, from_nr)`` row of ``keys``, led by its ``number``."""

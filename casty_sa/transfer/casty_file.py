@@ -24,13 +24,34 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import BigInteger, Column, Double, LargeBinary, MetaData, Table, Text
+from sqlalchemy.dialects import sqlite
+
 from casty_sa.batching import row_bytes
 from casty_sa.errors import InvalidEventError, JournalError
 from casty_sa.migrate import CASTY_EVENT_COLUMNS, CASTY_SNAPSHOT_COLUMNS
+from casty_sa.models import newer_snapshot_wins
 from casty_sa.transfer.endpoint import LOOKUP_CHUNK, chunks
 from casty_sa.transfer.values import EntityStats, JournalStats, Row
 
 __all__ = ["CastyFile", "JournalFileError"]
+
+#: casty's ``snapshots`` table, in the column order rows are written in
+_CASTY_SNAPSHOTS = Table(
+    "snapshots",
+    MetaData(),
+    Column("entity_id", Text, primary_key=True),
+    Column("sequence_nr", BigInteger),
+    Column("state_data", LargeBinary),
+    Column("timestamp", Double),
+)
+#: a snapshot the file holds is replaced only by a newer one (never at a tie: a copy
+#: never rewrites what the target holds)
+_UPSERT_SNAPSHOTS = str(
+    newer_snapshot_wins(
+        sqlite.insert(_CASTY_SNAPSHOTS), _CASTY_SNAPSHOTS, replace_equal=False
+    ).compile(dialect=sqlite.dialect())
+)
 
 log = logging.getLogger(__package__)  # the package's one logger, "casty_sa.transfer"
 
@@ -236,15 +257,7 @@ class CastyFile:
 
     async def write_snapshots(self, rows: Sequence[Row]) -> int:
         """Insert snapshots, or advance those with a lower sequence number; return how many."""
-        # tie rule `>`: a snapshot at the same sequence number keeps the stored one
-        return await asyncio.to_thread(
-            self._write,
-            "INSERT INTO snapshots (entity_id, sequence_nr, state_data, timestamp) "
-            "VALUES (?, ?, ?, ?) ON CONFLICT (entity_id) DO UPDATE SET "
-            "sequence_nr = excluded.sequence_nr, state_data = excluded.state_data, "
-            "timestamp = excluded.timestamp WHERE excluded.sequence_nr > snapshots.sequence_nr",
-            rows,
-        )
+        return await asyncio.to_thread(self._write, _UPSERT_SNAPSHOTS, rows)
 
     def _write(self, sql: str, rows: Sequence[Row]) -> int:
         """Run an insert over ``rows`` in one transaction; return the rows it changed."""

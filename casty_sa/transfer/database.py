@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from casty_sa.batching import ROW_OVERHEAD
 from casty_sa.engine import bind_schema, read_only
 from casty_sa.migrate import checked_engine
-from casty_sa.models import journal_tables
+from casty_sa.models import journal_tables, newer_snapshot_wins
 from casty_sa.transfer.endpoint import LOOKUP_CHUNK, chunks
 from casty_sa.transfer.sqlite_paths import require_existing_database
 from casty_sa.transfer.values import EntityStats, JournalStats, Row
@@ -51,16 +51,8 @@ class JournalDatabase:
         self._insert_events = events.on_conflict_do_nothing(
             index_elements=[_events.c.entity_id, _events.c.sequence_nr]
         ).returning(_events.c.sequence_nr)
-        snapshots = insert(_snapshots)
-        self._upsert_snapshots = snapshots.on_conflict_do_update(
-            index_elements=[_snapshots.c.entity_id],
-            set_={
-                "sequence_nr": snapshots.excluded.sequence_nr,
-                "timestamp": snapshots.excluded.timestamp,
-                "payload": snapshots.excluded.payload,
-            },
-            # tie rule `>`: a snapshot at the same sequence number keeps the stored one
-            where=snapshots.excluded.sequence_nr > _snapshots.c.sequence_nr,
+        self._upsert_snapshots = newer_snapshot_wins(
+            insert(_snapshots), _snapshots, replace_equal=False
         ).returning(_snapshots.c.entity_id)
 
     @classmethod
