@@ -38,9 +38,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from casty_sa.calls import Inflight
 from casty_sa.errors import JournalClosed
 
-__all__ = ["DEFAULT_MAX_BATCH_BYTES", "GroupCommitter", "WriteRequest", "row_bytes"]
+__all__ = ["DEFAULT_MAX_BATCH_BYTES", "GroupCommitter", "OneByOne", "WriteRequest", "row_bytes"]
 
 log = logging.getLogger("casty_sa.batching")
 
@@ -332,3 +333,30 @@ def _settle(request: WriteRequest, outcome: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(outcome)
+
+
+class OneByOne:
+    """The committer of a journal without group commit: every call its own transaction.
+
+    The write runs in a task a cancelled caller cannot cut short (see
+    :class:`~casty_sa.calls.Inflight`), which ``close()`` then waits for.
+    """
+
+    __slots__ = ("_inflight", "_write")
+
+    def __init__(self, write: GroupWriter, inflight: Inflight) -> None:
+        self._write = write
+        self._inflight = inflight
+
+    async def submit(self, request: WriteRequest) -> None:
+        """Write ``request`` alone and return once it is committed (or raise its error)."""
+        outcome = (await self._inflight.shielded(_one(self._write, request)))[0]
+        if outcome is not None:
+            raise outcome
+
+    async def close(self) -> None:
+        """Nothing queues here: the writes under way are the journal's inflight tasks."""
+
+
+async def _one(write: GroupWriter, request: WriteRequest) -> list[BaseException | None]:
+    return await write([request])

@@ -36,6 +36,7 @@ __all__ = [
     "decode_snapshot",
     "encode_events",
     "encode_snapshot",
+    "load_key",
 ]
 
 #: Highest sequence number a 64-bit signed column holds.
@@ -81,6 +82,18 @@ def check_sequence_nr(entity_id: str, seq: object) -> int:
             f"{MAX_SEQUENCE_NR}; nothing was stored"
         )
     return seq
+
+
+def load_key(entity_id: str, from_sequence_nr: int) -> tuple[str, int] | None:
+    """The key a ``load`` reads by; ``None`` when no event can be stored from there on."""
+    check_entity_id(entity_id)
+    if type(from_sequence_nr) is not int:
+        raise InvalidEventError(
+            f"from_sequence_nr must be an int, not {type(from_sequence_nr).__name__}"
+        )
+    if from_sequence_nr > MAX_SEQUENCE_NR:
+        return None
+    return (entity_id, max(from_sequence_nr, 0))
 
 
 def _check_timestamp(entity_id: str, seq: int, timestamp: object) -> float:

@@ -10,7 +10,6 @@ rows in :mod:`casty_sa.codec`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import pickle
@@ -24,9 +23,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from casty_sa import migrate as migrations
 from casty_sa.backends import Backend, backend_for
-from casty_sa.batching import DEFAULT_MAX_BATCH_BYTES, GroupCommitter, WriteRequest
-from casty_sa.calls import Inflight, copy_error
-from casty_sa.coalescing import ReadCoalescer, SharedAttempt
+from casty_sa.batching import DEFAULT_MAX_BATCH_BYTES, GroupCommitter, OneByOne, WriteRequest
+from casty_sa.calls import Inflight
+from casty_sa.coalescing import ReadCoalescer
 from casty_sa.codec import (
     MAX_SEQUENCE_NR,
     check_entity_id,
@@ -34,10 +33,11 @@ from casty_sa.codec import (
     decode_snapshot,
     encode_events,
     encode_snapshot,
+    load_key,
 )
 from casty_sa.diagnosis import Diagnosis
 from casty_sa.engine import open_journal_engine
-from casty_sa.errors import InvalidEventError, JournalClosed, JournalError
+from casty_sa.lifecycle import Lifecycle
 from casty_sa.reads import RetryingReader
 from casty_sa.urls import kind_of, safe_url, url_secrets
 from casty_sa.writer import Writer
@@ -116,24 +116,17 @@ class SAJournal:
         reads are not retried once the budget is spent.
 
     **engine_options
-        Passed to ``create_async_engine`` (``pool_size``, ``echo``, …). The
-        journal's own reads and writes run on the raw driver connection, so
-        ``echo``, ``before_cursor_execute`` listeners and SQLAlchemy
-        instrumentation (OpenTelemetry, Sentry) see the schema check and
-        migrations, not those statements.
+        Passed to ``create_async_engine`` (``pool_size``, ``echo``, …). ``echo``
+        and SQLAlchemy instrumentation (OpenTelemetry, Sentry) see the schema
+        check and migrations; reads and writes run on the raw driver connection.
 
     Notes
     -----
-    ``busy_timeout`` and ``sqlite_synchronous`` apply when casty-sa creates the
-    engine from a URL. With an application's PostgreSQL engine,
-    ``connect_timeout`` and ``statement_timeout`` are the journal's own budget
-    (default 10 and 30 s, whatever the engine's ``connect_args``, which cannot
-    be read back reliably): every statement of the journal carries the
-    statement timeout, and pings and retries are bounded as above; opening a
-    connection is bounded by the engine's own ``timeout`` connect argument, so
-    set it too. With an application's SQLite engine, the journal does not hold
-    a connection of its own, so it cannot tell that the ``-wal`` file was
-    deleted under it (see :class:`~casty_sa.errors.DatabaseFileReplaced`).
+    With an application's engine, ``busy_timeout`` and ``sqlite_synchronous`` do
+    not apply, ``connect_timeout`` and ``statement_timeout`` are the journal's
+    own budget (the engine's cannot be read back; see the configuration page),
+    and on SQLite a deleted ``-wal`` file goes unnoticed
+    (:class:`~casty_sa.errors.DatabaseFileReplaced`).
 
     Examples
     --------
@@ -191,9 +184,8 @@ class SAJournal:
         )
         # a call's budget, end to end (PostgreSQL; SQLite's calls wait at most busy_timeout)
         budget = None if timeouts is None else timeouts.budget
-        self._closed = False
-        self._closing: asyncio.Task[None] | None = None
         self._inflight = Inflight()
+        self._life = Lifecycle(self._ensure_schema, self._close, self._inflight, name="casty_sa")
         self._reads = RetryingReader(
             self._backend,
             self._diagnosis,
@@ -201,21 +193,15 @@ class SAJournal:
             retries=read_retries,
             backoff=retry_backoff,
             budget=budget,
-            closed=lambda: self._closed,
+            closed=lambda: self._life.closed,
         )
         self._writer = Writer(self._backend, self._diagnosis, self._reads, budget=budget)
-        self._committer = (
+        self._committer: GroupCommitter | OneByOne = (
             _committer(self._backend, self._writer, max_batch_events, max_batch_bytes, max_pending)
             if group_commit
-            else None
-        )
-        self._ready = False
-        self._starting = SharedAttempt(
-            self._start_once, "casty_sa-start", track=self._inflight.track
+            else OneByOne(self._writer.write_group, self._inflight)
         )
         self._event_reads, self._snapshot_reads = _coalescers(self._backend, self._inflight)
-
-    # -- public face -------------------------------------------------------------------------
 
     @property
     def kind(self) -> JournalKind:
@@ -256,25 +242,7 @@ class SAJournal:
         DatabaseUnavailable
             The database cannot be reached.
         """
-        if self._closed:
-            raise JournalClosed()
-        if self._ready:
-            return
-        try:
-            # the first call, or the attempt before this one failed: try (again). Callers
-            # that come while it runs share its outcome instead of queueing up for attempts
-            # of their own, one after another, against a database that does not answer; a
-            # caller cancelled half-way never leaves a migration (or the transaction that
-            # reads the revision) cut in two.
-            await self._starting()
-        except JournalError as exc:
-            raise copy_error(exc) from exc.__cause__  # each caller its own traceback
-        if self._closed:  # close() ran while this call waited for the schema check
-            raise JournalClosed("this SAJournal was closed while the call started")
-
-    async def _start_once(self) -> None:
-        await self._ensure_schema()
-        self._ready = True
+        await self._life.start()
 
     async def close(self) -> None:
         """Finish queued writes, then release the engine if the journal created it.
@@ -282,16 +250,10 @@ class SAJournal:
         Safe to call again, also after a ``close()`` that was cancelled half-way:
         the closing runs in a task of its own, which every call waits for.
         """
-        if self._closing is None:
-            self._closed = True
-            self._closing = asyncio.get_running_loop().create_task(
-                self._close(), name="casty_sa-close"
-            )
-        await asyncio.shield(self._closing)
+        await self._life.close()
 
     async def _close(self) -> None:
-        if self._committer is not None:
-            await self._committer.close()
+        await self._committer.close()
         # reads already under way finish (new ones are refused by start()), those waiting
         # for the backend's reader too
         await self._backend.reads_settled()
@@ -339,19 +301,12 @@ class SAJournal:
         PayloadDecodeError
             A stored event could not be deserialized (names its sequence number).
         """
-        check_entity_id(entity_id)
-        if type(from_sequence_nr) is not int:
-            raise InvalidEventError(
-                f"from_sequence_nr must be an int, not {type(from_sequence_nr).__name__}"
-            )
-        if from_sequence_nr > MAX_SEQUENCE_NR:
-            return []
+        key = load_key(entity_id, from_sequence_nr)
+        if key is None:
+            return []  # beyond any sequence number a column holds
         await self.start()
         rows = await self._reads.read(
-            self._event_reads.get,
-            ((entity_id, max(from_sequence_nr, 0)),),
-            f"load events of {entity_id!r}",
-            in_task=True,
+            self._event_reads.get, (key,), f"load events of {entity_id!r}", in_task=True
         )
         return decode_events(entity_id, rows, self._deserialize)
 
@@ -378,12 +333,7 @@ class SAJournal:
 
     async def _submit(self, request: WriteRequest) -> None:
         await self.start()
-        if self._committer is not None:
-            await self._committer.submit(request)
-            return
-        outcome = (await self._inflight.shielded(self._writer.write_group([request])))[0]
-        if outcome is not None:
-            raise outcome
+        await self._committer.submit(request)
 
     async def _ensure_schema(self) -> None:
         await migrations.ensure_schema(
