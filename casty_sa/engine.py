@@ -39,12 +39,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import StaticPool
 
 from casty_sa.errors import UnsupportedDatabase
-from casty_sa.urls import (
-    DEFAULT_APPLICATION_NAME,
-    is_memory_sqlite,
-    postgres_options,
-    to_async_url,
-)
+from casty_sa.libpq import DEFAULT_APPLICATION_NAME, postgres_options
+from casty_sa.urls import is_memory_sqlite, to_async_url
 
 __all__ = [
     "AUTOCOMMIT_ENGINES",
@@ -119,7 +115,7 @@ def build_engine(
     ``connect_timeout`` and ``statement_timeout`` left ``None`` come from the
     URL (``?connect_timeout=``, ``?options=-c statement_timeout=``), else
     default to 10 and 30 seconds; the URL's libpq parameters are translated by
-    :func:`casty_sa.urls.postgres_options`.
+    :func:`casty_sa.libpq.postgres_options`.
 
     Returns
     -------

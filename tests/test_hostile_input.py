@@ -42,6 +42,7 @@ from casty_sa import (
     SchemaError,
     SequenceConflict,
     UnsupportedDatabase,
+    libpq,
     urls,
 )
 
@@ -548,7 +549,7 @@ def test_libpq_options_asyncpg_cannot_honour_are_refused_by_name(query: str, nam
 
 
 def test_libpq_options_are_translated_for_asyncpg() -> None:
-    options = urls.postgres_options(
+    options = libpq.postgres_options(
         make_url(
             "postgresql://app@db/bank?sslmode=verify-full&sslrootcert=/etc/ca.pem"
             "&application_name=billing&connect_timeout=3&statement_cache_size=0"
