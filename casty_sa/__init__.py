@@ -28,7 +28,7 @@ from casty_sa.errors import (
     UnsupportedDatabase,
 )
 from casty_sa.journal import MAX_SEQUENCE_NR, SAJournal
-from casty_sa.migrate import current, downgrade, exclude_journal_tables, head_revision, upgrade
+from casty_sa.migrate import current, downgrade, upgrade
 from casty_sa.models import (
     MAX_ENTITY_ID_LENGTH,
     NAMING_CONVENTION,
@@ -39,6 +39,7 @@ from casty_sa.models import (
     metadata,
 )
 from casty_sa.replication import LocalReplication
+from casty_sa.revisions import exclude_journal_tables, head_revision
 from casty_sa.serializers import JsonSerializer, SerializationError, UnknownTypeError
 
 __all__ = [

@@ -1,7 +1,7 @@
 """What a failed database call means, in casty-sa's errors: the one place that decides.
 
-The journal, the migrations (:mod:`casty_sa.migrate`) and the CLI's reads of
-the schema revision turn a driver's or SQLAlchemy's exception into a
+The journal, the migrations (:mod:`casty_sa.migrate`) and the reads of the
+schema revision (:mod:`casty_sa.revisions`) turn a driver's or SQLAlchemy's exception into a
 :class:`~casty_sa.errors.JournalError` here, so a refused login is
 :class:`~casty_sa.errors.DatabaseAccessDenied` whichever of them met it, and
 no message ever carries a password.
@@ -16,7 +16,8 @@ from sqlalchemy import URL
 from sqlalchemy.exc import DBAPIError
 
 from casty_sa.errors import DatabaseAccessDenied, DatabaseUnavailable, JournalError, SchemaError
-from casty_sa.urls import is_memory_sqlite, mask_secrets, safe_url
+from casty_sa.models import VERSION_TABLE
+from casty_sa.urls import is_memory_sqlite, mask_secrets, safe_url, url_secrets
 
 __all__ = [
     "Diagnosis",
@@ -24,6 +25,7 @@ __all__ = [
     "database_error",
     "describe",
     "is_schema_mismatch",
+    "migration_error",
     "sqlstate",
     "upgrade_hint",
 ]
@@ -248,3 +250,26 @@ class Diagnosis:
     def error(self, exc: BaseException, what: str) -> JournalError:
         """casty-sa's error for a failed call (see :func:`database_error`)."""
         return database_error(exc, self.url, what, secrets=self.secrets, schema=self.schema)
+
+
+def migration_error(exc: BaseException, url: URL, what: str) -> JournalError:
+    """casty-sa's error for a failed Alembic command: no DDL, no password in it.
+
+    A role without DDL rights gets a ``SchemaError`` saying which rights the
+    migrations and the journal need; a refusal is ``DatabaseAccessDenied``,
+    anything else ``DatabaseUnavailable``.
+    """
+    secrets = url_secrets(url)
+    text = describe(exc, secrets)
+    if sqlstate(exc) == "42501" or "permission denied" in text or "must be owner" in text:
+        return SchemaError(
+            f"the role connecting to {safe_url(url)} may not change casty-sa's tables "
+            f"({text}). Run the migrations (`casty-sa upgrade`) with a DDL-capable role, "
+            "such as the owner of the database or schema; the journal itself needs only "
+            "SELECT and INSERT on casty_sa_events, SELECT, INSERT and UPDATE on "
+            f"casty_sa_snapshots, and SELECT on {VERSION_TABLE}. Nothing was changed."
+        )
+    # a refused login, a missing database or directory: not transient, whoever met it
+    return access_denied(exc, url, what, secrets) or DatabaseUnavailable(
+        f"could not {what} on {safe_url(url)}: {text}"
+    )

@@ -39,12 +39,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import StaticPool
 
 from casty_sa.errors import UnsupportedDatabase
-from casty_sa.urls import (
-    DEFAULT_APPLICATION_NAME,
-    is_memory_sqlite,
-    postgres_options,
-    to_async_url,
-)
+from casty_sa.libpq import DEFAULT_APPLICATION_NAME, postgres_options
+from casty_sa.urls import is_memory_sqlite, to_async_url
 
 __all__ = [
     "AUTOCOMMIT_ENGINES",
@@ -119,7 +115,7 @@ def build_engine(
     ``connect_timeout`` and ``statement_timeout`` left ``None`` come from the
     URL (``?connect_timeout=``, ``?options=-c statement_timeout=``), else
     default to 10 and 30 seconds; the URL's libpq parameters are translated by
-    :func:`casty_sa.urls.postgres_options`.
+    :func:`casty_sa.libpq.postgres_options`.
 
     Returns
     -------
@@ -135,58 +131,78 @@ def build_engine(
     options = dict(engine_options)
     user_connect_args = dict(options.pop("connect_args", {}))
     if url.get_backend_name() == "sqlite":
-        synchronous = sqlite_synchronous.upper()
-        if synchronous not in SQLITE_SYNCHRONOUS:
-            raise ValueError(
-                f"sqlite_synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}, "
-                f"not {sqlite_synchronous!r}"
-            )
-        memory = is_memory_sqlite(url)
-        # autocommit at the driver: pysqlite opens no transaction behind our back; writes
-        # are single statements or explicit BEGIN IMMEDIATE transactions (never a read
-        # lock upgraded to a write lock, the source of "database is locked" deadlocks)
-        connect_args: dict[str, Any] = {"isolation_level": None, "timeout": busy_timeout}
-        # A fixed set of connections: SQLite allows one writer at a time anyway, and
-        # opening and closing overflow connections (a thread and pragmas each) costs more
-        # than waiting for a pooled one.
-        defaults: dict[str, Any] = {}
-        if memory:
-            defaults["poolclass"] = StaticPool
-        else:
-            defaults.update(pool_size=5, max_overflow=0)
-        final_connect_args = {**connect_args, **user_connect_args}
-        engine = create_async_engine(
-            url, connect_args=final_connect_args, **{**defaults, **options}
-        )
-        if final_connect_args.get("isolation_level", "") is None:
-            AUTOCOMMIT_ENGINES.add(engine.sync_engine)
-
-            @event.listens_for(engine.sync_engine, "begin")
-            def _begin_immediate(connection: Any) -> None:
-                # SQLAlchemy-level transactions (sessions, migrations) are real ones; those
-                # that only read take no write lock (WAL readers never wait for writers)
-                if connection.get_execution_options().get(READ_ONLY):
-                    connection.exec_driver_sql("BEGIN DEFERRED")
-                else:
-                    connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-        busy_ms = int(busy_timeout * 1000)
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            try:
-                if not memory:
-                    cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute(f"PRAGMA synchronous={synchronous}")
-                cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-            finally:
-                cursor.close()
-
+        engine = _sqlite_engine(url, busy_timeout, sqlite_synchronous, options, user_connect_args)
         return engine, None
+    return _postgresql_engine(url, connect_timeout, statement_timeout, options, user_connect_args)
+
+
+def _sqlite_engine(
+    url: URL,
+    busy_timeout: float,
+    sqlite_synchronous: str,
+    options: dict[str, Any],
+    user_connect_args: dict[str, Any],
+) -> AsyncEngine:
+    """A SQLite engine: WAL, ``synchronous``, busy timeout, ``BEGIN IMMEDIATE`` writes."""
+    synchronous = sqlite_synchronous.upper()
+    if synchronous not in SQLITE_SYNCHRONOUS:
+        raise ValueError(
+            f"sqlite_synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}, "
+            f"not {sqlite_synchronous!r}"
+        )
+    memory = is_memory_sqlite(url)
+    # autocommit at the driver: pysqlite opens no transaction behind our back; writes
+    # are single statements or explicit BEGIN IMMEDIATE transactions (never a read
+    # lock upgraded to a write lock, the source of "database is locked" deadlocks)
+    connect_args: dict[str, Any] = {"isolation_level": None, "timeout": busy_timeout}
+    # A fixed set of connections: SQLite allows one writer at a time anyway, and
+    # opening and closing overflow connections (a thread and pragmas each) costs more
+    # than waiting for a pooled one.
+    defaults: dict[str, Any] = {}
+    if memory:
+        defaults["poolclass"] = StaticPool
+    else:
+        defaults.update(pool_size=5, max_overflow=0)
+    final_connect_args = {**connect_args, **user_connect_args}
+    engine = create_async_engine(url, connect_args=final_connect_args, **{**defaults, **options})
+    if final_connect_args.get("isolation_level", "") is None:
+        AUTOCOMMIT_ENGINES.add(engine.sync_engine)
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _begin_immediate(connection: Any) -> None:
+            # SQLAlchemy-level transactions (sessions, migrations) are real ones; those
+            # that only read take no write lock (WAL readers never wait for writers)
+            if connection.get_execution_options().get(READ_ONLY):
+                connection.exec_driver_sql("BEGIN DEFERRED")
+            else:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    busy_ms = int(busy_timeout * 1000)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            if not memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+        finally:
+            cursor.close()
+
+    return engine
+
+
+def _postgresql_engine(
+    url: URL,
+    connect_timeout: float | None,
+    statement_timeout: float | None,
+    options: dict[str, Any],
+    user_connect_args: dict[str, Any],
+) -> tuple[AsyncEngine, Timeouts]:
+    """An asyncpg engine: the URL's libpq parameters translated, timeouts, a fixed pool."""
     # libpq parameters of the URL (sslmode=, application_name=, …), in asyncpg's terms
     libpq = postgres_options(url)
-    url = libpq.url
     # an explicit argument wins over the URL, which wins over the defaults
     if connect_timeout is None:
         connect_timeout = libpq.connect_timeout or DEFAULT_CONNECT_TIMEOUT
@@ -212,7 +228,9 @@ def build_engine(
     # (BEGIN, SELECT, ROLLBACK), more than the journal's own statement.
     defaults = {"pool_size": 10, "max_overflow": 0}
     final_connect_args = {**connect_args, **user_connect_args}
-    engine = create_async_engine(url, connect_args=final_connect_args, **{**defaults, **options})
+    engine = create_async_engine(
+        libpq.url, connect_args=final_connect_args, **{**defaults, **options}
+    )
     timeouts = Timeouts(
         float(final_connect_args["timeout"]), float(final_connect_args["command_timeout"])
     )

@@ -21,7 +21,6 @@ from casty import JournalKind, PersistedEvent, Snapshot
 from sqlalchemy import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-from casty_sa import migrate as migrations
 from casty_sa.backends import Backend, backend_for
 from casty_sa.batching import DEFAULT_MAX_BATCH_BYTES, GroupCommitter, OneByOne, WriteRequest
 from casty_sa.calls import Inflight
@@ -38,6 +37,7 @@ from casty_sa.codec import (
 from casty_sa.diagnosis import Diagnosis
 from casty_sa.engine import open_journal_engine
 from casty_sa.lifecycle import Lifecycle
+from casty_sa.migrate import check_schema, ensure_schema
 from casty_sa.reads import RetryingReader
 from casty_sa.urls import kind_of, safe_url, url_secrets
 from casty_sa.writer import Writer
@@ -167,7 +167,7 @@ class SAJournal:
             url, engine_options, budget=(connect_timeout, statement_timeout)
         )
         self._url = self._engine.url
-        migrations.check_schema(self._engine.dialect.name, schema)
+        check_schema(self._engine.dialect.name, schema)
         self._schema = schema
         self._kind = kind if kind is not None else kind_of(self._url)
         self._serialize = serialize
@@ -336,7 +336,7 @@ class SAJournal:
         await self._committer.submit(request)
 
     async def _ensure_schema(self) -> None:
-        await migrations.ensure_schema(
+        await ensure_schema(
             self._engine,
             schema=self._schema,
             migrate=self._migrate,

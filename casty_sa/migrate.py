@@ -1,10 +1,11 @@
-"""Run casty-sa's Alembic migrations from code.
+"""Run casty-sa's Alembic migrations from code: the commands, and the journal's schema check.
 
 The migrations live in the top-level ``migrations/`` folder of a checkout and
-ship inside the wheel as ``casty_sa/migrations``; :func:`script_location`
-finds whichever is there. casty-sa keeps its own version table
-(:data:`casty_sa.models.VERSION_TABLE`), so an application's ``alembic_version``
-in the same database is never touched.
+ship inside the wheel as ``casty_sa/migrations`` (see
+:func:`casty_sa.revisions.script_location`). casty-sa keeps its own version
+table (:data:`casty_sa.models.VERSION_TABLE`), so an application's
+``alembic_version`` in the same database is never touched. What a database is
+at, and the revisions there are, is :mod:`casty_sa.revisions`.
 
 Examples
 --------
@@ -21,23 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from pathlib import Path
 from typing import Any, TextIO
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import URL, Connection, inspect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from casty_sa.diagnosis import access_denied, database_error, describe, sqlstate, upgrade_hint
+from casty_sa.diagnosis import database_error, migration_error
 from casty_sa.engine import (
     AUTOCOMMIT_ENGINES,
     bind_schema,
@@ -45,182 +42,36 @@ from casty_sa.engine import (
     open_journal_engine,
     read_connection,
 )
-from casty_sa.errors import DatabaseUnavailable, JournalError, SchemaError
+from casty_sa.errors import JournalError, SchemaError
 from casty_sa.models import VERSION_TABLE, metadata
-from casty_sa.urls import UrlLike, safe_url, url_secrets
+from casty_sa.revisions import (
+    alembic_config,
+    current_revision,
+    head_revision,
+    lands_on_base,
+    not_at_head,
+    read_state,
+    refuse_casty_tables,
+    schema_state,
+    tables_match_models,
+    unknown_revision,
+)
+from casty_sa.urls import UrlLike, safe_url, to_async_url, url_secrets
 
 log = logging.getLogger("casty_sa")
 
 __all__ = [
-    "CASTY_EVENT_COLUMNS",
-    "CASTY_SNAPSHOT_COLUMNS",
-    "alembic_config",
+    "EventsWouldBeDropped",
+    "check_schema",
     "checked_engine",
     "current",
-    "current_revision",
     "downgrade",
     "ensure_schema",
-    "exclude_journal_tables",
-    "head_revision",
-    "refuse_casty_tables",
-    "script_location",
-    "tables_match_models",
+    "migrate_between",
+    "unsupported_schema",
     "upgrade",
+    "write_sql",
 ]
-
-
-def script_location() -> Path:
-    """The folder holding ``env.py`` and ``versions/``, in a wheel or a checkout."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "migrations", package.parent / "migrations"):
-        if (candidate / "env.py").is_file():
-            return candidate
-    raise SchemaError(
-        "casty-sa's migrations are missing from this installation (looked in "
-        f"{package / 'migrations'} and {package.parent / 'migrations'}); reinstall casty-sa"
-    )
-
-
-def alembic_config(
-    url: str | URL | None = None, *, schema: str | None = None, stdout: TextIO | None = None
-) -> Config:
-    """An Alembic ``Config`` for casty-sa's migrations, without any ini file.
-
-    Parameters
-    ----------
-    url : str | URL | None
-        Database to migrate. Kept as an attribute, never written into the
-        config's text, so a password is neither interpolated nor printed.
-    schema : str | None
-        PostgreSQL schema for casty-sa's tables and version table (created if
-        missing); ``None`` uses the connection's default (``public``).
-    stdout : TextIO | None
-        Where Alembic writes (``--sql`` output, ``history``).
-    """
-    config = Config(stdout=stdout, output_buffer=stdout) if stdout is not None else Config()
-    config.set_main_option("script_location", str(script_location()))
-    if url is not None:
-        config.attributes["url"] = url
-    if schema is not None:
-        config.attributes["schema"] = schema
-    return config
-
-
-@functools.cache
-def head_revision() -> str:
-    """The newest revision this casty-sa knows (what ``upgrade`` brings a database to)."""
-    heads = ScriptDirectory.from_config(alembic_config()).get_heads()
-    if len(heads) != 1:
-        raise SchemaError(f"casty-sa's migrations have {len(heads)} heads; expected one")
-    return heads[0]
-
-
-def known_revision(revision: str) -> bool:
-    """True when ``revision`` is one of this casty-sa's migrations."""
-    script = ScriptDirectory.from_config(alembic_config())
-    return any(rev.revision == revision for rev in script.walk_revisions())
-
-
-def current_revision(connection: Connection, schema: str | None = None) -> str | None:
-    """The revision a (sync) connection's database is at, or ``None`` before any."""
-    context = MigrationContext.configure(
-        connection, opts={"version_table": VERSION_TABLE, "version_table_schema": schema}
-    )
-    heads = context.get_current_heads()
-    return heads[0] if heads else None
-
-
-def tables_match_models(connection: Connection, schema: str | None = None) -> bool:
-    """True when casty-sa's tables exist with the models' columns.
-
-    That is the case when an application created them through its own Alembic
-    history from :data:`casty_sa.metadata`, instead of running casty-sa's
-    migrations.
-    """
-    inspector = inspect(connection)
-    present = set(inspector.get_table_names(schema=schema))
-    for table in metadata.tables.values():
-        if table.name not in present:
-            return False
-        columns = {column["name"] for column in inspector.get_columns(table.name, schema=schema)}
-        if columns != set(table.columns.keys()):
-            return False
-    return True
-
-
-#: The columns of casty's own ``SqliteJournal`` tables ``events`` and ``snapshots`` (casty 0.21).
-CASTY_EVENT_COLUMNS = frozenset({"entity_id", "sequence_nr", "event_data", "timestamp"})
-CASTY_SNAPSHOT_COLUMNS = frozenset({"entity_id", "sequence_nr", "state_data", "timestamp"})
-
-
-def casty_tables(connection: Connection) -> list[str]:
-    """The tables of casty's own ``SqliteJournal`` a SQLite database holds (none elsewhere).
-
-    ``SqliteJournal`` keeps its journal in ``events`` and ``snapshots`` tables
-    with the columns :data:`CASTY_EVENT_COLUMNS` and
-    :data:`CASTY_SNAPSHOT_COLUMNS`; casty-sa never reads them.
-    """
-    if connection.dialect.name != "sqlite":
-        return []  # SqliteJournal writes SQLite files only
-    expected = {"events": CASTY_EVENT_COLUMNS, "snapshots": CASTY_SNAPSHOT_COLUMNS}
-    # one query on the schema table: this runs on every journal's start
-    found = connection.exec_driver_sql(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('events', 'snapshots')"
-    ).all()
-    inspector = inspect(connection)
-    return sorted(
-        name
-        for (name,) in found
-        if expected[name] <= {column["name"] for column in inspector.get_columns(name)}
-    )
-
-
-def refuse_casty_tables(connection: Connection, url: URL) -> None:
-    """Refuse a SQLite file written by casty's own ``SqliteJournal``.
-
-    casty-sa keeps its journal in tables of its own, so on such a file every
-    entity would recover from nothing, silently, beside its real history.
-
-    Raises
-    ------
-    SchemaError
-        The file holds ``SqliteJournal``'s tables; the message gives the
-        ``casty-sa import`` command that copies them into a new file.
-    """
-    tables = casty_tables(connection)
-    if not tables:
-        return
-    database = url.database or "journal.db"
-    old = Path(database)
-    new = old.with_name(f"{old.stem}-casty-sa{old.suffix or '.db'}")
-    raise SchemaError(
-        f"{safe_url(url)} is a journal file of casty's own SqliteJournal (it holds its "
-        f"{' and '.join(repr(t) for t in tables)} tables), which SAJournal does not read: "
-        "opening it would recover every entity from nothing. Copy it into a new file, "
-        f"`casty-sa import --from '{old}' --url 'sqlite:///{new}'`, and give SAJournal that "
-        f"file (SAJournal('sqlite:///{new}')); nothing was written to {old}."
-    )
-
-
-def exclude_journal_tables(
-    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
-) -> bool:
-    """An Alembic ``include_object`` hook that leaves casty-sa's tables alone.
-
-    Give it to the application's ``context.configure(include_object=...)`` when
-    casty-sa's own migrations manage its tables, so the application's
-    autogenerate neither drops them nor tries to create them.
-
-    Examples
-    --------
-    >>> exclude_journal_tables(None, "casty_sa_events", "table", True, None)
-    False
-    >>> exclude_journal_tables(None, "orders", "table", True, None)
-    True
-    """
-    if type_ == "table":
-        return name not in metadata.tables and name != VERSION_TABLE
-    return True
 
 
 def _invoke(
@@ -268,27 +119,10 @@ async def _on_engine(
             return result
     except (SQLAlchemyError, OSError) as exc:
         what = "migrate the schema" if writes else "read the schema revision"
-        raise _migration_error(exc, engine.url, what) from exc
+        raise migration_error(exc, engine.url, what) from exc
     finally:
         if owned:
             await engine.dispose()
-
-
-def _migration_error(exc: BaseException, url: URL, what: str) -> JournalError:
-    """A casty-sa error for a failed Alembic command: no DDL, no password in it."""
-    text = describe(exc, url_secrets(url))
-    if sqlstate(exc) == "42501" or "permission denied" in text or "must be owner" in text:
-        return SchemaError(
-            f"the role connecting to {safe_url(url)} may not change casty-sa's tables "
-            f"({text}). Run the migrations (`casty-sa upgrade`) with a DDL-capable role, "
-            "such as the owner of the database or schema; the journal itself needs only "
-            "SELECT and INSERT on casty_sa_events, SELECT, INSERT and UPDATE on "
-            f"casty_sa_snapshots, and SELECT on {VERSION_TABLE}. Nothing was changed."
-        )
-    # a refused login, a missing database or directory: not transient, whoever met it
-    return access_denied(exc, url, what, url_secrets(url)) or DatabaseUnavailable(
-        f"could not {what} on {safe_url(url)}: {text}"
-    )
 
 
 _alembic_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
@@ -304,10 +138,29 @@ def _alembic_turn() -> asyncio.Lock:
     return lock
 
 
+def unsupported_schema(dialect: str, schema: str | None, option: str = "schema=") -> str | None:
+    """Why ``schema`` cannot be used on ``dialect`` (named as ``option`` says), or ``None``.
+
+    The one refusal of a schema on a database without schemas: the journal,
+    the migrations, ``migrations/env.py`` and the ``--schema`` option all say it so.
+
+    Examples
+    --------
+    >>> unsupported_schema("sqlite", "app", option="--schema ")
+    "--schema 'app' needs PostgreSQL; sqlite has no schemas"
+    >>> unsupported_schema("postgresql", "app") is None
+    True
+    """
+    if schema is None or dialect == "postgresql":
+        return None
+    return f"{option}{schema!r} needs PostgreSQL; {dialect} has no schemas"
+
+
 def check_schema(dialect: str, schema: str | None) -> None:
-    """Refuse ``schema=`` where the database has no schemas to put tables in."""
-    if schema is not None and dialect != "postgresql":
-        raise ValueError(f"schema={schema!r} needs PostgreSQL; {dialect} has no schemas")
+    """Refuse ``schema=`` (``ValueError``) where the database has no schemas for tables."""
+    reason = unsupported_schema(dialect, schema)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 async def upgrade(
@@ -390,6 +243,89 @@ async def current(target: UrlLike | AsyncEngine, *, schema: str | None = None) -
     return revision
 
 
+class EventsWouldBeDropped(Exception):
+    """:func:`migrate_between` refused a downgrade to base of tables that hold events.
+
+    Parameters
+    ----------
+    events : int
+        How many events the tables hold.
+    """
+
+    def __init__(self, events: int) -> None:
+        super().__init__(f"downgrading to base would drop {events:,} events")
+        self.events = events
+
+
+async def migrate_between(
+    target: UrlLike,
+    revision: str,
+    *,
+    down: bool = False,
+    schema: str | None = None,
+    keep_events: bool = False,
+    **engine_options: Any,
+) -> tuple[str | None, str | None]:
+    """Upgrade (or with ``down``, downgrade) a database to ``revision``; what ``casty-sa``
+    ``upgrade``/``downgrade`` run.
+
+    ``engine_options`` configure the engine opened for the run (``connect_timeout``, …).
+
+    Returns
+    -------
+    tuple[str | None, str | None]
+        The revisions before and after.
+
+    Raises
+    ------
+    SchemaError
+        A newer casty-sa migrated the database (nothing is changed).
+    EventsWouldBeDropped
+        With ``keep_events``: the downgrade ends at base while the tables hold events.
+    """
+    engine, _owned = open_engine(target, **engine_options)
+    try:
+        state = await schema_state(engine, schema, count=down)
+        if state.unknown:
+            raise unknown_revision(safe_url(to_async_url(target)), str(state.revision))
+        if keep_events and state.events and lands_on_base(state.revision, revision):
+            raise EventsWouldBeDropped(state.events)
+        await (downgrade if down else upgrade)(engine, revision, schema=schema)
+        after = await current(engine, schema=schema)
+    finally:
+        await engine.dispose()
+    return state.revision, after
+
+
+def write_sql(
+    url: str | URL,
+    revision: str,
+    stdout: TextIO,
+    *,
+    down: bool = False,
+    schema: str | None = None,
+) -> None:
+    """Write the DDL of an upgrade (or with ``down``, a downgrade) for ``target``'s dialect.
+
+    Connects to nothing: ``postgresql://`` is enough of a ``url``. ``revision`` may be a
+    ``FROM:TO`` range (a downgrade needs one).
+
+    Raises
+    ------
+    UnsupportedDatabase
+        ``url`` is not a database casty-sa supports.
+    ValueError
+        ``schema`` on a database without schemas.
+    """
+    # an unsupported dialect fails here, with its own message
+    check_schema(to_async_url(url).get_backend_name(), schema)
+    config = alembic_config(url, schema=schema, stdout=stdout)
+    try:
+        (command.downgrade if down else command.upgrade)(config, revision, sql=True)
+    except SystemExit as exc:  # migrations/env.py refuses with SystemExit(message)
+        raise ValueError(str(exc.code)) from None
+
+
 async def ensure_schema(
     engine: AsyncEngine,
     *,
@@ -413,34 +349,24 @@ async def ensure_schema(
         The database could not be read or migrated.
     """
     url = engine.url
-    head = head_revision()
     try:
         async with turn(), read_connection(bind_schema(engine, schema)) as connection:
             await connection.run_sync(refuse_casty_tables, url)
-            found = await connection.run_sync(current_revision, schema)
-            app_managed = found is None and await connection.run_sync(tables_match_models, schema)
+            state = await connection.run_sync(read_state, schema)
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
         raise database_error(
             exc, url, "read the schema revision", secrets=secrets, schema=schema
         ) from exc
-    if found == head:
+    if state.usable:
+        if state.app_managed:
+            log.debug("casty_sa: tables managed by the application's migrations; using them")
         return
-    if app_managed:
-        log.debug("casty_sa: tables managed by the application's migrations; using them")
-        return
-    if found is not None and not known_revision(found):
-        raise SchemaError(
-            f"{safe_url(url)} is at casty-sa schema revision {found!r}, which this "
-            f"version of casty-sa does not know (its newest is {head!r}): a newer casty-sa "
-            "migrated it. Upgrade the casty-sa package."
-        )
+    if state.unknown:
+        raise unknown_revision(safe_url(url), str(state.revision))
     if not migrate:
-        state = "has no casty-sa tables" if found is None else f"is at revision {found!r}"
-        raise SchemaError(
-            f"{safe_url(url)} {state}; casty-sa needs revision {head!r}. "
-            f"{upgrade_hint(schema)}, or `await casty_sa.upgrade(url)`, or pass "
-            "migrate=True to SAJournal."
-        )
+        raise not_at_head(safe_url(url), state, schema)
+    head = head_revision()
+    found = state.revision
     log.info("casty_sa: migrating %s from %s to %s", safe_url(url), found, head)
     try:
         async with turn():

@@ -16,8 +16,10 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import URL, Connection, PrimaryKeyConstraint, Table, text
 
-from casty_sa.engine import open_engine
+from casty_sa.engine import bind_schema, open_engine
+from casty_sa.migrate import unsupported_schema
 from casty_sa.models import VERSION_TABLE, metadata
+from casty_sa.urls import to_async_url
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
@@ -78,11 +80,16 @@ def _drop_version_table_at_base(connection: Connection) -> None:
     version.drop(connection, checkfirst=True)
 
 
+def _refuse_unsupported_schema(dialect: str, schema: str | None) -> None:
+    reason = unsupported_schema(dialect, schema)
+    if reason is not None:
+        raise SystemExit(reason)
+
+
 def _configure(connection: Connection) -> None:
     schema = _schema()
+    _refuse_unsupported_schema(connection.dialect.name, schema)
     if schema is not None:
-        if connection.dialect.name != "postgresql":
-            raise SystemExit(f"schema={schema!r} needs PostgreSQL, not {connection.dialect.name}")
         # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema is
         # there: look first, so a DBA can hand a migrator a schema made for it
         exists = connection.exec_driver_sql(
@@ -90,7 +97,7 @@ def _configure(connection: Connection) -> None:
         ).first()
         if exists is None:
             connection.exec_driver_sql(f"CREATE SCHEMA {_quote(connection, schema)}")
-        connection = connection.execution_options(schema_translate_map={None: schema})
+        connection = bind_schema(connection, schema)
     context.configure(
         connection=connection,
         target_metadata=metadata,
@@ -112,12 +119,9 @@ def _quote(connection: Connection, name: str) -> str:
 
 
 def run_offline() -> None:
-    from casty_sa.urls import to_async_url
-
     url = to_async_url(_url())
     schema = _schema()
-    if schema is not None and url.get_backend_name() != "postgresql":
-        raise SystemExit(f"schema={schema!r} needs PostgreSQL, not {url.get_backend_name()}")
+    _refuse_unsupported_schema(url.get_backend_name(), schema)
     context.configure(
         url=url,
         target_metadata=metadata,

@@ -45,6 +45,7 @@ from casty_sa import (
     SchemaError,
     SequenceConflict,
     UnsupportedDatabase,
+    libpq,
     urls,
 )
 from casty_sa.backends import backend_for
@@ -571,7 +572,7 @@ def test_libpq_options_asyncpg_cannot_honour_are_refused_by_name(query: str, nam
 
 
 def test_libpq_options_are_translated_for_asyncpg() -> None:
-    options = urls.postgres_options(
+    options = libpq.postgres_options(
         make_url(
             "postgresql://app@db/bank?sslmode=verify-full&sslrootcert=/etc/ca.pem"
             "&application_name=billing&connect_timeout=3&statement_cache_size=0"

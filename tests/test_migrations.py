@@ -184,7 +184,7 @@ def test_upgrade_runs_from_an_installed_wheel(tmp_path: Path) -> None:
     assert "casty_sa/migrations/env.py" in names
     assert any(n.startswith("casty_sa/migrations/versions/0001") for n in names)
     script = (
-        "import asyncio, casty_sa, casty_sa.migrate as m, sys\n"
+        "import asyncio, casty_sa, casty_sa.revisions as m, sys\n"
         "assert casty_sa.__file__.startswith(sys.argv[1]), casty_sa.__file__\n"
         "assert str(m.script_location()).startswith(sys.argv[1]), m.script_location()\n"
         "url = 'sqlite:///' + sys.argv[2]\n"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from alembic import command
 
-from casty_sa.migrate import alembic_config
+from casty_sa.revisions import alembic_config
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"

@@ -29,8 +29,8 @@ from sqlalchemy.dialects import sqlite
 
 from casty_sa.batching import row_bytes
 from casty_sa.errors import InvalidEventError, JournalError
-from casty_sa.migrate import CASTY_EVENT_COLUMNS, CASTY_SNAPSHOT_COLUMNS
 from casty_sa.models import newer_snapshot_wins
+from casty_sa.revisions import CASTY_EVENT_COLUMNS, CASTY_SNAPSHOT_COLUMNS
 from casty_sa.transfer.endpoint import LOOKUP_CHUNK, chunks
 from casty_sa.transfer.values import EntityStats, JournalStats, Row
 
