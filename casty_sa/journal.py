@@ -10,7 +10,6 @@ rows in :mod:`casty_sa.codec`.
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 from collections.abc import Callable, Sequence
@@ -44,7 +43,6 @@ from casty_sa.writer import Writer
 
 __all__ = ["MAX_SEQUENCE_NR", "SAJournal"]
 
-log = logging.getLogger("casty_sa")
 
 #: Seconds the group-commit flusher (and its connection) waits for the next write.
 _WRITER_LINGER = 0.01
