@@ -21,7 +21,6 @@ casty quirks worked around here (see ../shared/research, casty 0.21):
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -45,6 +44,8 @@ from sqlalchemy import URL, select
 
 from casty_sa import EventRecord, SAJournal, SequenceConflict
 from casty_sa.replication import DEFAULT_REGION_NAME, LocalReplication
+
+from support.processes import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -171,18 +172,6 @@ class Recorder:
 
 
 # -- nodes and clusters ------------------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports on 127.0.0.1, ascending (the first node leads)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind((HOST, 0))
-        return sorted(s.getsockname()[1] for s in sockets)
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @dataclass

@@ -19,7 +19,6 @@ import pickle
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import tempfile
@@ -31,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import dbtools
 import pytest
 from casty import PersistedEvent, Snapshot
 from sqlalchemy import URL, text
@@ -50,6 +48,9 @@ from casty_sa import (
 from casty_sa.backends import ConnectionLost, WriteRefused, classify_write_failure
 from casty_sa.batching import WriteRequest
 
+from support import dbtools
+from support.processes import free_port
+
 ADMIN_PASSWORD = "adm1n-Pw-casty"
 APP_PASSWORD = "app-Pw-9f3c-casty"
 OWNER_PASSWORD = "owner-Pw-77aa-casty"
@@ -66,12 +67,6 @@ def _pg_bin() -> Path:
     return Path(pgserver.__file__).parent / "pginstall" / "bin"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class DedicatedPostgres:
     """A PostgreSQL server this module may stop and start at will.
 
@@ -82,7 +77,7 @@ class DedicatedPostgres:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.data = root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.bin = _pg_bin()
         self.user: str | None = None
         if os.geteuid() == 0:

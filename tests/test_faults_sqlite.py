@@ -1,7 +1,7 @@
 """SQLite faults: lock contention, a read-only file system, a full disk.
 
 Contention runs many writers in one process (several journals on one file) and two writer
-processes on one file (``tests/crash_writer.py``), while this process reads and writes
+processes on one file (``tests/support/crash_writer.py``), while this process reads and writes
 too: none may ever see "database is locked" within the busy timeout. Read-only and
 full-disk faults use a real tmpfs mounted for the test (when this machine lets the test
 mount one; otherwise those variants are skipped) and SQLite's own ``max_page_count`` limit,
@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import crash_writer as writer
 import pytest
 from casty import PersistedEvent, Snapshot
 from sqlalchemy import event
@@ -42,7 +41,9 @@ from casty_sa import (
     SAJournal,
 )
 
-WRITER_PATH = Path(__file__).with_name("crash_writer.py")
+from support import crash_writer as writer
+from support import processes
+from support.processes import start_writer
 
 
 def batch(entity_id: str, first: int, size: int) -> list[PersistedEvent[Any]]:
@@ -52,14 +53,6 @@ def batch(entity_id: str, first: int, size: int) -> list[PersistedEvent[Any]]:
 
 def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
-
-
-def start_writer(url: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, str(WRITER_PATH), url, str(log), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
 
 
 def assert_whole(entity_id: str, events: list[PersistedEvent[Any]]) -> None:
@@ -422,9 +415,6 @@ async def test_database_full_by_max_page_count_fails_clearly_and_recovers(
 
 # -- an I/O error while committing -------------------------------------------------------------
 
-SHIM_SOURCE = Path(__file__).with_name("fail_wal_fsync.c")
-EIO_WRITER = Path(__file__).with_name("eio_writer.py")
-
 
 @pytest.fixture(scope="module")
 def wal_fsync_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -433,7 +423,7 @@ def wal_fsync_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail("gcc is needed to build the fsync fault shim")
     built = tmp_path_factory.mktemp("shim") / "fail_wal_fsync.so"
     subprocess.run(
-        ["gcc", "-shared", "-fPIC", "-O2", "-o", str(built), str(SHIM_SOURCE), "-ldl"],
+        ["gcc", "-shared", "-fPIC", "-O2", "-o", str(built), str(processes.WAL_FSYNC_SHIM), "-ldl"],
         check=True,
         capture_output=True,
         timeout=60,
@@ -452,7 +442,7 @@ async def test_an_io_error_while_committing_is_commit_outcome_unknown(
     env = {**os.environ, "LD_PRELOAD": str(wal_fsync_shim), "FAIL_WAL_SYNC_FLAG": str(flag)}
     run = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, str(EIO_WRITER), sqlite_url(path), str(flag), mode],
+        [sys.executable, str(processes.EIO_WRITER), sqlite_url(path), str(flag), mode],
         env=env,
         capture_output=True,
         timeout=120,

@@ -26,13 +26,14 @@ from typing import Any
 
 import pytest
 from casty import PersistedEvent, Snapshot, SqliteJournal
-from dbtools import plain
 from sqlalchemy import URL, event, text
 
 from casty_sa import SAJournal, SchemaError
 from casty_sa.cli import ExitCode, main
 from casty_sa.engine import open_engine
 from casty_sa.transfer import Progress, TransferReport, export_casty_file, import_casty_file
+
+from support.dbtools import plain
 
 TIMEOUT = 60
 UNICODE_ID = "ação-ü 口座"
