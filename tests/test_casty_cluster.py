@@ -45,6 +45,7 @@ from sqlalchemy import URL, select
 from casty_sa import EventRecord, SAJournal, SequenceConflict
 from casty_sa.replication import DEFAULT_REGION_NAME, LocalReplication
 
+from bank_account import Account, Deposit, Deposited, GetBalance, apply
 from support.processes import free_ports
 
 pytestmark = pytest.mark.slow
@@ -54,33 +55,7 @@ TEST_TIMEOUT = 60.0
 ENTITIES = [f"acct-{i}" for i in range(12)]
 
 
-# -- the account entity ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Deposited:
-    amount: int
-
-
-@dataclass(frozen=True)
-class Account:
-    balance: int = 0
-    version: int = 0
-
-
-def apply(account: Account, event: Deposited) -> Account:
-    return Account(account.balance + event.amount, account.version + 1)
-
-
-@dataclass(frozen=True)
-class Deposit:
-    amount: int
-    reply_to: Any
-
-
-@dataclass(frozen=True)
-class Get:
-    reply_to: Any
+# -- the example's account, replying with the balance its node sees -----------------------------
 
 
 @dataclass(frozen=True)
@@ -113,7 +88,7 @@ def account_factory(
                     # until the persist call returned, so an acknowledged deposit is stored
                     ctx.self.tell(Confirm(reply_to))
                     return Behaviors.persisted([Deposited(amount)])
-                case Get(reply_to) | Confirm(reply_to):
+                case GetBalance(reply_to) | Confirm(reply_to):
                     reply_to.tell(Balance(node, account.balance, account.version))
                     return Behaviors.same()
             return Behaviors.unhandled()
@@ -198,7 +173,7 @@ class Node:
         return reply
 
     async def balance(self, entity_id: str, seconds: float = 5.0) -> Balance:
-        reply: Balance = await self.ask(entity_id, Get, seconds)
+        reply: Balance = await self.ask(entity_id, GetBalance, seconds)
         return reply
 
     async def served(self, entity_id: str, deadline: float = 20.0) -> Balance:
