@@ -1,10 +1,14 @@
-"""Small database helpers shared by the tests (``pythonpath = ["tests"]`` makes them importable)."""
+"""Small database helpers shared by the tests: SQL on a short-lived engine, what is open."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import URL, inspect, text
+from sqlalchemy import URL, inspect, make_url, text
 
 from casty_sa.engine import open_engine
 
@@ -43,3 +47,31 @@ async def table_names(url: URL | str) -> set[str]:
             return set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
     finally:
         await engine.dispose()
+
+
+async def open_connections(url: URL | str, *, within: float = 5.0) -> int:
+    """Connections left open on the database once those closing have had ``within`` seconds.
+
+    SQLite: this process's file handles on the database file (Linux's ``/proc``); PostgreSQL:
+    the server's sessions on the database, other than the one asking.
+    """
+    url = make_url(url) if isinstance(url, str) else url
+    deadline = time.monotonic() + within
+    while True:
+        if url.get_backend_name() == "sqlite":
+            count = _file_handles(url.database or "")
+        else:
+            [(count,)] = await query(
+                url,
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+        if count == 0 or time.monotonic() > deadline:
+            return int(count)
+        await asyncio.sleep(0.05)
+
+
+def _file_handles(database: str) -> int:
+    """This process's open file descriptors on ``database`` (Linux)."""
+    path = os.path.realpath(database)
+    return sum(1 for fd in Path("/proc/self/fd").iterdir() if os.path.realpath(fd) == path)
