@@ -42,7 +42,7 @@ from casty_sa import (
 )
 
 from support import crash_writer as writer
-from support import processes
+from support import internals, processes
 from support.processes import start_writer
 
 
@@ -566,7 +566,7 @@ async def test_the_directory_shortcut_misses_no_change(
     path = folder / "journal.db"
     journal = make_journal(sqlite_url(path))
     seq = await _settle(journal, "acct")
-    assert journal._backend._folder_seen is not None  # type: ignore[attr-defined]
+    assert internals.directory_shortcut_on(journal)
     times = folder.stat()
     if change == "deleted":
         path.unlink()

@@ -19,6 +19,8 @@ from sqlalchemy import URL
 from casty_sa import SAJournal
 from casty_sa.batching import GroupCommitter, WriteRequest
 
+from support import internals
+
 
 class Recorder:
     """A group writer that takes ``delay`` seconds and records each group and its task."""
@@ -180,7 +182,7 @@ async def test_a_group_never_carries_more_than_max_batch_bytes(
     cap = 10_000
     journal = make_journal(db_url, max_batch_bytes=cap)
     await journal.start()
-    db: Any = journal._backend
+    db = internals.backend(journal)
     write = db.write
     written: list[tuple[int, int]] = []  # (rows, payload bytes) of each transaction
 

@@ -16,11 +16,10 @@ from casty import PersistedEvent, Snapshot
 from sqlalchemy import URL
 from sqlalchemy.ext.asyncio import create_async_engine
 
-import casty_sa.backends
 from casty_sa import JournalClosed, SAJournal
 from casty_sa.coalescing import ReadCoalescer
 
-from support import dbtools
+from support import dbtools, internals
 
 # -- the coalescer's rules ---------------------------------------------------------------------
 
@@ -194,7 +193,7 @@ class QueryCounter:
         self.events = 0
         self.snapshots = 0
         self.batched = 0
-        backend: Any = journal._backend
+        backend = internals.backend(journal)
         for name, kind in (
             ("_fetch_events_batch", "events"),
             ("fetch_events", "events"),
@@ -362,7 +361,7 @@ async def test_without_sqlite_json_functions_each_load_runs_alone_and_correctly(
     tmp_path: Any, make_journal: Callable[..., SAJournal], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SQLite builds without json_each fall back to one query per load, with the same answers."""
-    monkeypatch.setattr(casty_sa.backends, "_SQLITE_HAS_JSON", False)
+    internals.without_sqlite_json(monkeypatch)
     journal = make_journal(f"sqlite:///{tmp_path / 'nojson.db'}")
     entities = [f"nj-{i}" for i in range(100)]
     await seed(journal, entities)
