@@ -167,18 +167,21 @@ async def test_a_write_waits_for_another_connections_lock_within_busy_timeout(
     await patient.start()
     await impatient.start()
 
+    locked = threading.Event()
+
     def hold_write_lock(seconds: float) -> None:
         other = sqlite3.connect(path, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
             other.execute("INSERT INTO casty_sa_events VALUES ('other-app', 1, 1.0, x'00')")
-            time.sleep(seconds)
+            locked.set()
+            time.sleep(seconds)  # another application's long write transaction
             other.execute("COMMIT")
         finally:
             other.close()
 
     holder = asyncio.ensure_future(asyncio.to_thread(hold_write_lock, 1.0))
-    await asyncio.sleep(0.1)
+    assert await asyncio.to_thread(locked.wait, 10), "the other connection never took the lock"
     # a reader is never blocked by the writer (WAL)
     started = time.monotonic()
     assert await patient.load("anything") == []
