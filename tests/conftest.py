@@ -225,46 +225,49 @@ async def journal_target(journal_setup: Setup, db_url: URL) -> AsyncIterator[URL
         await engine.dispose()
 
 
+class _Journals:
+    """The journals a fixture opened; each is closed after the test, with no connection leaked."""
+
+    def __init__(self) -> None:
+        self.opened: list[SAJournal] = []
+
+    def open(self, target: Any, **options: Any) -> SAJournal:
+        journal = SAJournal(target, **options)
+        pools.watch(journal.engine)
+        self.opened.append(journal)
+        return journal
+
+    async def close_checked(self) -> None:
+        for journal in self.opened:
+            checked_out = await _settled_checkouts(journal)
+            await journal.close()
+            assert checked_out == 0, f"{journal!r} left {checked_out} connection(s) checked out"
+
+
 @pytest.fixture
 async def new_journal(
     journal_setup: Setup, journal_target: URL | AsyncEngine
 ) -> AsyncIterator[Callable[..., SAJournal]]:
     """Factory of journals on the test's database, as its setup says (``**options`` go to
-    ``SAJournal``); each is closed after the test, with no connection leaked."""
-    journals: list[SAJournal] = []
+    ``SAJournal``); each is closed after the test (before an application's engine is
+    disposed), with no connection leaked."""
+    journals = _Journals()
 
     def make(**options: Any) -> SAJournal:
         options.setdefault("group_commit", journal_setup.group_commit)
-        journal = SAJournal(journal_target, **options)
-        pools.watch(journal.engine)
-        journals.append(journal)
-        return journal
+        return journals.open(journal_target, **options)
 
     yield make
-    await _close_checked(journals)
+    await journals.close_checked()
 
 
 @pytest.fixture
 async def make_journal() -> AsyncIterator[Callable[..., SAJournal]]:
-    """Factory of journals; each is closed after the test, with no connection leaked."""
-    journals: list[SAJournal] = []
-
-    def make(url: Any, **options: Any) -> SAJournal:
-        journal = SAJournal(url, **options)
-        pools.watch(journal.engine)
-        journals.append(journal)
-        return journal
-
-    yield make
-    await _close_checked(journals)
-
-
-async def _close_checked(journals: list[SAJournal]) -> None:
-    """Close each journal, failing if it left a connection checked out."""
-    for journal in journals:
-        checked_out = await _settled_checkouts(journal)
-        await journal.close()
-        assert checked_out == 0, f"{journal!r} left {checked_out} connection(s) checked out"
+    """Factory of journals on any URL or engine; each is closed after the test, with no
+    connection leaked."""
+    journals = _Journals()
+    yield journals.open
+    await journals.close_checked()
 
 
 async def _settled_checkouts(journal: SAJournal, within: float = 5.0) -> int:
