@@ -31,6 +31,9 @@ from casty_sa import SAJournal
 ACCOUNT_ID = "alice"
 SNAPSHOT_EVERY = 3
 
+# The tests run this account on casty too (tests/test_casty_*.py import the events, the state,
+# apply and the commands below), so the example and the tests cannot drift apart.
+
 # -- events: what is stored ----------------------------------------------------------------------
 
 

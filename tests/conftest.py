@@ -4,10 +4,15 @@ PostgreSQL comes from ``CASTY_SA_TEST_POSTGRES_URL`` when set, otherwise the
 suite starts its own server with the ``pgserver`` wheel. It is never skipped:
 a PostgreSQL that cannot start fails the run.
 
-Every test that takes ``db_url`` runs once per backend. Each gets a fresh
-database (a SQLite file in its tmp dir, or a PostgreSQL database cloned from a
-template migrated to head), and every journal made through ``make_journal``
-is checked, after the test, to have no connection left checked out.
+Every test that takes ``db_url`` (or ``journal``, ``backend``…) runs once per
+backend: ``[sqlite]`` (a file) and ``[postgresql]``. The protocol and semantics
+suites (``pytestmark = pytest.mark.matrix``) run on every :data:`MATRIX` setup
+instead: SQLite file, SQLite memory, an application's engine, PostgreSQL, each
+with group commit on (``-gc``) and off (``-direct``). Each test gets a fresh
+database (a SQLite file in its tmp dir, a private memory database, or a
+PostgreSQL database cloned from a template migrated to head), and every journal
+made through ``make_journal`` or ``new_journal`` is checked, after the test, to
+have no connection left checked out.
 """
 
 from __future__ import annotations
@@ -17,21 +22,24 @@ import itertools
 import os
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from sqlalchemy import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import casty_sa
 from casty_sa import SAJournal
+
+from support import pools
 
 os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="casty-sa-xdg-"))  # for pgserver
 
 collect_ignore = ["app_fixture"]  # an Alembic script folder, imported only by Alembic
 
-BACKENDS = ("sqlite", "postgresql")
 _TEMPLATE = "casty_sa_template"
 _counter = itertools.count()
 
@@ -106,17 +114,86 @@ async def new_postgres_db(
         await admin_execute(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+@dataclass(frozen=True)
+class Setup:
+    """One way to run a journal: its database, who owns its engine, group commit on or off."""
+
+    database: str  # "sqlite-file", "sqlite-memory" or "postgresql"
+    #: the test creates the ``AsyncEngine``, gives it to ``SAJournal`` and disposes it
+    app_engine: bool = False
+    group_commit: bool = True
+    name: str = ""  # the test id, when not the one the fields spell
+
+    @property
+    def backend(self) -> str:
+        return self.database.partition("-")[0]
+
+    @property
+    def shared(self) -> bool:
+        """Whether a second journal, or a new one, reaches the same database: not in memory,
+        where the database lives and dies with its journal's one connection."""
+        return self.database != "sqlite-memory"
+
+    @property
+    def id(self) -> str:
+        engine = ["app-engine"] if self.app_engine else []
+        commits = "gc" if self.group_commit else "direct"
+        return self.name or "-".join([self.database, *engine, commits])
+
+
+#: every test on a database runs on these, with their ids since before the matrix
+DEFAULT_SETUPS = (Setup("sqlite-file", name="sqlite"), Setup("postgresql", name="postgresql"))
+#: the suites marked ``matrix`` run on all of these
+MATRIX = tuple(
+    Setup(database, app_engine, group_commit)
+    for database, app_engine in [
+        ("sqlite-file", False),
+        ("sqlite-memory", False),
+        ("sqlite-file", True),
+        ("postgresql", False),
+        ("postgresql", True),
+    ]
+    for group_commit in (True, False)
+)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Each test on a database runs once per setup: :data:`MATRIX` for the suites marked
+    ``matrix``, :data:`DEFAULT_SETUPS` otherwise; a test marked ``shared_database`` leaves
+    out the setups whose database no second journal can reach."""
+    if "journal_setup" not in metafunc.fixturenames:
+        return
+    matrix = metafunc.definition.get_closest_marker("matrix") is not None
+    setups = [
+        setup
+        for setup in (MATRIX if matrix else DEFAULT_SETUPS)
+        if setup.shared or metafunc.definition.get_closest_marker("shared_database") is None
+    ]
+    metafunc.parametrize("journal_setup", setups, ids=[s.id for s in setups], indirect=True)
+
+
+@pytest.fixture
+def journal_setup(request: pytest.FixtureRequest) -> Setup:
+    """The setup the test runs on (see :func:`pytest_generate_tests`)."""
+    setup: Setup = request.param
+    return setup
+
+
+@pytest.fixture
+def backend(journal_setup: Setup) -> str:
+    """``"sqlite"`` or ``"postgresql"``: the test's backend."""
+    return journal_setup.backend
 
 
 @pytest.fixture
 async def db_url(
-    backend: str, tmp_path: Path, new_postgres_db: Callable[..., Awaitable[URL]]
+    journal_setup: Setup, tmp_path: Path, new_postgres_db: Callable[..., Awaitable[URL]]
 ) -> URL:
-    """A fresh database at head on the test's backend."""
-    if backend == "sqlite":
+    """A fresh database at head on the test's backend (in memory: a private one, that a
+    journal migrates when it starts)."""
+    if journal_setup.database == "sqlite-memory":
+        return make_url("sqlite+aiosqlite://")
+    if journal_setup.database == "sqlite-file":
         url = make_url(f"sqlite+aiosqlite:///{tmp_path / 'journal.db'}")
         await casty_sa.upgrade(url)
         return url
@@ -134,35 +211,78 @@ async def empty_db_url(
 
 
 @pytest.fixture
-async def make_journal() -> AsyncIterator[Callable[..., SAJournal]]:
-    """Factory of journals; each is closed after the test, with no connection leaked."""
-    journals: list[SAJournal] = []
+async def journal_target(journal_setup: Setup, db_url: URL) -> AsyncIterator[URL | AsyncEngine]:
+    """What the setup's journals are opened on: the database's URL, or an engine of the
+    test's own (the application's), disposed by the test after its journals closed."""
+    if not journal_setup.app_engine:
+        yield db_url
+        return
+    engine = create_async_engine(db_url)
+    pools.watch(engine)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
 
-    def make(url: Any, **options: Any) -> SAJournal:
-        journal = SAJournal(url, **options)
-        journals.append(journal)
+
+class _Journals:
+    """The journals a fixture opened; each is closed after the test, with no connection leaked."""
+
+    def __init__(self) -> None:
+        self.opened: list[SAJournal] = []
+
+    def open(self, target: Any, **options: Any) -> SAJournal:
+        journal = SAJournal(target, **options)
+        pools.watch(journal.engine)
+        self.opened.append(journal)
         return journal
 
+    async def close_checked(self) -> None:
+        for journal in self.opened:
+            checked_out = await _settled_checkouts(journal)
+            await journal.close()
+            assert checked_out == 0, f"{journal!r} left {checked_out} connection(s) checked out"
+
+
+@pytest.fixture
+async def new_journal(
+    journal_setup: Setup, journal_target: URL | AsyncEngine
+) -> AsyncIterator[Callable[..., SAJournal]]:
+    """Factory of journals on the test's database, as its setup says (``**options`` go to
+    ``SAJournal``); each is closed after the test (before an application's engine is
+    disposed), with no connection leaked."""
+    journals = _Journals()
+
+    def make(**options: Any) -> SAJournal:
+        options.setdefault("group_commit", journal_setup.group_commit)
+        return journals.open(journal_target, **options)
+
     yield make
-    for journal in journals:
-        checked_out = await _settled_checkouts(journal)
-        await journal.close()
-        assert checked_out == 0, f"{journal!r} left {checked_out} connection(s) checked out"
+    await journals.close_checked()
+
+
+@pytest.fixture
+async def make_journal() -> AsyncIterator[Callable[..., SAJournal]]:
+    """Factory of journals on any URL or engine; each is closed after the test, with no
+    connection leaked."""
+    journals = _Journals()
+    yield journals.open
+    await journals.close_checked()
 
 
 async def _settled_checkouts(journal: SAJournal, within: float = 5.0) -> int:
     """Connections still checked out once work a cancelled caller left running has ended."""
     deadline = asyncio.get_running_loop().time() + within
     while True:
-        checked_out: int = journal.engine.pool.checkedout()  # type: ignore[attr-defined]
+        checked_out = pools.checked_out(journal.engine)
         if checked_out == 0 or asyncio.get_running_loop().time() > deadline:
             return checked_out
         await asyncio.sleep(0.02)
 
 
 @pytest.fixture
-async def journal(db_url: URL, make_journal: Callable[..., SAJournal]) -> SAJournal:
-    """A started journal on a fresh database of the test's backend."""
-    j = make_journal(db_url)
+async def journal(new_journal: Callable[..., SAJournal]) -> SAJournal:
+    """A started journal on a fresh database of the test's setup."""
+    j = new_journal()
     await j.start()
     return j

@@ -21,7 +21,6 @@ casty quirks worked around here (see ../shared/research, casty 0.21):
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -46,6 +45,9 @@ from sqlalchemy import URL, select
 from casty_sa import EventRecord, SAJournal, SequenceConflict
 from casty_sa.replication import DEFAULT_REGION_NAME, LocalReplication
 
+from bank_account import Account, Deposit, Deposited, GetBalance, apply
+from support.processes import free_ports
+
 pytestmark = pytest.mark.slow
 
 HOST = "127.0.0.1"
@@ -53,33 +55,7 @@ TEST_TIMEOUT = 60.0
 ENTITIES = [f"acct-{i}" for i in range(12)]
 
 
-# -- the account entity ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Deposited:
-    amount: int
-
-
-@dataclass(frozen=True)
-class Account:
-    balance: int = 0
-    version: int = 0
-
-
-def apply(account: Account, event: Deposited) -> Account:
-    return Account(account.balance + event.amount, account.version + 1)
-
-
-@dataclass(frozen=True)
-class Deposit:
-    amount: int
-    reply_to: Any
-
-
-@dataclass(frozen=True)
-class Get:
-    reply_to: Any
+# -- the example's account, replying with the balance its node sees -----------------------------
 
 
 @dataclass(frozen=True)
@@ -112,7 +88,7 @@ def account_factory(
                     # until the persist call returned, so an acknowledged deposit is stored
                     ctx.self.tell(Confirm(reply_to))
                     return Behaviors.persisted([Deposited(amount)])
-                case Get(reply_to) | Confirm(reply_to):
+                case GetBalance(reply_to) | Confirm(reply_to):
                     reply_to.tell(Balance(node, account.balance, account.version))
                     return Behaviors.same()
             return Behaviors.unhandled()
@@ -173,18 +149,6 @@ class Recorder:
 # -- nodes and clusters ------------------------------------------------------------------------
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports on 127.0.0.1, ascending (the first node leads)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind((HOST, 0))
-        return sorted(s.getsockname()[1] for s in sockets)
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @dataclass
 class Node:
     name: str
@@ -209,7 +173,7 @@ class Node:
         return reply
 
     async def balance(self, entity_id: str, seconds: float = 5.0) -> Balance:
-        reply: Balance = await self.ask(entity_id, Get, seconds)
+        reply: Balance = await self.ask(entity_id, GetBalance, seconds)
         return reply
 
     async def served(self, entity_id: str, deadline: float = 20.0) -> Balance:

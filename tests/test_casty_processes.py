@@ -1,6 +1,6 @@
 """A casty cluster of separate OS processes on one PostgreSQL journal: kill -9 the owner.
 
-Three processes run ``tests/cluster_node.py``; the first (the leader: lowest
+Three processes run ``tests/support/cluster_node.py``; the first (the leader: lowest
 port) also drives deposits into a set of accounts. While they flow, the test
 kills another node with SIGKILL. Its accounts must come back on the survivors
 with their full history, and every deposit whose acknowledgement reached the
@@ -11,7 +11,6 @@ with. The nodes acknowledge a deposit only after its ``persist`` returned.
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 import time
 from collections import Counter
@@ -25,9 +24,10 @@ from sqlalchemy import URL
 
 from casty_sa import SAJournal
 
+from support.processes import CLUSTER_NODE, free_ports
+
 pytestmark = pytest.mark.slow
 
-NODE_SCRIPT = Path(__file__).with_name("cluster_node.py")
 HOST = "127.0.0.1"
 ENTITIES = 8
 
@@ -91,17 +91,6 @@ class NodeProcess:
         self.process.stdin.write(f"{line}\n".encode())
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind((HOST, 0))
-        return sorted(s.getsockname()[1] for s in sockets)
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @asynccontextmanager
 async def cluster(url: str, tmp_path: Path, size: int) -> AsyncIterator[list[NodeProcess]]:
     """``size`` node processes; the first drives deposits. All are gone on exit."""
@@ -115,7 +104,7 @@ async def cluster(url: str, tmp_path: Path, size: int) -> AsyncIterator[list[Nod
             with stderr.open("wb") as err:
                 process = await asyncio.create_subprocess_exec(
                     sys.executable,
-                    str(NODE_SCRIPT),
+                    str(CLUSTER_NODE),
                     "--node-id",
                     name,
                     "--port",

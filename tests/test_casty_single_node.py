@@ -23,21 +23,14 @@ from sqlalchemy import URL
 
 from casty_sa import SAJournal
 
+import bank_account as bank
+from bank_account import Account, Deposit, Deposited, GetBalance, Withdrawn
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bank_account.py"
 TIMEOUT = 30.0
 
 
-# -- the account -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Deposited:
-    amount: int
-
-
-@dataclass(frozen=True)
-class Withdrawn:
-    amount: int
+# -- the account: the example's, with a fee charged on each withdrawal --------------------------
 
 
 @dataclass(frozen=True)
@@ -45,37 +38,21 @@ class FeeCharged:
     amount: int
 
 
-@dataclass(frozen=True)
-class Account:
-    balance: int = 0
-    version: int = 0  # events applied: the sequence number of the last one
-
-
 def apply(account: Account, event: Any) -> Account:
-    match event:
-        case Deposited(amount):
-            return Account(account.balance + amount, account.version + 1)
-        case Withdrawn(amount) | FeeCharged(amount):
-            return Account(account.balance - amount, account.version + 1)
+    if isinstance(event, FeeCharged):
+        return bank.apply(account, Withdrawn(event.amount))
+    if isinstance(event, Deposited | Withdrawn):
+        return bank.apply(account, event)
     raise TypeError(f"unknown event {event!r}")
 
 
 @dataclass(frozen=True)
-class Deposit:
-    amount: int
-    reply_to: Any = None
-
-
-@dataclass(frozen=True)
 class Withdraw:
+    """The example's withdrawal, plus a fee: two events in one persist call."""
+
     amount: int
     fee: int
     reply_to: Any = None
-
-
-@dataclass(frozen=True)
-class Get:
-    reply_to: Any
 
 
 def account_behavior(entity_id: str, journal: Any, snapshot_every: int) -> Any:
@@ -90,7 +67,7 @@ def account_behavior(entity_id: str, journal: Any, snapshot_every: int) -> Any:
             case Withdraw(_, _, reply_to):
                 reply_to.tell(None)
                 return Behaviors.persisted([])  # casty still calls persist, with no events
-            case Get(reply_to):
+            case GetBalance(reply_to):
                 reply_to.tell(account)
                 return Behaviors.same()
         return Behaviors.unhandled()
@@ -147,7 +124,7 @@ async def run_commands(recorder: Recorder, commands: Sequence[Any], snapshot_eve
         ref = system.spawn(account_behavior("acct-1", recorder, snapshot_every), "acct-1")
         for command in commands:
             await system.ask(ref, lambda r, c=command: replace(c, reply_to=r), timeout=5)
-        state: Account = await system.ask(ref, Get, timeout=5)
+        state: Account = await system.ask(ref, GetBalance, timeout=5)
         return state
 
 
@@ -158,13 +135,13 @@ async def test_recovery_resumes_from_latest_snapshot_and_replays_the_rest(
     db_url: URL, make_journal: Callable[..., SAJournal]
 ) -> None:
     commands = [
-        Deposit(100),
+        Deposit(100, None),
         Withdraw(30, fee=1),  # two events in one persist call
-        Deposit(7),
+        Deposit(7, None),
         Withdraw(1000, fee=1),  # refused: an empty persist call
-        Deposit(12),
+        Deposit(12, None),
         Withdraw(5, fee=2),
-        Deposit(3),
+        Deposit(3, None),
     ]
     first = Recorder(make_journal(db_url))
     before = await run_commands(first, commands, snapshot_every=3)
@@ -176,7 +153,7 @@ async def test_recovery_resumes_from_latest_snapshot_and_replays_the_rest(
     await first.journal.close()
 
     second = Recorder(make_journal(db_url))  # a new journal: nothing cached in memory
-    after = await run_commands(second, [Deposit(50)], snapshot_every=3)
+    after = await run_commands(second, [Deposit(50, None)], snapshot_every=3)
 
     # recovery read the newest snapshot, then only the events after it
     [snapshot] = second.snapshots_loaded
@@ -196,7 +173,7 @@ async def test_recovery_without_a_snapshot_replays_every_event(
     db_url: URL, make_journal: Callable[..., SAJournal]
 ) -> None:
     first = Recorder(make_journal(db_url))
-    before = await run_commands(first, [Deposit(5), Withdraw(2, fee=1)], snapshot_every=100)
+    before = await run_commands(first, [Deposit(5, None), Withdraw(2, fee=1)], snapshot_every=100)
     assert first.snapshots_saved == []
 
     second = Recorder(make_journal(db_url))

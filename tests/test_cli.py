@@ -15,7 +15,6 @@ import pickle
 import pty
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import uuid
@@ -25,11 +24,13 @@ from typing import ClassVar
 
 import pytest
 from casty import PersistedEvent, Snapshot, SqliteJournal
-from dbtools import execute, plain, query, table_names
 from sqlalchemy import URL, make_url
 
 from casty_sa import SAJournal, head_revision
 from casty_sa.cli import ExitCode, main
+
+from support.dbtools import execute, plain, query, table_names
+from support.processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "_sections" / "cli.md"
@@ -42,13 +43,6 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def closed_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def fill(url: URL | str, entities: dict[str, int], snapshots: dict[str, int]) -> None:
@@ -154,7 +148,7 @@ class TestMigrations:
         # a server that does not listen and a folder that does not exist: any connection fails
         missing = tmp_path / "no" / "such" / "folder" / "journal.db"
         url = (
-            f"postgresql://casty:{PASSWORD}@127.0.0.1:{closed_port()}/app"
+            f"postgresql://casty:{PASSWORD}@127.0.0.1:{free_port()}/app"
             if dialect == "postgresql"
             else f"sqlite:///{missing}"
         )
@@ -285,7 +279,7 @@ class TestPasswords:
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         casty = make_casty_file(tmp_path / "casty.db", {"acct-1": 2})
-        url = f"postgresql://casty:{PASSWORD}@127.0.0.1:{closed_port()}/app"
+        url = f"postgresql://casty:{PASSWORD}@127.0.0.1:{free_port()}/app"
         for command in self.COMMANDS:
             argv = [arg.format(casty=casty, out=tmp_path / "out.db") for arg in command]
             code, out, err = run(capsys, "-v", *argv, "--url", url, "--connect-timeout", "3")
@@ -339,7 +333,7 @@ class TestPasswords:
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         url = (
-            f"postgresql://casty@127.0.0.1:{closed_port()}/app"
+            f"postgresql://casty@127.0.0.1:{free_port()}/app"
             f"?password={PASSWORD}&sslpassword={PASSWORD}-key"
         )
         for command in (("current",), ("check",), ("upgrade",), ("inspect",)):
@@ -350,7 +344,7 @@ class TestPasswords:
 
     def test_query_string_secrets_from_the_environment_never_show(self, tmp_path: Path) -> None:
         script = Path(sys.executable).with_name("casty-sa")
-        url = f"postgresql://casty@127.0.0.1:{closed_port()}/app?password={PASSWORD}"
+        url = f"postgresql://casty@127.0.0.1:{free_port()}/app?password={PASSWORD}"
         env = {**os.environ, "CASTY_SA_URL": url}
         for command in (["-v", "check"], ["-v", "current"], ["-v", "upgrade"]):
             failed = subprocess.run(
@@ -459,7 +453,7 @@ class TestEntryPoint:
     def test_installed_script_and_python_m(self, tmp_path: Path) -> None:
         script = Path(sys.executable).with_name("casty-sa")
         assert script.exists(), "casty-sa is not installed next to this Python"
-        url = f"postgresql://casty:{PASSWORD}@127.0.0.1:{closed_port()}/app"
+        url = f"postgresql://casty:{PASSWORD}@127.0.0.1:{free_port()}/app"
         env = {**os.environ, "CASTY_SA_URL": url}
         failed = subprocess.run(
             [str(script), "check", "--connect-timeout", "3"],

@@ -16,7 +16,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from casty import PersistedEvent, Snapshot
-from dbtools import plain
 from sqlalchemy import URL, Connection, MetaData, inspect, text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
@@ -24,6 +23,8 @@ import casty_sa
 from casty_sa import SAJournal, SchemaError
 from casty_sa.cli import ExitCode, main
 from casty_sa.engine import open_engine
+
+from support.dbtools import plain
 
 
 def ev(seq: int) -> PersistedEvent[Any]:

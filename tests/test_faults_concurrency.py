@@ -30,6 +30,8 @@ from casty_sa import (
     SequenceConflict,
 )
 
+from support import internals
+
 #: Cancellation rounds per test; raise it locally for a longer soak.
 CANCEL_ROUNDS = int(os.environ.get("CASTY_SA_CANCEL_ROUNDS", "150"))
 
@@ -263,9 +265,9 @@ async def test_calls_cancelled_again_and_again_never_cost_the_journal_a_connecti
             task.cancel()
             await asyncio.sleep(0)
     await wait_until_idle(journal)
-    backend: Any = journal._backend
-    assert backend._gate._value == backend.capacity, "a cancelled call kept a pool permit"
-    writers = [journal.persist(f"after-{k}", [ev(1, k)]) for k in range(2 * backend.capacity)]
+    free, capacity = internals.free_permits(journal)
+    assert free == capacity, "a cancelled call kept a pool permit"
+    writers = [journal.persist(f"after-{k}", [ev(1, k)]) for k in range(2 * capacity)]
     assert await asyncio.wait_for(asyncio.gather(*writers), 10) == [None] * len(writers)
 
 
@@ -381,7 +383,7 @@ async def test_one_stale_caller_costs_its_group_a_few_transactions_not_one_per_c
     naming the first sequence number already stored."""
     journal = make_journal(db_url)
     await journal.persist("stale", batch("stale", 1, 5))
-    db: Any = journal._backend
+    db = internals.backend(journal)
     write = db.write
     transactions = 0
 
@@ -433,7 +435,7 @@ async def test_groups_in_flight_side_by_side_never_share_an_entity(
     first made must win) and one for the next. Whatever the groups, no two writes in
     flight may carry the same entity, and each entity ends with the first call's events.
     """
-    db: Any = journal._backend
+    db = internals.backend(journal)
     write = db.write
     in_flight: list[set[str]] = []
     shared: list[set[str]] = []

@@ -1,6 +1,6 @@
 """Process crash: SIGKILL a writer at random points; nothing acknowledged is ever lost.
 
-``tests/crash_writer.py`` persists batches from many concurrent workers (group commit on)
+``tests/support/crash_writer.py`` persists batches from many concurrent workers (group commit on)
 and logs every acknowledged call, fsynced. This test kills it with SIGKILL at random
 moments, ``CASTY_SA_CRASH_KILLS`` times per backend (5 by default, a quick CI size; set
 it to 100 for a soak). After each kill a fresh journal on the same database must hold
@@ -16,13 +16,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import crash_writer as writer
 import pytest
 from casty import PersistedEvent
 from sqlalchemy import URL
@@ -30,27 +28,16 @@ from sqlalchemy import URL
 import casty_sa
 from casty_sa import SAJournal, SequenceConflict
 
+from support import crash_writer as writer
+from support import processes
+
 KILLS = int(os.environ.get("CASTY_SA_CRASH_KILLS", "5"))
-WRITER_PATH = Path(__file__).with_name("crash_writer.py")
 ENTITIES = 40
 
 
 def start_writer(url: str, log: Path, seed: float, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(WRITER_PATH),
-            url,
-            str(log),
-            "--entities",
-            str(ENTITIES),
-            "--seed",
-            str(seed),
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    extra = ("--entities", str(ENTITIES), "--seed", str(seed), *extra)
+    return processes.start_writer(url, log, *extra)
 
 
 def ack_count(log: Path) -> int:

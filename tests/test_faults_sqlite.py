@@ -1,7 +1,7 @@
 """SQLite faults: lock contention, a read-only file system, a full disk.
 
 Contention runs many writers in one process (several journals on one file) and two writer
-processes on one file (``tests/crash_writer.py``), while this process reads and writes
+processes on one file (``tests/support/crash_writer.py``), while this process reads and writes
 too: none may ever see "database is locked" within the busy timeout. Read-only and
 full-disk faults use a real tmpfs mounted for the test (when this machine lets the test
 mount one; otherwise those variants are skipped) and SQLite's own ``max_page_count`` limit,
@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import crash_writer as writer
 import pytest
 from casty import PersistedEvent, Snapshot
 from sqlalchemy import event
@@ -42,7 +41,9 @@ from casty_sa import (
     SAJournal,
 )
 
-WRITER_PATH = Path(__file__).with_name("crash_writer.py")
+from support import crash_writer as writer
+from support import internals, processes
+from support.processes import start_writer
 
 
 def batch(entity_id: str, first: int, size: int) -> list[PersistedEvent[Any]]:
@@ -52,14 +53,6 @@ def batch(entity_id: str, first: int, size: int) -> list[PersistedEvent[Any]]:
 
 def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
-
-
-def start_writer(url: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, str(WRITER_PATH), url, str(log), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
 
 
 def assert_whole(entity_id: str, events: list[PersistedEvent[Any]]) -> None:
@@ -174,18 +167,21 @@ async def test_a_write_waits_for_another_connections_lock_within_busy_timeout(
     await patient.start()
     await impatient.start()
 
+    locked = threading.Event()
+
     def hold_write_lock(seconds: float) -> None:
         other = sqlite3.connect(path, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
             other.execute("INSERT INTO casty_sa_events VALUES ('other-app', 1, 1.0, x'00')")
-            time.sleep(seconds)
+            locked.set()
+            time.sleep(seconds)  # another application's long write transaction
             other.execute("COMMIT")
         finally:
             other.close()
 
     holder = asyncio.ensure_future(asyncio.to_thread(hold_write_lock, 1.0))
-    await asyncio.sleep(0.1)
+    assert await asyncio.to_thread(locked.wait, 10), "the other connection never took the lock"
     # a reader is never blocked by the writer (WAL)
     started = time.monotonic()
     assert await patient.load("anything") == []
@@ -422,9 +418,6 @@ async def test_database_full_by_max_page_count_fails_clearly_and_recovers(
 
 # -- an I/O error while committing -------------------------------------------------------------
 
-SHIM_SOURCE = Path(__file__).with_name("fail_wal_fsync.c")
-EIO_WRITER = Path(__file__).with_name("eio_writer.py")
-
 
 @pytest.fixture(scope="module")
 def wal_fsync_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -433,7 +426,7 @@ def wal_fsync_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail("gcc is needed to build the fsync fault shim")
     built = tmp_path_factory.mktemp("shim") / "fail_wal_fsync.so"
     subprocess.run(
-        ["gcc", "-shared", "-fPIC", "-O2", "-o", str(built), str(SHIM_SOURCE), "-ldl"],
+        ["gcc", "-shared", "-fPIC", "-O2", "-o", str(built), str(processes.WAL_FSYNC_SHIM), "-ldl"],
         check=True,
         capture_output=True,
         timeout=60,
@@ -452,7 +445,7 @@ async def test_an_io_error_while_committing_is_commit_outcome_unknown(
     env = {**os.environ, "LD_PRELOAD": str(wal_fsync_shim), "FAIL_WAL_SYNC_FLAG": str(flag)}
     run = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, str(EIO_WRITER), sqlite_url(path), str(flag), mode],
+        [sys.executable, str(processes.EIO_WRITER), sqlite_url(path), str(flag), mode],
         env=env,
         capture_output=True,
         timeout=120,
@@ -576,7 +569,7 @@ async def test_the_directory_shortcut_misses_no_change(
     path = folder / "journal.db"
     journal = make_journal(sqlite_url(path))
     seq = await _settle(journal, "acct")
-    assert journal._backend._file._folder_seen is not None  # type: ignore[attr-defined]
+    assert internals.directory_shortcut_on(journal)
     times = folder.stat()
     if change == "deleted":
         path.unlink()

@@ -19,6 +19,8 @@ from sqlalchemy import URL
 from casty_sa import SAJournal
 from casty_sa.batching import GroupCommitter, WriteRequest
 
+from support import internals
+
 
 class Recorder:
     """A group writer that takes ``delay`` seconds and records each group and its task."""
@@ -28,8 +30,10 @@ class Recorder:
         self.groups: list[list[str]] = []
         self.bytes: list[int] = []
         self.tasks: list[asyncio.Task[Any] | None] = []
+        self.writing = asyncio.Event()  # set once the first group is being written
 
     async def __call__(self, group: Sequence[WriteRequest]) -> list[BaseException | None]:
+        self.writing.set()
         self.groups.append([request.entity_id for request in group])
         self.bytes.append(sum(request.nbytes for request in group))
         self.tasks.append(asyncio.current_task())
@@ -58,7 +62,7 @@ class TestDirectWrites:
         assert write.groups == [[f"e{k}"] for k in range(5)]
         if direct:
             assert write.tasks == [me] * 5  # no hand-over to a flusher task
-            assert commits._flusher is None
+            assert asyncio.all_tasks() == {me}, "a flusher task was started all the same"
         else:
             assert me not in write.tasks
         await commits.close()
@@ -67,7 +71,7 @@ class TestDirectWrites:
         write = Recorder(delay=0.02)
         commits = committer(write, direct=True)
         first = asyncio.create_task(commits.submit(request("first")))
-        await asyncio.sleep(0.005)  # "first" is being written, in its caller's task
+        await write.writing.wait()  # "first" is being written, in its caller's task
         others = [asyncio.create_task(commits.submit(request(f"o{k}"))) for k in range(4)]
         await asyncio.gather(first, *others)
         assert write.groups == [["first"], ["o0", "o1", "o2", "o3"]]
@@ -85,7 +89,7 @@ class TestDirectWrites:
         write = Recorder(delay=0.05)
         commits = committer(write, direct=True)
         caller = asyncio.create_task(commits.submit(request("slow")))
-        await asyncio.sleep(0.01)
+        await write.writing.wait()
         await commits.close()
         assert caller.done() and caller.exception() is None
         assert write.groups == [["slow"]]
@@ -120,7 +124,7 @@ class TestByteCap:
             return WriteRequest(entity_id, events=[(entity_id, 1, 1.0, b"p" * size)])
 
         first = asyncio.create_task(commits.submit(sized("first", 10)))
-        await asyncio.sleep(0)  # "first" is in flight: the rest queue up behind it
+        await write.writing.wait()  # "first" is in flight: the rest queue up behind it
         rest = [sized(f"r{k}", 3_000) for k in range(10)]
         rest.insert(5, sized("huge", 4 * cap))
         await asyncio.gather(first, *(commits.submit(r) for r in rest))
@@ -153,11 +157,11 @@ async def test_sequential_writes_skip_the_flusher_where_writes_survive_cancellat
     journal = make_journal(db_url)
     for seq in range(1, 21):
         await journal.persist("seq", [ev(seq)])
-    committer: Any = journal._committer
+    flushers = [t for t in asyncio.all_tasks() if t.get_name() == "casty_sa-group-commit"]
     if backend == "sqlite":
-        assert committer._flusher is None
+        assert flushers == []
     else:
-        assert committer._flusher is not None
+        assert flushers != []
     assert [e.sequence_nr for e in await journal.load("seq")] == list(range(1, 21))
     pool: Any = journal.engine.pool
     for _ in range(400):  # up to 2 s; it goes back after 10 ms unused
@@ -178,7 +182,7 @@ async def test_a_group_never_carries_more_than_max_batch_bytes(
     cap = 10_000
     journal = make_journal(db_url, max_batch_bytes=cap)
     await journal.start()
-    db: Any = journal._backend
+    db = internals.backend(journal)
     write = db.write
     written: list[tuple[int, int]] = []  # (rows, payload bytes) of each transaction
 

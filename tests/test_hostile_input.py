@@ -23,7 +23,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import dbtools
 import pytest
 from casty import PersistedEvent, Snapshot
 from sqlalchemy import URL, make_url, text
@@ -49,6 +48,9 @@ from casty_sa import (
     urls,
 )
 from casty_sa.backends import backend_for
+
+from support import dbtools
+from support.processes import free_port
 
 PASSWORD = "hunter2-Secret-PW"
 
@@ -495,7 +497,7 @@ async def test_a_failing_connection_never_shows_a_query_string_password(
     make_journal: Callable[..., SAJournal], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="casty_sa")
-    port = _free_port()  # nothing listens there: connection refused
+    port = free_port()  # nothing listens there: connection refused
     journal = make_journal(
         f"postgresql://app@127.0.0.1:{port}/bank?password={PASSWORD}&application_name=t",
         connect_timeout=2.0,
@@ -594,12 +596,6 @@ def test_libpq_options_are_translated_for_asyncpg() -> None:
     assert dict(options.url.query) == {"host": "/run/pg", "target_session_attrs": "read-write"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @asynccontextmanager
 async def silent_server() -> AsyncIterator[int]:
     """A TCP port that accepts connections and never says a word (a hung server)."""
@@ -623,7 +619,7 @@ async def _fails_promptly(call: Awaitable[Any], limit: float) -> JournalError:
 async def test_unreachable_postgres_fails_promptly_without_the_password(
     make_journal: Callable[..., SAJournal],
 ) -> None:
-    port = _free_port()  # nothing listens there: connection refused
+    port = free_port()  # nothing listens there: connection refused
     journal = make_journal(
         f"postgresql://app:{PASSWORD}@127.0.0.1:{port}/bank", connect_timeout=2.0
     )

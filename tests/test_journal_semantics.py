@@ -1,4 +1,8 @@
-"""Write semantics: atomic calls, conflicts, serializer failures, cancellation, sharing."""
+"""Write semantics: atomic calls, conflicts, serializer failures, cancellation, sharing.
+
+Every test runs on each setup of ``conftest.MATRIX``: SQLite file and memory, an application's
+engine, PostgreSQL, each with group commit on and off.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,10 @@ from casty_sa import (
     SAJournal,
     SequenceConflict,
 )
+
+from support import pools
+
+pytestmark = pytest.mark.matrix
 
 
 def ev(seq: int, event: Any = None) -> PersistedEvent[Any]:
@@ -54,9 +62,9 @@ class TestAtomicPersist:
         assert await seqs(journal, "acct") == [1]
 
     async def test_serializer_returning_non_bytes_is_refused(
-        self, db_url: URL, make_journal: Callable[..., SAJournal]
+        self, new_journal: Callable[..., SAJournal]
     ) -> None:
-        journal = make_journal(db_url, serialize=str)
+        journal = new_journal(serialize=str)
         with pytest.raises(PayloadEncodeError, match="not bytes"):
             await journal.persist("acct", [ev(1)])
         with pytest.raises(PayloadEncodeError):
@@ -69,10 +77,11 @@ class TestAtomicPersist:
 
 
 class TestSharedDatabase:
+    @pytest.mark.shared_database
     async def test_two_journals_see_each_other_and_conflict(
-        self, db_url: URL, make_journal: Callable[..., SAJournal]
+        self, new_journal: Callable[..., SAJournal]
     ) -> None:
-        first, second = make_journal(db_url), make_journal(db_url)
+        first, second = new_journal(), new_journal()
         await first.persist("acct", [ev(1, "from first")])
         assert [e.event for e in await second.load("acct")] == ["from first"]
         with pytest.raises(SequenceConflict):
@@ -82,10 +91,11 @@ class TestSharedDatabase:
         await second.save_snapshot("acct", Snapshot(2, "snap", 1.0))
         assert await first.load_snapshot("acct") == Snapshot(2, "snap", 1.0)
 
+    @pytest.mark.shared_database
     async def test_racing_writers_of_one_sequence_number_one_wins(
-        self, db_url: URL, make_journal: Callable[..., SAJournal]
+        self, new_journal: Callable[..., SAJournal]
     ) -> None:
-        journals = [make_journal(db_url) for _ in range(4)]
+        journals = [new_journal() for _ in range(4)]
         results = await asyncio.gather(
             *(j.persist("acct", [ev(1, i), ev(2, i)]) for i, j in enumerate(journals)),
             return_exceptions=True,
@@ -97,6 +107,7 @@ class TestSharedDatabase:
 
     async def test_application_engine_is_shared_and_left_open(self, db_url: URL) -> None:
         engine = create_async_engine(db_url)
+        pools.watch(engine)
         try:
             journal = SAJournal(engine)
             assert journal.engine is engine
@@ -106,7 +117,7 @@ class TestSharedDatabase:
                 assert (await conn.exec_driver_sql("select 1")).scalar() == 1
             async with SAJournal(engine) as again:
                 assert await seqs(again, "acct") == [1]
-            assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+            assert pools.checked_out(engine) == 0
         finally:
             await engine.dispose()
 
@@ -124,9 +135,9 @@ class TestConcurrency:
             assert {e.event for e in events} == {n}
 
     async def test_group_commit_off_behaves_the_same(
-        self, db_url: URL, make_journal: Callable[..., SAJournal]
+        self, new_journal: Callable[..., SAJournal]
     ) -> None:
-        journal = make_journal(db_url, group_commit=False)
+        journal = new_journal(group_commit=False)
         await asyncio.gather(*(journal.persist(f"e{n}", [ev(1), ev(2)]) for n in range(50)))
         with pytest.raises(SequenceConflict):
             await journal.persist("e0", [ev(2)])
@@ -140,11 +151,10 @@ class TestConcurrency:
 
 
 class TestCancellation:
-    @pytest.mark.parametrize("group_commit", [True, False])
     async def test_cancelled_persist_is_all_or_nothing(
-        self, db_url: URL, make_journal: Callable[..., SAJournal], group_commit: bool
+        self, new_journal: Callable[..., SAJournal]
     ) -> None:
-        journal = make_journal(db_url, group_commit=group_commit)
+        journal = new_journal()
         await journal.start()
         rng = random.Random(7)
         batch = 20
@@ -152,7 +162,7 @@ class TestCancellation:
             task = asyncio.create_task(
                 journal.persist(f"e{round_}", [ev(s, b"x" * 1000) for s in range(1, batch + 1)])
             )
-            await asyncio.sleep(rng.uniform(0, 0.004))
+            await asyncio.sleep(rng.uniform(0, 0.004))  # a random point of the call
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         # a cancelled caller's write still runs to its end: wait until no task is left
@@ -171,8 +181,10 @@ class TestCancellation:
 
 
 class TestLifecycle:
-    async def test_closed_journal_refuses_calls(self, db_url: URL) -> None:
-        journal = SAJournal(db_url)
+    async def test_closed_journal_refuses_calls(
+        self, new_journal: Callable[..., SAJournal]
+    ) -> None:
+        journal = new_journal()
         await journal.persist("acct", [ev(1)])
         await journal.close()
         await journal.close()  # idempotent
@@ -181,23 +193,25 @@ class TestLifecycle:
         with pytest.raises(JournalClosed):
             await journal.load("acct")
 
-    async def test_close_waits_for_queued_writes(self, db_url: URL) -> None:
-        journal = SAJournal(db_url)
+    @pytest.mark.shared_database
+    async def test_close_waits_for_queued_writes(
+        self, new_journal: Callable[..., SAJournal]
+    ) -> None:
+        journal = new_journal()
         tasks = [asyncio.create_task(journal.persist(f"e{n}", [ev(1)])) for n in range(50)]
         await asyncio.sleep(0)
         await asyncio.gather(*tasks)
         await journal.close()
-        async with SAJournal(db_url) as again:
+        async with new_journal() as again:
             assert all([await seqs(again, f"e{n}") == [1] for n in range(50)])
 
-    @pytest.mark.parametrize("group_commit", [True, False], ids=["group-commit", "own-transaction"])
     @pytest.mark.parametrize("call", ["persist", "load"])
     async def test_close_during_the_first_start_leaves_nothing_running(
-        self, db_url: URL, group_commit: bool, call: str
+        self, new_journal: Callable[..., SAJournal], call: str
     ) -> None:
         """A call still inside the journal's first start() when close() runs either ends
         before close() returns or is refused: nothing runs on the engine after close."""
-        journal = SAJournal(db_url, group_commit=group_commit)
+        journal = new_journal()
         task: asyncio.Future[Any]
         if call == "persist":
             task = asyncio.ensure_future(journal.persist("late", [ev(1)]))
@@ -209,10 +223,13 @@ class TestLifecycle:
         outcome: Any = (await asyncio.gather(task, return_exceptions=True))[0]
         assert done_when_closed or isinstance(outcome, JournalClosed), outcome
         assert outcome in (None, []) or isinstance(outcome, JournalClosed), outcome
-        assert journal.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert pools.checked_out(journal.engine) == 0
 
-    async def test_a_close_cancelled_half_way_is_finished_by_the_next(self, db_url: URL) -> None:
-        journal = SAJournal(db_url)
+    @pytest.mark.shared_database
+    async def test_a_close_cancelled_half_way_is_finished_by_the_next(
+        self, new_journal: Callable[..., SAJournal]
+    ) -> None:
+        journal = new_journal()
         await journal.persist("acct", [ev(1)])
         writes = [asyncio.ensure_future(journal.persist(f"q{n}", [ev(1)])) for n in range(20)]
         await asyncio.sleep(0)
@@ -222,6 +239,6 @@ class TestLifecycle:
         await asyncio.gather(closing, return_exceptions=True)
         await asyncio.wait_for(journal.close(), 10)  # completes what the first one began
         assert await asyncio.gather(*writes) == [None] * 20
-        assert journal.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-        async with SAJournal(db_url) as again:
+        assert pools.checked_out(journal.engine) == 0
+        async with new_journal() as again:
             assert all([await seqs(again, f"q{n}") == [1] for n in range(20)])

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from dbtools import execute, plain, table_names
 from sqlalchemy import URL, Connection, inspect, text
 
 import casty_sa
 from casty_sa import SAJournal, SchemaError, head_revision, metadata
 from casty_sa.engine import open_engine
+
+from support.dbtools import execute, plain, table_names
 
 REPO = Path(__file__).resolve().parent.parent
 OUR_TABLES = {"casty_sa_events", "casty_sa_snapshots"}

@@ -16,9 +16,10 @@ from casty import PersistedEvent, Snapshot
 from sqlalchemy import URL
 from sqlalchemy.ext.asyncio import create_async_engine
 
-import casty_sa.backends.sqlite
 from casty_sa import JournalClosed, SAJournal
 from casty_sa.coalescing import ReadCoalescer
+
+from support import dbtools, internals
 
 # -- the coalescer's rules ---------------------------------------------------------------------
 
@@ -32,8 +33,10 @@ class Recorder:
         self.fail_on = fail_on
         self.in_flight = 0
         self.most_in_flight = 0
+        self.fetching = asyncio.Event()  # set once the first batch is in flight
 
     async def __call__(self, keys: Sequence[int]) -> list[int]:
+        self.fetching.set()
         self.batches.append(list(keys))
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
@@ -67,7 +70,7 @@ class TestCoalescerRules:
         fetch = Recorder(delay=0.02)
         reads: ReadCoalescer[int, int] = ReadCoalescer(fetch, max_keys=100, concurrency=1)
         first = asyncio.create_task(reads.get(0))
-        await asyncio.sleep(0.005)  # batch [0] is in flight
+        await fetch.fetching.wait()  # batch [0] is in flight
         later = [asyncio.create_task(reads.get(k)) for k in range(1, 6)]
         assert await first == 0
         assert [await t for t in later] == [1, 4, 9, 16, 25]
@@ -111,7 +114,7 @@ class TestCoalescerRules:
             fetch, max_keys=100, concurrency=1, track=started.append
         )
         first = asyncio.create_task(reads.get(0))
-        await asyncio.sleep(0.005)
+        await fetch.fetching.wait()
         queued = {k: asyncio.create_task(reads.get(k)) for k in range(1, 7)}
         await asyncio.sleep(0)
         first.cancel()  # its query is in flight: it finishes on its own
@@ -135,7 +138,7 @@ class TestCoalescerRules:
         assert await reads.get(3) == 9
         assert tasks == []  # uncontended: no task of its own
         first = asyncio.create_task(reads.get(0))
-        await asyncio.sleep(0.005)  # [0] is in flight in the caller's task
+        await fetch.fetching.wait()  # [0] is in flight in the caller's task
         later = [asyncio.create_task(reads.get(k)) for k in (1, 2, 2)]
         await asyncio.sleep(0)
         first.cancel()  # the lookups queued behind it still get a batch
@@ -152,7 +155,7 @@ class TestCoalescerRules:
             fetch, max_keys=1, concurrency=1, track=workers.append
         )
         callers = [asyncio.create_task(reads.get(k)) for k in range(3)]
-        await asyncio.sleep(0.01)  # batch [0] in flight, [1] and [2] queued behind it
+        await fetch.fetching.wait()  # batch [0] in flight, [1] and [2] queued behind it
         workers[0].cancel()  # as the event loop does when it shuts down
         outcomes = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
         assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes
@@ -190,7 +193,7 @@ class QueryCounter:
         self.events = 0
         self.snapshots = 0
         self.batched = 0
-        backend: Any = journal._backend
+        backend = internals.backend(journal)
         for name, kind in (
             ("_fetch_events_batch", "events"),
             ("fetch_events", "events"),
@@ -332,7 +335,7 @@ class TestCoalescedLoads:
         await journal.close()
         results = await loads
         assert [len(r) for r in results] == [3 + i % 4 for i in range(300)]
-        assert not journal._inflight
+        assert asyncio.all_tasks() == {asyncio.current_task()}, "a read is still running"
 
 
 async def test_loads_through_an_applications_engine_are_coalesced_too(
@@ -358,7 +361,7 @@ async def test_without_sqlite_json_functions_each_load_runs_alone_and_correctly(
     tmp_path: Any, make_journal: Callable[..., SAJournal], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SQLite builds without json_each fall back to one query per load, with the same answers."""
-    monkeypatch.setattr(casty_sa.backends.sqlite, "_SQLITE_HAS_JSON", False)
+    internals.without_sqlite_json(monkeypatch)
     journal = make_journal(f"sqlite:///{tmp_path / 'nojson.db'}")
     entities = [f"nj-{i}" for i in range(100)]
     await seed(journal, entities)
@@ -390,6 +393,6 @@ async def test_close_waits_for_a_read_under_way_and_leaves_no_reader_behind(
         assert [e.event for e in outcome] == ["x"]
     else:  # it had not begun: it finds the journal closed
         assert isinstance(outcome, JournalClosed)
-    assert getattr(journal._backend, "_reader", None) is None
+    assert await dbtools.open_connections(db_url) == 0, "a connection outlived close()"
     with pytest.raises(JournalClosed):
         await journal.load("e")

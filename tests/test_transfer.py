@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 from casty import PersistedEvent, Snapshot, SqliteJournal
-from dbtools import plain
 from sqlalchemy import URL, event, text
 
 from casty_sa import SAJournal, SchemaError
@@ -44,6 +43,8 @@ from casty_sa.transfer import (
     export_casty_file,
     import_casty_file,
 )
+
+from support.dbtools import plain
 
 TIMEOUT = 60
 UNICODE_ID = "ação-ü 口座"

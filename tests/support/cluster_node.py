@@ -1,6 +1,6 @@
 """One casty cluster node in its own OS process, for tests/test_casty_processes.py.
 
-Run as ``python tests/cluster_node.py --node-id node-0 --port 25520 --seeds 25520,25521
+Run as ``python tests/support/cluster_node.py --node-id node-0 --port 25520 --seeds 25520,25521
 --url postgresql://… [--client]``. The node joins the cluster, waits until every
 seed is up, spawns the sharded ``accounts`` (event-sourced, stored by an
 ``SAJournal`` on ``--url``) and prints ``READY``. It then runs until stdin closes,

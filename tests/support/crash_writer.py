@@ -19,7 +19,7 @@ holds still there for ``--pause`` seconds, so another process can act at that mo
 
 Usage::
 
-    python tests/crash_writer.py URL LOG [--entities 40] [--workers 16] [--prefix e]
+    python tests/support/crash_writer.py URL LOG [--entities 40] [--workers 16] [--prefix e]
         [--batches 0] [--no-group-commit] [--migrate] [--kill-after-sql PREFIX]
         [--pause-after-sql PREFIX] [--pause 1.5] [--seed 1]
 """
