@@ -81,12 +81,7 @@ def build_engine(
     options = dict(engine_options)
     connect_args = dict(options.pop("connect_args", {}))
     request = EngineRequest(
-        busy_timeout=busy_timeout,
-        sqlite_synchronous=sqlite_synchronous,
-        connect_timeout=connect_timeout,
-        statement_timeout=statement_timeout,
-        options=options,
-        connect_args=connect_args,
+        busy_timeout, sqlite_synchronous, connect_timeout, statement_timeout, options, connect_args
     )
     return dialect_of(url).engine(url, request)
 

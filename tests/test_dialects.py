@@ -8,6 +8,7 @@ registry all honour it, and that nothing of it is left once it is unregistered.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
 
 from casty_sa import UnsupportedDatabase, dialects
 from casty_sa.backends import SqliteBackend, backend_for
-from casty_sa.backends.sqlite import sqlite_engine
 from casty_sa.engine import open_engine
 from casty_sa.models import metadata
 from casty_sa.urls import kind_of, to_async_url
@@ -33,14 +33,14 @@ class _TwinDialect(SQLiteDialect_aiosqlite):
 
 registry.register("sqlitetwin.aiosqlite", __name__, "_TwinDialect")
 
-TWIN = dialects.Dialect(
+SQLITE = dialects.find("sqlite")
+assert SQLITE is not None
+#: SQLite's engine tuning and backend, under another name
+TWIN = dataclasses.replace(
+    SQLITE,
     name="sqlitetwin",
     label="SQLite twin",
     example="sqlitetwin:///journal.db",
-    driver="aiosqlite",
-    kind=JournalKind.local,
-    engine=sqlite_engine,
-    backend=SqliteBackend,
     aliases=frozenset({"twin"}),
 )
 

@@ -249,13 +249,13 @@ def postgresql_engine(url: URL, request: EngineRequest) -> tuple[AsyncEngine, Ti
 register(
     Dialect(
         name="postgresql",
+        aliases=frozenset({"postgres"}),
         label="PostgreSQL",
         example="postgresql://…",
         driver="asyncpg",
         kind=JournalKind.centralized,
+        timed=True,
         engine=postgresql_engine,
         backend=PostgresBackend,
-        aliases=frozenset({"postgres"}),
-        timed=True,
     )
 )

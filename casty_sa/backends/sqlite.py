@@ -416,9 +416,9 @@ register(
         label="SQLite",
         example="sqlite:///journal.db",
         driver="aiosqlite",
+        check_url=_check_url,
         kind=JournalKind.local,
         engine=sqlite_engine,
         backend=SqliteBackend,
-        check_url=_check_url,
     )
 )
