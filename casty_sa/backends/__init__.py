@@ -23,7 +23,13 @@ holding its backend (a :class:`~casty_sa.backends.pooled.PooledBackend` or a
 naming them with its URL facts (name, aliases, async driver, journal kind); and
 one import line below. Nothing else changes: :func:`casty_sa.urls.to_async_url`,
 :func:`~casty_sa.urls.kind_of`, :func:`casty_sa.engine.build_engine` and
-:func:`backend_for` look it up in that registry::
+:func:`backend_for` look it up in that registry. (A few choices outside the
+package still name SQLite or PostgreSQL, and a new dialect takes their
+other branch: ``schema=`` is PostgreSQL's, a journal migrates on start by
+default on SQLite, a migration on SQLite begins ``IMMEDIATE``, an import
+upserts with PostgreSQL's ``insert`` on PostgreSQL and SQLite's elsewhere.)
+
+::
 
     backend = backend_for(engine, schema=None, hold_writes=True, hold_linger=0.01)
 """
