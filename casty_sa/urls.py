@@ -3,7 +3,9 @@
 A plain ``sqlite:///f.db`` (or a :class:`~pathlib.Path` to a SQLite file)
 picks ``aiosqlite``, a plain ``postgresql://`` picks ``asyncpg``. A sync-only
 driver (``pysqlite``, ``psycopg2``) or another database is refused with
-:class:`~casty_sa.errors.UnsupportedDatabase`.
+:class:`~casty_sa.errors.UnsupportedDatabase`. What each database accepts is
+its :class:`~casty_sa.dialects.Dialect`'s (registered by its module in
+:mod:`casty_sa.backends`, which importing any part of ``casty_sa`` imports).
 
 Every URL a message, a log line or a ``repr`` shows goes through
 :func:`safe_url`, which masks each credential the URL carries: the password of
@@ -35,10 +37,12 @@ from casty import JournalKind
 from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from casty_sa.dialects import Dialect, find, supported
 from casty_sa.errors import UnsupportedDatabase
 
 __all__ = [
     "UrlLike",
+    "dialect_of",
     "is_memory_sqlite",
     "is_secret_parameter",
     "kind_of",
@@ -51,13 +55,6 @@ __all__ = [
 #: What every public function taking a database accepts (besides an engine): a URL, or a
 #: path to a SQLite file (casty's own ``SqliteJournal`` takes paths).
 type UrlLike = str | URL | os.PathLike[str]
-
-#: backend name -> (async driver to use, drivers accepted, journal kind)
-_BACKENDS: dict[str, tuple[str, frozenset[str], JournalKind]] = {
-    "sqlite": ("aiosqlite", frozenset({"aiosqlite"}), JournalKind.local),
-    "postgresql": ("asyncpg", frozenset({"asyncpg"}), JournalKind.centralized),
-}
-_ALIASES = {"postgres": "postgresql"}
 
 #: A query parameter named like this carries a secret: libpq's and asyncpg's ``password``
 #: and ``sslpassword`` (the passphrase of the client key), and, to be safe, any parameter
@@ -204,38 +201,36 @@ def to_async_url(url: str | URL | os.PathLike[str] | os.PathLike[bytes]) -> URL:
             f"'sqlite:///journal.db' or 'postgresql://user@host/dbname'{hint}"
         ) from None
     backend, _, driver = parsed.drivername.partition("+")
-    backend = _ALIASES.get(backend, backend)
-    if backend not in _BACKENDS:
+    dialect = find(backend)
+    if dialect is None:
         raise UnsupportedDatabase(
             f"database {backend!r} (in {safe_url(parsed)}) is not supported by casty-sa; "
-            "use SQLite ('sqlite:///journal.db') or PostgreSQL ('postgresql://…')"
+            f"use {supported(examples=True)}"
         )
-    default_driver, accepted, _ = _BACKENDS[backend]
-    if driver and driver not in accepted:
+    backend = dialect.name
+    if not dialect.accepts(driver):
         raise UnsupportedDatabase(
             f"driver {driver!r} for {backend} is not supported: casty-sa needs an "
-            f"async driver; use '{backend}+{default_driver}://…' or plain '{backend}://…'"
+            f"async driver; use '{backend}+{dialect.driver}://…' or plain '{backend}://…'"
         )
-    if backend == "sqlite" and (parsed.host or parsed.port or parsed.username):
-        # sqlite://j.db parses with j.db as a host name, which SQLite has no use for
-        name = (parsed.database or parsed.host or "journal.db").lstrip("/")
+    if dialect.check_url is not None:
+        dialect.check_url(parsed)
+    return parsed.set(drivername=f"{backend}+{dialect.driver}")
+
+
+def dialect_of(url: URL) -> Dialect:
+    """The dialect of a (normalized) URL, or ``UnsupportedDatabase``."""
+    dialect = find(url.get_backend_name())
+    if dialect is None:
         raise UnsupportedDatabase(
-            f"{safe_url(parsed)} is not a SQLite URL casty-sa can open: a SQLite URL has no "
-            f"host, user or port. For a file use three slashes, 'sqlite:///{name}' (relative "
-            f"to the working directory) or four for an absolute path, 'sqlite:////path/{name}'"
+            f"database {url.get_backend_name()!r} is not supported by casty-sa; use {supported()}"
         )
-    return parsed.set(drivername=f"{backend}+{default_driver}")
+    return dialect
 
 
 def kind_of(url: URL) -> JournalKind:
     """The journal kind of a (normalized) URL: SQLite is local, PostgreSQL centralized."""
-    backend = _ALIASES.get(url.get_backend_name(), url.get_backend_name())
-    try:
-        return _BACKENDS[backend][2]
-    except KeyError:
-        raise UnsupportedDatabase(
-            f"database {backend!r} is not supported by casty-sa; use SQLite or PostgreSQL"
-        ) from None
+    return dialect_of(url).kind
 
 
 def is_memory_sqlite(url: URL) -> bool:

@@ -12,18 +12,31 @@ The package holds one module per job:
 - :mod:`~casty_sa.backends.base`: the :class:`Backend` interface and what dialects share;
 - :mod:`~casty_sa.backends.pooled`: connections from the pool (gate, ping, kept writer);
 - :mod:`~casty_sa.backends.failures`: what a failed write means for what was stored;
-- :mod:`~casty_sa.backends.sqlite` (with :mod:`~casty_sa.backends.sqlite_file`) and
-  :mod:`~casty_sa.backends.postgresql`: one module per dialect.
+- :mod:`~casty_sa.backends.sqlite` (with :mod:`~casty_sa.backends.sqlite_file` and
+  :mod:`~casty_sa.backends.sqlite_rows`) and :mod:`~casty_sa.backends.postgresql`: one
+  module per dialect.
 
-A dialect is one module and one line in :data:`BACKENDS`, the registry
-:func:`backend_for` looks the engine's dialect up in::
+Adding a dialect takes one module here, ``casty_sa/backends/<name>.py``,
+holding its backend (a :class:`~casty_sa.backends.pooled.PooledBackend` or a
+:class:`Backend`), its engine factory and, at import, one
+:func:`casty_sa.dialects.register` call with a :class:`~casty_sa.dialects.Dialect`
+naming them with its URL facts (name, aliases, async driver, journal kind); and
+one import line below. Nothing else changes: :func:`casty_sa.urls.to_async_url`,
+:func:`~casty_sa.urls.kind_of`, :func:`casty_sa.engine.build_engine` and
+:func:`backend_for` look it up in that registry. (A few choices outside the
+package still name SQLite or PostgreSQL, and a new dialect takes their
+other branch: ``schema=`` is PostgreSQL's, a journal migrates on start by
+default on SQLite, a migration on SQLite begins ``IMMEDIATE``, an import
+upserts with PostgreSQL's ``insert`` on PostgreSQL and SQLite's elsewhere.)
+
+::
 
     backend = backend_for(engine, schema=None, hold_writes=True, hold_linger=0.01)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -34,13 +47,21 @@ from casty_sa.backends.failures import (
     WriteRefused,
     classify_write_failure,
 )
-from casty_sa.backends.postgresql import PostgresBackend
+
+# Each dialect module registers its dialect when imported. Importing them here makes every
+# dialect known once anything in casty_sa is imported: a submodule's import runs the
+# package's __init__ first, which imports the journal, which imports this package; so
+# to_async_url, kind_of and build_engine find them without a journal being built. SQLite
+# first: messages name the supported databases in registration order.
+# isort: off
 from casty_sa.backends.sqlite import SqliteBackend
-from casty_sa.engine import Timeouts
+from casty_sa.backends.postgresql import PostgresBackend
+
+# isort: on
+from casty_sa.dialects import Timeouts, find, supported
 from casty_sa.errors import UnsupportedDatabase
 
 __all__ = [
-    "BACKENDS",
     "Backend",
     "ConnectionLost",
     "Contended",
@@ -50,13 +71,6 @@ __all__ = [
     "backend_for",
     "classify_write_failure",
 ]
-
-#: The backend of each SQLAlchemy dialect name casty-sa supports: a class taking the
-#: engine, the schema and the settings.
-BACKENDS: dict[str, Callable[[AsyncEngine, str | None, BackendSettings], Backend]] = {
-    "postgresql": PostgresBackend,
-    "sqlite": SqliteBackend,
-}
 
 _DEFAULTS = BackendSettings()
 
@@ -88,13 +102,13 @@ def backend_for(
         No backend is registered for the engine's dialect.
     """
     name = engine.dialect.name
-    backend = BACKENDS.get(name)
-    if backend is None:
+    dialect = find(name)
+    if dialect is None:
         raise UnsupportedDatabase(
             f"casty-sa has no backend for the {name!r} dialect (of {engine.url.drivername!r}); "
-            f"it supports {' and '.join(sorted(BACKENDS))}"
+            f"it supports {supported(names=True)}"
         )
     settings = BackendSettings(
         timeouts=timeouts or Timeouts(), hold_writes=hold_writes, hold_linger=hold_linger
     )
-    return backend(engine, schema, settings)
+    return cast(Backend, dialect.backend(engine, schema, settings))

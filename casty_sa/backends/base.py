@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.compiler import Compiled
 
 from casty_sa.codec import Row, Stored
-from casty_sa.engine import Timeouts
+from casty_sa.dialects import Timeouts
 from casty_sa.models import journal_tables, newer_snapshot_wins
 
 __all__ = ["Backend", "BackendSettings", "latest_per_entity", "quietly"]

@@ -1,6 +1,19 @@
 """PostgreSQL through ``asyncpg``: a whole write group in one round trip.
 
-One statement per write group in autocommit: the rows travel as four arrays
+The whole PostgreSQL dialect (see :mod:`casty_sa.dialects`): the URLs it
+accepts (``postgresql://``, ``postgres://``), the engine and the backend.
+
+The engine: a fixed pool of ten connections, each checked on checkout
+(asyncpg knows when the server or the network closed it, so no round trip is
+spent; pass ``pool_pre_ping=True`` for SQLAlchemy's full ping), a connect
+timeout and a statement timeout, so a call during an outage fails promptly
+instead of hanging. The statement timeout is also the server's
+``statement_timeout``, and connections are named ``casty-sa`` in
+``pg_stat_activity`` (the URL's ``application_name`` overrides it). The URL's
+libpq parameters (``sslmode``, ``connect_timeout``, ``options=-c …``) are
+translated for asyncpg (:mod:`casty_sa.libpq`); one it cannot honour is refused.
+
+The backend: one statement per write group in autocommit: the rows travel as four arrays
 and are inserted from ``unnest(...)``, so a group of any size costs one round
 trip and is atomic. A group that also carries snapshots uses an explicit
 transaction. A batch of reads joins ``unnest(...) WITH ORDINALITY`` of the
@@ -12,16 +25,38 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ARRAY, BigInteger, String, Table, bindparam, func, insert, select
+from casty import JournalKind
+from sqlalchemy import (
+    ARRAY,
+    URL,
+    BigInteger,
+    String,
+    Table,
+    bindparam,
+    event,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from casty_sa.backends.base import BackendSettings, latest_per_entity, quietly
 from casty_sa.backends.failures import ConnectionLost, classify_write_failure
 from casty_sa.backends.pooled import PooledBackend
 from casty_sa.codec import Row, Stored
+from casty_sa.dialects import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_STATEMENT_TIMEOUT,
+    Dialect,
+    EngineRequest,
+    Timeouts,
+    register,
+)
+from casty_sa.libpq import DEFAULT_APPLICATION_NAME, postgres_options
 
-__all__ = ["PostgresBackend"]
+__all__ = ["PostgresBackend", "postgresql_engine"]
 
 
 class PostgresBackend(PooledBackend):
@@ -159,3 +194,68 @@ class PostgresBackend(PooledBackend):
 def _columns(rows: Sequence[Row]) -> list[list[Any]]:
     """Rows to the four column arrays ``unnest`` takes."""
     return [list(column) for column in zip(*rows, strict=True)]
+
+
+def postgresql_engine(url: URL, request: EngineRequest) -> tuple[AsyncEngine, Timeouts | None]:
+    """An asyncpg engine: the URL's libpq parameters translated, timeouts, a fixed pool."""
+    # libpq parameters of the URL (sslmode=, application_name=, …), in asyncpg's terms
+    libpq = postgres_options(url)
+    # an explicit argument wins over the URL, which wins over the defaults
+    connect_timeout = request.connect_timeout
+    if connect_timeout is None:
+        connect_timeout = libpq.connect_timeout or DEFAULT_CONNECT_TIMEOUT
+    statement_timeout = request.statement_timeout
+    if statement_timeout is None:
+        statement_timeout = libpq.statement_timeout or DEFAULT_STATEMENT_TIMEOUT
+    user_connect_args = dict(request.connect_args)
+    # The server enforces the statement timeout too, so a statement whose client is cut
+    # off (a network partition, a frozen process) does not run on, holding its locks;
+    # and connections carry a name a DBA sees in pg_stat_activity.
+    server_settings = {
+        "application_name": DEFAULT_APPLICATION_NAME,
+        **libpq.server_settings,
+        "statement_timeout": str(max(1, round(statement_timeout * 1000))),
+        **user_connect_args.pop("server_settings", {}),
+    }
+    connect_args = {
+        **libpq.connect_args,
+        "timeout": connect_timeout,
+        "command_timeout": statement_timeout,
+        "server_settings": server_settings,
+    }
+    # A fixed pool (no overflow connections opened and closed in bursts), checked on
+    # checkout without a round trip: SQLAlchemy's pre-ping costs three on asyncpg
+    # (BEGIN, SELECT, ROLLBACK), more than the journal's own statement.
+    defaults = {"pool_size": 10, "max_overflow": 0}
+    final_connect_args = {**connect_args, **user_connect_args}
+    engine = create_async_engine(
+        libpq.url, connect_args=final_connect_args, **{**defaults, **request.options}
+    )
+    timeouts = Timeouts(
+        float(final_connect_args["timeout"]), float(final_connect_args["command_timeout"])
+    )
+    if not request.options.get("pool_pre_ping"):
+
+        @event.listens_for(engine.sync_engine, "checkout")
+        def _check_alive(_dbapi: Any, record: Any, _proxy: Any) -> None:
+            driver = record.driver_connection
+            if driver is not None and driver.is_closed():
+                # the pool discards it and hands out (or opens) another
+                raise DisconnectionError("connection closed by the server or the network")
+
+    return engine, timeouts
+
+
+register(
+    Dialect(
+        name="postgresql",
+        aliases=frozenset({"postgres"}),
+        label="PostgreSQL",
+        example="postgresql://…",
+        driver="asyncpg",
+        kind=JournalKind.centralized,
+        timed=True,
+        engine=postgresql_engine,
+        backend=PostgresBackend,
+    )
+)

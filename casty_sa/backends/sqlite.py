@@ -1,6 +1,18 @@
 """SQLite through ``aiosqlite``: files, and memory databases (a backend of one connection).
 
-On engines casty-sa creates, the driver runs in autocommit mode and a write
+The whole SQLite dialect (see :mod:`casty_sa.dialects`): the URLs it accepts
+(``sqlite:///path``, ``sqlite://`` for memory), the engine and the backend.
+
+The engine: WAL mode, ``synchronous=FULL`` by default (an acknowledged commit
+survives power loss; ``NORMAL`` is faster and may lose the last commits on
+power loss, never corrupting the file; ``OFF`` trusts the OS entirely), a busy
+timeout so writers from other processes wait instead of failing, and ``BEGIN
+IMMEDIATE`` for every write transaction so a transaction never has to upgrade
+a read lock (the source of "database is locked" deadlocks). An in-memory
+database uses one connection for the journal's lifetime, so all calls see one
+database.
+
+The backend: on engines casty-sa creates, the driver runs in autocommit mode and a write
 group is one multi-row ``INSERT`` (or snapshot upsert) that SQLite commits on
 its own: one trip to the driver's thread. Larger or mixed groups use ``BEGIN
 IMMEDIATE`` … ``COMMIT``. Reads of a file go to one reader connection the
@@ -15,42 +27,42 @@ connections opened (:mod:`casty_sa.backends.sqlite_file`).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-import operator
 import sqlite3
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
-from sqlalchemy import Table, bindparam, case, func, insert, literal_column
+from casty import JournalKind
+from sqlalchemy import URL, Table, bindparam, case, event, func, insert, literal_column
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
 from sqlalchemy.util import greenlet_spawn
 
 from casty_sa.backends.base import BackendSettings, latest_per_entity, quietly
 from casty_sa.backends.failures import ConnectionLost, classify_write_failure
 from casty_sa.backends.pooled import PooledBackend
 from casty_sa.backends.sqlite_file import DatabaseFile, FileId, run_and_look
+from casty_sa.backends.sqlite_rows import (
+    MAX_ROWS,
+    flat,
+    keep_negative_zero,
+    length_limit,
+    multi_row,
+)
 from casty_sa.coalescing import SharedAttempt
 from casty_sa.codec import Row, Stored
-from casty_sa.engine import AUTOCOMMIT_ENGINES
-from casty_sa.errors import JournalClosed
-from casty_sa.models import SQLITE_NEGATIVE_ZERO, is_negative_zero
-from casty_sa.urls import is_memory_sqlite
+from casty_sa.dialects import Dialect, EngineRequest, Timeouts, register
+from casty_sa.engine import AUTOCOMMIT_ENGINES, READ_ONLY
+from casty_sa.errors import JournalClosed, UnsupportedDatabase
+from casty_sa.urls import is_memory_sqlite, safe_url
 
-__all__ = ["SqliteBackend"]
+__all__ = ["SQLITE_SYNCHRONOUS", "SqliteBackend", "sqlite_engine"]
+
+SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 #: SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN: do not reuse the connection
 _STALE_SQLITE_CODES = frozenset({8, 10, 11, 14})
-
-#: rows per multi-row statement: 4 parameters a row, within SQLite's variable limit
-_SQLITE_MAX_ROWS = min(
-    1000, sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 4
-)
-_ONE_ROW = "VALUES (?, ?, ?, ?)"
-
-#: SQLite's default SQLITE_LIMIT_LENGTH, for a connection whose own limit cannot be read
-_SQLITE_MAX_LENGTH = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
 
 
 def _sqlite_has_json() -> bool:
@@ -151,8 +163,8 @@ class SqliteBackend(PooledBackend):
 
     async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
         self._file.check_kept()
-        events = _keep_negative_zero(events)
-        snapshots = _keep_negative_zero(latest_per_entity(snapshots))
+        events = keep_negative_zero(events)
+        snapshots = keep_negative_zero(latest_per_entity(snapshots))
         fairy = await self.take_writer()
         if self._file.on_other_file(fairy):  # opened after the file was replaced: do not use it
             await self.give_back_writer(fairy, ConnectionLost(OSError(), during_commit=False))
@@ -163,15 +175,15 @@ class SqliteBackend(PooledBackend):
         autocommit = self._autocommit
         committing = False
         try:
-            if autocommit and not snapshots and len(events) <= _SQLITE_MAX_ROWS:
+            if autocommit and not snapshots and len(events) <= MAX_ROWS:
                 committing = True  # one statement in autocommit: it commits on its own
                 how = await self._commit(
-                    conn, _multi_row(self._insert, len(events)), _flat(events), wal
+                    conn, multi_row(self._insert, len(events)), flat(events), wal
                 )
-            elif autocommit and not events and len(snapshots) <= _SQLITE_MAX_ROWS:
+            elif autocommit and not events and len(snapshots) <= MAX_ROWS:
                 committing = True
                 how = await self._commit(
-                    conn, _multi_row(self._upsert, len(snapshots)), _flat(snapshots), wal
+                    conn, multi_row(self._upsert, len(snapshots)), flat(snapshots), wal
                 )
             else:
                 await self._write_transaction(conn, events, snapshots)
@@ -189,7 +201,7 @@ class SqliteBackend(PooledBackend):
         except BaseException as exc:
             # a payload over SQLite's length limit fails its binding, before anything runs;
             # the limit, for the message, is read only then (and before the connection goes)
-            max_length = _length_limit(conn)
+            max_length = length_limit(conn)
             await self.give_back_writer(fairy, exc)
             if isinstance(exc, Exception):
                 self._file.check(exc, (len(events), len(snapshots)))
@@ -249,12 +261,12 @@ class SqliteBackend(PooledBackend):
             # inside the try: a caller cancelled while BEGIN is queued on the driver's thread
             # must still queue the ROLLBACK behind it, or the connection stays in a transaction
             await conn.execute("BEGIN IMMEDIATE")
-            for start in range(0, len(events), _SQLITE_MAX_ROWS):
-                chunk = events[start : start + _SQLITE_MAX_ROWS]
-                await conn.execute(_multi_row(self._insert, len(chunk)), _flat(chunk))
-            for start in range(0, len(snapshots), _SQLITE_MAX_ROWS):
-                chunk = snapshots[start : start + _SQLITE_MAX_ROWS]
-                await conn.execute(_multi_row(self._upsert, len(chunk)), _flat(chunk))
+            for start in range(0, len(events), MAX_ROWS):
+                chunk = events[start : start + MAX_ROWS]
+                await conn.execute(multi_row(self._insert, len(chunk)), flat(chunk))
+            for start in range(0, len(snapshots), MAX_ROWS):
+                chunk = snapshots[start : start + MAX_ROWS]
+                await conn.execute(multi_row(self._upsert, len(chunk)), flat(chunk))
         except BaseException:
             await quietly(conn.execute("ROLLBACK") if self._autocommit else conn.rollback())
             raise
@@ -333,35 +345,80 @@ class SqliteBackend(PooledBackend):
             await quietly(greenlet_spawn(reader[0].close))
 
 
-def _length_limit(driver_connection: Any) -> int:
-    """SQLITE_LIMIT_LENGTH of the connection (aiosqlite's sqlite3 connection), in bytes."""
-    try:  # aiosqlite's _conn raises ValueError once the connection is closed
-        return int(driver_connection._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH))
-    except (AttributeError, sqlite3.Error, TypeError, ValueError):
-        return _SQLITE_MAX_LENGTH
+def sqlite_engine(url: URL, request: EngineRequest) -> tuple[AsyncEngine, Timeouts | None]:
+    """A SQLite engine: WAL, ``synchronous``, busy timeout, ``BEGIN IMMEDIATE`` writes."""
+    synchronous = request.sqlite_synchronous.upper()
+    if synchronous not in SQLITE_SYNCHRONOUS:
+        raise ValueError(
+            f"sqlite_synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}, "
+            f"not {request.sqlite_synchronous!r}"
+        )
+    memory = is_memory_sqlite(url)
+    # autocommit at the driver: pysqlite opens no transaction behind our back; writes
+    # are single statements or explicit BEGIN IMMEDIATE transactions (never a read
+    # lock upgraded to a write lock, the source of "database is locked" deadlocks)
+    connect_args: dict[str, Any] = {"isolation_level": None, "timeout": request.busy_timeout}
+    # A fixed set of connections: SQLite allows one writer at a time anyway, and
+    # opening and closing overflow connections (a thread and pragmas each) costs more
+    # than waiting for a pooled one.
+    defaults: dict[str, Any] = {}
+    if memory:
+        defaults["poolclass"] = StaticPool
+    else:
+        defaults.update(pool_size=5, max_overflow=0)
+    final_connect_args = {**connect_args, **request.connect_args}
+    engine = create_async_engine(
+        url, connect_args=final_connect_args, **{**defaults, **request.options}
+    )
+    if final_connect_args.get("isolation_level", "") is None:
+        AUTOCOMMIT_ENGINES.add(engine.sync_engine)
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _begin_immediate(connection: Any) -> None:
+            # SQLAlchemy-level transactions (sessions, migrations) are real ones; those
+            # that only read take no write lock (WAL readers never wait for writers)
+            if connection.get_execution_options().get(READ_ONLY):
+                connection.exec_driver_sql("BEGIN DEFERRED")
+            else:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    busy_ms = int(request.busy_timeout * 1000)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            if not memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+        finally:
+            cursor.close()
+
+    return engine, None
 
 
-@functools.lru_cache(maxsize=256)
-def _multi_row(statement: str, rows: int) -> str:
-    """``statement`` (one row of ``VALUES``) rewritten for ``rows`` rows."""
-    head, sep, tail = statement.partition(_ONE_ROW)
-    if not sep or _ONE_ROW in tail:
-        raise AssertionError(f"unexpected statement shape: {statement}")
-    return head + "VALUES " + ", ".join(["(?, ?, ?, ?)"] * rows) + tail
+def _check_url(url: URL) -> None:
+    """Refuse a SQLite URL with a host, user or port."""
+    if url.host or url.port or url.username:
+        # sqlite://j.db parses with j.db as a host name, which SQLite has no use for
+        name = (url.database or url.host or "journal.db").lstrip("/")
+        raise UnsupportedDatabase(
+            f"{safe_url(url)} is not a SQLite URL casty-sa can open: a SQLite URL has no "
+            f"host, user or port. For a file use three slashes, 'sqlite:///{name}' (relative "
+            f"to the working directory) or four for an absolute path, 'sqlite:////path/{name}'"
+        )
 
 
-def _flat(rows: Sequence[Row]) -> list[Any]:
-    return [value for row in rows for value in row]
-
-
-_TIMESTAMP = operator.itemgetter(2)
-
-
-def _keep_negative_zero(rows: Sequence[Row]) -> Sequence[Row]:
-    """``rows`` with a ``-0.0`` timestamp as SQLite keeps it (rare: a copy only then)."""
-    if 0.0 not in map(_TIMESTAMP, rows):  # -0.0 == 0.0; a scan in C, no copy
-        return rows
-    return [
-        (row[0], row[1], SQLITE_NEGATIVE_ZERO, row[3]) if is_negative_zero(row[2]) else row  # type: ignore[misc]
-        for row in rows
-    ]
+register(
+    Dialect(
+        name="sqlite",
+        label="SQLite",
+        example="sqlite:///journal.db",
+        driver="aiosqlite",
+        check_url=_check_url,
+        kind=JournalKind.local,
+        engine=sqlite_engine,
+        backend=SqliteBackend,
+    )
+)

@@ -1,0 +1,122 @@
+"""A dialect is one registration: every layer of casty-sa looks it up in one registry.
+
+The test registers a third dialect from here (SQLite's engine tuning and
+backend under another name, over aiosqlite renamed for SQLAlchemy) and shows
+that URL normalization, the journal kind, engine creation and the backend
+registry all honour it, and that nothing of it is left once it is unregistered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from casty import JournalKind
+from sqlalchemy import make_url
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
+
+from casty_sa import UnsupportedDatabase, dialects
+from casty_sa.backends import SqliteBackend, backend_for
+from casty_sa.engine import open_engine
+from casty_sa.models import metadata
+from casty_sa.urls import kind_of, to_async_url
+
+
+class _TwinDialect(SQLiteDialect_aiosqlite):
+    """SQLAlchemy's aiosqlite under another name: a database casty-sa does not know."""
+
+    name = "sqlitetwin"
+
+
+registry.register("sqlitetwin.aiosqlite", __name__, "_TwinDialect")
+
+SQLITE = dialects.find("sqlite")
+assert SQLITE is not None
+#: SQLite's engine tuning and backend, under another name
+TWIN = dataclasses.replace(
+    SQLITE,
+    name="sqlitetwin",
+    label="SQLite twin",
+    example="sqlitetwin:///journal.db",
+    aliases=frozenset({"twin"}),
+)
+
+
+@pytest.fixture
+def twin() -> Iterator[dialects.Dialect]:
+    """The twin dialect, registered for the test only."""
+    dialects.register(TWIN)
+    try:
+        yield TWIN
+    finally:
+        dialects.unregister(TWIN.name)
+
+
+def test_a_registered_dialect_is_known_to_urls_and_messages(twin: dialects.Dialect) -> None:
+    url = to_async_url("twin:///bank.db")  # the alias, no driver: the dialect's own
+    assert url.drivername == "sqlitetwin+aiosqlite"
+    assert kind_of(url) is JournalKind.local
+    with pytest.raises(UnsupportedDatabase, match=r"use 'sqlitetwin\+aiosqlite://…'"):
+        to_async_url("sqlitetwin+pysqlite:///bank.db")
+    with pytest.raises(UnsupportedDatabase) as info:
+        to_async_url("mysql://db/bank")
+    assert str(info.value).endswith(
+        "use SQLite ('sqlite:///journal.db'), PostgreSQL ('postgresql://…') "
+        "or SQLite twin ('sqlitetwin:///journal.db')"
+    )
+
+
+async def test_a_registered_dialect_gets_its_engine_and_backend(
+    twin: dialects.Dialect, tmp_path: Path
+) -> None:
+    engine, owned = open_engine(tmp_path / "twin.db")  # a path is SQLite: not the twin
+    assert owned and engine.dialect.name == "sqlite"
+    await engine.dispose()
+    engine, _ = open_engine(f"twin:///{tmp_path / 'twin.db'}")
+    try:
+        assert engine.dialect.name == "sqlitetwin"
+        async with engine.begin() as conn:
+            # SQLite's engine tuning ran: WAL, and the tables go in like SQLite's
+            assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+            await conn.run_sync(metadata.create_all)
+        backend = backend_for(engine, None)
+        assert isinstance(backend, SqliteBackend)
+        try:
+            await backend.write([("acct-1", 1, 1.5, b"opened")], [])
+            assert await backend.fetch_events("acct-1", 1) == [(1, b"opened", 1.5)]
+        finally:
+            await backend.close()
+    finally:
+        await engine.dispose()
+
+
+async def test_an_unregistered_dialect_is_refused_everywhere(tmp_path: Path) -> None:
+    dialects.register(TWIN)
+    try:
+        engine, _ = open_engine(f"sqlitetwin:///{tmp_path / 'twin.db'}")
+    finally:
+        dialects.unregister(TWIN.name)
+    try:
+        with pytest.raises(
+            UnsupportedDatabase, match=r"'sqlitetwin'.*use SQLite \(.*\) or Postgre"
+        ):
+            to_async_url("sqlitetwin:///bank.db")
+        with pytest.raises(UnsupportedDatabase, match="'twin'"):
+            to_async_url("twin:///bank.db")
+        with pytest.raises(UnsupportedDatabase, match="use SQLite or PostgreSQL"):
+            kind_of(make_url("sqlitetwin+aiosqlite:///bank.db"))
+        with pytest.raises(UnsupportedDatabase, match="it supports postgresql and sqlite"):
+            backend_for(engine, None)
+    finally:
+        await engine.dispose()
+
+
+def test_a_name_is_registered_once() -> None:
+    sqlite = dialects.find("sqlite")
+    assert sqlite is not None
+    with pytest.raises(ValueError, match="already registered: sqlite"):
+        dialects.register(sqlite)
+    assert [d.name for d in dialects.dialects()] == ["sqlite", "postgresql"]
