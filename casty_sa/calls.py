@@ -1,5 +1,6 @@
-"""What every journal call shares: work that outlives a cancelled caller, deadlines, and a
-caller's own copy of an error many callers share.
+"""What every journal call shares: work that outlives a cancelled caller, one attempt at a
+step shared by the callers that wait for it, deadlines, and a caller's own copy of an error
+many callers share.
 
 A database call cut off half-way can leave a pooled connection in an unknown state, so
 the journal runs such work in a task a cancelled caller cannot stop, and ``close()``
@@ -21,12 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from casty_sa.errors import JournalError
 
-__all__ = ["Inflight", "copy_error", "deadline", "past"]
+__all__ = ["Inflight", "SharedAttempt", "copy_error", "deadline", "past"]
 
 
 class Inflight:
@@ -80,3 +81,70 @@ def copy_error[E: JournalError](exc: E) -> E:
     clone.args = exc.args
     clone.__cause__ = exc.__cause__
     return clone
+
+
+class SharedAttempt[T]:
+    """One attempt at a time at a step; callers that come while it runs share its outcome.
+
+    A caller that comes once the attempt has ended starts the next one (the
+    caller decides beforehand whether the step is still needed). The attempt
+    runs in a task of its own, so a caller cancelled half-way never cuts it in
+    two, and its exception is retrieved even when every caller was cancelled.
+
+    Parameters
+    ----------
+    step : Callable[[], Coroutine]
+        Makes one attempt.
+    name : str
+        Name of the attempt's task.
+    track : Callable | None
+        Called with every attempt's task, so its owner can wait for it on close.
+
+    Examples
+    --------
+    >>> import asyncio
+    >>> async def slow() -> int:
+    ...     tries.append(1)
+    ...     await asyncio.sleep(0.01)
+    ...     return 42
+    >>> tries = []
+    >>> async def main():
+    ...     attempt = SharedAttempt(slow, "example")
+    ...     return await asyncio.gather(*(attempt() for _ in range(5)))
+    >>> asyncio.run(main()), len(tries)
+    ([42, 42, 42, 42, 42], 1)
+    """
+
+    def __init__(
+        self,
+        step: Callable[[], Coroutine[Any, Any, T]],
+        name: str,
+        *,
+        track: Callable[[asyncio.Task[Any]], None] | None = None,
+    ) -> None:
+        self._step = step
+        self._name = name
+        self._track = track
+        self._task: asyncio.Task[T] | None = None
+
+    async def __call__(self) -> T:
+        """The outcome of the attempt in flight, or of a new one if none is."""
+        attempt = self._task
+        if attempt is None or attempt.done():
+            attempt = asyncio.get_running_loop().create_task(self._step(), name=self._name)
+            attempt.add_done_callback(_retrieve)
+            self._task = attempt
+            if self._track is not None:
+                self._track(attempt)
+        return await asyncio.shield(attempt)
+
+    async def settled(self) -> None:
+        """Wait until no attempt is in flight (whatever its outcome)."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a task's exception as seen (its callers may all have been cancelled)."""
+    if not task.cancelled():
+        task.exception()

@@ -14,20 +14,17 @@ their own tasks: a caller cancelled while its query is in flight gets its
 ``CancelledError`` at once, while the query finishes on its own, so no
 connection is ever left half-way through a statement.
 
-A :class:`SharedAttempt` does the same for a one-off step many callers wait
-for (a journal's start-up, opening a shared connection): callers that come
-while an attempt runs share its outcome, instead of each trying again after
-the one before failed.
+:class:`~casty_sa.calls.SharedAttempt` does the same for a one-off step many
+callers wait for (a journal's start-up, opening a shared connection).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 
-__all__ = ["BatchFetch", "ReadCoalescer", "SharedAttempt"]
+__all__ = ["BatchFetch", "ReadCoalescer"]
 
 #: Queued keys per running batch before one more batch is started beside them.
 _MIN_SHARE = 16
@@ -200,70 +197,3 @@ def _fail[V](waiting: list[asyncio.Future[V]], exc: BaseException) -> None:
                 future.cancel()
             else:
                 future.set_exception(exc)
-
-
-class SharedAttempt[T]:
-    """One attempt at a time at a step; callers that come while it runs share its outcome.
-
-    A caller that comes once the attempt has ended starts the next one (the
-    caller decides beforehand whether the step is still needed). The attempt
-    runs in a task of its own, so a caller cancelled half-way never cuts it in
-    two, and its exception is retrieved even when every caller was cancelled.
-
-    Parameters
-    ----------
-    step : Callable[[], Coroutine]
-        Makes one attempt.
-    name : str
-        Name of the attempt's task.
-    track : Callable | None
-        Called with every attempt's task, so its owner can wait for it on close.
-
-    Examples
-    --------
-    >>> import asyncio
-    >>> async def slow() -> int:
-    ...     tries.append(1)
-    ...     await asyncio.sleep(0.01)
-    ...     return 42
-    >>> tries = []
-    >>> async def main():
-    ...     attempt = SharedAttempt(slow, "example")
-    ...     return await asyncio.gather(*(attempt() for _ in range(5)))
-    >>> asyncio.run(main()), len(tries)
-    ([42, 42, 42, 42, 42], 1)
-    """
-
-    def __init__(
-        self,
-        step: Callable[[], Coroutine[Any, Any, T]],
-        name: str,
-        *,
-        track: Callable[[asyncio.Task[Any]], None] | None = None,
-    ) -> None:
-        self._step = step
-        self._name = name
-        self._track = track
-        self._task: asyncio.Task[T] | None = None
-
-    async def __call__(self) -> T:
-        """The outcome of the attempt in flight, or of a new one if none is."""
-        attempt = self._task
-        if attempt is None or attempt.done():
-            attempt = asyncio.get_running_loop().create_task(self._step(), name=self._name)
-            attempt.add_done_callback(_retrieve)
-            self._task = attempt
-            if self._track is not None:
-                self._track(attempt)
-        return await asyncio.shield(attempt)
-
-    async def settled(self) -> None:
-        """Wait until no attempt is in flight (whatever its outcome)."""
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    """Mark a task's exception as seen (its callers may all have been cancelled)."""
-    if not task.cancelled():
-        task.exception()

@@ -30,8 +30,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from casty_sa.calls import Inflight, copy_error
-from casty_sa.coalescing import SharedAttempt
+from casty_sa.calls import Inflight, SharedAttempt, copy_error
 from casty_sa.errors import JournalClosed, JournalError
 
 __all__ = ["Lifecycle"]

@@ -93,7 +93,6 @@ async def _on_engine(
     *,
     writes: bool = True,
 ) -> Any:
-
     engine, owned = open_engine(target)
     check_schema(engine.dialect.name, schema)
     try:

@@ -145,12 +145,12 @@ class Writer:
             ordered = sorted(group, key=_ENTITY_OF)
             events = [row for request in ordered for row in request.events]
             snapshots = [request.snapshot for request in ordered if request.snapshot is not None]
-        what = f"write {len(events)} events and {len(snapshots)} snapshots"
         try:
             await self._send(events, snapshots)
         except (WriteRefused, Contended):
             raise
         except ConnectionLost as lost:
+            what = _what(events, snapshots)
             if lost.during_commit:
                 raise CommitOutcomeUnknown(
                     f"could not {what} on {safe_url(self._diagnosis.url)}: "
@@ -159,7 +159,7 @@ class Writer:
                 ) from lost.cause
             raise self._diagnosis.error(lost.cause, what) from lost.cause
         except Exception as exc:
-            raise self._diagnosis.error(exc, what) from exc
+            raise self._diagnosis.error(exc, _what(events, snapshots)) from exc
 
     async def _send(self, events: list[Row], snapshots: list[Row]) -> None:
         """Send the rows, again when it is safe and may help.
@@ -232,3 +232,8 @@ class Writer:
         conflict = SequenceConflict(request.entity_id, stored if stored is not None else low)
         conflict.__cause__ = refused.cause
         return conflict
+
+
+def _what(events: Sequence[Row], snapshots: Sequence[Row]) -> str:
+    """A failed write in an error message, after "could not" (built only on failure)."""
+    return f"write {len(events)} events and {len(snapshots)} snapshots"

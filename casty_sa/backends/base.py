@@ -126,7 +126,8 @@ class Backend(ABC):
     #: Whether a statement whose caller is cancelled still runs to its end on its own (the
     #: driver finishes it on the connection's thread), so callers may run reads and writes
     #: in their own task; otherwise the journal runs them in a task that cannot be cut off
-    #: half-way (see ``SAJournal._shielded``), since that could leave the connection unusable.
+    #: half-way (:meth:`casty_sa.calls.Inflight.shielded`): that could leave the connection
+    #: unusable.
     cancel_safe = False
 
     #: Most entities one batched read asks for (1: every read is sent alone).

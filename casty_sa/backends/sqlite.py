@@ -50,7 +50,7 @@ from casty_sa.backends.sqlite_rows import (
     length_limit,
     multi_row,
 )
-from casty_sa.coalescing import SharedAttempt
+from casty_sa.calls import SharedAttempt
 from casty_sa.codec import Row, Stored
 from casty_sa.dialects import Dialect, EngineRequest, Timeouts, register
 from casty_sa.engine import AUTOCOMMIT_ENGINES, READ_ONLY
