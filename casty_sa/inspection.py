@@ -234,7 +234,7 @@ async def summarize(
     exact : bool
         Count the totals even where that reads whole tables.
     **engine_options
-        Passed on to :class:`~casty_sa.SAJournal` (``connect_timeout``, …).
+        As :class:`~casty_sa.SAJournal` takes them (``connect_timeout``, …).
 
     Raises
     ------
@@ -375,7 +375,7 @@ async def entity_detail(
     schema : str | None
         PostgreSQL schema of the tables.
     **engine_options
-        Passed on to :class:`~casty_sa.SAJournal`.
+        As :class:`~casty_sa.SAJournal` takes them.
 
     Raises
     ------

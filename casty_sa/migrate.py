@@ -60,6 +60,26 @@ from casty_sa.urls import UrlLike, safe_url, to_async_url, url_secrets
 
 log = logging.getLogger("casty_sa")
 
+#: SAJournal's settings of its writes and reads: an engine that only checks, reads or
+#: copies accepts them (as the journal does) and has no use for them
+_JOURNAL_SETTINGS = frozenset(
+    {
+        "kind",
+        "serialize",
+        "deserialize",
+        "group_commit",
+        "max_batch_events",
+        "max_batch_bytes",
+        "max_pending",
+        "read_retries",
+        "retry_backoff",
+    }
+)
+#: SAJournal's engine settings whose ``None`` means "the default"
+_DEFAULTED = frozenset(
+    {"busy_timeout", "sqlite_synchronous", "connect_timeout", "statement_timeout"}
+)
+
 __all__ = [
     "EventsWouldBeDropped",
     "check_schema",
@@ -390,21 +410,35 @@ async def checked_engine(
     """An engine on a database at casty-sa's head revision (async context manager).
 
     ``migrate`` as for :class:`~casty_sa.SAJournal` (``None``: migrate SQLite only).
-    An engine casty-sa creates here is disposed of on the way out, also when the
-    check fails; an engine passed in is left open.
+    ``engine_options`` are the journal's: its engine settings (``connect_timeout``,
+    ``busy_timeout``, ``pool_size``, …; ``None`` for a default) configure the engine,
+    and its write and read settings (``group_commit``, ``read_retries``, …) are
+    accepted and have nothing to do here. An engine casty-sa creates here is
+    disposed of on the way out, also when the check fails; an engine passed in is
+    left open. A migration under way runs to its end even if the caller is cancelled,
+    as a journal's start does.
     """
-    budget = (
-        engine_options.pop("connect_timeout", None),
-        engine_options.pop("statement_timeout", None),
-    )
-    engine, owned, _timeouts = open_journal_engine(target, engine_options, budget=budget)
+    options = {
+        name: value
+        for name, value in engine_options.items()
+        if name not in _JOURNAL_SETTINGS and not (name in _DEFAULTED and value is None)
+    }
+    budget = (options.pop("connect_timeout", None), options.pop("statement_timeout", None))
+    engine, owned, _timeouts = open_journal_engine(target, options, budget=budget)
     try:
         check_schema(engine.dialect.name, schema)
         secrets = url_secrets(engine.url) | (
             url_secrets(target) if isinstance(target, str | URL) else frozenset()
         )
         allowed = engine.dialect.name == "sqlite" if migrate is None else migrate
-        await ensure_schema(engine, schema=schema, migrate=allowed, secrets=secrets)
+        check = asyncio.ensure_future(
+            ensure_schema(engine, schema=schema, migrate=allowed, secrets=secrets)
+        )
+        try:
+            await asyncio.shield(check)
+        except asyncio.CancelledError:
+            await asyncio.gather(check, return_exceptions=True)
+            raise
         yield engine
     finally:
         if owned:

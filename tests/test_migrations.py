@@ -202,3 +202,44 @@ def test_upgrade_runs_from_an_installed_wheel(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == head_revision()
+
+
+class TestCheckedEngine:
+    """``migrate.checked_engine``: what import, export and inspect open a database with."""
+
+    async def test_it_takes_the_journals_options(self, db_url: URL) -> None:
+        """The journal's settings pass through as the journal takes them: ``None`` is the
+        default, and the write and read settings have nothing to configure here."""
+        from casty_sa import inspection
+
+        summary = await inspection.summarize(
+            db_url,
+            busy_timeout=None,
+            sqlite_synchronous=None,
+            connect_timeout=None,
+            read_retries=1,
+            group_commit=False,
+        )
+        assert (summary.entities, summary.events, summary.revision) == (0, 0, head_revision())
+
+    async def test_a_cancelled_open_finishes_its_migration(self, tmp_path: Path) -> None:
+        """A caller cancelled once the schema check has begun (the file exists) leaves the
+        schema created whole, as a journal's start does: the migration runs to its end."""
+        import asyncio
+
+        from casty_sa.migrate import checked_engine
+
+        path = tmp_path / "new.db"
+
+        async def open_it() -> None:
+            async with checked_engine(f"sqlite:///{path}", migrate=True):
+                await asyncio.Event().wait()  # held open until cancelled
+
+        task = asyncio.ensure_future(open_it())
+        async with asyncio.timeout(30):
+            while not path.exists():  # noqa: ASYNC110 (a file appearing sets no event)
+                await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        assert await casty_sa.current(f"sqlite:///{path}") == head_revision()

@@ -80,7 +80,7 @@ class JournalDatabase:
         must_exist : bool
             Refuse a SQLite file that does not exist instead of creating it.
         **engine_options
-            Passed on to :class:`~casty_sa.SAJournal` (``connect_timeout``, …).
+            As :class:`~casty_sa.SAJournal` takes them (``connect_timeout``, …).
 
         Raises
         ------

@@ -50,7 +50,7 @@ async def import_casty_file(
     on_progress : Callable[[Progress], None] | None
         Called after every batch.
     **engine_options
-        Passed on to :class:`~casty_sa.SAJournal` (``connect_timeout``, …).
+        As :class:`~casty_sa.SAJournal` takes them (``connect_timeout``, …).
 
     Returns
     -------
