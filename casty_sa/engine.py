@@ -31,6 +31,7 @@ __all__ = [
     "READ_ONLY",
     "Timeouts",
     "build_engine",
+    "engine_settings",
     "open_engine",
     "open_journal_engine",
     "read_connection",
@@ -170,3 +171,46 @@ def bind_schema[B: (AsyncEngine, Connection)](bind: B, schema: str | None) -> B:
     if schema is None:
         return bind
     return bind.execution_options(schema_translate_map={None: schema})
+
+
+#: SAJournal's settings of its writes and reads: an engine that only checks, reads or
+#: copies accepts them (as the journal does) and has no use for them
+_JOURNAL_SETTINGS = frozenset(
+    {
+        "kind",
+        "serialize",
+        "deserialize",
+        "group_commit",
+        "max_batch_events",
+        "max_batch_bytes",
+        "max_pending",
+        "read_retries",
+        "retry_backoff",
+    }
+)
+#: SAJournal's engine settings whose ``None`` means "the default"
+_DEFAULTED = frozenset(
+    {"busy_timeout", "sqlite_synchronous", "connect_timeout", "statement_timeout"}
+)
+
+
+def engine_settings(
+    options: dict[str, Any],
+) -> tuple[dict[str, Any], tuple[float | None, float | None]]:
+    """SAJournal's keyword arguments as :func:`open_journal_engine` takes them.
+
+    The engine options (``None`` dropped: the default), and the
+    ``(connect_timeout, statement_timeout)`` budget; the journal's own write and
+    read settings are accepted and left out.
+
+    Examples
+    --------
+    >>> engine_settings({"busy_timeout": None, "pool_size": 2, "read_retries": 1})
+    ({'pool_size': 2}, (None, None))
+    """
+    kept = {
+        name: value
+        for name, value in options.items()
+        if name not in _JOURNAL_SETTINGS and not (name in _DEFAULTED and value is None)
+    }
+    return kept, (kept.pop("connect_timeout", None), kept.pop("statement_timeout", None))

@@ -38,6 +38,7 @@ from casty_sa.diagnosis import database_error, migration_error
 from casty_sa.engine import (
     AUTOCOMMIT_ENGINES,
     bind_schema,
+    engine_settings,
     open_engine,
     open_journal_engine,
     read_connection,
@@ -60,28 +61,9 @@ from casty_sa.urls import UrlLike, safe_url, to_async_url, url_secrets
 
 log = logging.getLogger("casty_sa")
 
-#: SAJournal's settings of its writes and reads: an engine that only checks, reads or
-#: copies accepts them (as the journal does) and has no use for them
-_JOURNAL_SETTINGS = frozenset(
-    {
-        "kind",
-        "serialize",
-        "deserialize",
-        "group_commit",
-        "max_batch_events",
-        "max_batch_bytes",
-        "max_pending",
-        "read_retries",
-        "retry_backoff",
-    }
-)
-#: SAJournal's engine settings whose ``None`` means "the default"
-_DEFAULTED = frozenset(
-    {"busy_timeout", "sqlite_synchronous", "connect_timeout", "statement_timeout"}
-)
-
 __all__ = [
     "EventsWouldBeDropped",
+    "SchemaNotSupported",
     "check_schema",
     "checked_engine",
     "current",
@@ -175,11 +157,15 @@ def unsupported_schema(dialect: str, schema: str | None, option: str = "schema="
     return f"{option}{schema!r} needs PostgreSQL; {dialect} has no schemas"
 
 
+class SchemaNotSupported(ValueError):
+    """``schema=`` on a database that has no schemas to put tables in."""
+
+
 def check_schema(dialect: str, schema: str | None) -> None:
-    """Refuse ``schema=`` (``ValueError``) where the database has no schemas for tables."""
+    """Refuse ``schema=`` (:class:`SchemaNotSupported`) where the database has no schemas."""
     reason = unsupported_schema(dialect, schema)
     if reason is not None:
-        raise ValueError(reason)
+        raise SchemaNotSupported(reason)
 
 
 async def upgrade(
@@ -333,7 +319,7 @@ def write_sql(
     ------
     UnsupportedDatabase
         ``url`` is not a database casty-sa supports.
-    ValueError
+    SchemaNotSupported
         ``schema`` on a database without schemas.
     """
     # an unsupported dialect fails here, with its own message
@@ -341,8 +327,8 @@ def write_sql(
     config = alembic_config(url, schema=schema, stdout=stdout)
     try:
         (command.downgrade if down else command.upgrade)(config, revision, sql=True)
-    except SystemExit as exc:  # migrations/env.py refuses with SystemExit(message)
-        raise ValueError(str(exc.code)) from None
+    except SystemExit as exc:  # migrations/env.py refuses a schema with SystemExit(message)
+        raise SchemaNotSupported(str(exc.code)) from None
 
 
 async def ensure_schema(
@@ -418,12 +404,7 @@ async def checked_engine(
     left open. A migration under way runs to its end even if the caller is cancelled,
     as a journal's start does.
     """
-    options = {
-        name: value
-        for name, value in engine_options.items()
-        if name not in _JOURNAL_SETTINGS and not (name in _DEFAULTED and value is None)
-    }
-    budget = (options.pop("connect_timeout", None), options.pop("statement_timeout", None))
+    options, budget = engine_settings(engine_options)
     engine, owned, _timeouts = open_journal_engine(target, options, budget=budget)
     try:
         check_schema(engine.dialect.name, schema)

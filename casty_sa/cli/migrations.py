@@ -84,7 +84,7 @@ def _write_sql(args: argparse.Namespace, database: str, revision: str) -> int:
         migrate.write_sql(
             database, revision, sys.stdout, down=args.command == "downgrade", schema=args.schema
         )
-    except ValueError as exc:
+    except migrate.SchemaNotSupported as exc:
         raise UsageError(str(exc)) from None
     return ExitCode.OK
 
