@@ -34,7 +34,7 @@ from casty_sa.codec import (
     load_key,
 )
 from casty_sa.diagnosis import Diagnosis
-from casty_sa.engine import open_journal_engine
+from casty_sa.engine import engine_settings, open_journal_engine
 from casty_sa.lifecycle import Lifecycle
 from casty_sa.migrate import check_schema, ensure_schema
 from casty_sa.reads import RetryingReader
@@ -160,10 +160,9 @@ class SAJournal:
         **engine_options: Any,
     ) -> None:
         tuning = {"busy_timeout": busy_timeout, "sqlite_synchronous": sqlite_synchronous}
-        engine_options.update({k: v for k, v in tuning.items() if v is not None})
-        self._engine, self._owns_engine, timeouts = open_journal_engine(
-            url, engine_options, budget=(connect_timeout, statement_timeout)
-        )
+        timing = {"connect_timeout": connect_timeout, "statement_timeout": statement_timeout}
+        options, bounds = engine_settings(engine_options | tuning | timing)
+        self._engine, self._owns_engine, timeouts = open_journal_engine(url, options, budget=bounds)
         self._url = self._engine.url
         check_schema(self._engine.dialect.name, schema)
         self._schema = schema
