@@ -204,3 +204,47 @@ async def test_a_group_never_carries_more_than_max_batch_bytes(
         assert [e.event for e in await journal.load(f"e{k}")] == [payload]
     assert [e.event for e in await journal.load("huge")] == ["h" * (3 * cap)]
     assert await journal.load_snapshot("snap") == Snapshot(1, payload, 1.0)
+
+
+@pytest.mark.parametrize("where", ["sqlite-memory", "postgresql-one-connection"])
+async def test_readers_never_wait_behind_the_kept_writer_of_a_single_connection(
+    where: str,
+    make_journal: Callable[..., SAJournal],
+    new_postgres_db: Callable[..., Any],
+) -> None:
+    """With one connection in all, group commit keeps it between groups while writes keep
+    coming; a load that arrives meanwhile gets it at the next group's end, every time,
+    instead of waiting for the writes to stop."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = None
+    if where == "sqlite-memory":
+        journal = make_journal("sqlite://")
+    else:
+        url = await new_postgres_db(migrated=True)
+        engine = create_async_engine(url, pool_size=1, max_overflow=0)
+        journal = make_journal(engine)
+    try:
+        await journal.persist("reader", [PersistedEvent(1, "r", 1.0)])
+        writing = True
+
+        async def write_on() -> int:
+            n = 0
+            while writing:  # no pause: the writer always has the next group in hand
+                n += 1
+                await journal.persist(f"w{n}", [PersistedEvent(1, n, 1.0)])
+            return n
+
+        writer = asyncio.ensure_future(write_on())
+        try:
+            for _ in range(20):
+                async with asyncio.timeout(10):
+                    assert [e.event for e in await journal.load("reader")] == ["r"]
+                assert not writer.done(), "the writes stopped, so the loads proved nothing"
+        finally:
+            writing = False
+            assert await asyncio.wait_for(writer, 10) > 0
+        await journal.close()
+    finally:
+        if engine is not None:
+            await engine.dispose()

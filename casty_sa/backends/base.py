@@ -40,7 +40,7 @@ class BackendSettings:
         Bound every PostgreSQL statement (``statement``) and liveness ping (``ping``).
     hold_writes : bool
         Keep the writer's connection between write groups (group commit has one
-        flusher), when the pool has another one for readers.
+        flusher); it goes back whenever a reader waits for a connection.
     hold_linger : float
         Seconds a kept writer connection may sit unused before it goes back to the pool.
     """
@@ -143,9 +143,8 @@ class Backend(ABC):
         # callers beyond what the pool holds wait for one of these places, cheaply, instead
         # of in the pool
         self.capacity = capacity
-        # the writer's connection is kept only when there is another one: readers never
-        # starve behind it
-        self.hold_writes = settings.hold_writes and capacity >= 2
+        # the writer's connection is kept between groups (see PooledBackend)
+        self.hold_writes = settings.hold_writes
         #: seconds a kept writer connection may sit unused before it goes back to the pool
         self.hold_linger = settings.hold_linger
         #: seconds a liveness ping may take: a server that does not answer ``SELECT 1``

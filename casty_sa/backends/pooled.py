@@ -61,6 +61,7 @@ class PooledBackend(Backend):
         capacity = _pool_capacity(engine) if capacity is None else capacity
         super().__init__(engine, schema, settings, capacity=capacity)
         self._gate = asyncio.Semaphore(capacity)
+        self._waiting = 0  # callers waiting at the gate
         self._held: Any = None
         self._idle_check: asyncio.TimerHandle | None = None
         self._giving_back: set[asyncio.Task[None]] = set()
@@ -78,24 +79,34 @@ class PooledBackend(Backend):
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
         # a place at the gate, like any other user of a connection
-        async with self._gate:
+        await self._enter()
+        try:
             yield
+        finally:
+            self._gate.release()
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Any]:
         """A live driver connection from SQLAlchemy's pool, returned on exit.
 
         A connection that failed at the transport level is invalidated, so the
-        pool replaces it instead of handing it out again.
+        pool replaces it instead of handing it out again. With one connection in
+        all, a reader takes the writer's kept one (and its place at the gate).
         """
-        async with self._gate:
-            fairy = await self._checkout()
+        fairy = await self._take_held() if self.capacity == 1 else None
+        if fairy is None:
+            await self._enter()
             try:
-                yield fairy.driver_connection
-            except BaseException as exc:
-                await self._release(fairy, exc if self.is_disconnect(exc) else None)
+                fairy = await self._checkout()
+            except BaseException:
+                self._gate.release()
                 raise
-            await self._release(fairy, None)
+        try:
+            yield fairy.driver_connection
+        except BaseException as exc:
+            await self._give_back(fairy, exc if self.is_disconnect(exc) else None)
+            raise
+        await self._give_back(fairy, None)
 
     async def take_writer(self) -> Any:
         """The pooled connection (fairy) a write uses; hand it back with :meth:`give_back_writer`.
@@ -108,26 +119,38 @@ class PooledBackend(Backend):
         is two plain calls rather than a context manager because it sits on
         every write's path.
         """
-        fairy = None
-        if self.hold_writes:
-            fairy, self._held = self._held, None
-            if fairy is not None:
-                try:
-                    alive = await self._alive(fairy)
-                except BaseException:
-                    self._gate.release()  # _alive gave the connection back; its permit too
-                    raise
-                if not alive:
-                    fairy = None
-                    self._gate.release()
+        fairy = await self._take_held() if self.hold_writes else None
         if fairy is None:
-            await self._gate.acquire()
+            await self._enter()
             try:
                 fairy = await self._checkout()
             except BaseException:
                 self._gate.release()
                 raise
         return fairy
+
+    async def _take_held(self) -> Any:
+        """The kept writer connection, with its place at the gate, if it is kept and alive."""
+        fairy, self._held = self._held, None
+        if fairy is None:
+            return None
+        try:
+            alive = await self._alive(fairy)
+        except BaseException:
+            self._gate.release()  # _alive gave the connection back; its permit too
+            raise
+        if not alive:
+            self._gate.release()
+            return None
+        return fairy
+
+    async def _enter(self) -> None:
+        """Take a place at the gate, counted as waiting meanwhile."""
+        self._waiting += 1
+        try:
+            await self._gate.acquire()
+        finally:
+            self._waiting -= 1
 
     async def give_back_writer(self, fairy: Any, exc: BaseException | None) -> None:
         """Return (or keep) the writer's connection; ``exc``: how the write failed, if it did.
@@ -169,13 +192,15 @@ class PooledBackend(Backend):
             self._gate.release()
 
     async def _keep(self, fairy: Any) -> None:
-        """Hold on to the writer's connection, unless readers are waiting for one.
+        """Hold on to the writer's connection, unless others may need it.
 
-        With groups in flight side by side, one connection is kept; the others
-        go back to the pool.
+        It goes back when someone waits at the gate, or (with more than one
+        connection) when every other one is in use: readers never starve behind
+        it. With groups in flight side by side, one connection is kept; the
+        others go back to the pool.
         """
         fairy.info[_RELEASED] = time.monotonic()
-        if self._gate.locked() or self._held is not None:
+        if self._held is not None or self._waiting or (self.capacity > 1 and self._gate.locked()):
             await self._give_back(fairy, None)
         else:
             self._held = fairy
