@@ -140,6 +140,10 @@ class Dialect:
         engine too.
     check_url : Callable[[URL], None] | None
         Refuses (with ``UnsupportedDatabase``) a URL of this database casty-sa cannot open.
+    write_failure : Callable[[Exception, int | None], BaseException | bool] | None
+        Reads the driver's error of a failed write (see
+        :data:`casty_sa.backends.failures.WriteFailureRule`); without one, a failed
+        write is not classified but refused with ``ValueError``.
     """
 
     name: str
@@ -153,6 +157,7 @@ class Dialect:
     aliases: frozenset[str] = frozenset()
     timed: bool = False
     check_url: Callable[[URL], None] | None = None
+    write_failure: Callable[[Exception, int | None], BaseException | bool] | None = None
 
     def accepts(self, driver: str) -> bool:
         """Whether a URL may name ``driver`` (``""``: none named, the default one)."""

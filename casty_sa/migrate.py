@@ -418,7 +418,12 @@ async def checked_engine(
         try:
             await asyncio.shield(check)
         except asyncio.CancelledError:
-            await asyncio.gather(check, return_exceptions=True)
+            # the migration under way ends first, however often the caller is cancelled
+            while not check.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({check})
+            if not check.cancelled():
+                check.exception()  # retrieved: the caller's cancellation is what it sees
             raise
         yield engine
     finally:

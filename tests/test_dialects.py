@@ -120,3 +120,26 @@ def test_a_name_is_registered_once() -> None:
     with pytest.raises(ValueError, match="already registered: sqlite"):
         dialects.register(sqlite)
     assert [d.name for d in dialects.dialects()] == ["sqlite", "postgresql"]
+
+
+def test_a_failed_write_on_a_dialect_without_its_own_rule_is_never_read_by_another() -> None:
+    """What a failed write stored is read by the rule its dialect registered. A dialect
+    that registered none is refused, never read by SQLite's or PostgreSQL's rule (a unique
+    violation taken for a lost commit would tell the caller "outcome unknown")."""
+    import sqlite3
+
+    from casty_sa.backends.failures import WriteRefused, classify_write_failure
+
+    error = sqlite3.IntegrityError("UNIQUE constraint failed")
+    assert isinstance(
+        classify_write_failure(error, committing=True, dialect="sqlite"), WriteRefused
+    )
+    ruleless = dataclasses.replace(TWIN, name="ruleless", aliases=frozenset(), write_failure=None)
+    dialects.register(ruleless)
+    try:
+        with pytest.raises(ValueError, match=r"no rule for failed writes .* 'ruleless'"):
+            classify_write_failure(error, committing=True, dialect="ruleless")
+    finally:
+        dialects.unregister("ruleless")
+    with pytest.raises(ValueError, match="'nonsense-typo'"):
+        classify_write_failure(error, committing=True, dialect="nonsense-typo")

@@ -212,9 +212,10 @@ async def test_readers_never_wait_behind_the_kept_writer_of_a_single_connection(
     make_journal: Callable[..., SAJournal],
     new_postgres_db: Callable[..., Any],
 ) -> None:
-    """With one connection in all, group commit keeps it between groups while writes keep
-    coming; a load that arrives meanwhile gets it at the next group's end, every time,
-    instead of waiting for the writes to stop."""
+    """With one connection in all, a load that arrives while writes keep coming is answered
+    at the next group's end, every time, instead of waiting for the writes to stop. (A
+    journal's own memory database keeps its connection between groups and hands it to the
+    load; an application's engine of one connection is not kept at all.)"""
     from sqlalchemy.ext.asyncio import create_async_engine
 
     engine = None
@@ -248,3 +249,50 @@ async def test_readers_never_wait_behind_the_kept_writer_of_a_single_connection(
     finally:
         if engine is not None:
             await engine.dispose()
+
+
+@pytest.mark.parametrize("where", ["sqlite-file", "postgresql"])
+async def test_an_application_sharing_its_one_connection_gets_it_while_the_journal_writes(
+    where: str,
+    tmp_path: Any,
+    make_journal: Callable[..., SAJournal],
+    new_postgres_db: Callable[..., Any],
+) -> None:
+    """An application's engine of one connection, shared with a journal that writes without
+    pause: the application's own ``engine.connect()`` waits in SQLAlchemy's pool, where the
+    journal cannot see it, so the journal must not keep that connection between groups."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    import casty_sa
+
+    if where == "sqlite-file":
+        url: Any = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+        await casty_sa.upgrade(url)
+    else:
+        url = await new_postgres_db(migrated=True)
+    engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=5)
+    try:
+        journal = make_journal(engine)
+        writing = True
+
+        async def write_on() -> int:
+            n = 0
+            while writing:
+                n += 1
+                await journal.persist(f"w{n}", [PersistedEvent(1, n, 1.0)])
+            return n
+
+        writer = asyncio.ensure_future(write_on())
+        try:
+            await journal.persist("first", [PersistedEvent(1, "x", 1.0)])
+            for _ in range(3):
+                async with engine.connect() as connection:  # pool_timeout: 5 s at most
+                    assert (await connection.execute(text("SELECT 1"))).scalar() == 1
+                assert not writer.done(), "the writes stopped, so the check proved nothing"
+        finally:
+            writing = False
+            assert await asyncio.wait_for(writer, 10) > 0
+        await journal.close()
+    finally:
+        await engine.dispose()

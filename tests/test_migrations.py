@@ -223,8 +223,9 @@ class TestCheckedEngine:
         assert (summary.entities, summary.events, summary.revision) == (0, 0, head_revision())
 
     async def test_a_cancelled_open_finishes_its_migration(self, tmp_path: Path) -> None:
-        """A caller cancelled once the schema check has begun (the file exists) leaves the
-        schema created whole, as a journal's start does: the migration runs to its end."""
+        """A caller cancelled (again and again) once the schema check has begun (the file
+        exists) leaves the schema created whole, as a journal's start does: the migration
+        runs to its end."""
         import asyncio
 
         from casty_sa.migrate import checked_engine
@@ -239,7 +240,9 @@ class TestCheckedEngine:
         async with asyncio.timeout(30):
             while not path.exists():  # noqa: ASYNC110 (a file appearing sets no event)
                 await asyncio.sleep(0)
-        task.cancel()
+        for _ in range(3):  # cancelled again while it waits for the migration, too
+            task.cancel()
+            await asyncio.sleep(0)
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 30)
         assert await casty_sa.current(f"sqlite:///{path}") == head_revision()

@@ -18,7 +18,8 @@ The package holds one module per job:
 
 Adding a dialect takes one module here, ``casty_sa/backends/<name>.py``,
 holding its backend (a :class:`~casty_sa.backends.pooled.PooledBackend` or a
-:class:`Backend`), its engine factory and, at import, one
+:class:`Backend`), its engine factory, its rule for reading a failed write's error
+(:data:`~casty_sa.backends.failures.WriteFailureRule`) and, at import, one
 :func:`casty_sa.dialects.register` call with a :class:`~casty_sa.dialects.Dialect`
 naming them with its URL facts (name, aliases, async driver, journal kind); and
 one import line below. Nothing else changes: :func:`casty_sa.urls.to_async_url`,

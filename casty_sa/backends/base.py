@@ -40,7 +40,8 @@ class BackendSettings:
         Bound every PostgreSQL statement (``statement``) and liveness ping (``ping``).
     hold_writes : bool
         Keep the writer's connection between write groups (group commit has one
-        flusher); it goes back whenever a reader waits for a connection.
+        flusher) where readers have another one, or where the journal alone uses
+        its one connection; it goes back whenever a reader waits for it.
     hold_linger : float
         Seconds a kept writer connection may sit unused before it goes back to the pool.
     """
@@ -137,14 +138,23 @@ class Backend(ABC):
     _ordinal_base = 0
 
     def __init__(
-        self, engine: AsyncEngine, schema: str | None, settings: BackendSettings, *, capacity: int
+        self,
+        engine: AsyncEngine,
+        schema: str | None,
+        settings: BackendSettings,
+        *,
+        capacity: int,
+        exclusive: bool = False,
     ) -> None:
         self._engine = engine
         # callers beyond what the pool holds wait for one of these places, cheaply, instead
         # of in the pool
         self.capacity = capacity
-        # the writer's connection is kept between groups (see PooledBackend)
-        self.hold_writes = settings.hold_writes
+        # the writer's connection is kept between groups (see PooledBackend) when readers
+        # have another one, or when the journal is the only user of its one connection
+        # (``exclusive``: its own memory database); anyone else wanting that connection
+        # would wait in SQLAlchemy's pool, where the journal cannot see them waiting
+        self.hold_writes = settings.hold_writes and (capacity >= 2 or exclusive)
         #: seconds a kept writer connection may sit unused before it goes back to the pool
         self.hold_linger = settings.hold_linger
         #: seconds a liveness ping may take: a server that does not answer ``SELECT 1``

@@ -1,4 +1,4 @@
-"""What a failed write means for what was stored: the one place that decides.
+"""What a failed write means for what was stored: the verdicts, and the one rule above them.
 
 A backend's ``write`` turns what the driver raised into one of the exceptions
 here with :func:`classify_write_failure`; the journal acts on them (isolates the
@@ -16,14 +16,18 @@ an unknown commit outcome)::
 
 from __future__ import annotations
 
-import sqlite3
+from collections.abc import Callable
+
+from casty_sa.dialects import find
 
 __all__ = [
     "ConnectionLost",
     "Contended",
     "PayloadTooLarge",
+    "WriteFailureRule",
     "WriteRefused",
     "classify_write_failure",
+    "too_large",
 ]
 
 
@@ -72,23 +76,22 @@ class PayloadTooLarge(Exception):
     """A value or row over the database's length limit (the caller's refusal, nothing sent)."""
 
 
-#: deadlock_detected, serialization_failure: the server rolled the whole transaction back
-#: (a single autocommit statement, or the explicit transaction whose COMMIT failed)
-_ROLLED_BACK = frozenset({"40P01", "40001"})
-
-#: SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE: a sequence number already stored
-_SQLITE_DUPLICATE = frozenset({1555, 2067})
-#: SQLite primary result codes: SQLITE_NOMEM, SQLITE_IOERR. Raised by a statement that
-#: commits, they may come after the commit frame reached the WAL (its fsync failed, the
-#: wal-index could not be updated): the commit may be on disk, so the outcome is unknown.
-_SQLITE_MAYBE_COMMITTED = frozenset({7, 10})
-_SQLITE_TOOBIG = 18
+#: A dialect's reading of a failed write (see :func:`classify_write_failure`): the verdict
+#: itself (a refusal, a contention, a write never sent), or whether the database answered
+#: the statement with its error (``True``: it rolled the transaction back, nothing stored;
+#: ``False``: a committing statement may have committed). Called with the error and, on
+#: SQLite, the connection's length limit for a refusal's message.
+type WriteFailureRule = Callable[[Exception, int | None], BaseException | bool]
 
 
 def classify_write_failure(
     exc: BaseException, *, committing: bool, dialect: str, max_length: int | None = None
 ) -> BaseException:
     """What a failed write means for what was stored: the one place that decides.
+
+    The dialect's rule reads the driver's error; what follows from it (a
+    committing statement the database did not answer may have committed) is
+    decided here, the same for every dialect.
 
     Parameters
     ----------
@@ -99,7 +102,7 @@ def classify_write_failure(
         statement, or the ``COMMIT`` of an explicit transaction. Before that,
         the database rolls the transaction back (or never saw it).
     dialect : str
-        ``sqlite`` or ``postgresql``.
+        The dialect whose registered rule (``Dialect.write_failure``) reads ``exc``.
     max_length : int | None
         SQLite's length limit on the connection, for the message of a refusal.
 
@@ -116,59 +119,27 @@ def classify_write_failure(
     """
     if not isinstance(exc, Exception):
         return exc  # a cancelled caller sees its cancellation
-    if dialect == "postgresql":
-        import asyncpg
-
-        if isinstance(exc, asyncpg.UniqueViolationError):
-            return WriteRefused(exc, duplicate=True)
-        if isinstance(exc, asyncpg.DataError):  # a value refused, by asyncpg or the server
-            return WriteRefused(exc, duplicate=False)
-        if getattr(exc, "sqlstate", None) in _ROLLED_BACK:
-            return Contended(exc)  # the server rolled the transaction back whole
-        if _never_sent(exc):
-            return ConnectionLost(exc, during_commit=False)
-        sqlstate = getattr(exc, "sqlstate", None) or ""
-        # an error the server answered the statement with (a timeout, a cancel, a failed
-        # deferred check) means it rolled the transaction back; a broken connection, a
-        # client-side timeout or a protocol error leaves the commit's outcome open
-        answered = isinstance(exc, asyncpg.PostgresError) and not (
-            isinstance(exc, asyncpg.PostgresConnectionError) or sqlstate.startswith(("08", "57P"))
-        )
-    else:
-        code = getattr(exc, "sqlite_errorcode", None)
-        primary = code & 0xFF if code is not None else None
-        if isinstance(exc, sqlite3.IntegrityError):
-            return WriteRefused(exc, duplicate=code in _SQLITE_DUPLICATE)
-        if isinstance(exc, sqlite3.DataError) or primary == _SQLITE_TOOBIG:
-            return _too_large("a payload (or its row)", max_length, str(exc))
-        # pysqlite's own errors (no result code) come before SQLite ran anything
-        answered = isinstance(exc, sqlite3.Error) and primary not in _SQLITE_MAYBE_COMMITTED
+    rule = _rule_of(dialect)
+    answered = rule(exc, max_length)
+    if isinstance(answered, BaseException):
+        return answered
     if committing and not answered:
         return ConnectionLost(exc, during_commit=True)
     return exc
 
 
-def _never_sent(exc: BaseException) -> bool:
-    """Whether asyncpg refused an operation before sending anything to the server.
-
-    It checks its protocol state first: a connection the server has just ended (its
-    FATAL message read, the protocol left consuming it) or one already closed fails
-    there, so the statement (and any COMMIT) never left the client.
-    """
-    import asyncpg
-
-    text = str(exc)
-    if isinstance(exc, asyncpg.InternalClientError):
-        return text.startswith("cannot switch to state")
-    if isinstance(exc, asyncpg.InterfaceError):
-        return text.startswith("cannot perform operation") or text == "connection is closed"
-    return False
-
-
-def _too_large(what: str, limit: int | None, detail: str = "") -> WriteRefused:
+def too_large(what: str, limit: int | None, detail: str = "") -> WriteRefused:
     """The refusal of a value over SQLite's length limit (nothing stored; the caller's alone)."""
     on_connection = f" ({limit:,} bytes on this connection)" if limit else ""
     message = f"{what} is over SQLite's length limit SQLITE_LIMIT_LENGTH{on_connection}"
     return WriteRefused(
         PayloadTooLarge(f"{message}: {detail}" if detail else message), duplicate=False
     )
+
+
+def _rule_of(dialect: str) -> WriteFailureRule:
+    """The failed-write rule the dialect registered (none: refused, never guessed)."""
+    found = find(dialect)
+    if found is None or found.write_failure is None:
+        raise ValueError(f"no rule for failed writes is registered for dialect {dialect!r}")
+    return found.write_failure

@@ -48,6 +48,8 @@ class PooledBackend(Backend):
         As for :class:`~casty_sa.backends.base.Backend`.
     capacity : int | None
         How many connections it may use at once; ``None``: as many as the pool holds.
+    exclusive : bool
+        Nothing but this backend uses the engine's connections (see ``hold_writes``).
     """
 
     def __init__(
@@ -57,9 +59,10 @@ class PooledBackend(Backend):
         settings: BackendSettings,
         *,
         capacity: int | None = None,
+        exclusive: bool = False,
     ) -> None:
         capacity = _pool_capacity(engine) if capacity is None else capacity
-        super().__init__(engine, schema, settings, capacity=capacity)
+        super().__init__(engine, schema, settings, capacity=capacity, exclusive=exclusive)
         self._gate = asyncio.Semaphore(capacity)
         self._waiting = 0  # callers waiting at the gate
         self._held: Any = None

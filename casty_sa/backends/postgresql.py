@@ -43,7 +43,12 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from casty_sa.backends.base import BackendSettings, latest_per_entity, quietly
-from casty_sa.backends.failures import ConnectionLost, classify_write_failure
+from casty_sa.backends.failures import (
+    ConnectionLost,
+    Contended,
+    WriteRefused,
+    classify_write_failure,
+)
 from casty_sa.backends.pooled import PooledBackend
 from casty_sa.codec import Row, Stored
 from casty_sa.dialects import (
@@ -246,6 +251,49 @@ def postgresql_engine(url: URL, request: EngineRequest) -> tuple[AsyncEngine, Ti
     return engine, timeouts
 
 
+#: deadlock_detected, serialization_failure: the server rolled the whole transaction back
+#: (a single autocommit statement, or the explicit transaction whose COMMIT failed)
+_ROLLED_BACK = frozenset({"40P01", "40001"})
+
+
+def _write_failure(exc: Exception, _max_length: int | None) -> BaseException | bool:
+    """asyncpg's error of a failed write (see ``WriteFailureRule``)."""
+    import asyncpg
+
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        return WriteRefused(exc, duplicate=True)
+    if isinstance(exc, asyncpg.DataError):  # a value refused, by asyncpg or the server
+        return WriteRefused(exc, duplicate=False)
+    if getattr(exc, "sqlstate", None) in _ROLLED_BACK:
+        return Contended(exc)  # the server rolled the transaction back whole
+    if _never_sent(exc):
+        return ConnectionLost(exc, during_commit=False)
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    # an error the server answered the statement with (a timeout, a cancel, a failed
+    # deferred check) means it rolled the transaction back; a broken connection, a
+    # client-side timeout or a protocol error leaves the commit's outcome open
+    return isinstance(exc, asyncpg.PostgresError) and not (
+        isinstance(exc, asyncpg.PostgresConnectionError) or sqlstate.startswith(("08", "57P"))
+    )
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Whether asyncpg refused an operation before sending anything to the server.
+
+    It checks its protocol state first: a connection the server has just ended (its
+    FATAL message read, the protocol left consuming it) or one already closed fails
+    there, so the statement (and any COMMIT) never left the client.
+    """
+    import asyncpg
+
+    text = str(exc)
+    if isinstance(exc, asyncpg.InternalClientError):
+        return text.startswith("cannot switch to state")
+    if isinstance(exc, asyncpg.InterfaceError):
+        return text.startswith("cannot perform operation") or text == "connection is closed"
+    return False
+
+
 register(
     Dialect(
         name="postgresql",
@@ -257,5 +305,6 @@ register(
         timed=True,
         engine=postgresql_engine,
         backend=PostgresBackend,
+        write_failure=_write_failure,
     )
 )

@@ -49,6 +49,7 @@ from casty_sa.backends.sqlite_rows import (
     keep_negative_zero,
     length_limit,
     multi_row,
+    write_failure,
 )
 from casty_sa.calls import SharedAttempt
 from casty_sa.codec import Row, Stored
@@ -91,10 +92,17 @@ class SqliteBackend(PooledBackend):
 
     def __init__(self, engine: AsyncEngine, schema: str | None, settings: BackendSettings) -> None:
         memory = is_memory_sqlite(engine.url)
-        # a memory database is the one connection of its pool: every user takes turns on it
-        super().__init__(engine, schema, settings, capacity=1 if memory else None)
-        self._memory = memory
         self._autocommit = engine.sync_engine in AUTOCOMMIT_ENGINES
+        # a memory database is the one connection of its pool: every user takes turns on it;
+        # one casty-sa made has no user but the journal
+        super().__init__(
+            engine,
+            schema,
+            settings,
+            capacity=1 if memory else None,
+            exclusive=memory and self._autocommit,
+        )
+        self._memory = memory
         # On casty-sa's own file engines every read goes to one reader connection that
         # the journal keeps (detached from the pool): aiosqlite queues calls on that
         # connection's thread, which serves a thousand concurrent recoveries several
@@ -420,5 +428,6 @@ register(
         kind=JournalKind.local,
         engine=sqlite_engine,
         backend=SqliteBackend,
+        write_failure=write_failure,
     )
 )

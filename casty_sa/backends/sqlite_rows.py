@@ -1,10 +1,11 @@
-"""SQLite's limits on a statement, and the rows as SQLite's statements take them.
+"""SQLite's limits on a statement, the rows as its statements take them, and its errors.
 
 A write group is one multi-row ``INSERT … VALUES (…), (…)`` when it fits
 SQLite's variable limit (:data:`MAX_ROWS` rows, :func:`multi_row` rewrites the
 compiled one-row statement); a ``-0.0`` timestamp is stored as SQLite keeps it
 (:func:`keep_negative_zero`); a payload over the length limit is named with
-that limit (:func:`length_limit`).
+that limit (:func:`length_limit`); a failed write's error is read by
+:func:`write_failure`, the rule the SQLite dialect registers.
 """
 
 from __future__ import annotations
@@ -15,10 +16,18 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from casty_sa.backends.failures import WriteRefused, too_large
 from casty_sa.codec import Row
 from casty_sa.models import SQLITE_NEGATIVE_ZERO, is_negative_zero
 
-__all__ = ["MAX_ROWS", "flat", "keep_negative_zero", "length_limit", "multi_row"]
+__all__ = [
+    "MAX_ROWS",
+    "flat",
+    "keep_negative_zero",
+    "length_limit",
+    "multi_row",
+    "write_failure",
+]
 
 #: rows per multi-row statement: 4 parameters a row, within SQLite's variable limit
 MAX_ROWS = min(
@@ -63,3 +72,24 @@ def keep_negative_zero(rows: Sequence[Row]) -> Sequence[Row]:
         (row[0], row[1], SQLITE_NEGATIVE_ZERO, row[3]) if is_negative_zero(row[2]) else row  # type: ignore[misc]
         for row in rows
     ]
+
+
+#: SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE: a sequence number already stored
+_SQLITE_DUPLICATE = frozenset({1555, 2067})
+#: SQLite primary result codes: SQLITE_NOMEM, SQLITE_IOERR. Raised by a statement that
+#: commits, they may come after the commit frame reached the WAL (its fsync failed, the
+#: wal-index could not be updated): the commit may be on disk, so the outcome is unknown.
+_SQLITE_MAYBE_COMMITTED = frozenset({7, 10})
+_SQLITE_TOOBIG = 18
+
+
+def write_failure(exc: Exception, max_length: int | None) -> BaseException | bool:
+    """sqlite3's error of a failed write (see ``WriteFailureRule``)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if code is not None else None
+    if isinstance(exc, sqlite3.IntegrityError):
+        return WriteRefused(exc, duplicate=code in _SQLITE_DUPLICATE)
+    if isinstance(exc, sqlite3.DataError) or primary == _SQLITE_TOOBIG:
+        return too_large("a payload (or its row)", max_length, str(exc))
+    # pysqlite's own errors (no result code) come before SQLite ran anything
+    return isinstance(exc, sqlite3.Error) and primary not in _SQLITE_MAYBE_COMMITTED
