@@ -96,14 +96,7 @@ class PooledBackend(Backend):
         pool replaces it instead of handing it out again. With one connection in
         all, a reader takes the writer's kept one (and its place at the gate).
         """
-        fairy = await self._take_held() if self.capacity == 1 else None
-        if fairy is None:
-            await self._enter()
-            try:
-                fairy = await self._checkout()
-            except BaseException:
-                self._gate.release()
-                raise
+        fairy = await self._acquire(take_held=self.capacity == 1)
         try:
             yield fairy.driver_connection
         except BaseException as exc:
@@ -117,12 +110,17 @@ class PooledBackend(Backend):
         With ``hold_writes`` on, the connection is kept between groups: group
         commit has one flusher, so consecutive groups share one connection
         instead of a pool checkout each. :meth:`release_held` gives it back
-        once the flusher goes idle, and it goes back at once whenever every
-        other connection is in use (readers never starve behind it). The pair
-        is two plain calls rather than a context manager because it sits on
-        every write's path.
+        once the flusher goes idle, and it goes back at once whenever someone
+        waits for a connection (readers never starve behind it). The pair is two
+        plain calls rather than a context manager because it sits on every
+        write's path.
         """
-        fairy = await self._take_held() if self.hold_writes else None
+        return await self._acquire(take_held=self.hold_writes)
+
+    async def _acquire(self, *, take_held: bool) -> Any:
+        """A connection and its place at the gate: the kept writer's when ``take_held``
+        and it is kept and alive, else one from the pool."""
+        fairy = await self._take_held() if take_held else None
         if fairy is None:
             await self._enter()
             try:
