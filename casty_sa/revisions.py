@@ -160,15 +160,25 @@ def history() -> list[tuple[str | None, str, bool, str]]:
     ]
 
 
-def check_revision(revision: str) -> None:
+def check_revision(revision: str, *, down: bool = False) -> None:
     """Refuse a revision (or ``FROM:TO`` range) casty-sa's migrations do not have.
+
+    A range needs both ends and must go its command's way (``head:base`` as an
+    upgrade would print a script that drops the version table).
 
     Raises
     ------
     ValueError
-        Naming the unknown part and the revisions there are.
+        Naming the unknown part and the revisions there are, or what is wrong
+        with the range.
     """
-    for part in revision.split(":"):
+    parts = revision.split(":")
+    if len(parts) > 2 or (len(parts) == 2 and not all(parts)):
+        raise ValueError(
+            f"revision range {revision!r} is not FROM:TO; for example "
+            f"{'head:base' if down else 'base:head'}"
+        )
+    for part in parts:
         if part in ("", "head", "heads", "base") or re.fullmatch(r"[+-]\d+", part):
             continue
         try:
@@ -178,6 +188,20 @@ def check_revision(revision: str) -> None:
                 f"unknown revision {part!r}; casty-sa's revisions: "
                 f"{', '.join(revision_ids())} (or head, base, +N, -N)"
             ) from None
+    if len(parts) == 2:
+        start, end = (_depth(part) for part in parts)
+        if start is not None and end is not None and (end > start if down else end < start):
+            other = "upgrade" if down else "downgrade"
+            raise ValueError(
+                f"revision range {revision!r} goes {'up' if down else 'down'}: "
+                f"that is `casty-sa {other} {revision}`"
+            )
+
+
+def _depth(part: str) -> int | None:
+    """How many revisions lie from base up to ``part`` (``None``: relative, or a prefix)."""
+    ids = ["base", *reversed(revision_ids())]  # one line of history, oldest first
+    return len(ids) - 1 if part in ("head", "heads") else ids.index(part) if part in ids else None
 
 
 def lands_on_base(current: str | None, revision: str) -> bool:

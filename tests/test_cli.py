@@ -168,6 +168,26 @@ class TestMigrations:
         assert not missing.parent.exists()
         assert PASSWORD not in out + err
 
+    @pytest.mark.parametrize(
+        ("command", "revision", "says"),
+        [
+            ("upgrade", "head:base", "goes down"),  # Alembic printed DROP TABLE … version
+            ("upgrade", "0001:base", "goes down"),
+            ("downgrade", "base:head", "goes up"),
+            ("upgrade", ":0001", "not FROM:TO"),  # was an internal error (70)
+            ("downgrade", "head:", "not FROM:TO"),
+            ("upgrade", "base:0001:head", "not FROM:TO"),
+        ],
+    )
+    def test_a_sql_range_the_wrong_way_or_half_given_is_a_usage_error(
+        self, capsys: pytest.CaptureFixture[str], command: str, revision: str, says: str
+    ) -> None:
+        """An upgrade's range goes up and a downgrade's goes down, from one end to the
+        other: anything else is refused before a line of SQL is printed."""
+        code, out, err = run(capsys, command, "--sql", revision, "--url", "sqlite://")
+        assert code == ExitCode.USAGE, err
+        assert says in err and out == ""
+
     def test_unknown_revision_is_a_usage_error(
         self, db_url: URL, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -67,12 +67,12 @@ def register(commands: Commands) -> None:
     )
 
 
-def _revision(revision: str) -> str:
+def _revision(revision: str, *, down: bool = False) -> str:
     """``revision``, refused before anything is touched when casty-sa does not have it."""
     if "://" in revision:
         raise UsageError("the revision looks like a database URL; pass the URL with --url")
     try:
-        check_revision(revision)
+        check_revision(revision, down=down)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return revision
@@ -103,7 +103,7 @@ def _cmd_downgrade(args: argparse.Namespace) -> int:
     revision = args.revision
     if args.sql and ":" not in revision:
         revision = f"head:{revision}"
-    _revision(revision)
+    _revision(revision, down=True)
     database = url(args)
     if args.sql:
         return _write_sql(args, database, revision)
