@@ -350,13 +350,9 @@ class OneByOne:
 
     async def submit(self, request: WriteRequest) -> None:
         """Write ``request`` alone and return once it is committed (or raise its error)."""
-        outcome = (await self._inflight.shielded(_one(self._write, request)))[0]
+        outcome = (await self._inflight.shielded(self._write([request])))[0]
         if outcome is not None:
             raise outcome
 
     async def close(self) -> None:
         """Nothing queues here: the writes under way are the journal's inflight tasks."""
-
-
-async def _one(write: GroupWriter, request: WriteRequest) -> list[BaseException | None]:
-    return await write([request])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from casty_sa.errors import JournalError
@@ -36,24 +36,20 @@ class Inflight:
     __slots__ = ("_tasks",)
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
 
-    def __len__(self) -> int:
-        """How many tracked tasks are still running."""
-        return sum(not task.done() for task in self._tasks)
-
-    def track(self, task: asyncio.Task[Any]) -> None:
+    def track(self, task: asyncio.Future[Any]) -> None:
         """Let :meth:`settle` wait for ``task``."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def shielded[T](self, work: Coroutine[Any, Any, T]) -> T:
+    async def shielded[T](self, work: Awaitable[T]) -> T:
         """Run ``work`` to completion even if the caller is cancelled.
 
         The caller still sees its ``CancelledError`` at once, while the work
         finishes (or fails) on its own and :meth:`settle` waits for it.
         """
-        task = asyncio.get_running_loop().create_task(work)
+        task = asyncio.ensure_future(work)
         self.track(task)
         return await asyncio.shield(task)
 

@@ -112,23 +112,23 @@ def open_engine(
     returned as is (not owned) after checking its dialect; a URL gets an
     engine tuned by :func:`casty_sa.engine.build_engine`.
     """
-    engine, owned, _timeouts = open_journal_engine(target, engine_options, budget=None)
+    engine, owned, _timeouts = open_journal_engine(target, engine_options)
     return engine, owned
 
 
 def open_journal_engine(
     target: str | URL | os.PathLike[str] | AsyncEngine | async_sessionmaker[Any],
-    engine_options: dict[str, Any],
-    *,
-    budget: tuple[float | None, float | None] | None,
+    options: dict[str, Any],
 ) -> tuple[AsyncEngine, bool, Timeouts | None]:
     """:func:`open_engine`, plus the timeouts a journal's calls are bounded by (PostgreSQL's).
 
-    ``budget``: the journal's ``(connect_timeout, statement_timeout)`` arguments. On an
-    engine casty-sa creates they configure it; on an application's engine they are only
-    the journal's own bounds (``None`` for either: the default), since the timeouts that
-    engine's connections were opened with cannot be read back reliably.
+    ``options`` are the journal's keyword arguments (see :func:`engine_settings`). Its
+    ``connect_timeout`` and ``statement_timeout`` configure an engine casty-sa creates;
+    on an application's engine they are only the journal's own bounds (``None`` for
+    either: the default), since the timeouts that engine's connections were opened with
+    cannot be read back reliably.
     """
+    engine_options, (connect, statement) = engine_settings(options)
     if isinstance(target, async_sessionmaker):
         bound = target.kw.get("bind")
         if not isinstance(bound, AsyncEngine):
@@ -137,7 +137,6 @@ def open_journal_engine(
                 "create it with async_sessionmaker(engine) or pass the engine itself"
             )
         target = bound
-    connect, statement = budget if budget is not None else (None, None)
     if isinstance(target, AsyncEngine):
         if engine_options:
             raise TypeError(
@@ -153,15 +152,14 @@ def open_journal_engine(
                 statement if statement is not None else DEFAULT_STATEMENT_TIMEOUT,
             )
         return target, False, timeouts
-    options = dict(engine_options)
     url = to_async_url(target)
     engine, timeouts = build_engine(
         url,
-        busy_timeout=options.pop("busy_timeout", 5.0),
-        sqlite_synchronous=options.pop("sqlite_synchronous", "FULL"),
-        connect_timeout=options.pop("connect_timeout", connect),
-        statement_timeout=options.pop("statement_timeout", statement),
-        engine_options=options,
+        busy_timeout=engine_options.pop("busy_timeout", 5.0),
+        sqlite_synchronous=engine_options.pop("sqlite_synchronous", "FULL"),
+        connect_timeout=connect,
+        statement_timeout=statement,
+        engine_options=engine_options,
     )
     return engine, True, timeouts
 
@@ -197,7 +195,7 @@ _DEFAULTED = frozenset(
 def engine_settings(
     options: dict[str, Any],
 ) -> tuple[dict[str, Any], tuple[float | None, float | None]]:
-    """SAJournal's keyword arguments as :func:`open_journal_engine` takes them.
+    """SAJournal's keyword arguments as an engine takes them.
 
     The engine options (``None`` dropped: the default), and the
     ``(connect_timeout, statement_timeout)`` budget; the journal's own write and

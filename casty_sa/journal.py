@@ -34,11 +34,11 @@ from casty_sa.codec import (
     load_key,
 )
 from casty_sa.diagnosis import Diagnosis
-from casty_sa.engine import engine_settings, open_journal_engine
+from casty_sa.engine import open_journal_engine
 from casty_sa.lifecycle import Lifecycle
 from casty_sa.migrate import check_schema, ensure_schema
 from casty_sa.reads import RetryingReader
-from casty_sa.urls import kind_of, safe_url, url_secrets
+from casty_sa.urls import engine_secrets, kind_of, safe_url
 from casty_sa.writer import Writer
 
 __all__ = ["MAX_SEQUENCE_NR", "SAJournal"]
@@ -159,10 +159,15 @@ class SAJournal:
         statement_timeout: float | None = None,
         **engine_options: Any,
     ) -> None:
-        tuning = {"busy_timeout": busy_timeout, "sqlite_synchronous": sqlite_synchronous}
-        timing = {"connect_timeout": connect_timeout, "statement_timeout": statement_timeout}
-        options, bounds = engine_settings(engine_options | tuning | timing)
-        self._engine, self._owns_engine, timeouts = open_journal_engine(url, options, budget=bounds)
+        settings = {
+            "busy_timeout": busy_timeout,
+            "sqlite_synchronous": sqlite_synchronous,
+            "connect_timeout": connect_timeout,
+            "statement_timeout": statement_timeout,
+        }
+        self._engine, self._owns_engine, timeouts = open_journal_engine(
+            url, engine_options | settings
+        )
         self._url = self._engine.url
         check_schema(self._engine.dialect.name, schema)
         self._schema = schema
@@ -170,12 +175,8 @@ class SAJournal:
         self._serialize = serialize
         self._deserialize = deserialize
         self._migrate = self._engine.dialect.name == "sqlite" if migrate is None else migrate
-        # every secret of the URL, to scrub from driver errors (the engine's URL may lack
-        # some of the given one's: TLS parameters go to asyncpg apart)
-        secrets = url_secrets(self._url) | (
-            url_secrets(url) if isinstance(url, str | URL) else frozenset()
-        )
-        self._diagnosis = Diagnosis(self._url, secrets, schema)
+        # every secret of the URL, to scrub from driver errors
+        self._diagnosis = Diagnosis(self._url, engine_secrets(self._url, url), schema)
         self._backend = backend_for(
             self._engine, schema, timeouts, hold_writes=group_commit, hold_linger=_WRITER_LINGER
         )

@@ -38,7 +38,6 @@ from casty_sa.diagnosis import database_error, migration_error
 from casty_sa.engine import (
     AUTOCOMMIT_ENGINES,
     bind_schema,
-    engine_settings,
     open_engine,
     open_journal_engine,
     read_connection,
@@ -57,7 +56,7 @@ from casty_sa.revisions import (
     tables_match_models,
     unknown_revision,
 )
-from casty_sa.urls import UrlLike, safe_url, to_async_url, url_secrets
+from casty_sa.urls import UrlLike, engine_secrets, safe_url, to_async_url
 
 log = logging.getLogger("casty_sa")
 
@@ -404,13 +403,10 @@ async def checked_engine(
     left open. A migration under way runs to its end even if the caller is cancelled,
     as a journal's start does.
     """
-    options, budget = engine_settings(engine_options)
-    engine, owned, _timeouts = open_journal_engine(target, options, budget=budget)
+    engine, owned, _timeouts = open_journal_engine(target, engine_options)
     try:
         check_schema(engine.dialect.name, schema)
-        secrets = url_secrets(engine.url) | (
-            url_secrets(target) if isinstance(target, str | URL) else frozenset()
-        )
+        secrets = engine_secrets(engine.url, target)
         allowed = engine.dialect.name == "sqlite" if migrate is None else migrate
         check = asyncio.ensure_future(
             ensure_schema(engine, schema=schema, migrate=allowed, secrets=secrets)

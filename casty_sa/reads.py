@@ -91,11 +91,9 @@ class RetryingReader:
                 pending = self._backend.reads_pending()
                 if pending is not None:
                     await pending
-                if in_task:
+                if in_task or self._backend.cancel_safe:
                     return await fetch(*args)
-                if not self._backend.cancel_safe:
-                    return await self._inflight.shielded(_run(fetch, args))
-                return await fetch(*args)
+                return await self._inflight.shielded(fetch(*args))
             except Exception as exc:
                 if isinstance(exc, JournalError):
                     raise
@@ -130,8 +128,3 @@ class RetryingReader:
                 exc, OperationalError | InterfaceError
             )
         return self._backend.is_disconnect(exc) or isinstance(exc, sqlite3.OperationalError)
-
-
-async def _run[T](fetch: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
-    """``fetch(*args)`` as a coroutine (a task can run it)."""
-    return await fetch(*args)

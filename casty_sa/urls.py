@@ -43,6 +43,7 @@ from casty_sa.errors import UnsupportedDatabase
 __all__ = [
     "UrlLike",
     "dialect_of",
+    "engine_secrets",
     "is_memory_sqlite",
     "is_secret_parameter",
     "kind_of",
@@ -149,6 +150,14 @@ def url_secrets(url: str | URL | os.PathLike[str] | os.PathLike[bytes]) -> froze
         if secret
         for form in (secret, quote(secret, safe=""), quote_plus(secret))
     )
+
+
+def engine_secrets(engine_url: URL, target: object) -> frozenset[str]:
+    """Every secret of an engine's URL and of the target it was opened from, when that is a
+    URL too (the engine's URL may lack some of the given one's: TLS parameters go to asyncpg
+    apart)."""
+    given = url_secrets(target) if isinstance(target, str | URL) else frozenset()
+    return url_secrets(engine_url) | given
 
 
 def mask_secrets(text: str, secrets: frozenset[str] | set[str] = frozenset()) -> str:

@@ -9,7 +9,8 @@ and when. The second checks the same behaviour on the journal over both backends
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -206,6 +207,28 @@ async def test_a_group_never_carries_more_than_max_batch_bytes(
     assert await journal.load_snapshot("snap") == Snapshot(1, payload, 1.0)
 
 
+@asynccontextmanager
+async def writing_without_pause(journal: SAJournal) -> AsyncIterator[asyncio.Future[int]]:
+    """Persist to new entities back to back, with no pause, while the block runs: the
+    writer always has its next group in hand. Yields the writing task (a block checks it
+    is still running, or it proved nothing)."""
+    writing = True
+
+    async def write_on() -> int:
+        n = 0
+        while writing:
+            n += 1
+            await journal.persist(f"w{n}", [PersistedEvent(1, n, 1.0)])
+        return n
+
+    writer = asyncio.ensure_future(write_on())
+    try:
+        yield writer
+    finally:
+        writing = False
+        assert await asyncio.wait_for(writer, 10) > 0
+
+
 @pytest.mark.parametrize("where", ["sqlite-memory", "postgresql-one-connection"])
 async def test_readers_never_wait_behind_the_kept_writer_of_a_single_connection(
     where: str,
@@ -227,24 +250,11 @@ async def test_readers_never_wait_behind_the_kept_writer_of_a_single_connection(
         journal = make_journal(engine)
     try:
         await journal.persist("reader", [PersistedEvent(1, "r", 1.0)])
-        writing = True
-
-        async def write_on() -> int:
-            n = 0
-            while writing:  # no pause: the writer always has the next group in hand
-                n += 1
-                await journal.persist(f"w{n}", [PersistedEvent(1, n, 1.0)])
-            return n
-
-        writer = asyncio.ensure_future(write_on())
-        try:
+        async with writing_without_pause(journal) as writer:
             for _ in range(20):
                 async with asyncio.timeout(10):
                     assert [e.event for e in await journal.load("reader")] == ["r"]
                 assert not writer.done(), "the writes stopped, so the loads proved nothing"
-        finally:
-            writing = False
-            assert await asyncio.wait_for(writer, 10) > 0
         await journal.close()
     finally:
         if engine is not None:
@@ -274,25 +284,12 @@ async def test_an_application_sharing_its_one_connection_gets_it_while_the_journ
     engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=5)
     try:
         journal = make_journal(engine)
-        writing = True
-
-        async def write_on() -> int:
-            n = 0
-            while writing:
-                n += 1
-                await journal.persist(f"w{n}", [PersistedEvent(1, n, 1.0)])
-            return n
-
-        writer = asyncio.ensure_future(write_on())
-        try:
+        async with writing_without_pause(journal) as writer:
             await journal.persist("first", [PersistedEvent(1, "x", 1.0)])
             for _ in range(3):
                 async with engine.connect() as connection:  # pool_timeout: 5 s at most
                     assert (await connection.execute(text("SELECT 1"))).scalar() == 1
                 assert not writer.done(), "the writes stopped, so the check proved nothing"
-        finally:
-            writing = False
-            assert await asyncio.wait_for(writer, 10) > 0
         await journal.close()
     finally:
         await engine.dispose()
