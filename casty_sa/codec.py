@@ -9,8 +9,8 @@ Examples
 >>> import pickle
 >>> from casty import PersistedEvent
 >>> rows = encode_events("alice", [PersistedEvent(1, "opened", 0.5)], pickle.dumps)
->>> rows[0][:3]
-('alice', 1, 0.5)
+>>> rows[0][:3], rows[0][4]
+(('alice', 1, 0.5), 'str')
 >>> decode_events("alice", [(1, rows[0][3], 0.5)], pickle.loads)
 [PersistedEvent(sequence_nr=1, event='opened', timestamp=0.5)]
 """
@@ -25,9 +25,12 @@ from casty import PersistedEvent, Snapshot
 
 from casty_sa.errors import InvalidEventError, PayloadDecodeError, PayloadEncodeError
 from casty_sa.models import MAX_ENTITY_ID_LENGTH
+from casty_sa.ordering import event_type_name
 
 __all__ = [
     "MAX_SEQUENCE_NR",
+    "ROW_COLUMNS",
+    "EventRow",
     "Row",
     "Stored",
     "check_entity_id",
@@ -42,8 +45,14 @@ __all__ = [
 #: Highest sequence number a 64-bit signed column holds.
 MAX_SEQUENCE_NR = 2**63 - 1
 
-#: (entity_id, sequence_nr, timestamp, payload), the column order of both tables
+#: (entity_id, sequence_nr, timestamp, payload) of a snapshot (and the first four
+#: columns of both tables)
 Row = tuple[str, int, float, bytes]
+#: the names of a :data:`Row`'s columns
+ROW_COLUMNS = ("entity_id", "sequence_nr", "timestamp", "payload")
+#: a :data:`Row` of an event, with its ``event_type`` (see
+#: :func:`casty_sa.ordering.event_type_name`)
+EventRow = tuple[str, int, float, bytes, str]
 #: (sequence_nr, payload, timestamp) of a stored event or snapshot, as reads return it
 Stored = tuple[int, bytes, float]
 
@@ -128,10 +137,10 @@ def _encode(entity_id: str, seq: int, value: Any, serialize: Callable[[Any], byt
 
 def encode_events(
     entity_id: str, events: Sequence[PersistedEvent[Any]], serialize: Callable[[Any], bytes]
-) -> list[Row]:
+) -> list[EventRow]:
     """The rows of one ``persist`` call, after checking every event of it."""
     check_entity_id(entity_id)
-    rows: list[Row] = []
+    rows: list[EventRow] = []
     previous = 0
     for event in events:
         seq = check_sequence_nr(entity_id, event.sequence_nr)
@@ -142,7 +151,8 @@ def encode_events(
             )
         previous = seq
         payload = _encode(entity_id, seq, event.event, serialize)
-        rows.append((entity_id, seq, _check_timestamp(entity_id, seq, event.timestamp), payload))
+        timestamp = _check_timestamp(entity_id, seq, event.timestamp)
+        rows.append((entity_id, seq, timestamp, payload, event_type_name(event.event)))
     return rows
 
 

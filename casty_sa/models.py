@@ -21,7 +21,18 @@ import struct
 from collections.abc import Callable
 from typing import Any, cast
 
-from sqlalchemy import BigInteger, Dialect, Double, LargeBinary, MetaData, String, Table
+from sqlalchemy import (
+    BigInteger,
+    Dialect,
+    Double,
+    Index,
+    LargeBinary,
+    MetaData,
+    Sequence,
+    SmallInteger,
+    String,
+    Table,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.schema import SchemaConst
@@ -32,6 +43,8 @@ __all__ = [
     "NAMING_CONVENTION",
     "SQLITE_NEGATIVE_ZERO",
     "VERSION_TABLE",
+    "EVENT_TYPE_LENGTH",
+    "POSITION_SEQUENCE",
     "Base",
     "EventRecord",
     "SnapshotRecord",
@@ -118,19 +131,36 @@ class Base(DeclarativeBase):
     metadata = metadata
 
 
+#: PostgreSQL's source of ``casty_sa_events.position`` (SQLite has no sequences).
+POSITION_SEQUENCE = Sequence("casty_sa_events_position_seq", metadata=metadata)
+
+#: Longest ``event_type``, in characters (see :func:`casty_sa.ordering.event_type_name`).
+EVENT_TYPE_LENGTH = 255
+
+
 class EventRecord(Base):
     """One persisted event: the serializer's bytes of a casty ``PersistedEvent``.
 
     The primary key ``(entity_id, sequence_nr)`` is what stops two writers of
-    the same entity from forking its history.
+    the same entity from forking its history. ``(era, transaction_id, position)``
+    is the event's place in the global order the read side follows (see
+    :mod:`casty_sa.ordering`); ``event_type`` names the event's class, or is
+    ``NULL`` for rows stored before migration ``0002`` or copied from a casty file.
     """
 
     __tablename__ = "casty_sa_events"
+    __table_args__ = (
+        Index("ix_casty_sa_events_global_order", "era", "transaction_id", "position", unique=True),
+    )
 
     entity_id: Mapped[str] = mapped_column(String(MAX_ENTITY_ID_LENGTH), primary_key=True)
     sequence_nr: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     timestamp: Mapped[float] = mapped_column(Double)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
+    event_type: Mapped[str | None] = mapped_column(String(EVENT_TYPE_LENGTH))
+    era: Mapped[int] = mapped_column(SmallInteger)
+    transaction_id: Mapped[int] = mapped_column(BigInteger)
+    position: Mapped[int] = mapped_column(BigInteger, POSITION_SEQUENCE)
 
 
 class SnapshotRecord(Base):

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from casty_sa.backends import Backend, ConnectionLost, Contended, WriteRefused
 from casty_sa.batching import WriteRequest
 from casty_sa.calls import copy_error, deadline, past
-from casty_sa.codec import Row
+from casty_sa.codec import EventRow, Row
 from casty_sa.diagnosis import Diagnosis
 from casty_sa.errors import (
     CommitOutcomeUnknown,
@@ -161,7 +161,7 @@ class Writer:
         except Exception as exc:
             raise self._diagnosis.error(exc, _what(events, snapshots)) from exc
 
-    async def _send(self, events: list[Row], snapshots: list[Row]) -> None:
+    async def _send(self, events: list[EventRow], snapshots: list[Row]) -> None:
         """Send the rows, again when it is safe and may help.
 
         A write the driver refused before sending anything (a connection the server had
@@ -234,6 +234,6 @@ class Writer:
         return conflict
 
 
-def _what(events: Sequence[Row], snapshots: Sequence[Row]) -> str:
+def _what(events: Sequence[EventRow], snapshots: Sequence[Row]) -> str:
     """A failed write in an error message, after "could not" (built only on failure)."""
     return f"write {len(events)} events and {len(snapshots)} snapshots"

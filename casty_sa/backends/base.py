@@ -23,7 +23,7 @@ from sqlalchemy import Table, and_, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.compiler import Compiled
 
-from casty_sa.codec import Row, Stored
+from casty_sa.codec import EventRow, Row, Stored
 from casty_sa.dialects import Timeouts
 from casty_sa.models import journal_tables, newer_snapshot_wins
 
@@ -69,7 +69,7 @@ class Backend(ABC):
     # -- what a dialect provides ---------------------------------------------------------------
 
     @abstractmethod
-    async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
+    async def write(self, events: Sequence[EventRow], snapshots: Sequence[Row]) -> None:
         """Store events and snapshot upserts atomically (all or nothing)."""
 
     @abstractmethod

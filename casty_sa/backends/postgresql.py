@@ -30,6 +30,7 @@ from sqlalchemy import (
     ARRAY,
     URL,
     BigInteger,
+    SmallInteger,
     String,
     Table,
     bindparam,
@@ -50,7 +51,7 @@ from casty_sa.backends.failures import (
     classify_write_failure,
 )
 from casty_sa.backends.pooled import PooledBackend
-from casty_sa.codec import Row, Stored
+from casty_sa.codec import ROW_COLUMNS, EventRow, Row, Stored
 from casty_sa.dialects import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_STATEMENT_TIMEOUT,
@@ -60,6 +61,12 @@ from casty_sa.dialects import (
     register,
 )
 from casty_sa.libpq import DEFAULT_APPLICATION_NAME, postgres_options
+from casty_sa.ordering import (
+    current_era,
+    current_transaction_id,
+    notify_channel,
+    sequence_position,
+)
 
 __all__ = ["PostgresBackend", "postgresql_engine"]
 
@@ -77,18 +84,35 @@ class PostgresBackend(PooledBackend):
         # every statement carries the journal's statement timeout, so it is bounded on an
         # application's engine too (whose connections may have no command_timeout)
         self._timeout = settings.timeouts.statement
-        columns = [c.name for c in self.events.columns]
+        events = self.events
 
-        def from_arrays(table: Table) -> Any:
-            arrays = [bindparam(c.name, type_=ARRAY(c.type)) for c in table.columns]
+        def from_arrays(table: Table, columns: Sequence[str], *more: Any) -> Any:
+            arrays = [bindparam(name, type_=ARRAY(table.c[name].type)) for name in columns]
             rows = func.unnest(*arrays).table_valued(*columns).render_derived()
-            return select(*(rows.c[name] for name in columns))
+            return select(*(rows.c[name] for name in columns), *more)
 
-        self._insert = self._compile(
-            insert(self.events).from_select(columns, from_arrays(self.events))
+        event_columns = [*ROW_COLUMNS, "event_type"]
+        placed = from_arrays(
+            events,
+            event_columns,
+            bindparam("era", type_=SmallInteger),
+            current_transaction_id(),
+            sequence_position(events),
         )
+        insert_events = insert(events).from_select(
+            [*event_columns, "era", "transaction_id", "position"], placed
+        )
+        # a hint for live readers, sent by the server when the transaction commits
+        channel = notify_channel(schema).replace("'", "''")
+        self._insert = (
+            f"WITH written AS ({self._compile(insert_events)}) SELECT pg_notify('{channel}', '')"
+        )
+        self._current_era = self._compile(select(current_era(events)))
+        self._era: int | None = None
         self._upsert = self._newer_snapshot_wins(
-            postgresql.insert(self.snapshots).from_select(columns, from_arrays(self.snapshots))
+            postgresql.insert(self.snapshots).from_select(
+                ROW_COLUMNS, from_arrays(self.snapshots, ROW_COLUMNS)
+            )
         )
         # batched reads: the keys travel as arrays, numbered from 1 by WITH ORDINALITY
         ids = bindparam("entity_ids", type_=ARRAY(String))
@@ -129,17 +153,20 @@ class PostgresBackend(PooledBackend):
         sqlstate = getattr(exc, "sqlstate", None) or ""
         return sqlstate.startswith(("08", "57P"))  # connection exception, operator intervention
 
-    async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
+    async def write(self, events: Sequence[EventRow], snapshots: Sequence[Row]) -> None:
         snapshots = latest_per_entity(snapshots)  # ON CONFLICT may touch a row only once
         fairy = await self.take_writer()
         conn = fairy.driver_connection
         committing = False
         try:
+            if events and self._era is None:
+                # cached for the journal's life: see casty_sa.ordering.current_era
+                self._era = await conn.fetchval(self._current_era, timeout=self._timeout)
             if events and snapshots:
                 transaction = conn.transaction()
                 await transaction.start()
                 try:
-                    await conn.execute(self._insert, *_columns(events), timeout=self._timeout)
+                    await conn.execute(self._insert, self._era, *_columns(events), timeout=self._timeout)
                     await conn.execute(self._upsert, *_columns(snapshots), timeout=self._timeout)
                 except BaseException:
                     await quietly(transaction.rollback())
@@ -149,7 +176,7 @@ class PostgresBackend(PooledBackend):
             else:
                 committing = True  # one statement in autocommit: it commits on its own
                 if events:
-                    await conn.execute(self._insert, *_columns(events), timeout=self._timeout)
+                    await conn.execute(self._insert, self._era, *_columns(events), timeout=self._timeout)
                 else:
                     await conn.execute(self._upsert, *_columns(snapshots), timeout=self._timeout)
         except BaseException as exc:
@@ -196,8 +223,8 @@ class PostgresBackend(PooledBackend):
             )
 
 
-def _columns(rows: Sequence[Row]) -> list[list[Any]]:
-    """Rows to the four column arrays ``unnest`` takes."""
+def _columns(rows: Sequence[Row] | Sequence[EventRow]) -> list[list[Any]]:
+    """Rows to the column arrays ``unnest`` takes."""
     return [list(column) for column in zip(*rows, strict=True)]
 
 

@@ -46,16 +46,18 @@ from casty_sa.backends.sqlite_file import DatabaseFile, FileId, run_and_look
 from casty_sa.backends.sqlite_rows import (
     MAX_ROWS,
     flat,
+    flat_events,
     keep_negative_zero,
     length_limit,
     multi_row,
     write_failure,
 )
 from casty_sa.calls import SharedAttempt
-from casty_sa.codec import Row, Stored
+from casty_sa.codec import ROW_COLUMNS, EventRow, Row, Stored
 from casty_sa.dialects import Dialect, EngineRequest, Timeouts, register
 from casty_sa.engine import AUTOCOMMIT_ENGINES, READ_ONLY
 from casty_sa.errors import JournalClosed, UnsupportedDatabase
+from casty_sa.ordering import next_position
 from casty_sa.urls import is_memory_sqlite, safe_url
 
 __all__ = ["SQLITE_SYNCHRONOUS", "SqliteBackend", "sqlite_engine"]
@@ -121,7 +123,16 @@ class SqliteBackend(PooledBackend):
             None if memory else engine.url.database, track_wal=self._share_reader
         )
         self._file.watch(engine.sync_engine)
-        self._insert = self._compile(insert(self.events))
+        events = self.events
+        self._insert = self._compile(
+            insert(events).values(
+                {
+                    **{c: bindparam(c) for c in ROW_COLUMNS},
+                    "event_type": bindparam("event_type"),
+                    "position": next_position(events, bindparam("step")),
+                }
+            )
+        )
         self._upsert = self._newer_snapshot_wins(sqlite.insert(self.snapshots))
         # batched reads name their keys in one JSON parameter: [[entity_id, from_nr], ...]
         # for events, [entity_id, ...] for snapshots; json_each numbers them from 0
@@ -169,7 +180,7 @@ class SqliteBackend(PooledBackend):
 
     # -- writes --------------------------------------------------------------------------------
 
-    async def write(self, events: Sequence[Row], snapshots: Sequence[Row]) -> None:
+    async def write(self, events: Sequence[EventRow], snapshots: Sequence[Row]) -> None:
         self._file.check_kept()
         events = keep_negative_zero(events)
         snapshots = keep_negative_zero(latest_per_entity(snapshots))
@@ -186,7 +197,7 @@ class SqliteBackend(PooledBackend):
             if autocommit and not snapshots and len(events) <= MAX_ROWS:
                 committing = True  # one statement in autocommit: it commits on its own
                 how = await self._commit(
-                    conn, multi_row(self._insert, len(events)), flat(events), wal
+                    conn, multi_row(self._insert, len(events)), flat_events(events), wal
                 )
             elif autocommit and not events and len(snapshots) <= MAX_ROWS:
                 committing = True
@@ -256,13 +267,13 @@ class SqliteBackend(PooledBackend):
             await self._open_reader()
 
     async def _write_transaction(
-        self, conn: Any, events: Sequence[Row], snapshots: Sequence[Row]
+        self, conn: Any, events: Sequence[EventRow], snapshots: Sequence[Row]
     ) -> None:
         """The rows of a transaction, up to (not including) its COMMIT; rolled back on failure."""
         try:
             if not self._autocommit:  # the driver begins the transaction on its own
                 if events:
-                    await conn.executemany(self._insert, events)
+                    await conn.executemany(self._insert, [(*row, 1) for row in events])
                 if snapshots:
                     await conn.executemany(self._upsert, snapshots)
                 return
@@ -271,7 +282,7 @@ class SqliteBackend(PooledBackend):
             await conn.execute("BEGIN IMMEDIATE")
             for start in range(0, len(events), MAX_ROWS):
                 chunk = events[start : start + MAX_ROWS]
-                await conn.execute(multi_row(self._insert, len(chunk)), flat(chunk))
+                await conn.execute(multi_row(self._insert, len(chunk)), flat_events(chunk))
             for start in range(0, len(snapshots), MAX_ROWS):
                 chunk = snapshots[start : start + MAX_ROWS]
                 await conn.execute(multi_row(self._upsert, len(chunk)), flat(chunk))

@@ -17,23 +17,23 @@ from collections.abc import Sequence
 from typing import Any
 
 from casty_sa.backends.failures import WriteRefused, too_large
-from casty_sa.codec import Row
+from casty_sa.codec import EventRow, Row
 from casty_sa.models import SQLITE_NEGATIVE_ZERO, is_negative_zero
 
 __all__ = [
     "MAX_ROWS",
     "flat",
+    "flat_events",
     "keep_negative_zero",
     "length_limit",
     "multi_row",
     "write_failure",
 ]
 
-#: rows per multi-row statement: 4 parameters a row, within SQLite's variable limit
+#: rows per multi-row statement: up to 6 parameters a row, within SQLite's variable limit
 MAX_ROWS = min(
-    1000, sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 4
+    1000, sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 6
 )
-_ONE_ROW = "VALUES (?, ?, ?, ?)"
 
 #: SQLite's default SQLITE_LIMIT_LENGTH, for a connection whose own limit cannot be read
 _SQLITE_MAX_LENGTH = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
@@ -50,10 +50,16 @@ def length_limit(driver_connection: Any) -> int:
 @functools.lru_cache(maxsize=256)
 def multi_row(statement: str, rows: int) -> str:
     """``statement`` (one row of ``VALUES``) rewritten for ``rows`` rows."""
-    head, sep, tail = statement.partition(_ONE_ROW)
-    if not sep or _ONE_ROW in tail:
+    head, sep, rest = statement.partition("VALUES (")
+    depth, end = 1, 0
+    for end, char in enumerate(rest):  # the row's closing parenthesis (it may hold a subquery)
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            break
+    if not sep or depth or "VALUES (" in rest:
         raise AssertionError(f"unexpected statement shape: {statement}")
-    return head + "VALUES " + ", ".join(["(?, ?, ?, ?)"] * rows) + tail
+    row = "(" + rest[: end + 1]
+    return head + "VALUES " + ", ".join([row] * rows) + rest[end + 1 :]
 
 
 def flat(rows: Sequence[Row]) -> list[Any]:
@@ -61,15 +67,21 @@ def flat(rows: Sequence[Row]) -> list[Any]:
     return [value for row in rows for value in row]
 
 
+def flat_events(rows: Sequence[EventRow]) -> list[Any]:
+    """:func:`flat` for the events insert: each row ends with its place in the statement,
+    from 1 (see :func:`casty_sa.ordering.next_position`)."""
+    return [value for step, row in enumerate(rows, 1) for value in (*row, step)]
+
+
 _TIMESTAMP = operator.itemgetter(2)
 
 
-def keep_negative_zero(rows: Sequence[Row]) -> Sequence[Row]:
+def keep_negative_zero[R: (Row, EventRow)](rows: Sequence[R]) -> Sequence[R]:
     """``rows`` with a ``-0.0`` timestamp as SQLite keeps it (rare: a copy only then)."""
     if 0.0 not in map(_TIMESTAMP, rows):  # -0.0 == 0.0; a scan in C, no copy
         return rows
     return [
-        (row[0], row[1], SQLITE_NEGATIVE_ZERO, row[3]) if is_negative_zero(row[2]) else row  # type: ignore[misc]
+        (*row[:2], SQLITE_NEGATIVE_ZERO, *row[3:]) if is_negative_zero(row[2]) else row  # type: ignore[misc]
         for row in rows
     ]
 

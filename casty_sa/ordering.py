@@ -1,0 +1,145 @@
+"""The global order of events: what a row's place in it is, and how a reader's offset says so.
+
+Every event row carries three numbers besides its key (migration ``0002``):
+
+``era``
+    0, until the table is restored into a server whose transaction ids are behind
+    the ones stored (a dump and restore into another PostgreSQL): the first
+    writer or reader after that counts the next era, so what is written there
+    sorts after everything restored.
+``transaction_id``
+    PostgreSQL's ``pg_current_xact_id()`` of the transaction that wrote the row
+    (a 64-bit counter that never wraps, stored as ``bigint``); 0 on SQLite, whose
+    single writer commits in position order, and 0 for rows stored before ``0002``.
+``position``
+    A number unique in the table: from a sequence on PostgreSQL, one more than the
+    highest on SQLite; rows stored before ``0002`` were numbered below zero, in
+    primary-key order.
+
+The global order is ``(era, transaction_id, position)``. A reader on PostgreSQL
+takes only rows whose transaction id is below the oldest transaction still
+running (``pg_snapshot_xmin(pg_current_snapshot())``): every transaction that can
+still commit has an id at or above that horizon, so it sorts after whatever the
+reader has been given and nothing is ever skipped. A long write transaction
+delays readers; it never makes them lose an event.
+
+An offset is that triple as 36 hexadecimal digits, so offsets compare as strings in
+the global order and can be stored anywhere:
+
+>>> offset = format_offset(0, 812, 5)
+>>> offset
+'0000000000000000032c8000000000000005'
+>>> parse_offset(offset)
+(0, 812, 5)
+>>> format_offset(0, 0, -3) < format_offset(0, 0, 1) < format_offset(0, 1, -9)
+True
+>>> event_type_name(3.5), event_type_name(OrderedDict())
+('float', 'collections.OrderedDict')
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict  # noqa: F401  (the doctest above)
+from typing import Any
+
+from sqlalchemy import Sequence, Table, case, func, literal_column, select
+from sqlalchemy.sql.elements import ColumnElement
+
+from casty_sa.models import EVENT_TYPE_LENGTH, POSITION_SEQUENCE
+
+__all__ = [
+    "InvalidOffset",
+    "current_era",
+    "current_transaction_id",
+    "event_type_name",
+    "format_offset",
+    "next_position",
+    "notify_channel",
+    "parse_offset",
+    "sequence_position",
+]
+
+_POSITION_BIAS = 1 << 63  # positions are signed: biased, they sort as unsigned hex
+_OFFSET = re.compile(r"[0-9a-f]{36}")
+
+
+class InvalidOffset(ValueError):
+    """An ``after=`` offset that is not one the read side hands out."""
+
+
+def format_offset(era: int, transaction_id: int, position: int) -> str:
+    """The offset of a row: its place in the global order, as a sortable string."""
+    return f"{era:04x}{transaction_id:016x}{position + _POSITION_BIAS:016x}"
+
+
+def parse_offset(offset: object) -> tuple[int, int, int]:
+    """``(era, transaction_id, position)`` of an offset; :class:`InvalidOffset` otherwise."""
+    if type(offset) is not str or not _OFFSET.fullmatch(offset):
+        shown = repr(offset)[:60]
+        raise InvalidOffset(
+            f"{shown} is not an offset of casty-sa's read side (36 lowercase hexadecimal "
+            "digits, as EventEnvelope.offset gives them)"
+        )
+    return int(offset[:4], 16), int(offset[4:20], 16), int(offset[20:], 16) - _POSITION_BIAS
+
+
+def event_type_name(event: object) -> str:
+    """What ``event_type`` holds for ``event``: ``module.QualName``, or the name of a built-in."""
+    cls = type(event)
+    module = cls.__module__
+    name = cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+    if len(name) > EVENT_TYPE_LENGTH:
+        return name[: EVENT_TYPE_LENGTH - 1] + "…"
+    return name
+
+
+def next_position(events: Table, step: Any) -> ColumnElement[Any]:
+    """SQLite: the position of the ``step``-th row (from 1) of an ``INSERT``.
+
+    One more than the highest stored, found through the global-order index (its
+    last entry); SQLite lets one writer in at a time, so no other writer can take
+    the same number, and a later transaction always gets higher ones. Whether
+    SQLite evaluates the subquery once per statement or once per row, the rows
+    get increasing numbers.
+    """
+    highest = (
+        select(events.c.position)
+        .order_by(events.c.era.desc(), events.c.transaction_id.desc(), events.c.position.desc())
+        .limit(literal_column("1"))
+        .offset(literal_column("0"))
+        .scalar_subquery()
+    )
+    return func.coalesce(highest, literal_column("0")) + step
+
+
+def sequence_position(events: Table) -> ColumnElement[int]:
+    """PostgreSQL: the position of a row, from the table's sequence (in its schema)."""
+    return Sequence(POSITION_SEQUENCE.name, schema=events.schema).next_value()
+
+
+def current_era(events: Table) -> ColumnElement[int]:
+    """PostgreSQL: the era a writer writes in, and readers read up to.
+
+    The highest stored era, or the next one when that era's highest transaction id
+    is not below the server's next one: the rows were written by another server
+    (restored here), and this server's transactions would sort before them.
+    ``pg_snapshot_xmax`` assigns no transaction id, unlike ``pg_current_xact_id``.
+    """
+    zero, one = literal_column("0"), literal_column("1")
+    top = select(func.coalesce(func.max(events.c.era), zero)).scalar_subquery()
+    newest = (
+        select(func.max(events.c.transaction_id)).where(events.c.era == top).scalar_subquery()
+    )
+    server = literal_column("pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+    return top + case((newest >= server, one), else_=zero)
+
+
+def current_transaction_id() -> ColumnElement[int]:
+    """PostgreSQL: the writing transaction's id (``xid8``) as a ``bigint``."""
+    return literal_column("pg_current_xact_id()::text::bigint")
+
+
+def notify_channel(schema: str | None) -> str:
+    """The ``LISTEN``/``NOTIFY`` channel a PostgreSQL journal announces commits on."""
+    return "casty_sa_events" if schema is None else f"casty_sa_events.{schema}"
