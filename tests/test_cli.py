@@ -100,7 +100,8 @@ class TestMigrations:
         code, out, _ = run(capsys, "upgrade", "--url", url)
         assert code == 0 and f"already at {head_revision()} (head)" in out
         code, out, _ = run(capsys, "history", "--url", url)
-        assert code == 0 and f"<base> -> {head_revision()} (head) (current), " in out
+        assert code == 0 and f" -> {head_revision()} (head) (current), " in out
+        assert "<base> -> 0001, " in out
         assert run(capsys, "heads")[:2] == (0, f"{head_revision()} (head)\n")
 
     def test_downgrade_to_base_removes_only_casty_sa_tables(
