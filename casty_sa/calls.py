@@ -53,6 +53,14 @@ class Inflight:
         self.track(task)
         return await asyncio.shield(task)
 
+    def start[T](self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """``work`` in a task started at once (in the caller's turn, so work that never
+        waits costs no trip through the event loop), tracked unless it is already done."""
+        task = asyncio.Task(work, loop=asyncio.get_running_loop(), eager_start=True)
+        if not task.done():
+            self.track(task)
+        return task
+
     async def settle(self) -> None:
         """Wait for every tracked task, including any one of them started meanwhile."""
         # a finished task leaves the set only when its callback runs: look at done() instead

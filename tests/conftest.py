@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,67 @@ from support import pools
 os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="casty-sa-xdg-"))  # for pgserver
 
 collect_ignore = ["app_fixture"]  # an Alembic script folder, imported only by Alembic
+
+#: Seconds a test that timed out (pyproject's ``timeout``) has to end once failed, before
+#: the run stops.
+_TIMEOUT_GRACE = 60.0
+
+
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    """pytest-timeout's ``signal`` method, telling what an event loop waits for.
+
+    A hung event loop sits idle in ``select()``: the threads' stacks show only that, so
+    the stacks of its pending tasks are printed too. A test whose failure does not end
+    it (the failure raised inside a task instead of the loop) stops the run after
+    :data:`_TIMEOUT_GRACE` seconds, with the stacks again.
+    """
+    import pytest_timeout  # type: ignore[import-untyped]
+
+    if settings.method != "signal" or threading.current_thread() is not threading.main_thread():
+        return None  # pytest-timeout's own timer
+
+    def stop_the_run(_signum: int, _frame: Any) -> None:
+        _print_pending_tasks(item)
+        pytest_timeout.timeout_timer(item, settings)  # every stack, then os._exit(1)
+
+    def fail_the_test(_signum: int, _frame: Any) -> None:
+        __tracebackhide__ = True
+        _print_pending_tasks(item)
+        signal.signal(signal.SIGALRM, stop_the_run)
+        signal.setitimer(signal.ITIMER_REAL, _TIMEOUT_GRACE)
+        pytest_timeout.timeout_sigalrm(item, settings)  # every thread's stack, then fail
+
+    def cancel() -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+    item.cancel_timeout = cancel  # type: ignore[attr-defined]  # pytest-timeout's cancel hook
+    signal.signal(signal.SIGALRM, fail_the_test)
+    signal.setitimer(signal.ITIMER_REAL, settings.timeout)
+    return True
+
+
+def _print_pending_tasks(item: pytest.Item) -> None:
+    """The await chain of each unfinished task of the running event loop, on the terminal
+    (``Task.print_stack`` shows a suspended task's outermost coroutine only)."""
+    loop = asyncio._get_running_loop()  # the loop the signal interrupted, if any
+    if loop is None:
+        return
+    tasks = asyncio.all_tasks(loop)
+    terminal = item.config.get_terminal_writer()
+    terminal.sep("+", title=f"Timeout: {len(tasks)} pending asyncio task(s)")
+    for task in tasks:
+        terminal.line(repr(task))
+        awaited: Any = task.get_coro()
+        while awaited is not None:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is None:  # a future, or a coroutine of C code: the end of the chain
+                terminal.line(f"  awaiting {awaited!r}")
+                break
+            code = frame.f_code
+            terminal.line(f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}')
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+
 
 _TEMPLATE = "casty_sa_template"
 _counter = itertools.count()

@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import pytest
 from casty import PersistedEvent, Snapshot
-from sqlalchemy import URL
+from sqlalchemy import URL, event, make_url
 
 import casty_sa
 from casty_sa import (
@@ -269,6 +269,48 @@ async def test_calls_cancelled_again_and_again_never_cost_the_journal_a_connecti
     assert free == capacity, "a cancelled call kept a pool permit"
     writers = [journal.persist(f"after-{k}", [ev(1, k)]) for k in range(2 * capacity)]
     assert await asyncio.wait_for(asyncio.gather(*writers), 10) == [None] * len(writers)
+
+
+async def test_a_call_cancelled_while_its_connection_opens_leaves_no_task_behind(
+    tmp_path: Path, make_journal: Callable[..., SAJournal]
+) -> None:
+    """A caller cancelled again and again while the pool opens its connection cuts the
+    opening short nowhere: once the journal is closed, no task is left waiting.
+
+    SQLAlchemy's pool, cut off half-way, closes the connection in a task of its own that
+    nobody awaits; on aiosqlite that task then waits forever for the driver's thread (which
+    a forced close already stopped), and the event loop's close hung on it. SQLite only: on
+    PostgreSQL no caller's task ever reaches the pool (see ``Backend.cancel_safe``).
+    """
+    url = make_url(f"sqlite+aiosqlite:///{tmp_path / 'journal.db'}")
+    await casty_sa.upgrade(url)
+    journal = make_journal(url)
+    await journal.persist("warm", [ev(1, "x")])
+    await wait_until_idle(journal)
+    await journal.engine.dispose()  # the next call opens a connection
+    opening = asyncio.Event()
+
+    @event.listens_for(journal.engine.sync_engine, "connect")
+    def slow_to_open(dbapi_connection: Any, _record: Any) -> None:
+        opening.set()
+        cursor = dbapi_connection.cursor()  # a statement the driver's thread takes a while on
+        cursor.execute(
+            "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n LIMIT 300000) "
+            "SELECT count(*) FROM n"
+        )
+        cursor.close()
+
+    before = asyncio.all_tasks()
+    task = asyncio.ensure_future(journal.persist("cut", [ev(1, "x")]))
+    await asyncio.wait_for(opening.wait(), 10)
+    while not task.done():
+        task.cancel()
+        await asyncio.sleep(0)
+    await journal.close()
+    left = asyncio.all_tasks() - before
+    if left:
+        await asyncio.wait(left, timeout=5)  # a task merely finishing late passes
+    assert all(t.done() for t in left), [t for t in left if not t.done()]
 
 
 async def test_a_conflict_flushed_by_close_still_names_the_stored_sequence_number(

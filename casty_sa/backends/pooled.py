@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,6 +30,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from casty_sa.backends.base import Backend, BackendSettings
 from casty_sa.backends.failures import ConnectionLost
+from casty_sa.calls import Inflight
 
 __all__ = ["PING_AFTER", "PooledBackend"]
 
@@ -67,7 +68,8 @@ class PooledBackend(Backend):
         self._waiting = 0  # callers waiting at the gate
         self._held: Any = None
         self._idle_check: asyncio.TimerHandle | None = None
-        self._giving_back: set[asyncio.Task[None]] = set()
+        # calls into the pool that cancelled callers left running, and idle releases
+        self._pool_work = Inflight()
 
     def usable(self, driver_connection: Any) -> bool:
         """Whether a held connection may be used again without asking the pool."""
@@ -177,15 +179,13 @@ class PooledBackend(Backend):
             self._idle_check.cancel()
             self._idle_check = None
         await self.release_held()
-        if self._giving_back:
-            await asyncio.gather(*self._giving_back, return_exceptions=True)
+        await self._pool_work.settle()
 
     async def _give_back(self, fairy: Any, exc: BaseException | None) -> None:
         """Return a connection to the pool and its permit to the gate, even if cancelled.
 
         A caller cancelled again while the pool resets the connection (its rollback)
-        still gives the permit back; SQLAlchemy invalidates a connection whose reset was
-        cut off, so the pool's own count stays right too.
+        still gives the permit back, and the reset goes on to its end (see :meth:`_uncut`).
         """
         try:
             await self._release(fairy, exc)
@@ -220,9 +220,7 @@ class PooledBackend(Backend):
         if unused < self.hold_linger:
             self._idle_check = loop.call_later(self.hold_linger - unused, self._check_idle)
             return
-        task = loop.create_task(self.release_held(), name="casty_sa-release-writer")
-        self._giving_back.add(task)
-        task.add_done_callback(self._giving_back.discard)
+        self._pool_work.track(loop.create_task(self.release_held(), name="casty_sa-release-writer"))
 
     async def _checkout(self) -> Any:
         """A pooled connection, checked to be alive when it sat unused for a while.
@@ -231,10 +229,36 @@ class PooledBackend(Backend):
         out fails the checkout (see :meth:`_alive`).
         """
         for _ in range(_CHECKOUT_ATTEMPTS):
-            fairy = await self._engine.raw_connection()
+            fairy = await self._pooled()
             if await self._alive(fairy):
                 return fairy
-        return await self._engine.raw_connection()  # its error, if any, surfaces on use
+        return await self._pooled()  # its error, if any, surfaces on use
+
+    async def _pooled(self) -> Any:
+        """A connection from the pool, which a cancelled caller does not cut off half-way
+        (see :meth:`_uncut`): one that comes after its caller was cancelled goes back."""
+        checkout = self._pool_work.start(self._engine.raw_connection())
+        try:
+            return await asyncio.shield(checkout)
+        except asyncio.CancelledError:
+            checkout.add_done_callback(self._unclaimed)
+            raise
+
+    def _unclaimed(self, checkout: asyncio.Task[Any]) -> None:
+        """Give back the connection of a checkout whose caller was cancelled."""
+        if not checkout.cancelled() and checkout.exception() is None:
+            self._pool_work.start(self._return(checkout.result(), None))
+
+    async def _uncut[T](self, work: Coroutine[Any, Any, T]) -> T:
+        """Await a call into SQLAlchemy's pool, run to its end even if the caller is cancelled.
+
+        The pool, cut off half-way (while it opens, resets or invalidates a connection),
+        closes the connection in hand in a task of its own that nobody awaits; on aiosqlite
+        that task may wait forever, for a driver thread that already stopped, and outlive
+        the journal's ``close()``. So the call runs in a task of its own (started at once:
+        one that never waits costs no trip through the loop) that ``close()`` waits for.
+        """
+        return await asyncio.shield(self._pool_work.start(work))
 
     async def _alive(self, fairy: Any) -> bool:
         """False (and the connection invalidated) when the connection is gone.
@@ -270,7 +294,11 @@ class PooledBackend(Backend):
             return False
 
     async def _release(self, fairy: Any, exc: BaseException | None) -> None:
-        """Back to the pool, or invalidated first when ``exc`` says it is broken."""
+        """Back to the pool, or invalidated first when ``exc`` says it is broken (to the
+        end even if the caller is cancelled, see :meth:`_uncut`)."""
+        await self._uncut(self._return(fairy, exc))
+
+    async def _return(self, fairy: Any, exc: BaseException | None) -> None:
         fairy.info[_RELEASED] = time.monotonic()
         if exc is not None:
             await greenlet_spawn(fairy.invalidate, exc if isinstance(exc, Exception) else None)

@@ -337,7 +337,7 @@ class SqliteBackend(PooledBackend):
             if self.is_disconnect(exc) and self._reader is reader:
                 self._reader = None  # the next read opens a fresh one
                 self._file.forget_wal()  # which records the -wal's identity anew
-                await quietly(greenlet_spawn(reader[0].close))
+                await quietly(self._uncut(greenlet_spawn(reader[0].close)))
             raise
 
     async def _open_reader(self) -> tuple[Any, Any]:
