@@ -45,6 +45,12 @@ from support import crash_writer as writer
 from support import internals, processes
 from support.processes import start_writer
 
+#: a row another application writes past the journal (its own place in the global order)
+_OTHER_APP_ROW = (
+    "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload, position) "
+    "VALUES ('other-app', 1, 1.0, x'00', -1000000)"
+)
+
 
 def batch(entity_id: str, first: int, size: int) -> list[PersistedEvent[Any]]:
     result: list[PersistedEvent[Any]] = writer.make_batch(entity_id, first, size)
@@ -173,7 +179,7 @@ async def test_a_write_waits_for_another_connections_lock_within_busy_timeout(
         other = sqlite3.connect(path, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
-            other.execute("INSERT INTO casty_sa_events VALUES ('other-app', 1, 1.0, x'00')")
+            other.execute(_OTHER_APP_ROW)
             locked.set()
             time.sleep(seconds)  # another application's long write transaction
             other.execute("COMMIT")
@@ -768,7 +774,7 @@ def another_writer_holding_the_lock(path: Path) -> Iterator[None]:
         other = sqlite3.connect(path, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
-            other.execute("INSERT INTO casty_sa_events VALUES ('other-app', 1, 1.0, x'00')")
+            other.execute(_OTHER_APP_ROW)
             locked.set()
             release.wait(30)
             other.execute("ROLLBACK")

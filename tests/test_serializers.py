@@ -7,9 +7,11 @@ while a journal using :class:`~casty_sa.serializers.JsonSerializer` refuses it.
 
 from __future__ import annotations
 
+
 import datetime
 import decimal
 import enum
+import itertools
 import pathlib
 import pickle
 import sys
@@ -337,9 +339,15 @@ class _Exploit:
         return (pathlib.Path.touch, (pathlib.Path(self.marker),))
 
 
+_PLANTED = itertools.count()
+
+
 async def _plant(journal: SAJournal, table: str, entity_id: str, payload: bytes) -> None:
     """Write a row past the journal, as anyone with INSERT on the table could."""
     columns = "(entity_id, sequence_nr, timestamp, payload) VALUES (:e, 1, 1.0, :p)"
+    if table == "casty_sa_events":  # a place in the global order of its own
+        place = -1_000_000 - next(_PLANTED)
+        columns = columns.replace(") VALUES", ", position) VALUES").replace(":p)", f":p, {place})")
     async with journal.engine.begin() as conn:
         await conn.execute(text(f"INSERT INTO {table} {columns}"), {"e": entity_id, "p": payload})
 

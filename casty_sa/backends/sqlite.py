@@ -129,6 +129,9 @@ class SqliteBackend(PooledBackend):
                 {
                     **{c: bindparam(c) for c in ROW_COLUMNS},
                     "event_type": bindparam("event_type"),
+                    # explicit, so tables an application created from the models need no defaults
+                    "era": literal_column("0"),
+                    "transaction_id": literal_column("0"),
                     "position": next_position(events, bindparam("step")),
                 }
             )
