@@ -9,6 +9,37 @@ looked at, so the stream moves its cursor there and never passes a row that may
 still commit. ``live=False`` stops at the horizon of its first page (what was
 committed when it started); ``live=True`` waits for more (:mod:`casty_sa.live`).
 
+``journal.events(after=None, *, live=False, batch_size=1000, entity_prefix=None,
+event_types=None)``:
+
+``after``
+    Resume after this offset (``None``: from the first event).
+``live``
+    ``False``: stop at what was committed when the call started (on PostgreSQL: up
+    to the oldest write transaction then running). ``True``: go on, waiting for new
+    events, woken by this journal's commits at once, by ``NOTIFY`` on PostgreSQL, and
+    by polling (1 s on PostgreSQL, 50 ms on SQLite; sooner on PostgreSQL while a
+    running transaction holds back events committed after it).
+``batch_size``
+    Events read per query (an int from 1 to 100,000).
+``entity_prefix``
+    Only entities whose id starts with this string (compared as text: ``%`` and
+    ``_`` are plain characters).
+``event_types``
+    Only events of these types, named as :func:`casty_sa.ordering.event_type_name`
+    names them (``"app.Deposited"``, ``"str"``). Rows stored without a type (before
+    migration 0002, or copied from a casty file) or with a cut one are decoded to tell.
+
+Errors: :class:`~casty_sa.ordering.InvalidOffset` for an ``after`` that is no offset
+(at the call, before any I/O), or that is ahead of everything the database can have
+handed out (at the first step): an era above the current one, or on PostgreSQL a
+transaction id not below the server's next one, or on SQLite a place past the newest
+event stored. An offset of another database that falls within this one's range
+cannot be told apart. :class:`~casty_sa.errors.PayloadDecodeError` (naming entity and
+sequence number) for an event the deserializer fails on;
+:class:`~casty_sa.errors.JournalClosed` once the journal is closed, also for a live
+reader waiting then; the journal's usual database errors (after its read retries).
+
 A stream holds no connection between two ``__anext__`` calls: leaving the loop
 (``break``, an exception, a cancelled task) leaves nothing open but its share of
 the live readers' listening connection, which goes when the stream is closed or
@@ -31,7 +62,7 @@ Examples
 from __future__ import annotations
 
 import collections
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -39,6 +70,7 @@ from typing import Any, Self
 from casty_sa.backends import Backend
 from casty_sa.backends.read_statements import TOP, EventPage, Place
 from casty_sa.errors import JournalClosed, PayloadDecodeError
+from casty_sa.lifecycle import Lifecycle
 from casty_sa.live import Wakeups
 from casty_sa.models import MAX_ENTITY_ID_LENGTH
 from casty_sa.ordering import (
@@ -100,10 +132,8 @@ class ReadSide:
         The journal's deserializer.
     wakeups : Wakeups
         What wakes live readers.
-    start : Callable
-        The journal's start (connect, check the schema); raises JournalClosed once closed.
-    closed : Callable
-        Whether the journal was closed.
+    life : Lifecycle
+        The journal's start (connect, check the schema) and whether it was closed.
     """
 
     def __init__(
@@ -112,22 +142,19 @@ class ReadSide:
         reads: RetryingReader,
         deserialize: Callable[[bytes], Any],
         wakeups: Wakeups,
-        *,
-        start: Callable[[], Awaitable[None]],
-        closed: Callable[[], bool],
+        life: Lifecycle,
     ) -> None:
         self.backend = backend
         self.reads = reads
         self.deserialize = deserialize
         self.wakeups = wakeups
-        self._start = start
-        self._closed = closed
+        self._life = life
 
     async def ready(self) -> None:
         """Refuse a call on a closed journal; start it if needed."""
-        if self._closed():
+        if self._life.closed:
             raise JournalClosed()
-        await self._start()
+        await self._life.start()
 
     def events(
         self,
@@ -151,7 +178,16 @@ class ReadSide:
         return EventStream(self, place, live=live, limit=batch_size, prefix=prefix, types=types)
 
     def entity_ids(self, after: str | None, prefix: str | None) -> AsyncIterator[str]:
-        """Entity ids after ``after`` (with ``prefix``), in the column's order."""
+        """Entity ids after ``after`` (with ``prefix``), in the column's order.
+
+        Read in pages of 1,000, one index probe per id (a walk through the primary
+        key, never a scan of the events). Where the column sorts by bytes (SQLite;
+        PostgreSQL with a ``C`` collation) the walk starts at the prefix and stops
+        after its last id. Under another collation the ids with a prefix need not be
+        contiguous, nor sort after the prefix, so the walk goes over every id after
+        ``after`` (one probe each) and keeps those that start with it: never one
+        missed, at the cost of the whole walk.
+        """
         start = _check_text("after", after) or ""
         return self._entity_ids(start, _check_text("prefix", prefix) or None)
 

@@ -56,7 +56,55 @@ __all__ = ["MAX_SEQUENCE_NR", "SAJournal"]
 _WRITER_LINGER = 0.01
 
 
-class SAJournal:
+class _ReadSideCalls:
+    """The read-side calls of :class:`SAJournal` (see :mod:`casty_sa.event_stream`)."""
+
+    _read_side: ReadSide
+
+    def events(
+        self,
+        after: str | None = None,
+        *,
+        live: bool = False,
+        batch_size: int = 1000,
+        entity_prefix: str | None = None,
+        event_types: Collection[str] | None = None,
+    ) -> EventStream:
+        """Every committed event in one global order, as ``EventEnvelope`` s (each entity's
+        in sequence order); resuming after an envelope's ``offset`` gives every later
+        event exactly once. ``live=False`` stops at what was committed when the call
+        started; ``live=True`` waits for more. See :mod:`casty_sa.event_stream` for the
+        parameters, the errors and the guarantees.
+
+        Examples
+        --------
+        >>> async def follow(journal: SAJournal, offset: str | None) -> None:
+        ...     async for envelope in journal.events(offset, live=True):
+        ...         print(envelope.entity_id, envelope.event)
+        ...         offset = envelope.offset  # store it to resume from it
+        """
+        return self._read_side.events(
+            after,
+            live=live,
+            batch_size=batch_size,
+            entity_prefix=entity_prefix,
+            event_types=event_types,
+        )
+
+    def entity_ids(
+        self, after: str | None = None, *, prefix: str | None = None
+    ) -> AsyncIterator[str]:
+        """Ids of the entities with events after ``after``, in the database's order; ``prefix``
+        is compared as text (see :meth:`casty_sa.event_stream.ReadSide.entity_ids`)."""
+        return self._read_side.entity_ids(after, prefix)
+
+    async def highest_sequence_nr(self, entity_id: str) -> int:
+        """The entity's highest stored sequence number; 0 for an unknown entity."""
+        check_entity_id(entity_id)
+        return await self._read_side.highest_sequence_nr(entity_id)
+
+
+class SAJournal(_ReadSideCalls):
     """casty ``EventJournal`` storing events and snapshots through SQLAlchemy.
 
     A drop-in for casty's ``SqliteJournal``: SQLite files are node-local,
@@ -204,19 +252,14 @@ class SAJournal:
         self._writer = Writer(self._backend, self._diagnosis, self._reads, budget=budget)
         # live readers of this journal are woken after each of its commits
         self._wakeups = Wakeups(self._backend.open_listener, self._diagnosis.describe)
-        write = _ringing(self._writer.write_group, self._wakeups.ring)
+        write = self._wakeups.after_each(self._writer.write_group)
         self._committer: GroupCommitter | OneByOne = (
             _committer(self._backend, write, max_batch_events, max_batch_bytes, max_pending)
             if group_commit
             else OneByOne(write, self._inflight)
         )
         self._read_side = ReadSide(
-            self._backend,
-            self._reads,
-            deserialize,
-            self._wakeups,
-            start=self.start,
-            closed=lambda: self._life.closed,
+            self._backend, self._reads, deserialize, self._wakeups, self._life
         )
         self._event_reads, self._snapshot_reads = _coalescers(self._backend, self._inflight)
 
@@ -349,92 +392,6 @@ class SAJournal:
         )
         return decode_snapshot(entity_id, row, self._deserialize)
 
-    # -- the read side (casty_sa.event_stream) ---------------------------------------------------
-
-    def events(
-        self,
-        after: str | None = None,
-        *,
-        live: bool = False,
-        batch_size: int = 1000,
-        entity_prefix: str | None = None,
-        event_types: Collection[str] | None = None,
-    ) -> EventStream:
-        """Every committed event, in one global order, as :class:`EventEnvelope` s.
-
-        The order is ``(era, transaction_id, position)`` (:mod:`casty_sa.ordering`):
-        each entity's events in sequence-number order, and a reader that resumes
-        after the ``offset`` of the last envelope it handled gets every event
-        committed after it exactly once. An event is delivered only once nothing
-        that could still commit can sort before it: on PostgreSQL a write
-        transaction still running (anywhere on the server) holds readers back
-        until it ends; it never makes them miss an event.
-
-        Parameters
-        ----------
-        after : str | None
-            Resume after this offset (``None``: from the first event).
-        live : bool
-            ``False``: stop at what was committed when the call started. ``True``:
-            go on, waiting for new events (woken by this journal's commits, by
-            ``NOTIFY`` on PostgreSQL, and by polling: 1 s on PostgreSQL, 50 ms on SQLite).
-        batch_size : int
-            Events read per query (1 to 100,000).
-        entity_prefix : str | None
-            Only entities whose id starts with this string (compared as text: ``%``
-            and ``_`` are plain characters).
-        event_types : Collection[str] | None
-            Only events of these types, named as ``casty_sa.ordering.event_type_name``
-            names them (``"app.Deposited"``, ``"str"``). Rows stored without a type
-            (before migration 0002, or copied from a casty file) are decoded to tell.
-
-        Raises
-        ------
-        InvalidOffset
-            ``after`` is not an offset (at the call), or is ahead of everything the
-            database can have handed out (at the first step): its era is above the
-            current one, or (PostgreSQL) its transaction id is not below the server's
-            next one, or (SQLite) it is past the newest event stored. An offset of
-            another database that falls within this one's range cannot be told apart.
-        PayloadDecodeError
-            An event could not be decoded (names entity and sequence number).
-        JournalClosed
-            The journal was closed (also while a live reader waited).
-
-        Examples
-        --------
-        >>> async def follow(journal: SAJournal, offset: str | None) -> None:
-        ...     async for envelope in journal.events(offset, live=True):
-        ...         print(envelope.entity_id, envelope.event)
-        ...         offset = envelope.offset  # store it to resume from it
-        """
-        return self._read_side.events(
-            after,
-            live=live,
-            batch_size=batch_size,
-            entity_prefix=entity_prefix,
-            event_types=event_types,
-        )
-
-    def entity_ids(
-        self, after: str | None = None, *, prefix: str | None = None
-    ) -> AsyncIterator[str]:
-        """Ids of the entities with events, after ``after``, in the database's order.
-
-        Read in pages underneath, one index probe per id (a walk through the
-        primary key, never a scan of the events). ``prefix`` is compared as text.
-        Where the column sorts by bytes (SQLite; PostgreSQL with a ``C`` collation)
-        the walk starts at the prefix and stops after its last id; under another
-        collation the ids with a prefix need not be contiguous, so the walk goes
-        over every id after ``after`` (one probe each) and keeps the matching ones.
-        """
-        return self._read_side.entity_ids(after, prefix)
-
-    async def highest_sequence_nr(self, entity_id: str) -> int:
-        """The entity's highest stored sequence number; 0 for an unknown entity."""
-        check_entity_id(entity_id)
-        return await self._read_side.highest_sequence_nr(entity_id)
-
     async def _submit(self, request: WriteRequest) -> None:
         await self.start()
         await self._committer.submit(request)
@@ -447,19 +404,6 @@ class SAJournal:
             secrets=self._diagnosis.secrets,
             turn=self._backend.turn,
         )
-
-
-def _ringing(write: GroupWriter, ring: Callable[[], None]) -> GroupWriter:
-    """``write``, ringing after every group, however it ended (a write whose outcome is
-    unknown may have committed; a reader woken for nothing just looks again)."""
-
-    async def write_and_ring(group: Sequence[WriteRequest]) -> list[BaseException | None]:
-        try:
-            return await write(group)
-        finally:
-            ring()
-
-    return write_and_ring
 
 
 def _committer(

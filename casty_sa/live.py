@@ -32,9 +32,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from casty_sa.backends.base import Listener
+from casty_sa.batching import GroupWriter, WriteRequest
 
 __all__ = ["Wakeups"]
 
@@ -78,6 +79,19 @@ class Wakeups:
         rung, self._rung = self._rung, None
         if rung is not None:
             rung.set()
+
+    def after_each(self, write: GroupWriter) -> GroupWriter:
+        """``write`` (a journal's group writer), ringing after every group however it ended:
+        a write whose outcome is unknown may have committed, and a reader woken for
+        nothing just looks again."""
+
+        async def write_and_ring(group: Sequence[WriteRequest]) -> list[BaseException | None]:
+            try:
+                return await write(group)
+            finally:
+                self.ring()
+
+        return write_and_ring
 
     def ticket(self) -> int:
         """Taken before a read; :meth:`wait` returns at once if a commit came since."""
