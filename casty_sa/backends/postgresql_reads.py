@@ -101,9 +101,9 @@ class PostgresReading(PooledBackend):
         # place), so live readers waiting never hold one the journal's calls need
         async with self.turn():
             fairy = await self._engine.raw_connection()
+            conn: Any = fairy.driver_connection  # a detached one no longer names it
             await greenlet_spawn(fairy.detach)
-        listener = _Listener(fairy, self.channel, woken)
-        conn: Any = fairy.driver_connection
+        listener = _Listener(fairy, conn, self.channel, woken)
         try:
             await conn.add_listener(self.channel, listener.notified)
         except BaseException:
@@ -184,8 +184,9 @@ def _bytewise(collation: str, database: str, provider: str | None, locale: str |
 class _Listener:
     """The connection a journal's live readers LISTEN on (see :mod:`casty_sa.live`)."""
 
-    def __init__(self, fairy: Any, channel: str, woken: Callable[[], None]) -> None:
+    def __init__(self, fairy: Any, conn: Any, channel: str, woken: Callable[[], None]) -> None:
         self._fairy = fairy
+        self._conn = conn
         self._channel = channel
         self._woken = woken
 
@@ -193,10 +194,9 @@ class _Listener:
         self._woken()
 
     def alive(self) -> bool:
-        return not self._fairy.driver_connection.is_closed()
+        return not self._conn.is_closed()
 
     async def close(self) -> None:
-        conn = self._fairy.driver_connection
-        if not conn.is_closed():
-            await quietly(conn.remove_listener(self._channel, self.notified))
+        if not self._conn.is_closed():
+            await quietly(self._conn.remove_listener(self._channel, self.notified))
         await quietly(greenlet_spawn(self._fairy.close))
