@@ -82,7 +82,7 @@ def listener_opened(journal: SAJournal) -> Any:
 
     wakeups = journal._wakeups
     opened = asyncio.Event()
-    open_listener = wakeups._open_listener
+    open_listener: Any = wakeups._open_listener
 
     async def opening(woken: Any) -> Any:
         listener = await open_listener(woken)
