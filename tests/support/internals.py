@@ -63,3 +63,31 @@ def without_sqlite_json(monkeypatch: pytest.MonkeyPatch) -> None:
     is the one way to reach it on a SQLite that has them.
     """
     monkeypatch.setattr(casty_sa.backends.sqlite, "_SQLITE_HAS_JSON", False)
+
+
+def listening(journal: SAJournal) -> bool:
+    """Whether the journal's live readers hold their shared LISTEN connection open.
+
+    The connection is detached from the pool (it is not the pool's to count), and a test
+    that follows it from the server side cannot tell it from a connection being closed.
+    """
+    return bool(journal._wakeups.listening)
+
+
+def listener_opened(journal: SAJournal) -> Any:
+    """An ``asyncio.Event`` set each time the journal's live readers open their LISTEN
+    connection, i.e. once a live reader caught up and waits (nothing outside shows when
+    a reader starts waiting; the server shows a session, not what it waits for)."""
+    import asyncio
+
+    wakeups = journal._wakeups
+    opened = asyncio.Event()
+    open_listener: Any = wakeups._open_listener
+
+    async def opening(woken: Any) -> Any:
+        listener = await open_listener(woken)
+        opened.set()
+        return listener
+
+    wakeups._open_listener = opening
+    return opened
