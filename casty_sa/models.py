@@ -39,12 +39,12 @@ from sqlalchemy.sql.schema import SchemaConst
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
+    "EVENT_TYPE_LENGTH",
     "MAX_ENTITY_ID_LENGTH",
     "NAMING_CONVENTION",
+    "POSITION_SEQUENCE",
     "SQLITE_NEGATIVE_ZERO",
     "VERSION_TABLE",
-    "EVENT_TYPE_LENGTH",
-    "POSITION_SEQUENCE",
     "Base",
     "EventRecord",
     "SnapshotRecord",

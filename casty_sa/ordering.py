@@ -132,7 +132,8 @@ def next_position(events: Table, step: Any) -> ColumnElement[Any]:
         .offset(literal_column("0"))
         .scalar_subquery()
     )
-    return func.coalesce(highest, literal_column("0")) + step
+    position: ColumnElement[Any] = func.coalesce(highest, literal_column("0")) + step
+    return position
 
 
 def sequence_position(events: Table) -> ColumnElement[int]:
@@ -148,7 +149,8 @@ def current_era(events: Table) -> ColumnElement[int]:
     (restored here), and this server's transactions would sort before them.
     ``pg_snapshot_xmax`` assigns no transaction id, unlike ``pg_current_xact_id``.
     """
-    zero, one = literal_column("0"), literal_column("1")
+    zero: ColumnElement[int] = literal_column("0")
+    one: ColumnElement[int] = literal_column("1")
     top = select(func.coalesce(func.max(events.c.era), zero)).scalar_subquery()
     newest = select(func.max(events.c.transaction_id)).where(events.c.era == top).scalar_subquery()
     server = next_transaction_id()

@@ -362,7 +362,8 @@ async def test_garbage_bytes_in_a_row_are_a_decode_error(journal: SAJournal) -> 
     async with journal.engine.begin() as conn:
         await conn.execute(
             text(
-                "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload, position) "
+                "INSERT INTO casty_sa_events "
+                "(entity_id, sequence_nr, timestamp, payload, position) "
                 "VALUES ('acct', 2, 1.0, :payload, -1000000)"
             ),
             {"payload": b"\x80\x05not a pickle at all"},

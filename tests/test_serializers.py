@@ -7,7 +7,6 @@ while a journal using :class:`~casty_sa.serializers.JsonSerializer` refuses it.
 
 from __future__ import annotations
 
-
 import datetime
 import decimal
 import enum

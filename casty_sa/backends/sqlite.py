@@ -288,8 +288,8 @@ class SqliteBackend(SqliteReading):
                 chunk = events[start : start + MAX_ROWS]
                 await conn.execute(multi_row(self._insert, len(chunk)), flat_events(chunk))
             for start in range(0, len(snapshots), MAX_ROWS):
-                chunk = snapshots[start : start + MAX_ROWS]
-                await conn.execute(multi_row(self._upsert, len(chunk)), flat(chunk))
+                upserts = snapshots[start : start + MAX_ROWS]
+                await conn.execute(multi_row(self._upsert, len(upserts)), flat(upserts))
         except BaseException:
             await quietly(conn.execute("ROLLBACK") if self._autocommit else conn.rollback())
             raise

@@ -51,11 +51,10 @@ def length_limit(driver_connection: Any) -> int:
 def multi_row(statement: str, rows: int) -> str:
     """``statement`` (one row of ``VALUES``) rewritten for ``rows`` rows."""
     head, sep, rest = statement.partition("VALUES (")
-    depth, end = 1, 0
-    for end, char in enumerate(rest):  # the row's closing parenthesis (it may hold a subquery)
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if depth == 0:
-            break
+    depth, end = 1, -1
+    while depth and end + 1 < len(rest):  # the row's closing parenthesis (it may hold a subquery)
+        end += 1
+        depth += {"(": 1, ")": -1}.get(rest[end], 0)
     if not sep or depth or "VALUES (" in rest:
         raise AssertionError(f"unexpected statement shape: {statement}")
     row = "(" + rest[: end + 1]
@@ -80,10 +79,13 @@ def keep_negative_zero[R: (Row, EventRow)](rows: Sequence[R]) -> Sequence[R]:
     """``rows`` with a ``-0.0`` timestamp as SQLite keeps it (rare: a copy only then)."""
     if 0.0 not in map(_TIMESTAMP, rows):  # -0.0 == 0.0; a scan in C, no copy
         return rows
-    return [
-        (*row[:2], SQLITE_NEGATIVE_ZERO, *row[3:]) if is_negative_zero(row[2]) else row  # type: ignore[misc]
-        for row in rows
-    ]
+    kept: list[Any] = []
+    for row in rows:
+        values: tuple[Any, ...] = row
+        if is_negative_zero(values[2]):
+            values = (*values[:2], SQLITE_NEGATIVE_ZERO, *values[3:])
+        kept.append(values)
+    return kept
 
 
 #: SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE: a sequence number already stored

@@ -56,8 +56,10 @@ def upgrade() -> None:
             "position",
             server_default=sa.text(f"nextval('{_qualified(SEQUENCE)}'::regclass)"),
         )
-        op.execute(f"ALTER SEQUENCE {_qualified(SEQUENCE)} OWNED BY "
-                   f"{_qualified('casty_sa_events')}.position")
+        op.execute(
+            f"ALTER SEQUENCE {_qualified(SEQUENCE)} OWNED BY "
+            f"{_qualified('casty_sa_events')}.position"
+        )
     _number_stored_rows()
     op.create_index(INDEX, "casty_sa_events", ["era", "transaction_id", "position"], unique=True)
 
