@@ -223,14 +223,18 @@ MATRIX = tuple(
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Each test on a database runs once per setup: :data:`MATRIX` for the suites marked
     ``matrix``, :data:`DEFAULT_SETUPS` otherwise; a test marked ``shared_database`` leaves
-    out the setups whose database no second journal can reach."""
+    out the setups whose database no second journal can reach, and one marked
+    ``only_backends("postgresql")`` runs on those backends alone (what it tests exists
+    nowhere else)."""
     if "journal_setup" not in metafunc.fixturenames:
         return
     matrix = metafunc.definition.get_closest_marker("matrix") is not None
+    only = metafunc.definition.get_closest_marker("only_backends")
     setups = [
         setup
         for setup in (MATRIX if matrix else DEFAULT_SETUPS)
         if setup.shared or metafunc.definition.get_closest_marker("shared_database") is None
+        if only is None or setup.backend in only.args
     ]
     metafunc.parametrize("journal_setup", setups, ids=[s.id for s in setups], indirect=True)
 

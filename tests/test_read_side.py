@@ -388,11 +388,10 @@ async def test_two_processes_200_entities_followed_live(journal: SAJournal, db_u
 # -- eras: a table restored into a server whose transaction ids are behind -------------------
 
 
+@pytest.mark.only_backends("postgresql")  # SQLite numbers positions from its newest row
 async def test_rows_restored_from_a_server_ahead_come_before_new_ones(
-    new_journal: Callable[..., SAJournal], db_url: URL, backend: str
+    new_journal: Callable[..., SAJournal], db_url: URL
 ) -> None:
-    if backend != "postgresql":
-        pytest.skip("eras are PostgreSQL's: SQLite numbers positions from its newest row")
     first = new_journal()
     await persist(first, "old", 1)
     await first.close()
