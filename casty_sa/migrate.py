@@ -69,6 +69,7 @@ __all__ = [
     "downgrade",
     "ensure_schema",
     "migrate_between",
+    "migration_engine_options",
     "unsupported_schema",
     "upgrade",
     "write_sql",
@@ -94,7 +95,7 @@ async def _on_engine(
     *,
     writes: bool = True,
 ) -> Any:
-    engine, owned = open_engine(target)
+    engine, owned = open_engine(target, **migration_engine_options(target, {}))
     check_schema(engine.dialect.name, schema)
     try:
         if not writes:
@@ -138,6 +139,32 @@ def _alembic_turn() -> asyncio.Lock:
     return lock
 
 
+#: PostgreSQL: the statement timeout (client and server) of an engine casty-sa opens to
+#: migrate: a day, where a journal's is 30 seconds. Migration 0002 numbers old rows in short
+#: batches, but ``CREATE INDEX CONCURRENTLY`` on a table of millions of rows is one long
+#: statement. An application's engine, handed to :func:`upgrade`, keeps its own settings.
+MIGRATION_STATEMENT_TIMEOUT = 24 * 3600.0
+
+
+def migration_engine_options(
+    target: UrlLike | AsyncEngine, options: dict[str, Any]
+) -> dict[str, Any]:
+    """``options`` for the engine casty-sa opens to migrate ``target`` (none for an engine).
+
+    Examples
+    --------
+    >>> migration_engine_options("postgresql://db/app", {})
+    {'statement_timeout': 86400.0}
+    >>> migration_engine_options("postgresql://db/app", {"statement_timeout": 600})
+    {'statement_timeout': 600}
+    """
+    if isinstance(target, AsyncEngine):
+        return options
+    if options.get("statement_timeout") is None:
+        return {**options, "statement_timeout": MIGRATION_STATEMENT_TIMEOUT}
+    return options
+
+
 def unsupported_schema(dialect: str, schema: str | None, option: str = "schema=") -> str | None:
     """Why ``schema`` cannot be used on ``dialect`` (named as ``option`` says), or ``None``.
 
@@ -176,7 +203,11 @@ async def upgrade(
     ----------
     target : str | URL | os.PathLike | AsyncEngine
         A URL (plain ``sqlite:///…``/``postgresql://…`` picks the async
-        driver) or an application's ``AsyncEngine``, which is left open.
+        driver) or an application's ``AsyncEngine``, which is left open. The
+        engine opened for a URL has :data:`MIGRATION_STATEMENT_TIMEOUT`; an
+        application's engine keeps its own (a journal's 30 seconds may cut
+        migration 0002's index build on a big PostgreSQL table: migrate those
+        with a URL, ``casty-sa upgrade``).
     revision : str
         Alembic revision to reach.
     schema : str | None
@@ -273,7 +304,8 @@ async def migrate_between(
     """Upgrade (or with ``down``, downgrade) a database to ``revision``; what ``casty-sa``
     ``upgrade``/``downgrade`` run.
 
-    ``engine_options`` configure the engine opened for the run (``connect_timeout``, …).
+    ``engine_options`` configure the engine opened for the run (``connect_timeout``, …);
+    its ``statement_timeout`` is :data:`MIGRATION_STATEMENT_TIMEOUT` unless given.
 
     Returns
     -------
@@ -287,7 +319,7 @@ async def migrate_between(
     EventsWouldBeDropped
         With ``keep_events``: the downgrade ends at base while the tables hold events.
     """
-    engine, _owned = open_engine(target, **engine_options)
+    engine, _owned = open_engine(target, **migration_engine_options(target, engine_options))
     try:
         state = await schema_state(engine, schema, count=down)
         if state.unknown:
