@@ -151,8 +151,12 @@ class _one_migrator:
                 sa.text("SELECT pg_advisory_lock(hashtext(:key))"), {"key": self._key}
             )
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, error: type[BaseException] | None, *_: object) -> None:
         if not op.get_context().as_sql:
+            if error is not None:
+                # the migration fails and its transaction is rolled back anyway; rolled back
+                # first, the lock (a session's, not undone by a rollback) can be released
+                op.get_bind().rollback()
             op.get_bind().execute(
                 sa.text("SELECT pg_advisory_unlock(hashtext(:key))"), {"key": self._key}
             )
