@@ -128,9 +128,7 @@ def current_era(events: Table) -> ColumnElement[int]:
     """
     zero, one = literal_column("0"), literal_column("1")
     top = select(func.coalesce(func.max(events.c.era), zero)).scalar_subquery()
-    newest = (
-        select(func.max(events.c.transaction_id)).where(events.c.era == top).scalar_subquery()
-    )
+    newest = select(func.max(events.c.transaction_id)).where(events.c.era == top).scalar_subquery()
     server = literal_column("pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
     return top + case((newest >= server, one), else_=zero)
 
