@@ -110,7 +110,8 @@ def next_position(events: Table, step: Any) -> ColumnElement[Any]:
         .offset(literal_column("0"))
         .scalar_subquery()
     )
-    return func.coalesce(highest, literal_column("0")) + step
+    position: ColumnElement[Any] = func.coalesce(highest, literal_column("0")) + step
+    return position
 
 
 def sequence_position(events: Table) -> ColumnElement[int]:
@@ -126,10 +127,13 @@ def current_era(events: Table) -> ColumnElement[int]:
     (restored here), and this server's transactions would sort before them.
     ``pg_snapshot_xmax`` assigns no transaction id, unlike ``pg_current_xact_id``.
     """
-    zero, one = literal_column("0"), literal_column("1")
+    zero: ColumnElement[int] = literal_column("0")
+    one: ColumnElement[int] = literal_column("1")
     top = select(func.coalesce(func.max(events.c.era), zero)).scalar_subquery()
     newest = select(func.max(events.c.transaction_id)).where(events.c.era == top).scalar_subquery()
-    server = literal_column("pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+    server: ColumnElement[int] = literal_column(
+        "pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+    )
     return top + case((newest >= server, one), else_=zero)
 
 

@@ -85,7 +85,7 @@ async def test_a_registered_dialect_gets_its_engine_and_backend(
         backend = backend_for(engine, None)
         assert isinstance(backend, SqliteBackend)
         try:
-            await backend.write([("acct-1", 1, 1.5, b"opened")], [])
+            await backend.write([("acct-1", 1, 1.5, b"opened", "str")], [])
             assert await backend.fetch_events("acct-1", 1) == [(1, b"opened", 1.5)]
         finally:
             await backend.close()

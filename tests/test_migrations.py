@@ -365,7 +365,7 @@ class TestOnlineUpgradeOfABigTable:
         self, new_postgres_db: Callable[..., Awaitable[URL]]
     ) -> None:
         url = await self.filled(new_postgres_db)
-        migrated, started = asyncio.Event(), asyncio.Event()
+        migrated, warmed_up = asyncio.Event(), asyncio.Event()
         stalls: list[float] = []
         written = 0
 
@@ -391,13 +391,13 @@ class TestOnlineUpgradeOfABigTable:
                         stalls.append(loop.time() - started)
                         written += 1
                         if written == 5:
-                            started.set()
+                            warmed_up.set()
             finally:
                 await engine.dispose()
 
         async with asyncio.timeout(120):
             writer = asyncio.ensure_future(old_writer())
-            await started.wait()  # some rows before the migration
+            await warmed_up.wait()  # some rows before the migration
             # its own thread and loop: the migration's Python work does not stall the writer's
             await asyncio.to_thread(asyncio.run, casty_sa.upgrade(url))
             migrated.set()

@@ -284,8 +284,8 @@ class SqliteBackend(PooledBackend):
                 chunk = events[start : start + MAX_ROWS]
                 await conn.execute(multi_row(self._insert, len(chunk)), flat_events(chunk))
             for start in range(0, len(snapshots), MAX_ROWS):
-                chunk = snapshots[start : start + MAX_ROWS]
-                await conn.execute(multi_row(self._upsert, len(chunk)), flat(chunk))
+                some = snapshots[start : start + MAX_ROWS]
+                await conn.execute(multi_row(self._upsert, len(some)), flat(some))
         except BaseException:
             await quietly(conn.execute("ROLLBACK") if self._autocommit else conn.rollback())
             raise

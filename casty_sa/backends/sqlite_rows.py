@@ -80,10 +80,12 @@ def keep_negative_zero[R: (Row, EventRow)](rows: Sequence[R]) -> Sequence[R]:
     """``rows`` with a ``-0.0`` timestamp as SQLite keeps it (rare: a copy only then)."""
     if 0.0 not in map(_TIMESTAMP, rows):  # -0.0 == 0.0; a scan in C, no copy
         return rows
-    return [
-        (*row[:2], SQLITE_NEGATIVE_ZERO, *row[3:]) if is_negative_zero(row[2]) else row  # type: ignore[misc]
-        for row in rows
-    ]
+    return [_zero_kept(row) for row in rows]
+
+
+def _zero_kept(row: Any) -> Any:
+    """A row (of either shape) whose ``-0.0`` timestamp is stored as SQLite keeps it."""
+    return (*row[:2], SQLITE_NEGATIVE_ZERO, *row[3:]) if is_negative_zero(row[2]) else row
 
 
 #: SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE

@@ -174,6 +174,11 @@ def _outside_transactions() -> Iterator[None]:
     if context.as_sql:
         with context.autocommit_block():
             yield
+        schema = context.version_table_schema
+        if schema is not None:  # env.py's SET LOCAL ended with the transaction it was set in
+            op.execute(
+                f"SET LOCAL search_path TO {context.dialect.identifier_preparer.quote(schema)}"
+            )
         return
     bind = op.get_bind()
     bind.commit()
