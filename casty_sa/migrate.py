@@ -69,7 +69,6 @@ __all__ = [
     "downgrade",
     "ensure_schema",
     "migrate_between",
-    "migration_engine_options",
     "unsupported_schema",
     "upgrade",
     "write_sql",
@@ -95,7 +94,7 @@ async def _on_engine(
     *,
     writes: bool = True,
 ) -> Any:
-    engine, owned = open_engine(target, **migration_engine_options(target, {}))
+    engine, owned = open_engine(target, **_migration_engine_options(target, {}))
     check_schema(engine.dialect.name, schema)
     try:
         if not writes:
@@ -139,24 +138,18 @@ def _alembic_turn() -> asyncio.Lock:
     return lock
 
 
-#: PostgreSQL: the statement timeout (client and server) of an engine casty-sa opens to
-#: migrate: a day, where a journal's is 30 seconds. Migration 0002 numbers old rows in short
-#: batches, but ``CREATE INDEX CONCURRENTLY`` on a table of millions of rows is one long
-#: statement. An application's engine, handed to :func:`upgrade`, keeps its own settings.
+#: PostgreSQL: the statement timeout of an engine casty-sa opens to migrate (a journal's is
+#: 30 s): a ``CREATE INDEX CONCURRENTLY`` on millions of rows (0002) is one long statement.
 MIGRATION_STATEMENT_TIMEOUT = 24 * 3600.0
 
 
-def migration_engine_options(
+def _migration_engine_options(
     target: UrlLike | AsyncEngine, options: dict[str, Any]
 ) -> dict[str, Any]:
     """``options`` for the engine casty-sa opens to migrate ``target`` (none for an engine).
 
-    Examples
-    --------
-    >>> migration_engine_options("postgresql://db/app", {})
-    {'statement_timeout': 86400.0}
-    >>> migration_engine_options("postgresql://db/app", {"statement_timeout": 600})
-    {'statement_timeout': 600}
+    >>> _migration_engine_options("postgresql://db/app", {"connect_timeout": 5})
+    {'connect_timeout': 5, 'statement_timeout': 86400.0}
     """
     if isinstance(target, AsyncEngine):
         return options
@@ -203,11 +196,8 @@ async def upgrade(
     ----------
     target : str | URL | os.PathLike | AsyncEngine
         A URL (plain ``sqlite:///…``/``postgresql://…`` picks the async
-        driver) or an application's ``AsyncEngine``, which is left open. The
-        engine opened for a URL has :data:`MIGRATION_STATEMENT_TIMEOUT`; an
-        application's engine keeps its own (a journal's 30 seconds may cut
-        migration 0002's index build on a big PostgreSQL table: migrate those
-        with a URL, ``casty-sa upgrade``).
+        driver) or an application's ``AsyncEngine``, which is left open (and keeps
+        its statement timeout; a URL's gets :data:`MIGRATION_STATEMENT_TIMEOUT`).
     revision : str
         Alembic revision to reach.
     schema : str | None
@@ -319,7 +309,7 @@ async def migrate_between(
     EventsWouldBeDropped
         With ``keep_events``: the downgrade ends at base while the tables hold events.
     """
-    engine, _owned = open_engine(target, **migration_engine_options(target, engine_options))
+    engine, _owned = open_engine(target, **_migration_engine_options(target, engine_options))
     try:
         state = await schema_state(engine, schema, count=down)
         if state.unknown:

@@ -129,6 +129,10 @@ class SqliteBackend(PooledBackend):
                 {
                     **{c: bindparam(c) for c in ROW_COLUMNS},
                     "event_type": bindparam("event_type"),
+                    # given, not left to the migration's defaults: tables an application's
+                    # own migrations made from the models have none
+                    "era": literal_column("0"),
+                    "transaction_id": literal_column("0"),
                     "position": next_position(events, bindparam("step")),
                 }
             )
