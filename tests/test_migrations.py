@@ -346,7 +346,7 @@ class TestSqlScript:
 
 
 class TestOnlineUpgradeOfABigTable:
-    """PostgreSQL: 0002 on 200,000 rows while an older casty-sa keeps writing."""
+    """PostgreSQL: 0002 (on 200,000 rows) while an older casty-sa keeps writing."""
 
     ROWS = 200_000
 
@@ -463,3 +463,46 @@ class TestOnlineUpgradeOfABigTable:
             await casty_sa.upgrade(url)
         assert await casty_sa.current(url) == head_revision()
         assert check_old_rows_numbered(await ordered_rows(url)) == self.ROWS
+
+    async def test_a_long_transaction_in_the_way_holds_no_writer_up_and_stops_it_clearly(
+        self, new_postgres_db: Callable[..., Awaitable[URL]]
+    ) -> None:
+        """A transaction that holds the table (here ACCESS SHARE, as a long report would): the
+        migration's lock request waits at most a second at a time, so a writer queued behind
+        it goes on after that second; after five attempts the migration stops, saying why,
+        with nothing changed."""
+        url = await new_postgres_db(migrated=False)
+        await casty_sa.upgrade(url, "0001")
+        engine, _ = open_engine(url)
+        try:
+            async with asyncio.timeout(60), engine.connect() as holder, engine.connect() as writer:
+                await holder.execute(text("LOCK TABLE casty_sa_events IN ACCESS SHARE MODE"))
+                run = asyncio.ensure_future(casty_sa.upgrade(url))
+                waiting: list[Any] = []
+                while not waiting:  # the migration asks for its lock
+                    waiting = await query(
+                        url,
+                        "SELECT pid FROM pg_locks WHERE NOT granted AND mode = 'AccessExclusiveLock'"
+                        " AND relation = 'casty_sa_events'::regclass",
+                    )
+                    await asyncio.sleep(0.02)
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                await writer.execute(
+                    text(
+                        "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload)"
+                        " VALUES ('w', 1, 0.0, '\\x00'::bytea)"
+                    )
+                )
+                await writer.commit()
+                assert loop.time() - started < 2.0  # one attempt's second, and some slack
+                with pytest.raises(casty_sa.JournalError, match="stayed locked") as stopped:
+                    await run
+                assert "nothing of this step was changed" in str(stopped.value)
+                await holder.rollback()
+        finally:
+            await engine.dispose()
+        assert await casty_sa.current(url) == "0001"
+        assert len((await query(url, "SELECT * FROM casty_sa_events"))[0]) == 4  # no new column
+        await casty_sa.upgrade(url)  # with the way clear
+        assert check_old_rows_numbered(await ordered_rows(url)) == 1
