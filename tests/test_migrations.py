@@ -482,7 +482,8 @@ class TestOnlineUpgradeOfABigTable:
                 while not waiting:  # the migration asks for its lock
                     waiting = await query(
                         url,
-                        "SELECT pid FROM pg_locks WHERE NOT granted AND mode = 'AccessExclusiveLock'"
+                        "SELECT pid FROM pg_locks WHERE NOT granted"
+                        " AND mode = 'AccessExclusiveLock'"
                         " AND relation = 'casty_sa_events'::regclass",
                     )
                     await asyncio.sleep(0.02)
