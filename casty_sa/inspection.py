@@ -30,7 +30,7 @@ Examples
 from __future__ import annotations
 
 import pickle
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from casty_sa import migrate
 from casty_sa.engine import bind_schema, read_only
 from casty_sa.models import journal_tables
+from casty_sa.payloads import Decoder, Payload, stored_payload
 from casty_sa.revisions import current_revision, head_revision
 from casty_sa.transfer import require_existing_database
 from casty_sa.urls import UrlLike, safe_url
@@ -57,8 +58,8 @@ __all__ = [
 ]
 
 _events, _snapshots = journal_tables()
-
-Decoder = Callable[[bytes], Any]
+#: an event's type and place in the global order, as :func:`stored_payload` takes them
+PLACE = (_events.c.event_type, _events.c.era, _events.c.transaction_id, _events.c.position)
 
 
 # -- what inspect finds ------------------------------------------------------------------------
@@ -161,31 +162,6 @@ class EntityDetail(EntityCounts):
     def exists(self) -> bool:
         """True when the entity has events or a snapshot."""
         return self.events > 0 or self.snapshot is not None
-
-
-@dataclass(frozen=True, slots=True)
-class Payload:
-    """A stored event or snapshot, with its payload decoded when asked.
-
-    Parameters
-    ----------
-    sequence_nr : int
-        Its sequence number.
-    timestamp : float
-        casty's ``time.time()`` when it was written.
-    raw : bytes
-        The stored bytes.
-    decoded : str | None
-        ``repr`` of the decoded object; ``None`` when not decoded or on failure.
-    error : str | None
-        Why decoding failed, if it did.
-    """
-
-    sequence_nr: int
-    timestamp: float
-    raw: bytes
-    decoded: str | None
-    error: str | None
 
 
 # -- queries -----------------------------------------------------------------------------------
@@ -395,54 +371,20 @@ async def entity_detail(
         ).first()
         rows = (
             await conn.execute(
-                select(c.sequence_nr, c.timestamp, c.payload)
+                select(c.sequence_nr, c.timestamp, c.payload, *PLACE)
                 .where(c.entity_id == entity_id, c.sequence_nr >= from_sequence_nr)
                 .order_by(c.sequence_nr)
                 .limit(limit + 1)
             )
         ).all()
         url = engine.url
-    page = tuple(_payload(seq, ts, raw, decode) for seq, ts, raw in rows[:limit])
+    page = tuple(stored_payload(*row[:3], decode, *row[3:]) for row in rows[:limit])
     return EntityDetail(
         database=safe_url(url),
         entity_id=entity_id,
         events=count,
         highest_sequence_nr=highest,
-        snapshot=None if snapshot_row is None else _payload(*snapshot_row, decode),
+        snapshot=None if snapshot_row is None else stored_payload(*snapshot_row, decode),
         page=page,
         next_from=rows[limit][0] if len(rows) > limit else None,
     )
-
-
-def _payload(seq: int, timestamp: float, raw: bytes, decode: Decoder | None) -> Payload:
-    """A stored row, decoded when a decoder is given; a decoder failure is recorded."""
-    if decode is None:
-        return Payload(seq, timestamp, raw, None, None)
-    try:
-        return Payload(seq, timestamp, raw, repr(decode(raw)), None)
-    except Exception as exc:  # noqa: BLE001 - whatever the decoder raises is shown, not raised
-        return Payload(seq, timestamp, raw, None, _cannot_decode(exc))
-
-
-def _cannot_decode(exc: Exception) -> str:
-    """Why a payload did not decode, with what to do when its class cannot be found.
-
-    Examples
-    --------
-    >>> error = AttributeError("Can't get attribute 'Deposited' on <module '__main__'>")
-    >>> "--decoder MODULE:FUNCTION" in _cannot_decode(error)
-    True
-    """
-    text = f"cannot decode: {type(exc).__name__}: {exc}"
-    if "__main__" in str(exc):
-        return text + (
-            " (the event's class was defined in the writing script's __main__, which this "
-            "process is not: move the classes into a module this process can import, or pass "
-            "--decoder MODULE:FUNCTION, or --raw)"
-        )
-    if isinstance(exc, ImportError | AttributeError):  # pickle looks classes up by module
-        return text + (
-            " (the payload names a class this process cannot import: run inspect where the "
-            "application's modules are importable, or pass --decoder MODULE:FUNCTION, or --raw)"
-        )
-    return text

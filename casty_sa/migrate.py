@@ -94,7 +94,7 @@ async def _on_engine(
     *,
     writes: bool = True,
 ) -> Any:
-    engine, owned = open_engine(target)
+    engine, owned = open_engine(target, **_migration_engine_options(target, {}))
     check_schema(engine.dialect.name, schema)
     try:
         if not writes:
@@ -138,6 +138,26 @@ def _alembic_turn() -> asyncio.Lock:
     return lock
 
 
+#: PostgreSQL: the statement timeout of an engine casty-sa opens to migrate (a journal's is
+#: 30 s): a ``CREATE INDEX CONCURRENTLY`` on millions of rows (0002) is one long statement.
+MIGRATION_STATEMENT_TIMEOUT = 24 * 3600.0
+
+
+def _migration_engine_options(
+    target: UrlLike | AsyncEngine, options: dict[str, Any]
+) -> dict[str, Any]:
+    """``options`` for the engine casty-sa opens to migrate ``target`` (none for an engine).
+
+    >>> _migration_engine_options("postgresql://db/app", {"connect_timeout": 5})
+    {'connect_timeout': 5, 'statement_timeout': 86400.0}
+    """
+    if isinstance(target, AsyncEngine):
+        return options
+    if options.get("statement_timeout") is None:
+        return {**options, "statement_timeout": MIGRATION_STATEMENT_TIMEOUT}
+    return options
+
+
 def unsupported_schema(dialect: str, schema: str | None, option: str = "schema=") -> str | None:
     """Why ``schema`` cannot be used on ``dialect`` (named as ``option`` says), or ``None``.
 
@@ -176,7 +196,8 @@ async def upgrade(
     ----------
     target : str | URL | os.PathLike | AsyncEngine
         A URL (plain ``sqlite:///…``/``postgresql://…`` picks the async
-        driver) or an application's ``AsyncEngine``, which is left open.
+        driver) or an application's ``AsyncEngine``, which is left open (and keeps
+        its statement timeout; a URL's gets :data:`MIGRATION_STATEMENT_TIMEOUT`).
     revision : str
         Alembic revision to reach.
     schema : str | None
@@ -273,7 +294,8 @@ async def migrate_between(
     """Upgrade (or with ``down``, downgrade) a database to ``revision``; what ``casty-sa``
     ``upgrade``/``downgrade`` run.
 
-    ``engine_options`` configure the engine opened for the run (``connect_timeout``, …).
+    ``engine_options`` configure the engine opened for the run (``connect_timeout``, …);
+    its ``statement_timeout`` is :data:`MIGRATION_STATEMENT_TIMEOUT` unless given.
 
     Returns
     -------
@@ -287,7 +309,7 @@ async def migrate_between(
     EventsWouldBeDropped
         With ``keep_events``: the downgrade ends at base while the tables hold events.
     """
-    engine, _owned = open_engine(target, **engine_options)
+    engine, _owned = open_engine(target, **_migration_engine_options(target, engine_options))
     try:
         state = await schema_state(engine, schema, count=down)
         if state.unknown:

@@ -39,7 +39,9 @@ from sqlalchemy.sql.schema import SchemaConst
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
+    "EVENTS_PRIMARY_KEY",
     "EVENT_TYPE_LENGTH",
+    "GLOBAL_ORDER_INDEX",
     "MAX_ENTITY_ID_LENGTH",
     "NAMING_CONVENTION",
     "POSITION_SEQUENCE",
@@ -134,6 +136,11 @@ class Base(DeclarativeBase):
 #: PostgreSQL's source of ``casty_sa_events.position`` (SQLite has no sequences).
 POSITION_SEQUENCE = Sequence("casty_sa_events_position_seq", metadata=metadata)
 
+#: The name of the events' primary key: its violation is a sequence number already stored.
+EVENTS_PRIMARY_KEY = "pk_casty_sa_events"
+#: The unique index of the global order ``(era, transaction_id, position)``.
+GLOBAL_ORDER_INDEX = "ix_casty_sa_events_global_order"
+
 #: Longest ``event_type``, in characters (see :func:`casty_sa.ordering.event_type_name`).
 EVENT_TYPE_LENGTH = 255
 
@@ -149,9 +156,7 @@ class EventRecord(Base):
     """
 
     __tablename__ = "casty_sa_events"
-    __table_args__ = (
-        Index("ix_casty_sa_events_global_order", "era", "transaction_id", "position", unique=True),
-    )
+    __table_args__ = (Index(GLOBAL_ORDER_INDEX, "era", "transaction_id", "position", unique=True),)
 
     entity_id: Mapped[str] = mapped_column(String(MAX_ENTITY_ID_LENGTH), primary_key=True)
     sequence_nr: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)

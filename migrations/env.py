@@ -156,8 +156,13 @@ def _qualified(schema: str | None) -> str:
 async def _run_online_async() -> None:
     engine, _owned = open_engine(_url())
     try:
-        async with engine.begin() as connection:
+        async with engine.connect() as connection:
+            # begun here, not by a context manager: a migration may commit on the way
+            # (0002 on PostgreSQL does, to keep its locks short), then what follows is
+            # committed at the end
+            await connection.begin()
             await connection.run_sync(_configure)
+            await connection.commit()
     finally:
         await engine.dispose()
 

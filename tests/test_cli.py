@@ -137,7 +137,7 @@ class TestMigrations:
         assert code == ExitCode.USAGE
         assert "holds 3 events" in err and "--yes" in err
         assert "casty_sa_events" in asyncio.run(table_names(db_url))
-        code, _, err = run(capsys, "downgrade", "-1", "--url", plain(db_url))
+        code, _, err = run(capsys, "downgrade", "-2", "--url", plain(db_url))
         assert code == ExitCode.USAGE and "--yes" in err
         assert run(capsys, "downgrade", "--yes", "--url", plain(db_url))[0] == ExitCode.OK
         assert "casty_sa_events" not in asyncio.run(table_names(db_url))
@@ -547,7 +547,7 @@ class TestInspect:
         assert code == ExitCode.OK
         assert "\x1b" not in out  # no colour when piped, and the hostile id is escaped
         lines = out.splitlines()
-        assert "revision   0001 (head)" in lines
+        assert f"revision   {head_revision()} (head)" in lines
         assert "entities   3" in lines and "events     8" in lines and "snapshots  1" in lines
         rows = {line.split()[0]: line.split()[1:] for line in lines[lines.index("") + 2 :]}
         assert rows["acct-1"] == ["5", "5", "3"]
@@ -586,11 +586,23 @@ class TestInspect:
         assert found["snapshot"]["state"] == repr({"upto": 3})
         assert [e["event"] for e in found["page"]] == [repr({"n": i}) for i in range(1, 6)]
         assert found["page"][0]["timestamp"] == 1767225601.0
+        # each event's type and place in the global order (journal.events' offset)
+        assert {e["event_type"] for e in found["page"]} == {"dict"}
+        positions = [e["position"] for e in found["page"]]
+        assert positions == sorted(positions) and len(set(positions)) == 5
+        offsets = [e["offset"] for e in found["page"]]
+        assert offsets == sorted(offsets) and all(len(o) == 36 for o in offsets)
 
         code, out, _ = run(capsys, "inspect", "--url", url, "acct-1", "--from", "2", "--limit", "2")
         lines = out.splitlines()
-        table = lines[lines.index("SEQ  TIMESTAMP (UTC)                   BYTES  EVENT") + 1 :]
-        assert [line.split()[0] for line in table if line and line[0] == " "] == ["2", "3"]
+        header = next(line for line in lines if line.startswith("SEQ"))
+        assert header.split()[:4] == ["SEQ", "POSITION", "TIMESTAMP", "(UTC)"]
+        assert header.split()[4:] == ["TYPE", "BYTES", "EVENT"]
+        table = lines[lines.index(header) + 1 :]
+        shown = [line.split() for line in table if line and line[0] == " "]
+        assert [row[0] for row in shown] == ["2", "3"]
+        assert [int(row[1]) for row in shown] == positions[1:3]
+        assert all(" dict " in line for line in table if line and line[0] == " ")
         assert "{'n': 2}" in out and "{'n': 4}" not in out
         assert "next page: --from 4" in out
 
@@ -807,13 +819,16 @@ async def _execute_noting(url: str, statements: list[str]) -> list[str]:
 
 
 async def _run_script(url: str, script: str) -> None:
-    """Run a printed DDL script in one go on a raw asyncpg connection, as ``psql -f`` would."""
+    """Run a printed DDL script on a raw asyncpg connection, as ``psql -f`` would: statement
+    by statement (``CONCURRENTLY`` and a ``DO`` block that commits need that)."""
     import asyncpg
 
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     connection = await asyncpg.connect(dsn)
     try:
-        await connection.execute(script)
+        for statement in script.split(";\n\n"):
+            if statement.strip():
+                await connection.execute(statement)
     finally:
         await connection.close()
 

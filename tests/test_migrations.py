@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import subprocess
 import sys
 import zipfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from casty import PersistedEvent
 from sqlalchemy import URL, Connection, inspect, text
 
 import casty_sa
 from casty_sa import SAJournal, SchemaError, head_revision, metadata
 from casty_sa.engine import open_engine
 
-from support.dbtools import execute, plain, table_names
+from support.dbtools import execute, plain, query, table_names
+from support.old_rows import check_old_rows_numbered, ordered_rows, run_script, write_old_rows
 
 REPO = Path(__file__).resolve().parent.parent
 OUR_TABLES = {"casty_sa_events", "casty_sa_snapshots"}
@@ -246,3 +251,259 @@ class TestCheckedEngine:
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 30)
         assert await casty_sa.current(f"sqlite:///{path}") == head_revision()
+
+
+class TestUpgradeOfStoredEvents:
+    """0002 on a database 0001 filled: the rows stored before get their place, first."""
+
+    ENTITIES: ClassVar[dict[str, int]] = {"b-acct": 3, "a-acct": 4, "c-acct": 2, "a": 1}
+
+    async def test_rows_are_numbered_in_key_order_and_new_writes_follow(
+        self, empty_db_url: URL
+    ) -> None:
+        async with asyncio.timeout(60):
+            await casty_sa.upgrade(empty_db_url, "0001")
+            await write_old_rows(empty_db_url, self.ENTITIES)
+            await casty_sa.upgrade(empty_db_url)
+            assert check_old_rows_numbered(await ordered_rows(empty_db_url)) == 10
+            async with SAJournal(empty_db_url, migrate=False) as journal:
+                await journal.persist("a-acct", [PersistedEvent(5, "a-acct-5", 9.0)])
+                loaded = await journal.load("a-acct")
+            assert [e.event for e in loaded] == [f"a-acct-{n}" for n in range(1, 6)]
+            rows = await ordered_rows(empty_db_url)
+            assert rows[-1][:2] == ("a-acct", 5)  # after every row stored before
+            assert check_old_rows_numbered(rows) == 10
+
+    async def test_downgrade_and_upgrade_again(self, empty_db_url: URL) -> None:
+        async with asyncio.timeout(60):
+            await casty_sa.upgrade(empty_db_url, "0001")
+            await write_old_rows(empty_db_url, self.ENTITIES)
+            await casty_sa.upgrade(empty_db_url)
+            await casty_sa.downgrade(empty_db_url, "0001")
+            assert await casty_sa.current(empty_db_url) == "0001"
+            columns = await query(empty_db_url, "SELECT * FROM casty_sa_events LIMIT 1")
+            assert len(columns[0]) == 4  # the 0001 columns, the events kept
+            await write_old_rows(empty_db_url, {"d": 2})
+            await casty_sa.upgrade(empty_db_url)
+            assert check_old_rows_numbered(await ordered_rows(empty_db_url)) == 12
+            async with SAJournal(empty_db_url, migrate=False) as journal:
+                assert [e.event for e in await journal.load("d")] == ["d-1", "d-2"]
+
+
+class TestSqlScript:
+    """``casty-sa upgrade --sql``: the reviewable script of the same steps."""
+
+    def script(self, url: str, revision: str = "0001:head", **options: Any) -> str:
+        out = io.StringIO()
+        casty_sa.migrate.write_sql(url, revision, out, **options)
+        return out.getvalue()
+
+    @pytest.mark.parametrize("schema", [None, "app"])
+    def test_postgresql(self, schema: str | None) -> None:
+        script = self.script("postgresql://nobody@nowhere.invalid/db", schema=schema)
+        events = "app.casty_sa_events" if schema else "casty_sa_events"
+        assert "SET LOCAL lock_timeout = '1s'" in script
+        assert f"ALTER TABLE {events} ADD COLUMN IF NOT EXISTS event_type" in script
+        assert "EXCEPTION WHEN lock_not_available" in script
+        assert f"nextval('{events}_position_seq'::regclass)" in script
+        # the numbering commits per batch, outside the script's transactions
+        before, numbering = script.split("DO $numbering$")
+        assert before.split(";\n\n")[-2].strip() == "COMMIT"
+        assert "COMMIT;" in numbering and f"UPDATE {events} AS e SET position" in numbering
+        assert (
+            "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS ix_casty_sa_events_global_order "
+            f"ON {events} (era, transaction_id, position)"
+        ) in script
+        down = self.script(
+            "postgresql://nobody@nowhere.invalid/db", "head:0001", down=True, schema=schema
+        )
+        index = "app.ix_casty_sa_events_global_order" if schema else "ix_casty_sa_events"
+        assert f"DROP INDEX CONCURRENTLY IF EXISTS {index}" in down
+        assert f"ALTER TABLE {events} DROP COLUMN IF EXISTS position" in down
+
+    def test_sqlite(self) -> None:
+        script = self.script("sqlite:///nowhere.db")
+        assert "ALTER TABLE casty_sa_events ADD COLUMN position BIGINT DEFAULT 0 NOT NULL" in script
+        assert "UPDATE casty_sa_events SET position = -numbered.k" in script
+        assert "CREATE UNIQUE INDEX ix_casty_sa_events_global_order" in script
+        assert "CONCURRENTLY" not in script and "DO $" not in script
+
+    @pytest.mark.parametrize("schema", [None, "app"])
+    async def test_the_postgresql_script_runs_statement_by_statement(
+        self, schema: str | None, new_postgres_db: Callable[..., Awaitable[URL]]
+    ) -> None:
+        """As psql runs it (each statement on its own): it numbers and indexes as online."""
+        url = await new_postgres_db(migrated=False)
+        async with asyncio.timeout(60):
+            await casty_sa.upgrade(url, "0001", schema=schema)
+            await write_old_rows(url, TestUpgradeOfStoredEvents.ENTITIES, schema)
+            script = self.script(plain(url), schema=schema)
+            await run_script(url, script)
+            assert await casty_sa.current(url, schema=schema) == head_revision()
+            assert check_old_rows_numbered(await ordered_rows(url, schema)) == 10
+            await run_script(url, script.replace("'0001'", "'0002'"))  # again: nothing to do
+            assert check_old_rows_numbered(await ordered_rows(url, schema)) == 10
+
+
+class TestOnlineUpgradeOfABigTable:
+    """PostgreSQL: 0002 (on 200,000 rows) while an older casty-sa keeps writing."""
+
+    ROWS = 200_000
+
+    async def filled(self, new_postgres_db: Callable[..., Awaitable[URL]]) -> URL:
+        url = await new_postgres_db(migrated=False)
+        await casty_sa.upgrade(url, "0001")
+        await execute(
+            url,
+            "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload) "
+            "SELECT 'e' || (g % 1000), g / 1000 + 1, g, '\\x00'::bytea "
+            f"FROM generate_series(0, {self.ROWS - 1}) AS g",
+        )
+        return url
+
+    async def test_writers_never_stall_and_every_row_gets_its_place(
+        self, new_postgres_db: Callable[..., Awaitable[URL]]
+    ) -> None:
+        url = await self.filled(new_postgres_db)
+        migrated, warmed_up = asyncio.Event(), asyncio.Event()
+        stalls: list[float] = []
+        written = 0
+
+        async def old_writer() -> None:
+            """Inserts as casty-sa 0001 does, one autocommit row at a time, until after the
+            migration: its longest wait is how long the migration held writers up."""
+            nonlocal written
+            engine, _ = open_engine(url)
+            try:
+                async with engine.connect() as connection:
+                    await connection.execution_options(isolation_level="AUTOCOMMIT")
+                    loop = asyncio.get_running_loop()
+                    while not migrated.is_set() or written < 5:
+                        started = loop.time()
+                        await connection.execute(
+                            text(
+                                "INSERT INTO casty_sa_events"
+                                " (entity_id, sequence_nr, timestamp, payload)"
+                                " VALUES ('writer', :nr, 0.0, '\\x01'::bytea)"
+                            ),
+                            {"nr": written + 1},
+                        )
+                        stalls.append(loop.time() - started)
+                        written += 1
+                        if written == 5:
+                            warmed_up.set()
+            finally:
+                await engine.dispose()
+
+        async with asyncio.timeout(120):
+            writer = asyncio.ensure_future(old_writer())
+            await warmed_up.wait()  # some rows before the migration
+            # its own thread and loop: the migration's Python work does not stall the writer's
+            await asyncio.to_thread(asyncio.run, casty_sa.upgrade(url))
+            migrated.set()
+            before = written
+            await writer
+        assert written > before  # and some after it
+        assert max(stalls) < 1.0, f"a writer waited {max(stalls):.3f}s"
+        rows = await ordered_rows(url)
+        assert check_old_rows_numbered(rows) >= self.ROWS
+        positions = {row[:2]: row[2:] for row in rows}
+        for nr in range(1, written + 1):
+            era, transaction_id, position = positions["writer", nr]
+            assert era == 0 and (position < 0) == (transaction_id == 0)
+        valid = await query(
+            url,
+            "SELECT indisvalid FROM pg_index "
+            "WHERE indexrelid = 'ix_casty_sa_events_global_order'::regclass",
+        )
+        assert valid == [(True,)]
+
+    async def test_a_run_killed_half_way_is_resumed(
+        self, new_postgres_db: Callable[..., Awaitable[URL]]
+    ) -> None:
+        """A trigger makes the numbering wait at a row in the middle of the key range (for
+        an advisory lock the test holds); the migration's backend is terminated there, as a
+        crash would end it, and the next run takes up where the committed batches stopped."""
+        url = await self.filled(new_postgres_db)
+        await execute(
+            url,
+            "CREATE FUNCTION hold_numbering() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.entity_id = 'e500' THEN PERFORM pg_advisory_xact_lock(4242); END IF; "
+            "RETURN NEW; END $$",
+            "CREATE TRIGGER hold BEFORE UPDATE ON casty_sa_events FOR EACH ROW "
+            "EXECUTE FUNCTION hold_numbering()",
+        )
+        engine, _ = open_engine(url)
+        try:
+            async with asyncio.timeout(120), engine.connect() as holder:
+                await holder.execute(text("SELECT pg_advisory_lock(4242)"))
+                run = asyncio.ensure_future(casty_sa.upgrade(url))
+                waiting: list[Any] = []
+                while not waiting:  # the numbering reached entity e500
+                    waiting = await query(
+                        url,
+                        "SELECT pid FROM pg_locks WHERE NOT granted AND locktype = 'advisory'",
+                    )
+                    await asyncio.sleep(0.02)
+                await query(url, f"SELECT pg_terminate_backend({waiting[0][0]})")
+                with pytest.raises(casty_sa.JournalError):
+                    await run
+                await holder.execute(text("SELECT pg_advisory_unlock(4242)"))
+        finally:
+            await engine.dispose()
+        assert await casty_sa.current(url) == "0001"
+        [(numbered, left)] = await query(
+            url,
+            "SELECT count(*) FILTER (WHERE position < 0), count(*) FILTER (WHERE position = 0)"
+            " FROM casty_sa_events",
+        )
+        assert numbered > 0 and left > 0 and numbered + left == self.ROWS
+        await execute(url, "DROP TRIGGER hold ON casty_sa_events")
+        async with asyncio.timeout(120):
+            await casty_sa.upgrade(url)
+        assert await casty_sa.current(url) == head_revision()
+        assert check_old_rows_numbered(await ordered_rows(url)) == self.ROWS
+
+    async def test_a_long_transaction_in_the_way_holds_no_writer_up_and_stops_it_clearly(
+        self, new_postgres_db: Callable[..., Awaitable[URL]]
+    ) -> None:
+        """A transaction that holds the table (here ACCESS SHARE, as a long report would): the
+        migration's lock request waits at most a second at a time, so a writer queued behind
+        it goes on after that second; after five attempts the migration stops, saying why,
+        with nothing changed."""
+        url = await new_postgres_db(migrated=False)
+        await casty_sa.upgrade(url, "0001")
+        engine, _ = open_engine(url)
+        try:
+            async with asyncio.timeout(60), engine.connect() as holder, engine.connect() as writer:
+                await holder.execute(text("LOCK TABLE casty_sa_events IN ACCESS SHARE MODE"))
+                run = asyncio.ensure_future(casty_sa.upgrade(url))
+                waiting: list[Any] = []
+                while not waiting:  # the migration asks for its lock
+                    waiting = await query(
+                        url,
+                        "SELECT pid FROM pg_locks WHERE NOT granted"
+                        " AND mode = 'AccessExclusiveLock'"
+                        " AND relation = 'casty_sa_events'::regclass",
+                    )
+                    await asyncio.sleep(0.02)
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                await writer.execute(
+                    text(
+                        "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload)"
+                        " VALUES ('w', 1, 0.0, '\\x00'::bytea)"
+                    )
+                )
+                await writer.commit()
+                assert loop.time() - started < 2.0  # one attempt's second, and some slack
+                with pytest.raises(casty_sa.JournalError, match="stayed locked") as stopped:
+                    await run
+                assert "nothing of this step was changed" in str(stopped.value)
+                await holder.rollback()
+        finally:
+            await engine.dispose()
+        assert await casty_sa.current(url) == "0001"
+        assert len((await query(url, "SELECT * FROM casty_sa_events"))[0]) == 4  # no new column
+        await casty_sa.upgrade(url)  # with the way clear
+        assert check_old_rows_numbered(await ordered_rows(url)) == 1

@@ -1017,3 +1017,90 @@ class TestHostileSourceRows:
         assert f"row 3 of table {table!r}" in err and HOSTILE_ROWS[shape][1] in err
         assert "Nothing was copied" in err and "internal error" not in err
         assert _rows_in(target) == 0
+
+
+# -- the global order --------------------------------------------------------------------------
+
+
+def global_order(url: URL | str) -> list[tuple[Any, ...]]:
+    """``(entity_id, sequence_nr, event_type, era, transaction_id, position)`` in global order."""
+
+    async def read() -> list[tuple[Any, ...]]:
+        engine, _ = open_engine(url)
+        try:
+            async with engine.connect() as conn:
+                result = await conn.execute(
+                    text(
+                        "SELECT entity_id, sequence_nr, event_type, era, transaction_id, position"
+                        " FROM casty_sa_events ORDER BY era, transaction_id, position"
+                    )
+                )
+                return [tuple(row) for row in result]
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+class TestGlobalOrderOfCopies:
+    """Rows a copy writes get their place in the target's global order, as the journal's do."""
+
+    def test_imported_rows_follow_what_the_target_held(
+        self, source: Path, db_url: URL, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        asyncio.run(Side(range(1, 3), tag="before").write_to(db_url))
+        code, _, err = run(
+            capsys, "import", "--from", str(source), "--url", plain(db_url), "--batch-size", "7"
+        )
+        assert code == ExitCode.OK, err
+        asyncio.run(Side(range(3, 4), tag="before").write_to(db_url))  # the journal, after
+        rows = global_order(db_url)
+        assert [row[:2] for row in rows[:2]] == [("X", 1), ("X", 2)]
+        assert rows[-1][:2] == ("X", 3)
+        imported = rows[2:-1]
+        assert len(imported) == SOURCE_EVENT_COUNT
+        # a copy goes in key order, one transaction per batch: so does its global order
+        assert [row[:2] for row in imported] == sorted(row[:2] for row in imported)
+        assert {row[2] for row in imported} == {None}  # a casty file has no event types
+        assert rows[0][2] == "str"
+        assert len({row[3:] for row in rows}) == len(rows)  # every place taken once
+        assert {row[3] for row in rows} == {0}
+
+    def test_a_copy_between_databases_keeps_event_types(self, tmp_path: Path, db_url: URL) -> None:
+        source_url = f"sqlite:///{tmp_path / 'source.db'}"
+
+        async def copy() -> TransferReport:
+            async with SAJournal(source_url) as journal:
+                await journal.persist("A", [PersistedEvent(1, 1.5, 1.0)])
+                await journal.persist("B", [PersistedEvent(1, "b", 1.0), PersistedEvent(2, 2, 2.0)])
+            async with (
+                JournalDatabase.open(source_url) as source,
+                JournalDatabase.open(db_url) as target,
+            ):
+                return await copy_journal(source, target)
+
+        async def at_a_new_era() -> None:
+            """As after a restore into a server whose transaction ids are behind the rows'."""
+            engine, _ = open_engine(db_url)
+            try:
+                async with engine.begin() as conn:
+                    await conn.execute(
+                        text(
+                            "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp,"
+                            " payload, era, transaction_id, position)"
+                            " VALUES ('restored', 1, 0.0, :payload, 0, :far, 1000000)"
+                        ),
+                        {"payload": pickle.dumps("r"), "far": 2**62},
+                    )
+            finally:
+                await engine.dispose()
+
+        postgresql = db_url.get_backend_name() == "postgresql"
+        if postgresql:
+            asyncio.run(at_a_new_era())
+        report = asyncio.run(copy())
+        assert report.events_copied == 3 and report.verified
+        rows = [row for row in global_order(db_url) if row[0] != "restored"]
+        assert [row[:3] for row in rows] == [("A", 1, "float"), ("B", 1, "str"), ("B", 2, "int")]
+        # PostgreSQL: the era of the target, after the restored rows
+        assert {row[3] for row in rows} == ({1} if postgresql else {0})

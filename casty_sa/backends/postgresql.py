@@ -61,6 +61,7 @@ from casty_sa.dialects import (
     register,
 )
 from casty_sa.libpq import DEFAULT_APPLICATION_NAME, postgres_options
+from casty_sa.models import EVENTS_PRIMARY_KEY
 from casty_sa.ordering import (
     current_era,
     current_transaction_id,
@@ -288,7 +289,9 @@ def _write_failure(exc: Exception, _max_length: int | None) -> BaseException | b
     import asyncpg
 
     if isinstance(exc, asyncpg.UniqueViolationError):
-        return WriteRefused(exc, duplicate=True)
+        # only the primary key's is a sequence number already stored; the global order's
+        # index (or an application's) refused the rows for another reason: nothing stored
+        return WriteRefused(exc, duplicate=exc.constraint_name == EVENTS_PRIMARY_KEY)
     if isinstance(exc, asyncpg.DataError):  # a value refused, by asyncpg or the server
         return WriteRefused(exc, duplicate=False)
     if getattr(exc, "sqlstate", None) in _ROLLED_BACK:

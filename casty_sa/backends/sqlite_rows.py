@@ -79,17 +79,18 @@ def keep_negative_zero[R: (Row, EventRow)](rows: Sequence[R]) -> Sequence[R]:
     """``rows`` with a ``-0.0`` timestamp as SQLite keeps it (rare: a copy only then)."""
     if 0.0 not in map(_TIMESTAMP, rows):  # -0.0 == 0.0; a scan in C, no copy
         return rows
-    kept: list[Any] = []
-    for row in rows:
-        values: tuple[Any, ...] = row
-        if is_negative_zero(values[2]):
-            values = (*values[:2], SQLITE_NEGATIVE_ZERO, *values[3:])
-        kept.append(values)
-    return kept
+    return [_zero_kept(row) for row in rows]
 
 
-#: SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE: a sequence number already stored
-_SQLITE_DUPLICATE = frozenset({1555, 2067})
+def _zero_kept(row: Any) -> Any:
+    """A row (of either shape) whose ``-0.0`` timestamp is stored as SQLite keeps it."""
+    return (*row[:2], SQLITE_NEGATIVE_ZERO, *row[3:]) if is_negative_zero(row[2]) else row
+
+
+#: SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE
+_SQLITE_PRIMARY_KEY, _SQLITE_UNIQUE = 1555, 2067
+#: the columns of the events' primary key, as SQLite names them in a violation's message
+_KEY_COLUMNS = "casty_sa_events.entity_id, casty_sa_events.sequence_nr"
 #: SQLite primary result codes: SQLITE_NOMEM, SQLITE_IOERR. Raised by a statement that
 #: commits, they may come after the commit frame reached the WAL (its fsync failed, the
 #: wal-index could not be updated): the commit may be on disk, so the outcome is unknown.
@@ -102,8 +103,29 @@ def write_failure(exc: Exception, max_length: int | None) -> BaseException | boo
     code = getattr(exc, "sqlite_errorcode", None)
     primary = code & 0xFF if code is not None else None
     if isinstance(exc, sqlite3.IntegrityError):
-        return WriteRefused(exc, duplicate=code in _SQLITE_DUPLICATE)
+        return WriteRefused(exc, duplicate=_sequence_nr_taken(code, str(exc)))
     if isinstance(exc, sqlite3.DataError) or primary == _SQLITE_TOOBIG:
         return too_large("a payload (or its row)", max_length, str(exc))
     # pysqlite's own errors (no result code) come before SQLite ran anything
     return isinstance(exc, sqlite3.Error) and primary not in _SQLITE_MAYBE_COMMITTED
+
+
+def _sequence_nr_taken(code: int | None, message: str) -> bool:
+    """Whether an integrity error is the events' primary key refusing a stored sequence number.
+
+    SQLite reports a primary key's violation as such; a key made a ``UNIQUE`` index (an
+    application's own table) is known by its columns. The global order's unique index, or
+    any other constraint, refused the rows for another reason: not a sequence conflict.
+
+    Examples
+    --------
+    >>> _sequence_nr_taken(1555, "UNIQUE constraint failed: casty_sa_events.entity_id, "
+    ...                    "casty_sa_events.sequence_nr")
+    True
+    >>> _sequence_nr_taken(2067, "UNIQUE constraint failed: casty_sa_events.era, "
+    ...                    "casty_sa_events.transaction_id, casty_sa_events.position")
+    False
+    """
+    if code == _SQLITE_PRIMARY_KEY:
+        return True
+    return code == _SQLITE_UNIQUE and message.endswith(f"failed: {_KEY_COLUMNS}")

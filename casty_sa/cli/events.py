@@ -31,9 +31,9 @@ from casty_sa.cli.common import Commands, ExitCode, UsageError, positive_int, ur
 from casty_sa.cli.inspect import _decoder, _when
 from casty_sa.cli.text import printable
 from casty_sa.event_stream import EventEnvelope
-from casty_sa.inspection import _cannot_decode
 from casty_sa.journal import SAJournal
 from casty_sa.ordering import InvalidOffset, event_type_name
+from casty_sa.payloads import cannot_decode
 
 __all__ = ["as_dict", "line", "register"]
 
@@ -91,7 +91,7 @@ def _forgiving(decode: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
         try:
             return decode(payload)
         except Exception as exc:  # noqa: BLE001 - shown on the event's line instead
-            return _Undecoded(payload, _cannot_decode(exc))
+            return _Undecoded(payload, cannot_decode(exc))
 
     return deserialize
 

@@ -253,13 +253,20 @@ def _render_entity(detail: EntityDetail, style: Style) -> str:
     if detail.page:
         lines.append("")
         lines += table(
-            ["SEQ", "TIMESTAMP (UTC)", "BYTES", "EVENT"],
+            ["SEQ", "POSITION", "TIMESTAMP (UTC)", "TYPE", "BYTES", "EVENT"],
             [
-                [str(e.sequence_nr), _when(e.timestamp), f"{len(e.raw):,}", _shown(e)]
+                [
+                    str(e.sequence_nr),
+                    _or_dash(e.position),
+                    _when(e.timestamp),
+                    ("-", DIM) if e.event_type is None else printable(e.event_type),
+                    f"{len(e.raw):,}",
+                    _shown(e),
+                ]
                 for e in detail.page
             ],
-            right={0, 2},
-            flex=3,
+            right={0, 1, 4},
+            flex=5,
             style=style,
         )
     if detail.next_from is not None:
@@ -315,6 +322,12 @@ def _payload_dict(payload: Payload, key: str) -> dict[str, Any]:
         "timestamp": payload.timestamp,
         "size": len(payload.raw),
     }
+    if key == "event":  # its type and place in the global order (journal.events' offset)
+        item |= {
+            "event_type": payload.event_type,
+            "position": payload.position,
+            "offset": payload.offset,
+        }
     if payload.decoded is not None:
         item[key] = payload.decoded
     else:

@@ -10,7 +10,19 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, Table, and_, func, or_, select, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    Insert,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    func,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -18,6 +30,12 @@ from casty_sa.batching import ROW_OVERHEAD
 from casty_sa.engine import bind_schema, read_only
 from casty_sa.migrate import checked_engine
 from casty_sa.models import journal_tables, newer_snapshot_wins
+from casty_sa.ordering import (
+    current_era,
+    current_transaction_id,
+    next_position,
+    sequence_position,
+)
 from casty_sa.transfer.endpoint import LOOKUP_CHUNK, chunks
 from casty_sa.transfer.sqlite_paths import require_existing_database
 from casty_sa.transfer.values import EntityStats, JournalStats, Row
@@ -46,8 +64,9 @@ class JournalDatabase:
         # SQLite: an export never waits for, nor holds up, the application's writer
         self._reader = read_only(self._engine)
         self._name = safe_url(engine.url)
-        insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
-        events = insert(_events)
+        self._postgresql = engine.dialect.name == "postgresql"
+        insert = postgresql.insert if self._postgresql else sqlite.insert
+        events = _in_global_order(insert(_events), postgresql=self._postgresql)
         self._insert_events = events.on_conflict_do_nothing(
             index_elements=[_events.c.entity_id, _events.c.sequence_nr]
         ).returning(_events.c.sequence_nr)
@@ -146,9 +165,9 @@ class JournalDatabase:
         found: list[Row] = []
         async with self._reader.connect() as connection:
             for chunk in chunks(keys, LOOKUP_CHUNK):
-                query = select(c.entity_id, c.sequence_nr, c.timestamp, c.payload).where(
-                    tuple_(c.entity_id, c.sequence_nr).in_(chunk)
-                )
+                query = select(
+                    c.entity_id, c.sequence_nr, c.timestamp, c.payload, c.event_type
+                ).where(tuple_(c.entity_id, c.sequence_nr).in_(chunk))
                 found += [Row(*row) for row in await connection.execute(query)]
         return found
 
@@ -175,9 +194,20 @@ class JournalDatabase:
         return counts
 
     async def write_events(self, rows: Sequence[Row]) -> int:
-        """Insert the events the database lacks, in one transaction; return how many."""
+        """Insert the events the database lacks, in one transaction; return how many.
+
+        Each gets its place in this database's global order, as the journal's writes
+        do (see :func:`_in_global_order`), and keeps the source's ``event_type``.
+        """
         async with self._engine.begin() as connection:
-            result = await connection.execute(self._insert_events, [_params(r) for r in rows])
+            era = 0
+            if self._postgresql:
+                era = (await connection.execute(select(current_era(_events)))).scalar_one()
+            params = [
+                {**_params(row), "event_type": row.event_type, "era": era, "step": step}
+                for step, row in enumerate(rows, 1)
+            ]
+            result = await connection.execute(self._insert_events, params)
             return len(result.all())
 
     async def write_snapshots(self, rows: Sequence[Row]) -> int:
@@ -185,6 +215,33 @@ class JournalDatabase:
         async with self._engine.begin() as connection:
             result = await connection.execute(self._upsert_snapshots, [_params(r) for r in rows])
             return len(result.all())
+
+
+def _in_global_order(
+    insert: postgresql.Insert | sqlite.Insert, *, postgresql: bool
+) -> postgresql.Insert | sqlite.Insert:
+    """``insert`` into the events with each row's place in the target's global order.
+
+    PostgreSQL: the target's era (bound once per transaction), the writing
+    transaction's id and the sequence's next position; SQLite: one more than the
+    highest position, the ``step``-th row of the statement (see
+    :mod:`casty_sa.ordering`). A source's positions are never copied: they order
+    the source's rows only.
+    """
+    if postgresql:
+        values: dict[str, Any] = {
+            "era": bindparam("era"),
+            "transaction_id": current_transaction_id(),
+            "position": sequence_position(_events),
+        }
+    else:
+        values = {
+            "era": literal_column("0"),
+            "transaction_id": literal_column("0"),
+            "position": next_position(_events, bindparam("step")),
+        }
+    statement: Insert = insert.values(**values)
+    return statement  # type: ignore[return-value]
 
 
 def _within_bytes(
@@ -212,8 +269,11 @@ def _within_bytes(
         page.c.size,
         func.sum(page.c.size).over(order_by=page_keys).label("total"),
     ).subquery()
+    columns = [c.entity_id, c.sequence_nr, c.timestamp, c.payload]
+    if "event_type" in c:  # the events' (a snapshot has none)
+        columns.append(c.event_type)
     return (
-        select(c.entity_id, c.sequence_nr, c.timestamp, c.payload)
+        select(*columns)
         .join(running, and_(*(c[key.name] == running.c[key.name] for key in keys)))
         .where(or_(running.c.total <= max_bytes, running.c.total == running.c.size))
         .order_by(*keys)

@@ -35,12 +35,18 @@ class Row:
         casty's ``time.time()`` of the event or snapshot.
     payload : bytes
         The serializer's bytes, never decoded by a copy.
+    event_type : str | None
+        An event's ``event_type`` as the source stores it; ``None`` for a
+        snapshot, a row stored before migration ``0002``, or one from a casty
+        file (which has no such column). Its place in the global order is not
+        carried: that belongs to one database, and the target gives it its own.
     """
 
     entity_id: str
     sequence_nr: int
     timestamp: float
     payload: bytes
+    event_type: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
