@@ -25,10 +25,10 @@ from sqlalchemy import (
     BigInteger,
     Dialect,
     Double,
+    Identity,
     Index,
     LargeBinary,
     MetaData,
-    Sequence,
     SmallInteger,
     String,
     Table,
@@ -44,7 +44,6 @@ __all__ = [
     "GLOBAL_ORDER_INDEX",
     "MAX_ENTITY_ID_LENGTH",
     "NAMING_CONVENTION",
-    "POSITION_SEQUENCE",
     "SQLITE_NEGATIVE_ZERO",
     "VERSION_TABLE",
     "Base",
@@ -133,9 +132,6 @@ class Base(DeclarativeBase):
     metadata = metadata
 
 
-#: PostgreSQL's source of ``casty_sa_events.position`` (SQLite has no sequences).
-POSITION_SEQUENCE = Sequence("casty_sa_events_position_seq", metadata=metadata)
-
 #: The name of the events' primary key: its violation is a sequence number already stored.
 EVENTS_PRIMARY_KEY = "pk_casty_sa_events"
 #: The unique index of the global order ``(era, transaction_id, position)``.
@@ -165,7 +161,8 @@ class EventRecord(Base):
     event_type: Mapped[str | None] = mapped_column(String(EVENT_TYPE_LENGTH))
     era: Mapped[int] = mapped_column(SmallInteger)
     transaction_id: Mapped[int] = mapped_column(BigInteger)
-    position: Mapped[int] = mapped_column(BigInteger, POSITION_SEQUENCE)
+    # PostgreSQL: an identity column; SQLite: the journal numbers it (see casty_sa.ordering)
+    position: Mapped[int] = mapped_column(BigInteger, Identity())
 
 
 class SnapshotRecord(Base):

@@ -12,7 +12,7 @@ Every event row carries three numbers besides its key (migration ``0002``):
     (a 64-bit counter that never wraps, stored as ``bigint``); 0 on SQLite, whose
     single writer commits in position order, and 0 for rows stored before ``0002``.
 ``position``
-    A number unique in the table: from a sequence on PostgreSQL, one more than the
+    A number unique in the table: an identity column on PostgreSQL, one more than the
     highest on SQLite; rows stored before ``0002`` were numbered below zero, in
     primary-key order.
 
@@ -43,10 +43,10 @@ import re
 from collections import OrderedDict  # noqa: F401  (the doctest above)
 from typing import Any
 
-from sqlalchemy import Sequence, Table, case, func, literal_column, select
+from sqlalchemy import Table, case, func, literal_column, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from casty_sa.models import EVENT_TYPE_LENGTH, POSITION_SEQUENCE
+from casty_sa.models import EVENT_TYPE_LENGTH
 
 __all__ = [
     "MAX_ERA",
@@ -62,7 +62,6 @@ __all__ = [
     "notify_channel",
     "oldest_running_transaction",
     "parse_offset",
-    "sequence_position",
     "stored_type_name",
 ]
 
@@ -134,11 +133,6 @@ def next_position(events: Table, step: Any) -> ColumnElement[Any]:
     )
     position: ColumnElement[Any] = func.coalesce(highest, literal_column("0")) + step
     return position
-
-
-def sequence_position(events: Table) -> ColumnElement[int]:
-    """PostgreSQL: the position of a row, from the table's sequence (in its schema)."""
-    return Sequence(POSITION_SEQUENCE.name, schema=events.schema).next_value()
 
 
 def current_era(events: Table) -> ColumnElement[int]:

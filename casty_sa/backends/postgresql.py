@@ -65,7 +65,6 @@ from casty_sa.models import EVENTS_PRIMARY_KEY
 from casty_sa.ordering import (
     current_era,
     current_transaction_id,
-    sequence_position,
 )
 
 __all__ = ["PostgresBackend", "postgresql_engine"]
@@ -94,10 +93,9 @@ class PostgresBackend(PostgresReading):
             event_columns,
             bindparam("era", type_=SmallInteger),
             current_transaction_id(),
-            sequence_position(events),
         )
         insert_events = insert(events).from_select(
-            [*event_columns, "era", "transaction_id", "position"], placed
+            [*event_columns, "era", "transaction_id"], placed
         )
         # a hint for live readers, sent by the server when the transaction commits
         channel = self.channel.replace("'", "''")

@@ -34,7 +34,6 @@ from casty_sa.ordering import (
     current_era,
     current_transaction_id,
     next_position,
-    sequence_position,
 )
 from casty_sa.transfer.endpoint import LOOKUP_CHUNK, chunks
 from casty_sa.transfer.sqlite_paths import require_existing_database
@@ -223,7 +222,7 @@ def _in_global_order(
     """``insert`` into the events with each row's place in the target's global order.
 
     PostgreSQL: the target's era (bound once per transaction), the writing
-    transaction's id and the sequence's next position; SQLite: one more than the
+    transaction's id and the identity's next position; SQLite: one more than the
     highest position, the ``step``-th row of the statement (see
     :mod:`casty_sa.ordering`). A source's positions are never copied: they order
     the source's rows only.
@@ -232,7 +231,6 @@ def _in_global_order(
         values: dict[str, Any] = {
             "era": bindparam("era"),
             "transaction_id": current_transaction_id(),
-            "position": sequence_position(_events),
         }
     else:
         values = {
