@@ -419,6 +419,39 @@ async def test_rows_restored_from_a_server_ahead_come_before_new_ones(
     assert keys(await collect(journal.events(before[1].offset))) == [("restored", 2), ("new", 1)]
 
 
+@pytest.mark.only_backends("postgresql")
+async def test_a_reader_waits_in_the_restored_era_until_a_row_of_the_next_one_is_stored(
+    new_journal: Callable[..., SAJournal], db_url: URL
+) -> None:
+    # restored rows a little ahead of this server's transaction ids: a live reader follows
+    # them, then the server's ids pass them before anything is written, so the first
+    # writer writes in their era (after them), not in the next one
+    [[following]] = await dbtools.query(
+        db_url, "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+    )
+    ahead = 200
+    await dbtools.execute(
+        db_url,
+        "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload, event_type,"
+        " era, transaction_id, position) VALUES ('restored', 1, 1.0, "
+        f"'\\x{pickle.dumps(1).hex()}'::bytea, 'int', 0, {following + ahead}, 1)",
+    )
+    live = new_journal().events(live=True)
+    [restored] = await collect(live, 1)
+    conn = await asyncpg.connect(**raw_args(db_url))
+    try:
+        for _ in range(ahead + 1):  # one transaction id each
+            await conn.fetchval("SELECT pg_current_xact_id()")
+    finally:
+        await conn.close()
+    writer = new_journal()
+    await persist(writer, "new", 1)
+    new = await asyncio.wait_for(live.__anext__(), BOUND)
+    assert new.entity_id == "new" and new.offset > restored.offset
+    assert parse_offset(new.offset)[0] == 0  # the restored era: the ids had passed them
+    await live.aclose()
+
+
 # -- leaving the loop -----------------------------------------------------------------------
 
 
