@@ -5,8 +5,9 @@ Every event row carries three numbers besides its key (migration ``0002``):
 ``era``
     0, until the table is restored into a server whose transaction ids are behind
     the ones stored (a dump and restore into another PostgreSQL): the first
-    writer or reader after that counts the next era, so what is written there
-    sorts after everything restored.
+    writer after that writes in the next era, so what is written there sorts
+    after everything restored (readers read every restored row meanwhile, and
+    move into the next era only once a row of it is stored).
 ``transaction_id``
     PostgreSQL's ``pg_current_xact_id()`` of the transaction that wrote the row
     (a 64-bit counter that never wraps, stored as ``bigint``); 0 on SQLite, whose
