@@ -13,6 +13,7 @@ and ``highest_sequence_nr``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import pickle
 import sqlite3
 import sys
@@ -488,4 +489,33 @@ async def test_leaving_the_loop_releases_connections_and_the_listener(
         await waiting
     assert not internals.listening(journal)
     await journal.close()  # the fixture checks the pool: no connection left checked out
+    assert await dbtools.open_connections(db_url) == 0
+
+
+@pytest.mark.only_backends("postgresql")  # the listening connection is PostgreSQL's
+async def test_a_reader_collected_in_another_thread_releases_the_listener(
+    new_journal: Callable[..., SAJournal], db_url: URL
+) -> None:
+    journal = new_journal()
+    await persist(journal, "a", 1)
+    listening = internals.listener_opened(journal)
+
+    class Holder:  # a reference cycle: only the cyclic garbage collector frees it
+        pass
+
+    gc.disable()  # so that it runs in the thread below, not wherever it happens to
+    try:
+        holder = Holder()
+        holder.cycle, holder.stream = holder, journal.events(live=True)  # type: ignore[attr-defined]
+        follow = asyncio.ensure_future(collect(holder.stream, 2))  # type: ignore[attr-defined]
+        await asyncio.wait_for(listening.wait(), BOUND)  # caught up, waiting on the LISTEN
+        await persist(journal, "a", 2)
+        assert keys(await asyncio.wait_for(follow, BOUND)) == [("a", 1), ("a", 2)]
+        del holder, follow  # left without aclose, still one of the live readers
+        # the collector's thread hands the leaving to the loop before to_thread returns
+        await asyncio.to_thread(gc.collect)
+    finally:
+        gc.enable()
+    assert not internals.listening(journal)
+    await journal.close()
     assert await dbtools.open_connections(db_url) == 0
