@@ -72,6 +72,7 @@ class Wakeups:
         self._closing: set[asyncio.Task[None]] = set()
         self._failed_at = -_REOPEN_AFTER
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the readers' (set by join)
 
     def ring(self) -> None:
         """Something was committed: wake every waiting reader."""
@@ -119,6 +120,7 @@ class Wakeups:
         The first reader opens the listening connection; a failure to open it is
         logged and leaves the readers polling (tried again a second later).
         """
+        self._loop = asyncio.get_running_loop()
         self._members += 1
         await self.check_listener()
 
@@ -140,7 +142,19 @@ class Wakeups:
             await asyncio.shield(self._opening)
 
     def leave(self) -> None:
-        """A live reader is gone: the last one out closes the listening connection."""
+        """A live reader is gone: the last one out closes the listening connection.
+
+        Callable from any thread: a reader collected by the garbage collector in another
+        one (a driver's, an executor's) leaves on the readers' loop.
+        """
+        loop = self._loop
+        if loop is not None and _running_loop() is not loop:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nothing runs there any more
+                loop.call_soon_threadsafe(self._leave)
+            return
+        self._leave()
+
+    def _leave(self) -> None:
         self._members -= 1
         if self._members == 0:
             self._drop_listener()
@@ -181,3 +195,11 @@ class Wakeups:
         task = loop.create_task(listener.close(), name="casty_sa-unlisten")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

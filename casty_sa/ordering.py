@@ -5,8 +5,9 @@ Every event row carries three numbers besides its key (migration ``0002``):
 ``era``
     0, until the table is restored into a server whose transaction ids are behind
     the ones stored (a dump and restore into another PostgreSQL): the first
-    writer or reader after that counts the next era, so what is written there
-    sorts after everything restored.
+    writer after that writes in the next era, so what is written there sorts
+    after everything restored (readers read every restored row meanwhile, and
+    move into the next era only once a row of it is stored).
 ``transaction_id``
     PostgreSQL's ``pg_current_xact_id()`` of the transaction that wrote the row
     (a 64-bit counter that never wraps, stored as ``bigint``); 0 on SQLite, whose
@@ -62,6 +63,7 @@ __all__ = [
     "notify_channel",
     "oldest_running_transaction",
     "parse_offset",
+    "read_horizon",
     "stored_type_name",
 ]
 
@@ -136,19 +138,40 @@ def next_position(events: Table, step: Any) -> ColumnElement[Any]:
 
 
 def current_era(events: Table) -> ColumnElement[int]:
-    """PostgreSQL: the era a writer writes in, and readers read up to.
+    """PostgreSQL: the era a writer writes in.
 
     The highest stored era, or the next one when that era's highest transaction id
     is not below the server's next one: the rows were written by another server
     (restored here), and this server's transactions would sort before them.
     ``pg_snapshot_xmax`` assigns no transaction id, unlike ``pg_current_xact_id``.
     """
-    zero: ColumnElement[int] = literal_column("0")
+    top, newest = _newest_era(events)
     one: ColumnElement[int] = literal_column("1")
+    return top + case((newest >= next_transaction_id(), one), else_=literal_column("0"))
+
+
+def read_horizon(events: Table) -> tuple[ColumnElement[int], ColumnElement[int]]:
+    """PostgreSQL: ``(era, transaction_id)`` below which every row is committed, for good.
+
+    The highest stored era, and in it the oldest transaction still running
+    (:func:`oldest_running_transaction`). While that era's rows were written by a
+    server ahead of this one (see :func:`current_era`), all of them: they are
+    restored, so committed. Never the next era before a row of it is stored: a
+    writer that starts once this server's transaction ids have passed the restored
+    ones writes in the highest era still, after them, and a reader that had moved
+    into the next era would pass those rows.
+    """
+    top, newest = _newest_era(events)
+    restored = newest >= next_transaction_id()
+    return top, case((restored, newest + literal_column("1")), else_=oldest_running_transaction())
+
+
+def _newest_era(events: Table) -> tuple[ColumnElement[int], ColumnElement[int]]:
+    """The highest stored era (0 for an empty table) and its highest transaction id."""
+    zero: ColumnElement[int] = literal_column("0")
     top = select(func.coalesce(func.max(events.c.era), zero)).scalar_subquery()
     newest = select(func.max(events.c.transaction_id)).where(events.c.era == top).scalar_subquery()
-    server = next_transaction_id()
-    return top + case((newest >= server, one), else_=zero)
+    return top, newest
 
 
 def current_transaction_id() -> ColumnElement[int]:

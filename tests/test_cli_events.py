@@ -91,6 +91,16 @@ def test_undecodable_and_raw_payloads_are_shown_not_fatal(
     code, out, _ = run(capsys, "events", "--url", url, "--raw", "--json")
     assert code == ExitCode.OK
     assert all("payload_base64" in json.loads(line) for line in out.splitlines())
+    # a row without a stored type whose payload is not decoded: its type cannot be told,
+    # so a --type filter shows it rather than leaving it out
+    for how in (["--raw"], ["--decoder", "json:loads"]):
+        code, out, _ = run(capsys, "events", "--url", url, "--type", "str", *how)
+        assert code == ExitCode.OK
+        assert [line.split("  ")[1:4] for line in out.splitlines()] == [
+            ["acct-1", "1", "str"],
+            ["a%b", "1", "-"],
+            ["acct-2", "1", "str"],
+        ], how
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ and ``highest_sequence_nr``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import pickle
 import sqlite3
 import sys
@@ -419,6 +420,61 @@ async def test_rows_restored_from_a_server_ahead_come_before_new_ones(
     assert keys(await collect(journal.events(before[1].offset))) == [("restored", 2), ("new", 1)]
 
 
+@pytest.mark.only_backends("postgresql")
+async def test_a_journal_running_on_across_a_restore_writes_after_the_restored_rows(
+    new_journal: Callable[..., SAJournal], db_url: URL
+) -> None:
+    """The database is replaced under a running journal by one restored from a server whose
+    transaction ids are ahead: its next write still sorts after every restored row."""
+    journal = new_journal()
+    await persist(journal, "w", 1)
+    await dbtools.execute(
+        db_url,
+        "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload, event_type,"
+        f" era, transaction_id, position) VALUES ('restored', 1, 1.0, "
+        f"'\\x{pickle.dumps(1).hex()}'::bytea, 'int', 0, {2**50}, {10**6})",
+    )
+    live = journal.events(live=True)
+    assert keys(await collect(live, 2)) == [("w", 1), ("restored", 1)]
+    await persist(journal, "w", 2)
+    [new] = await collect(live, 1)
+    assert (new.entity_id, new.sequence_nr) == ("w", 2)
+    assert keys(await collect(journal.events())) == [("w", 1), ("restored", 1), ("w", 2)]
+
+
+@pytest.mark.only_backends("postgresql")
+async def test_a_reader_waits_in_the_restored_era_until_a_row_of_the_next_one_is_stored(
+    new_journal: Callable[..., SAJournal], db_url: URL
+) -> None:
+    # restored rows a little ahead of this server's transaction ids: a live reader follows
+    # them, then the server's ids pass them before anything is written, so the first
+    # writer writes in their era (after them), not in the next one
+    [[following]] = await dbtools.query(
+        db_url, "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+    )
+    ahead = 200
+    await dbtools.execute(
+        db_url,
+        "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload, event_type,"
+        " era, transaction_id, position) VALUES ('restored', 1, 1.0, "
+        f"'\\x{pickle.dumps(1).hex()}'::bytea, 'int', 0, {following + ahead}, 1)",
+    )
+    live = new_journal().events(live=True)
+    [restored] = await collect(live, 1)
+    conn = await asyncpg.connect(**raw_args(db_url))
+    try:
+        for _ in range(ahead + 1):  # one transaction id each
+            await conn.fetchval("SELECT pg_current_xact_id()")
+    finally:
+        await conn.close()
+    writer = new_journal()
+    await persist(writer, "new", 1)
+    new = await asyncio.wait_for(live.__anext__(), BOUND)
+    assert new.entity_id == "new" and new.offset > restored.offset
+    assert parse_offset(new.offset)[0] == 0  # the restored era: the ids had passed them
+    await live.aclose()
+
+
 # -- leaving the loop -----------------------------------------------------------------------
 
 
@@ -455,4 +511,33 @@ async def test_leaving_the_loop_releases_connections_and_the_listener(
         await waiting
     assert not internals.listening(journal)
     await journal.close()  # the fixture checks the pool: no connection left checked out
+    assert await dbtools.open_connections(db_url) == 0
+
+
+@pytest.mark.only_backends("postgresql")  # the listening connection is PostgreSQL's
+async def test_a_reader_collected_in_another_thread_releases_the_listener(
+    new_journal: Callable[..., SAJournal], db_url: URL
+) -> None:
+    journal = new_journal()
+    await persist(journal, "a", 1)
+    listening = internals.listener_opened(journal)
+
+    class Holder:  # a reference cycle: only the cyclic garbage collector frees it
+        pass
+
+    gc.disable()  # so that it runs in the thread below, not wherever it happens to
+    try:
+        holder = Holder()
+        holder.cycle, holder.stream = holder, journal.events(live=True)  # type: ignore[attr-defined]
+        follow = asyncio.ensure_future(collect(holder.stream, 2))  # type: ignore[attr-defined]
+        await asyncio.wait_for(listening.wait(), BOUND)  # caught up, waiting on the LISTEN
+        await persist(journal, "a", 2)
+        assert keys(await asyncio.wait_for(follow, BOUND)) == [("a", 1), ("a", 2)]
+        del holder, follow  # left without aclose, still one of the live readers
+        # the collector's thread hands the leaving to the loop before to_thread returns
+        await asyncio.to_thread(gc.collect)
+    finally:
+        gc.enable()
+    assert not internals.listening(journal)
+    await journal.close()
     assert await dbtools.open_connections(db_url) == 0

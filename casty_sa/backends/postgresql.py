@@ -30,7 +30,6 @@ from sqlalchemy import (
     ARRAY,
     URL,
     BigInteger,
-    SmallInteger,
     String,
     Table,
     bindparam,
@@ -91,7 +90,9 @@ class PostgresBackend(PostgresReading):
         placed = from_arrays(
             events,
             event_columns,
-            bindparam("era", type_=SmallInteger),
+            # once per statement (an InitPlan), so a journal that runs on across a restore
+            # of its database writes in the era the table needs (casty_sa.ordering)
+            select(current_era(events)).scalar_subquery(),
             current_transaction_id(),
         )
         insert_events = insert(events).from_select(
@@ -102,8 +103,6 @@ class PostgresBackend(PostgresReading):
         self._insert = (
             f"WITH written AS ({self._compile(insert_events)}) SELECT pg_notify('{channel}', '')"
         )
-        self._current_era = self._compile(select(current_era(events)))
-        self._era: int | None = None
         self._upsert = self._newer_snapshot_wins(
             postgresql.insert(self.snapshots).from_select(
                 ROW_COLUMNS, from_arrays(self.snapshots, ROW_COLUMNS)
@@ -154,16 +153,11 @@ class PostgresBackend(PostgresReading):
         conn = fairy.driver_connection
         committing = False
         try:
-            if events and self._era is None:
-                # cached for the journal's life: see casty_sa.ordering.current_era
-                self._era = await conn.fetchval(self._current_era, timeout=self._timeout)
             if events and snapshots:
                 transaction = conn.transaction()
                 await transaction.start()
                 try:
-                    await conn.execute(
-                        self._insert, self._era, *_columns(events), timeout=self._timeout
-                    )
+                    await conn.execute(self._insert, *_columns(events), timeout=self._timeout)
                     await conn.execute(self._upsert, *_columns(snapshots), timeout=self._timeout)
                 except BaseException:
                     await quietly(transaction.rollback())
@@ -173,9 +167,7 @@ class PostgresBackend(PostgresReading):
             else:
                 committing = True  # one statement in autocommit: it commits on its own
                 if events:
-                    await conn.execute(
-                        self._insert, self._era, *_columns(events), timeout=self._timeout
-                    )
+                    await conn.execute(self._insert, *_columns(events), timeout=self._timeout)
                 else:
                     await conn.execute(self._upsert, *_columns(snapshots), timeout=self._timeout)
         except BaseException as exc:

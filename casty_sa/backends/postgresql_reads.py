@@ -50,7 +50,7 @@ from casty_sa.ordering import (
     current_era,
     next_transaction_id,
     notify_channel,
-    oldest_running_transaction,
+    read_horizon,
 )
 
 __all__ = ["PostgresReading"]
@@ -85,12 +85,12 @@ class PostgresReading(PooledBackend):
         values = page_values(after, stop, limit) | {"prefix": prefix, "types": types}
         async with self.connection() as conn:
             found = await conn.fetch(statement.sql, *statement.args(values), timeout=self._timeout)
-        era, oldest, following, newest_era, newest_transaction_id = found[0][:5]
+        era, below, writing_era, following, newest_era, newest_transaction_id = found[0][:6]
         return EventPage(
-            [tuple(row[5:]) for row in found if row[5] is not None],
-            horizon=(era, oldest - 1, TOP[2]),
-            ceiling=(era, following - 1, TOP[2]),
-            blocked=newest_era is not None and (newest_era, newest_transaction_id) >= (era, oldest),
+            [tuple(row[6:]) for row in found if row[6] is not None],
+            horizon=(era, below - 1, TOP[2]),
+            ceiling=(writing_era, following - 1, TOP[2]),
+            blocked=newest_era is not None and (newest_era, newest_transaction_id) >= (era, below),
         )
 
     async def entity_id_page(self, after: str, limit: int, prefix: str | None) -> list[str]:
@@ -143,7 +143,7 @@ class PostgresReading(PooledBackend):
 
 def _event_page(events: Table, prefix: bool, types: bool) -> Any:
     """A page of events and, in the same statement, the horizon it stopped at."""
-    era, oldest = current_era(events), oldest_running_transaction()
+    era, below = read_horizon(events)
     # the newest row's era and transaction id: committed rows wait above the horizon when
     # they are at or above it (a look at the index's last entry)
     newest = select(events.c.era, events.c.transaction_id).order_by(
@@ -152,7 +152,8 @@ def _event_page(events: Table, prefix: bool, types: bool) -> Any:
     newest = newest.limit(literal_column("1"))
     horizon = select(
         era.label("h_era"),
-        oldest.label("h_oldest"),
+        below.label("h_below"),
+        current_era(events).label("h_writing_era"),
         next_transaction_id().label("h_next"),
         newest.with_only_columns(events.c.era).scalar_subquery().label("h_newest_era"),
         newest.with_only_columns(events.c.transaction_id)
@@ -167,7 +168,7 @@ def _event_page(events: Table, prefix: bool, types: bool) -> Any:
         events.c.timestamp,
         prefix=prefix,
         types_in=types_in,
-        below=tuple_(horizon.c.h_era, horizon.c.h_oldest),
+        below=tuple_(horizon.c.h_era, horizon.c.h_below),
     ).lateral("page")
     return (
         select(*horizon.c, *page.c)

@@ -107,13 +107,18 @@ def _cmd_events(args: argparse.Namespace) -> int:
         migrate=False,
         deserialize=_forgiving(decode),
     )
+    types = args.types
+    if types:
+        # a row stored without a type whose payload is not decoded (--raw, or the decoder
+        # failed) has a type nobody can tell: it is shown ("-"), never silently left out
+        types = [*types, event_type_name(_Undecoded(b""))]
     # the arguments are checked before anything is opened (a bad offset is a usage error)
     try:
         stream = journal.events(
             args.after,
             live=args.follow,
             entity_prefix=args.prefix,
-            event_types=args.types,
+            event_types=types,
         )
     except (TypeError, ValueError) as exc:
         raise UsageError(f"casty-sa events: {exc}") from None
