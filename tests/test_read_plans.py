@@ -14,28 +14,14 @@ also run, counting the instructions they take.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from typing import Any
-
 from sqlalchemy import URL
 
-REPO = Path(__file__).resolve().parent.parent
+from support import tools
+
 #: a page of events (or of entity ids) costs SQLite about 40 instructions a row
 STEPS_PER_ROW = 60
 
-
-def _tool() -> Any:
-    spec = importlib.util.spec_from_file_location("read_plans", REPO / "tools" / "read_plans.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-plans_tool = _tool()
+plans_tool = tools.load("read_plans")
 
 
 async def test_every_statement_uses_its_index(db_url: URL, backend: str) -> None:

@@ -50,7 +50,16 @@ from casty_sa.engine import open_engine
 from casty_sa.models import EVENTS_PRIMARY_KEY, GLOBAL_ORDER_INDEX
 from casty_sa.urls import to_async_url
 
-__all__ = ["Plan", "Statement", "fill", "full_scans", "main", "read_plans", "uses_index"]
+__all__ = [
+    "Plan",
+    "Statement",
+    "build_parser",
+    "fill",
+    "full_scans",
+    "main",
+    "read_plans",
+    "uses_index",
+]
 
 EVENTS = "casty_sa_events"
 #: SQLite names the index of a table's primary key itself
@@ -153,9 +162,9 @@ async def _places(engine: Any) -> _Places:
         count = (await conn.execute(text(f"SELECT count(*) FROM {EVENTS}"))).scalar_one()
         if not count:
             raise SystemExit(f"{EVENTS} holds no event: fill it first (--fill)")
-        order = f"SELECT era, transaction_id, position, entity_id FROM {EVENTS} ORDER BY 1, 2, 3"
-        middle = (await conn.execute(text(f"{order} LIMIT 1 OFFSET {count // 2}"))).one()
-        newest = (await conn.execute(text(f"{order} DESC, 2 DESC, 3 DESC LIMIT 1"))).one()
+        places = f"SELECT era, transaction_id, position, entity_id FROM {EVENTS} ORDER BY"
+        middle = (await conn.execute(text(f"{places} 1, 2, 3 LIMIT 1 OFFSET {count // 2}"))).one()
+        newest = (await conn.execute(text(f"{places} 1 DESC, 2 DESC, 3 DESC LIMIT 1"))).one()
         last = (await conn.execute(text(f"SELECT max(entity_id) FROM {EVENTS}"))).scalar_one()
     # the prefix of the last ids: a walk that starts at it skips every id before it
     prefix = last[: max(1, len(last) - 2)]
@@ -392,7 +401,7 @@ def _fill_sql(postgres: bool, events: int, entities: int, old_each: int) -> list
     # one's (every one of them has ended), positions from the identity; SQLite: 0, 1 + k
     transaction = "0"
     if postgres:
-        transaction = f"3 + k / greatest(1, {new} / greatest(1, {_XID} - 4))"
+        transaction = f"3 + k * greatest(0, {_XID} - 10) / {new}"
     before = (
         f"INSERT INTO {EVENTS} ({columns}) SELECT "
         f"{entity.format(e=f'k / {old_each}')}, 1 + k % {old_each}, 1.5 * k, {payload}, NULL, "
@@ -418,11 +427,15 @@ def _print(plans: list[Plan]) -> None:
         print()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("url", help="a database URL, or the path of a SQLite file")
     parser.add_argument("--fill", type=int, metavar="N", help="add N events first (scratch!)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     url: str | URL = args.url
     if "://" not in args.url:
         url = make_url(f"sqlite+aiosqlite:///{Path(args.url).resolve()}")
