@@ -38,6 +38,8 @@ from typing import Any
 import pytest
 from sqlalchemy import URL
 
+from support import tools
+
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
 MARKERS = {"postgresql", "compile"}
@@ -258,6 +260,8 @@ def _check_command(words: list[str]) -> None:
                 assert path.endswith(f"/dist/casty_sa-{version[1]}-py3-none-any.whl"), words
             for extra in filter(None, extras.rstrip("]").split(",")):
                 assert re.search(rf"^{extra} = \[", pyproject, re.M), f"no extra {extra!r}"
+    elif program == "python" and args[:1] == ["tools/read_plans.py"]:
+        tools.load("read_plans").build_parser().parse_args(args[1:])
     elif program == "python":
         assert args[:2] == ["-m", "build"], words  # builds the wheel pip installs
     elif program == "hatch":

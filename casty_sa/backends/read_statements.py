@@ -34,6 +34,7 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    case,
     func,
     literal_column,
     select,
@@ -183,15 +184,18 @@ def entity_id_walk(events: Table, *, contiguous_prefix: bool) -> Select[Any]:
     starts at the prefix bound as ``prefix`` and stops at the first id without it.
     The caller filters the ids by prefix in every case.
     """
-    inner = events.alias("following")
-    first = select(func.min(inner.c.entity_id)).where(
-        inner.c.entity_id > bindparam("after", type_=String)
-    )
+    after = _first_id(events, lambda column: column > bindparam("after", type_=String))
+    first = select(after.label("entity_id"))
     if contiguous_prefix:
-        first = first.where(inner.c.entity_id >= bindparam("prefix", type_=String))
-    walk = select(first.scalar_subquery().label("entity_id"), literal_column("1").label("n")).cte(
-        "walk", recursive=True
-    )
+        # the later of two probes with one bound each: given both bounds in one probe,
+        # SQLite seeks to one and steps over every row below the other (the events of
+        # every id between them); a NULL (no id after) stays NULL
+        at_prefix = _first_id(events, lambda column: column >= bindparam("prefix", type_=String))
+        probes = select(after.label("next_id"), at_prefix.label("prefix_id")).subquery("probes")
+        next_id, prefix_id = probes.c.next_id, probes.c.prefix_id
+        later = case((next_id < prefix_id, prefix_id), else_=next_id)
+        first = select(later.label("entity_id"))
+    walk = first.add_columns(literal_column("1").label("n")).cte("walk", recursive=True)
     step_from = events.alias("next_entity")
     step = select(
         select(func.min(step_from.c.entity_id))
@@ -203,6 +207,14 @@ def entity_id_walk(events: Table, *, contiguous_prefix: bool) -> Select[Any]:
         step = step.where(starts_with(walk.c.entity_id, "prefix"))
     walk = walk.union_all(step)
     return select(walk.c.entity_id).where(walk.c.entity_id.is_not(None)).order_by(walk.c.n)
+
+
+def _first_id(
+    events: Table, bound: Callable[[ColumnElement[Any]], ColumnElement[bool]]
+) -> ColumnElement[Any]:
+    """The lowest entity id within ``bound`` (or NULL): one probe of the primary key."""
+    column = events.alias("following").c.entity_id
+    return select(func.min(column)).where(bound(column)).scalar_subquery()
 
 
 def highest_sequence_nr(events: Table) -> Select[Any]:
