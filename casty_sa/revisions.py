@@ -14,8 +14,8 @@ Examples
 'base (no casty-sa tables)'
 >>> describe_revision(head_revision()) == f"{head_revision()} (head)"
 True
->>> lands_on_base(head_revision(), "-1")
-True
+>>> lands_on_base("0001", "-1"), lands_on_base(head_revision(), "-1")
+(True, False)
 """
 
 from __future__ import annotations

@@ -79,8 +79,8 @@ class Statement:
     name: str
     sql: str
     args: tuple[Any, ...]
-    #: the index the plan must go through (``None``: it must not read the table at all)
-    index: str | None
+    #: the index the plan must go through
+    index: str
 
 
 @dataclass(frozen=True)
@@ -227,11 +227,14 @@ def _write_statements(backend: Any, postgres: bool) -> list[Statement]:
     """The writers' place-taking, as the backend compiled it."""
     row = ("plans-writer", 1, 0.5, pickle.dumps("event"), "str")
     if postgres:
+        # the position comes from the identity; the era from two probes of the index's end
         return [
             Statement(
-                "current era (once per journal)", backend._current_era, (), GLOBAL_ORDER_INDEX
-            ),
-            Statement("insert (position: identity)", backend._insert, (0, *_columns([row])), None),
+                "insert (era: current_era, position: identity)",
+                backend._insert,
+                tuple(_columns([row])),
+                GLOBAL_ORDER_INDEX,
+            )
         ]
     return [
         Statement(

@@ -17,8 +17,8 @@ entity    acct-1
 events    1 (highest sequence number 1)
 snapshot  none
 <BLANKLINE>
-SEQ  TIMESTAMP (UTC)                   BYTES  EVENT
-  1  1970-01-01T00:00:00.000000+00:00     21  'opened'
+SEQ  POSITION  TIMESTAMP (UTC)                   TYPE  BYTES  EVENT
+  1         -  1970-01-01T00:00:00.000000+00:00  -        21  'opened'
 """
 
 from __future__ import annotations
