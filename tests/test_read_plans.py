@@ -5,8 +5,8 @@ On a SQLite file and on PostgreSQL, a table of 200,000 events over 2,000 entitie
 then ``tools/read_plans.py`` runs the read side's calls through the backend,
 recording the SQL and values it sends, and explains each: the event page in every
 filter variant from the start, the middle and the end of the global order, the
-entity id walks, ``highest_sequence_nr`` and the
-``INSERT`` that takes the era (PostgreSQL) or the next position (SQLite). PostgreSQL's generic plans (the
+entity id walks, ``highest_sequence_nr`` and the ``INSERT`` that takes the era
+(PostgreSQL) or the next position (SQLite). PostgreSQL's generic plans (the
 ones asyncpg's prepared statements switch to) are checked too. SQLite's plan text
 does not show how far a seek steps before its first row, so its statements are
 also run, counting the instructions they take.
