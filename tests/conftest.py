@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 import casty_sa
 from casty_sa import SAJournal
 
-from support import pools
+from support import dbtools, pools
 
 os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="casty-sa-xdg-"))  # for pgserver
 
@@ -124,20 +124,9 @@ def postgres_server_url() -> Iterator[URL]:
         server.cleanup()
 
 
-def _asyncpg_args(url: URL) -> dict[str, Any]:
-    args: dict[str, Any] = {
-        "user": url.username,
-        "password": url.password,
-        "database": url.database,
-        "host": url.query.get("host") or url.host,
-        "port": url.port,
-    }
-    return {k: v for k, v in args.items() if v}
-
-
 async def admin_execute(server: URL, *statements: str) -> None:
     """Run statements on the server's admin database (outside any transaction)."""
-    conn = await asyncpg.connect(**_asyncpg_args(server))
+    conn = await asyncpg.connect(**dbtools.asyncpg_args(server))
     try:
         for statement in statements:
             await conn.execute(statement)

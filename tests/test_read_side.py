@@ -62,17 +62,6 @@ async def persist(journal: SAJournal, entity_id: str, *seqs: int, event: Any = N
     )
 
 
-def raw_args(url: URL) -> dict[str, Any]:
-    args = {
-        "user": url.username,
-        "password": url.password,
-        "database": url.database,
-        "host": url.query.get("host") or url.host,
-        "port": url.port,
-    }
-    return {k: v for k, v in args.items() if v}
-
-
 # -- order, resumption, stop ------------------------------------------------------------------
 
 
@@ -289,7 +278,7 @@ class HeldWrite:
 
     async def begin(self) -> None:
         if self.url.get_backend_name() == "postgresql":
-            self._pg = await asyncpg.connect(**raw_args(self.url))
+            self._pg = await asyncpg.connect(**dbtools.asyncpg_args(self.url))
             await self._pg.execute("BEGIN")
             await self._pg.execute(
                 "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload, "
@@ -461,7 +450,7 @@ async def test_a_reader_waits_in_the_restored_era_until_a_row_of_the_next_one_is
     )
     live = new_journal().events(live=True)
     [restored] = await collect(live, 1)
-    conn = await asyncpg.connect(**raw_args(db_url))
+    conn = await asyncpg.connect(**dbtools.asyncpg_args(db_url))
     try:
         for _ in range(ahead + 1):  # one transaction id each
             await conn.fetchval("SELECT pg_current_xact_id()")

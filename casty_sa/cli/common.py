@@ -16,11 +16,13 @@ Examples
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import sys
+from collections.abc import Callable
 from enum import IntEnum
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from sqlalchemy import make_url
 from sqlalchemy.exc import ArgumentError
@@ -257,3 +259,37 @@ def describe_failure(exc: BaseException, args: argparse.Namespace) -> str:
     # --migrate where ``import`` has it, else nothing
     hint = ", or pass --migrate to casty-sa import" if args.command == "import" else ""
     return _LIBRARY_MIGRATE_HINT.sub(hint, message)
+
+
+def add_payload_options(parser: argparse.ArgumentParser) -> None:
+    """``--raw`` and ``--decoder``: how a command that shows events turns payloads into objects."""
+    parser.add_argument("--raw", action="store_true", help="show payload bytes, do not decode")
+    parser.add_argument(
+        "--decoder",
+        default="pickle:loads",
+        metavar="MODULE:FUNCTION",
+        help="the journal's deserializer (default: pickle:loads, which runs code from the "
+        "table: read only databases you trust, or use --raw)",
+    )
+
+
+def payload_decoder(args: argparse.Namespace) -> Callable[[bytes], Any] | None:
+    """The deserializer ``--raw``/``--decoder`` ask for (``None``: show the bytes)."""
+    return None if args.raw else _decoder(args.decoder)
+
+
+def _decoder(spec: str) -> Callable[[bytes], Any]:
+    """Resolve ``--decoder MODULE:FUNCTION`` to the function."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise UsageError(f"--decoder wants MODULE:FUNCTION (like pickle:loads), not {spec!r}")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"--decoder {spec}: {exc}") from None
+    if not callable(target):
+        raise UsageError(f"--decoder {spec} is not callable")
+    decode: Callable[[bytes], Any] = target
+    return decode

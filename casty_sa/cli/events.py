@@ -27,9 +27,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from casty_sa.cli.common import Commands, ExitCode, UsageError, positive_int, url
-from casty_sa.cli.inspect import _decoder, _when
-from casty_sa.cli.text import printable
+from casty_sa.cli.common import (
+    Commands,
+    ExitCode,
+    UsageError,
+    add_payload_options,
+    payload_decoder,
+    positive_int,
+    url,
+)
+from casty_sa.cli.text import printable, when
 from casty_sa.event_stream import EventEnvelope
 from casty_sa.journal import SAJournal
 from casty_sa.ordering import InvalidOffset, event_type_name
@@ -60,14 +67,7 @@ def register(commands: Commands) -> None:
         help="only events of type T (module.QualName, or int, str, …); repeat for more",
     )
     events.add_argument("--limit", type=positive_int, metavar="N", help="stop after N events")
-    events.add_argument("--raw", action="store_true", help="show payload bytes, do not decode")
-    events.add_argument(
-        "--decoder",
-        default="pickle:loads",
-        metavar="MODULE:FUNCTION",
-        help="the journal's deserializer (default: pickle:loads, which runs code from the "
-        "table: read only databases you trust, or use --raw)",
-    )
+    add_payload_options(events)
     events.set_defaults(handler=_cmd_events)
 
 
@@ -99,7 +99,7 @@ def _forgiving(decode: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
 def _cmd_events(args: argparse.Namespace) -> int:
     """``casty-sa events``: print the events, following new ones with ``--follow``."""
     database = url(args)
-    decode = None if args.raw else _decoder(args.decoder)
+    decode = payload_decoder(args)
     journal = SAJournal(
         database,
         schema=args.schema,
@@ -155,7 +155,7 @@ def line(envelope: EventEnvelope) -> str:
             printable(envelope.entity_id),
             str(envelope.sequence_nr),
             printable(_event_type(envelope) or "-"),
-            _when(envelope.timestamp),
+            when(envelope.timestamp),
             shown,
         ]
     )

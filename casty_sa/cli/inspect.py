@@ -26,17 +26,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import importlib
 import json
 import os
 import shutil
 import sys
-from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from casty_sa import inspection
-from casty_sa.cli.common import Commands, ExitCode, UsageError, positive_int, url
+from casty_sa.cli.common import (
+    Commands,
+    ExitCode,
+    UsageError,
+    add_payload_options,
+    payload_decoder,
+    positive_int,
+    url,
+)
 from casty_sa.cli.text import (
     CYAN,
     DIM,
@@ -48,6 +53,7 @@ from casty_sa.cli.text import (
     printable,
     shell_quote,
     table,
+    when,
 )
 from casty_sa.inspection import EntityDetail, JournalSummary, Payload
 
@@ -80,14 +86,7 @@ def register(commands: Commands) -> None:
         action="store_true",
         help="count the totals; on PostgreSQL, big tables get estimates by default",
     )
-    inspect.add_argument("--raw", action="store_true", help="show payload bytes, do not decode")
-    inspect.add_argument(
-        "--decoder",
-        default="pickle:loads",
-        metavar="MODULE:FUNCTION",
-        help="the journal's deserializer (default: pickle:loads, which runs code from the "
-        "table: inspect only databases you trust, or use --raw)",
-    )
+    add_payload_options(inspect)
     inspect.add_argument(
         "--color",
         choices=("auto", "always", "never"),
@@ -95,23 +94,6 @@ def register(commands: Commands) -> None:
         help="auto: when stdout is a terminal and NO_COLOR is unset",
     )
     inspect.set_defaults(handler=_cmd_inspect)
-
-
-def _decoder(spec: str) -> Callable[[bytes], Any]:
-    """Resolve ``--decoder MODULE:FUNCTION`` to the function."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise UsageError(f"--decoder wants MODULE:FUNCTION (like pickle:loads), not {spec!r}")
-    try:
-        target: Any = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise UsageError(f"--decoder {spec}: {exc}") from None
-    if not callable(target):
-        raise UsageError(f"--decoder {spec} is not callable")
-    decode: Callable[[bytes], Any] = target
-    return decode
 
 
 def _style(choice: str) -> Style:
@@ -143,7 +125,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         )
         missing = False
     else:
-        decode = None if args.raw else _decoder(args.decoder)
+        decode = payload_decoder(args)
         found = asyncio.run(
             inspection.entity_detail(
                 database,
@@ -243,7 +225,7 @@ def _render_entity(detail: EntityDetail, style: Style) -> str:
     snapshot = (
         style.paint("none", DIM)
         if detail.snapshot is None
-        else f"at {detail.snapshot.sequence_nr}, {_when(detail.snapshot.timestamp)}, "
+        else f"at {detail.snapshot.sequence_nr}, {when(detail.snapshot.timestamp)}, "
         f"{len(detail.snapshot.raw):,} bytes: {painted(_shown(detail.snapshot), style)}"
     )
     lines = fields(
@@ -258,7 +240,7 @@ def _render_entity(detail: EntityDetail, style: Style) -> str:
                 [
                     str(e.sequence_nr),
                     _or_dash(e.position),
-                    _when(e.timestamp),
+                    when(e.timestamp),
                     ("-", DIM) if e.event_type is None else printable(e.event_type),
                     f"{len(e.raw):,}",
                     _shown(e),
@@ -344,14 +326,6 @@ def _shown(payload: Payload) -> Cell:
     if payload.error is not None:
         return (printable(payload.error), RED)
     return (repr(payload.raw), CYAN)
-
-
-def _when(timestamp: float) -> str:
-    """A timestamp as ISO 8601 UTC (or as the number when it is out of range)."""
-    try:
-        return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="microseconds")
-    except (OverflowError, OSError, ValueError):
-        return repr(timestamp)
 
 
 def _or_dash(value: int | None) -> Cell:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 __all__ = [
     "BOLD",
@@ -148,3 +149,11 @@ def _clip(text: str, width: int) -> str:
         out.append(ch)
         used += size
     return "".join(out) + "…"
+
+
+def when(timestamp: float) -> str:
+    """A timestamp as ISO 8601 UTC (or as the number when it is out of range)."""
+    try:
+        return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="microseconds")
+    except (OverflowError, OSError, ValueError):
+        return repr(timestamp)

@@ -18,6 +18,18 @@ def plain(url: URL | str) -> str:
     return url if isinstance(url, str) else url.render_as_string(hide_password=False)
 
 
+def asyncpg_args(url: URL) -> dict[str, Any]:
+    """asyncpg ``connect`` arguments of a SQLAlchemy URL (a unix socket rides in ``?host=``)."""
+    args: dict[str, Any] = {
+        "user": url.username,
+        "password": url.password,
+        "database": url.database,
+        "host": url.query.get("host") or url.host,
+        "port": url.port,
+    }
+    return {key: value for key, value in args.items() if value}
+
+
 async def execute(url: URL | str, *statements: str) -> None:
     """Run statements in one transaction on a short-lived engine."""
     engine, _ = open_engine(url)
