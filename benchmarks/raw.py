@@ -24,7 +24,7 @@ from casty import PersistedEvent, Snapshot
 from sqlalchemy import bindparam, insert
 from sqlalchemy.dialects import sqlite
 
-from casty_sa.models import EventRecord
+from casty_sa.models import metadata
 from casty_sa.ordering import event_type_name, next_position
 
 _COLUMNS = ("entity_id", "sequence_nr", "timestamp", "payload", "event_type")
@@ -45,7 +45,7 @@ _SNAPSHOT = "SELECT sequence_nr, payload, timestamp FROM casty_sa_snapshots WHER
 
 def _sqlite_insert() -> str:
     """SQLite: one row, its position one more than the highest stored (as the journal's)."""
-    events = EventRecord.__table__
+    events = metadata.tables["casty_sa_events"]
     values: dict[str, Any] = {name: bindparam(name) for name in _COLUMNS}
     values["position"] = next_position(events, bindparam("step"))
     compiled = insert(events).values(values).compile(dialect=sqlite.dialect(paramstyle="qmark"))
