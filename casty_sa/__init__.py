@@ -27,6 +27,7 @@ from casty_sa.errors import (
     SequenceConflict,
     UnsupportedDatabase,
 )
+from casty_sa.event_stream import EventEnvelope, EventStream
 from casty_sa.journal import MAX_SEQUENCE_NR, SAJournal
 from casty_sa.migrate import current, downgrade, upgrade
 from casty_sa.models import (
@@ -38,6 +39,7 @@ from casty_sa.models import (
     SnapshotRecord,
     metadata,
 )
+from casty_sa.ordering import InvalidOffset
 from casty_sa.replication import LocalReplication
 from casty_sa.revisions import exclude_journal_tables, head_revision
 from casty_sa.serializers import JsonSerializer, SerializationError, UnknownTypeError
@@ -52,8 +54,11 @@ __all__ = [
     "DatabaseAccessDenied",
     "DatabaseFileReplaced",
     "DatabaseUnavailable",
+    "EventEnvelope",
     "EventRecord",
+    "EventStream",
     "InvalidEventError",
+    "InvalidOffset",
     "JournalClosed",
     "JournalError",
     "JsonSerializer",

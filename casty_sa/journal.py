@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -21,7 +21,13 @@ from sqlalchemy import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from casty_sa.backends import Backend, backend_for
-from casty_sa.batching import DEFAULT_MAX_BATCH_BYTES, GroupCommitter, OneByOne, WriteRequest
+from casty_sa.batching import (
+    DEFAULT_MAX_BATCH_BYTES,
+    GroupCommitter,
+    GroupWriter,
+    OneByOne,
+    WriteRequest,
+)
 from casty_sa.calls import Inflight
 from casty_sa.coalescing import ReadCoalescer
 from casty_sa.codec import (
@@ -35,7 +41,9 @@ from casty_sa.codec import (
 )
 from casty_sa.diagnosis import Diagnosis
 from casty_sa.engine import open_journal_engine
+from casty_sa.event_stream import EventStream, ReadSide
 from casty_sa.lifecycle import Lifecycle
+from casty_sa.live import Wakeups
 from casty_sa.migrate import check_schema, ensure_schema
 from casty_sa.reads import RetryingReader
 from casty_sa.urls import engine_secrets, kind_of, safe_url
@@ -48,7 +56,55 @@ __all__ = ["MAX_SEQUENCE_NR", "SAJournal"]
 _WRITER_LINGER = 0.01
 
 
-class SAJournal:
+class _ReadSideCalls:
+    """The read-side calls of :class:`SAJournal` (see :mod:`casty_sa.event_stream`)."""
+
+    _read_side: ReadSide
+
+    def events(
+        self,
+        after: str | None = None,
+        *,
+        live: bool = False,
+        batch_size: int = 1000,
+        entity_prefix: str | None = None,
+        event_types: Collection[str] | None = None,
+    ) -> EventStream:
+        """Every committed event in one global order, as ``EventEnvelope`` s (each entity's
+        in sequence order); resuming after an envelope's ``offset`` gives every later
+        event exactly once. ``live=False`` stops at what was committed when the call
+        started; ``live=True`` waits for more. See :mod:`casty_sa.event_stream` for the
+        parameters, the errors and the guarantees.
+
+        Examples
+        --------
+        >>> async def follow(journal: SAJournal, offset: str | None) -> None:
+        ...     async for envelope in journal.events(offset, live=True):
+        ...         print(envelope.entity_id, envelope.event)
+        ...         offset = envelope.offset  # store it to resume from it
+        """
+        return self._read_side.events(
+            after,
+            live=live,
+            batch_size=batch_size,
+            entity_prefix=entity_prefix,
+            event_types=event_types,
+        )
+
+    def entity_ids(
+        self, after: str | None = None, *, prefix: str | None = None
+    ) -> AsyncIterator[str]:
+        """Ids of the entities with events after ``after``, in the database's order; ``prefix``
+        is compared as text (see :meth:`casty_sa.event_stream.ReadSide.entity_ids`)."""
+        return self._read_side.entity_ids(after, prefix)
+
+    async def highest_sequence_nr(self, entity_id: str) -> int:
+        """The entity's highest stored sequence number; 0 for an unknown entity."""
+        check_entity_id(entity_id)
+        return await self._read_side.highest_sequence_nr(entity_id)
+
+
+class SAJournal(_ReadSideCalls):
     """casty ``EventJournal`` storing events and snapshots through SQLAlchemy.
 
     A drop-in for casty's ``SqliteJournal``: SQLite files are node-local,
@@ -194,10 +250,16 @@ class SAJournal:
             closed=lambda: self._life.closed,
         )
         self._writer = Writer(self._backend, self._diagnosis, self._reads, budget=budget)
+        # live readers of this journal are woken after each of its commits
+        self._wakeups = Wakeups(self._backend.open_listener, self._diagnosis.describe)
+        write = self._wakeups.after_each(self._writer.write_group)
         self._committer: GroupCommitter | OneByOne = (
-            _committer(self._backend, self._writer, max_batch_events, max_batch_bytes, max_pending)
+            _committer(self._backend, write, max_batch_events, max_batch_bytes, max_pending)
             if group_commit
-            else OneByOne(self._writer.write_group, self._inflight)
+            else OneByOne(write, self._inflight)
+        )
+        self._read_side = ReadSide(
+            self._backend, self._reads, deserialize, self._wakeups, self._life
         )
         self._event_reads, self._snapshot_reads = _coalescers(self._backend, self._inflight)
 
@@ -252,6 +314,7 @@ class SAJournal:
 
     async def _close(self) -> None:
         await self._committer.close()
+        await self._wakeups.close()  # live readers wake and learn the journal is closed
         # reads already under way finish (new ones are refused by start()), those waiting
         # for the backend's reader too
         await self._backend.reads_settled()
@@ -345,14 +408,14 @@ class SAJournal:
 
 def _committer(
     backend: Backend,
-    writer: Writer,
+    write: GroupWriter,
     max_batch_events: int,
     max_batch_bytes: int,
     max_pending: int,
 ) -> GroupCommitter:
-    """The group committer of a journal writing through ``writer``."""
+    """The group committer of a journal writing through ``write``."""
     return GroupCommitter(
-        writer.write_group,
+        write,
         max_batch_events=max_batch_events,
         max_batch_bytes=max_batch_bytes,
         max_pending=max_pending,

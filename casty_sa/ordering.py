@@ -49,16 +49,26 @@ from sqlalchemy.sql.elements import ColumnElement
 from casty_sa.models import EVENT_TYPE_LENGTH, POSITION_SEQUENCE
 
 __all__ = [
+    "MAX_ERA",
+    "MAX_TRANSACTION_ID",
     "InvalidOffset",
     "current_era",
     "current_transaction_id",
     "event_type_name",
     "format_offset",
+    "full_type_name",
     "next_position",
+    "next_transaction_id",
     "notify_channel",
+    "oldest_running_transaction",
     "parse_offset",
     "sequence_position",
+    "stored_type_name",
 ]
+
+#: Highest era and transaction id the columns hold (``SMALLINT``, ``BIGINT``).
+MAX_ERA = 2**15 - 1
+MAX_TRANSACTION_ID = 2**63 - 1
 
 _POSITION_BIAS = 1 << 63  # positions are signed: biased, they sort as unsigned hex
 _OFFSET = re.compile(r"[0-9a-f]{36}")
@@ -86,9 +96,21 @@ def parse_offset(offset: object) -> tuple[int, int, int]:
 
 def event_type_name(event: object) -> str:
     """What ``event_type`` holds for ``event``: ``module.QualName``, or the name of a built-in."""
+    return stored_type_name(full_type_name(event))
+
+
+def full_type_name(event: object) -> str:
+    """``event``'s type name before :func:`stored_type_name` cuts it to the column's length."""
     cls = type(event)
     module = cls.__module__
-    name = cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def stored_type_name(name: str) -> str:
+    """``name`` as the ``event_type`` column holds it: cut, ending in "…", when too long.
+
+    No Python type name ends in "…", so a stored name ending in it was cut.
+    """
     if len(name) > EVENT_TYPE_LENGTH:
         return name[: EVENT_TYPE_LENGTH - 1] + "…"
     return name
@@ -128,16 +150,28 @@ def current_era(events: Table) -> ColumnElement[int]:
     """
     zero, one = literal_column("0"), literal_column("1")
     top = select(func.coalesce(func.max(events.c.era), zero)).scalar_subquery()
-    newest = (
-        select(func.max(events.c.transaction_id)).where(events.c.era == top).scalar_subquery()
-    )
-    server = literal_column("pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+    newest = select(func.max(events.c.transaction_id)).where(events.c.era == top).scalar_subquery()
+    server = next_transaction_id()
     return top + case((newest >= server, one), else_=zero)
 
 
 def current_transaction_id() -> ColumnElement[int]:
     """PostgreSQL: the writing transaction's id (``xid8``) as a ``bigint``."""
     return literal_column("pg_current_xact_id()::text::bigint")
+
+
+def oldest_running_transaction() -> ColumnElement[int]:
+    """PostgreSQL: the readers' horizon, the oldest transaction id still running.
+
+    Every transaction below it has ended, so the rows it wrote are visible to the
+    statement that evaluates this (in the same statement: its own snapshot).
+    """
+    return literal_column("pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+
+
+def next_transaction_id() -> ColumnElement[int]:
+    """PostgreSQL: the next transaction id the server will assign (none at or above it exists)."""
+    return literal_column("pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
 
 
 def notify_channel(schema: str | None) -> str:

@@ -14,20 +14,33 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Table, and_, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.compiler import Compiled
 
+from casty_sa.backends.read_statements import EventPage, Place
 from casty_sa.codec import EventRow, Row, Stored
 from casty_sa.dialects import Timeouts
 from casty_sa.models import journal_tables, newer_snapshot_wins
 
-__all__ = ["Backend", "BackendSettings", "latest_per_entity", "quietly"]
+__all__ = ["Backend", "BackendSettings", "Listener", "latest_per_entity", "quietly"]
+
+
+class Listener(Protocol):
+    """A connection waiting for the database's word that events were committed."""
+
+    def alive(self) -> bool:
+        """Whether it still listens (its connection is open)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop listening and close its connection."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +108,30 @@ class Backend(ABC):
         self, entity_ids: Sequence[str]
     ) -> Sequence[tuple[int, int, bytes, float]]:
         """``(key number, sequence_nr, payload, timestamp)`` of the entities with one."""
+
+    @abstractmethod
+    async def event_page(
+        self, after: Place, stop: Place, limit: int, prefix: str | None, types: list[str] | None
+    ) -> EventPage:
+        """Up to ``limit`` committed events after ``after`` and at most ``stop``, in the
+        global order (see :class:`~casty_sa.backends.read_statements.EventPage`)."""
+
+    @abstractmethod
+    async def entity_id_page(self, after: str, limit: int, prefix: str | None) -> list[str]:
+        """Up to ``limit`` entity ids after ``after`` in the column's order: those with
+        ``prefix`` among them (the caller filters), stopping early where it can."""
+
+    @abstractmethod
+    async def highest_sequence_nr(self, entity_id: str) -> int:
+        """The entity's highest stored sequence number, 0 when it has none."""
+
+    async def open_listener(self, woken: Callable[[], None]) -> Listener | None:
+        """A connection calling ``woken`` whenever events are committed (``None``: the
+        database has no such thing, and live readers poll)."""
+        return None
+
+    #: Seconds between two looks for new events when nothing wakes a live reader sooner.
+    live_poll = 0.05
 
     @abstractmethod
     def is_disconnect(self, exc: BaseException) -> bool:

@@ -50,7 +50,7 @@ from casty_sa.backends.failures import (
     WriteRefused,
     classify_write_failure,
 )
-from casty_sa.backends.pooled import PooledBackend
+from casty_sa.backends.postgresql_reads import PostgresReading
 from casty_sa.codec import ROW_COLUMNS, EventRow, Row, Stored
 from casty_sa.dialects import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -64,14 +64,13 @@ from casty_sa.libpq import DEFAULT_APPLICATION_NAME, postgres_options
 from casty_sa.ordering import (
     current_era,
     current_transaction_id,
-    notify_channel,
     sequence_position,
 )
 
 __all__ = ["PostgresBackend", "postgresql_engine"]
 
 
-class PostgresBackend(PooledBackend):
+class PostgresBackend(PostgresReading):
     """asyncpg: a whole group in one ``INSERT … SELECT FROM unnest(…)`` round trip."""
 
     # the server commits transactions of several connections in parallel (and groups their
@@ -80,10 +79,7 @@ class PostgresBackend(PooledBackend):
     _ordinal_base = 1
 
     def __init__(self, engine: AsyncEngine, schema: str | None, settings: BackendSettings) -> None:
-        super().__init__(engine, schema, settings)
-        # every statement carries the journal's statement timeout, so it is bounded on an
-        # application's engine too (whose connections may have no command_timeout)
-        self._timeout = settings.timeouts.statement
+        super().__init__(engine, schema, settings)  # the statement timeout, the read side
         events = self.events
 
         def from_arrays(table: Table, columns: Sequence[str], *more: Any) -> Any:
@@ -103,7 +99,7 @@ class PostgresBackend(PooledBackend):
             [*event_columns, "era", "transaction_id", "position"], placed
         )
         # a hint for live readers, sent by the server when the transaction commits
-        channel = notify_channel(schema).replace("'", "''")
+        channel = self.channel.replace("'", "''")
         self._insert = (
             f"WITH written AS ({self._compile(insert_events)}) SELECT pg_notify('{channel}', '')"
         )
@@ -166,7 +162,9 @@ class PostgresBackend(PooledBackend):
                 transaction = conn.transaction()
                 await transaction.start()
                 try:
-                    await conn.execute(self._insert, self._era, *_columns(events), timeout=self._timeout)
+                    await conn.execute(
+                        self._insert, self._era, *_columns(events), timeout=self._timeout
+                    )
                     await conn.execute(self._upsert, *_columns(snapshots), timeout=self._timeout)
                 except BaseException:
                     await quietly(transaction.rollback())
@@ -176,7 +174,9 @@ class PostgresBackend(PooledBackend):
             else:
                 committing = True  # one statement in autocommit: it commits on its own
                 if events:
-                    await conn.execute(self._insert, self._era, *_columns(events), timeout=self._timeout)
+                    await conn.execute(
+                        self._insert, self._era, *_columns(events), timeout=self._timeout
+                    )
                 else:
                     await conn.execute(self._upsert, *_columns(snapshots), timeout=self._timeout)
         except BaseException as exc:

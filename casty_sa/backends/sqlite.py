@@ -41,8 +41,8 @@ from sqlalchemy.util import greenlet_spawn
 
 from casty_sa.backends.base import BackendSettings, latest_per_entity, quietly
 from casty_sa.backends.failures import ConnectionLost, classify_write_failure
-from casty_sa.backends.pooled import PooledBackend
 from casty_sa.backends.sqlite_file import DatabaseFile, FileId, run_and_look
+from casty_sa.backends.sqlite_reads import SqliteReading
 from casty_sa.backends.sqlite_rows import (
     MAX_ROWS,
     flat,
@@ -80,7 +80,7 @@ def _sqlite_has_json() -> bool:
 _SQLITE_HAS_JSON = _sqlite_has_json()
 
 
-class SqliteBackend(PooledBackend):
+class SqliteBackend(SqliteReading):
     """aiosqlite: a write group is one multi-row statement when it can be.
 
     On engines casty-sa creates, the driver runs in autocommit mode (no
@@ -146,6 +146,7 @@ class SqliteBackend(PooledBackend):
         self._load_snapshots_batch = self._snapshots_of_keys(keys, keys.c.key, keys.c.value)
         if not _SQLITE_HAS_JSON:
             self.max_read_keys = 1
+            self._has_json = False
 
     def _timestamp(self, table: Table) -> Any:
         # -0.0 is stored as a BLOB (see casty_sa.models.SQLITE_NEGATIVE_ZERO); SQLite turns the

@@ -63,3 +63,12 @@ def without_sqlite_json(monkeypatch: pytest.MonkeyPatch) -> None:
     is the one way to reach it on a SQLite that has them.
     """
     monkeypatch.setattr(casty_sa.backends.sqlite, "_SQLITE_HAS_JSON", False)
+
+
+def listening(journal: SAJournal) -> bool:
+    """Whether the journal's live readers hold their shared LISTEN connection open.
+
+    The connection is detached from the pool (it is not the pool's to count), and a test
+    that follows it from the server side cannot tell it from a connection being closed.
+    """
+    return bool(journal._wakeups.listening)

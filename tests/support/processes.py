@@ -15,6 +15,7 @@ HERE = Path(__file__).resolve().parent
 CRASH_WRITER = HERE / "crash_writer.py"
 EIO_WRITER = HERE / "eio_writer.py"
 CLUSTER_NODE = HERE / "cluster_node.py"
+EVENT_WRITER = HERE / "event_writer.py"
 WAL_FSYNC_SHIM = HERE / "fail_wal_fsync.c"
 
 

@@ -1,0 +1,202 @@
+"""PostgreSQL's read side: pages of committed events, entity ids, and LISTEN for commits.
+
+A page of events is one statement: a CTE takes the horizon (the current era and
+the oldest transaction still running, :mod:`casty_sa.ordering`) in the statement's
+own snapshot, and a ``LATERAL`` subquery reads the events below it through the
+global-order index, so every row it returns was committed before the statement
+began and nothing a running transaction may still commit is passed. The horizon
+row comes back even when there is no event, so a reader learns how far it has
+looked.
+
+Live readers of a journal share one ``LISTEN`` connection of their own, outside
+the pool's count (:class:`PostgresReading.open_listener`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import ARRAY, String, Table, any_, bindparam, exists, select, true, tuple_
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import greenlet_spawn
+
+from casty_sa.backends.base import BackendSettings, Listener, quietly
+from casty_sa.backends.pooled import PooledBackend
+from casty_sa.backends.read_statements import (
+    TOP,
+    EventPage,
+    Place,
+    Prepared,
+    entity_id_walk,
+    event_page,
+    global_order,
+    highest_sequence_nr,
+    page_values,
+    prepare,
+)
+from casty_sa.ordering import (
+    current_era,
+    next_transaction_id,
+    notify_channel,
+    oldest_running_transaction,
+)
+
+__all__ = ["PostgresReading"]
+
+
+class PostgresReading(PooledBackend):
+    """The read side of :class:`~casty_sa.backends.postgresql.PostgresBackend`."""
+
+    #: LISTEN/NOTIFY wakes live readers at once; polling is the guarantee when a
+    #: notification is lost (or the listening connection is)
+    live_poll = 1.0
+
+    def __init__(self, engine: AsyncEngine, schema: str | None, settings: BackendSettings) -> None:
+        super().__init__(engine, schema, settings)
+        # every statement carries the journal's statement timeout, so it is bounded on an
+        # application's engine too (whose connections may have no command_timeout)
+        self._timeout = settings.timeouts.statement
+        #: the channel writers NOTIFY on commit
+        self.channel = notify_channel(schema)
+        self._event_pages: dict[tuple[bool, bool], Prepared] = {}
+        self._highest = prepare(highest_sequence_nr(self.events), engine.dialect)
+        self._bytewise_ids: bool | None = None
+
+    async def event_page(
+        self, after: Place, stop: Place, limit: int, prefix: str | None, types: list[str] | None
+    ) -> EventPage:
+        variant = (prefix is not None, types is not None)
+        statement = self._event_pages.get(variant)
+        if statement is None:
+            statement = prepare(_event_page(self.events, *variant), self._engine.dialect)
+            self._event_pages[variant] = statement
+        values = page_values(after, stop, limit) | {"prefix": prefix, "types": types}
+        async with self.connection() as conn:
+            found = await conn.fetch(statement.sql, *statement.args(values), timeout=self._timeout)
+        era, oldest, following, blocked = found[0][:4]
+        return EventPage(
+            [tuple(row[4:]) for row in found if row[4] is not None],
+            horizon=(era, oldest - 1, TOP[2]),
+            ceiling=(era, following - 1, TOP[2]),
+            blocked=blocked,
+        )
+
+    async def entity_id_page(self, after: str, limit: int, prefix: str | None) -> list[str]:
+        contiguous = prefix is not None and await self._ids_sort_bytewise()
+        statement = self._entity_walks[contiguous]
+        values = {"after": after, "limit": limit, "prefix": prefix}
+        async with self.connection() as conn:
+            found = await conn.fetch(statement.sql, *statement.args(values), timeout=self._timeout)
+        return [row[0] for row in found]
+
+    async def highest_sequence_nr(self, entity_id: str) -> int:
+        async with self.connection() as conn:
+            found = await conn.fetchval(self._highest.sql, entity_id, timeout=self._timeout)
+        return 0 if found is None else int(found)
+
+    async def open_listener(self, woken: Callable[[], None]) -> Listener:
+        # a connection of its own, detached from the pool (which may open another in its
+        # place), so live readers waiting never hold one the journal's calls need
+        async with self.turn():
+            fairy = await self._engine.raw_connection()
+            await greenlet_spawn(fairy.detach)
+        listener = _Listener(fairy, self.channel, woken)
+        conn: Any = fairy.driver_connection
+        try:
+            await conn.add_listener(self.channel, listener.notified)
+        except BaseException:
+            await quietly(greenlet_spawn(fairy.close))
+            raise
+        return listener
+
+    async def _ids_sort_bytewise(self) -> bool:
+        """Whether ``entity_id`` sorts by bytes here (``C``): then the ids with a prefix are
+        contiguous, and a walk by prefix may start at it and stop after it."""
+        if self._bytewise_ids is None:
+            table = self._engine.dialect.identifier_preparer.format_table(self.events)
+            async with self.connection() as conn:
+                found = await conn.fetchrow(_COLLATION, table, timeout=self._timeout)
+            self._bytewise_ids = found is not None and _bytewise(*found)
+        return self._bytewise_ids
+
+    @functools.cached_property
+    def _entity_walks(self) -> dict[bool, Prepared]:
+        return {
+            contiguous: prepare(
+                entity_id_walk(self.events, contiguous_prefix=contiguous), self._engine.dialect
+            )
+            for contiguous in (False, True)
+        }
+
+
+def _event_page(events: Table, prefix: bool, types: bool) -> Any:
+    """A page of events and, in the same statement, the horizon it stopped at."""
+    later = events.alias("later")
+    era, oldest = current_era(events), oldest_running_transaction()
+    # committed rows above the horizon: a transaction below them still runs
+    blocked = exists().where(tuple_(later.c.era, later.c.transaction_id) >= tuple_(era, oldest))
+    horizon = select(
+        era.label("h_era"),
+        oldest.label("h_oldest"),
+        next_transaction_id().label("h_next"),
+        blocked.label("h_blocked"),
+    ).cte("horizon")
+    types_in = (
+        (lambda column: column == any_(bindparam("types", type_=ARRAY(String)))) if types else None
+    )
+    page = event_page(
+        events,
+        events.c.timestamp,
+        prefix=prefix,
+        types_in=types_in,
+        below=tuple_(horizon.c.h_era, horizon.c.h_oldest),
+    ).lateral("page")
+    return (
+        select(*horizon.c, *page.c)
+        .select_from(horizon)
+        .outerjoin(page, true())
+        .order_by(*(page.c[column.name] for column in global_order(events)))
+    )
+
+
+#: The collation of ``entity_id``, and the database's (``to_jsonb``: the locale provider
+#: columns exist from PostgreSQL 15 on)
+_COLLATION = """
+SELECT c.collname, d.datcollate, to_jsonb(d) ->> 'datlocprovider', to_jsonb(d) ->> 'datlocale'
+FROM pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation, pg_database d
+WHERE a.attrelid = to_regclass($1) AND a.attname = 'entity_id' AND d.datname = current_database()
+"""
+_BYTEWISE = frozenset({"C", "POSIX", "ucs_basic"})
+
+
+def _bytewise(collation: str, database: str, provider: str | None, locale: str | None) -> bool:
+    """Whether a column of ``collation``, in a database of libc collation ``database``,
+    ``provider`` and ``locale``, sorts text by bytes (code points)."""
+    if collation != "default":
+        return collation in _BYTEWISE
+    if provider == "b":  # PostgreSQL 17's builtin provider: C and C.UTF-8 sort by code point
+        return locale in ("C", "C.UTF-8")
+    return provider in (None, "c") and database in ("C", "POSIX")
+
+
+class _Listener:
+    """The connection a journal's live readers LISTEN on (see :mod:`casty_sa.live`)."""
+
+    def __init__(self, fairy: Any, channel: str, woken: Callable[[], None]) -> None:
+        self._fairy = fairy
+        self._channel = channel
+        self._woken = woken
+
+    def notified(self, *_args: Any) -> None:
+        self._woken()
+
+    def alive(self) -> bool:
+        return not self._fairy.driver_connection.is_closed()
+
+    async def close(self) -> None:
+        conn = self._fairy.driver_connection
+        if not conn.is_closed():
+            await quietly(conn.remove_listener(self._channel, self.notified))
+        await quietly(greenlet_spawn(self._fairy.close))

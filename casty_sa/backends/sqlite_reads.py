@@ -1,0 +1,119 @@
+"""SQLite's read side: pages of events, entity ids, an entity's highest sequence number.
+
+SQLite lets one writer in at a time and gives each event it writes a place after
+every stored one (:func:`casty_sa.ordering.next_position`), so a commit never
+lands below a row a reader has already seen: the newest stored place is the
+horizon. A page reads the newest place first and the events up to it second; the
+rows at or below a place seen once stay as they are, so the two statements need no
+shared transaction. Reads go where the backend's other reads go (the shared reader
+connection of a file). Live readers poll (one look at the end of the global-order
+index) as often as :attr:`SqliteReading.live_poll` says; the journal wakes its own
+readers after each of its commits at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import bindparam, func, literal_column, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from casty_sa.backends.base import BackendSettings
+from casty_sa.backends.pooled import PooledBackend
+from casty_sa.backends.read_statements import (
+    EventPage,
+    Place,
+    entity_id_walk,
+    event_page,
+    global_order,
+    highest_sequence_nr,
+    page_values,
+    prepare,
+)
+
+__all__ = ["BOTTOM", "SqliteReading"]
+
+#: below every place a row can have
+BOTTOM: Place = (0, 0, -(2**63))
+
+
+class SqliteReading(PooledBackend):
+    """The read side of :class:`~casty_sa.backends.sqlite.SqliteBackend`."""
+
+    #: another process's commits are seen by polling: a look at the index's last entry
+    live_poll = 0.05
+
+    #: whether this SQLite has ``json_each`` (the type filter runs on the client otherwise)
+    _has_json = True
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        schema: str | None,
+        settings: BackendSettings,
+        *,
+        capacity: int | None = None,
+        exclusive: bool = False,
+    ) -> None:
+        super().__init__(engine, schema, settings, capacity=capacity, exclusive=exclusive)
+        events, dialect = self.events, engine.dialect
+        self._newest = prepare(
+            select(*global_order(events))
+            .order_by(*(column.desc() for column in global_order(events)))
+            .limit(literal_column("1"))
+            .offset(literal_column("0")),  # SQLite's compiler would bind an OFFSET otherwise
+            dialect,
+        )
+        types = func.json_each(bindparam("types")).table_valued("value")
+        self._event_pages = {
+            (prefix, typed): prepare(
+                event_page(
+                    events,
+                    self._timestamp(events),
+                    prefix=prefix,
+                    types_in=(lambda column: column.in_(select(types.c.value))) if typed else None,
+                ),
+                dialect,
+            )
+            for prefix in (False, True)
+            for typed in (False, True)
+        }
+        self._entity_walks = {
+            contiguous: prepare(entity_id_walk(events, contiguous_prefix=contiguous), dialect)
+            for contiguous in (False, True)
+        }
+        self._highest = prepare(highest_sequence_nr(events), dialect)
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        """Rows of one query (the dialect's backend runs it)."""
+        raise NotImplementedError
+
+    async def event_page(
+        self, after: Place, stop: Place, limit: int, prefix: str | None, types: list[str] | None
+    ) -> EventPage:
+        import json
+
+        newest = await self._read(self._newest.sql, ())
+        if not newest:
+            return EventPage([], horizon=BOTTOM, ceiling=None)
+        era, transaction_id, position = newest[0]
+        horizon: Place = (era, transaction_id, position)
+        typed = types is not None and self._has_json
+        statement = self._event_pages[(prefix is not None, typed)]
+        values = page_values(after, min(stop, horizon), limit) | {
+            "prefix": prefix,
+            "types": json.dumps(types, ensure_ascii=False) if typed else None,
+        }
+        rows = await self._read(statement.sql, tuple(statement.args(values)))
+        return EventPage([tuple(row) for row in rows], horizon=horizon, ceiling=horizon)
+
+    async def entity_id_page(self, after: str, limit: int, prefix: str | None) -> list[str]:
+        # casty-sa's tables compare entity ids as BINARY (bytes): ids with a prefix are
+        # contiguous
+        statement = self._entity_walks[prefix is not None]
+        values = {"after": after, "limit": limit, "prefix": prefix}
+        return [row[0] for row in await self._read(statement.sql, tuple(statement.args(values)))]
+
+    async def highest_sequence_nr(self, entity_id: str) -> int:
+        rows = await self._read(self._highest.sql, (entity_id,))
+        return 0 if not rows or rows[0][0] is None else int(rows[0][0])

@@ -1,0 +1,433 @@
+"""The read side: every event in the global order, entity ids, an entity's last number.
+
+:meth:`SAJournal.events <casty_sa.SAJournal.events>` hands out an
+:class:`EventStream`: pages of committed events in the order
+``(era, transaction_id, position)`` (:mod:`casty_sa.ordering`), each event in an
+:class:`EventEnvelope` whose ``offset`` a reader stores to resume from. A backend
+returns with each page its horizon: every row at or below it was committed and
+looked at, so the stream moves its cursor there and never passes a row that may
+still commit. ``live=False`` stops at the horizon of its first page (what was
+committed when it started); ``live=True`` waits for more (:mod:`casty_sa.live`).
+
+``journal.events(after=None, *, live=False, batch_size=1000, entity_prefix=None,
+event_types=None)``:
+
+``after``
+    Resume after this offset (``None``: from the first event).
+``live``
+    ``False``: stop at what was committed when the call started (on PostgreSQL: up
+    to the oldest write transaction then running). ``True``: go on, waiting for new
+    events, woken by this journal's commits at once, by ``NOTIFY`` on PostgreSQL, and
+    by polling (1 s on PostgreSQL, 50 ms on SQLite; sooner on PostgreSQL while a
+    running transaction holds back events committed after it).
+``batch_size``
+    Events read per query (an int from 1 to 100,000).
+``entity_prefix``
+    Only entities whose id starts with this string (compared as text: ``%`` and
+    ``_`` are plain characters).
+``event_types``
+    Only events of these types, named as :func:`casty_sa.ordering.event_type_name`
+    names them (``"app.Deposited"``, ``"str"``). Rows stored without a type (before
+    migration 0002, or copied from a casty file) or with a cut one are decoded to tell.
+
+Errors: :class:`~casty_sa.ordering.InvalidOffset` for an ``after`` that is no offset
+(at the call, before any I/O), or that is ahead of everything the database can have
+handed out (at the first step): an era above the current one, or on PostgreSQL a
+transaction id not below the server's next one, or on SQLite a place past the newest
+event stored. An offset of another database that falls within this one's range
+cannot be told apart. :class:`~casty_sa.errors.PayloadDecodeError` (naming entity and
+sequence number) for an event the deserializer fails on;
+:class:`~casty_sa.errors.JournalClosed` once the journal is closed, also for a live
+reader waiting then; the journal's usual database errors (after its read retries).
+
+A stream holds no connection between two ``__anext__`` calls: leaving the loop
+(``break``, an exception, a cancelled task) leaves nothing open but its share of
+the live readers' listening connection, which goes when the stream is closed or
+collected (``async with journal.events(...) as stream`` closes it at once).
+
+Examples
+--------
+>>> import asyncio
+>>> from casty import PersistedEvent
+>>> from casty_sa import SAJournal
+>>> async def main() -> list[tuple[str, int, object]]:
+...     async with SAJournal("sqlite://") as journal:
+...         await journal.persist("acct-1", [PersistedEvent(1, "opened", 1.5)])
+...         await journal.persist("acct-2", [PersistedEvent(1, "opened", 2.5)])
+...         return [(e.entity_id, e.sequence_nr, e.event) async for e in journal.events()]
+>>> asyncio.run(main())
+[('acct-1', 1, 'opened'), ('acct-2', 1, 'opened')]
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from casty_sa.backends import Backend
+from casty_sa.backends.read_statements import TOP, EventPage, Place
+from casty_sa.errors import JournalClosed, PayloadDecodeError
+from casty_sa.lifecycle import Lifecycle
+from casty_sa.live import Wakeups
+from casty_sa.models import MAX_ENTITY_ID_LENGTH
+from casty_sa.ordering import (
+    MAX_ERA,
+    MAX_TRANSACTION_ID,
+    InvalidOffset,
+    event_type_name,
+    format_offset,
+    full_type_name,
+    parse_offset,
+    stored_type_name,
+)
+from casty_sa.reads import RetryingReader
+
+__all__ = ["MAX_BATCH_SIZE", "EventEnvelope", "EventStream", "ReadSide"]
+
+#: Most events one page may ask for.
+MAX_BATCH_SIZE = 100_000
+#: Entity ids one page of :meth:`ReadSide.entity_ids` walks.
+_ID_PAGE = 1000
+#: First pause of a live reader whose horizon is held back by a running transaction
+#: while later commits wait (no notification comes when an unrelated one ends).
+_BLOCKED_POLL = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class EventEnvelope:
+    """One event as the read side delivers it.
+
+    Attributes
+    ----------
+    offset : str
+        Its place in the global order (36 hex digits, sortable as a string): store
+        it and pass it as ``after=`` to resume after this event.
+    entity_id, sequence_nr, event, timestamp
+        As ``persist`` stored them (the event decoded by the journal's deserializer).
+    event_type : str
+        The event's type name (:func:`casty_sa.ordering.event_type_name`).
+    """
+
+    offset: str
+    entity_id: str
+    sequence_nr: int
+    event: Any
+    timestamp: float
+    event_type: str
+
+
+class ReadSide:
+    """The journal's read-side calls (see the module docstring).
+
+    Parameters
+    ----------
+    backend : Backend
+        Whose statements run.
+    reads : RetryingReader
+        Runs them with the journal's retries and time budget.
+    deserialize : Callable
+        The journal's deserializer.
+    wakeups : Wakeups
+        What wakes live readers.
+    life : Lifecycle
+        The journal's start (connect, check the schema) and whether it was closed.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        reads: RetryingReader,
+        deserialize: Callable[[bytes], Any],
+        wakeups: Wakeups,
+        life: Lifecycle,
+    ) -> None:
+        self.backend = backend
+        self.reads = reads
+        self.deserialize = deserialize
+        self.wakeups = wakeups
+        self._life = life
+
+    async def ready(self) -> None:
+        """Refuse a call on a closed journal; start it if needed."""
+        if self._life.closed:
+            raise JournalClosed()
+        await self._life.start()
+
+    def events(
+        self,
+        after: str | None,
+        *,
+        live: bool,
+        batch_size: int,
+        entity_prefix: str | None,
+        event_types: Collection[str] | None,
+    ) -> EventStream:
+        """An :class:`EventStream`, every argument checked before any I/O."""
+        place = None if after is None else _check_offset(after)
+        if type(live) is not bool:
+            raise TypeError(f"live must be True or False, not {live!r}")
+        if type(batch_size) is not int or not 1 <= batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(
+                f"batch_size must be an int from 1 to {MAX_BATCH_SIZE}, not {batch_size!r}"
+            )
+        prefix = _check_text("entity_prefix", entity_prefix) or None
+        types = _check_types(event_types)
+        return EventStream(self, place, live=live, limit=batch_size, prefix=prefix, types=types)
+
+    def entity_ids(self, after: str | None, prefix: str | None) -> AsyncIterator[str]:
+        """Entity ids after ``after`` (with ``prefix``), in the column's order.
+
+        Read in pages of 1,000, one index probe per id (a walk through the primary
+        key, never a scan of the events). Where the column sorts by bytes (SQLite;
+        PostgreSQL with a ``C`` collation) the walk starts at the prefix and stops
+        after its last id. Under another collation the ids with a prefix need not be
+        contiguous, nor sort after the prefix, so the walk goes over every id after
+        ``after`` (one probe each) and keeps those that start with it: never one
+        missed, at the cost of the whole walk.
+        """
+        start = _check_text("after", after) or ""
+        return self._entity_ids(start, _check_text("prefix", prefix) or None)
+
+    async def _entity_ids(self, after: str, prefix: str | None) -> AsyncIterator[str]:
+        while True:
+            await self.ready()
+            ids = await self.reads.read(
+                self.backend.entity_id_page, (after, _ID_PAGE, prefix), "list entity ids"
+            )
+            for entity_id in ids:
+                if prefix is None or entity_id.startswith(prefix):
+                    yield entity_id
+            if len(ids) < _ID_PAGE:
+                return
+            after = ids[-1]
+
+    async def highest_sequence_nr(self, entity_id: str) -> int:
+        """The highest sequence number stored for ``entity_id`` (0: none)."""
+        await self.ready()
+        return await self.reads.read(
+            self.backend.highest_sequence_nr,
+            (entity_id,),
+            f"read the highest sequence number of {entity_id!r}",
+        )
+
+
+class EventStream:
+    """An async iterator of :class:`EventEnvelope` in the global order (see the module).
+
+    Also an async context manager; :meth:`aclose` ends it at once.
+    """
+
+    def __init__(
+        self,
+        side: ReadSide,
+        after: Place | None,
+        *,
+        live: bool,
+        limit: int,
+        prefix: str | None,
+        types: frozenset[str] | None,
+    ) -> None:
+        self._side = side
+        self._after = after  # checked against the database's first answer
+        self._cursor: Place = (0, 0, -(2**63)) if after is None else after
+        self._stop = TOP
+        self._live = live
+        self._limit = limit
+        self._prefix = prefix
+        self._types = types
+        # what the event_type column holds for the wanted types (long names cut)
+        self._stored = None if types is None else sorted({stored_type_name(t) for t in types})
+        self._ready: collections.deque[EventEnvelope] = collections.deque()
+        self._done = False
+        self._joined = False  # counted among the live readers of the journal's Wakeups
+        self._blocked = 0  # pages in a row held back by a running transaction
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> EventEnvelope:
+        while not self._ready:
+            if self._done:
+                self._leave()
+                raise StopAsyncIteration
+            try:
+                await self._advance()
+            except JournalClosed:
+                self._done = True
+                self._leave()
+                raise
+        return self._ready.popleft()
+
+    async def aclose(self) -> None:
+        """End the stream and give up its share of the live readers' listening connection."""
+        self._done = True
+        self._ready.clear()
+        self._leave()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        if self._joined:
+            self._joined = False
+            self._side.wakeups.leave()
+
+    async def _advance(self) -> None:
+        """Read the next page; when live and caught up, wait for a commit."""
+        side = self._side
+        await side.ready()
+        ticket = side.wakeups.ticket()
+        page: EventPage = await side.reads.read(
+            side.backend.event_page,
+            (self._cursor, self._stop, self._limit, self._prefix, self._stored),
+            "read events",
+        )
+        if self._after is not None:
+            _refuse_ahead(self._after, page.ceiling)
+            self._after = None
+        if not self._live and self._stop == TOP:
+            self._stop = page.horizon  # what was committed when the stream started
+        for row in page.rows:
+            envelope = self._envelope(row)
+            if envelope is not None:
+                self._ready.append(envelope)
+        if len(page.rows) == self._limit:
+            era, transaction_id, position = page.rows[-1][:3]
+            self._cursor = (era, transaction_id, position)
+            return
+        # every row up to the horizon was looked at
+        self._cursor = max(self._cursor, min(page.horizon, self._stop))
+        if not self._live:
+            self._done = True
+        elif not self._ready:
+            await self._wait(ticket, page.blocked)
+
+    async def _wait(self, ticket: int, blocked: bool) -> None:
+        """Caught up: wait for a commit, the database's word, or the next poll."""
+        wakeups = self._side.wakeups
+        if not self._joined:
+            # listen first, then read again: a commit announced before the LISTEN began
+            # is seen by that read
+            self._joined = True
+            await wakeups.join()
+            return
+        await wakeups.check_listener()  # reopened if it died
+        poll = self._side.backend.live_poll
+        if blocked:
+            # a transaction below committed rows still runs: its end is announced only
+            # if it is one of ours, so look again soon
+            poll = min(poll, _BLOCKED_POLL * 2**self._blocked)
+            self._blocked += 1
+        else:
+            self._blocked = 0
+        await wakeups.wait(ticket, poll)
+
+    def _envelope(self, row: Any) -> EventEnvelope | None:
+        """The envelope of a row, or None when it is not of a wanted type."""
+        era, transaction_id, position, entity_id, sequence_nr, payload, timestamp, stored = row
+        known = stored is not None and not stored.endswith("…")
+        types = self._types
+        if known and types is not None and stored not in types:
+            return None  # where the database could not filter (SQLite without json_each)
+        try:
+            event = self._side.deserialize(payload)
+        except Exception as exc:
+            raise PayloadDecodeError(entity_id, sequence_nr, exc) from exc
+        if not known:
+            # stored before 0002 (NULL) or cut: the decoded event tells
+            name = event_type_name(event)
+            if types is not None and name not in types and full_type_name(event) not in types:
+                return None
+            stored = name if stored is None else stored
+        return EventEnvelope(
+            format_offset(era, transaction_id, position),
+            entity_id,
+            sequence_nr,
+            event,
+            timestamp,
+            stored,
+        )
+
+
+def _check_offset(after: object) -> Place:
+    """The place an ``after=`` offset names; InvalidOffset when no database holds it."""
+    era, transaction_id, position = parse_offset(after)
+    if era > MAX_ERA or transaction_id > MAX_TRANSACTION_ID:
+        raise InvalidOffset(
+            f"offset {after!r} names era {era} and transaction id {transaction_id}, beyond "
+            f"what any casty-sa database holds (era <= {MAX_ERA}, transaction id < 2**63)"
+        )
+    return era, transaction_id, position
+
+
+def _refuse_ahead(after: Place, ceiling: Place | None) -> None:
+    """Refuse an offset this database cannot have handed out (see ``SAJournal.events``)."""
+    if ceiling is not None and after <= ceiling:
+        return
+    offset = format_offset(*after)
+    if ceiling is None:
+        where = "this database holds no event at all"
+    else:
+        where = f"the highest place this database can have handed out is {format_offset(*ceiling)}"
+    raise InvalidOffset(
+        f"offset {offset} is ahead of everything this database holds ({where}): it comes "
+        "from another database, or this one was restored from an older copy. Reading on "
+        "from it would wait for events that never come, or skip some; resume from an "
+        "offset this database gave, or from the start (after=None)"
+    )
+
+
+def _check_text(name: str, value: object) -> str | None:
+    """A prefix or an entity id to compare with: a str any backend can hold, or None."""
+    if value is None:
+        return None
+    if type(value) is not str:
+        raise TypeError(f"{name} must be a str or None, not {type(value).__name__}")
+    if len(value) > MAX_ENTITY_ID_LENGTH:
+        raise ValueError(
+            f"{name} is {len(value)} characters long; no entity id is longer than "
+            f"{MAX_ENTITY_ID_LENGTH}"
+        )
+    if "\x00" in value or not _encodable(value):
+        raise ValueError(f"{name} {value[:60]!r} holds a NUL or is not valid Unicode text")
+    return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_types(event_types: object) -> frozenset[str] | None:
+    """The wanted type names (:func:`casty_sa.ordering.event_type_name`), or None for all."""
+    if event_types is None:
+        return None
+    if isinstance(event_types, str | bytes) or not isinstance(event_types, Collection):
+        raise TypeError(
+            "event_types must be a collection of type names (like {'app.Deposited'}), "
+            f"not {type(event_types).__name__}"
+        )
+    names = frozenset(event_types)
+    if not names:
+        raise ValueError("event_types is empty: no event would match (None means every type)")
+    for name in names:
+        if type(name) is not str or not name or not _encodable(name) or "\x00" in name:
+            raise ValueError(f"event_types holds {name!r}, which is not a type name")
+    return names
