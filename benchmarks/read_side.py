@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol, cast
+from typing import Any
 
 from casty import PersistedEvent
 
-from casty_sa import SAJournal
+from casty_sa import EventEnvelope, SAJournal
 
 from .base import Row, Sample, Sizes, Workload, sample
 from .data import WrongAnswer, check_events, event_of
@@ -25,52 +24,10 @@ from .journals import READ_SIDE, Journal
 _DELIVERY_LIMIT = 60.0
 
 
-class Envelope(Protocol):
-    """What ``journal.events()`` yields (``casty_sa.EventEnvelope``), as read here."""
-
-    @property
-    def offset(self) -> str: ...
-
-    @property
-    def entity_id(self) -> str: ...
-
-    @property
-    def sequence_nr(self) -> int: ...
-
-    @property
-    def event(self) -> Any: ...
-
-    @property
-    def timestamp(self) -> float: ...
-
-
-class ReadSide(Protocol):
-    def events(
-        self,
-        after: str | None = None,
-        *,
-        live: bool = False,
-        batch_size: int = 1000,
-        entity_prefix: str | None = None,
-        event_types: Sequence[str] | None = None,
-    ) -> AsyncIterator[Envelope]: ...
-
-
-def read_side(journal: Journal) -> ReadSide:
-    if not callable(getattr(journal, "events", None)):
+def read_side(journal: Journal) -> SAJournal:
+    if not isinstance(journal, SAJournal):
         raise TypeError(f"{type(journal).__name__} has no read side (journal.events)")
-    return cast(ReadSide, journal)
-
-
-@contextlib.asynccontextmanager
-async def following(stream: AsyncIterator[Envelope]) -> AsyncIterator[AsyncIterator[Envelope]]:
-    """``stream``, closed on the way out (leaving the loop early releases what it holds)."""
-    try:
-        yield stream
-    finally:
-        close = getattr(stream, "aclose", None)
-        if close is not None:
-            await close()
+    return journal
 
 
 class Delivery:
@@ -80,7 +37,7 @@ class Delivery:
         self.last_offset = ""
         self.highest: dict[str, int] = {}
 
-    def check(self, envelope: Envelope) -> None:
+    def check(self, envelope: EventEnvelope) -> None:
         entity, seq = envelope.entity_id, envelope.sequence_nr
         if envelope.offset <= self.last_offset:
             raise WrongAnswer(f"offset {envelope.offset} came after {self.last_offset}")
@@ -128,10 +85,9 @@ class R1(Workload):
             await asyncio.gather(*(journal.persist(e, batch) for e, batch in batches.items()))
 
     async def measure(self, journal: Journal) -> dict[str, Sample]:
-        side = read_side(journal)
         clock = time.perf_counter
         start = clock()
-        async with following(side.events()) as stream:
+        async with read_side(journal).events() as stream:
             envelopes = [envelope async for envelope in stream]
         catch_up = clock() - start
         delivery = Delivery()
@@ -178,8 +134,7 @@ class R2(Workload):
         )
 
     async def measure(self, journal: Journal) -> dict[str, Sample]:
-        if not isinstance(journal, SAJournal):
-            raise TypeError(f"{type(journal).__name__} has no read side to follow")
+        journal = read_side(journal)
         # another journal, so delivery goes through the database (NOTIFY, polling), as it
         # would to another process, not through the writer's own wake-ups
         follower = SAJournal(journal.engine.url)
@@ -198,7 +153,7 @@ class R2(Workload):
 
         async def follow() -> None:
             delivery = Delivery()
-            async with following(read_side(follower).events(live=True)) as stream:
+            async with follower.events(live=True) as stream:
                 async for envelope in stream:
                     now = clock()
                     delivery.check(envelope)
