@@ -120,8 +120,9 @@ class _Announcer:
             self._trailing = None
 
     def close(self) -> None:
-        if self._trailing is not None:
-            self._trailing.cancel()
+        trailing, self._trailing = self._trailing, None
+        if trailing is not None:
+            trailing.cancel()
 
 
 class PostgresBackend(PostgresReading):
