@@ -255,9 +255,12 @@ class EventStream:
                 raise StopAsyncIteration
             try:
                 await self._advance()
-            except JournalClosed:
-                self._done = True
+            except BaseException as exc:
+                # cancelled, or failed: the traceback may keep this stream alive a while,
+                # so it gives up its share of the listener now (a next call joins again)
                 self._leave()
+                if isinstance(exc, JournalClosed):
+                    self._done = True
                 raise
         return self._ready.popleft()
 

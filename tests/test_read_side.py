@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -180,7 +181,7 @@ async def test_undecodable_payload_names_entity_and_sequence(journal: SAJournal)
     await journal.persist("a", [PersistedEvent(1, "fine", 1.0)])
     reader = SAJournal(journal.engine, deserialize=lambda b: 1 / 0)
     try:
-        with pytest.raises(PayloadDecodeError, match="'a'.*1"):
+        with pytest.raises(PayloadDecodeError, match=r"'a'.*1"):
             await collect(reader.events())
     finally:
         await reader.close()
@@ -265,3 +266,194 @@ async def test_closed_journal_refuses_and_wakes_live_readers(
         await collect(journal.events())
     with pytest.raises(JournalClosed):
         await journal.highest_sequence_nr("a")
+
+
+# -- late commits, rollbacks ------------------------------------------------------------------
+
+
+class HeldWrite:
+    """A transaction of another writer that inserts one event row and holds it uncommitted.
+
+    PostgreSQL: a raw asyncpg transaction whose INSERT takes its transaction id and
+    position from the column defaults, before the journal's later commits take theirs.
+    SQLite: a connection holding the write lock (``BEGIN IMMEDIATE``), as another
+    process's writer would, with the next position.
+    """
+
+    def __init__(self, url: URL, entity_id: str) -> None:
+        self.url, self.entity_id = url, entity_id
+        self.payload = pickle.dumps(f"{entity_id}:1")
+        self._pg: Any = None
+        self._sqlite: sqlite3.Connection | None = None
+
+    async def begin(self) -> None:
+        if self.url.get_backend_name() == "postgresql":
+            self._pg = await asyncpg.connect(**raw_args(self.url))
+            await self._pg.execute("BEGIN")
+            await self._pg.execute(
+                "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload, "
+                "event_type) VALUES ($1, 1, 1.0, $2, 'str')",
+                self.entity_id,
+                self.payload,
+            )
+            return
+        self._sqlite = sqlite3.connect(self.url.database or "", isolation_level=None)
+        self._sqlite.execute("BEGIN IMMEDIATE")
+        self._sqlite.execute(
+            "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload, event_type,"
+            " era, transaction_id, position) VALUES (?, 1, 1.0, ?, 'str', 0, 0, "
+            "(SELECT coalesce(max(position), 0) + 1 FROM casty_sa_events))",
+            (self.entity_id, self.payload),
+        )
+
+    async def end(self, *, commit: bool) -> None:
+        verb = "COMMIT" if commit else "ROLLBACK"
+        if self._pg is not None:
+            await self._pg.execute(verb)
+            await self._pg.close()
+        if self._sqlite is not None:
+            self._sqlite.execute(verb)
+            self._sqlite.close()
+
+
+@pytest.mark.parametrize("commit", [True, False], ids=["committed-late", "rolled-back"])
+async def test_a_late_commit_is_never_passed_and_a_rollback_never_seen(
+    new_journal: Callable[..., SAJournal], db_url: URL, backend: str, commit: bool
+) -> None:
+    journal = new_journal(busy_timeout=BOUND)
+    await persist(journal, "before", 1)
+    live = journal.events(live=True)
+    assert keys(await collect(live, 1)) == [("before", 1)]
+    held = HeldWrite(db_url, "late")
+    await held.begin()
+    try:
+        # other writers commit after the held one took its place; on SQLite they wait for
+        # its lock, on PostgreSQL they commit at once, with later transaction ids
+        later = asyncio.ensure_future(
+            asyncio.gather(*(persist(journal, f"after-{n}", 1) for n in range(3)))
+        )
+        if backend == "postgresql":
+            await asyncio.wait_for(later, BOUND)
+        # nothing is delivered past the held row: a reader started now sees nothing new
+        snapshot = await collect(journal.events())
+        assert keys(snapshot) == [("before", 1)]
+    finally:
+        await held.end(commit=commit)
+    await asyncio.wait_for(later, BOUND)
+    expected = [("late", 1)] if commit else []
+    got = await collect(live, len(expected) + 3)
+    assert sorted(keys(got)) == sorted(expected + [(f"after-{n}", 1) for n in range(3)])
+    if commit:
+        assert keys(got)[0] == ("late", 1)  # it took its place first
+    everything = await collect(journal.events())
+    assert len(everything) == len(set(keys(everything))) == 1 + len(expected) + 3
+
+
+# -- two processes, 200 entities, a live reader ---------------------------------------------
+
+
+async def test_two_processes_200_entities_followed_live(journal: SAJournal, db_url: URL) -> None:
+    per_entity = 5
+    async with journal.events(live=True, batch_size=50) as stream:
+        follow = asyncio.ensure_future(collect(stream, 200 * per_entity))
+        writers = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(EVENT_WRITER),
+                dbtools.plain(db_url),
+                prefix,
+                "100",
+                str(per_entity),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            for prefix in ("p", "q")
+        ]
+        outputs = [await asyncio.wait_for(w.communicate(), 120) for w in writers]
+        assert [w.returncode for w in writers] == [0, 0], outputs
+        got = await asyncio.wait_for(follow, 120)
+    assert len(set(keys(got))) == len(got) == 200 * per_entity  # each exactly once
+    offsets = [e.offset for e in got]
+    assert offsets == sorted(offsets)
+    by_entity: dict[str, list[int]] = {}
+    for envelope in got:
+        by_entity.setdefault(envelope.entity_id, []).append(envelope.sequence_nr)
+        assert envelope.event == f"{envelope.entity_id}:{envelope.sequence_nr}"
+    assert len(by_entity) == 200
+    assert all(seqs == list(range(1, per_entity + 1)) for seqs in by_entity.values())
+    # and a reader from scratch reads the same, in the same order
+    assert keys(await collect(journal.events())) == keys(got)
+
+
+# -- eras: a table restored into a server whose transaction ids are behind -------------------
+
+
+async def test_rows_restored_from_a_server_ahead_come_before_new_ones(
+    new_journal: Callable[..., SAJournal], db_url: URL, backend: str
+) -> None:
+    if backend != "postgresql":
+        pytest.skip("eras are PostgreSQL's: SQLite numbers positions from its newest row")
+    first = new_journal()
+    await persist(first, "old", 1)
+    await first.close()
+    # rows a dump carried from a server whose transaction ids are far ahead of this one's
+    huge = 2**50
+    await dbtools.execute(
+        db_url,
+        *(
+            "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload, event_type,"
+            f" era, transaction_id, position) VALUES ('restored', {n}, 1.0, "
+            f"'\\x{pickle.dumps(n).hex()}'::bytea, 'int', 0, {huge + n}, {10**6 + n})"
+            for n in (1, 2)
+        ),
+    )
+    journal = new_journal()
+    before = await collect(journal.events())
+    assert keys(before) == [("old", 1), ("restored", 1), ("restored", 2)]
+    live = journal.events(before[-1].offset, live=True)
+    await persist(journal, "new", 1)  # written after the restore: a new era, after them
+    [new] = await collect(live, 1)
+    assert new.entity_id == "new" and new.offset > before[-1].offset
+    assert parse_offset(new.offset)[0] == 1
+    assert keys(await collect(journal.events())) == [*keys(before), ("new", 1)]
+    # an offset of the old server is still a place here: nothing after it is missed
+    assert keys(await collect(journal.events(before[1].offset))) == [("restored", 2), ("new", 1)]
+
+
+# -- leaving the loop -----------------------------------------------------------------------
+
+
+async def test_leaving_the_loop_releases_connections_and_the_listener(
+    new_journal: Callable[..., SAJournal], db_url: URL, backend: str
+) -> None:
+    journal = new_journal()
+    await persist(journal, "a", 1)
+
+    async def follow_then_break() -> list[Any]:
+        got = []
+        async for envelope in journal.events(live=True):
+            got.append(envelope)
+            if len(got) == 2:
+                break
+        return got
+
+    listening = internals.listener_opened(journal)
+    reader = asyncio.ensure_future(follow_then_break())
+    if backend == "postgresql":
+        # the reader caught up and waits on the shared LISTEN connection
+        await asyncio.wait_for(listening.wait(), BOUND)
+        assert internals.listening(journal)
+        listening.clear()
+    await persist(journal, "a", 2)
+    assert keys(await asyncio.wait_for(reader, BOUND)) == [("a", 1), ("a", 2)]
+    assert not internals.listening(journal)  # the last live reader left
+    # a reader cancelled while it waits leaves nothing behind either
+    waiting = asyncio.ensure_future(collect(journal.events(live=True)))
+    if backend == "postgresql":
+        await asyncio.wait_for(listening.wait(), BOUND)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert not internals.listening(journal)
+    await journal.close()  # the fixture checks the pool: no connection left checked out
+    assert await dbtools.open_connections(db_url) == 0

@@ -18,7 +18,17 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import ARRAY, String, Table, any_, bindparam, exists, select, true, tuple_
+from sqlalchemy import (
+    ARRAY,
+    String,
+    Table,
+    any_,
+    bindparam,
+    literal_column,
+    select,
+    true,
+    tuple_,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
@@ -75,12 +85,12 @@ class PostgresReading(PooledBackend):
         values = page_values(after, stop, limit) | {"prefix": prefix, "types": types}
         async with self.connection() as conn:
             found = await conn.fetch(statement.sql, *statement.args(values), timeout=self._timeout)
-        era, oldest, following, blocked = found[0][:4]
+        era, oldest, following, newest_era, newest_transaction_id = found[0][:5]
         return EventPage(
-            [tuple(row[4:]) for row in found if row[4] is not None],
+            [tuple(row[5:]) for row in found if row[5] is not None],
             horizon=(era, oldest - 1, TOP[2]),
             ceiling=(era, following - 1, TOP[2]),
-            blocked=blocked,
+            blocked=newest_era is not None and (newest_era, newest_transaction_id) >= (era, oldest),
         )
 
     async def entity_id_page(self, after: str, limit: int, prefix: str | None) -> list[str]:
@@ -101,9 +111,9 @@ class PostgresReading(PooledBackend):
         # place), so live readers waiting never hold one the journal's calls need
         async with self.turn():
             fairy = await self._engine.raw_connection()
+            conn: Any = fairy.driver_connection  # a detached one no longer names it
             await greenlet_spawn(fairy.detach)
-        listener = _Listener(fairy, self.channel, woken)
-        conn: Any = fairy.driver_connection
+        listener = _Listener(fairy, conn, self.channel, woken)
         try:
             await conn.add_listener(self.channel, listener.notified)
         except BaseException:
@@ -133,15 +143,21 @@ class PostgresReading(PooledBackend):
 
 def _event_page(events: Table, prefix: bool, types: bool) -> Any:
     """A page of events and, in the same statement, the horizon it stopped at."""
-    later = events.alias("later")
     era, oldest = current_era(events), oldest_running_transaction()
-    # committed rows above the horizon: a transaction below them still runs
-    blocked = exists().where(tuple_(later.c.era, later.c.transaction_id) >= tuple_(era, oldest))
+    # the newest row's era and transaction id: committed rows wait above the horizon when
+    # they are at or above it (a look at the index's last entry)
+    newest = select(events.c.era, events.c.transaction_id).order_by(
+        *(column.desc() for column in global_order(events))
+    )
+    newest = newest.limit(literal_column("1"))
     horizon = select(
         era.label("h_era"),
         oldest.label("h_oldest"),
         next_transaction_id().label("h_next"),
-        blocked.label("h_blocked"),
+        newest.with_only_columns(events.c.era).scalar_subquery().label("h_newest_era"),
+        newest.with_only_columns(events.c.transaction_id)
+        .scalar_subquery()
+        .label("h_newest_transaction_id"),
     ).cte("horizon")
     types_in = (
         (lambda column: column == any_(bindparam("types", type_=ARRAY(String)))) if types else None
@@ -184,8 +200,9 @@ def _bytewise(collation: str, database: str, provider: str | None, locale: str |
 class _Listener:
     """The connection a journal's live readers LISTEN on (see :mod:`casty_sa.live`)."""
 
-    def __init__(self, fairy: Any, channel: str, woken: Callable[[], None]) -> None:
+    def __init__(self, fairy: Any, conn: Any, channel: str, woken: Callable[[], None]) -> None:
         self._fairy = fairy
+        self._conn = conn
         self._channel = channel
         self._woken = woken
 
@@ -193,10 +210,9 @@ class _Listener:
         self._woken()
 
     def alive(self) -> bool:
-        return not self._fairy.driver_connection.is_closed()
+        return not self._conn.is_closed()
 
     async def close(self) -> None:
-        conn = self._fairy.driver_connection
-        if not conn.is_closed():
-            await quietly(conn.remove_listener(self._channel, self.notified))
+        if not self._conn.is_closed():
+            await quietly(self._conn.remove_listener(self._channel, self.notified))
         await quietly(greenlet_spawn(self._fairy.close))

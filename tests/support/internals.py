@@ -72,3 +72,22 @@ def listening(journal: SAJournal) -> bool:
     that follows it from the server side cannot tell it from a connection being closed.
     """
     return bool(journal._wakeups.listening)
+
+
+def listener_opened(journal: SAJournal) -> Any:
+    """An ``asyncio.Event`` set each time the journal's live readers open their LISTEN
+    connection, i.e. once a live reader caught up and waits (nothing outside shows when
+    a reader starts waiting; the server shows a session, not what it waits for)."""
+    import asyncio
+
+    wakeups = journal._wakeups
+    opened = asyncio.Event()
+    open_listener: Any = wakeups._open_listener
+
+    async def opening(woken: Any) -> Any:
+        listener = await open_listener(woken)
+        opened.set()
+        return listener
+
+    wakeups._open_listener = opening
+    return opened
