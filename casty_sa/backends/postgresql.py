@@ -120,9 +120,8 @@ class _Announcer:
             self._trailing = None
 
     def close(self) -> None:
-        trailing, self._trailing = self._trailing, None
-        if trailing is not None:
-            trailing.cancel()
+        if self._trailing is not None:
+            self._trailing.cancel()
 
 
 class PostgresBackend(PostgresReading):
