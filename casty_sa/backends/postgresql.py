@@ -22,9 +22,7 @@ keys' arrays. Every statement carries the journal's statement timeout.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from casty import JournalKind
@@ -72,58 +70,6 @@ from casty_sa.ordering import (
 __all__ = ["PostgresBackend", "postgresql_engine"]
 
 
-#: Seconds between two NOTIFYs of one journal's writes. PostgreSQL commits the transactions
-#: that NOTIFY one at a time (each holds a lock on the notification queue until its commit
-#: is flushed), so a NOTIFY in every group would undo the overlap of two groups in flight;
-#: paced, a live reader hears of a commit at most this much later than it could.
-NOTIFY_EVERY = 0.01
-
-
-class _Announcer:
-    """When a journal's writes tell live readers (``NOTIFY``) that events were committed.
-
-    A group's statement carries the NOTIFY when none went out for :data:`NOTIFY_EVERY`
-    seconds. A group committed without one is announced by a NOTIFY of its own when that
-    time is up, unless a group that carried one committed after it meanwhile. Readers
-    poll anyway (the guarantee): a NOTIFY only shortens their wait.
-    """
-
-    def __init__(self, send: Callable[[], Awaitable[None]]) -> None:
-        self._send = send
-        self._last = -NOTIFY_EVERY
-        self._unannounced = False
-        self._trailing: asyncio.Task[None] | None = None
-
-    def claim(self) -> bool:
-        """Whether the next group carries the NOTIFY (taking the turn if it does)."""
-        now = time.monotonic()
-        if now - self._last < NOTIFY_EVERY:
-            return False
-        self._last = now
-        return True
-
-    def committed(self, announced: bool) -> None:
-        """A group committed (or may have), announced by its own NOTIFY or not."""
-        self._unannounced = not announced
-        if self._unannounced and self._trailing is None:
-            loop = asyncio.get_running_loop()
-            self._trailing = loop.create_task(self._trail(), name="casty_sa-notify")
-
-    async def _trail(self) -> None:
-        try:
-            while self._unannounced:
-                await asyncio.sleep(self._last + NOTIFY_EVERY - time.monotonic())
-                if self._unannounced and self.claim():
-                    self._unannounced = False
-                    await quietly(self._send())  # a lost one only leaves readers polling
-        finally:
-            self._trailing = None
-
-    def close(self) -> None:
-        if self._trailing is not None:
-            self._trailing.cancel()
-
-
 class PostgresBackend(PostgresReading):
     """asyncpg: a whole group in one ``INSERT … SELECT FROM unnest(…)`` round trip."""
 
@@ -152,17 +98,11 @@ class PostgresBackend(PostgresReading):
         insert_events = insert(events).from_select(
             [*event_columns, "era", "transaction_id", "position"], placed
         )
-        # a hint for live readers, sent by the server when the transaction commits: with a
-        # group's rows when its turn came (see _Announcer), or alone, not waiting for its flush
+        # a hint for live readers, sent by the server when the transaction commits
         channel = self.channel.replace("'", "''")
-        self._insert = self._compile(insert_events)
-        self._insert_announced = (
-            f"WITH written AS ({self._insert}) SELECT pg_notify('{channel}', '')"
+        self._insert = (
+            f"WITH written AS ({self._compile(insert_events)}) SELECT pg_notify('{channel}', '')"
         )
-        self._notify = (
-            f"SELECT set_config('synchronous_commit', 'off', true), pg_notify('{channel}', '')"
-        )
-        self._announcer = _Announcer(self._notify_alone)
         self._current_era = self._compile(select(current_era(events)))
         self._era: int | None = None
         self._upsert = self._newer_snapshot_wins(
@@ -214,19 +154,16 @@ class PostgresBackend(PostgresReading):
         fairy = await self.take_writer()
         conn = fairy.driver_connection
         committing = False
-        announced = False
         try:
             if events and self._era is None:
                 # cached for the journal's life: see casty_sa.ordering.current_era
                 self._era = await conn.fetchval(self._current_era, timeout=self._timeout)
-            announced = bool(events) and self._announcer.claim()
-            insert_events = self._insert_announced if announced else self._insert
             if events and snapshots:
                 transaction = conn.transaction()
                 await transaction.start()
                 try:
                     await conn.execute(
-                        insert_events, self._era, *_columns(events), timeout=self._timeout
+                        self._insert, self._era, *_columns(events), timeout=self._timeout
                     )
                     await conn.execute(self._upsert, *_columns(snapshots), timeout=self._timeout)
                 except BaseException:
@@ -238,29 +175,17 @@ class PostgresBackend(PostgresReading):
                 committing = True  # one statement in autocommit: it commits on its own
                 if events:
                     await conn.execute(
-                        insert_events, self._era, *_columns(events), timeout=self._timeout
+                        self._insert, self._era, *_columns(events), timeout=self._timeout
                     )
                 else:
                     await conn.execute(self._upsert, *_columns(snapshots), timeout=self._timeout)
         except BaseException as exc:
-            if events and committing:
-                self._announcer.committed(False)  # it may have committed: announce it anyway
             await self.give_back_writer(fairy, exc)
             failure = classify_write_failure(exc, committing=committing, dialect="postgresql")
             if failure is exc:
                 raise
             raise failure from exc
-        if events:
-            self._announcer.committed(announced)
         await self.give_back_writer(fairy, None)
-
-    async def _notify_alone(self) -> None:
-        async with self.connection() as conn:
-            await conn.execute(self._notify, timeout=self._timeout)
-
-    async def close(self) -> None:
-        self._announcer.close()
-        await super().close()
 
     async def fetch_events(self, entity_id: str, from_nr: int) -> list[Stored]:
         async with self.connection() as conn:
