@@ -4,10 +4,13 @@
 Reads the JSON that ``benchmarks/run.py --json FILE`` writes and draws, per
 workload, how many times faster casty-sa is than the reference journals of the
 same run: ``sa-sqlite`` against casty's ``SqliteJournal`` and against raw
-aiosqlite, ``sa-postgresql`` against raw asyncpg. The axis is logarithmic (the
-ratios span 0.5x to 30x) with a line at 1x: a bar right of it is faster. A
-ratio the run could not measure (a journal that answered wrongly) is left out
-and named under the chart. Plain SVG, no plotting library.
+aiosqlite, ``sa-postgresql`` against raw asyncpg; for the read-side catch-up
+(R1), each journal's ``events()`` against its own replay of the same events.
+The axis is logarithmic (the ratios span 0.5x to 30x) with a line at 1x: a bar
+right of it is faster. A ratio the run could not measure (a journal that
+answered wrongly) is left out and named under the chart; the live-tail
+latencies (R2) are written under it, against their targets. Plain SVG, no
+plotting library.
 
 Examples
 --------
@@ -25,12 +28,14 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-#: (label, journal, reference journal, colour) of each bar of a workload
+#: (label, journal, reference journal, colour) of each bar of a workload: the same row of both
 SERIES = (
     ("sa-sqlite vs casty SqliteJournal", "sa-sqlite", "casty-sqlite", "#2f6db5"),
     ("sa-sqlite vs raw aiosqlite", "sa-sqlite", "raw-aiosqlite", "#8fb4e3"),
     ("sa-postgresql vs raw asyncpg", "sa-postgresql", "raw-asyncpg", "#d9822b"),
 )
+#: rows compared with another row of the same journal, and that row
+SAME_JOURNAL = {"R1 catch-up": "R1 replay"}
 
 _LEFT, _RIGHT, _TOP = 90, 30, 70
 _BAR, _GAP, _GROUP_GAP = 12, 2, 16
@@ -38,20 +43,60 @@ _WIDTH = 760
 _LOW, _HIGH = 0.25, 64.0  # the axis: ratios outside are drawn at its edge, labelled truly
 
 
-def ratios(report: dict[str, Any]) -> tuple[list[str], dict[tuple[str, int], float], list[str]]:
-    """Workloads in run order, the ratio of each (workload, series), and what is missing."""
+def comparisons(workload: str) -> list[tuple[str, tuple[str, str], tuple[str, str]]]:
+    """The bars a workload row may have: (label, (row, journal), (row, reference journal))."""
+    if workload in SAME_JOURNAL:
+        against = SAME_JOURNAL[workload]
+        return [
+            (f"{journal} vs its {against}", (workload, journal), (against, journal))
+            for journal in dict.fromkeys(journal for _, journal, _, _ in SERIES)
+        ]
+    return [
+        (label, (workload, journal), (workload, reference))
+        for label, journal, reference, _colour in SERIES
+    ]
+
+
+def ratios(report: dict[str, Any]) -> tuple[list[str], dict[tuple[str, str], float], list[str]]:
+    """Workloads in run order, the ratio of each (workload, label), and what is missing.
+
+    A comparison whose rows the run did not have at all (a journal it left out, a
+    read-side row of a journal without a read side) is no bar and not missing.
+    """
     rates = {(r["workload"], r["journal"]): r["rate"] for r in report["results"]}
-    workloads = list(dict.fromkeys(r["workload"] for r in report["results"]))
-    found: dict[tuple[str, int], float] = {}
+    workloads: list[str] = []
+    found: dict[tuple[str, str], float] = {}
     missing: list[str] = []
-    for workload in workloads:
-        for index, (label, journal, reference, _colour) in enumerate(SERIES):
-            ours, theirs = rates.get((workload, journal)), rates.get((workload, reference))
-            if ours and theirs:
-                found[(workload, index)] = ours / theirs
+    for workload in dict.fromkeys(r["workload"] for r in report["results"]):
+        measured = False
+        for label, ours, theirs in comparisons(workload):
+            if ours not in rates or theirs not in rates:
+                continue
+            measured = True
+            if rates[ours] and rates[theirs]:
+                found[(workload, label)] = rates[ours] / rates[theirs]
             else:
                 missing.append(f"{workload}: {label}")
+        if measured:
+            workloads.append(workload)
     return workloads, found, missing
+
+
+def colour(label: str) -> str:
+    """The colour of a comparison: its series', or its journal's for a same-journal bar."""
+    for name, journal, _reference, shade in SERIES:
+        if label == name or label.startswith(f"{journal} vs its "):
+            return shade
+    return "#888"
+
+
+def latencies(report: dict[str, Any]) -> list[str]:
+    """A line per latency target of the run (R2): the p99 measured, the bound, the verdict."""
+    return [
+        f"{t['description']}: {t['shown']} ({t['status']})"
+        for t in report.get("targets", [])
+        if "maximum_p99_ms" in t
+    ]
 
 
 def _x(ratio: float) -> float:
@@ -63,18 +108,24 @@ def _x(ratio: float) -> float:
 def render(report: dict[str, Any], title: str) -> str:
     """The SVG document for a run's JSON report."""
     workloads, found, missing = ratios(report)
+    notes = latencies(report)
     group = len(SERIES) * (_BAR + _GAP) + _GROUP_GAP
-    height = _TOP + len(workloads) * group + 40 + 16 * len(missing)
+    height = _TOP + len(workloads) * group + 40 + 16 * (len(missing) + len(notes))
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{height}" '
         f'viewBox="0 0 {_WIDTH} {height}" font-family="sans-serif" font-size="12">',
         f'<rect width="{_WIDTH}" height="{height}" fill="white"/>',
         f'<text x="{_LEFT}" y="20" font-size="15" font-weight="bold">{escape(title)}</text>',
     ]
-    for index, (label, _journal, _reference, colour) in enumerate(SERIES):
+    for index, (label, _journal, _reference, shade) in enumerate(SERIES):
         key = _LEFT + index * 220
-        parts.append(f'<rect x="{key}" y="32" width="12" height="12" fill="{colour}"/>')
+        parts.append(f'<rect x="{key}" y="32" width="12" height="12" fill="{shade}"/>')
         parts.append(f'<text x="{key + 16}" y="42">{escape(label)}</text>')
+    for compared, against in SAME_JOURNAL.items():
+        parts.append(
+            f'<text x="{_LEFT}" y="58" font-size="10">{escape(compared)}: each journal against '
+            f"its own {escape(against)} (same colour as its journal)</text>"
+        )
     bottom = _TOP + len(workloads) * group
     tick = _LOW
     while tick <= _HIGH:
@@ -91,16 +142,16 @@ def render(report: dict[str, Any], title: str) -> str:
             f'<text x="{_LEFT - 8}" y="{top + group / 2 - _GROUP_GAP / 2 + 4:.1f}" '
             f'text-anchor="end">{escape(workload)}</text>'
         )
-        for index, (_label, _journal, _reference, colour) in enumerate(SERIES):
-            ratio = found.get((workload, index))
+        for index, (label, _ours, _theirs) in enumerate(comparisons(workload)):
+            ratio = found.get((workload, label))
             if ratio is None:
                 continue
             y = top + index * (_BAR + _GAP)
             start, end = sorted((_x(1.0), _x(ratio)))
             parts.append(
                 f'<rect x="{start:.1f}" y="{y}" width="{max(end - start, 1):.1f}" '
-                f'height="{_BAR}" fill="{colour}"><title>{escape(workload)}: '
-                f"{ratio:.2f}x</title></rect>"
+                f'height="{_BAR}" fill="{colour(label)}"><title>{escape(workload)}, '
+                f"{escape(label)}: {ratio:.2f}x</title></rect>"
             )
             anchor, shift = ("start", 4) if ratio >= 1 else ("end", -4)
             label_x = (end if ratio >= 1 else start) + shift
@@ -113,6 +164,8 @@ def render(report: dict[str, Any], title: str) -> str:
             f'<text x="{_LEFT}" y="{bottom + 34 + 16 * line}" fill="#a00">not measured: '
             f"{escape(text)} (a journal answered wrongly)</text>"
         )
+    for line, text in enumerate(notes, len(missing)):
+        parts.append(f'<text x="{_LEFT}" y="{bottom + 34 + 16 * line}">{escape(text)}</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 

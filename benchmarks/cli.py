@@ -11,11 +11,12 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from .base import QUICK, Sizes
 from .journals import JOURNALS, THIRD_PARTY
 from .measure import run_benchmark
 from .report import render_table, to_json, write_json
 from .rss_scan import rss_scan
-from .workloads import QUICK, WORKLOADS, Sizes
+from .workloads import WORKLOADS
 
 
 def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:

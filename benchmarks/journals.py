@@ -145,6 +145,8 @@ JOURNALS = tuple(OPENERS)
 ON_POSTGRES = frozenset({"sa-postgresql", "raw-asyncpg"})
 #: journals whose failures are findings about someone else's code, not errors of this run
 THIRD_PARTY = frozenset({"casty-memory", "casty-sqlite"})
+#: the journals with casty-sa's read side (``events``), which the R workloads run on
+READ_SIDE = frozenset({"sa-sqlite", "sa-postgresql"})
 
 
 async def _sa_synchronous(journal: SAJournal) -> str | None:

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .base import Row, Sample, Sizes, Workload
 from .data import WrongAnswer
 from .journals import ON_POSTGRES, Opened, Stores
 from .machine import describe_machine, load_average, peak_rss_mb, reset_peak_rss
 from .postgres import PostgresStores, postgres_server
 from .progress import progress
-from .workloads import Row, Sample, Sizes, Workload, make_workloads
+from .workloads import make_workloads
 
 
 @dataclass
@@ -64,7 +65,13 @@ async def run_benchmark(
     workloads = make_workloads(sizes)
     selected = [workloads[key] for key in workload_keys]
     rows = [row for workload in selected for row in workload.rows]
-    cells = {(row.key, name): Cell() for row in rows for name in journals}
+    cells = {
+        (row.key, name): Cell()
+        for workload in selected
+        for row in workload.rows
+        for name in journals
+        if workload.runs_on(name)
+    }
     needs_pg = any(name in ON_POSTGRES for name in journals)
     resettable = reset_peak_rss()
     load_at_start = load_average()
@@ -82,7 +89,8 @@ async def run_benchmark(
             pg_settings = await postgres.describe()
         root = Path(exits.enter_context(tempfile.TemporaryDirectory(prefix="casty-sa-bench-")))
         total = sum(
-            sizes.reps * len(journals) + (0 if w.fresh_per_rep else len(journals)) for w in selected
+            (sizes.reps + (0 if w.fresh_per_rep else 1)) * sum(map(w.runs_on, journals))
+            for w in selected
         )
         run = _Run(journals, sizes.reps, Stores(root, postgres), cells, limit, resettable, total)
         try:
@@ -127,9 +135,10 @@ class _Run:
     async def workload(self, workload: Workload) -> None:
         """Prepare a read workload's data once per journal, then every repetition in turn."""
         prepared: dict[str, Opened] = {}
+        journals = [name for name in self.journals if workload.runs_on(name)]
         try:
             if not workload.fresh_per_rep:
-                for name in self.journals:
+                for name in journals:
                     self._say(f"{workload.key} {name}: writing the data (untimed)")
                     try:
                         async with asyncio.timeout(self.limit):
@@ -139,7 +148,7 @@ class _Run:
                     except Exception as exc:  # noqa: BLE001 - any failure is reported in the table
                         self._fail(workload, name, exc)
             for rep in range(1, self.reps + 1):
-                for name in self.journals:
+                for name in journals:
                     if not self._failed(workload, name):
                         await self._repetition(workload, name, rep, prepared.get(name))
         finally:

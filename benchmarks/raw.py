@@ -1,9 +1,13 @@
 """The physical references: minimal journals straight on the drivers.
 
 Both store pickled events in casty-sa's own tables, so a ratio against them
-measures casty-sa's code, not a different layout. ``RawAiosqliteJournal``
-makes one durable commit per ``persist``; ``RawAsyncpgJournal`` one
-transaction per ``persist`` on a pool with asyncpg's defaults.
+measures casty-sa's code, not a different layout. They do the same job as the
+journal: each row gets its event type and its place in the global order (see
+``casty_sa.ordering``): on SQLite the next position, computed inside the INSERT
+as the journal does; on PostgreSQL the table's server defaults (the writing
+transaction's id, the position sequence). ``RawAiosqliteJournal`` makes one
+durable commit per ``persist``; ``RawAsyncpgJournal`` one transaction per
+``persist`` on a pool with asyncpg's defaults.
 """
 
 from __future__ import annotations
@@ -17,8 +21,15 @@ from typing import Any
 import aiosqlite
 import asyncpg
 from casty import PersistedEvent, Snapshot
+from sqlalchemy import bindparam, insert
+from sqlalchemy.dialects import sqlite
 
-_INSERT = "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload) VALUES "
+from casty_sa.models import metadata
+from casty_sa.ordering import event_type_name, next_position
+
+_COLUMNS = ("entity_id", "sequence_nr", "timestamp", "payload", "event_type")
+#: PostgreSQL: the table's server defaults give the transaction id and the position
+_PG_INSERT = f"INSERT INTO casty_sa_events ({', '.join(_COLUMNS)}) VALUES ($1, $2, $3, $4, $5)"
 _SELECT = (
     "SELECT sequence_nr, payload, timestamp FROM casty_sa_events "
     "WHERE entity_id = {0} AND sequence_nr >= {1} ORDER BY sequence_nr"
@@ -32,9 +43,25 @@ _UPSERT = (
 _SNAPSHOT = "SELECT sequence_nr, payload, timestamp FROM casty_sa_snapshots WHERE entity_id = {0}"
 
 
+def _sqlite_insert() -> str:
+    """SQLite: one row, its position one more than the highest stored (as the journal's)."""
+    events = metadata.tables["casty_sa_events"]
+    values: dict[str, Any] = {name: bindparam(name) for name in _COLUMNS}
+    values["position"] = next_position(events, bindparam("step"))
+    compiled = insert(events).values(values).compile(dialect=sqlite.dialect(paramstyle="qmark"))
+    assert compiled.positiontup == [*_COLUMNS, "step"], compiled.positiontup
+    return compiled.string
+
+
+_SQLITE_INSERT = _sqlite_insert()
+
+
 def _rows(entity_id: str, events: Sequence[PersistedEvent[Any]]) -> list[tuple[Any, ...]]:
     dumps = pickle.dumps
-    return [(entity_id, e.sequence_nr, e.timestamp, dumps(e.event)) for e in events]
+    return [
+        (entity_id, e.sequence_nr, e.timestamp, dumps(e.event), event_type_name(e.event))
+        for e in events
+    ]
 
 
 class RawAiosqliteJournal:
@@ -59,10 +86,11 @@ class RawAiosqliteJournal:
         await self._db.close()
 
     async def persist(self, entity_id: str, events: Sequence[PersistedEvent[Any]]) -> None:
-        rows = _rows(entity_id, events)
+        # step 1 for every row: executemany runs the INSERT once per row, each after the last
+        rows = [(*row, 1) for row in _rows(entity_id, events)]
         async with self._lock:
             try:
-                await self._db.executemany(_INSERT + "(?, ?, ?, ?)", rows)
+                await self._db.executemany(_SQLITE_INSERT, rows)
                 await self._db.commit()
             except BaseException:
                 await self._db.rollback()
@@ -106,9 +134,9 @@ class RawAsyncpgJournal:
         rows = _rows(entity_id, events)
         async with self._pool.acquire() as conn, conn.transaction():
             if len(rows) == 1:
-                await conn.execute(_INSERT + "($1, $2, $3, $4)", *rows[0])
+                await conn.execute(_PG_INSERT, *rows[0])
             else:
-                await conn.executemany(_INSERT + "($1, $2, $3, $4)", rows)
+                await conn.executemany(_PG_INSERT, rows)
 
     async def load(self, entity_id: str, from_sequence_nr: int = 0) -> list[PersistedEvent[Any]]:
         rows = await self._pool.fetch(_SELECT.format("$1", "$2"), entity_id, from_sequence_nr)

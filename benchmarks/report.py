@@ -1,8 +1,10 @@
-"""The report of a run: the Markdown table, the targets of issue 4, and the JSON.
+"""The report of a run: the Markdown table, the targets of issues 4 and 12, and the JSON.
 
 Every ratio is a ratio of medians of the same run: against casty's
 ``SqliteJournal`` (``REFERENCE``) and against the raw driver of the same
-database (``RAW_OF``). ``benchmarks/chart.py`` draws the JSON.
+database (``RAW_OF``); a read-side target compares two rows of one journal
+(catch-up against replay) or bounds a latency. ``benchmarks/chart.py`` draws
+the JSON.
 """
 
 from __future__ import annotations
@@ -28,11 +30,25 @@ RAW_OF = {
 
 @dataclass(frozen=True)
 class Target:
+    """``row`` of ``journal`` at least ``minimum`` times ``reference_row`` (default: the same
+    row) of ``reference``."""
+
     description: str
     row: str
     journal: str
     reference: str
     minimum: float
+    reference_row: str | None = None
+
+
+@dataclass(frozen=True)
+class LatencyTarget:
+    """The median p99 of ``row`` of ``journal`` below ``maximum_p99_ms``."""
+
+    description: str
+    row: str
+    journal: str
+    maximum_p99_ms: float
 
 
 TARGETS = (
@@ -51,33 +67,62 @@ TARGETS = (
     Target(
         "PostgreSQL W4 tail >= 0.8x raw asyncpg", "W4 tail", "sa-postgresql", "raw-asyncpg", 0.8
     ),
+    Target(
+        "SQLite R1 catch-up >= 0.8x its replay", "R1 catch-up", "sa-sqlite", "sa-sqlite", 0.8,
+        "R1 replay",
+    ),
+    Target(
+        "PostgreSQL R1 catch-up >= 0.8x its replay", "R1 catch-up", "sa-postgresql",
+        "sa-postgresql", 0.8, "R1 replay",
+    ),
+)  # fmt: skip
+LATENCY_TARGETS = (
+    LatencyTarget("SQLite R2 live tail p99 < 250 ms (polling)", "R2", "sa-sqlite", 250.0),
+    LatencyTarget("PostgreSQL R2 live tail p99 < 50 ms (NOTIFY)", "R2", "sa-postgresql", 50.0),
 )
 
 
-def ratio(results: Results, row: str, journal: str, reference: str | None) -> float | None:
+def ratio(
+    results: Results,
+    row: str,
+    journal: str,
+    reference: str | None,
+    reference_row: str | None = None,
+) -> float | None:
     if reference is None or reference not in results.journals:
         return None
-    mine, theirs = results.rate(row, journal), results.rate(row, reference)
+    mine, theirs = results.rate(row, journal), results.rate(reference_row or row, reference)
     return None if mine is None or not theirs else mine / theirs
 
 
 def evaluate_targets(results: Results) -> list[dict[str, Any]]:
+    """Each target this run measured: its figure (``shown``) and whether it is met."""
     evaluated = []
     for target in TARGETS:
-        if (target.row, target.journal) not in results.cells or target.reference not in (
-            results.journals
-        ):
+        against = (target.reference_row or target.row, target.reference)
+        if (target.row, target.journal) not in results.cells or against not in results.cells:
             continue
         cell = results.cells[(target.row, target.journal)]
-        measured = ratio(results, target.row, target.journal, target.reference)
+        measured = ratio(results, target.row, target.journal, target.reference, against[0])
         if cell.failure:
             status = f"NOT met ({target.journal} {cell.failure})"
         elif measured is None:
-            reference = results.cells[(target.row, target.reference)].failure
-            status = f"n/a (reference {reference or 'missing'})"
+            status = f"n/a (reference {results.cells[against].failure or 'missing'})"
         else:
             status = "met" if measured >= target.minimum else "NOT met"
-        evaluated.append({**asdict(target), "ratio": measured, "status": status})
+        shown = _fmt(measured, ".2f", "x")
+        evaluated.append({**asdict(target), "ratio": measured, "shown": shown, "status": status})
+    for latency in LATENCY_TARGETS:
+        tail = results.cells.get((latency.row, latency.journal))
+        if tail is None:
+            continue
+        p99 = None if tail.failure else tail.median("p99_ms")
+        if tail.failure or p99 is None:
+            status = f"NOT met ({latency.journal} {tail.failure or 'no latency'})"
+        else:
+            status = "met" if p99 < latency.maximum_p99_ms else "NOT met"
+        shown = _fmt(p99, ".1f", " ms")
+        evaluated.append({**asdict(latency), "p99_ms": p99, "shown": shown, "status": status})
     return evaluated
 
 
@@ -90,16 +135,10 @@ def render_table(results: Results) -> str:
     lines += [f"- {row.key}: {row.description} ({row.unit})" for row in results.rows]
     targets = evaluate_targets(results)
     if targets:
-        lines += ["", "Targets of issue 4 (ratios of medians in this run):"]
-        lines += [
-            f"- {t['description']}: {_fmt(t['ratio'], '.2f', 'x')} -> {t['status']}"
-            for t in targets
-        ]
+        lines += ["", "Targets of issues 4 and 12 (medians of this run):"]
+        lines += [f"- {t['description']}: {t['shown']} -> {t['status']}" for t in targets]
     failures = [
-        (row.key, name, results.cells[(row.key, name)].failure)
-        for row in results.rows
-        for name in results.journals
-        if results.cells[(row.key, name)].failure
+        (row, name, cell.failure) for (row, name), cell in results.cells.items() if cell.failure
     ]
     if failures:
         lines += ["", "Failures (a wrong answer is reported, never a number):"]
@@ -143,7 +182,9 @@ def _table(results: Results) -> list[str]:
     ]
     for row in results.rows:
         for name in results.journals:
-            cell = results.cells[(row.key, name)]
+            cell = results.cells.get((row.key, name))
+            if cell is None:
+                continue  # a read-side row of a journal without a read side
             if cell.failure:
                 verdict = cell.failure.split(":", 1)[0]
                 lines.append(f"| {row.key} | {name} | **{verdict}** | | | | | | |")
@@ -165,7 +206,9 @@ def to_json(results: Results) -> dict[str, Any]:
     rows = []
     for row in results.rows:
         for name in results.journals:
-            cell = results.cells[(row.key, name)]
+            cell = results.cells.get((row.key, name))
+            if cell is None:
+                continue
             rows.append(
                 {
                     "workload": row.key,

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .base import Sizes
 from .journals import ON_POSTGRES
 from .postgres import postgres_server
 from .progress import progress
-from .workloads import Sizes
 
 #: the entry point each fresh process runs
 SCRIPT = Path(__file__).with_name("run.py")

@@ -1,119 +1,22 @@
-"""The sizes and the workloads W1 to W6.
+"""The workloads W1 to W6, and every workload of a run in the table's order.
 
-A workload fills one or more table rows. Write workloads (``fresh_per_rep``)
-run on a fresh store every repetition; read workloads ``prepare`` their data
-once per journal, untimed, and time only the reads. ``measure`` checks every
-answer before it returns the samples: a wrong answer raises ``WrongAnswer``.
+W1 to W3 write, W4 and W5 read what they wrote once, W6 does both with
+snapshots; the read-side workloads R1 and R2 are in ``read_side``. See
+``base`` for what a workload is.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-import statistics
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from casty import PersistedEvent, Snapshot
 
+from .base import Row, Sample, Sizes, Workload, persist_in_turn, sample
 from .data import BASE_TS, WrongAnswer, check_events, check_snapshot, event_of, state_of
 from .journals import Journal
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """How much each workload does, and how many repetitions."""
-
-    reps: int = 5
-    w1_persists: int = 2_000
-    w2_entities: int = 200
-    w2_persists: int = 20
-    w3_persists: int = 200
-    w3_batch: int = 100
-    w4_events: int = 20_000
-    w4_tail: int = 1_000
-    w4_tail_calls: int = 10
-    w5_entities: int = 1_000
-    w5_snapshot_at: int = 10
-    w5_after: int = 10
-    w6_entities: int = 500
-
-
-QUICK = Sizes(
-    reps=1,
-    w1_persists=50,
-    w2_entities=20,
-    w2_persists=5,
-    w3_persists=5,
-    w3_batch=100,
-    w4_events=2_000,
-    w4_tail=100,
-    w4_tail_calls=2,
-    w5_entities=50,
-    w6_entities=25,
-)
-
-
-@dataclass
-class Sample:
-    """One repetition of one table row."""
-
-    rate: float
-    p50_ms: float | None = None
-    p99_ms: float | None = None
-
-
-def sample(count: int, seconds: float, latencies: Sequence[float] | None) -> Sample:
-    if not latencies:
-        return Sample(count / seconds)
-    ordered = sorted(latencies)
-    p99 = ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
-    return Sample(count / seconds, statistics.median(ordered) * 1000, p99 * 1000)
-
-
-@dataclass(frozen=True)
-class Row:
-    key: str
-    unit: str
-    description: str
-
-
-class Workload(ABC):
-    """The rows a workload fills, and how it measures them on one journal."""
-
-    key: ClassVar[str]
-    #: write workloads get a fresh store per repetition; read workloads prepare once
-    fresh_per_rep: ClassVar[bool] = True
-    rows: tuple[Row, ...]
-
-    @abstractmethod
-    def __init__(self, sizes: Sizes) -> None:
-        """Take this workload's sizes and name its rows."""
-
-    async def prepare(self, journal: Journal) -> None:
-        """Write what a read workload reads (untimed); a write workload has nothing to do."""
-        return None
-
-    @abstractmethod
-    async def measure(self, journal: Journal) -> dict[str, Sample]:
-        """One timed repetition, checked: a sample per row."""
-
-
-async def persist_in_turn(
-    journal: Journal, entity: str, batches: Sequence[Sequence[PersistedEvent[Any]]]
-) -> tuple[float, list[float]]:
-    """Persist ``batches`` one after another: the elapsed seconds and each call's latency."""
-    latencies: list[float] = []
-    clock = time.perf_counter
-    start = clock()
-    for batch in batches:
-        t = clock()
-        await journal.persist(entity, batch)
-        latencies.append(clock() - t)
-    return clock() - start, latencies
+from .read_side import R1, R2
 
 
 class W1(Workload):
@@ -337,7 +240,7 @@ class W6(Workload):
 
 
 #: every workload, in the table's order
-WORKLOAD_TYPES: tuple[type[Workload], ...] = (W1, W2, W3, W4, W5, W6)
+WORKLOAD_TYPES: tuple[type[Workload], ...] = (W1, W2, W3, W4, W5, W6, R1, R2)
 WORKLOADS = tuple(w.key for w in WORKLOAD_TYPES)
 
 
