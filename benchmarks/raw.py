@@ -21,11 +21,10 @@ from typing import Any
 import aiosqlite
 import asyncpg
 from casty import PersistedEvent, Snapshot
-from sqlalchemy import bindparam, insert
 from sqlalchemy.dialects import sqlite
 
 from casty_sa.models import metadata
-from casty_sa.ordering import event_type_name, next_position
+from casty_sa.ordering import event_type_name, numbered_insert
 
 _COLUMNS = ("entity_id", "sequence_nr", "timestamp", "payload", "event_type")
 #: PostgreSQL: the table's server defaults give the transaction id and the position
@@ -45,12 +44,7 @@ _SNAPSHOT = "SELECT sequence_nr, payload, timestamp FROM casty_sa_snapshots WHER
 
 def _sqlite_insert() -> str:
     """SQLite: one row, its position one more than the highest stored (as the journal's)."""
-    events = metadata.tables["casty_sa_events"]
-    values: dict[str, Any] = {name: bindparam(name) for name in _COLUMNS}
-    values["position"] = next_position(events, bindparam("step"))
-    compiled = insert(events).values(values).compile(dialect=sqlite.dialect(paramstyle="qmark"))
-    assert compiled.positiontup == [*_COLUMNS, "step"], compiled.positiontup
-    return compiled.string
+    return numbered_insert(metadata.tables["casty_sa_events"], sqlite.dialect())
 
 
 _SQLITE_INSERT = _sqlite_insert()

@@ -44,7 +44,7 @@ import re
 from collections import OrderedDict  # noqa: F401  (the doctest above)
 from typing import Any
 
-from sqlalchemy import Table, case, func, literal_column, select
+from sqlalchemy import Dialect, Table, case, func, literal_column, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from casty_sa.models import EVENT_TYPE_LENGTH
@@ -61,6 +61,7 @@ __all__ = [
     "next_position",
     "next_transaction_id",
     "notify_channel",
+    "numbered_insert",
     "oldest_running_transaction",
     "parse_offset",
     "read_horizon",
@@ -126,6 +127,40 @@ def next_position(events: Table, step: Any) -> ColumnElement[Any]:
     SQLite evaluates the subquery once per statement or once per row, the rows
     get increasing numbers.
     """
+    position: ColumnElement[Any] = _highest_position(events) + step
+    return position
+
+
+def numbered_insert(events: Table, dialect: Dialect) -> str:
+    """SQLite: the ``INSERT`` of event rows that take the next positions, in one statement.
+
+    One row of ``VALUES``: ``entity_id, sequence_nr, timestamp, payload, event_type``
+    and the row's ``step`` in the statement (from 1); more rows repeat it
+    (:func:`casty_sa.backends.sqlite_rows.multi_row`). The highest stored position
+    is read once for the statement, joined to the rows, where the same subquery in
+    each row of ``VALUES`` would be run once per row (a third of the write's cost).
+
+    Examples
+    --------
+    >>> from sqlalchemy.dialects import sqlite
+    >>> from casty_sa.models import journal_tables
+    >>> sql = numbered_insert(journal_tables()[0], sqlite.dialect())
+    >>> sql.split(" SELECT ")[1].split(" FROM ")[0]
+    'v.column1, v.column2, v.column3, v.column4, v.column5, 0, 0, h.top + v.column6'
+    """
+    highest = select(_highest_position(events).label("top"))
+    compiled = highest.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
+    table = dialect.identifier_preparer.format_table(events)
+    return (
+        f"INSERT INTO {table} (entity_id, sequence_nr, timestamp, payload, event_type, era, "
+        "transaction_id, position) SELECT v.column1, v.column2, v.column3, v.column4, "
+        "v.column5, 0, 0, h.top + v.column6 FROM (VALUES (?, ?, ?, ?, ?, ?)) AS v, "
+        f"({compiled}) AS h"
+    )
+
+
+def _highest_position(events: Table) -> ColumnElement[Any]:
+    """SQLite: the highest stored position (0 for none), from the global-order index's end."""
     highest = (
         select(events.c.position)
         .order_by(events.c.era.desc(), events.c.transaction_id.desc(), events.c.position.desc())
@@ -133,8 +168,8 @@ def next_position(events: Table, step: Any) -> ColumnElement[Any]:
         .offset(literal_column("0"))
         .scalar_subquery()
     )
-    position: ColumnElement[Any] = func.coalesce(highest, literal_column("0")) + step
-    return position
+    top: ColumnElement[Any] = func.coalesce(highest, literal_column("0"))
+    return top
 
 
 def current_era(events: Table) -> ColumnElement[int]:

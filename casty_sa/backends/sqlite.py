@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from casty import JournalKind
-from sqlalchemy import URL, Table, bindparam, case, event, func, insert, literal_column
+from sqlalchemy import URL, Table, bindparam, case, event, func, literal_column
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
@@ -53,11 +53,11 @@ from casty_sa.backends.sqlite_rows import (
     write_failure,
 )
 from casty_sa.calls import SharedAttempt
-from casty_sa.codec import ROW_COLUMNS, EventRow, Row, Stored
+from casty_sa.codec import EventRow, Row, Stored
 from casty_sa.dialects import Dialect, EngineRequest, Timeouts, register
 from casty_sa.engine import AUTOCOMMIT_ENGINES, READ_ONLY
 from casty_sa.errors import JournalClosed, UnsupportedDatabase
-from casty_sa.ordering import next_position
+from casty_sa.ordering import numbered_insert
 from casty_sa.urls import is_memory_sqlite, safe_url
 
 __all__ = ["SQLITE_SYNCHRONOUS", "SqliteBackend", "sqlite_engine"]
@@ -123,19 +123,9 @@ class SqliteBackend(SqliteReading):
             None if memory else engine.url.database, track_wal=self._share_reader
         )
         self._file.watch(engine.sync_engine)
-        events = self.events
-        self._insert = self._compile(
-            insert(events).values(
-                {
-                    **{c: bindparam(c) for c in ROW_COLUMNS},
-                    "event_type": bindparam("event_type"),
-                    # explicit, so tables an application created from the models need no defaults
-                    "era": literal_column("0"),
-                    "transaction_id": literal_column("0"),
-                    "position": next_position(events, bindparam("step")),
-                }
-            )
-        )
+        # era and transaction id given (0), not left to the migration's defaults: tables an
+        # application created from the models have none
+        self._insert = numbered_insert(self.events, engine.dialect)
         self._upsert = self._newer_snapshot_wins(sqlite.insert(self.snapshots))
         # batched reads name their keys in one JSON parameter: [[entity_id, from_nr], ...]
         # for events, [entity_id, ...] for snapshots; json_each numbers them from 0
