@@ -464,6 +464,25 @@ async def test_a_reader_waits_in_the_restored_era_until_a_row_of_the_next_one_is
     await live.aclose()
 
 
+@pytest.mark.only_backends("postgresql")
+async def test_another_journals_commit_wakes_a_live_reader_through_notify(
+    new_journal: Callable[..., SAJournal],
+) -> None:
+    """A reader of one journal learns of another journal's commit from its NOTIFY (polling
+    stays the guarantee; the notification is what makes the live tail fast)."""
+    reader, writer = new_journal(), new_journal()
+    await persist(writer, "a", 1)
+    notified = internals.notifications(reader)
+    listening = internals.listener_opened(reader)
+    live = reader.events(live=True)
+    assert keys(await collect(live, 1)) == [("a", 1)]
+    waiting = asyncio.ensure_future(collect(live, 1))
+    await asyncio.wait_for(listening.wait(), BOUND)  # caught up, waiting on the LISTEN
+    await persist(writer, "a", 2)
+    await asyncio.wait_for(notified.wait(), BOUND)
+    assert keys(await waiting) == [("a", 2)]
+
+
 # -- leaving the loop -----------------------------------------------------------------------
 
 

@@ -91,3 +91,23 @@ def listener_opened(journal: SAJournal) -> Any:
 
     wakeups._open_listener = opening
     return opened
+
+
+def notifications(journal: SAJournal) -> Any:
+    """An ``asyncio.Event`` set when the journal's LISTEN connection passes a ``NOTIFY`` on
+    to its live readers (a reader woken by polling looks the same from outside)."""
+    import asyncio
+
+    wakeups = journal._wakeups
+    notified = asyncio.Event()
+    open_listener: Any = wakeups._open_listener
+
+    async def opening(woken: Any) -> Any:
+        def passed_on() -> None:
+            notified.set()
+            woken()
+
+        return await open_listener(passed_on)
+
+    wakeups._open_listener = opening
+    return notified
