@@ -773,7 +773,8 @@ class TestDocumentation:
             casty = make_casty_file(tmp_path / "casty.db", {"imported": 3})
             code, _, err = run(capsys, "import", "--from", str(casty), "--url", as_role("app"))
             assert code == ExitCode.OK, err
-            for argv in (["inspect"], ["check"], ["current"], ["export", "--to", "o.db"]):
+            reads = (["inspect"], ["events"], ["check"], ["current"], ["export", "--to", "o.db"])
+            for argv in reads:
                 argv = [str(tmp_path / a) if a == "o.db" else a for a in argv]
                 code, _, err = run(capsys, *argv, "--url", as_role("reader"))
                 assert code == ExitCode.OK, (argv, err)
@@ -847,3 +848,16 @@ async def _journal_round_trip(url: str) -> None:
         assert [e.event for e in await journal.load("acct-9")] == ["opened"]
         snapshot = await journal.load_snapshot("acct-9")
         assert snapshot is not None and snapshot.state == "open again"
+        # the read side, a live reader's LISTEN included, needs no grant beyond these
+        (first,) = [envelope async for envelope in journal.events()]
+        assert [e async for e in journal.entity_ids()] == ["acct-9"]
+
+        async def next_live() -> object:
+            async for envelope in journal.events(after=first.offset, live=True):
+                return envelope.event
+            raise AssertionError("the live reader ended")
+
+        reader = asyncio.create_task(next_live())
+        await asyncio.sleep(0)  # let it start waiting (it reads again once listening)
+        await journal.persist("acct-9", [PersistedEvent(2, "closed", 2.0)])
+        assert await asyncio.wait_for(reader, 10) == "closed"

@@ -244,6 +244,13 @@ class TestAppOwnsTheTables:
         await journal.save_snapshot("acct", Snapshot(2, "s", 1.0))
         assert [e.sequence_nr for e in await journal.load("acct")] == [1, 2]
         assert await casty_sa.current(empty_db_url) is None
+        # and the read side follows them: the tables' own identity (PostgreSQL) or the
+        # writer (SQLite) gives every event its place
+        await make_journal(empty_db_url, migrate=None).persist("other", [ev(1)])
+        read = [(e.entity_id, e.sequence_nr, e.offset) async for e in journal.events()]
+        assert [r[:2] for r in read] == [("acct", 1), ("acct", 2), ("other", 1)]
+        assert [r[2] for r in read] == sorted({r[2] for r in read})
+        assert [e async for e in journal.entity_ids()] == ["acct", "other"]
 
         # casty-sa's own migrations over them say what happened, instead of "already exists"
         with pytest.raises(SchemaError, match="application's own migrations made them"):
