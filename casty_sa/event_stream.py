@@ -63,9 +63,8 @@ from __future__ import annotations
 
 import collections
 from collections.abc import AsyncIterator, Callable, Collection
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from casty_sa.backends import Backend
 from casty_sa.backends.read_statements import TOP, EventPage, Place
@@ -80,6 +79,8 @@ from casty_sa.ordering import (
     event_type_name,
     format_offset,
     full_type_name,
+    offset_head,
+    offset_tail,
     parse_offset,
     stored_type_name,
 )
@@ -96,9 +97,9 @@ _ID_PAGE = 1000
 _BLOCKED_POLL = 0.01
 
 
-@dataclass(frozen=True, slots=True)
-class EventEnvelope:
-    """One event as the read side delivers it.
+class EventEnvelope(NamedTuple):
+    """One event as the read side delivers it (immutable; a named tuple, which costs the
+    least to make a hundred thousand times a second).
 
     Attributes
     ----------
@@ -304,10 +305,7 @@ class EventStream:
             self._after = None
         if not self._live and self._stop == TOP:
             self._stop = page.horizon  # what was committed when the stream started
-        for row in page.rows:
-            envelope = self._envelope(row)
-            if envelope is not None:
-                self._ready.append(envelope)
+        self._ready.extend(self._envelopes(page.rows))
         if len(page.rows) == self._limit:
             era, transaction_id, position = page.rows[-1][:3]
             self._cursor = (era, transaction_id, position)
@@ -338,6 +336,31 @@ class EventStream:
         else:
             self._blocked = 0
         await wakeups.wait(ticket, poll)
+
+    def _envelopes(self, rows: list[Any]) -> list[EventEnvelope]:
+        """The envelopes of a page's rows: those of a known type, not filtered here, the
+        fast way; the others (a type to decode, a filter SQLite could not apply) one by one."""
+        deserialize, types = self._side.deserialize, self._types
+        envelopes: list[EventEnvelope] = []
+        head_of, head = (-1, -1), ""
+        for row in rows:
+            era, transaction_id, position, entity_id, sequence_nr, payload, timestamp, stored = row
+            if stored is None or stored[-1:] == "…" or (types is not None and stored not in types):
+                envelope = self._envelope(row)
+                if envelope is not None:
+                    envelopes.append(envelope)
+                continue
+            if (era, transaction_id) != head_of:  # one head per transaction, not per row
+                head_of, head = (era, transaction_id), offset_head(era, transaction_id)
+            try:
+                event = deserialize(payload)
+            except Exception as exc:
+                raise PayloadDecodeError(entity_id, sequence_nr, exc) from exc
+            offset = head + offset_tail(position)
+            envelopes.append(
+                EventEnvelope(offset, entity_id, sequence_nr, event, timestamp, stored)
+            )
+        return envelopes
 
     def _envelope(self, row: Any) -> EventEnvelope | None:
         """The envelope of a row, or None when it is not of a wanted type."""

@@ -62,6 +62,8 @@ __all__ = [
     "next_transaction_id",
     "notify_channel",
     "numbered_insert",
+    "offset_head",
+    "offset_tail",
     "oldest_running_transaction",
     "parse_offset",
     "read_horizon",
@@ -82,7 +84,17 @@ class InvalidOffset(ValueError):
 
 def format_offset(era: int, transaction_id: int, position: int) -> str:
     """The offset of a row: its place in the global order, as a sortable string."""
-    return f"{era:04x}{transaction_id:016x}{position + _POSITION_BIAS:016x}"
+    return offset_head(era, transaction_id) + offset_tail(position)
+
+
+def offset_head(era: int, transaction_id: int) -> str:
+    """The first 20 digits of an offset: the same for every row of one transaction."""
+    return f"{era:04x}{transaction_id:016x}"
+
+
+def offset_tail(position: int) -> str:
+    """The last 16 digits of an offset: the row's position."""
+    return f"{position + _POSITION_BIAS:016x}"
 
 
 def parse_offset(offset: object) -> tuple[int, int, int]:
