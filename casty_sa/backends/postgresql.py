@@ -22,7 +22,8 @@ keys' arrays. Every statement carries the journal's statement timeout.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from casty import JournalKind
@@ -69,6 +70,52 @@ from casty_sa.ordering import (
 __all__ = ["PostgresBackend", "postgresql_engine"]
 
 
+#: Seconds between two NOTIFYs of one journal's writes (see :class:`_Announcer`).
+NOTIFY_EVERY = 0.005
+
+
+class _Announcer:
+    """Tells other processes' live readers (``NOTIFY``) that a journal's writes committed.
+
+    PostgreSQL commits the transactions that ``NOTIFY`` one at a time: each holds a lock
+    on the notification queue until its commit is flushed. A ``NOTIFY`` in each write
+    group would queue the commits of groups in flight behind each other (a tenth of W2's
+    rate), so it goes alone, in a transaction that does not wait for its flush (it is
+    only a hint: readers poll anyway), at most one every :data:`NOTIFY_EVERY` seconds,
+    and always one after the last commit of a burst. The journal's own readers are woken
+    directly (:mod:`casty_sa.live`).
+    """
+
+    def __init__(self, send: Callable[[], Awaitable[None]]) -> None:
+        self._send = send
+        self._pending = False
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+
+    def committed(self) -> None:
+        """Events were committed (or may have been): announce them soon."""
+        self._pending = True
+        if self._task is None and not self._closed:
+            self._task = asyncio.get_running_loop().create_task(
+                self._announce(), name="casty_sa-notify"
+            )
+
+    async def _announce(self) -> None:
+        try:
+            while self._pending:
+                self._pending = False
+                await quietly(self._send())  # a lost one leaves readers to their polling
+                await asyncio.sleep(NOTIFY_EVERY)
+        finally:
+            self._task = None
+
+    async def close(self) -> None:
+        task, self._pending, self._closed = self._task, False, True
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 class PostgresBackend(PostgresReading):
     """asyncpg: a whole group in one ``INSERT … SELECT FROM unnest(…)`` round trip."""
 
@@ -98,11 +145,14 @@ class PostgresBackend(PostgresReading):
         insert_events = insert(events).from_select(
             [*event_columns, "era", "transaction_id"], placed
         )
-        # a hint for live readers, sent by the server when the transaction commits
+        self._insert = self._compile(insert_events)
+        # a hint for other processes' live readers, in a transaction of its own that does not
+        # wait for its flush (see _Announcer)
         channel = self.channel.replace("'", "''")
-        self._insert = (
-            f"WITH written AS ({self._compile(insert_events)}) SELECT pg_notify('{channel}', '')"
+        self._notify = (
+            f"SELECT set_config('synchronous_commit', 'off', true), pg_notify('{channel}', '')"
         )
+        self._announcer = _Announcer(self._notify_alone)
         self._upsert = self._newer_snapshot_wins(
             postgresql.insert(self.snapshots).from_select(
                 ROW_COLUMNS, from_arrays(self.snapshots, ROW_COLUMNS)
@@ -171,12 +221,24 @@ class PostgresBackend(PostgresReading):
                 else:
                     await conn.execute(self._upsert, *_columns(snapshots), timeout=self._timeout)
         except BaseException as exc:
+            if events and committing:
+                self._announcer.committed()  # it may have committed
             await self.give_back_writer(fairy, exc)
             failure = classify_write_failure(exc, committing=committing, dialect="postgresql")
             if failure is exc:
                 raise
             raise failure from exc
+        if events:
+            self._announcer.committed()
         await self.give_back_writer(fairy, None)
+
+    async def _notify_alone(self) -> None:
+        async with self.connection() as conn:
+            await conn.execute(self._notify, timeout=self._timeout)
+
+    async def close(self) -> None:
+        await self._announcer.close()
+        await super().close()
 
     async def fetch_events(self, entity_id: str, from_nr: int) -> list[Stored]:
         async with self.connection() as conn:
