@@ -13,6 +13,7 @@ True
 SAJournal('postgresql+asyncpg://app:***@db/bank', kind=centralized)
 """
 
+from casty_sa.envelopes import EventEnvelope
 from casty_sa.errors import (
     CommitOutcomeUnknown,
     DatabaseAccessDenied,
@@ -27,7 +28,7 @@ from casty_sa.errors import (
     SequenceConflict,
     UnsupportedDatabase,
 )
-from casty_sa.event_stream import EventEnvelope, EventStream
+from casty_sa.event_stream import EventStream
 from casty_sa.journal import MAX_SEQUENCE_NR, SAJournal
 from casty_sa.migrate import current, downgrade, upgrade
 from casty_sa.models import (

@@ -64,11 +64,12 @@ from __future__ import annotations
 import collections
 from collections.abc import AsyncIterator, Callable, Collection
 from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, Self
 
 from casty_sa.backends import Backend
 from casty_sa.backends.read_statements import TOP, EventPage, Place
-from casty_sa.errors import JournalClosed, PayloadDecodeError
+from casty_sa.envelopes import EventEnvelope, envelopes
+from casty_sa.errors import JournalClosed
 from casty_sa.lifecycle import Lifecycle
 from casty_sa.live import Wakeups
 from casty_sa.models import MAX_ENTITY_ID_LENGTH
@@ -76,17 +77,13 @@ from casty_sa.ordering import (
     MAX_ERA,
     MAX_TRANSACTION_ID,
     InvalidOffset,
-    event_type_name,
     format_offset,
-    full_type_name,
-    offset_head,
-    offset_tail,
     parse_offset,
     stored_type_name,
 )
 from casty_sa.reads import RetryingReader
 
-__all__ = ["MAX_BATCH_SIZE", "EventEnvelope", "EventStream", "ReadSide"]
+__all__ = ["MAX_BATCH_SIZE", "EventStream", "ReadSide"]
 
 #: Most events one page may ask for.
 MAX_BATCH_SIZE = 100_000
@@ -95,29 +92,6 @@ _ID_PAGE = 1000
 #: First pause of a live reader whose horizon is held back by a running transaction
 #: while later commits wait (no notification comes when an unrelated one ends).
 _BLOCKED_POLL = 0.01
-
-
-class EventEnvelope(NamedTuple):
-    """One event as the read side delivers it (immutable; a named tuple, which costs the
-    least to make a hundred thousand times a second).
-
-    Attributes
-    ----------
-    offset : str
-        Its place in the global order (36 hex digits, sortable as a string): store
-        it and pass it as ``after=`` to resume after this event.
-    entity_id, sequence_nr, event, timestamp
-        As ``persist`` stored them (the event decoded by the journal's deserializer).
-    event_type : str
-        The event's type name (:func:`casty_sa.ordering.event_type_name`).
-    """
-
-    offset: str
-    entity_id: str
-    sequence_nr: int
-    event: Any
-    timestamp: float
-    event_type: str
 
 
 class ReadSide:
@@ -305,7 +279,7 @@ class EventStream:
             self._after = None
         if not self._live and self._stop == TOP:
             self._stop = page.horizon  # what was committed when the stream started
-        self._ready.extend(self._envelopes(page.rows))
+        self._ready.extend(envelopes(page.rows, self._side.deserialize, self._types))
         if len(page.rows) == self._limit:
             era, transaction_id, position = page.rows[-1][:3]
             self._cursor = (era, transaction_id, position)
@@ -336,57 +310,6 @@ class EventStream:
         else:
             self._blocked = 0
         await wakeups.wait(ticket, poll)
-
-    def _envelopes(self, rows: list[Any]) -> list[EventEnvelope]:
-        """The envelopes of a page's rows: those of a known type, not filtered here, the
-        fast way; the others (a type to decode, a filter SQLite could not apply) one by one."""
-        deserialize, types = self._side.deserialize, self._types
-        envelopes: list[EventEnvelope] = []
-        head_of, head = (-1, -1), ""
-        for row in rows:
-            era, transaction_id, position, entity_id, sequence_nr, payload, timestamp, stored = row
-            if stored is None or stored[-1:] == "…" or (types is not None and stored not in types):
-                envelope = self._envelope(row)
-                if envelope is not None:
-                    envelopes.append(envelope)
-                continue
-            if (era, transaction_id) != head_of:  # one head per transaction, not per row
-                head_of, head = (era, transaction_id), offset_head(era, transaction_id)
-            try:
-                event = deserialize(payload)
-            except Exception as exc:
-                raise PayloadDecodeError(entity_id, sequence_nr, exc) from exc
-            offset = head + offset_tail(position)
-            envelopes.append(
-                EventEnvelope(offset, entity_id, sequence_nr, event, timestamp, stored)
-            )
-        return envelopes
-
-    def _envelope(self, row: Any) -> EventEnvelope | None:
-        """The envelope of a row, or None when it is not of a wanted type."""
-        era, transaction_id, position, entity_id, sequence_nr, payload, timestamp, stored = row
-        known = stored is not None and not stored.endswith("…")
-        types = self._types
-        if known and types is not None and stored not in types:
-            return None  # where the database could not filter (SQLite without json_each)
-        try:
-            event = self._side.deserialize(payload)
-        except Exception as exc:
-            raise PayloadDecodeError(entity_id, sequence_nr, exc) from exc
-        if not known:
-            # stored before 0002 (NULL) or cut: the decoded event tells
-            name = event_type_name(event)
-            if types is not None and name not in types and full_type_name(event) not in types:
-                return None
-            stored = name if stored is None else stored
-        return EventEnvelope(
-            format_offset(era, transaction_id, position),
-            entity_id,
-            sequence_nr,
-            event,
-            timestamp,
-            stored,
-        )
 
 
 def _check_offset(after: object) -> Place:

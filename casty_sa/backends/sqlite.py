@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from casty import JournalKind
@@ -41,7 +41,12 @@ from sqlalchemy.util import greenlet_spawn
 
 from casty_sa.backends.base import BackendSettings, latest_per_entity, quietly
 from casty_sa.backends.failures import ConnectionLost, classify_write_failure
-from casty_sa.backends.sqlite_file import DatabaseFile, FileId, run_and_look
+from casty_sa.backends.sqlite_file import (
+    DatabaseFile,
+    FileId,
+    insert_numbered_and_look,
+    run_and_look,
+)
 from casty_sa.backends.sqlite_reads import SqliteReading
 from casty_sa.backends.sqlite_rows import (
     MAX_ROWS,
@@ -57,7 +62,7 @@ from casty_sa.codec import EventRow, Row, Stored
 from casty_sa.dialects import Dialect, EngineRequest, Timeouts, register
 from casty_sa.engine import AUTOCOMMIT_ENGINES, READ_ONLY
 from casty_sa.errors import JournalClosed, UnsupportedDatabase
-from casty_sa.ordering import numbered_insert
+from casty_sa.ordering import highest_position, numbered_insert, positioned_insert
 from casty_sa.urls import is_memory_sqlite, safe_url
 
 __all__ = ["SQLITE_SYNCHRONOUS", "SqliteBackend", "sqlite_engine"]
@@ -126,6 +131,9 @@ class SqliteBackend(SqliteReading):
         # era and transaction id given (0), not left to the migration's defaults: tables an
         # application created from the models have none
         self._insert = numbered_insert(self.events, engine.dialect)
+        # the hot path: positions numbered from the highest, read in the same transaction
+        self._top = highest_position(self.events, engine.dialect)
+        self._insert_bound = positioned_insert(self.events, engine.dialect)
         self._upsert = self._newer_snapshot_wins(sqlite.insert(self.snapshots))
         # batched reads name their keys in one JSON parameter: [[entity_id, from_nr], ...]
         # for events, [entity_id, ...] for snapshots; json_each numbers them from 0
@@ -189,21 +197,23 @@ class SqliteBackend(SqliteReading):
         committing = False
         try:
             if autocommit and not snapshots and len(events) <= MAX_ROWS:
-                committing = True  # one statement in autocommit: it commits on its own
-                how = await self._commit(
-                    conn, multi_row(self._insert, len(events)), flat_events(events), wal
-                )
+                sent = [False]  # the COMMIT (see insert_numbered_and_look)
+                try:
+                    sql = multi_row(self._insert_bound, len(events))
+                    args = (sql, self._top, events, sent)
+                    how = await self._commit(conn, insert_numbered_and_look, args, wal)
+                finally:
+                    committing = sent[0]
             elif autocommit and not events and len(snapshots) <= MAX_ROWS:
-                committing = True
-                how = await self._commit(
-                    conn, multi_row(self._upsert, len(snapshots)), flat(snapshots), wal
-                )
+                committing = True  # one statement in autocommit: it commits on its own
+                sql = multi_row(self._upsert, len(snapshots))
+                how = await self._commit(conn, run_and_look, (sql, flat(snapshots)), wal)
             else:
                 await self._write_transaction(conn, events, snapshots)
                 committing = True
                 try:
                     if autocommit:
-                        how = await self._commit(conn, "COMMIT", (), wal)
+                        how = await self._commit(conn, run_and_look, ("COMMIT", ()), wal)
                     else:
                         await conn.commit()
                         how = self._file.changed(wal)
@@ -231,9 +241,9 @@ class SqliteBackend(SqliteReading):
             self._file.check(None, (len(events), len(snapshots)), how)
 
     async def _commit(
-        self, conn: Any, sql: str, params: Sequence[Any], wal: FileId | None
+        self, conn: Any, run: Callable[..., str | None], args: tuple[Any, ...], wal: FileId | None
     ) -> str | None:
-        """Run the statement that commits, then look at the file: both on the driver's thread.
+        """``run`` what commits, then look at the file: both on the driver's thread.
 
         Returns how the path stopped naming the journal's file, if it did (see
         :meth:`DatabaseFile.changed <casty_sa.backends.sqlite_file.DatabaseFile.changed>`:
@@ -245,7 +255,7 @@ class SqliteBackend(SqliteReading):
         the ``-wal`` the connection opened, if recorded.
         """
         return await conn._execute(  # type: ignore[no-any-return]
-            run_and_look, conn._conn, sql, params, self._file.changed, wal
+            run, conn._conn, *args, self._file.changed, wal
         )
 
     async def _keep_wal(self) -> None:

@@ -27,7 +27,7 @@ from sqlalchemy import Engine, event
 
 from casty_sa.errors import DatabaseFileReplaced
 
-__all__ = ["DatabaseFile", "run_and_look"]
+__all__ = ["DatabaseFile", "insert_numbered_and_look", "run_and_look"]
 
 #: key of a pooled SQLite connection's info: (device, inode) of the file it opened
 _FILE = "casty_sa_file"
@@ -281,6 +281,43 @@ def run_and_look(
 ) -> str | None:
     """On the driver's thread: run ``sql`` (which commits), then ``look`` at the file."""
     connection.execute(sql, params).close()
+    return look(wal)
+
+
+def insert_numbered_and_look(
+    connection: sqlite3.Connection,
+    sql: str,
+    highest: str,
+    rows: Sequence[Sequence[Any]],
+    committing: list[bool],
+    look: Callable[[FileId | None], str | None],
+    wal: FileId | None,
+) -> str | None:
+    """On the driver's thread: ``rows`` with the next positions, in one transaction; then
+    ``look`` at the file.
+
+    ``sql`` inserts the rows with their positions bound (the last value of each);
+    ``highest`` reads the highest stored position, inside the transaction, where no
+    other writer can come in. ``committing[0]`` turns true when the ``COMMIT`` is sent:
+    before that, a failure rolled everything back.
+    """
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        top = connection.execute(highest).fetchone()[0]
+        values = [value for k, row in enumerate(rows, top + 1) for value in (*row, k)]
+        connection.execute(sql, values).close()
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            connection.execute("ROLLBACK")
+        raise
+    committing[0] = True
+    try:
+        connection.execute("COMMIT")
+    except BaseException:
+        # a COMMIT that failed before committing leaves the transaction open
+        with contextlib.suppress(sqlite3.Error):
+            connection.execute("ROLLBACK")
+        raise
     return look(wal)
 
 

@@ -9,7 +9,7 @@ as ``--after`` to go on from there.
 
 Examples
 --------
->>> from casty_sa.event_stream import EventEnvelope
+>>> from casty_sa.envelopes import EventEnvelope
 >>> envelope = EventEnvelope("0" * 36, "acct-1", 1, "opened", 0.0, "str")
 >>> print(line(envelope))
 000000000000000000000000000000000000  acct-1  1  str  1970-01-01T00:00:00.000000+00:00  'opened'
@@ -37,7 +37,7 @@ from casty_sa.cli.common import (
     url,
 )
 from casty_sa.cli.text import printable, when
-from casty_sa.event_stream import EventEnvelope
+from casty_sa.envelopes import EventEnvelope
 from casty_sa.journal import SAJournal
 from casty_sa.ordering import InvalidOffset, event_type_name
 from casty_sa.payloads import cannot_decode
