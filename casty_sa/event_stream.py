@@ -61,6 +61,7 @@ Examples
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from collections.abc import AsyncIterator, Callable, Collection
 from types import TracebackType
@@ -219,6 +220,7 @@ class EventStream:
         self._done = False
         self._joined = False  # counted among the live readers of the journal's Wakeups
         self._blocked = 0  # pages in a row held back by a running transaction
+        self._ahead: asyncio.Future[tuple[int, EventPage]] | None = None  # the next page
 
     def __aiter__(self) -> Self:
         return self
@@ -243,6 +245,7 @@ class EventStream:
         """End the stream and give up its share of the live readers' listening connection."""
         self._done = True
         self._ready.clear()
+        self._drop_ahead()
         self._leave()
 
     async def __aenter__(self) -> Self:
@@ -266,30 +269,52 @@ class EventStream:
 
     async def _advance(self) -> None:
         """Read the next page; when live and caught up, wait for a commit."""
-        side = self._side
-        await side.ready()
-        ticket = side.wakeups.ticket()
-        page: EventPage = await side.reads.read(
-            side.backend.event_page,
-            (self._cursor, self._stop, self._limit, self._prefix, self._stored),
-            "read events",
-        )
+        await self._side.ready()
+        ahead, self._ahead = self._ahead, None
+        ticket, page = await (ahead if ahead is not None else self._read(self._cursor))
         if self._after is not None:
             _refuse_ahead(self._after, page.ceiling)
             self._after = None
         if not self._live and self._stop == TOP:
             self._stop = page.horizon  # what was committed when the stream started
-        self._ready.extend(envelopes(page.rows, self._side.deserialize, self._types))
         if len(page.rows) == self._limit:
+            # a full page: where reads run beside the loop (a server, a pool), the next one is
+            # read while this one is decoded; a page that fails to decode is read again
             era, transaction_id, position = page.rows[-1][:3]
+            if self._side.backend.read_concurrency > 1:
+                self._ahead = asyncio.ensure_future(self._read((era, transaction_id, position)))
+                self._ahead.add_done_callback(_retrieved)
+            try:
+                self._ready.extend(envelopes(page.rows, self._side.deserialize, self._types))
+            except BaseException:
+                self._drop_ahead()
+                raise
             self._cursor = (era, transaction_id, position)
             return
+        self._ready.extend(envelopes(page.rows, self._side.deserialize, self._types))
         # every row up to the horizon was looked at
         self._cursor = max(self._cursor, min(page.horizon, self._stop))
         if not self._live:
             self._done = True
         elif not self._ready:
             await self._wait(ticket, page.blocked)
+
+    async def _read(self, cursor: Place) -> tuple[int, EventPage]:
+        """The page after ``cursor``, and the wake-up ticket taken before reading it."""
+        side = self._side
+        ticket = side.wakeups.ticket()
+        page: EventPage = await side.reads.read(
+            side.backend.event_page,
+            (cursor, self._stop, self._limit, self._prefix, self._stored),
+            "read events",
+        )
+        return ticket, page
+
+    def _drop_ahead(self) -> None:
+        """Forget the page being read ahead (its read finishes, or is cut, on its own)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.cancel()
 
     async def _wait(self, ticket: int, blocked: bool) -> None:
         """Caught up: wait for a commit, the database's word, or the next poll."""
@@ -310,6 +335,12 @@ class EventStream:
         else:
             self._blocked = 0
         await wakeups.wait(ticket, poll)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """A page read ahead and then dropped: its failure was nobody's to see."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _check_offset(after: object) -> Place:

@@ -177,6 +177,32 @@ async def test_undecodable_payload_names_entity_and_sequence(journal: SAJournal)
         await reader.close()
 
 
+async def test_a_page_that_fails_to_decode_is_never_passed(journal: SAJournal) -> None:
+    """The stream reads the next page while it decodes a full one: a page that fails to
+    decode is read again on the next step, its events are never skipped."""
+    await journal.persist("a", [PersistedEvent(n, f"e{n}", 1.0) for n in range(1, 7)])
+    failing = True
+
+    def deserialize(payload: bytes) -> Any:
+        event = pickle.loads(payload)
+        if failing and event == "e4":
+            raise ValueError("not now")
+        return event
+
+    reader = SAJournal(journal.engine, deserialize=deserialize)
+    try:
+        stream = reader.events(batch_size=2)
+        got = [await asyncio.wait_for(anext(stream), BOUND) for _ in range(2)]  # e1, e2
+        for _ in range(2):  # the page of e3 and e4 fails, and fails again
+            with pytest.raises(PayloadDecodeError, match=r"'a'.*4"):
+                await asyncio.wait_for(anext(stream), BOUND)
+        failing = False
+        got += await collect(stream)
+        assert [e.event for e in got] == [f"e{n}" for n in range(1, 7)]
+    finally:
+        await reader.close()
+
+
 # -- hostile arguments ------------------------------------------------------------------------
 
 
