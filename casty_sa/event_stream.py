@@ -236,6 +236,7 @@ class EventStream:
                 # cancelled, or failed: the traceback may keep this stream alive a while,
                 # so it gives up its share of the listener now (a next call joins again)
                 self._leave()
+                self._drop_ahead()
                 if isinstance(exc, JournalClosed):
                     self._done = True
                 raise
@@ -302,6 +303,10 @@ class EventStream:
     async def _read(self, cursor: Place) -> tuple[int, EventPage]:
         """The page after ``cursor``, and the wake-up ticket taken before reading it."""
         side = self._side
+        # a page read ahead runs in a task of its own: one that starts once close() began is
+        # refused here (close() marks the journal closed before it waits for the reads in
+        # flight, and a read that passes this check is tracked by the journal in this step)
+        await side.ready()
         ticket = side.wakeups.ticket()
         page: EventPage = await side.reads.read(
             side.backend.event_page,

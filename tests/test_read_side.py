@@ -26,7 +26,7 @@ from casty import PersistedEvent
 from sqlalchemy import URL
 
 from casty_sa import EventEnvelope, InvalidOffset, JournalClosed, PayloadDecodeError, SAJournal
-from casty_sa.ordering import format_offset, parse_offset
+from casty_sa.ordering import format_offset, notify_channel, parse_offset
 
 from support import dbtools, internals
 from support.processes import EVENT_WRITER
@@ -507,6 +507,26 @@ async def test_another_journals_commit_wakes_a_live_reader_through_notify(
     await persist(writer, "a", 2)
     await asyncio.wait_for(notified.wait(), BOUND)
     assert keys(await waiting) == [("a", 2)]
+
+
+@pytest.mark.only_backends("postgresql")
+async def test_a_write_just_before_close_is_still_announced(
+    new_journal: Callable[..., SAJournal], db_url: URL
+) -> None:
+    """A process that writes and closes at once (a job, a CLI) still tells other processes'
+    live readers: the last NOTIFY goes out before close() returns."""
+    listener = await asyncpg.connect(**dbtools.asyncpg_args(db_url))
+    heard = asyncio.Event()
+    try:
+        await listener.add_listener(notify_channel(None), lambda *_: heard.set())
+        for n in range(1, 4):
+            heard.clear()
+            journal = new_journal()
+            await persist(journal, "job", n)
+            await journal.close()
+            await asyncio.wait_for(heard.wait(), BOUND)
+    finally:
+        await listener.close()
 
 
 # -- leaving the loop -----------------------------------------------------------------------

@@ -72,6 +72,8 @@ __all__ = ["PostgresBackend", "postgresql_engine"]
 
 #: Seconds between two NOTIFYs of one journal's writes (see :class:`_Announcer`).
 NOTIFY_EVERY = 0.005
+#: Seconds close() lets the last announcement go out before cutting it off.
+NOTIFY_CLOSE_GRACE = 1.0
 
 
 class _Announcer:
@@ -105,13 +107,20 @@ class _Announcer:
             while self._pending:
                 self._pending = False
                 await quietly(self._send())  # a lost one leaves readers to their polling
-                await asyncio.sleep(NOTIFY_EVERY)
+                if not self._closed:
+                    await asyncio.sleep(NOTIFY_EVERY)
         finally:
             self._task = None
 
     async def close(self) -> None:
-        task, self._pending, self._closed = self._task, False, True
-        if task is not None:
+        """Stop; commits not yet announced are announced first (for at most a grace period:
+        a server that does not answer must not hold close() for a connect timeout)."""
+        self._closed = True
+        task = self._task
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=NOTIFY_CLOSE_GRACE)
+        if not done:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
