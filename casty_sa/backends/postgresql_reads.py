@@ -24,7 +24,6 @@ from sqlalchemy import (
     Table,
     any_,
     bindparam,
-    literal_column,
     select,
     true,
     tuple_,
@@ -48,6 +47,7 @@ from casty_sa.backends.read_statements import (
 )
 from casty_sa.ordering import (
     current_era,
+    newest_place,
     next_transaction_id,
     notify_channel,
     read_horizon,
@@ -146,10 +146,7 @@ def _event_page(events: Table, prefix: bool, types: bool) -> Any:
     era, below = read_horizon(events)
     # the newest row's era and transaction id: committed rows wait above the horizon when
     # they are at or above it (a look at the index's last entry)
-    newest = select(events.c.era, events.c.transaction_id).order_by(
-        *(column.desc() for column in global_order(events))
-    )
-    newest = newest.limit(literal_column("1"))
+    newest = newest_place(events)
     horizon = select(
         era.label("h_era"),
         below.label("h_below"),

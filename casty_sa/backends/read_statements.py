@@ -41,7 +41,7 @@ from sqlalchemy import (
     tuple_,
 )
 
-from casty_sa.ordering import MAX_ERA, MAX_TRANSACTION_ID
+from casty_sa.ordering import MAX_ERA, MAX_TRANSACTION_ID, global_order
 
 __all__ = [
     "TOP",
@@ -116,11 +116,6 @@ def page_values(after: Place, stop: Place, limit: int) -> dict[str, Any]:
         **{f"stop_{name}": value for name, value in zip(names, stop, strict=True)},
         "limit": limit,
     }
-
-
-def global_order(events: Table) -> tuple[ColumnElement[Any], ...]:
-    """The columns of the global order, in order."""
-    return (events.c.era, events.c.transaction_id, events.c.position)
 
 
 def _place(prefix: str) -> Any:

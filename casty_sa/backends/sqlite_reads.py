@@ -1,7 +1,7 @@
 """SQLite's read side: pages of events, entity ids, an entity's highest sequence number.
 
 SQLite lets one writer in at a time and gives each event it writes a place after
-every stored one (:func:`casty_sa.ordering.next_position`), so a commit never
+every stored one (:func:`casty_sa.ordering.highest_position`), so a commit never
 lands below a row a reader has already seen: the newest stored place is the
 horizon. A page reads the newest place first and the events up to it second; the
 rows at or below a place seen once stay as they are, so the two statements need no
@@ -13,9 +13,10 @@ readers after each of its commits at once.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from sqlalchemy import bindparam, func, literal_column, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa.backends.base import BackendSettings
@@ -25,11 +26,11 @@ from casty_sa.backends.read_statements import (
     Place,
     entity_id_walk,
     event_page,
-    global_order,
     highest_sequence_nr,
     page_values,
     prepare,
 )
+from casty_sa.ordering import newest_place
 
 __all__ = ["BOTTOM", "SqliteReading"]
 
@@ -57,13 +58,7 @@ class SqliteReading(PooledBackend):
     ) -> None:
         super().__init__(engine, schema, settings, capacity=capacity, exclusive=exclusive)
         events, dialect = self.events, engine.dialect
-        self._newest = prepare(
-            select(*global_order(events))
-            .order_by(*(column.desc() for column in global_order(events)))
-            .limit(literal_column("1"))
-            .offset(literal_column("0")),  # SQLite's compiler would bind an OFFSET otherwise
-            dialect,
-        )
+        self._newest = prepare(newest_place(events), dialect)
         types = func.json_each(bindparam("types")).table_valued("value")
         self._event_pages = {
             (prefix, typed): prepare(
@@ -91,8 +86,6 @@ class SqliteReading(PooledBackend):
     async def event_page(
         self, after: Place, stop: Place, limit: int, prefix: str | None, types: list[str] | None
     ) -> EventPage:
-        import json
-
         newest = await self._read(self._newest.sql, ())
         if not newest:
             return EventPage([], horizon=BOTTOM, ceiling=None)

@@ -68,7 +68,7 @@ def flat(rows: Sequence[Row]) -> list[Any]:
 
 def flat_events(rows: Sequence[EventRow]) -> list[Any]:
     """:func:`flat` for the events insert: each row ends with its place in the statement,
-    from 1 (see :func:`casty_sa.ordering.next_position`)."""
+    from 1 (see :func:`casty_sa.ordering.numbered_insert`)."""
     return [value for step, row in enumerate(rows, 1) for value in (*row, step)]
 
 
