@@ -199,11 +199,8 @@ class JournalDatabase:
         do (see :func:`_in_global_order`), and keeps the source's ``event_type``.
         """
         async with self._engine.begin() as connection:
-            era = 0
-            if self._postgresql:
-                era = (await connection.execute(select(current_era(_events)))).scalar_one()
             params = [
-                {**_params(row), "event_type": row.event_type, "era": era, "step": step}
+                {**_params(row), "event_type": row.event_type, "step": step}
                 for step, row in enumerate(rows, 1)
             ]
             result = await connection.execute(self._insert_events, params)
@@ -221,7 +218,8 @@ def _in_global_order(
 ) -> postgresql.Insert | sqlite.Insert:
     """``insert`` into the events with each row's place in the target's global order.
 
-    PostgreSQL: the target's era (bound once per transaction), the writing
+    PostgreSQL: the target's era (worked out by each statement, as the journal's
+    writes do), the writing
     transaction's id and the identity's next position; SQLite: one more than the
     highest position, the ``step``-th row of the statement (see
     :mod:`casty_sa.ordering`). A source's positions are never copied: they order
@@ -229,7 +227,7 @@ def _in_global_order(
     """
     if postgresql:
         values: dict[str, Any] = {
-            "era": bindparam("era"),
+            "era": select(current_era(_events)).scalar_subquery(),
             "transaction_id": current_transaction_id(),
         }
     else:
