@@ -535,6 +535,30 @@ async def test_writes_after_the_file_is_gone_fail_instead_of_being_acknowledged(
         assert not path.exists()
 
 
+@pytest.mark.parametrize("change", ["deleted", "replaced-by-backup"])
+async def test_a_live_reader_learns_that_its_file_is_gone(
+    tmp_path: Path, make_journal: Callable[..., SAJournal], change: str
+) -> None:
+    """A live reader alone (its journal writes nothing more) polls a connection that keeps
+    the file it opened: once the path names another file, where other processes now
+    write, it fails instead of waiting there, silently, for ever."""
+    path = tmp_path / "journal.db"
+    journal = make_journal(sqlite_url(path))
+    await journal.persist("a", batch("a", 1, 3))
+    stream = journal.events(live=True)
+    first = [await asyncio.wait_for(anext(stream), 10) for _ in range(3)]
+    assert [e.sequence_nr for e in first] == [1, 2, 3]
+    backup = _backup(path, tmp_path / "backup.db") if change == "replaced-by-backup" else None
+    _remove_file(path)
+    if backup is not None:
+        os.replace(backup, path)
+    other = make_journal(sqlite_url(path), migrate=True)  # another node writes at the path
+    await other.persist("b", batch("b", 1, 5))
+    with pytest.raises(DatabaseFileReplaced, match="this read failed"):
+        await asyncio.wait_for(anext(stream), 10)
+    await stream.aclose()
+
+
 async def test_no_new_connection_recreates_a_deleted_file(
     tmp_path: Path, make_journal: Callable[..., SAJournal]
 ) -> None:

@@ -110,11 +110,9 @@ class SqliteBackend(SqliteReading):
             exclusive=memory and self._autocommit,
         )
         self._memory = memory
-        # On casty-sa's own file engines every read goes to one reader connection that
-        # the journal keeps (detached from the pool): aiosqlite queues calls on that
-        # connection's thread, which serves a thousand concurrent recoveries several
-        # times faster than a pool of threads taking turns on the GIL. A read abandoned
-        # by a cancelled caller just finishes on that thread, so no shield is needed.
+        # casty-sa's own file engines read on one connection the journal keeps (out of the
+        # pool): aiosqlite's thread serves it several times faster than pooled threads on
+        # the GIL; a read a cancelled caller abandons finishes there (no shield needed)
         self._share_reader = self._autocommit and not memory
         self.cancel_safe = self._share_reader
         self._reader: Any = None
@@ -317,6 +315,9 @@ class SqliteBackend(SqliteReading):
     ) -> Sequence[tuple[int, int, bytes, float]]:
         ids = json.dumps(entity_ids, ensure_ascii=False)
         return await self._read(self._load_snapshots_batch, (ids,))
+
+    def _file_kept(self) -> None:
+        self._file.check(None, None)
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         """Rows of one query, on the shared reader (or a pooled connection elsewhere)."""

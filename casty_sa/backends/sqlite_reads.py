@@ -83,11 +83,17 @@ class SqliteReading(PooledBackend):
         """Rows of one query (the dialect's backend runs it)."""
         raise NotImplementedError
 
+    def _file_kept(self) -> None:
+        """Raise if the path no longer names the file this backend reads (the dialect's
+        backend knows its file)."""
+        raise NotImplementedError
+
     async def event_page(
         self, after: Place, stop: Place, limit: int, prefix: str | None, types: list[str] | None
     ) -> EventPage:
         newest = await self._read(self._newest.sql, ())
         if not newest:
+            self._file_kept()
             return EventPage([], horizon=BOTTOM, ceiling=None)
         era, transaction_id, position = newest[0]
         horizon: Place = (era, transaction_id, position)
@@ -98,6 +104,11 @@ class SqliteReading(PooledBackend):
             "types": json.dumps(types, ensure_ascii=False) if typed else None,
         }
         rows = await self._read(statement.sql, tuple(statement.args(values)))
+        if not rows:
+            # a live reader polls here while nothing comes: its connection keeps reading
+            # the file it opened, so one deleted or replaced under it would leave it
+            # waiting, silently, while other processes write at the path
+            self._file_kept()
         return EventPage([tuple(row) for row in rows], horizon=horizon, ceiling=horizon)
 
     async def entity_id_page(self, after: str, limit: int, prefix: str | None) -> list[str]:
