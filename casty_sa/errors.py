@@ -17,6 +17,10 @@ __all__ = [
     "JournalError",
     "PayloadDecodeError",
     "PayloadEncodeError",
+    "ProjectionBusy",
+    "ProjectionError",
+    "ProjectionFailed",
+    "ProjectionLeaseLost",
     "SchemaError",
     "SequenceConflict",
     "UnsupportedDatabase",
@@ -204,3 +208,34 @@ class JournalClosed(JournalError):
 
     def __init__(self, message: str = "this SAJournal is closed; create a new one") -> None:
         super().__init__(message)
+
+
+class ProjectionError(JournalError):
+    """Base class of the errors of a projection (:mod:`casty_sa.projections`)."""
+
+
+class ProjectionLeaseLost(ProjectionError):
+    """A projection's worker no longer holds the lease of its slice.
+
+    Another worker took the slice over (this one's lease had expired: it was
+    frozen or cut off from the database), or the projection was reset. The batch
+    in hand was rolled back, NOTHING of it is stored; the worker goes back to
+    waiting for a free slice and resumes from the stored offset.
+    """
+
+
+class ProjectionBusy(ProjectionError):
+    """``catch_up`` found a slice whose lease another live worker holds.
+
+    That worker applies the slice's events; wait for it, or stop it first.
+    """
+
+
+class ProjectionFailed(ProjectionError):
+    """A projection with ``on_error="stop"`` stopped at an event its handler failed on.
+
+    Nothing of the failed batch is stored and the offset stands just before the
+    event named in the message (entity id, sequence number, offset); the cause is
+    chained. Fix the handler or the data and start the projection again: it
+    resumes with that event.
+    """

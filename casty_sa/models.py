@@ -1,4 +1,4 @@
-"""Declarative models of casty-sa's two tables.
+"""Declarative models of casty-sa's tables: events, snapshots, projection offsets.
 
 The tables carry a ``casty_sa_`` prefix so they never clash with an
 application's own ``events`` or ``snapshots``. Constraint names come from
@@ -8,7 +8,7 @@ hand-written migrations can name them.
 Examples
 --------
 >>> sorted(metadata.tables)
-['casty_sa_events', 'casty_sa_snapshots']
+['casty_sa_events', 'casty_sa_projection_offsets', 'casty_sa_snapshots']
 >>> [c.name for c in EventRecord.__table__.primary_key]
 ['entity_id', 'sequence_nr']
 """
@@ -23,6 +23,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Dialect,
     Double,
     Identity,
@@ -32,6 +33,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    Text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -44,10 +46,13 @@ __all__ = [
     "GLOBAL_ORDER_INDEX",
     "MAX_ENTITY_ID_LENGTH",
     "NAMING_CONVENTION",
+    "OWNER_LENGTH",
+    "PROJECTION_NAME_LENGTH",
     "SQLITE_NEGATIVE_ZERO",
     "VERSION_TABLE",
     "Base",
     "EventRecord",
+    "ProjectionOffsetRecord",
     "SnapshotRecord",
     "Timestamp",
     "journal_tables",
@@ -174,6 +179,48 @@ class SnapshotRecord(Base):
     sequence_nr: Mapped[int] = mapped_column(BigInteger)
     timestamp: Mapped[float] = mapped_column(Double)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+#: Longest projection name, in characters.
+PROJECTION_NAME_LENGTH = 255
+#: Longest owner tag of a projection's lease (``host:pid:random``).
+OWNER_LENGTH = 255
+
+
+class ProjectionOffsetRecord(Base):
+    """Where one slice of a projection stands, and which worker may move it.
+
+    A projection (:class:`casty_sa.projections.Projection`) has ``slice_count`` rows,
+    one per slice ``0 … slice_count - 1``; a one-slice projection has one row. The
+    row is updated in the same transaction as the read-model writes of every batch,
+    so ``last_offset`` (the offset of the last event handled, ``NULL`` before the
+    first) can never disagree with the read model. It lives in the read model's
+    database, which need not be the journal's.
+
+    The lease: ``owner`` may apply events while ``lease_expires_ms`` (milliseconds
+    since 1970 on the database's clock) is in the future. Every take-over and every
+    reset adds one to ``fence``, and a batch commits only if the row still has the
+    owner and fence its worker took it with, so a worker that lost its lease
+    (frozen, cut off, reset) can never commit a batch.
+    """
+
+    __tablename__ = "casty_sa_projection_offsets"
+    __table_args__ = (
+        CheckConstraint("slice_count >= 1", name="slice_count"),
+        CheckConstraint("slice >= 0 AND slice < slice_count", name="slice"),
+    )
+
+    projection: Mapped[str] = mapped_column(String(PROJECTION_NAME_LENGTH), primary_key=True)
+    slice: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    slice_count: Mapped[int] = mapped_column(SmallInteger)
+    last_offset: Mapped[str | None] = mapped_column(String(36))
+    handled: Mapped[int] = mapped_column(BigInteger)
+    fence: Mapped[int] = mapped_column(BigInteger)
+    owner: Mapped[str | None] = mapped_column(String(OWNER_LENGTH))
+    lease_expires_ms: Mapped[int | None] = mapped_column(BigInteger)
+    updated_ms: Mapped[int] = mapped_column(BigInteger)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_ms: Mapped[int | None] = mapped_column(BigInteger)
 
 
 @functools.cache

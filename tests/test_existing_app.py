@@ -80,6 +80,7 @@ class TestPostgresSchema:
             await engine.dispose()
         assert names["casty"] == {
             "casty_sa_events",
+            "casty_sa_projection_offsets",
             "casty_sa_snapshots",
             casty_sa.VERSION_TABLE,
         }
