@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 from casty import PersistedEvent
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import URL, text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
+import casty_sa
 from casty_sa import (
     EventEnvelope,
     Projection,
     ProjectionBusy,
+    ProjectionFailed,
     SAJournal,
 )
 from casty_sa.projections import LEASE_KEY, slice_of
@@ -349,3 +353,239 @@ class TestReset:
 async def _fences(sessions: async_sessionmaker[AsyncSession]) -> list[int]:
     async with sessions() as session:
         return [row[0] for row in await session.execute(text("SELECT fence FROM applied"))]
+
+
+class TestStatus:
+    async def test_lag_in_events_and_seconds(self, journal: SAJournal) -> None:
+        async with asyncio.timeout(BOUND):
+            projection = Projection("lagging", journal, add_applied, slices=2)
+            await projection.reset()
+            status = await projection.status()
+            assert (status.lag_events, status.lag_seconds, status.last_error) == (0, 0.0, None)
+            await journal.persist("old-1", [PersistedEvent(1, 1, 1000.0)])  # long ago
+            await persist(journal, 3, 1, start=1)
+            status = await projection.status()
+            assert [s.lag_events for s in status.slices] == [4, 4]  # every slice reads all
+            assert status.lag_seconds > 1e9  # since 1970 + 1000 s
+            assert await projection.catch_up() == 4
+            status = await projection.status()
+            assert (status.lag_events, status.lag_seconds) == (0, 0.0)
+
+
+def failing_on(entity_id: str, sequence_nr: int, broken: list[bool]) -> Any:
+    """A handler that fails on one event while ``broken[0]`` holds."""
+
+    async def handler(session: AsyncSession, envelope: EventEnvelope) -> None:
+        await add_applied(session, envelope)
+        if broken[0] and (envelope.entity_id, envelope.sequence_nr) == (entity_id, sequence_nr):
+            raise ValueError(f"cannot apply {entity_id} {sequence_nr}")
+
+    return handler
+
+
+class TestFailingHandler:
+    async def test_rolls_back_blocks_visibly_and_resumes_after_the_fix(
+        self,
+        journal: SAJournal,
+        sessions: async_sessionmaker[AsyncSession],
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        async with asyncio.timeout(BOUND):
+            await persist(journal, 4, 3)
+            broken = [True]
+            handler = failing_on("acct-2", 2, broken)
+            options: dict[str, Any] = {"batch_size": 100, "retry_delay": 0.01}
+            projection = Projection("failing", journal, handler, **options)
+            everything = [e async for e in journal.events()]
+            failing = next(e for e in everything if (e.entity_id, e.sequence_nr) == ("acct-2", 2))
+            before = everything[: everything.index(failing)]
+            caplog.set_level(logging.WARNING, logger="casty_sa.projections")
+            async with running(projection):
+
+                async def blocked() -> bool:
+                    status = await projection.status()
+                    return status.last_error is not None and len(caplog.records) >= 3
+
+                await eventually(blocked)
+                # the events before the failing one committed as a batch of their own; the
+                # failing one is retried alone and nothing after it is applied
+                assert await projection.offset() == before[-1].offset
+                assert await applied(sessions) == sorted((e[1], e[2]) for e in before)
+                status = await projection.status()
+                assert status.lag_events == len(everything) - len(before)
+                for text in ("'acct-2'", "sequence number 2", failing.offset, "ValueError"):
+                    assert text in (status.last_error or "")
+                    assert text in caplog.records[-1].getMessage()
+                assert "attempt" in caplog.records[-1].getMessage()
+                broken[0] = False
+                await eventually(lambda: _count(sessions, len(everything)))
+            assert await applied(sessions) == await fold(journal)
+            assert (await projection.status()).last_error is None
+
+    async def test_on_error_stop_raises_naming_the_event(
+        self, journal: SAJournal, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        async with asyncio.timeout(BOUND):
+            await persist(journal, 3, 2)
+            broken = [True]
+            handler = failing_on("acct-1", 2, broken)
+            projection = Projection("stopping", journal, handler, on_error="stop")
+            everything = [e async for e in journal.events()]
+            failing = next(e for e in everything if (e.entity_id, e.sequence_nr) == ("acct-1", 2))
+            with pytest.raises(ProjectionFailed, match="'acct-1' sequence number 2") as raised:
+                await projection.run()
+            assert failing.offset in str(raised.value)
+            assert isinstance(raised.value.__cause__, ValueError)
+            status = await projection.status()
+            assert status.state == "failed" and not status.slices[0].held
+            assert await projection.offset() == everything[everything.index(failing) - 1].offset
+            with pytest.raises(ProjectionFailed):
+                await projection.catch_up()
+            broken[0] = False
+            assert await projection.catch_up() == len(everything) - everything.index(failing)
+            assert await applied(sessions) == await fold(journal)
+
+
+class TestAtLeastOnce:
+    async def test_handler_outside_the_database_sees_every_event(self, journal: SAJournal) -> None:
+        async with asyncio.timeout(BOUND):
+            await persist(journal, 5, 4)
+            seen: list[tuple[str, int]] = []
+            broken = [True]
+
+            async def handler(envelope: EventEnvelope) -> None:
+                if broken[0] and (envelope.entity_id, envelope.sequence_nr) == ("acct-3", 3):
+                    raise ConnectionError("broker down")
+                seen.append((envelope.entity_id, envelope.sequence_nr))
+
+            projection = Projection.at_least_once(
+                "mailer", journal, handler, batch_size=6, retry_delay=0.01, slices=2
+            )
+            async with running(projection):
+                await eventually(lambda: _has_error(projection))
+                broken[0] = False
+                await eventually(lambda: _caught_up(projection))
+            # the events before the failing one were not handed out again
+            assert sorted(seen) == await fold(journal)
+            assert len(seen) == len(set(seen))
+
+
+async def _has_error(projection: Projection) -> bool:
+    return (await projection.status()).last_error is not None
+
+
+async def _caught_up(projection: Projection) -> bool:
+    status = await projection.status()
+    return status.lag_events == 0 and bool(status.slices)
+
+
+class TestAnotherDatabase:
+    async def test_read_model_in_another_database_than_the_journal(
+        self,
+        journal: SAJournal,
+        backend: str,
+        tmp_path: Path,
+        new_postgres_db: Callable[..., Awaitable[URL]],
+    ) -> None:
+        async with asyncio.timeout(BOUND):
+            if backend == "sqlite":
+                url: URL | str = f"sqlite+aiosqlite:///{tmp_path / 'readmodel.db'}"
+                await casty_sa.upgrade(url)
+            else:
+                url = await new_postgres_db(migrated=True)
+            engine = create_async_engine(url)
+            try:
+                async with engine.begin() as conn:
+                    await conn.execute(text(APPLIED))
+                other = async_sessionmaker(engine)
+                await persist(journal, 4, 3)
+                projection = Projection("elsewhere", journal, add_applied, sessions=other)
+                assert await projection.catch_up() == 12
+                assert await applied(other) == await fold(journal)
+                async with journal.engine.connect() as conn:
+                    rows = await conn.execute(text("SELECT count(*) FROM applied"))
+                    assert rows.scalar() == 0  # nothing in the journal's database
+                    offsets = await conn.execute(
+                        text("SELECT count(*) FROM casty_sa_projection_offsets")
+                    )
+                    assert offsets.scalar() == 0
+            finally:
+                await engine.dispose()
+
+
+class _CommitFails(AsyncSession):
+    """A session whose commit raises after (``landed``) or instead of committing, once."""
+
+    plan: ClassVar[list[bool]] = []
+
+    async def commit(self) -> None:
+        if LEASE_KEY in self.info and self.plan:
+            landed = self.plan.pop(0)
+            if landed:
+                await super().commit()
+            raise ConnectionResetError(f"connection lost at commit (landed: {landed})")
+        await super().commit()
+
+
+class TestUnknownCommitOutcome:
+    @pytest.mark.parametrize("landed", [True, False])
+    async def test_resolved_by_reading_the_offset_again(
+        self,
+        journal: SAJournal,
+        sessions: async_sessionmaker[AsyncSession],
+        landed: bool,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        async with asyncio.timeout(BOUND):
+            await persist(journal, 3, 3)
+            failing = async_sessionmaker(journal.engine, class_=_CommitFails)
+            _CommitFails.plan = [landed]
+            projection = Projection(
+                "unknown", journal, add_applied, sessions=failing, retry_delay=0.01, batch_size=4
+            )
+            caplog.set_level(logging.WARNING, logger="casty_sa.projections")
+            assert await projection.catch_up() == 9
+            assert await applied(sessions) == await fold(journal)
+            said = "landed" if landed else "did not land"
+            assert any(f"shows it {said}" in r.getMessage() for r in caplog.records)
+
+
+class TestHostileInput:
+    @pytest.mark.parametrize(
+        ("options", "error"),
+        [
+            ({"name": ""}, "name must be"),
+            ({"name": "x" * 256}, "name must be"),
+            ({"name": "a\x00b"}, "NUL"),
+            ({"name": 7}, "name must be"),
+            ({"handler": "not callable"}, "handler must be"),
+            ({"batch_size": 0}, "batch_size"),
+            ({"batch_size": True}, "batch_size"),
+            ({"slices": 0}, "slices"),
+            ({"slices": 40000}, "slices"),
+            ({"slices": 2, "max_slices": 3}, "max_slices"),
+            ({"on_error": "ignore"}, "on_error"),
+            ({"retry_delay": float("nan")}, "retry_delay"),
+            ({"retry_delay": 1.0, "max_retry_delay": 0.5}, "max_retry_delay"),
+            ({"lease_seconds": 0}, "lease_seconds"),
+            ({"lease_seconds": float("inf")}, "lease_seconds"),
+            ({"entity_prefix": 5}, "entity_prefix"),
+            ({"event_types": "app.Deposited"}, "event_types"),
+            ({"sessions": "sqlite://"}, "sessions"),
+            ({"journal": "sqlite://"}, "journal must be"),
+        ],
+    )
+    async def test_refused_at_construction(
+        self, journal: SAJournal, options: dict[str, Any], error: str
+    ) -> None:
+        arguments: dict[str, Any] = {"name": "p", "journal": journal, "handler": add_applied}
+        arguments.update(options)
+        with pytest.raises((TypeError, ValueError), match=error):
+            Projection(**arguments)
+
+    async def test_a_slice_out_of_range_and_a_bad_clear(self, journal: SAJournal) -> None:
+        projection = Projection("p", journal, add_applied, slices=2)
+        with pytest.raises(ValueError, match="slice"):
+            await projection.offset(2)
+        with pytest.raises(TypeError, match="clear"):
+            await projection.reset("DELETE FROM applied")  # type: ignore[arg-type]

@@ -111,7 +111,7 @@ class Projection:
         journal: SAJournal,
         handler: Handler,
         *,
-        sessions: async_sessionmaker[AsyncSession] | None = None,
+        sessions: async_sessionmaker[Any] | None = None,
         schema: str | None = None,
         batch_size: int = 500,
         entity_prefix: str | None = None,
