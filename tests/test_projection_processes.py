@@ -14,7 +14,8 @@ database holds, not from timing:
   never overlap and their fences never go down, and the node's fence guard (a
   conditional ``UPDATE`` of ``rm_fences`` in the batch's own transaction) recorded no
   batch under a fence lower than one already applied;
-- each slice's stored offset is the journal's last one.
+- each slice's stored offset is the journal's last one, and the slices' ``handled``
+  counts add up to the number of events.
 
 Random kill points come from a seeded generator; the seed is printed (shown on
 failure). ``CASTY_SA_PROJECTION_KILLS`` sets the number of kills (3 by default).
@@ -38,7 +39,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import URL, func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from casty_sa import Projection, ProjectionBusy, SAJournal
 from casty_sa.projections.offsets import OffsetRow, OffsetTable
@@ -119,6 +125,11 @@ class Node:
         return stat.rsplit(")", 1)[1].split()[0]
 
 
+#: each writer worker waits this long after each batch: a steady load of a few hundred
+#: events a second, which the projection can follow
+WRITER_PACE = 0.02
+
+
 @asynccontextmanager
 async def writers(url: str, tmp_path: Path, seed: int) -> AsyncIterator[None]:
     """Two ``crash_writer.py`` processes persisting on 12 entities each until the block
@@ -133,6 +144,8 @@ async def writers(url: str, tmp_path: Path, seed: int) -> AsyncIterator[None]:
             "12",
             "--workers",
             "3",
+            "--pace",
+            str(WRITER_PACE),
             "--seed",
             str(seed + i),
         )
@@ -150,10 +163,11 @@ async def writers(url: str, tmp_path: Path, seed: int) -> AsyncIterator[None]:
 
 
 class ReadModel:
-    """Queries on the read model and the offsets table, from the test's own journal."""
+    """Queries on the read model and the offsets table, on an engine of their own that
+    only reads (never queued behind the writers for SQLite's write lock)."""
 
-    def __init__(self, journal: SAJournal) -> None:
-        self.sessions = async_sessionmaker(journal.engine)
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.sessions = async_sessionmaker(engine)
 
     async def scalar(self, query: object) -> int:
         async with self.sessions() as session:
@@ -236,7 +250,7 @@ class Outcome:
         return {b.owner for b in self.batches if slice_ is None or b.slice == slice_}
 
 
-async def check(journal: SAJournal, slices: int) -> Outcome:
+async def check(journal: SAJournal, model: ReadModel, slices: int) -> Outcome:
     """The claims of the module docstring, on what the database holds now."""
     expected: dict[str, tuple[int, int, int]] = {}
     offsets: list[str] = []
@@ -248,7 +262,6 @@ async def check(journal: SAJournal, slices: int) -> Outcome:
             envelope.sequence_nr,
         )
         offsets.append(envelope.offset)
-    model = ReadModel(journal)
     async with model.sessions() as session:
         b = node.balances
         stored = {
@@ -269,6 +282,7 @@ async def check(journal: SAJournal, slices: int) -> Outcome:
     rows = await model.rows()
     assert [row.slice for row in rows] == list(range(slices))
     assert {row.last_offset for row in rows} == {offsets[-1]}
+    assert sum(row.handled for row in rows) == len(offsets)
     return Outcome(len(offsets), committed)
 
 
@@ -291,17 +305,19 @@ def slice_of(entity_id: str, slices: int) -> int:
 @pytest.fixture
 async def setup(
     db_url: URL, make_journal: Callable[..., SAJournal]
-) -> Callable[[int], Awaitable[tuple[str, SAJournal, ReadModel]]]:
+) -> AsyncIterator[Callable[[int], Awaitable[tuple[str, SAJournal, ReadModel]]]]:
     """``await setup(slices)``: the database's URL for the nodes, the test's journal, and
-    the read model's tables made."""
+    the read model (its tables made)."""
+    engine = create_async_engine(db_url)
 
     async def make(slices: int) -> tuple[str, SAJournal, ReadModel]:
         journal = make_journal(db_url)
         await journal.start()
         await node.create_read_model(journal.engine, slices)
-        return db_url.render_as_string(hide_password=False), journal, ReadModel(journal)
+        return db_url.render_as_string(hide_password=False), journal, ReadModel(engine)
 
-    return make
+    yield make
+    await engine.dispose()
 
 
 def new_seed() -> int:
@@ -332,11 +348,11 @@ async def test_sigkill_at_random_moments_applies_every_event_exactly_once(
                 return await model.applied() > before
 
             await until(progressed, 20, "the restarted node applied nothing", victim)
-            await asyncio.sleep(rng.uniform(0.0, 0.3))  # a random moment mid-run
+            await asyncio.sleep(rng.uniform(0.05, 0.8))  # a random moment mid-run
             await victim.killed()
             kills += 1
     caught_up = await final_catch_up(journal, 1)
-    outcome = await check(journal, 1)
+    outcome = await check(journal, model, 1)
     fences = sorted({b.fence for b in outcome.batches})
     print(
         f"{kills} kills, {outcome.events} events, {len(outcome.batches)} batches, "
@@ -396,7 +412,7 @@ async def test_nodes_share_a_projection_and_survivors_take_over_from_a_killed_on
         for survivor in survivors:
             await survivor.stopped()
     await final_catch_up(journal, slices)
-    outcome = await check(journal, slices)
+    outcome = await check(journal, model, slices)
     for index, fence in lost.items():
         after = {b.owner for b in outcome.batches if b.slice == index and b.fence > fence}
         assert not any(victim.owns(owner) for owner in after)
@@ -453,7 +469,7 @@ async def test_a_worker_stopped_longer_than_its_lease_never_commits_after_the_ta
         await until(a_took_back, TAKEOVER_BOUND, "A did not take the slice back", a)
         await a.stopped()
     await final_catch_up(journal, 1)
-    outcome = await check(journal, 1)
+    outcome = await check(journal, model, 1)
     a_batches = [x for x in outcome.batches if a.owns(x.owner)]
     b_batches = [x for x in outcome.batches if b.owns(x.owner)]
     assert {x.fence for x in a_batches} == {a_fence, max(x.fence for x in a_batches)}
@@ -507,5 +523,39 @@ async def test_a_reset_killed_mid_transaction_changes_nothing_and_a_reset_restar
         assert worker.owns(row.owner)
         await worker.stopped()
     await final_catch_up(journal, 1)
-    outcome = await check(journal, 1)
+    outcome = await check(journal, model, 1)
     assert all(b.fence > before.fence + 1 for b in outcome.batches)
+
+
+@pytest.mark.only_backends("postgresql")
+async def test_a_worker_frozen_inside_its_lease_renewal_does_not_block_the_take_over(
+    setup: Callable[[int], Awaitable[tuple[str, SAJournal, ReadModel]]], tmp_path: Path
+) -> None:
+    """A process frozen (SIGSTOP, a VM pause, a half-open connection) between its renewal's
+    ``UPDATE`` and ``COMMIT`` holds the slice's row lock: the server must end that
+    transaction, or no survivor can ever take the slice (and its open transaction holds
+    back the horizon of every live reader)."""
+    url, journal, model = await setup(1)
+    seed = new_seed()
+    renewal = "UPDATE casty_sa_projection_offsets SET lease_expires_ms"
+    async with asyncio.timeout(60), writers(url, tmp_path, seed):
+        a = await Node.start(url, tmp_path, "node-a", "--stop-after-sql", renewal)
+
+        async def a_is_stopped() -> bool:
+            return a.state() == "T"
+
+        await until(a_is_stopped, 20, "A did not stop inside a renewal", a)
+        [row] = await model.rows()
+        assert a.owns(row.owner)
+        b = await Node.start(url, tmp_path, "node-b")
+
+        async def b_took_over() -> bool:
+            return any(b.owns(x.owner) for x in await model.batches())
+
+        seconds = await until(b_took_over, TAKEOVER_BOUND, "B did not take over", b)
+        print(f"the slice of a worker frozen in its renewal taken over in {seconds:.2f} s")
+        a.process.send_signal(signal.SIGCONT)
+        await b.stopped()
+        await a.stopped()
+    await final_catch_up(journal, 1)
+    await check(journal, model, 1)

@@ -32,14 +32,16 @@ exits 0; prints ``running`` first and ``stopped`` last), ``catch-up`` (prints
 stderr, exit status 3.
 
 ``--kill-after-sql PREFIX`` makes the process SIGKILL itself right after the first SQL
-statement starting with PREFIX ran; ``--stop-after-commits N`` makes it SIGSTOP itself
-right after its N-th committed batch (outside any transaction, still holding its lease).
+statement starting with PREFIX ran (inside its transaction); ``--stop-after-sql PREFIX``
+SIGSTOPs it there instead; ``--stop-after-commits N`` makes it SIGSTOP itself after its
+N-th committed batch, at a moment when none of its connections is in a transaction
+(still holding its lease, but no lock).
 
 Usage::
 
     python tests/support/projection_node.py URL [--name balances] [--slices 1]
         [--max-slices N] [--lease 1.0] [--batch-size 50] [--mode run|catch-up|reset]
-        [--kill-after-sql PREFIX] [--stop-after-commits N]
+        [--kill-after-sql PREFIX] [--stop-after-sql PREFIX] [--stop-after-commits N]
 """
 
 from __future__ import annotations
@@ -201,37 +203,59 @@ class NodeSession(Session):
     """The node's sessions (a class of its own, to count their commits)."""
 
 
-def stop_after_commits(count: int) -> None:
-    """SIGSTOP this process right after its ``count``-th committed batch."""
+def stop_after_commits(journal: SAJournal, count: int) -> None:
+    """SIGSTOP this process once its ``count``-th batch committed and none of its
+    connections is inside a transaction (it holds its lease and no lock): a connection
+    counts from its transaction's begin until it is back in the pool."""
     done = 0
+    busy: set[int] = set()
+    engine = journal.engine.sync_engine
+    loop = asyncio.get_running_loop()
+
+    def stop_if_idle() -> None:
+        nonlocal done
+        if done >= count and not busy:
+            done = -(2**62)  # once
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    @event.listens_for(engine, "begin")
+    def _began(connection: Any) -> None:
+        busy.add(id(connection.connection.dbapi_connection))
+
+    @event.listens_for(engine, "checkin")
+    def _returned(dbapi_connection: Any, _record: Any) -> None:
+        busy.discard(id(dbapi_connection))
+        loop.call_soon_threadsafe(stop_if_idle)
 
     @event.listens_for(NodeSession, "after_commit")
     def _committed(session: Session) -> None:
         nonlocal done
-        if _BATCH not in session.info:
-            return
-        del session.info[_BATCH]
-        done += 1
-        if done == count:
-            os.kill(os.getpid(), signal.SIGSTOP)
+        if session.info.pop(_BATCH, None) is not None:
+            done += 1
 
 
-def kill_after_sql(journal: SAJournal, prefix: str) -> None:
-    """SIGKILL this process right after a statement starting with ``prefix`` ran."""
+def signal_after_sql(journal: SAJournal, prefix: str, signum: int) -> None:
+    """Send this process ``signum`` (once) right after a statement starting with
+    ``prefix`` ran, inside that statement's transaction."""
+    sent = False
 
     @event.listens_for(journal.engine.sync_engine, "after_cursor_execute")
-    def _kill(*args: Any) -> None:
-        if str(args[2]).lstrip().startswith(prefix):
-            os.kill(os.getpid(), signal.SIGKILL)
+    def _signal(*args: Any) -> None:
+        nonlocal sent
+        if not sent and str(args[2]).lstrip().startswith(prefix):
+            sent = True
+            os.kill(os.getpid(), signum)
 
 
 async def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     journal = SAJournal(args.url)
     if args.kill_after_sql:
-        kill_after_sql(journal, args.kill_after_sql)
+        signal_after_sql(journal, args.kill_after_sql, signal.SIGKILL)
+    if args.stop_after_sql:
+        signal_after_sql(journal, args.stop_after_sql, signal.SIGSTOP)
     if args.stop_after_commits:
-        stop_after_commits(args.stop_after_commits)
+        stop_after_commits(journal, args.stop_after_commits)
     sessions = async_sessionmaker(journal.engine, sync_session_class=NodeSession)
     projection = casty_sa.Projection(
         args.name,
@@ -280,6 +304,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--mode", choices=["run", "catch-up", "reset"], default="run")
     parser.add_argument("--kill-after-sql", default="", metavar="PREFIX")
+    parser.add_argument("--stop-after-sql", default="", metavar="PREFIX")
     parser.add_argument("--stop-after-commits", type=int, default=0, metavar="N")
     return parser.parse_args(argv)
 
