@@ -528,23 +528,29 @@ async def test_a_reset_killed_mid_transaction_changes_nothing_and_a_reset_restar
 
 
 @pytest.mark.only_backends("postgresql")
-async def test_a_worker_frozen_inside_its_lease_renewal_does_not_block_the_take_over(
-    setup: Callable[[int], Awaitable[tuple[str, SAJournal, ReadModel]]], tmp_path: Path
+@pytest.mark.parametrize(
+    "statement",
+    ["UPDATE casty_sa_projection_offsets SET lease_expires_ms", "INSERT INTO rm_applied"],
+    ids=["in-a-renewal", "in-a-batch"],
+)
+async def test_a_worker_frozen_inside_a_transaction_does_not_block_the_take_over(
+    setup: Callable[[int], Awaitable[tuple[str, SAJournal, ReadModel]]],
+    tmp_path: Path,
+    statement: str,
 ) -> None:
-    """A process frozen (SIGSTOP, a VM pause, a half-open connection) between its renewal's
-    ``UPDATE`` and ``COMMIT`` holds the slice's row lock: the server must end that
-    transaction, or no survivor can ever take the slice (and its open transaction holds
-    back the horizon of every live reader)."""
+    """A process frozen (SIGSTOP, a VM pause, a half-open connection) inside a transaction
+    on the slice's row (a renewal, or a batch after its ``advance``) holds the row's lock:
+    the server must end that transaction, or no survivor can ever take the slice (and
+    its open transaction holds back the horizon of every live reader)."""
     url, journal, model = await setup(1)
     seed = new_seed()
-    renewal = "UPDATE casty_sa_projection_offsets SET lease_expires_ms"
     async with asyncio.timeout(60), writers(url, tmp_path, seed):
-        a = await Node.start(url, tmp_path, "node-a", "--stop-after-sql", renewal)
+        a = await Node.start(url, tmp_path, "node-a", "--stop-after-sql", statement)
 
         async def a_is_stopped() -> bool:
             return a.state() == "T"
 
-        await until(a_is_stopped, 20, "A did not stop inside a renewal", a)
+        await until(a_is_stopped, 20, "A did not stop inside the transaction", a)
         [row] = await model.rows()
         assert a.owns(row.owner)
         b = await Node.start(url, tmp_path, "node-b")
@@ -553,7 +559,7 @@ async def test_a_worker_frozen_inside_its_lease_renewal_does_not_block_the_take_
             return any(b.owns(x.owner) for x in await model.batches())
 
         seconds = await until(b_took_over, TAKEOVER_BOUND, "B did not take over", b)
-        print(f"the slice of a worker frozen in its renewal taken over in {seconds:.2f} s")
+        print(f"the slice of a worker frozen {statement!r} taken over in {seconds:.2f} s")
         a.process.send_signal(signal.SIGCONT)
         await b.stopped()
         await a.stopped()
