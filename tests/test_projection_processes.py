@@ -125,15 +125,16 @@ class Node:
         return stat.rsplit(")", 1)[1].split()[0]
 
 
-#: each writer worker waits this long after each batch: a steady load of a few hundred
-#: events a second, which the projection can follow
-WRITER_PACE = 0.02
+#: each writer worker waits this long after each batch: a steady load of about a hundred
+#: events a second, which the projection (a few statements an event) follows
+WRITER_PACE = 0.05
 
 
 @asynccontextmanager
 async def writers(url: str, tmp_path: Path, seed: int) -> AsyncIterator[None]:
-    """Two ``crash_writer.py`` processes persisting on 12 entities each until the block
-    ends; both must still be writing then (a projection never blocks the writers)."""
+    """Two ``crash_writer.py`` processes (two workers each) persisting on 12 entities each
+    until the block ends; both must still be writing then (a projection never blocks the
+    writers)."""
     procs = [
         processes.start_writer(
             url,
@@ -143,7 +144,7 @@ async def writers(url: str, tmp_path: Path, seed: int) -> AsyncIterator[None]:
             "--entities",
             "12",
             "--workers",
-            "3",
+            "2",
             "--pace",
             str(WRITER_PACE),
             "--seed",
