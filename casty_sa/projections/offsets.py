@@ -42,6 +42,7 @@ from sqlalchemy import (
     Table,
     and_,
     delete,
+    func,
     or_,
     select,
     update,
@@ -176,6 +177,7 @@ class OffsetTable:
             table.c.lease_expires_ms.is_(None),
             table.c.lease_expires_ms <= database_ms(),
         )
+        await _end_if_frozen(session, lease_ms)
         taken = await session.execute(
             update(table)
             .where(table.c.projection == name, table.c.slice == index, free)
@@ -193,6 +195,7 @@ class OffsetTable:
 
     async def renew(self, session: AsyncSession, lease: Lease, lease_ms: int) -> bool:
         """Extend ``lease`` by ``lease_ms`` from now; ``False`` if it was lost."""
+        await _end_if_frozen(session, lease_ms)
         renewed = await session.execute(
             update(self.table)
             .where(self._held_by(lease))
@@ -213,6 +216,7 @@ class OffsetTable:
         the lease; :class:`ProjectionLeaseLost` if the row is no longer ``lease``'s at
         ``after``. Run it first in the batch's transaction (it locks the row)."""
         table = self.table
+        await _end_if_frozen(session, lease_ms)
         moved = await session.execute(
             update(table)
             .where(self._held_by(lease), table.c.last_offset.is_not_distinct_from(after))
@@ -329,6 +333,21 @@ def _insert_ignoring_duplicates(session: AsyncSession, table: Table) -> Insert:
     if dialect == "sqlite":
         return sqlite.insert(table).on_conflict_do_nothing()
     return mysql.insert(table).prefix_with("IGNORE")
+
+
+async def _end_if_frozen(session: AsyncSession, lease_ms: int) -> None:
+    """On PostgreSQL, make the server end this transaction if its client goes quiet in
+    it for longer than a lease (``SET LOCAL idle_in_transaction_session_timeout``).
+
+    A process frozen (stopped, paused, cut off behind a half-open connection) between a
+    statement on the slice's row and its ``COMMIT`` holds the row's lock: without this
+    no other worker could ever take the slice over (its ``acquire`` waits on the lock),
+    and the open transaction would hold back the horizon of every live reader of the
+    server. A transaction that went quiet that long had lost its lease anyway.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        timeout = func.set_config("idle_in_transaction_session_timeout", f"{lease_ms}ms", True)
+        await session.execute(select(timeout))
 
 
 def _rowcount(result: Any) -> int:

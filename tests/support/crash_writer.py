@@ -21,7 +21,10 @@ Usage::
 
     python tests/support/crash_writer.py URL LOG [--entities 40] [--workers 16] [--prefix e]
         [--batches 0] [--no-group-commit] [--migrate] [--kill-after-sql PREFIX]
-        [--pause-after-sql PREFIX] [--pause 1.5] [--seed 1]
+        [--pause-after-sql PREFIX] [--pause 1.5] [--seed 1] [--pace 0]
+
+``--pace SECONDS`` makes each worker wait that long after each batch (a steady load
+instead of the most the database takes).
 """
 
 from __future__ import annotations
@@ -146,6 +149,7 @@ async def worker(
     next_seq: dict[str, int],
     rng: random.Random,
     batches: int,
+    pace: float = 0.0,
 ) -> None:
     done = 0
     while batches == 0 or done < batches:
@@ -162,6 +166,8 @@ async def worker(
             )
             log.write(f"S {entity_id} {last}")
         done += 1
+        if pace:
+            await asyncio.sleep(pace)
 
 
 def stop_after(journal: SAJournal, prefix: str, *, kill: bool, pause: float) -> None:
@@ -202,7 +208,15 @@ async def main(args: argparse.Namespace) -> int:
         rng = random.Random(args.seed)
         await asyncio.gather(
             *(
-                worker(journal, log, mine, next_seq, random.Random(rng.random()), args.batches)
+                worker(
+                    journal,
+                    log,
+                    mine,
+                    next_seq,
+                    random.Random(rng.random()),
+                    args.batches,
+                    args.pace,
+                )
                 for mine in owned
             )
         )
@@ -230,6 +244,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pause-after-sql", default="", metavar="PREFIX")
     parser.add_argument("--pause", type=float, default=1.5)
     parser.add_argument("--seed", type=float, default=1.0)
+    parser.add_argument("--pace", type=float, default=0.0, help="seconds between batches")
     return parser.parse_args(argv)
 
 

@@ -16,6 +16,7 @@ CRASH_WRITER = HERE / "crash_writer.py"
 EIO_WRITER = HERE / "eio_writer.py"
 CLUSTER_NODE = HERE / "cluster_node.py"
 EVENT_WRITER = HERE / "event_writer.py"
+PROJECTION_NODE = HERE / "projection_node.py"
 WAL_FSYNC_SHIM = HERE / "fail_wal_fsync.c"
 
 
