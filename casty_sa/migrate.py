@@ -35,6 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa.diagnosis import database_error, migration_error
+from casty_sa.downgrades import DataWouldBeDropped, data_dropped
 from casty_sa.engine import (
     AUTOCOMMIT_ENGINES,
     bind_schema,
@@ -48,7 +49,6 @@ from casty_sa.revisions import (
     alembic_config,
     current_revision,
     head_revision,
-    lands_on_base,
     not_at_head,
     read_state,
     refuse_casty_tables,
@@ -61,7 +61,7 @@ from casty_sa.urls import UrlLike, engine_secrets, safe_url, to_async_url
 log = logging.getLogger("casty_sa")
 
 __all__ = [
-    "EventsWouldBeDropped",
+    "DataWouldBeDropped",
     "SchemaNotSupported",
     "check_schema",
     "checked_engine",
@@ -268,27 +268,13 @@ async def current(target: UrlLike | AsyncEngine, *, schema: str | None = None) -
     return revision
 
 
-class EventsWouldBeDropped(Exception):
-    """:func:`migrate_between` refused a downgrade to base of tables that hold events.
-
-    Parameters
-    ----------
-    events : int
-        How many events the tables hold.
-    """
-
-    def __init__(self, events: int) -> None:
-        super().__init__(f"downgrading to base would drop {events:,} events")
-        self.events = events
-
-
 async def migrate_between(
     target: UrlLike,
     revision: str,
     *,
     down: bool = False,
     schema: str | None = None,
-    keep_events: bool = False,
+    keep_data: bool = False,
     **engine_options: Any,
 ) -> tuple[str | None, str | None]:
     """Upgrade (or with ``down``, downgrade) a database to ``revision``; what ``casty-sa``
@@ -306,16 +292,21 @@ async def migrate_between(
     ------
     SchemaError
         A newer casty-sa migrated the database (nothing is changed).
-    EventsWouldBeDropped
-        With ``keep_events``: the downgrade ends at base while the tables hold events.
+    DataWouldBeDropped
+        With ``keep_data``: the downgrade would drop events (it ends at base) or
+        projections' offsets (it undoes 0003); nothing is changed.
     """
     engine, _owned = open_engine(target, **_migration_engine_options(target, engine_options))
     try:
-        state = await schema_state(engine, schema, count=down)
+        state = await schema_state(engine, schema)
         if state.unknown:
             raise unknown_revision(safe_url(to_async_url(target)), str(state.revision))
-        if keep_events and state.events and lands_on_base(state.revision, revision):
-            raise EventsWouldBeDropped(state.events)
+        if down and keep_data:
+            dropped = await data_dropped(
+                engine, schema, state.revision, revision, app_managed=state.app_managed
+            )
+            if dropped:
+                raise dropped
         await (downgrade if down else upgrade)(engine, revision, schema=schema)
         after = await current(engine, schema=schema)
     finally:

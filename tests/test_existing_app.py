@@ -194,6 +194,7 @@ class TestSideBySideHistories:
         assert {d[1].name for d in unfiltered if d[0] == "remove_table"} >= {
             "casty_sa_events",
             "casty_sa_snapshots",
+            "casty_sa_projection_offsets",
         }
         # ...which casty_sa.exclude_journal_tables does
         assert (
@@ -234,6 +235,8 @@ class TestAppOwnsTheTables:
         )
         generated = next((scripts / "versions").glob("a002_*.py")).read_text()
         assert "casty_sa_events" in generated and "casty_sa_snapshots" in generated
+        # the projections' offsets too, their constraints named as migration 0003 names them
+        assert "op.f('ck_casty_sa_projection_offsets_slice_count')" in generated
         await run_app_alembic(empty_db_url, command.upgrade, "head", scripts=scripts)
         assert await app_revision(empty_db_url) == ["a002"]
         assert await casty_sa.current(empty_db_url) is None  # casty-sa's history unused

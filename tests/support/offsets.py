@@ -1,0 +1,36 @@
+"""Projection rows made straight through ``OffsetTable``: stored offsets without a Projection."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy import URL
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from casty_sa.engine import bind_schema, open_engine
+from casty_sa.projections.offsets import OffsetTable
+
+
+async def on_offsets(
+    url: URL | str,
+    work: Callable[[AsyncSession, OffsetTable], Awaitable[object]],
+    *,
+    schema: str | None = None,
+) -> None:
+    """Run ``work(session, table)`` in one committed transaction on a short-lived engine."""
+    engine, _ = open_engine(url)
+    try:
+        async with AsyncSession(bind_schema(engine, schema)) as session, session.begin():
+            await work(session, OffsetTable())
+    finally:
+        await engine.dispose()
+
+
+async def install(url: URL | str, *projections: tuple[str, int], schema: str | None = None) -> None:
+    """Make the rows of each ``(name, slice count)``, nothing handled yet."""
+
+    async def make(session: AsyncSession, table: OffsetTable) -> None:
+        for name, slices in projections:
+            await table.install(session, name, slices)
+
+    await on_offsets(url, make, schema=schema)
