@@ -8,7 +8,7 @@ from sqlalchemy import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from casty_sa.engine import bind_schema, open_engine
-from casty_sa.projections.offsets import OffsetTable
+from casty_sa.projections.offsets import Lease, OffsetTable
 
 
 async def on_offsets(
@@ -34,3 +34,34 @@ async def install(url: URL | str, *projections: tuple[str, int], schema: str | N
             await table.install(session, name, slices)
 
     await on_offsets(url, make, schema=schema)
+
+
+async def advance(
+    url: URL | str,
+    name: str,
+    index: int,
+    to: str,
+    handled: int,
+    *,
+    owner: str = "test:1:x",
+    release: bool = True,
+    error: str | None = None,
+) -> Lease:
+    """Take slice ``index`` as ``owner``, move it to offset ``to`` (``handled`` events), note
+    ``error`` if given, and give it up unless ``release`` is false; the lease it was moved
+    under."""
+    taken: list[Lease] = []
+
+    async def move(session: AsyncSession, table: OffsetTable) -> None:
+        row = await table.acquire(session, name, index, owner, 60_000)
+        assert row is not None, f"slice {index} of {name!r} is held"
+        lease = row.lease()
+        await table.advance(session, lease, row.last_offset, to, handled, 60_000)
+        if error is not None:
+            await table.record_error(session, lease, error)
+        if release:
+            await table.release(session, lease)
+        taken.append(lease)
+
+    await on_offsets(url, move)
+    return taken[0]
