@@ -15,6 +15,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from casty import PersistedEvent
@@ -55,7 +56,7 @@ async def fill(url: URL, since: float) -> list[tuple[str, str, float]]:
         return [(e.offset, e.entity_id, e.timestamp) async for e in journal.events()]
 
 
-def slices(rows: list[dict[str, object]], name: str) -> list[dict[str, object]]:
+def slices(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [row for row in rows if row["projection"] == name]
 
 
@@ -68,6 +69,10 @@ async def other_database(
         await casty_sa.upgrade(url)
         return url
     return await new_postgres_db(migrated=True)
+
+
+async def _bare(new_postgres_db: Callable[..., Awaitable[URL]]) -> URL:
+    return await new_postgres_db(migrated=False)
 
 
 @pytest.mark.shared_database
@@ -202,7 +207,7 @@ class TestReadModelElsewhere:
         new_postgres_db: Callable[..., Awaitable[URL]],
         capsys: pytest.CaptureFixture[str],
     ) -> None:
-        bare = asyncio.run(new_postgres_db(migrated=False))
+        bare = asyncio.run(_bare(new_postgres_db))
         secret = bare.set(password=PASSWORD)
         code, out, err = run(
             capsys, "projections", "--url", plain(db_url), "--offsets-url", plain(secret)
