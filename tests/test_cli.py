@@ -814,7 +814,20 @@ class TestDocumentation:
             casty = make_casty_file(tmp_path / "casty.db", {"imported": 3})
             code, _, err = run(capsys, "import", "--from", str(casty), "--url", as_role("app"))
             assert code == ExitCode.OK, err
-            reads = (["inspect"], ["events"], ["check"], ["current"], ["export", "--to", "o.db"])
+            # a projection's offsets: made and reset by the application, listed by the reader
+            asyncio.run(install(as_role("app"), ("balances", 2)))
+            code, _, err = run(
+                capsys, "projections", "reset", "balances", "--yes", "--url", as_role("app")
+            )
+            assert code == ExitCode.OK, err
+            reads = (
+                ["inspect"],
+                ["events"],
+                ["projections"],
+                ["check"],
+                ["current"],
+                ["export", "--to", "o.db"],
+            )
             for argv in reads:
                 argv = [str(tmp_path / a) if a == "o.db" else a for a in argv]
                 code, _, err = run(capsys, *argv, "--url", as_role("reader"))
@@ -823,6 +836,10 @@ class TestDocumentation:
             # and no more than that: the reader cannot write, the application cannot drop
             casty2 = make_casty_file(tmp_path / "casty2.db", {"other": 1})
             code, _, err = run(capsys, "import", "--from", str(casty2), "--url", as_role("reader"))
+            assert code == ExitCode.DATABASE_ERROR and "permission denied" in err
+            code, _, err = run(
+                capsys, "projections", "reset", "balances", "--yes", "--url", as_role("reader")
+            )
             assert code == ExitCode.DATABASE_ERROR and "permission denied" in err
             code, _, err = run(capsys, "downgrade", "--yes", "--url", as_role("app"))
             assert code == ExitCode.DATABASE_ERROR and "must be owner" in err
