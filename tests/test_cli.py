@@ -28,7 +28,7 @@ from sqlalchemy import URL, make_url
 
 from casty_sa import SAJournal, head_revision
 from casty_sa.cli import ExitCode, main
-from casty_sa.downgrades import PROJECTION_OFFSETS_REVISION
+from casty_sa.migration_runs import PROJECTION_OFFSETS_REVISION
 from casty_sa.revisions import revision_ids
 
 from support.dbtools import execute, plain, query, table_names

@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import sys
 
-from casty_sa import migrate
+from casty_sa import migrate, migration_runs
 from casty_sa.cli.common import Commands, ExitCode, UsageError, optional_url, url, where
 from casty_sa.revisions import (
     SchemaState,
@@ -118,7 +118,7 @@ def _migrate(args: argparse.Namespace, database: str, revision: str) -> int:
     down = args.command == "downgrade"
     try:
         before, after = asyncio.run(
-            migrate.migrate_between(
+            migration_runs.migrate_between(
                 database,
                 revision,
                 down=down,
@@ -127,7 +127,7 @@ def _migrate(args: argparse.Namespace, database: str, revision: str) -> int:
                 connect_timeout=args.connect_timeout,
             )
         )
-    except migrate.DataWouldBeDropped as exc:
+    except migration_runs.DataWouldBeDropped as exc:
         raise UsageError(_refusal(where(database), exc)) from None
     done = "downgraded" if down else "upgraded"
     verb = "already at" if before == after else f"{done} from {describe_revision(before)} to"
@@ -135,7 +135,7 @@ def _migrate(args: argparse.Namespace, database: str, revision: str) -> int:
     return ExitCode.OK
 
 
-def _refusal(database: str, dropped: migrate.DataWouldBeDropped) -> str:
+def _refusal(database: str, dropped: migration_runs.DataWouldBeDropped) -> str:
     """Why ``downgrade`` refused, what it would drop, and what to do first."""
     held, then = [], []
     if dropped.events:

@@ -1,11 +1,14 @@
-"""What a downgrade would drop, so ``casty-sa downgrade`` never loses data unasked.
+"""A migration as ``casty-sa upgrade`` and ``downgrade`` run it, never losing data unasked.
 
-Two steps of casty-sa's history drop data: going down to base drops the events
-and snapshots, and undoing 0003 drops ``casty_sa_projection_offsets``, after
-which every projection would rebuild its read model from the first event over
-the rows it already wrote. :func:`data_dropped` counts what a downgrade from
-one revision to another would drop; :func:`casty_sa.migrate.migrate_between`
-refuses it (:class:`DataWouldBeDropped`) unless told to go ahead.
+:func:`migrate_between` moves a database from where it stands to a revision and
+says where it went. Two steps of casty-sa's history drop data: going down to
+base drops the events and snapshots, and undoing 0003 drops
+``casty_sa_projection_offsets``, after which every projection would rebuild its
+read model from the first event. :func:`data_dropped` counts what a downgrade
+would drop, and :func:`migrate_between` refuses it (:class:`DataWouldBeDropped`)
+unless told to go ahead. (Apart from :mod:`casty_sa.migrate`, which the journal
+uses, because the projections' offsets are :mod:`casty_sa.projections`' and
+projections use the journal.)
 
 Examples
 --------
@@ -21,15 +24,18 @@ Examples
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from alembic.script import Script
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from casty_sa.engine import bind_schema, read_connection
+from casty_sa.engine import bind_schema, open_engine, read_connection
+from casty_sa.migrate import current, downgrade, migration_engine_options, upgrade
 from casty_sa.models import journal_tables
 from casty_sa.projections.offsets import OffsetTable
-from casty_sa.revisions import revision_ids, script_directory
+from casty_sa.revisions import revision_ids, schema_state, script_directory, unknown_revision
+from casty_sa.urls import UrlLike, safe_url, to_async_url
 
 __all__ = [
     "PROJECTION_OFFSETS_REVISION",
@@ -37,6 +43,7 @@ __all__ = [
     "data_dropped",
     "landing",
     "lands_on_base",
+    "migrate_between",
     "undoes",
 ]
 
@@ -132,3 +139,49 @@ async def data_dropped(
                 rows = await OffsetTable().rows(session)
             projections = len({row.projection for row in rows})
     return DataWouldBeDropped(events, projections)
+
+
+async def migrate_between(
+    target: UrlLike,
+    revision: str,
+    *,
+    down: bool = False,
+    schema: str | None = None,
+    keep_data: bool = False,
+    **engine_options: Any,
+) -> tuple[str | None, str | None]:
+    """Upgrade (or with ``down``, downgrade) a database to ``revision``; what ``casty-sa``
+    ``upgrade``/``downgrade`` run.
+
+    ``engine_options`` configure the engine opened for the run (``connect_timeout``, …);
+    its ``statement_timeout`` is :data:`casty_sa.migrate.MIGRATION_STATEMENT_TIMEOUT` unless given.
+
+    Returns
+    -------
+    tuple[str | None, str | None]
+        The revisions before and after.
+
+    Raises
+    ------
+    SchemaError
+        A newer casty-sa migrated the database (nothing is changed).
+    DataWouldBeDropped
+        With ``keep_data``: the downgrade would drop events (it ends at base) or
+        projections' offsets (it undoes 0003); nothing is changed.
+    """
+    engine, _owned = open_engine(target, **migration_engine_options(target, engine_options))
+    try:
+        state = await schema_state(engine, schema)
+        if state.unknown:
+            raise unknown_revision(safe_url(to_async_url(target)), str(state.revision))
+        if down and keep_data:
+            dropped = await data_dropped(
+                engine, schema, state.revision, revision, app_managed=state.app_managed
+            )
+            if dropped:
+                raise dropped
+        await (downgrade if down else upgrade)(engine, revision, schema=schema)
+        after = await current(engine, schema=schema)
+    finally:
+        await engine.dispose()
+    return state.revision, after
