@@ -2,8 +2,8 @@
 
 The work is :mod:`casty_sa.projections.admin`'s; this module parses the
 arguments and prints. The list shows one line per slice: its offset, the events
-handled, the lag (events of its entities stored after its offset, and the age of
-the oldest of them), the worker holding its lease and the failure holding it
+handled, the lag (events stored after its offset, "100,000+" past the count's
+limit, and the age of the oldest of them), the worker holding its lease and the failure holding it
 back. ``--offsets-url`` names the read model's database when it is not the
 journal's. A reset refuses to run without ``--yes``: a projection that starts
 over applies every event again, so its read model must be cleared in the same
@@ -46,6 +46,7 @@ from casty_sa.projections.admin import (
     reset_script,
     slice_reports,
 )
+from casty_sa.projections.status import LAG_LIMIT
 from casty_sa.transfer import require_existing_database
 from casty_sa.urls import to_async_url
 
@@ -191,8 +192,8 @@ def render(reports: list[SliceReport], style: Style) -> list[str]:
                 f"{report.slice}/{report.slice_count}",
                 report.offset or ("-", DIM),
                 f"{report.handled:,}",
-                "?" if report.lag_events is None else f"{report.lag_events:,}",
-                "?" if report.lag_seconds is None else f"{report.lag_seconds:.1f}",
+                _lag(report.lag_events),
+                ("?", DIM) if report.lag_seconds is None else f"{report.lag_seconds:.1f}",
                 printable(report.owner) if report.owner else ("-", DIM),
                 _lease(report),
                 (printable(report.last_error), RED) if report.last_error else ("-", DIM),
@@ -200,6 +201,12 @@ def render(reports: list[SliceReport], style: Style) -> list[str]:
         )
     headers = ["PROJECTION", "SLICE", "OFFSET", "HANDLED", "LAG", "LAG (S)", "OWNER", "LEASE"]
     return table([*headers, "LAST ERROR"], rows, right={3, 4, 5}, flex=len(headers), style=style)
+
+
+def _lag(events: int | None) -> Cell:
+    if events is None:
+        return ("?", DIM)
+    return f"{events:,}+" if events >= LAG_LIMIT else f"{events:,}"
 
 
 def _lease(report: SliceReport) -> Cell:

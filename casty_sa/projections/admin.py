@@ -7,10 +7,12 @@ them too (a health check, an admin page). The offsets are read and reset through
 journal's read side (:meth:`SAJournal.events <casty_sa.SAJournal.events>`), so
 both work when the read model lives in another database than the journal.
 
-A slice's lag counts the events of its entities stored after its offset. The
-projection's ``entity_prefix`` and ``event_types`` are the application's code,
-not stored: for a projection that filters, the lag counts events it will skip
-too (an upper bound), and drops to 0 as it catches up.
+A slice's lag is what :meth:`Projection.status
+<casty_sa.projections.projection.Projection.status>` reports: the events stored after
+its offset (counted up to :data:`~casty_sa.projections.status.LAG_LIMIT`) and the age
+of the oldest. The projection's ``entity_prefix`` and ``event_types`` are the
+application's code, not stored: for a projection that filters, the lag counts the
+events it will skip too (an upper bound), and drops to 0 as it catches up.
 
 Examples
 --------
@@ -24,7 +26,6 @@ COMMIT;
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ from casty_sa.diagnosis import database_error
 from casty_sa.engine import bind_schema, open_engine
 from casty_sa.journal import SAJournal
 from casty_sa.projections.offsets import OffsetRow, OffsetTable
+from casty_sa.projections.status import LAG_LIMIT, slice_status
 from casty_sa.urls import UrlLike, engine_secrets, to_async_url
 
 __all__ = ["SliceReport", "reset_projection", "reset_script", "slice_reports"]
@@ -65,9 +67,10 @@ class SliceReport:
     last_error, last_error_at
         The failure that holds the slice back, and when (cleared by the next batch).
     lag_events : int | None
-        Events of the slice's entities stored after ``offset`` (``None``: not measured).
+        Events stored after ``offset``, counted up to
+        :data:`~casty_sa.projections.status.LAG_LIMIT` (``None``: not measured).
     lag_seconds : float | None
-        Age of the oldest of them (0 when there are none), on the database's clock.
+        Age of the oldest of them (0 when there are none).
     """
 
     projection: str
@@ -210,12 +213,8 @@ async def _on_offsets[T](
 
 
 def _report(
-    row: OffsetRow, lag_events: int | None = None, oldest: float | None = None
+    row: OffsetRow, lag_events: int | None = None, lag_seconds: float | None = None
 ) -> SliceReport:
-    """A row as a report; ``oldest``: the timestamp of the oldest event not yet handled."""
-    lag_seconds = None
-    if lag_events is not None:
-        lag_seconds = 0.0 if oldest is None else max(0.0, row.now_ms / 1000 - oldest)
     return SliceReport(
         projection=row.projection,
         slice=row.slice,
@@ -236,23 +235,14 @@ def _report(
 
 
 async def _with_lag(journal: SAJournal, rows: list[OffsetRow]) -> list[SliceReport]:
-    """The rows with their lag, from one pass over the journal from the lowest offset."""
-    if not rows:
-        return []
-    counts = [0] * len(rows)
-    oldest: list[float | None] = [None] * len(rows)
-    offsets = [row.last_offset for row in rows]
-    start = None if None in offsets else min(o for o in offsets if o is not None)
-    async with journal.events(start) as stream:
-        async for envelope in stream:
-            checksum = zlib.crc32(envelope.entity_id.encode())
-            for index, row in enumerate(rows):
-                behind = row.last_offset is None or envelope.offset > row.last_offset
-                if behind and checksum % row.slice_count == row.slice:
-                    counts[index] += 1
-                    if oldest[index] is None:
-                        oldest[index] = envelope.timestamp
-    return [_report(row, counts[i], oldest[i]) for i, row in enumerate(rows)]
+    """The rows with their lag, measured as :meth:`Projection.status
+    <casty_sa.projections.projection.Projection.status>` measures it."""
+    reports = []
+    for row in rows:
+        backlog = await journal.backlog(row.last_offset, limit=LAG_LIMIT)
+        status = slice_status(row, backlog, ())
+        reports.append(_report(row, status.lag_events, status.lag_seconds))
+    return reports
 
 
 def _rowcount(result: Any) -> int:
