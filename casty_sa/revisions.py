@@ -242,10 +242,14 @@ class SchemaState:
     app_managed : bool
         No revision, but tables matching the models: the application's own
         migrations made them, and the journal uses them as they are.
+    stray : tuple[str, ...]
+        No revision, and casty-sa's tables that do not match the models: an
+        application's own migrations made them from an older casty-sa.
     """
 
     revision: str | None
     app_managed: bool
+    stray: tuple[str, ...] = ()
 
     @property
     def usable(self) -> bool:
@@ -261,7 +265,12 @@ class SchemaState:
 def read_state(connection: Connection, schema: str | None = None) -> SchemaState:
     """The :class:`SchemaState` of a (sync) connection's database."""
     revision = current_revision(connection, schema)
-    return SchemaState(revision, revision is None and tables_match_models(connection, schema))
+    if revision is not None:
+        return SchemaState(revision, False)
+    if tables_match_models(connection, schema):
+        return SchemaState(None, True)
+    present = set(inspect(connection).get_table_names(schema=schema))
+    return SchemaState(None, False, tuple(sorted(present & set(metadata.tables))))
 
 
 async def schema_state(
@@ -393,6 +402,8 @@ def unknown_revision(where: str, revision: str) -> SchemaError:
 
 def not_at_head(where: str, state: SchemaState, schema: str | None) -> SchemaError:
     """The journal's error for a database it may not migrate and cannot use as it is."""
+    if state.stray:
+        return SchemaError(f"{where} {_stray(state)}")
     found = "has " + NO_TABLES if state.revision is None else f"is at revision {state.revision!r}"
     return SchemaError(
         f"{where} {found}; casty-sa needs revision {head_revision()!r}. "
@@ -411,8 +422,23 @@ def check_report(where: str, state: SchemaState) -> str:
             f"{where}: casty-sa's tables match this casty-sa's models (made by the "
             "application's own migrations)"
         )
+    if state.stray:
+        return f"{where}: {_stray(state)}"
     if state.revision is None:
         return f"{where}: {NO_TABLES}; head is {head}. Run: casty-sa upgrade"
     if state.unknown:
         return f"{where}: at {describe_revision(state.revision)}; upgrade the casty-sa package"
     return f"{where}: at {state.revision}, head is {head}. Run: casty-sa upgrade"
+
+
+def _stray(state: SchemaState) -> str:
+    """What to say of tables an application's migrations made from an older casty-sa."""
+    missing = sorted(set(metadata.tables) - set(state.stray))
+    lacking = f" ({', '.join(missing)} missing)" if missing else ""
+    return (
+        f"holds casty-sa's tables {', '.join(state.stray)} without casty-sa's version table, "
+        f"and they do not match this casty-sa's models{lacking}: the application's own "
+        "migrations made them from an older casty_sa.metadata. Add a revision to the "
+        "application's Alembic history (autogenerate from casty_sa.metadata adds what this "
+        "casty-sa needs) and run it."
+    )
