@@ -29,6 +29,7 @@ from casty_sa.projections.offsets import OffsetTable
 
 from support.dbtools import execute, plain, query
 from support.offsets import advance, install, on_offsets
+from support.processes import free_port
 
 ENTITIES = ("acct-1", "acct-2", "acct-3", "acct-4", "acct-5", "acct-6")
 PER_ENTITY = 3
@@ -400,3 +401,21 @@ class TestWithAProjection:
             with pytest.raises(ProjectionFailed, match=failing):
                 await projection.catch_up()
             return 0
+
+
+def test_no_password_is_printed_when_the_read_models_database_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unreachable = f"postgresql://casty:{PASSWORD}@127.0.0.1:{free_port()}/reports"
+    journal = f"sqlite:///{tmp_path / 'journal.db'}"
+    asyncio.run(casty_sa.upgrade(journal))
+    for argv in (
+        ["projections", "--url", journal, "--offsets-url", unreachable],
+        ["projections", "reset", "balances", "--yes", "--offsets-url", unreachable],
+        ["projections", "reset", "balances", "--sql", f"--offsets-url={unreachable}"],
+    ):
+        code, out, err = run(capsys, *argv, "--connect-timeout", "2")
+        assert code in (ExitCode.OK, ExitCode.DATABASE_ERROR), (argv, err)
+        assert PASSWORD not in out + err, argv
+        if "--sql" not in argv:
+            assert code == ExitCode.DATABASE_ERROR and "casty:***@127.0.0.1" in err, err
