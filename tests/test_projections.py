@@ -202,16 +202,36 @@ class TestRun:
     ) -> None:
         async with asyncio.timeout(BOUND * 2):
             await persist(journal, 10, 12)
-            projection = Projection("cancelled", journal, add_applied, batch_size=9)
-            for moment in range(0, 400, 7):
+            calls = 0
+            cut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            async def counting(session: AsyncSession, envelope: EventEnvelope) -> None:
+                nonlocal calls
+                calls += 1
+                if calls == target and not cut.done():
+                    cut.set_result(None)
+                await add_applied(session, envelope)
+
+            projection = Projection("cancelled", journal, counting, batch_size=9)
+            progress = []
+            for moment in range(60):
+                remaining = len(await fold(journal)) - len(await applied(sessions))
+                if remaining == 0:
+                    await persist(journal, 10, 1, start=13 + moment)
+                    remaining = 10
+                # the cut comes after the handler's call number ``target``, a few steps later
+                target, calls = 1 + moment * 3 % remaining, 0
+                cut = asyncio.get_running_loop().create_future()
                 task = asyncio.create_task(projection.run())
-                for _ in range(moment):
+                await asyncio.wait([cut, task], return_when=asyncio.FIRST_COMPLETED)
+                for _ in range(moment % 7):
                     await asyncio.sleep(0)
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-                if moment % 5 == 0:
-                    await persist(journal, 10, 1, start=13 + moment // 5 // 7)
-            assert await projection.catch_up() >= 0
+                assert task.cancelled() or task.exception() is None
+                progress.append(len(await applied(sessions)))
+            assert len(set(progress)) > 5  # cut at many different points of the work
+            await projection.catch_up()
             assert await applied(sessions) == await fold(journal)
 
     async def test_run_twice_at_once_is_refused(self, journal: SAJournal) -> None:

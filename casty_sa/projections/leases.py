@@ -23,16 +23,37 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from casty_sa.models import OWNER_LENGTH
 from casty_sa.projections.offsets import Lease, OffsetRow, OffsetTable
 
-__all__ = ["Held", "Leases", "owner_tag"]
+__all__ = ["Held", "Leases", "owner_tag", "settled"]
 
 log = logging.getLogger("casty_sa.projections")
+
+
+async def settled[T](step: Coroutine[Any, Any, T]) -> T:
+    """Run ``step`` (a transaction) to its end even if the caller is cancelled meanwhile,
+    then pass the cancellation on: a transaction cut off half-way by a cancellation can
+    leave its connection mid-rollback (SQLite: the file's write lock held until the
+    connection is collected)."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation wins
+        raise asyncio.CancelledError
+    return task.result()
 
 
 def owner_tag() -> str:
@@ -82,13 +103,44 @@ class Leases:
 
     async def acquire(self, index: int) -> OffsetRow | None:
         """Take slice ``index`` if nobody holds it: its row, or ``None``."""
+        return await settled(self._acquire(index))
+
+    async def rows(self, index: int | None = None) -> list[OffsetRow]:
+        """The projection's rows (or slice ``index``'s), read in a transaction of their own."""
+        return await settled(self._rows(index))
+
+    async def install(self, slices: int) -> None:
+        """Make the projection's rows if it has none (see :meth:`OffsetTable.install`)."""
+        await settled(self._install(slices))
+
+    async def _rows(self, index: int | None) -> list[OffsetRow]:
+        async with self.sessions() as session:
+            return await self.table.rows(session, self.name, index)
+
+    async def _install(self, slices: int) -> None:
+        async with self.sessions() as session:
+            await self.table.install(session, self.name, slices)
+            await session.commit()
+
+    async def _acquire(self, index: int) -> OffsetRow | None:
         started = time.monotonic()
         async with self.sessions() as session:
             row = await self.table.acquire(session, self.name, index, self.owner, self.lease_ms)
             await session.commit()
-        if row is not None:
+        if row is not None:  # noted here: a caller cancelled meanwhile still releases it
             self.held[index] = Held(row.lease(), started)
         return row
+
+    async def _renew(self, lease: Lease) -> bool:
+        async with self.sessions() as session:
+            renewed = await self.table.renew(session, lease, self.lease_ms)
+            await session.commit()
+        return renewed
+
+    async def _release(self, lease: Lease) -> None:
+        async with self.sessions() as session:
+            await self.table.release(session, lease)
+            await session.commit()
 
     async def renew(self) -> list[int]:
         """Renew every lease held; the slices found lost (taken over, reset) are dropped
@@ -97,9 +149,7 @@ class Leases:
         for index, held in list(self.held.items()):
             started = time.monotonic()
             try:
-                async with self.sessions() as session:
-                    renewed = await self.table.renew(session, held.lease, self.lease_ms)
-                    await session.commit()
+                renewed = await settled(self._renew(held.lease))
             except Exception as exc:  # noqa: BLE001 - a lease that is not renewed expires; next round
                 log.warning(
                     "projection %r: renewing the lease of slice %d failed: %s: %s",
@@ -129,9 +179,7 @@ class Leases:
         if held is None:
             return
         try:
-            async with self.sessions() as session:
-                await self.table.release(session, held.lease)
-                await session.commit()
+            await settled(self._release(held.lease))
         except Exception as exc:  # noqa: BLE001 - the lease expires on its own
             log.warning(
                 "projection %r: releasing slice %d failed (it is free again once its lease "

@@ -52,7 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from casty_sa.errors import ProjectionBusy, ProjectionLeaseLost
 from casty_sa.journal import SAJournal
 from casty_sa.projections.checks import check_int, check_name, check_seconds
-from casty_sa.projections.leases import Leases
+from casty_sa.projections.leases import Leases, settled
 from casty_sa.projections.offsets import OffsetTable
 from casty_sa.projections.status import (
     LAG_LIMIT,
@@ -235,9 +235,7 @@ class Projection:
     async def offset(self, slice: int = 0) -> str | None:
         """The stored offset of ``slice`` (``None``: nothing read yet, or never run)."""
         check_int("slice", slice, 0, self._settings.slices - 1)
-        settings = self._settings
-        async with settings.sessions() as session:
-            rows = await settings.table.rows(session, self.name, slice)
+        rows = await self._leases.rows(slice)
         return rows[0].last_offset if rows else None
 
     async def reset(self, clear: Callable[[AsyncSession], Awaitable[object]] | None = None) -> None:
@@ -250,6 +248,9 @@ class Projection:
         """
         if clear is not None and not callable(clear):
             raise TypeError(f"clear must be an async function or None, not {clear!r}")
+        await settled(self._reset(clear))
+
+    async def _reset(self, clear: Callable[[AsyncSession], Awaitable[object]] | None) -> None:
         settings = self._settings
         async with settings.sessions() as session:
             if not await settings.table.reset(session, self.name, settings.slices):
@@ -262,10 +263,8 @@ class Projection:
         """Each slice's offset, owner, lag (events, seconds) and last error, and this
         object's state."""
         settings = self._settings
-        async with settings.sessions() as session:
-            rows = await settings.table.rows(session, self.name)
         found = []
-        for row in rows:
+        for row in await self._leases.rows():
             backlog = await settings.journal.backlog(
                 row.last_offset,
                 limit=LAG_LIMIT,
@@ -285,9 +284,7 @@ class Projection:
         for index in slices:
             if await self._leases.acquire(index) is None:
                 await self._leases.release_all()
-                settings = self._settings
-                async with settings.sessions() as session:
-                    [row] = await settings.table.rows(session, self.name, index)
+                [row] = await self._leases.rows(index)
                 raise ProjectionBusy(
                     f"slice {index} of projection {self.name!r} is held by {row.owner} (its "
                     f"lease runs {max(0, (row.lease_expires_ms or 0) - row.now_ms)} ms more): "
@@ -382,10 +379,7 @@ class _Session:
         p._stopping.clear()
         p._state = self.state
         try:
-            settings = p._settings
-            async with settings.sessions() as session:
-                await settings.table.install(session, p.name, settings.slices)
-                await session.commit()
+            await p._leases.install(p._settings.slices)
         except BaseException:
             p._state, p._done = "stopped", None
             raise

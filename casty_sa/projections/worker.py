@@ -50,8 +50,8 @@ from casty_sa.errors import (
 )
 from casty_sa.event_stream import EventStream
 from casty_sa.journal import SAJournal
-from casty_sa.projections.leases import Leases
-from casty_sa.projections.offsets import Lease, OffsetTable
+from casty_sa.projections.leases import Leases, settled
+from casty_sa.projections.offsets import Lease, OffsetRow, OffsetTable
 
 __all__ = ["LEASE_KEY", "Handler", "Settings", "Worker", "slice_of"]
 
@@ -146,8 +146,7 @@ class Worker:
         """The slice's offset as stored, its lease checked (nothing in memory is trusted)."""
         lease = self._lease()
         settings = self.settings
-        async with settings.sessions() as session:
-            [row] = await settings.table.rows(session, settings.name, self.index)
+        row = await settled(self._row())
         if row.owner != lease.owner or row.fence != lease.fence:
             raise ProjectionLeaseLost(
                 f"slice {self.index} of projection {settings.name!r} was taken over or reset"
@@ -167,6 +166,12 @@ class Worker:
             )
         return row.last_offset
 
+    async def _row(self) -> OffsetRow:
+        settings = self.settings
+        async with settings.sessions() as session:
+            [row] = await settings.table.rows(session, settings.name, self.index)
+        return row
+
     def _lease(self) -> Lease:
         lease = self.leases.valid(self.index)
         if lease is None:
@@ -182,7 +187,8 @@ class Worker:
                 batch = await self._take(stream)
                 if not batch:
                     return
-                await self._apply(self._lease(), after, batch)
+                # a batch runs to its end (commit or rollback) before a cancellation passes
+                await settled(self._apply(self._lease(), after, batch))
                 after = batch[-1].offset
                 self._attempt, self._solo = 0, False
 
@@ -326,9 +332,7 @@ class Worker:
             return
         settings = self.settings
         try:
-            async with settings.sessions() as session:
-                await settings.table.record_error(session, lease, text[:_ERROR_TEXT])
-                await session.commit()
+            await settled(self._store_error(lease, text[:_ERROR_TEXT]))
         except Exception as exc:  # noqa: BLE001 - the log has it
             log.warning(
                 "projection %r slice %d: storing the error failed: %s: %s",
@@ -337,3 +341,9 @@ class Worker:
                 type(exc).__name__,
                 exc,
             )
+
+    async def _store_error(self, lease: Lease, text: str) -> None:
+        settings = self.settings
+        async with settings.sessions() as session:
+            await settings.table.record_error(session, lease, text)
+            await session.commit()
