@@ -1,6 +1,7 @@
 # casty-sa: every target does its own set-up on a fresh machine.
 #   make test   - the whole suite (SQLite files and a real PostgreSQL started by the suite)
-#   make demo   - the bank-account example, run twice to show recovery
+#   make demo   - the bank-account example, run twice to show recovery, then the bank's
+#                 balances read model (a projection), run twice
 #   make lint   - ruff + mypy --strict
 #   make bench  - the side-by-side benchmark
 
@@ -29,6 +30,9 @@ demo: $(STAMP)
 	rm -f examples/bank.db examples/bank.db-wal examples/bank.db-shm
 	$(BIN)/python examples/bank_account.py --url sqlite:///examples/bank.db
 	$(BIN)/python examples/bank_account.py --url sqlite:///examples/bank.db
+	rm -f examples/bank_balances.db examples/bank_balances.db-wal examples/bank_balances.db-shm
+	$(BIN)/python examples/bank_balances.py --url sqlite:///examples/bank_balances.db
+	$(BIN)/python examples/bank_balances.py --url sqlite:///examples/bank_balances.db
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

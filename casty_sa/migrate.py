@@ -48,11 +48,9 @@ from casty_sa.revisions import (
     alembic_config,
     current_revision,
     head_revision,
-    lands_on_base,
     not_at_head,
     read_state,
     refuse_casty_tables,
-    schema_state,
     tables_match_models,
     unknown_revision,
 )
@@ -61,14 +59,13 @@ from casty_sa.urls import UrlLike, engine_secrets, safe_url, to_async_url
 log = logging.getLogger("casty_sa")
 
 __all__ = [
-    "EventsWouldBeDropped",
     "SchemaNotSupported",
     "check_schema",
     "checked_engine",
     "current",
     "downgrade",
     "ensure_schema",
-    "migrate_between",
+    "migration_engine_options",
     "unsupported_schema",
     "upgrade",
     "write_sql",
@@ -94,7 +91,7 @@ async def _on_engine(
     *,
     writes: bool = True,
 ) -> Any:
-    engine, owned = open_engine(target, **_migration_engine_options(target, {}))
+    engine, owned = open_engine(target, **migration_engine_options(target, {}))
     check_schema(engine.dialect.name, schema)
     try:
         if not writes:
@@ -143,12 +140,12 @@ def _alembic_turn() -> asyncio.Lock:
 MIGRATION_STATEMENT_TIMEOUT = 24 * 3600.0
 
 
-def _migration_engine_options(
+def migration_engine_options(
     target: UrlLike | AsyncEngine, options: dict[str, Any]
 ) -> dict[str, Any]:
     """``options`` for the engine casty-sa opens to migrate ``target`` (none for an engine).
 
-    >>> _migration_engine_options("postgresql://db/app", {"connect_timeout": 5})
+    >>> migration_engine_options("postgresql://db/app", {"connect_timeout": 5})
     {'connect_timeout': 5, 'statement_timeout': 86400.0}
     """
     if isinstance(target, AsyncEngine):
@@ -266,61 +263,6 @@ async def current(target: UrlLike | AsyncEngine, *, schema: str | None = None) -
         writes=False,
     )
     return revision
-
-
-class EventsWouldBeDropped(Exception):
-    """:func:`migrate_between` refused a downgrade to base of tables that hold events.
-
-    Parameters
-    ----------
-    events : int
-        How many events the tables hold.
-    """
-
-    def __init__(self, events: int) -> None:
-        super().__init__(f"downgrading to base would drop {events:,} events")
-        self.events = events
-
-
-async def migrate_between(
-    target: UrlLike,
-    revision: str,
-    *,
-    down: bool = False,
-    schema: str | None = None,
-    keep_events: bool = False,
-    **engine_options: Any,
-) -> tuple[str | None, str | None]:
-    """Upgrade (or with ``down``, downgrade) a database to ``revision``; what ``casty-sa``
-    ``upgrade``/``downgrade`` run.
-
-    ``engine_options`` configure the engine opened for the run (``connect_timeout``, …);
-    its ``statement_timeout`` is :data:`MIGRATION_STATEMENT_TIMEOUT` unless given.
-
-    Returns
-    -------
-    tuple[str | None, str | None]
-        The revisions before and after.
-
-    Raises
-    ------
-    SchemaError
-        A newer casty-sa migrated the database (nothing is changed).
-    EventsWouldBeDropped
-        With ``keep_events``: the downgrade ends at base while the tables hold events.
-    """
-    engine, _owned = open_engine(target, **_migration_engine_options(target, engine_options))
-    try:
-        state = await schema_state(engine, schema, count=down)
-        if state.unknown:
-            raise unknown_revision(safe_url(to_async_url(target)), str(state.revision))
-        if keep_events and state.events and lands_on_base(state.revision, revision):
-            raise EventsWouldBeDropped(state.events)
-        await (downgrade if down else upgrade)(engine, revision, schema=schema)
-        after = await current(engine, schema=schema)
-    finally:
-        await engine.dispose()
-    return state.revision, after
 
 
 def write_sql(

@@ -14,8 +14,6 @@ Examples
 'base (no casty-sa tables)'
 >>> describe_revision(head_revision()) == f"{head_revision()} (head)"
 True
->>> lands_on_base("0001", "-1"), lands_on_base(head_revision(), "-1")
-(True, False)
 """
 
 from __future__ import annotations
@@ -29,16 +27,16 @@ from typing import Any, TextIO
 
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from alembic.script import Script, ScriptDirectory
+from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import URL, Connection, func, inspect, select
+from sqlalchemy import URL, Connection, inspect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa.diagnosis import database_error, upgrade_hint
-from casty_sa.engine import bind_schema, open_engine, read_connection
+from casty_sa.engine import open_engine, read_connection
 from casty_sa.errors import SchemaError
-from casty_sa.models import VERSION_TABLE, journal_tables, metadata
+from casty_sa.models import VERSION_TABLE, metadata
 from casty_sa.urls import UrlLike, safe_url, url_secrets
 
 __all__ = [
@@ -56,7 +54,6 @@ __all__ = [
     "head_revision",
     "history",
     "known_revision",
-    "lands_on_base",
     "not_at_head",
     "package_version",
     "read_state",
@@ -204,23 +201,6 @@ def _depth(part: str) -> int | None:
     return len(ids) - 1 if part in ("head", "heads") else ids.index(part) if part in ids else None
 
 
-def lands_on_base(current: str | None, revision: str) -> bool:
-    """True when downgrading from ``current`` to ``revision`` ends with no revision at all."""
-    if revision == "base":
-        return True
-    relative = re.fullmatch(r"-(\d+)", revision)
-    if relative is None or current is None:
-        return False
-    script = script_directory()
-    steps = int(relative.group(1))
-    at: Script | None = script.get_revision(current)
-    while steps and at is not None:
-        down = at.down_revision
-        at = script.get_revision(down) if isinstance(down, str) else None
-        steps -= 1
-    return at is None
-
-
 # -- where a database stands -----------------------------------------------------------------
 
 
@@ -262,13 +242,14 @@ class SchemaState:
     app_managed : bool
         No revision, but tables matching the models: the application's own
         migrations made them, and the journal uses them as they are.
-    events : int | None
-        Its event count, when asked for and there are tables to count.
+    stray : tuple[str, ...]
+        No revision, and casty-sa's tables that do not match the models: an
+        application's own migrations made them from an older casty-sa.
     """
 
     revision: str | None
     app_managed: bool
-    events: int | None = None
+    stray: tuple[str, ...] = ()
 
     @property
     def usable(self) -> bool:
@@ -281,25 +262,20 @@ class SchemaState:
         return self.revision is not None and not known_revision(self.revision)
 
 
-def read_state(
-    connection: Connection, schema: str | None = None, count: bool = False
-) -> SchemaState:
-    """The :class:`SchemaState` of a (sync) connection's database; ``count``: with events."""
+def read_state(connection: Connection, schema: str | None = None) -> SchemaState:
+    """The :class:`SchemaState` of a (sync) connection's database."""
     revision = current_revision(connection, schema)
-    app_managed = revision is None and tables_match_models(connection, schema)
-    events = None
-    if count and (revision is not None or app_managed):
-        table, _snapshots = journal_tables()
-        counted = bind_schema(connection, schema).execute(select(func.count()).select_from(table))
-        events = counted.scalar_one()
-    return SchemaState(revision, app_managed, events)
+    if revision is not None:
+        return SchemaState(revision, False)
+    if tables_match_models(connection, schema):
+        return SchemaState(None, True)
+    present = set(inspect(connection).get_table_names(schema=schema))
+    return SchemaState(None, False, tuple(sorted(present & set(metadata.tables))))
 
 
 async def schema_state(
     target: UrlLike | AsyncEngine,
     schema: str | None = None,
-    *,
-    count: bool = False,
     **engine_options: Any,
 ) -> SchemaState:
     """:func:`read_state` on a reading connection, failures in casty-sa's words.
@@ -310,7 +286,7 @@ async def schema_state(
     engine, owned = open_engine(target, **engine_options)
     try:
         async with read_connection(engine) as connection:
-            return await connection.run_sync(read_state, schema, count)
+            return await connection.run_sync(read_state, schema)
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
         # the library's words for it: a refused login is DatabaseAccessDenied here too
         raise database_error(
@@ -391,6 +367,8 @@ def exclude_journal_tables(
     --------
     >>> exclude_journal_tables(None, "casty_sa_events", "table", True, None)
     False
+    >>> exclude_journal_tables(None, "casty_sa_projection_offsets", "table", True, None)
+    False
     >>> exclude_journal_tables(None, "orders", "table", True, None)
     True
     """
@@ -424,6 +402,8 @@ def unknown_revision(where: str, revision: str) -> SchemaError:
 
 def not_at_head(where: str, state: SchemaState, schema: str | None) -> SchemaError:
     """The journal's error for a database it may not migrate and cannot use as it is."""
+    if state.stray:
+        return SchemaError(f"{where} {_stray(state)}")
     found = "has " + NO_TABLES if state.revision is None else f"is at revision {state.revision!r}"
     return SchemaError(
         f"{where} {found}; casty-sa needs revision {head_revision()!r}. "
@@ -442,8 +422,23 @@ def check_report(where: str, state: SchemaState) -> str:
             f"{where}: casty-sa's tables match this casty-sa's models (made by the "
             "application's own migrations)"
         )
+    if state.stray:
+        return f"{where}: {_stray(state)}"
     if state.revision is None:
         return f"{where}: {NO_TABLES}; head is {head}. Run: casty-sa upgrade"
     if state.unknown:
         return f"{where}: at {describe_revision(state.revision)}; upgrade the casty-sa package"
     return f"{where}: at {state.revision}, head is {head}. Run: casty-sa upgrade"
+
+
+def _stray(state: SchemaState) -> str:
+    """What to say of tables an application's migrations made from an older casty-sa."""
+    missing = sorted(set(metadata.tables) - set(state.stray))
+    lacking = f" ({', '.join(missing)} missing)" if missing else ""
+    return (
+        f"holds casty-sa's tables {', '.join(state.stray)} without casty-sa's version table, "
+        f"and they do not match this casty-sa's models{lacking}: the application's own "
+        "migrations made them from an older casty_sa.metadata. Add a revision to the "
+        "application's Alembic history (autogenerate from casty_sa.metadata adds what this "
+        "casty-sa needs) and run it."
+    )

@@ -28,8 +28,11 @@ from sqlalchemy import URL, make_url
 
 from casty_sa import SAJournal, head_revision
 from casty_sa.cli import ExitCode, main
+from casty_sa.migration_runs import PROJECTION_OFFSETS_REVISION
+from casty_sa.revisions import revision_ids
 
 from support.dbtools import execute, plain, query, table_names
+from support.offsets import install
 from support.processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,10 +140,48 @@ class TestMigrations:
         assert code == ExitCode.USAGE
         assert "holds 3 events" in err and "--yes" in err
         assert "casty_sa_events" in asyncio.run(table_names(db_url))
-        code, _, err = run(capsys, "downgrade", "-2", "--url", plain(db_url))
+        # -N that reaches base is refused as well
+        steps = f"-{len(revision_ids())}"
+        code, _, err = run(capsys, "downgrade", steps, "--url", plain(db_url))
         assert code == ExitCode.USAGE and "--yes" in err
         assert run(capsys, "downgrade", "--yes", "--url", plain(db_url))[0] == ExitCode.OK
         assert "casty_sa_events" not in asyncio.run(table_names(db_url))
+
+    def test_downgrade_dropping_projection_offsets_needs_yes(
+        self, db_url: URL, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        asyncio.run(fill(db_url, {"acct-1": 2}, {}))
+        asyncio.run(install(db_url, ("balances", 2), ("search", 1)))
+        for below in (PROJECTION_OFFSETS_REVISION, "0001"):
+            code, _, err = run(capsys, "downgrade", f"{below}", "--url", plain(db_url))
+            if below == PROJECTION_OFFSETS_REVISION:  # 0003 itself stays: nothing dropped
+                assert code == ExitCode.OK, err
+                continue
+            assert code == ExitCode.USAGE
+            # the events stay at 0001: only the offsets are said
+            assert "holds the offsets of 2 projections;" in err and "--yes" in err
+        code, _, err = run(capsys, "downgrade", "-1", "--url", plain(db_url))
+        assert code == ExitCode.USAGE and "the offsets of 2 projections" in err
+        assert "casty_sa_projection_offsets" in asyncio.run(table_names(db_url))
+        # to base: both are said
+        code, _, err = run(capsys, "downgrade", "--url", plain(db_url))
+        assert code == ExitCode.USAGE
+        assert "holds 2 events and the offsets of 2 projections" in err
+        code, _, err = run(capsys, "downgrade", "-1", "--yes", "--url", plain(db_url))
+        assert code == ExitCode.OK, err
+        assert "casty_sa_projection_offsets" not in asyncio.run(table_names(db_url))
+        # below 0003 there are no offsets left to guard; the events still are
+        code, _, err = run(capsys, "downgrade", "--url", plain(db_url))
+        assert code == ExitCode.USAGE and "holds 2 events;" in err
+
+    def test_downgrade_of_empty_projection_offsets_needs_no_yes(
+        self, db_url: URL, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        asyncio.run(execute(db_url, "SELECT 1"))  # the database exists (SQLite: the file)
+        assert run(capsys, "upgrade", "--url", plain(db_url))[0] == ExitCode.OK
+        code, out, err = run(capsys, "downgrade", "-1", "--url", plain(db_url))
+        assert code == ExitCode.OK, err
+        assert "to 0002" in out
 
     @pytest.mark.parametrize(("dialect", "binary"), [("postgresql", "BYTEA"), ("sqlite", "BLOB")])
     def test_sql_prints_the_ddl_and_connects_to_nothing(
@@ -773,7 +814,20 @@ class TestDocumentation:
             casty = make_casty_file(tmp_path / "casty.db", {"imported": 3})
             code, _, err = run(capsys, "import", "--from", str(casty), "--url", as_role("app"))
             assert code == ExitCode.OK, err
-            reads = (["inspect"], ["events"], ["check"], ["current"], ["export", "--to", "o.db"])
+            # a projection's offsets: made and reset by the application, listed by the reader
+            asyncio.run(install(as_role("app"), ("balances", 2)))
+            code, _, err = run(
+                capsys, "projections", "reset", "balances", "--yes", "--url", as_role("app")
+            )
+            assert code == ExitCode.OK, err
+            reads = (
+                ["inspect"],
+                ["events"],
+                ["projections"],
+                ["check"],
+                ["current"],
+                ["export", "--to", "o.db"],
+            )
             for argv in reads:
                 argv = [str(tmp_path / a) if a == "o.db" else a for a in argv]
                 code, _, err = run(capsys, *argv, "--url", as_role("reader"))
@@ -782,6 +836,10 @@ class TestDocumentation:
             # and no more than that: the reader cannot write, the application cannot drop
             casty2 = make_casty_file(tmp_path / "casty2.db", {"other": 1})
             code, _, err = run(capsys, "import", "--from", str(casty2), "--url", as_role("reader"))
+            assert code == ExitCode.DATABASE_ERROR and "permission denied" in err
+            code, _, err = run(
+                capsys, "projections", "reset", "balances", "--yes", "--url", as_role("reader")
+            )
             assert code == ExitCode.DATABASE_ERROR and "permission denied" in err
             code, _, err = run(capsys, "downgrade", "--yes", "--url", as_role("app"))
             assert code == ExitCode.DATABASE_ERROR and "must be owner" in err

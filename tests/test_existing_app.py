@@ -194,6 +194,7 @@ class TestSideBySideHistories:
         assert {d[1].name for d in unfiltered if d[0] == "remove_table"} >= {
             "casty_sa_events",
             "casty_sa_snapshots",
+            "casty_sa_projection_offsets",
         }
         # ...which casty_sa.exclude_journal_tables does
         assert (
@@ -234,6 +235,8 @@ class TestAppOwnsTheTables:
         )
         generated = next((scripts / "versions").glob("a002_*.py")).read_text()
         assert "casty_sa_events" in generated and "casty_sa_snapshots" in generated
+        # the projections' offsets too, their constraints named as migration 0003 names them
+        assert "op.f('ck_casty_sa_projection_offsets_slice_count')" in generated
         await run_app_alembic(empty_db_url, command.upgrade, "head", scripts=scripts)
         assert await app_revision(empty_db_url) == ["a002"]
         assert await casty_sa.current(empty_db_url) is None  # casty-sa's history unused
@@ -263,3 +266,45 @@ class TestAppOwnsTheTables:
         assert "already exists" not in err
         assert await casty_sa.current(empty_db_url) is None
         assert [e.sequence_nr for e in await journal.load("acct")] == [1, 2]
+
+    async def test_tables_of_an_older_casty_sa_say_what_to_generate(
+        self,
+        empty_db_url: URL,
+        tmp_path: Path,
+        make_journal: Callable[..., SAJournal],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """The app's history made casty-sa's tables before 0003: the journal and `check` say
+        the offsets table is missing and that the app's autogenerate adds it."""
+        scripts = tmp_path / "app_migrations"
+        shutil.copytree(APP_SCRIPTS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
+        older = MetaData(naming_convention=casty_sa.metadata.naming_convention)
+        for table in casty_sa.metadata.tables.values():
+            if table.name != "casty_sa_projection_offsets":
+                table.to_metadata(older)
+        await run_app_alembic(empty_db_url, command.upgrade, "head", scripts=scripts)
+        for rev_id, target in (("a002", older), ("a003", casty_sa.metadata)):
+            if rev_id == "a003":
+                with pytest.raises(SchemaError) as refused:
+                    await make_journal(empty_db_url, migrate=False).persist("acct", [ev(1)])
+                words = str(refused.value)
+                assert "(casty_sa_projection_offsets missing)" in words
+                assert "autogenerate from casty_sa.metadata" in words
+                code = await asyncio.to_thread(main, ["check", "--url", plain(empty_db_url)])
+                out = capsys.readouterr().out
+                assert (
+                    code == ExitCode.NOT_AT_HEAD and "(casty_sa_projection_offsets missing)" in out
+                )
+            await run_app_alembic(
+                empty_db_url,
+                command.revision,
+                scripts=scripts,
+                target_metadata=[APP_METADATA, target],
+                message=f"casty-sa tables ({rev_id})",
+                autogenerate=True,
+                rev_id=rev_id,
+            )
+            await run_app_alembic(empty_db_url, command.upgrade, "head", scripts=scripts)
+        journal = make_journal(empty_db_url, migrate=False)
+        await journal.persist("acct", [ev(1)])
+        assert await asyncio.to_thread(main, ["check", "--url", plain(empty_db_url)]) == 0

@@ -16,13 +16,14 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from casty import PersistedEvent
-from sqlalchemy import URL, Connection, inspect, text
+from sqlalchemy import URL, CheckConstraint, Connection, inspect, text
 
 import casty_sa
 from casty_sa import SAJournal, SchemaError, head_revision, metadata
 from casty_sa.engine import open_engine
 
 from support.dbtools import execute, plain, query, table_names
+from support.offsets import install
 from support.old_rows import check_old_rows_numbered, ordered_rows, run_script, write_old_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -507,3 +508,83 @@ class TestOnlineUpgradeOfABigTable:
         assert len((await query(url, "SELECT * FROM casty_sa_events"))[0]) == 4  # no new column
         await casty_sa.upgrade(url)  # with the way clear
         assert check_old_rows_numbered(await ordered_rows(url)) == 1
+
+
+class TestProjectionOffsets:
+    """0003: ``casty_sa_projection_offsets``, up and down, online and as a script."""
+
+    OFFSETS = "casty_sa_projection_offsets"
+
+    async def test_up_and_down_leave_the_journal_alone(self, empty_db_url: URL) -> None:
+        async with asyncio.timeout(60):
+            await casty_sa.upgrade(empty_db_url, "0002")
+            assert self.OFFSETS not in await table_names(empty_db_url)
+            await casty_sa.upgrade(empty_db_url)
+            assert await casty_sa.current(empty_db_url) == "0003"
+            async with SAJournal(empty_db_url, migrate=False) as journal:
+                await journal.persist("acct", [PersistedEvent(1, "opened", 1.0)])
+            await install(empty_db_url, ("balances", 3))
+            rows = await query(empty_db_url, f"SELECT projection, slice FROM {self.OFFSETS}")
+            assert sorted(rows) == [("balances", 0), ("balances", 1), ("balances", 2)]
+            # the models' constraints, under the models' names (the migration names them so)
+            assert await self._check_names(empty_db_url) == self._model_check_names()
+            with pytest.raises(Exception, match=r"(?i)check"):  # a slice out of range is refused
+                await execute(
+                    empty_db_url,
+                    f"INSERT INTO {self.OFFSETS} (projection, slice, slice_count, handled, "
+                    "fence, updated_ms) VALUES ('x', 2, 2, 0, 0, 0)",
+                )
+            await casty_sa.downgrade(empty_db_url, "0002")
+            assert await casty_sa.current(empty_db_url) == "0002"
+            assert self.OFFSETS not in await table_names(empty_db_url)
+            events = await query(empty_db_url, "SELECT entity_id FROM casty_sa_events")
+            assert events == [("acct",)]
+            await casty_sa.upgrade(empty_db_url)  # up again: a new, empty table
+            assert await query(empty_db_url, f"SELECT count(*) FROM {self.OFFSETS}") == [(0,)]
+            async with SAJournal(empty_db_url, migrate=False) as journal:
+                assert [e.event for e in await journal.load("acct")] == ["opened"]
+
+    @pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+    def test_the_script_creates_and_drops_only_the_offsets_table(self, dialect: str) -> None:
+        url = f"{dialect}://" if dialect == "postgresql" else "sqlite:///nowhere.db"
+        out = io.StringIO()
+        casty_sa.migrate.write_sql(url, "0002:0003", out)
+        up = out.getvalue()
+        assert f"CREATE TABLE {self.OFFSETS} (" in up
+        for name in self._model_check_names():
+            assert f"CONSTRAINT {name} CHECK" in up
+        assert f"CONSTRAINT pk_{self.OFFSETS} PRIMARY KEY (projection, slice)" in up
+        assert "casty_sa_events" not in up and "version_num='0003'" in up
+        out = io.StringIO()
+        casty_sa.migrate.write_sql(url, "0003:0002", out, down=True)
+        down = out.getvalue()
+        assert f"DROP TABLE {self.OFFSETS}" in down and "casty_sa_events" not in down
+
+    async def test_the_postgresql_script_runs(
+        self, new_postgres_db: Callable[..., Awaitable[URL]]
+    ) -> None:
+        url = await new_postgres_db(migrated=False)
+        async with asyncio.timeout(60):
+            await casty_sa.upgrade(url, "0002", schema="app")
+            out = io.StringIO()
+            casty_sa.migrate.write_sql(plain(url), "0002:0003", out, schema="app")
+            await run_script(url, out.getvalue())
+            assert await casty_sa.current(url, schema="app") == "0003"
+            await install(url, ("balances", 1), schema="app")
+            stored = await query(url, f"SELECT projection FROM app.{self.OFFSETS}")
+            assert stored == [("balances",)]
+
+    def _model_check_names(self) -> set[str]:
+        table = metadata.tables[self.OFFSETS]
+        return {str(c.name) for c in table.constraints if isinstance(c, CheckConstraint)}
+
+    async def _check_names(self, url: URL) -> set[str]:
+        engine, _ = open_engine(url)
+        try:
+            async with engine.connect() as conn:
+                checks = await conn.run_sync(
+                    lambda c: inspect(c).get_check_constraints(self.OFFSETS)
+                )
+        finally:
+            await engine.dispose()
+        return {str(check["name"]) for check in checks}

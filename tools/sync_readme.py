@@ -26,6 +26,7 @@ README = REPO / "README.md"
 SECTIONS = REPO / "docs" / "_sections"
 DIALECTS = {"postgresql": "postgresql://", "sqlite": "sqlite://"}
 _BLOCK = re.compile(r"(<!-- ddl:(\w+) -->\n```sql\n)(.*?)(```\n<!-- /ddl -->)", re.S)
+_SITE_LINK = re.compile(r"\]\((assets/|[\w-]+\.md)")
 _SECTION = re.compile(r"(<!-- section:([\w-]+) -->\n)(.*?)(<!-- /section -->)", re.S)
 
 
@@ -45,10 +46,12 @@ def render(text: str) -> str:
 def section(name: str) -> str:
     """The text of ``docs/_sections/NAME.md``, its links to ``docs/assets`` made README-relative.
 
-    The sections are written for the documentation site, whose pages sit in ``docs/``.
+    The sections are written for the documentation site, whose pages sit in ``docs/``: a
+    link to a page (``](projections.md``) or an asset points into ``docs/`` in the README.
     """
     text = (SECTIONS / f"{name}.md").read_text().rstrip("\n") + "\n"
-    return text.replace("](assets/", "](docs/assets/")
+    # links to the site's pages and assets, from the README's folder
+    return _SITE_LINK.sub(r"](docs/\1", text)
 
 
 def render_readme(text: str) -> str:

@@ -9,7 +9,8 @@ password before it is written.
 
 Each command group is a module that registers its sub-commands and holds
 their handlers: ``migrations`` (upgrade, downgrade, current, check, history,
-heads), ``transfer`` (import, export), ``inspect``, ``events``; ``common`` holds what they
+heads), ``transfer`` (import, export), ``inspect``, ``events``, ``projections``
+(list, reset); ``common`` holds what they
 share, ``secrecy`` the scrubbing of passwords, ``text`` the terminal output.
 
 Examples
@@ -31,7 +32,7 @@ from collections.abc import Callable, Sequence
 from alembic.util.exc import CommandError
 from sqlalchemy.exc import SQLAlchemyError
 
-from casty_sa.cli import events, inspect, migrations, transfer
+from casty_sa.cli import events, inspect, migrations, projections, transfer
 from casty_sa.cli.common import (
     EPILOG,
     URL_ENV,
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"casty-sa {package_version()}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logs on stderr")
     commands = Commands(parser)
-    for group in (migrations, transfer, inspect, events):
+    for group in (migrations, transfer, inspect, events, projections):
         group.register(commands)
     return parser
 

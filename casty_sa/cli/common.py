@@ -66,6 +66,8 @@ class ExitCode(IntEnum):
     NOT_AT_HEAD = 1
     #: ``inspect ENTITY_ID``: the entity has no events and no snapshot.
     NO_SUCH_ENTITY = 1
+    #: ``projections reset NAME``: no such projection (nothing was run).
+    NO_SUCH_PROJECTION = 1
     #: The database failed: unreachable, refused the login, missing tables, a failed statement.
     DATABASE_ERROR = 2
     #: ``import``/``export``: the target holds another history under the source's keys
@@ -73,7 +75,8 @@ class ExitCode(IntEnum):
     NOT_VERIFIED = 3
     #: ``import``/``export``: the file is missing, or not in casty's SqliteJournal format.
     BAD_FILE = 4
-    #: Wrong or missing arguments (no URL, unknown revision, ``downgrade`` without ``--yes``).
+    #: Wrong or missing arguments (no URL, unknown revision, ``downgrade`` or
+    #: ``projections reset`` without ``--yes``).
     USAGE = 64
     #: A bug in casty-sa: please report it (``-v`` shows the traceback).
     INTERNAL = 70
@@ -88,7 +91,8 @@ Plain sqlite:///file.db and postgresql://user@host/db URLs get their async drive
 
 exit codes:
   0    success (check: the database is at head)
-  1    check: not at head; inspect ENTITY_ID: no such entity
+  1    check: not at head; inspect ENTITY_ID: no such entity;
+       projections reset NAME: no such projection
   2    database error: unreachable, login refused, tables missing, statement failed
   3    import/export: the target holds another history (refused, nothing written),
        or its content differs from the source's after the copy

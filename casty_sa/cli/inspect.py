@@ -27,8 +27,6 @@ import argparse
 import asyncio
 import base64
 import json
-import os
-import shutil
 import sys
 from typing import Any
 
@@ -48,11 +46,13 @@ from casty_sa.cli.text import (
     RED,
     Cell,
     Style,
+    add_color_option,
     fields,
     painted,
     printable,
     shell_quote,
     table,
+    terminal_style,
     when,
 )
 from casty_sa.inspection import EntityDetail, JournalSummary, Payload
@@ -87,25 +87,8 @@ def register(commands: Commands) -> None:
         help="count the totals; on PostgreSQL, big tables get estimates by default",
     )
     add_payload_options(inspect)
-    inspect.add_argument(
-        "--color",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="auto: when stdout is a terminal and NO_COLOR is unset",
-    )
+    add_color_option(inspect)
     inspect.set_defaults(handler=_cmd_inspect)
-
-
-def _style(choice: str) -> Style:
-    """How ``inspect`` prints: colour and width from ``--color``, the TTY and NO_COLOR."""
-    tty = sys.stdout.isatty()
-    color = choice == "always" or (
-        choice == "auto"
-        and tty
-        and not os.environ.get("NO_COLOR")
-        and os.environ.get("TERM") != "dumb"
-    )
-    return Style(color=color, width=shutil.get_terminal_size().columns if tty else None)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -140,7 +123,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(as_dict(found), indent=2, ensure_ascii=False))
     else:
-        print(render(found, _style(args.color)))
+        print(render(found, terminal_style(args.color)))
     if missing:
         print(f"casty-sa: no events or snapshot for entity {args.entity_id!r}", file=sys.stderr)
         return ExitCode.NO_SUCH_ENTITY

@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import sys
 
-from casty_sa import migrate
+from casty_sa import migrate, migration_runs
 from casty_sa.cli.common import Commands, ExitCode, UsageError, optional_url, url, where
 from casty_sa.revisions import (
     SchemaState,
@@ -52,7 +52,9 @@ def register(commands: Commands) -> None:
         help="print the DDL instead of running it; REV is a FROM:TO range (default head:base)",
     )
     downgrade.add_argument(
-        "--yes", action="store_true", help="confirm dropping tables that hold events"
+        "--yes",
+        action="store_true",
+        help="confirm dropping tables that hold events or projection offsets",
     )
     downgrade.set_defaults(handler=_cmd_downgrade)
 
@@ -116,25 +118,44 @@ def _migrate(args: argparse.Namespace, database: str, revision: str) -> int:
     down = args.command == "downgrade"
     try:
         before, after = asyncio.run(
-            migrate.migrate_between(
+            migration_runs.migrate_between(
                 database,
                 revision,
                 down=down,
                 schema=args.schema,
-                keep_events=down and not args.yes,
+                keep_data=down and not args.yes,
                 connect_timeout=args.connect_timeout,
             )
         )
-    except migrate.EventsWouldBeDropped as exc:
-        raise UsageError(
-            f"{where(database)} holds {exc.events:,} events; downgrading to base drops "
-            "casty-sa's tables and every event in them. Export them first "
-            "(casty-sa export), then pass --yes to proceed"
-        ) from None
+    except migration_runs.DataWouldBeDropped as exc:
+        raise UsageError(_refusal(where(database), exc)) from None
     done = "downgraded" if down else "upgraded"
     verb = "already at" if before == after else f"{done} from {describe_revision(before)} to"
     print(f"{where(database)}: {verb} {describe_revision(after)}")
     return ExitCode.OK
+
+
+def _refusal(database: str, dropped: migration_runs.DataWouldBeDropped) -> str:
+    """Why ``downgrade`` refused, what it would drop, and what to do first."""
+    held, then = [], []
+    if dropped.events:
+        held.append(f"{dropped.events:,} events")
+        then.append("Export them first (casty-sa export)")
+    if dropped.projections:
+        held.append(f"the offsets of {dropped.projections:,} projections")
+        then.append(
+            "Without their offsets the projections rebuild their read models from the first "
+            "event (casty-sa projections lists them)"
+        )
+    drops = (
+        "downgrading to base drops casty-sa's tables and every event in them"
+        if dropped.events
+        else "downgrading below 0003 drops casty_sa_projection_offsets"
+    )
+    return (
+        f"{database} holds {' and '.join(held)}; {drops}. "
+        f"{'. '.join(then)}, then pass --yes to proceed"
+    )
 
 
 def _read_state(args: argparse.Namespace, database: str) -> SchemaState:

@@ -15,6 +15,10 @@ bb  22
 
 from __future__ import annotations
 
+import argparse
+import os
+import shutil
+import sys
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,11 +31,13 @@ __all__ = [
     "RED",
     "Cell",
     "Style",
+    "add_color_option",
     "fields",
     "painted",
     "printable",
     "shell_quote",
     "table",
+    "terminal_style",
 ]
 
 #: ANSI SGR codes.
@@ -57,6 +63,28 @@ class Style:
     def paint(self, text: str, code: str) -> str:
         """``text`` wrapped in the ANSI SGR ``code`` when colours are on."""
         return f"\x1b[{code}m{text}\x1b[0m" if self.color else text
+
+
+def add_color_option(parser: argparse.ArgumentParser) -> None:
+    """``--color auto|always|never`` (see :func:`terminal_style`)."""
+    parser.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="auto: when stdout is a terminal and NO_COLOR is unset",
+    )
+
+
+def terminal_style(choice: str) -> Style:
+    """How a command prints: colour and width from ``--color``, the TTY and NO_COLOR."""
+    tty = sys.stdout.isatty()
+    color = choice == "always" or (
+        choice == "auto"
+        and tty
+        and not os.environ.get("NO_COLOR")
+        and os.environ.get("TERM") != "dumb"
+    )
+    return Style(color=color, width=shutil.get_terminal_size().columns if tty else None)
 
 
 def fields(pairs: Sequence[tuple[str, str]], style: Style) -> list[str]:

@@ -40,6 +40,7 @@ from sqlalchemy import (
     Insert,
     MetaData,
     Table,
+    Update,
     and_,
     delete,
     func,
@@ -273,6 +274,26 @@ class OffsetTable:
         rows = [self._new_row(name, index, slices, fence) for index in range(slices)]
         await session.execute(self._insert(generic_insert(table)), rows)
         return len(stored)
+
+    def restart(self, name: str) -> Update:
+        """:meth:`reset` as one ``UPDATE`` that keeps the slice count: for a script a DBA
+        runs in their own transaction, beside the ``DELETE`` that clears the read model.
+        Every slice's fence goes up by one, so no worker of the old run commits again."""
+        table = self.table
+        return (
+            update(table)
+            .where(table.c.projection == name)
+            .values(
+                last_offset=None,
+                handled=0,
+                fence=table.c.fence + 1,
+                owner=None,
+                lease_expires_ms=None,
+                updated_ms=database_ms(),
+                last_error=None,
+                last_error_ms=None,
+            )
+        )
 
     async def rows(
         self, session: AsyncSession, name: str | None = None, index: int | None = None

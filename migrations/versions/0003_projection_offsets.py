@@ -41,8 +41,8 @@ def upgrade() -> None:
         sa.Column("updated_ms", sa.BigInteger(), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("last_error_ms", sa.BigInteger(), nullable=True),
-        sa.CheckConstraint("slice_count >= 1", name=f"ck_{TABLE}_slice_count"),
-        sa.CheckConstraint("slice >= 0 AND slice < slice_count", name=f"ck_{TABLE}_slice"),
+        sa.CheckConstraint("slice_count >= 1", name=op.f(f"ck_{TABLE}_slice_count")),
+        sa.CheckConstraint("slice >= 0 AND slice < slice_count", name=op.f(f"ck_{TABLE}_slice")),
         sa.PrimaryKeyConstraint("projection", "slice", name=f"pk_{TABLE}"),
     )
 
