@@ -39,6 +39,7 @@ SERIES = (
 SAME_JOURNAL = {
     "R1 catch-up": "R1 replay",
     "P1 projection": "P1 read",
+    "P1 batched": "P1 read",
     "P1 other db": "P1 read",
 }
 
