@@ -83,6 +83,14 @@ TARGETS = (
         "PostgreSQL P1 projection >= 0.5x its catch-up read", "P1 projection", "sa-postgresql",
         "sa-postgresql", 0.5, "P1 read",
     ),
+    Target(
+        "SQLite P1 batched (writes per batch) >= 0.5x its catch-up read", "P1 batched",
+        "sa-sqlite", "sa-sqlite", 0.5, "P1 read",
+    ),
+    Target(
+        "PostgreSQL P1 batched (writes per batch) >= 0.5x its catch-up read", "P1 batched",
+        "sa-postgresql", "sa-postgresql", 0.5, "P1 read",
+    ),
 )  # fmt: skip
 LATENCY_TARGETS = (
     LatencyTarget("SQLite R2 live tail p99 < 250 ms (polling)", "R2", "sa-sqlite", 250.0),
