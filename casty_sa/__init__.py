@@ -24,6 +24,10 @@ from casty_sa.errors import (
     JournalError,
     PayloadDecodeError,
     PayloadEncodeError,
+    ProjectionBusy,
+    ProjectionError,
+    ProjectionFailed,
+    ProjectionLeaseLost,
     SchemaError,
     SequenceConflict,
     UnsupportedDatabase,
@@ -41,6 +45,7 @@ from casty_sa.models import (
     metadata,
 )
 from casty_sa.ordering import InvalidOffset
+from casty_sa.projections import Projection, ProjectionStatus, SliceCountChanged, SliceStatus
 from casty_sa.replication import LocalReplication
 from casty_sa.revisions import exclude_journal_tables, head_revision
 from casty_sa.serializers import JsonSerializer, SerializationError, UnknownTypeError
@@ -66,10 +71,18 @@ __all__ = [
     "LocalReplication",
     "PayloadDecodeError",
     "PayloadEncodeError",
+    "Projection",
+    "ProjectionBusy",
+    "ProjectionError",
+    "ProjectionFailed",
+    "ProjectionLeaseLost",
+    "ProjectionStatus",
     "SAJournal",
     "SchemaError",
     "SequenceConflict",
     "SerializationError",
+    "SliceCountChanged",
+    "SliceStatus",
     "SnapshotRecord",
     "UnknownTypeError",
     "UnsupportedDatabase",

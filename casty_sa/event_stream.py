@@ -65,7 +65,7 @@ import asyncio
 import collections
 from collections.abc import AsyncIterator, Callable, Collection
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from casty_sa.backends import Backend
 from casty_sa.backends.read_statements import TOP, EventPage, Place
@@ -84,7 +84,7 @@ from casty_sa.ordering import (
 )
 from casty_sa.reads import RetryingReader
 
-__all__ = ["MAX_BATCH_SIZE", "EventStream", "ReadSide"]
+__all__ = ["MAX_BATCH_SIZE", "Backlog", "EventStream", "ReadSide"]
 
 #: Most events one page may ask for.
 MAX_BATCH_SIZE = 100_000
@@ -93,6 +93,14 @@ _ID_PAGE = 1000
 #: First pause of a live reader whose horizon is held back by a running transaction
 #: while later commits wait (no notification comes when an unrelated one ends).
 _BLOCKED_POLL = 0.01
+
+
+class Backlog(NamedTuple):
+    """``events`` after an offset (counted up to a limit) and the oldest ``timestamp`` among
+    them (``None``: no event follows)."""
+
+    events: int
+    oldest_timestamp: float | None
 
 
 class ReadSide:
@@ -150,6 +158,26 @@ class ReadSide:
         prefix = _check_text("entity_prefix", entity_prefix) or None
         types = _check_types(event_types)
         return EventStream(self, place, live=live, limit=batch_size, prefix=prefix, types=types)
+
+    async def backlog(
+        self,
+        after: str | None,
+        *,
+        limit: int,
+        entity_prefix: str | None = None,
+        event_types: Collection[str] | None = None,
+    ) -> Backlog:
+        """How many events follow ``after`` (up to ``limit``), filtered as :meth:`events` does
+        (``entity_prefix``, ``event_types``; unknown types counted), the oldest one's time."""
+        place = (0, 0, -(2**63)) if after is None else _check_offset(after)
+        if type(limit) is not int or not 1 <= limit <= MAX_BATCH_SIZE:
+            raise ValueError(f"limit must be an int from 1 to {MAX_BATCH_SIZE}, not {limit!r}")
+        prefix = _check_text("entity_prefix", entity_prefix) or None
+        types = _check_types(event_types)
+        stored = None if types is None else sorted({stored_type_name(t) for t in types})
+        await self.ready()
+        args = (place, limit, prefix, stored)
+        return Backlog(*await self.reads.read(self.backend.event_backlog, args, "count events"))
 
     def entity_ids(self, after: str | None, prefix: str | None) -> AsyncIterator[str]:
         """Entity ids after ``after`` (with ``prefix``), in the column's order.
@@ -239,6 +267,12 @@ class EventStream:
                     self._done = True
                 raise
         return self._ready.popleft()
+
+    @property
+    def buffered(self) -> int:
+        """How many envelopes the stream hands out next without I/O: a consumer that commits
+        in batches commits when it reaches 0 instead of holding events while it waits."""
+        return len(self._ready)
 
     async def aclose(self) -> None:
         """End the stream and give up its share of the live readers' listening connection."""

@@ -41,7 +41,7 @@ from casty_sa.codec import (
 )
 from casty_sa.diagnosis import Diagnosis
 from casty_sa.engine import open_journal_engine
-from casty_sa.event_stream import EventStream, ReadSide
+from casty_sa.event_stream import Backlog, EventStream, ReadSide
 from casty_sa.lifecycle import Lifecycle
 from casty_sa.live import Wakeups
 from casty_sa.migrate import check_schema, ensure_schema
@@ -90,6 +90,13 @@ class _ReadSideCalls:
             entity_prefix=entity_prefix,
             event_types=event_types,
         )
+
+    async def backlog(
+        self, after: str | None = None, *, limit: int = 10_000, **filters: Any
+    ) -> Backlog:
+        """How many events follow ``after`` (counted up to ``limit``) and the oldest one's
+        ``timestamp``: a reader's lag (see :meth:`casty_sa.event_stream.ReadSide.backlog`)."""
+        return await self._read_side.backlog(after, limit=limit, **filters)
 
     def entity_ids(
         self, after: str | None = None, *, prefix: str | None = None

@@ -117,6 +117,13 @@ class Backend(ABC):
         global order (see :class:`~casty_sa.backends.read_statements.EventPage`)."""
 
     @abstractmethod
+    async def event_backlog(
+        self, after: Place, limit: int, prefix: str | None, types: list[str] | None
+    ) -> tuple[int, float | None]:
+        """How many events follow ``after`` (at most ``limit``) and the oldest timestamp among
+        them (see :func:`~casty_sa.backends.read_statements.event_backlog`)."""
+
+    @abstractmethod
     async def entity_id_page(self, after: str, limit: int, prefix: str | None) -> list[str]:
         """Up to ``limit`` entity ids after ``after`` in the column's order: those with
         ``prefix`` among them (the caller filters), stopping early where it can."""

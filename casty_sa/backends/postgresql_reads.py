@@ -39,6 +39,7 @@ from casty_sa.backends.read_statements import (
     Place,
     Prepared,
     entity_id_walk,
+    event_backlog,
     event_page,
     global_order,
     highest_sequence_nr,
@@ -73,6 +74,7 @@ class PostgresReading(PooledBackend):
         self._event_pages: dict[tuple[bool, bool], Prepared] = {}
         self._highest = prepare(highest_sequence_nr(self.events), engine.dialect)
         self._bytewise_ids: bool | None = None
+        self._backlogs: dict[tuple[bool, bool], Prepared] = {}
 
     async def event_page(
         self, after: Place, stop: Place, limit: int, prefix: str | None, types: list[str] | None
@@ -92,6 +94,28 @@ class PostgresReading(PooledBackend):
             ceiling=(writing_era, following - 1, TOP[2]),
             blocked=newest_era is not None and (newest_era, newest_transaction_id) >= (era, below),
         )
+
+    async def event_backlog(
+        self, after: Place, limit: int, prefix: str | None, types: list[str] | None
+    ) -> tuple[int, float | None]:
+        variant = (prefix is not None, types is not None)
+        statement = self._backlogs.get(variant)
+        if statement is None:
+            types_in = (
+                (lambda column: column == any_(bindparam("types", type_=ARRAY(String))))
+                if types is not None
+                else None
+            )
+            built = event_backlog(
+                self.events, self.events.c.timestamp, prefix=variant[0], types_in=types_in
+            )
+            statement = self._backlogs[variant] = prepare(built, self._engine.dialect)
+        values = page_values(after, after, limit) | {"prefix": prefix, "types": types}
+        async with self.connection() as conn:
+            found = await conn.fetchrow(
+                statement.sql, *statement.args(values), timeout=self._timeout
+            )
+        return int(found[0]), None if found[1] is None else float(found[1])
 
     async def entity_id_page(self, after: str, limit: int, prefix: str | None) -> list[str]:
         contiguous = prefix is not None and await self._ids_sort_bytewise()

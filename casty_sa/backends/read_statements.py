@@ -49,6 +49,7 @@ __all__ = [
     "Place",
     "Prepared",
     "entity_id_walk",
+    "event_backlog",
     "event_page",
     "global_order",
     "highest_sequence_nr",
@@ -167,6 +168,26 @@ def event_page(
         statement = statement.where(types_in(column) | column.is_(None))
     # an explicit OFFSET: SQLite's compiler binds one of its own otherwise
     return statement.order_by(*order).limit(bindparam("limit")).offset(literal_column("0"))
+
+
+def event_backlog(events: Table, timestamp: Any, *, prefix: bool, types_in: TypesIn | None) -> Any:
+    """How many events follow the place bound as ``after`` (counted up to ``limit``), and
+    the oldest ``timestamp`` among them: a projection's lag, at the cost of ``limit``
+    steps through the global-order index at most.
+
+    The filters are :func:`event_page`'s; rows of an unknown type are counted.
+    """
+    order = global_order(events)
+    following = select(timestamp.label("timestamp")).where(tuple_(*order) > _place("after"))
+    if prefix:
+        following = following.where(starts_with(events.c.entity_id, "prefix"))
+    if types_in is not None:
+        column = events.c.event_type
+        following = following.where(types_in(column) | column.is_(None))
+    page = (
+        following.order_by(*order).limit(bindparam("limit")).offset(literal_column("0"))
+    ).subquery("following")
+    return select(func.count(), func.min(page.c.timestamp)).select_from(page)
 
 
 def entity_id_walk(events: Table, *, contiguous_prefix: bool) -> Select[Any]:

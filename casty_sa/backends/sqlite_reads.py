@@ -25,6 +25,7 @@ from casty_sa.backends.read_statements import (
     EventPage,
     Place,
     entity_id_walk,
+    event_backlog,
     event_page,
     highest_sequence_nr,
     page_values,
@@ -73,6 +74,19 @@ class SqliteReading(PooledBackend):
             for prefix in (False, True)
             for typed in (False, True)
         }
+        self._backlogs = {
+            (prefix, typed): prepare(
+                event_backlog(
+                    events,
+                    self._timestamp(events),
+                    prefix=prefix,
+                    types_in=(lambda column: column.in_(select(types.c.value))) if typed else None,
+                ),
+                dialect,
+            )
+            for prefix in (False, True)
+            for typed in (False, True)
+        }
         self._entity_walks = {
             contiguous: prepare(entity_id_walk(events, contiguous_prefix=contiguous), dialect)
             for contiguous in (False, True)
@@ -110,6 +124,18 @@ class SqliteReading(PooledBackend):
             # waiting, silently, while other processes write at the path
             self._file_kept()
         return EventPage([tuple(row) for row in rows], horizon=horizon, ceiling=horizon)
+
+    async def event_backlog(
+        self, after: Place, limit: int, prefix: str | None, types: list[str] | None
+    ) -> tuple[int, float | None]:
+        typed = types is not None and self._has_json
+        statement = self._backlogs[(prefix is not None, typed)]
+        values = page_values(after, after, limit) | {
+            "prefix": prefix,
+            "types": json.dumps(types, ensure_ascii=False) if typed else None,
+        }
+        [(count, oldest)] = await self._read(statement.sql, tuple(statement.args(values)))
+        return int(count), oldest
 
     async def entity_id_page(self, after: str, limit: int, prefix: str | None) -> list[str]:
         # casty-sa's tables compare entity ids as BINARY (bytes): ids with a prefix are

@@ -9,5 +9,18 @@ applies one twice.
 """
 
 from casty_sa.projections.offsets import Lease, OffsetRow, OffsetTable, SliceCountChanged
+from casty_sa.projections.projection import Projection
+from casty_sa.projections.status import ProjectionStatus, SliceStatus
+from casty_sa.projections.worker import LEASE_KEY, slice_of
 
-__all__ = ["Lease", "OffsetRow", "OffsetTable", "SliceCountChanged"]
+__all__ = [
+    "LEASE_KEY",
+    "Lease",
+    "OffsetRow",
+    "OffsetTable",
+    "Projection",
+    "ProjectionStatus",
+    "SliceCountChanged",
+    "SliceStatus",
+    "slice_of",
+]
