@@ -8,7 +8,9 @@ says what is measured. The modules, in the order a run uses them:
 - ``raw``: the raw-driver baselines (aiosqlite, asyncpg) on casty-sa's tables.
 - ``postgres``: the PostgreSQL server and a fresh database per repetition.
 - ``journals``: the journals under test by name, each opened on a fresh store and warmed up.
-- ``workloads``: the sizes and the workloads W1 to W6.
+- ``workloads``: the workloads W1 to W6, and every workload of a run in order.
+- ``read_side``: the read-side workloads R1 and R2.
+- ``projection``: the projection workloads P1 and P2.
 - ``machine``: the machine the run is on (description, load average, peak RSS).
 - ``measure``: the run itself: every workload over every journal, repetitions interleaved.
 - ``report``: the Markdown table, the targets and the JSON.

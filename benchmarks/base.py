@@ -42,6 +42,8 @@ class Sizes:
     w6_entities: int = 500
     r1_entities: int = 20
     r1_per_entity: int = 5_000
+    p1_entities: int = 500
+    p1_per_entity: int = 40
 
 
 QUICK = Sizes(
@@ -58,6 +60,8 @@ QUICK = Sizes(
     w6_entities=25,
     r1_entities=10,
     r1_per_entity=200,
+    p1_entities=20,
+    p1_per_entity=10,
 )
 
 

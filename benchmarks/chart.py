@@ -5,12 +5,13 @@ Reads the JSON that ``benchmarks/run.py --json FILE`` writes and draws, per
 workload, how many times faster casty-sa is than the reference journals of the
 same run: ``sa-sqlite`` against casty's ``SqliteJournal`` and against raw
 aiosqlite, ``sa-postgresql`` against raw asyncpg; for the read-side catch-up
-(R1), each journal's ``events()`` against its own replay of the same events.
-The axis is logarithmic (the ratios span 0.5x to 30x) with a line at 1x: a bar
-right of it is faster. A ratio the run could not measure (a journal that
-answered wrongly) is left out and named under the chart; the live-tail
-latencies (R2) are written under it, against their targets. Plain SVG, no
-plotting library.
+(R1), each journal's ``events()`` against its own replay of the same events;
+for the projections (P1), each journal's projection against its own read of
+the same events. The axis is logarithmic (the ratios span 0.1x to 30x) with a
+line at 1x: a bar right of it is faster. A ratio the run could not measure (a
+journal that answered wrongly) is left out and named under the chart; the
+live-tail latencies (R2) are written under it, against their targets, and the
+live projection's lag (P2). Plain SVG, no plotting library.
 
 Examples
 --------
@@ -35,12 +36,17 @@ SERIES = (
     ("sa-postgresql vs raw asyncpg", "sa-postgresql", "raw-asyncpg", "#d9822b"),
 )
 #: rows compared with another row of the same journal, and that row
-SAME_JOURNAL = {"R1 catch-up": "R1 replay"}
+SAME_JOURNAL = {
+    "R1 catch-up": "R1 replay",
+    "P1 projection": "P1 read",
+    "P1 batched": "P1 read",
+    "P1 other db": "P1 read",
+}
 
 _LEFT, _RIGHT, _TOP = 90, 30, 70
 _BAR, _GAP, _GROUP_GAP = 12, 2, 16
 _WIDTH = 760
-_LOW, _HIGH = 0.25, 64.0  # the axis: ratios outside are drawn at its edge, labelled truly
+_LOW, _HIGH = 0.125, 64.0  # the axis: ratios outside are drawn at its edge, labelled truly
 
 
 def comparisons(workload: str) -> list[tuple[str, tuple[str, str], tuple[str, str]]]:
@@ -91,12 +97,22 @@ def colour(label: str) -> str:
 
 
 def latencies(report: dict[str, Any]) -> list[str]:
-    """A line per latency target of the run (R2): the p99 measured, the bound, the verdict."""
-    return [
+    """A line per latency target of the run (R2): the p99 measured, the bound, the verdict;
+    and a line per journal of the live projection's lag (P2), which has no target."""
+    lines = [
         f"{t['description']}: {t['shown']} ({t['status']})"
         for t in report.get("targets", [])
         if "maximum_p99_ms" in t
     ]
+    rows = {(r["workload"], r["journal"]): r for r in report["results"]}
+    for (workload, journal), row in rows.items():
+        end = rows.get(("P2 end lag", journal), {}).get("rate")
+        if workload == "P2" and row["rate"] and end is not None:
+            lines.append(
+                f"P2 live projection under W2 load, {journal}: lag p50 {row['p50_ms']:.1f} ms, "
+                f"p99 {row['p99_ms']:.1f} ms, {end:.0f} ms at the end"
+            )
+    return lines
 
 
 def _x(ratio: float) -> float:
@@ -121,11 +137,11 @@ def render(report: dict[str, Any], title: str) -> str:
         key = _LEFT + index * 220
         parts.append(f'<rect x="{key}" y="32" width="12" height="12" fill="{shade}"/>')
         parts.append(f'<text x="{key + 16}" y="42">{escape(label)}</text>')
-    for compared, against in SAME_JOURNAL.items():
-        parts.append(
-            f'<text x="{_LEFT}" y="58" font-size="10">{escape(compared)}: each journal against '
-            f"its own {escape(against)} (same colour as its journal)</text>"
-        )
+    same = "; ".join(f"{compared} vs {against}" for compared, against in SAME_JOURNAL.items())
+    parts.append(
+        f'<text x="{_LEFT}" y="58" font-size="10">each journal against its own row '
+        f"({escape(same)}), in its journal's colour</text>"
+    )
     bottom = _TOP + len(workloads) * group
     tick = _LOW
     while tick <= _HIGH:

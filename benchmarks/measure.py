@@ -180,7 +180,8 @@ class _Run:
             cell = self.cells[(key, name)]
             cell.samples.append(measured)
             cell.peak_rss_mb = max(cell.peak_rss_mb, peak)
-        shown = ", ".join(f"{k} {s.rate:,.0f}/s" for k, s in result.items())
+        units = {r.key: "/s" if r.unit.endswith("/s") else f" {r.unit}" for r in workload.rows}
+        shown = ", ".join(f"{k} {s.rate:,.0f}{units.get(k, '/s')}" for k, s in result.items())
         self._say(
             f"{workload.key} rep {rep}/{self.reps} {name}: "
             f"{shown} ({time.perf_counter() - t0:.1f} s)"

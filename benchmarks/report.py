@@ -1,10 +1,10 @@
-"""The report of a run: the Markdown table, the targets of issues 4 and 12, and the JSON.
+"""The report of a run: the Markdown table, the targets of issues 4, 12 and 13, and the JSON.
 
 Every ratio is a ratio of medians of the same run: against casty's
 ``SqliteJournal`` (``REFERENCE``) and against the raw driver of the same
 database (``RAW_OF``); a read-side target compares two rows of one journal
-(catch-up against replay) or bounds a latency. ``benchmarks/chart.py`` draws
-the JSON.
+(catch-up against replay, a projection against a read of the same events) or
+bounds a latency. ``benchmarks/chart.py`` draws the JSON.
 """
 
 from __future__ import annotations
@@ -75,6 +75,22 @@ TARGETS = (
         "PostgreSQL R1 catch-up >= 0.8x its replay", "R1 catch-up", "sa-postgresql",
         "sa-postgresql", 0.8, "R1 replay",
     ),
+    Target(
+        "SQLite P1 projection >= 0.5x its catch-up read", "P1 projection", "sa-sqlite",
+        "sa-sqlite", 0.5, "P1 read",
+    ),
+    Target(
+        "PostgreSQL P1 projection >= 0.5x its catch-up read", "P1 projection", "sa-postgresql",
+        "sa-postgresql", 0.5, "P1 read",
+    ),
+    Target(
+        "SQLite P1 batched (writes per batch) >= 0.5x its catch-up read", "P1 batched",
+        "sa-sqlite", "sa-sqlite", 0.5, "P1 read",
+    ),
+    Target(
+        "PostgreSQL P1 batched (writes per batch) >= 0.5x its catch-up read", "P1 batched",
+        "sa-postgresql", "sa-postgresql", 0.5, "P1 read",
+    ),
 )  # fmt: skip
 LATENCY_TARGETS = (
     LatencyTarget("SQLite R2 live tail p99 < 250 ms (polling)", "R2", "sa-sqlite", 250.0),
@@ -135,7 +151,7 @@ def render_table(results: Results) -> str:
     lines += [f"- {row.key}: {row.description} ({row.unit})" for row in results.rows]
     targets = evaluate_targets(results)
     if targets:
-        lines += ["", "Targets of issues 4 and 12 (medians of this run):"]
+        lines += ["", "Targets of issues 4, 12 and 13 (medians of this run):"]
         lines += [f"- {t['description']}: {t['shown']} -> {t['status']}" for t in targets]
     failures = [
         (row, name, cell.failure) for (row, name), cell in results.cells.items() if cell.failure

@@ -35,6 +35,8 @@ Examples
 ``python benchmarks/run.py`` (everything, about 3 minutes on 2 cores),
 ``python benchmarks/run.py --quick`` (smoke run),
 ``python benchmarks/run.py --journals sa-sqlite,casty-sqlite --workloads W1,W2``,
+``python benchmarks/run.py --journals sa-sqlite,sa-postgresql --workloads R1,P1,P2``
+(the read side and the projections),
 ``python benchmarks/run.py --rss-scan 200,2000 --journals sa-sqlite,sa-postgresql``.
 
 This file is the entry point; the harness is the ``benchmarks`` package beside

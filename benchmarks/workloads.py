@@ -1,7 +1,8 @@
 """The workloads W1 to W6, and every workload of a run in the table's order.
 
 W1 to W3 write, W4 and W5 read what they wrote once, W6 does both with
-snapshots; the read-side workloads R1 and R2 are in ``read_side``. See
+snapshots; the read-side workloads R1 and R2 are in ``read_side``, the
+projection workloads P1 and P2 in ``projection``. See
 ``base`` for what a workload is.
 """
 
@@ -16,6 +17,7 @@ from casty import PersistedEvent, Snapshot
 from .base import Row, Sample, Sizes, Workload, persist_in_turn, sample
 from .data import BASE_TS, WrongAnswer, check_events, check_snapshot, event_of, state_of
 from .journals import Journal
+from .projection import P1, P2
 from .read_side import R1, R2
 
 
@@ -240,7 +242,7 @@ class W6(Workload):
 
 
 #: every workload, in the table's order
-WORKLOAD_TYPES: tuple[type[Workload], ...] = (W1, W2, W3, W4, W5, W6, R1, R2)
+WORKLOAD_TYPES: tuple[type[Workload], ...] = (W1, W2, W3, W4, W5, W6, R1, R2, P1, P2)
 WORKLOADS = tuple(w.key for w in WORKLOAD_TYPES)
 
 
