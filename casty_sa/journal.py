@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -41,10 +41,11 @@ from casty_sa.codec import (
 )
 from casty_sa.diagnosis import Diagnosis
 from casty_sa.engine import open_journal_engine
-from casty_sa.event_stream import Backlog, EventStream, ReadSide
+from casty_sa.event_stream import ReadSide
 from casty_sa.lifecycle import Lifecycle
 from casty_sa.live import Wakeups
 from casty_sa.migrate import check_schema, ensure_schema
+from casty_sa.read_calls import ReadSideCalls
 from casty_sa.reads import RetryingReader
 from casty_sa.urls import engine_secrets, kind_of, safe_url
 from casty_sa.writer import Writer
@@ -56,62 +57,7 @@ __all__ = ["MAX_SEQUENCE_NR", "SAJournal"]
 _WRITER_LINGER = 0.01
 
 
-class _ReadSideCalls:
-    """The read-side calls of :class:`SAJournal` (see :mod:`casty_sa.event_stream`)."""
-
-    _read_side: ReadSide
-
-    def events(
-        self,
-        after: str | None = None,
-        *,
-        live: bool = False,
-        batch_size: int = 1000,
-        entity_prefix: str | None = None,
-        event_types: Collection[str] | None = None,
-    ) -> EventStream:
-        """Every committed event in one global order, as ``EventEnvelope`` s (each entity's
-        in sequence order); resuming after an envelope's ``offset`` gives every later
-        event exactly once. ``live=False`` stops at what was committed when the call
-        started; ``live=True`` waits for more. See :mod:`casty_sa.event_stream` for the
-        parameters, the errors and the guarantees.
-
-        Examples
-        --------
-        >>> async def follow(journal: SAJournal, offset: str | None) -> None:
-        ...     async for envelope in journal.events(offset, live=True):
-        ...         print(envelope.entity_id, envelope.event)
-        ...         offset = envelope.offset  # store it to resume from it
-        """
-        return self._read_side.events(
-            after,
-            live=live,
-            batch_size=batch_size,
-            entity_prefix=entity_prefix,
-            event_types=event_types,
-        )
-
-    async def backlog(
-        self, after: str | None = None, *, limit: int = 10_000, **filters: Any
-    ) -> Backlog:
-        """How many events follow ``after`` (counted up to ``limit``) and the oldest one's
-        ``timestamp``: a reader's lag (see :meth:`casty_sa.event_stream.ReadSide.backlog`)."""
-        return await self._read_side.backlog(after, limit=limit, **filters)
-
-    def entity_ids(
-        self, after: str | None = None, *, prefix: str | None = None
-    ) -> AsyncIterator[str]:
-        """Ids of the entities with events after ``after``, in the database's order; ``prefix``
-        is compared as text (see :meth:`casty_sa.event_stream.ReadSide.entity_ids`)."""
-        return self._read_side.entity_ids(after, prefix)
-
-    async def highest_sequence_nr(self, entity_id: str) -> int:
-        """The entity's highest stored sequence number; 0 for an unknown entity."""
-        check_entity_id(entity_id)
-        return await self._read_side.highest_sequence_nr(entity_id)
-
-
-class SAJournal(_ReadSideCalls):
+class SAJournal(ReadSideCalls):
     """casty ``EventJournal`` storing events and snapshots through SQLAlchemy.
 
     A drop-in for casty's ``SqliteJournal``: SQLite files are node-local,
@@ -138,36 +84,33 @@ class SAJournal(_ReadSideCalls):
         executes code from the table when loading: see the README's security
         section).
     schema : str | None
-        PostgreSQL schema holding casty-sa's tables (default: the connection's
-        ``search_path``, usually ``public``); migrate with the same schema.
+        PostgreSQL schema holding casty-sa's tables (default: the connection's ``search_path``,
+        usually ``public``); migrate with the same schema. Also a read-only property.
     migrate : bool | None
         Bring the schema to head on first use. ``None``: yes for SQLite, no for
         a server database, which must already be at head (:class:`SchemaError`
         otherwise).
     group_commit : bool
-        Write concurrent calls in shared transactions (default). ``False``
-        gives every call its own transaction.
+        Write concurrent calls in shared transactions (default); ``False``: one each.
     max_batch_events : int
         Cap on rows per group transaction.
     max_batch_bytes : int
-        Cap on the bytes of one group transaction (payloads plus the rest of
-        each row; default 64 MiB), so that large calls queued together never
-        add up to a statement the database refuses (PostgreSQL's messages stop
-        at 1 GiB). A single call larger than the cap is written alone.
+        Cap on the bytes of one group transaction (rows; default 64 MiB), so queued
+        calls never add up to a statement the database refuses (PostgreSQL's
+        messages stop at 1 GiB); a single call larger than the cap is written alone.
     max_pending : int
         Cap on queued write calls; more callers wait (back-pressure).
     read_retries : int
-        Extra attempts of ``load``/``load_snapshot`` after a connection error,
-        with exponential backoff from ``retry_backoff`` seconds. casty cannot
-        recover an entity whose activation failed, so a blip must not fail it.
+        Extra attempts of ``load``/``load_snapshot`` after a connection error, with
+        exponential backoff from ``retry_backoff`` seconds (casty cannot recover an
+        entity whose activation failed: a blip must not fail it).
     busy_timeout : float | None
         SQLite: seconds a writer waits for another process's lock (default 5).
     sqlite_synchronous : str | None
-        SQLite: ``FULL`` (default, durable on power loss), ``NORMAL`` (faster,
-        may lose the last commits on power loss), ``OFF``.
+        SQLite: ``FULL`` (default, durable on power loss), ``NORMAL`` (faster, may lose
+        the last commits on power loss), ``OFF``.
     connect_timeout : float | None
-        PostgreSQL: seconds before a connection attempt fails (default: the
-        URL's ``connect_timeout``, else 10).
+        PostgreSQL: seconds a connection attempt takes at most (the URL's ``connect_timeout``; 10).
     statement_timeout : float | None
         PostgreSQL: seconds before a statement fails, on the client and as the
         server's ``statement_timeout`` (default: the URL's ``options=-c
@@ -175,7 +118,6 @@ class SAJournal(_ReadSideCalls):
         a pooled connection that does not answer a liveness ping within the
         shorter of them fails the call (the server is taken for hung), and
         reads are not retried once the budget is spent.
-
     **engine_options
         Passed to ``create_async_engine`` (``pool_size``, ``echo``, …). ``echo``
         and SQLAlchemy instrumentation (OpenTelemetry, Sentry) see the schema
@@ -279,6 +221,10 @@ class SAJournal(_ReadSideCalls):
     def engine(self) -> AsyncEngine:
         """The engine in use (the application's own when one was passed in)."""
         return self._engine
+
+    @property
+    def schema(self) -> str | None:
+        return self._schema  # of the journal's tables (None: the connection's default)
 
     def __repr__(self) -> str:
         schema = f", schema={self._schema!r}" if self._schema is not None else ""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -444,6 +444,73 @@ class TestFailingHandler:
             broken[0] = False
             assert await projection.catch_up() == len(everything) - everything.index(failing)
             assert await applied(sessions) == await fold(journal)
+
+
+def batch_adding(calls: list[int], broken: tuple[str, int] | None = None) -> Any:
+    """A batch handler: one ``executemany`` per call; fails on ``broken`` while it is set."""
+
+    async def handler(session: AsyncSession, envelopes: Sequence[EventEnvelope]) -> None:
+        calls.append(len(envelopes))
+        fence = session.info[LEASE_KEY].fence
+        rows = [
+            {"entity_id": e.entity_id, "seq": e.sequence_nr, "amount": e.event, "fence": fence}
+            for e in envelopes
+        ]
+        await session.execute(
+            text("INSERT INTO applied VALUES (:entity_id, :seq, :amount, :fence)"), rows
+        )
+        if broken and any((e.entity_id, e.sequence_nr) == broken for e in envelopes):
+            raise ValueError(f"cannot apply {broken}")
+
+    return handler
+
+
+class TestBatched:
+    async def test_one_call_per_batch_applies_every_event_once(
+        self, journal: SAJournal, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        async with asyncio.timeout(BOUND):
+            await persist(journal, 6, 5)
+            calls: list[int] = []
+            projection = Projection.batched("batched", journal, batch_adding(calls), batch_size=8)
+            assert await projection.catch_up() == 30
+            assert await applied(sessions) == await fold(journal)
+            assert sum(calls) == 30 and max(calls) == 8 and len(calls) == 4
+
+    async def test_a_failing_batch_is_split_to_its_event_and_resumes_after_the_fix(
+        self,
+        journal: SAJournal,
+        sessions: async_sessionmaker[AsyncSession],
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        async with asyncio.timeout(BOUND):
+            await persist(journal, 4, 3)
+            everything = [e async for e in journal.events()]
+            failing = next(e for e in everything if (e.entity_id, e.sequence_nr) == ("acct-2", 2))
+            before = everything[: everything.index(failing)]
+            calls: list[int] = []
+            handler = batch_adding(calls, ("acct-2", 2))
+            options: dict[str, Any] = {"batch_size": 100, "retry_delay": 0.01}
+            projection = Projection.batched("split", journal, handler, **options)
+            caplog.set_level(logging.INFO, logger="casty_sa.projections")
+            async with running(projection):
+
+                async def blocked() -> bool:
+                    return (await projection.status()).last_error is not None
+
+                await eventually(blocked)
+                assert await projection.offset() == before[-1].offset
+                assert await applied(sessions) == sorted((e[1], e[2]) for e in before)
+                status = await projection.status()
+                for part in ("'acct-2'", "sequence number 2", failing.offset, "ValueError"):
+                    assert part in (status.last_error or "")
+                assert calls[0] == len(everything)  # the whole batch first, then one at a time
+                assert set(calls[1:]) == {1}
+                assert any("one at a time" in r.getMessage() for r in caplog.records)
+                projection_fixed = Projection.batched("split", journal, batch_adding(calls))
+            assert await projection_fixed.catch_up() == len(everything) - len(before)
+            assert await applied(sessions) == await fold(journal)
+            assert (await projection_fixed.status()).last_error is None
 
 
 class TestAtLeastOnce:

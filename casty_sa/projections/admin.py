@@ -38,7 +38,7 @@ from casty_sa.diagnosis import database_error
 from casty_sa.engine import bind_schema, open_engine
 from casty_sa.journal import SAJournal
 from casty_sa.projections.offsets import OffsetRow, OffsetTable
-from casty_sa.projections.status import LAG_LIMIT, slice_status
+from casty_sa.projections.status import slices_status
 from casty_sa.urls import UrlLike, engine_secrets, to_async_url
 
 __all__ = ["SliceReport", "reset_projection", "reset_script", "slice_reports"]
@@ -237,12 +237,11 @@ def _report(
 async def _with_lag(journal: SAJournal, rows: list[OffsetRow]) -> list[SliceReport]:
     """The rows with their lag, measured as :meth:`Projection.status
     <casty_sa.projections.projection.Projection.status>` measures it."""
-    reports = []
-    for row in rows:
-        backlog = await journal.backlog(row.last_offset, limit=LAG_LIMIT)
-        status = slice_status(row, backlog, ())
-        reports.append(_report(row, status.lag_events, status.lag_seconds))
-    return reports
+    found = await slices_status(journal, rows, (), None, None)
+    return [
+        _report(row, status.lag_events, status.lag_seconds)
+        for row, status in zip(rows, found, strict=True)
+    ]
 
 
 def _rowcount(result: Any) -> int:

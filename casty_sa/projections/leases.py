@@ -23,37 +23,17 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from casty_sa.models import OWNER_LENGTH
 from casty_sa.projections.offsets import Lease, OffsetRow, OffsetTable
+from casty_sa.projections.tasks import settled
 
-__all__ = ["Held", "Leases", "owner_tag", "settled"]
+__all__ = ["Held", "Leases", "owner_tag"]
 
 log = logging.getLogger("casty_sa.projections")
-
-
-async def settled[T](step: Coroutine[Any, Any, T]) -> T:
-    """Run ``step`` (a transaction) to its end even if the caller is cancelled meanwhile,
-    then pass the cancellation on: a transaction cut off half-way by a cancellation can
-    leave its connection mid-rollback (SQLite: the file's write lock held until the
-    connection is collected)."""
-    task = asyncio.ensure_future(step)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.wait([task])
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        if not task.cancelled():
-            task.exception()  # retrieved: the cancellation wins
-        raise asyncio.CancelledError
-    return task.result()
 
 
 def owner_tag() -> str:

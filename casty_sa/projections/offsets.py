@@ -131,6 +131,11 @@ class OffsetRow:
             and self.lease_expires_ms > self.now_ms
         )
 
+    @classmethod
+    def unstarted(cls, projection: str, index: int, slice_count: int) -> OffsetRow:
+        """The row a slice of a projection that never ran would have: no offset, no owner."""
+        return cls(projection, index, slice_count, None, 0, 0, None, None, 0, None, None, 0)
+
     def lease(self) -> Lease:
         """The lease this row gives its owner (only for a row read after taking it)."""
         if self.owner is None:

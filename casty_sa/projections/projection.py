@@ -52,15 +52,18 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from casty_sa.errors import ProjectionBusy, ProjectionLeaseLost
 from casty_sa.journal import SAJournal
 from casty_sa.projections.checks import check_int, check_name, check_seconds
-from casty_sa.projections.leases import Leases, settled
-from casty_sa.projections.offsets import OffsetTable
-from casty_sa.projections.status import (
-    LAG_LIMIT,
-    ProjectionStatus,
-    State,
-    slice_status,
+from casty_sa.projections.leases import Leases
+from casty_sa.projections.offsets import OffsetRow, OffsetTable
+from casty_sa.projections.status import ProjectionStatus, State, slices_status
+from casty_sa.projections.tasks import all_of, cancelled, end_workers, settled
+from casty_sa.projections.worker import (
+    BatchHandler,
+    Handler,
+    Mode,
+    OutsideHandler,
+    Settings,
+    Worker,
 )
-from casty_sa.projections.worker import Handler, OutsideHandler, Settings, Worker
 
 __all__ = ["MAX_SLICES", "Projection"]
 
@@ -122,7 +125,7 @@ class Projection:
         retry_delay: float = 0.5,
         max_retry_delay: float = 30.0,
         lease_seconds: float = 5.0,
-        _exactly_once: bool = True,
+        _mode: Mode = "event",
     ) -> None:
         check_name(name)
         if not isinstance(journal, SAJournal):
@@ -131,7 +134,7 @@ class Projection:
             raise TypeError(f"handler must be an async function, not {type(handler).__name__}")
         if sessions is None:
             sessions = async_sessionmaker(journal.engine, expire_on_commit=False)
-            schema = journal._schema if schema is None else schema
+            schema = journal.schema if schema is None else schema
         elif not isinstance(sessions, async_sessionmaker):
             raise TypeError(f"sessions must be an async_sessionmaker, not {sessions!r}")
         if schema is not None and (type(schema) is not str or not schema):
@@ -152,7 +155,7 @@ class Projection:
             name=name,
             journal=journal,
             handler=handler,
-            exactly_once=_exactly_once,
+            mode=_mode,
             sessions=sessions,
             table=OffsetTable(schema),
             batch_size=batch_size,
@@ -181,7 +184,19 @@ class Projection:
             raise TypeError(f"handler must be an async function, not {type(handler).__name__}")
         if "sessions" in options and options["sessions"] is None:
             del options["sessions"]
-        return cls(name, journal, handler, _exactly_once=False, **options)  # type: ignore[arg-type]
+        return cls(name, journal, handler, _mode="outside", **options)  # type: ignore[arg-type]
+
+    @classmethod
+    def batched(cls, name: str, journal: SAJournal, handler: BatchHandler, **options: Any) -> Self:
+        """A projection whose ``handler(session, envelopes)`` gets each batch's events (its
+        slice's, in order) in one call inside the batch's transaction: exactly once, and a
+        batch is written in a few statements (an ``executemany`` upsert) instead of one per
+        event, which is what lets a read model keep up with a busy journal. When it raises
+        on several events, they are applied again one at a time, so the failure is reported
+        and retried at its own event. Same options as the constructor."""
+        if not callable(handler):
+            raise TypeError(f"handler must be an async function, not {type(handler).__name__}")
+        return cls(name, journal, handler, _mode="batch", **options)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return f"Projection({self.name!r}, slices={self._settings.slices}, {self._state})"
@@ -203,9 +218,9 @@ class Projection:
             await self._take(slices)
             renewing = asyncio.ensure_future(self._leases.renewing())
             try:
-                counts = await _all(self._catch_up_slice(index) for index in slices)
+                counts = await all_of(self._catch_up_slice(index) for index in slices)
             finally:
-                await _cancelled(renewing)
+                await cancelled(renewing)
             return sum(counts)
 
     async def run(self) -> None:
@@ -217,7 +232,7 @@ class Projection:
             try:
                 await self._follow()
             finally:
-                await _cancelled(renewing)
+                await cancelled(renewing)
 
     async def stop(self) -> None:
         """Stop :meth:`run` (or :meth:`catch_up`): a batch in hand commits (or rolls back),
@@ -263,16 +278,19 @@ class Projection:
         """Each slice's offset, owner, lag (events, seconds) and last error, and this
         object's state."""
         settings = self._settings
-        found = []
-        for row in await self._leases.rows():
-            backlog = await settings.journal.backlog(
-                row.last_offset,
-                limit=LAG_LIMIT,
-                entity_prefix=settings.entity_prefix,
-                event_types=settings.event_types,
-            )
-            found.append(slice_status(row, backlog, self._leases.held))
-        return ProjectionStatus(self.name, self._state, tuple(found))
+        # never run: every slice stands before the first event (lag 0 would read "caught up")
+        rows = await self._leases.rows() or [
+            OffsetRow.unstarted(self.name, index, settings.slices)
+            for index in range(settings.slices)
+        ]
+        found = await slices_status(
+            settings.journal,
+            rows,
+            self._leases.held,
+            settings.entity_prefix,
+            settings.event_types,
+        )
+        return ProjectionStatus(self.name, self._state, found)
 
     # -- inside --------------------------------------------------------------------------------
 
@@ -309,7 +327,7 @@ class Projection:
         stopped = asyncio.ensure_future(self._stopping.wait())
         try:
             while not self._stopping.is_set():
-                self._reap()
+                _reap(self._workers, self._leases.held)
                 await self._take_free()
                 tasks = [task for _, task in self._workers.values()]
                 await asyncio.wait(
@@ -320,25 +338,8 @@ class Projection:
         finally:
             stopped.cancel()
             self._stopping.set()
-            await _end_workers(list(self._workers.values()))
-        self._reap()
-
-    def _reap(self) -> None:
-        """Forget the workers that ended (a lost slice is tried again at the next poll);
-        re-raise what ended one for good. An idle worker whose lease was lost goes."""
-        for index, (worker, task) in list(self._workers.items()):
-            if not task.done():
-                if worker.idle and index not in self._leases.held:
-                    task.cancel()
-                continue
-            del self._workers[index]
-            if task.cancelled():
-                continue  # stopped: its lease is released with the others
-            failure = task.exception()
-            if isinstance(failure, ProjectionLeaseLost):
-                self._leases.held.pop(index, None)
-            elif failure is not None:
-                raise failure
+            await end_workers(list(self._workers.values()))
+        _reap(self._workers, self._leases.held)
 
     async def _take_free(self) -> None:
         """Take free slices, in random order, up to ``max_slices``."""
@@ -362,6 +363,24 @@ class Projection:
                 worker = Worker(self._settings, self._leases, index, self._stopping)
                 task = asyncio.ensure_future(worker.work(live=True))
                 self._workers[index] = (worker, task)
+
+
+def _reap(workers: dict[int, tuple[Worker, asyncio.Task[int]]], held: dict[int, Any]) -> None:
+    """Forget the workers that ended (a lost slice is tried again at the next poll);
+    re-raise what ended one for good. An idle worker whose lease was lost goes."""
+    for index, (worker, task) in list(workers.items()):
+        if not task.done():
+            if worker.idle and index not in held:
+                task.cancel()
+            continue
+        del workers[index]
+        if task.cancelled():
+            continue  # stopped: its lease is released with the others
+        failure = task.exception()
+        if isinstance(failure, ProjectionLeaseLost):
+            held.pop(index, None)
+        elif failure is not None:
+            raise failure
 
 
 class _Session:
@@ -395,41 +414,3 @@ class _Session:
             done, p._done = p._done, None
             if done is not None:
                 done.set()
-
-
-async def _end_workers(workers: list[tuple[Worker, asyncio.Task[int]]]) -> None:
-    """Stop every worker: idle ones at once, busy ones after their batch (all at once,
-    rolling back, when the caller, run(), was cancelled)."""
-    current = asyncio.current_task()
-    cancelled = current is not None and current.cancelling() > 0
-    for worker, task in workers:
-        if worker.idle or cancelled:
-            task.cancel()
-    tasks = [task for _, task in workers]
-    try:
-        await asyncio.gather(*tasks, return_exceptions=True)
-    except asyncio.CancelledError:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-async def _cancelled(task: asyncio.Future[Any]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-
-
-async def _all(steps: Any) -> list[int]:
-    """Run ``steps`` at once; the first failure cancels the others and is raised."""
-    tasks = [asyncio.ensure_future(step) for step in steps]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            raise task.exception()
-    return [task.result() for task in tasks]

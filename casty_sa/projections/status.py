@@ -16,14 +16,15 @@ Examples
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from casty_sa.event_stream import Backlog
+from casty_sa.journal import SAJournal
 from casty_sa.projections.offsets import OffsetRow
 
-__all__ = ["LAG_LIMIT", "ProjectionStatus", "SliceStatus", "State", "slice_status"]
+__all__ = ["LAG_LIMIT", "ProjectionStatus", "SliceStatus", "State", "slice_status", "slices_status"]
 
 #: Most events a status counts after a slice's offset (the count says "at least" then).
 LAG_LIMIT = 100_000
@@ -116,3 +117,21 @@ def slice_status(row: OffsetRow, backlog: Backlog, mine: Collection[int]) -> Sli
         last_error=row.last_error,
         last_error_at=None if row.last_error_ms is None else row.last_error_ms / 1000,
     )
+
+
+async def slices_status(
+    journal: SAJournal,
+    rows: Sequence[OffsetRow],
+    mine: Collection[int],
+    entity_prefix: str | None,
+    event_types: Collection[str] | None,
+) -> tuple[SliceStatus, ...]:
+    """The status of every slice of ``rows``, its lag read from ``journal`` with the
+    projection's filters."""
+    found = []
+    for row in rows:
+        backlog = await journal.backlog(
+            row.last_offset, limit=LAG_LIMIT, entity_prefix=entity_prefix, event_types=event_types
+        )
+        found.append(slice_status(row, backlog, mine))
+    return tuple(found)

@@ -6,7 +6,8 @@ awaited. Exactly once: one transaction per batch on a session of the read model'
 ``sessions``, FIRST :meth:`OffsetTable.advance
 <casty_sa.projections.offsets.OffsetTable.advance>` (it locks the slice's row and
 checks owner, fence and the offset the batch starts from), then the handler for
-each of the slice's events, then the commit. At least once: the handler runs
+each of the slice's events (or once with all of them: ``Projection.batched``), then
+the commit. At least once: the handler runs
 outside any transaction and the offset advances in a short one after the batch.
 
 After ANY error the worker forgets what it had in memory: it re-reads its row
@@ -15,7 +16,8 @@ whose outcome is unknown (the connection dropped during ``COMMIT``): the stored
 offset says whether the batch landed.
 
 A handler that fails: the batch rolls back, the events before the failing one
-commit as a batch of their own, and the failing event is retried alone with an
+commit as a batch of their own (a batch handler's batch is applied again one event
+at a time to find that one), and the failing event is retried alone with an
 exponential backoff, each failure logged (logger ``casty_sa.projections``) and
 stored in the slice's row (:meth:`OffsetTable.record_error
 <casty_sa.projections.offsets.OffsetTable.record_error>`) for ``status()`` and the
@@ -35,12 +37,13 @@ import contextlib
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from casty_sa.diagnosis import describe
 from casty_sa.envelopes import EventEnvelope
 from casty_sa.errors import (
     JournalClosed,
@@ -50,10 +53,21 @@ from casty_sa.errors import (
 )
 from casty_sa.event_stream import EventStream
 from casty_sa.journal import SAJournal
-from casty_sa.projections.leases import Leases, settled
+from casty_sa.projections.leases import Leases
 from casty_sa.projections.offsets import Lease, OffsetRow, OffsetTable
+from casty_sa.projections.tasks import settled
+from casty_sa.urls import url_secrets
 
-__all__ = ["LEASE_KEY", "Handler", "Settings", "Worker", "slice_of"]
+__all__ = [
+    "LEASE_KEY",
+    "BatchHandler",
+    "Handler",
+    "Mode",
+    "OutsideHandler",
+    "Settings",
+    "Worker",
+    "slice_of",
+]
 
 log = logging.getLogger("casty_sa.projections")
 
@@ -63,7 +77,12 @@ LEASE_KEY = "casty_sa.lease"
 _ERROR_TEXT = 2000
 
 Handler = Callable[[AsyncSession, EventEnvelope], Awaitable[object]]
+BatchHandler = Callable[[AsyncSession, Sequence[EventEnvelope]], Awaitable[object]]
 OutsideHandler = Callable[[EventEnvelope], Awaitable[object]]
+#: How the handler is called: ``"event"`` ``handler(session, envelope)`` and ``"batch"``
+#: ``handler(session, envelopes)`` in the batch's transaction (exactly once), ``"outside"``
+#: ``handler(envelope)`` outside any transaction (at least once).
+Mode = Literal["event", "batch", "outside"]
 
 
 def slice_of(entity_id: str, slices: int) -> int:
@@ -77,8 +96,8 @@ class Settings:
 
     name: str
     journal: SAJournal
-    handler: Handler | OutsideHandler
-    exactly_once: bool
+    handler: Handler | BatchHandler | OutsideHandler
+    mode: Mode
     sessions: async_sessionmaker[AsyncSession]
     table: OffsetTable
     batch_size: int
@@ -89,6 +108,20 @@ class Settings:
     retry_delay: float
     max_retry_delay: float
 
+    @property
+    def exactly_once(self) -> bool:
+        """Whether the handler's writes commit with the offset."""
+        return self.mode != "outside"
+
+    def describe(self, exc: BaseException) -> str:
+        """``exc`` in a line for the log and the offsets table: no SQL, no parameters (the
+        read model's data) and no password of the journal's or the read model's URL."""
+        secrets = url_secrets(self.journal.engine.url)
+        bind = self.sessions.kw.get("bind")
+        if bind is not None and hasattr(bind, "url"):
+            secrets |= url_secrets(bind.url)
+        return describe(exc, secrets)
+
     def stream(self, after: str | None, live: bool) -> EventStream:
         """The journal's events after ``after`` as this projection reads them."""
         return self.journal.events(
@@ -98,6 +131,11 @@ class Settings:
             entity_prefix=self.entity_prefix,
             event_types=self.event_types,
         )
+
+
+class _SplitBatch(Exception):
+    """The batch handler raised on a batch of several events (rolled back): which event
+    it fails on is found by applying them one at a time."""
 
 
 class _HandlerFailed(Exception):
@@ -124,7 +162,7 @@ class Worker:
         self.idle = False
         self.handled = 0
         self._attempt = 0  # failures in a row
-        self._solo = False  # the next batch is the failing event alone
+        self._solo_until: str | None = None  # batches of one event up to this offset
         self._uncertain: tuple[str, int] | None = None  # a commit of unknown outcome
 
     async def work(self, live: bool) -> int:
@@ -138,6 +176,14 @@ class Worker:
                 raise
             except _HandlerFailed as failed:
                 await self._failed(failed.envelope, failed.__cause__)
+            except _SplitBatch as split:
+                log.info(
+                    "projection %r slice %d: the batch handler failed (%s); applying the "
+                    "batch's events one at a time to find the event it fails on",
+                    self.settings.name,
+                    self.index,
+                    self.settings.describe(split.__cause__ or split),
+                )
             except Exception as exc:  # noqa: BLE001 - every failure backs off, never skips
                 await self._failed(None, exc)
         return self.handled
@@ -190,7 +236,9 @@ class Worker:
                 # a batch runs to its end (commit or rollback) before a cancellation passes
                 await settled(self._apply(self._lease(), after, batch))
                 after = batch[-1].offset
-                self._attempt, self._solo = 0, False
+                self._attempt = 0
+                if self._solo_until is not None and after >= self._solo_until:
+                    self._solo_until = None
 
     async def _take(self, stream: EventStream) -> list[EventEnvelope]:
         """The next batch: one event awaited, then what the stream holds in memory."""
@@ -204,7 +252,8 @@ class Worker:
         if first is None:
             return []
         batch = [first]
-        limit = 1 if self._solo else self.settings.batch_size
+        solo = self._solo_until is not None and first.offset <= self._solo_until
+        limit = 1 if solo else self.settings.batch_size
         while len(batch) < limit and stream.buffered:
             batch.append(await anext(stream))
         return batch
@@ -224,7 +273,6 @@ class Worker:
     ) -> None:
         """Exactly once: the offset, the handler's writes, one commit."""
         settings = self.settings
-        handler: Any = settings.handler
         mine = [self._mine(envelope) for envelope in batch]
         started = time.monotonic()
         async with settings.sessions() as session:
@@ -232,18 +280,55 @@ class Worker:
             await settings.table.advance(
                 session, lease, after, batch[-1].offset, sum(mine), self.leases.lease_ms
             )
-            for index, envelope in enumerate(batch):
-                if mine[index]:
-                    try:
-                        await handler(session, envelope)
-                    except Exception as exc:  # noqa: BLE001 - the handler's failure, whatever it is
-                        await session.rollback()
-                        await self._commit_before(lease, after, batch, index, exc)
+            if settings.mode == "batch":
+                await self._handle_batch(session, lease, after, batch, mine)
+            else:
+                await self._handle_each(session, lease, after, batch, mine)
             self._uncertain = (batch[-1].offset, sum(mine))
             await session.commit()
             self._uncertain = None
         self.handled += sum(mine)
         self.leases.extended(lease, started)
+
+    async def _handle_each(
+        self,
+        session: AsyncSession,
+        lease: Lease,
+        after: str | None,
+        batch: list[EventEnvelope],
+        mine: list[bool],
+    ) -> None:
+        handler: Any = self.settings.handler
+        for index, envelope in enumerate(batch):
+            if mine[index]:
+                try:
+                    await handler(session, envelope)
+                except Exception as exc:  # noqa: BLE001 - the handler's failure, whatever it is
+                    await session.rollback()
+                    await self._commit_before(lease, after, batch, index, exc)
+
+    async def _handle_batch(
+        self,
+        session: AsyncSession,
+        lease: Lease,
+        after: str | None,
+        batch: list[EventEnvelope],
+        mine: list[bool],
+    ) -> None:
+        """One call with the slice's events of the batch; on a failure with several, the
+        batch is applied again one event at a time (no backoff: nothing is known yet)."""
+        handler: Any = self.settings.handler
+        events = [envelope for envelope, wanted in zip(batch, mine, strict=True) if wanted]
+        if not events:
+            return
+        try:
+            await handler(session, events)
+        except Exception as exc:
+            await session.rollback()
+            if len(events) > 1:
+                self._solo_until = batch[-1].offset
+                raise _SplitBatch from exc
+            await self._commit_before(lease, after, batch, mine.index(True), exc)
 
     async def _then_offset(
         self, lease: Lease, after: str | None, batch: list[EventEnvelope]
@@ -297,16 +382,18 @@ class Worker:
         """Log and store the failure, then stop (``on_error="stop"``) or back off."""
         settings = self.settings
         self._attempt += 1
-        self._solo = envelope is not None
+        if envelope is not None:
+            self._solo_until = envelope.offset
         what = "a database or journal error"
         if envelope is not None:
             what = (
                 f"the handler failed on entity {envelope.entity_id!r} sequence number "
                 f"{envelope.sequence_nr} at offset {envelope.offset}"
             )
-        text = f"{what}: {type(exc).__name__}: {exc}"
+        text = f"{what}: {settings.describe(exc) if exc is not None else 'unknown'}"
         fatal = envelope is not None or isinstance(exc, PayloadDecodeError)
         if fatal and settings.on_error == "stop":
+            log.warning("projection %r slice %d: %s; stopping", settings.name, self.index, text)
             await self._record(text)
             raise ProjectionFailed(
                 f"projection {settings.name!r} slice {self.index} stopped: {text}. Nothing of "
@@ -335,11 +422,10 @@ class Worker:
             await settled(self._store_error(lease, text[:_ERROR_TEXT]))
         except Exception as exc:  # noqa: BLE001 - the log has it
             log.warning(
-                "projection %r slice %d: storing the error failed: %s: %s",
+                "projection %r slice %d: storing the error failed: %s",
                 settings.name,
                 self.index,
-                type(exc).__name__,
-                exc,
+                settings.describe(exc),
             )
 
     async def _store_error(self, lease: Lease, text: str) -> None:
