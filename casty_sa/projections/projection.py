@@ -101,9 +101,10 @@ class Projection:
     max_slices : int | None
         Most slices this object works at once (``None``: all it can take).
     on_error : "retry" or "stop"
-        On a handler failure: retry the event with an exponential backoff from
-        ``retry_delay`` to ``max_retry_delay`` seconds, or raise
-        :class:`~casty_sa.errors.ProjectionFailed`.
+        On a handler failure (or an event that cannot be decoded): retry the event, or
+        raise :class:`~casty_sa.errors.ProjectionFailed`. Database errors are always retried.
+    retry_delay, max_retry_delay : float
+        The exponential backoff between attempts, from 0.5 s to 30 s by default.
     lease_seconds : float
         A dead worker's slice is taken over after at most this (plus a poll).
     """
@@ -210,7 +211,8 @@ class Projection:
         """Apply every event committed so far; how many the handler applied.
 
         Raises :class:`~casty_sa.errors.ProjectionBusy` when another live worker holds
-        one of the slices (nothing is applied then), and
+        one of the slices (at the start: nothing applied; or after taking over a slice it
+        lost meanwhile: the batches committed before stay), and
         :class:`~casty_sa.errors.ProjectionFailed` when ``on_error="stop"`` stops it.
         """
         async with self._session("catching up"):
@@ -236,7 +238,7 @@ class Projection:
 
     async def stop(self) -> None:
         """Stop :meth:`run` (or :meth:`catch_up`): a batch in hand commits (or rolls back),
-        the leases are released so that others take over at once."""
+        the leases are released, so others take the slices over at their next look."""
         done = self._done
         if done is None:
             return
