@@ -25,8 +25,9 @@ from typing import ClassVar
 import pytest
 from casty import PersistedEvent, Snapshot, SqliteJournal
 from sqlalchemy import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from casty_sa import SAJournal, head_revision
+from casty_sa import EventEnvelope, Projection, ProjectionFailed, SAJournal, head_revision
 from casty_sa.cli import ExitCode, main
 from casty_sa.migration_runs import PROJECTION_OFFSETS_REVISION
 from casty_sa.revisions import revision_ids
@@ -814,8 +815,8 @@ class TestDocumentation:
             casty = make_casty_file(tmp_path / "casty.db", {"imported": 3})
             code, _, err = run(capsys, "import", "--from", str(casty), "--url", as_role("app"))
             assert code == ExitCode.OK, err
-            # a projection's offsets: made and reset by the application, listed by the reader
-            asyncio.run(install(as_role("app"), ("balances", 2)))
+            # a projection run, its failure stored, reset by the application; listed by the reader
+            asyncio.run(_projection_round_trip(as_role("app")))
             code, _, err = run(
                 capsys, "projections", "reset", "balances", "--yes", "--url", as_role("app")
             )
@@ -890,6 +891,26 @@ async def _run_script(url: str, script: str) -> None:
                 await connection.execute(statement)
     finally:
         await connection.close()
+
+
+async def _projection_round_trip(url: str) -> None:
+    """A projection (whose read model writes nothing) catches up, stores a failure, resets."""
+    broken = [True]
+
+    async def handler(session: AsyncSession, envelope: EventEnvelope) -> None:
+        if broken[0]:
+            raise ValueError("read model down")
+
+    async with asyncio.timeout(60), SAJournal(url) as journal:
+        total = len([e async for e in journal.events()])
+        projection = Projection("balances", journal, handler, slices=2, on_error="stop")
+        with pytest.raises(ProjectionFailed):
+            await projection.catch_up()
+        assert (await projection.status()).last_error is not None
+        broken[0] = False
+        assert await projection.catch_up() == total
+        await projection.reset()
+        assert await projection.offset() is None
 
 
 async def _journal_round_trip_in(url: str, schema: str) -> None:

@@ -3,11 +3,12 @@
 The work is :mod:`casty_sa.projections.admin`'s; this module parses the
 arguments and prints. The list shows one line per slice: its offset, the events
 handled, the lag (events stored after its offset, "100,000+" past the count's
-limit, and the age of the oldest of them), the worker holding its lease and the failure holding it
-back. ``--offsets-url`` names the read model's database when it is not the
-journal's. A reset refuses to run without ``--yes``: a projection that starts
-over applies every event again, so its read model must be cleared in the same
-transaction (``--clear SQL``), or by a DBA running the script ``--sql`` prints.
+limit, and the age of the oldest of them), the worker holding its lease and the
+failure holding it back. ``--offsets-url`` names the read model's database when
+it is not the journal's. A reset refuses to run without ``--yes``: a projection
+that starts over applies every event again, so its read model must be cleared in
+the same transaction (``--clear SQL``), or by a DBA running the script ``--sql``
+prints.
 
 Examples
 --------
