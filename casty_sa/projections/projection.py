@@ -49,6 +49,7 @@ from typing import Any, Literal, Self
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from casty_sa.diagnosis import describe
 from casty_sa.errors import ProjectionBusy, ProjectionLeaseLost
 from casty_sa.journal import SAJournal
 from casty_sa.projections.checks import check_int, check_name, check_seconds
@@ -58,9 +59,11 @@ from casty_sa.projections.status import (
     LAG_LIMIT,
     ProjectionStatus,
     State,
+    never_ran,
     slice_status,
 )
 from casty_sa.projections.worker import Handler, OutsideHandler, Settings, Worker
+from casty_sa.urls import url_secrets
 
 __all__ = ["MAX_SLICES", "Projection"]
 
@@ -162,6 +165,7 @@ class Projection:
             on_error=on_error,
             retry_delay=retry_delay,
             max_retry_delay=max_retry_delay,
+            secrets=journal._diagnosis.secrets | _secrets_of(sessions),
         )
         self._max_slices = slices if max_slices is None else max_slices
         self._leases = Leases(self._settings.table, sessions, name, lease_seconds)
@@ -264,7 +268,9 @@ class Projection:
         object's state."""
         settings = self._settings
         found = []
-        for row in await self._leases.rows():
+        # a projection that never ran here has no rows yet: every slice is at the start
+        rows = await self._leases.rows() or never_ran(self.name, settings.slices)
+        for row in rows:
             backlog = await settings.journal.backlog(
                 row.last_offset,
                 limit=LAG_LIMIT,
@@ -351,11 +357,10 @@ class Projection:
                 taken = await self._leases.acquire(index)
             except Exception as exc:  # noqa: BLE001 - the next poll tries again
                 log.warning(
-                    "projection %r: taking slice %d failed: %s: %s",
+                    "projection %r: taking slice %d failed: %s",
                     self.name,
                     index,
-                    type(exc).__name__,
-                    exc,
+                    describe(exc, self._settings.secrets),
                 )
                 return
             if taken is not None:
@@ -433,3 +438,10 @@ async def _all(steps: Any) -> list[int]:
         if not task.cancelled() and task.exception() is not None:
             raise task.exception()
     return [task.result() for task in tasks]
+
+
+def _secrets_of(sessions: async_sessionmaker[Any]) -> frozenset[str]:
+    """The secrets of the URL ``sessions`` connect to, when it is bound to one engine."""
+    bind = sessions.kw.get("bind")
+    url = getattr(bind, "url", None)
+    return url_secrets(url) if url is not None else frozenset()

@@ -23,7 +23,7 @@ from typing import Literal
 from casty_sa.event_stream import Backlog
 from casty_sa.projections.offsets import OffsetRow
 
-__all__ = ["LAG_LIMIT", "ProjectionStatus", "SliceStatus", "State", "slice_status"]
+__all__ = ["LAG_LIMIT", "ProjectionStatus", "SliceStatus", "State", "never_ran", "slice_status"]
 
 #: Most events a status counts after a slice's offset (the count says "at least" then).
 LAG_LIMIT = 100_000
@@ -116,3 +116,12 @@ def slice_status(row: OffsetRow, backlog: Backlog, mine: Collection[int]) -> Sli
         last_error=row.last_error,
         last_error_at=None if row.last_error_ms is None else row.last_error_ms / 1000,
     )
+
+
+def never_ran(name: str, slices: int) -> list[OffsetRow]:
+    """The rows of a projection whose rows are not made yet: each slice at the start,
+    unowned (its lag is the whole journal)."""
+    return [
+        OffsetRow(name, index, slices, None, 0, 0, None, None, 0, None, None, 0)
+        for index in range(slices)
+    ]

@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from casty_sa.diagnosis import describe
 from casty_sa.envelopes import EventEnvelope
 from casty_sa.errors import (
     JournalClosed,
@@ -50,6 +51,7 @@ from casty_sa.errors import (
 )
 from casty_sa.event_stream import EventStream
 from casty_sa.journal import SAJournal
+from casty_sa.projections.guard import TransactionGuard
 from casty_sa.projections.leases import Leases, settled
 from casty_sa.projections.offsets import Lease, OffsetRow, OffsetTable
 
@@ -88,6 +90,7 @@ class Settings:
     on_error: Literal["retry", "stop"]
     retry_delay: float
     max_retry_delay: float
+    secrets: frozenset[str] = frozenset()  # of the journal's and the read model's URLs
 
     def stream(self, after: str | None, live: bool) -> EventStream:
         """The journal's events after ``after`` as this projection reads them."""
@@ -232,13 +235,18 @@ class Worker:
             await settings.table.advance(
                 session, lease, after, batch[-1].offset, sum(mine), self.leases.lease_ms
             )
+            guard = TransactionGuard(session)
             for index, envelope in enumerate(batch):
                 if mine[index]:
                     try:
                         await handler(session, envelope)
-                    except Exception as exc:  # noqa: BLE001 - the handler's failure, whatever it is
+                        guard.check()
+                    except BaseException as exc:  # the handler's failure, whatever it is
+                        if not _handler_failure(exc):
+                            raise
                         await session.rollback()
                         await self._commit_before(lease, after, batch, index, exc)
+            guard.disarm()
             self._uncertain = (batch[-1].offset, sum(mine))
             await session.commit()
             self._uncertain = None
@@ -255,7 +263,9 @@ class Worker:
             if self._mine(envelope):
                 try:
                     await handler(envelope)
-                except Exception as exc:  # noqa: BLE001 - the handler's failure, whatever it is
+                except BaseException as exc:  # the handler's failure, whatever it is
+                    if not _handler_failure(exc):
+                        raise
                     await self._commit_before(lease, after, batch, index, exc)
                 applied += 1
         await self._advance_only(lease, after, batch, applied)
@@ -281,7 +291,7 @@ class Worker:
         after: str | None,
         batch: list[EventEnvelope],
         index: int,
-        exc: Exception,
+        exc: BaseException,
     ) -> None:
         """The handler failed on ``batch[index]``: the events before it commit as a batch of
         their own (exactly once: applied again), then :class:`_HandlerFailed`."""
@@ -304,7 +314,8 @@ class Worker:
                 f"the handler failed on entity {envelope.entity_id!r} sequence number "
                 f"{envelope.sequence_nr} at offset {envelope.offset}"
             )
-        text = f"{what}: {type(exc).__name__}: {exc}"
+        # no SQL, no parameters (read-model data), no password: the row is read by anyone
+        text = f"{what}: {describe(exc or Exception(), settings.secrets)}"
         fatal = envelope is not None or isinstance(exc, PayloadDecodeError)
         if fatal and settings.on_error == "stop":
             await self._record(text)
@@ -335,11 +346,10 @@ class Worker:
             await settled(self._store_error(lease, text[:_ERROR_TEXT]))
         except Exception as exc:  # noqa: BLE001 - the log has it
             log.warning(
-                "projection %r slice %d: storing the error failed: %s: %s",
+                "projection %r slice %d: storing the error failed: %s",
                 settings.name,
                 self.index,
-                type(exc).__name__,
-                exc,
+                describe(exc, settings.secrets),
             )
 
     async def _store_error(self, lease: Lease, text: str) -> None:
@@ -347,3 +357,13 @@ class Worker:
         async with settings.sessions() as session:
             await settings.table.record_error(session, lease, text)
             await session.commit()
+
+
+def _handler_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a handler, is its failure: any ``Exception``, and a
+    ``CancelledError`` of its own (nobody cancelled this task; a batch runs in a task
+    of its own that only a loop shutting down cancels), never ``KeyboardInterrupt``."""
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() == 0
+    return isinstance(exc, Exception)
