@@ -5,7 +5,8 @@ without its SQL or parameters (read-model data); a handler that raises
 ``CancelledError``, or that commits, rolls back or closes the batch's session, is a
 failing handler (retried or stopped, never a slice silently abandoned, never an
 event lost or applied twice), while one that uses a savepoint is fine; ``status()``
-of a projection that never ran shows the whole journal as its lag; on PostgreSQL a
+of a projection that never ran shows the whole journal as its lag; a journal closed
+under a running projection ends ``run()`` with ``JournalClosed``; on PostgreSQL a
 ``COMMIT`` cut off by ``pg_terminate_backend`` (a slow deferred trigger holds it) is
 settled by reading the offset again, and a hanging handler holds the server's read
 horizon for at most its lease. Known defects are marked ``xfail(strict=True)``.
@@ -23,7 +24,7 @@ from casty import PersistedEvent
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from casty_sa import EventEnvelope, Projection, ProjectionFailed, SAJournal
+from casty_sa import EventEnvelope, JournalClosed, Projection, ProjectionFailed, SAJournal
 
 pytestmark = pytest.mark.shared_database
 
@@ -360,3 +361,22 @@ async def _no_open_writer(conn: Any) -> bool:
     )
     await conn.rollback()
     return bool(rows.scalar() == 0)
+
+
+class TestJournalClosed:
+    async def test_run_ends_with_journal_closed_when_the_journal_closes_under_it(
+        self, new_journal: Callable[..., SAJournal]
+    ) -> None:
+        async with asyncio.timeout(BOUND):
+            journal = new_journal()
+            async with journal.engine.begin() as conn:
+                await conn.execute(text(SEEN))
+            await persist(journal, 1, 1)
+            projection = Projection("orphan", journal, see, lease_seconds=1.0)
+            task = asyncio.create_task(projection.run())
+            sessions = async_sessionmaker(journal.engine)
+            await eventually(lambda: _count(sessions, 1))
+            await journal.close()
+            with pytest.raises(JournalClosed):
+                await asyncio.wait_for(task, 15)
+            assert repr(projection).endswith("failed)")  # status() needs the journal
