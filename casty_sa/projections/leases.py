@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from casty_sa.diagnosis import describe
 from casty_sa.models import OWNER_LENGTH
 from casty_sa.projections.offsets import Lease, OffsetRow, OffsetTable
 from casty_sa.projections.tasks import settled
@@ -132,11 +133,10 @@ class Leases:
                 renewed = await settled(self._renew(held.lease))
             except Exception as exc:  # noqa: BLE001 - a lease that is not renewed expires; next round
                 log.warning(
-                    "projection %r: renewing the lease of slice %d failed: %s: %s",
+                    "projection %r: renewing the lease of slice %d failed: %s",
                     self.name,
                     index,
-                    type(exc).__name__,
-                    exc,
+                    describe(exc),
                 )
                 continue
             if renewed:
@@ -163,11 +163,10 @@ class Leases:
         except Exception as exc:  # noqa: BLE001 - the lease expires on its own
             log.warning(
                 "projection %r: releasing slice %d failed (it is free again once its lease "
-                "expires): %s: %s",
+                "expires): %s",
                 self.name,
                 index,
-                type(exc).__name__,
-                exc,
+                describe(exc),
             )
 
     async def release_all(self) -> None:

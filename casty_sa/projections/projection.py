@@ -49,6 +49,7 @@ from typing import Any, Literal, Self
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from casty_sa.diagnosis import describe
 from casty_sa.errors import ProjectionBusy, ProjectionLeaseLost
 from casty_sa.journal import SAJournal
 from casty_sa.projections.checks import check_int, check_name, check_seconds
@@ -64,6 +65,7 @@ from casty_sa.projections.worker import (
     Settings,
     Worker,
 )
+from casty_sa.urls import url_secrets
 
 __all__ = ["MAX_SLICES", "Projection"]
 
@@ -166,6 +168,7 @@ class Projection:
             on_error=on_error,
             retry_delay=retry_delay,
             max_retry_delay=max_retry_delay,
+            secrets=journal._diagnosis.secrets | _secrets_of(sessions),
         )
         self._max_slices = slices if max_slices is None else max_slices
         self._leases = Leases(self._settings.table, sessions, name, lease_seconds)
@@ -354,11 +357,10 @@ class Projection:
                 taken = await self._leases.acquire(index)
             except Exception as exc:  # noqa: BLE001 - the next poll tries again
                 log.warning(
-                    "projection %r: taking slice %d failed: %s: %s",
+                    "projection %r: taking slice %d failed: %s",
                     self.name,
                     index,
-                    type(exc).__name__,
-                    exc,
+                    describe(exc, self._settings.secrets),
                 )
                 return
             if taken is not None:
@@ -416,3 +418,10 @@ class _Session:
             done, p._done = p._done, None
             if done is not None:
                 done.set()
+
+
+def _secrets_of(sessions: async_sessionmaker[Any]) -> frozenset[str]:
+    """The secrets of the URL ``sessions`` connect to, when it is bound to one engine."""
+    bind = sessions.kw.get("bind")
+    url = getattr(bind, "url", None)
+    return url_secrets(url) if url is not None else frozenset()

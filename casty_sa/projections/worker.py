@@ -53,10 +53,10 @@ from casty_sa.errors import (
 )
 from casty_sa.event_stream import EventStream
 from casty_sa.journal import SAJournal
+from casty_sa.projections.guard import TransactionGuard, handler_failure
 from casty_sa.projections.leases import Leases
 from casty_sa.projections.offsets import Lease, OffsetRow, OffsetTable
 from casty_sa.projections.tasks import settled
-from casty_sa.urls import url_secrets
 
 __all__ = [
     "LEASE_KEY",
@@ -107,6 +107,7 @@ class Settings:
     on_error: Literal["retry", "stop"]
     retry_delay: float
     max_retry_delay: float
+    secrets: frozenset[str] = frozenset()  # of the journal's and the read model's URLs
 
     @property
     def exactly_once(self) -> bool:
@@ -116,11 +117,7 @@ class Settings:
     def describe(self, exc: BaseException) -> str:
         """``exc`` in a line for the log and the offsets table: no SQL, no parameters (the
         read model's data) and no password of the journal's or the read model's URL."""
-        secrets = url_secrets(self.journal.engine.url)
-        bind = self.sessions.kw.get("bind")
-        if bind is not None and hasattr(bind, "url"):
-            secrets |= url_secrets(bind.url)
-        return describe(exc, secrets)
+        return describe(exc, self.secrets)
 
     def stream(self, after: str | None, live: bool) -> EventStream:
         """The journal's events after ``after`` as this projection reads them."""
@@ -280,10 +277,12 @@ class Worker:
             await settings.table.advance(
                 session, lease, after, batch[-1].offset, sum(mine), self.leases.lease_ms
             )
+            guard = TransactionGuard(session)
             if settings.mode == "batch":
-                await self._handle_batch(session, lease, after, batch, mine)
+                await self._handle_batch(session, guard, lease, after, batch, mine)
             else:
-                await self._handle_each(session, lease, after, batch, mine)
+                await self._handle_each(session, guard, lease, after, batch, mine)
+            guard.disarm()
             self._uncertain = (batch[-1].offset, sum(mine))
             await session.commit()
             self._uncertain = None
@@ -293,6 +292,7 @@ class Worker:
     async def _handle_each(
         self,
         session: AsyncSession,
+        guard: TransactionGuard,
         lease: Lease,
         after: str | None,
         batch: list[EventEnvelope],
@@ -303,13 +303,17 @@ class Worker:
             if mine[index]:
                 try:
                     await handler(session, envelope)
-                except Exception as exc:  # noqa: BLE001 - the handler's failure, whatever it is
+                    guard.check()
+                except BaseException as exc:  # the handler's failure, whatever it is
+                    if not handler_failure(exc):
+                        raise
                     await session.rollback()
                     await self._commit_before(lease, after, batch, index, exc)
 
     async def _handle_batch(
         self,
         session: AsyncSession,
+        guard: TransactionGuard,
         lease: Lease,
         after: str | None,
         batch: list[EventEnvelope],
@@ -323,7 +327,10 @@ class Worker:
             return
         try:
             await handler(session, events)
-        except Exception as exc:
+            guard.check()
+        except BaseException as exc:  # the handler's failure, whatever it is
+            if not handler_failure(exc):
+                raise
             await session.rollback()
             if len(events) > 1:
                 self._solo_until = batch[-1].offset
@@ -340,7 +347,9 @@ class Worker:
             if self._mine(envelope):
                 try:
                     await handler(envelope)
-                except Exception as exc:  # noqa: BLE001 - the handler's failure, whatever it is
+                except BaseException as exc:  # the handler's failure, whatever it is
+                    if not handler_failure(exc):
+                        raise
                     await self._commit_before(lease, after, batch, index, exc)
                 applied += 1
         await self._advance_only(lease, after, batch, applied)
@@ -366,7 +375,7 @@ class Worker:
         after: str | None,
         batch: list[EventEnvelope],
         index: int,
-        exc: Exception,
+        exc: BaseException,
     ) -> None:
         """The handler failed on ``batch[index]``: the events before it commit as a batch of
         their own (exactly once: applied again), then :class:`_HandlerFailed`."""

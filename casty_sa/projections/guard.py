@@ -1,0 +1,74 @@
+"""The batch's transaction is the projection's: a handler must not end it.
+
+A handler that commits the session it is given would commit the batch's offset
+with only part of its events (a crash then loses the rest); one that rolls back or
+closes it undoes the offset and lets its later writes commit without one (they are
+applied again). :class:`TransactionGuard` refuses the first (its ``COMMIT`` raises;
+a savepoint's release is fine) and notices the others after each handler call, so
+either is a failing handler: the batch rolls back and nothing of it is applied.
+
+Examples
+--------
+>>> str(HandlerEndedTransaction())[:40]
+'the handler must not commit, roll back o'
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from casty_sa.errors import ProjectionError
+
+__all__ = ["HandlerEndedTransaction", "TransactionGuard", "handler_failure"]
+
+
+class HandlerEndedTransaction(ProjectionError):
+    """The handler committed, rolled back or closed the batch's session."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the handler must not commit, roll back or close the session it is given: the "
+            "projection commits its writes with the offset (a savepoint is fine)"
+        )
+
+
+class TransactionGuard:
+    """Watches ``session``'s transaction from now until :meth:`disarm`."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session.sync_session
+        self._transaction = self._session.get_transaction()
+        self._refused = False
+        event.listen(self._session, "before_commit", self._before_commit)
+
+    def _before_commit(self, session: Any) -> None:
+        if not session.in_nested_transaction():
+            self._refused = True
+            raise HandlerEndedTransaction
+
+    def check(self) -> None:
+        """Raise :class:`HandlerEndedTransaction` if the handler ended the transaction
+        (or tried to commit it, even if it caught the refusal)."""
+        transaction = self._session.get_transaction()
+        if self._refused or transaction is None or transaction is not self._transaction:
+            raise HandlerEndedTransaction
+        if not transaction.is_active:
+            raise HandlerEndedTransaction
+
+    def disarm(self) -> None:
+        """The projection's own commit follows."""
+        event.remove(self._session, "before_commit", self._before_commit)
+
+
+def handler_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a handler, is its failure: any ``Exception``, and a
+    ``CancelledError`` of its own (nobody cancelled this task; a batch runs in a task
+    of its own that only a loop shutting down cancels), never ``KeyboardInterrupt``."""
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() == 0
+    return isinstance(exc, Exception)
