@@ -513,6 +513,27 @@ class TestBatched:
             assert (await projection_fixed.status()).last_error is None
 
 
+    async def test_a_batch_handler_that_commits_is_a_failure_and_nothing_is_applied(
+        self, journal: SAJournal, sessions: async_sessionmaker[AsyncSession]
+    ) -> None:
+        async with asyncio.timeout(BOUND):
+            await persist(journal, 3, 2)
+            calls: list[int] = []
+            adding = batch_adding(calls)
+
+            async def commits(session: AsyncSession, envelopes: Sequence[EventEnvelope]) -> None:
+                await adding(session, envelopes)
+                await session.commit()  # the projection's transaction is not the handler's
+
+            projection = Projection.batched("commits", journal, commits, on_error="stop")
+            with pytest.raises(ProjectionFailed, match="must not commit"):
+                await projection.catch_up()
+            assert await applied(sessions) == [] and await projection.offset() is None
+            fixed = Projection.batched("commits", journal, adding)
+            assert await fixed.catch_up() == 6
+            assert await applied(sessions) == await fold(journal)
+
+
 class TestAtLeastOnce:
     async def test_handler_outside_the_database_sees_every_event(self, journal: SAJournal) -> None:
         async with asyncio.timeout(BOUND):

@@ -16,6 +16,8 @@ Examples
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from sqlalchemy import event
@@ -23,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from casty_sa.errors import ProjectionError
 
-__all__ = ["HandlerEndedTransaction", "TransactionGuard", "handler_failure"]
+__all__ = ["HandlerEndedTransaction", "HandlerOverran", "TransactionGuard", "handler_failure"]
 
 
 class HandlerEndedTransaction(ProjectionError):
@@ -36,10 +38,24 @@ class HandlerEndedTransaction(ProjectionError):
         )
 
 
-class TransactionGuard:
-    """Watches ``session``'s transaction from now until :meth:`disarm`."""
+class HandlerOverran(ProjectionError):
+    """The batch's handler calls ran past the batch's lease (``lease_seconds``)."""
 
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"the handler was still running {seconds:g} s after the batch began "
+            "(lease_seconds): a batch holds its slice's row (and on SQLite the file's write "
+            "lock) until it ends, so it is cut there; raise lease_seconds for slower handlers"
+        )
+
+
+class TransactionGuard:
+    """Watches ``session``'s transaction from now until :meth:`disarm`, and bounds the
+    handler calls of the batch to ``seconds`` from now (:meth:`bounded`)."""
+
+    def __init__(self, session: AsyncSession, seconds: float) -> None:
+        self._seconds = seconds
+        self._deadline = asyncio.get_running_loop().time() + seconds
         self._session = session.sync_session
         self._transaction = self._session.get_transaction()
         self._refused = False
@@ -49,6 +65,15 @@ class TransactionGuard:
         if not session.in_nested_transaction():
             self._refused = True
             raise HandlerEndedTransaction
+
+    @contextlib.asynccontextmanager
+    async def bounded(self) -> AsyncIterator[None]:
+        """A handler call, cut (:class:`HandlerOverran`) once the batch's time is over."""
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                yield
+        except TimeoutError as exc:
+            raise HandlerOverran(self._seconds) from exc
 
     def check(self) -> None:
         """Raise :class:`HandlerEndedTransaction` if the handler ended the transaction

@@ -242,6 +242,8 @@ class Projection:
     async def stop(self) -> None:
         """Stop :meth:`run` (or :meth:`catch_up`): a batch in hand commits (or rolls back),
         the leases are released, so others take the slices over at their next look."""
+        if self._done is None:
+            await asyncio.sleep(0)  # a run() task created just before takes its first step
         done = self._done
         if done is None:
             return

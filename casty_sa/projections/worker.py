@@ -277,7 +277,7 @@ class Worker:
             await settings.table.advance(
                 session, lease, after, batch[-1].offset, sum(mine), self.leases.lease_ms
             )
-            guard = TransactionGuard(session)
+            guard = TransactionGuard(session, self.leases.lease_seconds)
             if settings.mode == "batch":
                 await self._handle_batch(session, guard, lease, after, batch, mine)
             else:
@@ -302,7 +302,8 @@ class Worker:
         for index, envelope in enumerate(batch):
             if mine[index]:
                 try:
-                    await handler(session, envelope)
+                    async with guard.bounded():
+                        await handler(session, envelope)
                     guard.check()
                 except BaseException as exc:  # the handler's failure, whatever it is
                     if not handler_failure(exc):
@@ -326,7 +327,8 @@ class Worker:
         if not events:
             return
         try:
-            await handler(session, events)
+            async with guard.bounded():
+                await handler(session, events)
             guard.check()
         except BaseException as exc:  # the handler's failure, whatever it is
             if not handler_failure(exc):
@@ -391,10 +393,9 @@ class Worker:
         """Log and store the failure, then stop (``on_error="stop"``) or back off."""
         settings = self.settings
         self._attempt += 1
-        if envelope is not None:
-            self._solo_until = envelope.offset
         what = "a database or journal error"
         if envelope is not None:
+            self._solo_until = envelope.offset
             what = (
                 f"the handler failed on entity {envelope.entity_id!r} sequence number "
                 f"{envelope.sequence_nr} at offset {envelope.offset}"
@@ -423,9 +424,10 @@ class Worker:
 
     async def _record(self, text: str) -> None:
         """Store the failure in the slice's row (best effort: the log has it anyway)."""
-        lease = self.leases.valid(self.index)
-        if lease is None:
+        held = self.leases.held.get(self.index)  # even if it ran out: owner and fence decide
+        if held is None:
             return
+        lease = held.lease
         settings = self.settings
         try:
             await settled(self._store_error(lease, text[:_ERROR_TEXT]))
