@@ -73,15 +73,10 @@ from casty_sa.envelopes import EventEnvelope, envelopes
 from casty_sa.errors import JournalClosed
 from casty_sa.lifecycle import Lifecycle
 from casty_sa.live import Wakeups
-from casty_sa.models import MAX_ENTITY_ID_LENGTH
 from casty_sa.ordering import (
-    MAX_ERA,
-    MAX_TRANSACTION_ID,
-    InvalidOffset,
-    format_offset,
-    parse_offset,
     stored_type_name,
 )
+from casty_sa.read_checks import check_offset, check_text, check_types, refuse_ahead
 from casty_sa.reads import RetryingReader
 
 __all__ = ["MAX_BATCH_SIZE", "Backlog", "EventStream", "ReadSide"]
@@ -148,15 +143,15 @@ class ReadSide:
         event_types: Collection[str] | None,
     ) -> EventStream:
         """An :class:`EventStream`, every argument checked before any I/O."""
-        place = None if after is None else _check_offset(after)
+        place = None if after is None else check_offset(after)
         if type(live) is not bool:
             raise TypeError(f"live must be True or False, not {live!r}")
         if type(batch_size) is not int or not 1 <= batch_size <= MAX_BATCH_SIZE:
             raise ValueError(
                 f"batch_size must be an int from 1 to {MAX_BATCH_SIZE}, not {batch_size!r}"
             )
-        prefix = _check_text("entity_prefix", entity_prefix) or None
-        types = _check_types(event_types)
+        prefix = check_text("entity_prefix", entity_prefix) or None
+        types = check_types(event_types)
         return EventStream(self, place, live=live, limit=batch_size, prefix=prefix, types=types)
 
     async def backlog(
@@ -169,11 +164,11 @@ class ReadSide:
     ) -> Backlog:
         """How many events follow ``after`` (up to ``limit``), filtered as :meth:`events` does
         (``entity_prefix``, ``event_types``; unknown types counted), the oldest one's time."""
-        place = (0, 0, -(2**63)) if after is None else _check_offset(after)
+        place = (0, 0, -(2**63)) if after is None else check_offset(after)
         if type(limit) is not int or not 1 <= limit <= MAX_BATCH_SIZE:
             raise ValueError(f"limit must be an int from 1 to {MAX_BATCH_SIZE}, not {limit!r}")
-        prefix = _check_text("entity_prefix", entity_prefix) or None
-        types = _check_types(event_types)
+        prefix = check_text("entity_prefix", entity_prefix) or None
+        types = check_types(event_types)
         stored = None if types is None else sorted({stored_type_name(t) for t in types})
         await self.ready()
         args = (place, limit, prefix, stored)
@@ -190,8 +185,8 @@ class ReadSide:
         ``after`` (one probe each) and keeps those that start with it: never one
         missed, at the cost of the whole walk.
         """
-        start = _check_text("after", after) or ""
-        return self._entity_ids(start, _check_text("prefix", prefix) or None)
+        start = check_text("after", after) or ""
+        return self._entity_ids(start, check_text("prefix", prefix) or None)
 
     async def _entity_ids(self, after: str, prefix: str | None) -> AsyncIterator[str]:
         while True:
@@ -274,6 +269,12 @@ class EventStream:
         in batches commits when it reaches 0 instead of holding events while it waits."""
         return len(self._ready)
 
+    def take(self, limit: int) -> list[EventEnvelope]:
+        """Up to ``limit`` of the envelopes the stream holds, without I/O (what ``limit``
+        calls of ``__anext__`` would give while :attr:`buffered` lasts)."""
+        ready = self._ready
+        return [ready.popleft() for _ in range(min(limit, len(ready)))]
+
     async def aclose(self) -> None:
         """End the stream and give up its share of the live readers' listening connection."""
         self._done = True
@@ -306,7 +307,7 @@ class EventStream:
         ahead, self._ahead = self._ahead, None
         ticket, page = await (ahead if ahead is not None else self._read(self._cursor))
         if self._after is not None:
-            _refuse_ahead(self._after, page.ceiling)
+            refuse_ahead(self._after, page.ceiling)
             self._after = None
         if not self._live and self._stop == TOP:
             self._stop = page.horizon  # what was committed when the stream started
@@ -378,73 +379,3 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
     """A page read ahead and then dropped: its failure was nobody's to see."""
     if not task.cancelled():
         task.exception()
-
-
-def _check_offset(after: object) -> Place:
-    """The place an ``after=`` offset names; InvalidOffset when no database holds it."""
-    era, transaction_id, position = parse_offset(after)
-    if era > MAX_ERA or transaction_id > MAX_TRANSACTION_ID:
-        raise InvalidOffset(
-            f"offset {after!r} names era {era} and transaction id {transaction_id}, beyond "
-            f"what any casty-sa database holds (era <= {MAX_ERA}, transaction id < 2**63)"
-        )
-    return era, transaction_id, position
-
-
-def _refuse_ahead(after: Place, ceiling: Place | None) -> None:
-    """Refuse an offset this database cannot have handed out (see ``SAJournal.events``)."""
-    if ceiling is not None and after <= ceiling:
-        return
-    offset = format_offset(*after)
-    if ceiling is None:
-        where = "this database holds no event at all"
-    else:
-        where = f"the highest place this database can have handed out is {format_offset(*ceiling)}"
-    raise InvalidOffset(
-        f"offset {offset} is ahead of everything this database holds ({where}): it comes "
-        "from another database, or this one was restored from an older copy. Reading on "
-        "from it would wait for events that never come, or skip some; resume from an "
-        "offset this database gave, or from the start (after=None)"
-    )
-
-
-def _check_text(name: str, value: object) -> str | None:
-    """A prefix or an entity id to compare with: a str any backend can hold, or None."""
-    if value is None:
-        return None
-    if type(value) is not str:
-        raise TypeError(f"{name} must be a str or None, not {type(value).__name__}")
-    if len(value) > MAX_ENTITY_ID_LENGTH:
-        raise ValueError(
-            f"{name} is {len(value)} characters long; no entity id is longer than "
-            f"{MAX_ENTITY_ID_LENGTH}"
-        )
-    if "\x00" in value or not _encodable(value):
-        raise ValueError(f"{name} {value[:60]!r} holds a NUL or is not valid Unicode text")
-    return value
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _check_types(event_types: object) -> frozenset[str] | None:
-    """The wanted type names (:func:`casty_sa.ordering.event_type_name`), or None for all."""
-    if event_types is None:
-        return None
-    if isinstance(event_types, str | bytes) or not isinstance(event_types, Collection):
-        raise TypeError(
-            "event_types must be a collection of type names (like {'app.Deposited'}), "
-            f"not {type(event_types).__name__}"
-        )
-    names = frozenset(event_types)
-    if not names:
-        raise ValueError("event_types is empty: no event would match (None means every type)")
-    for name in names:
-        if type(name) is not str or not name or not _encodable(name) or "\x00" in name:
-            raise ValueError(f"event_types holds {name!r}, which is not a type name")
-    return names

@@ -512,7 +512,6 @@ class TestBatched:
             assert await applied(sessions) == await fold(journal)
             assert (await projection_fixed.status()).last_error is None
 
-
     async def test_a_batch_handler_that_commits_is_a_failure_and_nothing_is_applied(
         self, journal: SAJournal, sessions: async_sessionmaker[AsyncSession]
     ) -> None:

@@ -23,30 +23,9 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from casty_sa.errors import ProjectionError
+from casty_sa.errors import HandlerEndedTransaction, HandlerOverran
 
-__all__ = ["HandlerEndedTransaction", "HandlerOverran", "TransactionGuard", "handler_failure"]
-
-
-class HandlerEndedTransaction(ProjectionError):
-    """The handler committed, rolled back or closed the batch's session."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "the handler must not commit, roll back or close the session it is given: the "
-            "projection commits its writes with the offset (a savepoint is fine)"
-        )
-
-
-class HandlerOverran(ProjectionError):
-    """The batch's handler calls ran past the batch's lease (``lease_seconds``)."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(
-            f"the handler was still running {seconds:g} s after the batch began "
-            "(lease_seconds): a batch holds its slice's row (and on SQLite the file's write "
-            "lock) until it ends, so it is cut there; raise lease_seconds for slower handlers"
-        )
+__all__ = ["TransactionGuard", "handler_failure"]
 
 
 class TransactionGuard:

@@ -363,7 +363,8 @@ def _insert_ignoring_duplicates(session: AsyncSession, table: Table) -> Insert:
 
 async def _end_if_frozen(session: AsyncSession, lease_ms: int) -> None:
     """On PostgreSQL, make the server end this transaction if its client goes quiet in
-    it for longer than a lease (``SET LOCAL idle_in_transaction_session_timeout``).
+    it for longer than a lease (``SET LOCAL idle_in_transaction_session_timeout``), and
+    wait at most a lease for a lock (``lock_timeout``).
 
     A process frozen (stopped, paused, cut off behind a half-open connection) between a
     statement on the slice's row and its ``COMMIT`` holds the row's lock: without this
@@ -372,8 +373,11 @@ async def _end_if_frozen(session: AsyncSession, lease_ms: int) -> None:
     server. A transaction that went quiet that long had lost its lease anyway.
     """
     if session.get_bind().dialect.name == "postgresql":
-        timeout = func.set_config("idle_in_transaction_session_timeout", f"{lease_ms}ms", True)
-        await session.execute(select(timeout))
+        idle = func.set_config("idle_in_transaction_session_timeout", f"{lease_ms}ms", True)
+        # and a row some other session keeps locked fails the statement after a lease
+        # (a retried failure) instead of holding the worker, its renewals and stop()
+        locked = func.set_config("lock_timeout", f"{lease_ms}ms", True)
+        await session.execute(select(idle, locked))
 
 
 def _rowcount(result: Any) -> int:

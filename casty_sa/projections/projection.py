@@ -119,7 +119,7 @@ class Projection:
         *,
         sessions: async_sessionmaker[Any] | None = None,
         schema: str | None = None,
-        batch_size: int = 500,
+        batch_size: int = 1000,
         entity_prefix: str | None = None,
         event_types: Collection[str] | None = None,
         slices: int = 1,

@@ -73,6 +73,8 @@ log = logging.getLogger("casty_sa.projections")
 
 #: Key of ``session.info`` holding the batch's :class:`~casty_sa.projections.offsets.Lease`.
 LEASE_KEY = "casty_sa.lease"
+#: Fewest events per page the journal reads: small batches (slow handlers) still read fast.
+_PAGE = 1000
 #: Most characters of an error stored in the offsets table.
 _ERROR_TEXT = 2000
 
@@ -124,7 +126,7 @@ class Settings:
         return self.journal.events(
             after,
             live=live,
-            batch_size=self.batch_size,
+            batch_size=max(self.batch_size, _PAGE),
             entity_prefix=self.entity_prefix,
             event_types=self.event_types,
         )
@@ -248,12 +250,9 @@ class Worker:
             self.idle = False
         if first is None:
             return []
-        batch = [first]
-        solo = self._solo_until is not None and first.offset <= self._solo_until
-        limit = 1 if solo else self.settings.batch_size
-        while len(batch) < limit and stream.buffered:
-            batch.append(await anext(stream))
-        return batch
+        if self._solo_until is not None and first.offset <= self._solo_until:
+            return [first]
+        return [first, *stream.take(self.settings.batch_size - 1)]
 
     def _mine(self, envelope: EventEnvelope) -> bool:
         slices = self.settings.slices
