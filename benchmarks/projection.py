@@ -194,7 +194,7 @@ class P1(Workload):
             Row(
                 "P1 projection",
                 "events/s",
-                "a Projection catches up over the same events (catch_up(), batches of 500), its "
+                "a Projection catches up over the same events (catch_up(), batches of 1000), its "
                 "handler upserting one row per entity (a balance) in the journal's database "
                 "(p50: the whole catch-up)",
             ),
