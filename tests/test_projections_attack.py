@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -377,3 +377,37 @@ class TestJournalClosed:
             with pytest.raises(JournalClosed):
                 await asyncio.wait_for(task, 15)
             assert repr(projection).endswith("failed)")  # status() needs the journal
+
+
+class TestSlowBatch:
+    async def test_a_batch_slower_than_the_lease_is_split_and_gets_through(
+        self,
+        journal: SAJournal,
+        sessions: async_sessionmaker[AsyncSession],
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """A batch handler whose whole batch takes longer than the lease (each event is quick)
+        is cut (HandlerOverran) and its batch applied one event at a time: the worker keeps
+        its lease and what it learnt (the split) instead of starting over with the same
+        batch for ever, and says so at WARNING."""
+        await persist(journal, 4, 5)
+        calls: list[int] = []
+
+        async def slow(session: AsyncSession, envelopes: Sequence[EventEnvelope]) -> None:
+            calls.append(len(envelopes))
+            for envelope in envelopes:
+                await asyncio.sleep(0.1)  # 20 events: 2 s, five times the lease
+                await see(session, envelope)
+
+        projection = Projection.batched(
+            "slow-batch", journal, slow, lease_seconds=0.5, batch_size=100
+        )
+        caplog.set_level(logging.INFO, logger="casty_sa.projections")
+        async with asyncio.timeout(20):
+            assert await projection.catch_up() == 20
+        assert await seen(sessions) == await fold(journal)
+        assert calls[0] == 20 and calls[1:] == [1] * 20, calls
+        assert any(
+            r.levelno == logging.WARNING and "HandlerOverran" in r.getMessage()
+            for r in caplog.records
+        )
