@@ -262,6 +262,35 @@ class TestSqliteWriters:
             release.set()
             await stopped(projection, task)
 
+    @pytest.mark.only_backends("sqlite")
+    async def test_a_handler_cut_inside_a_long_statement_frees_the_write_lock(
+        self, new_journal: Callable[..., SAJournal]
+    ) -> None:
+        """The cut (HandlerOverran) cancels the handler's await, but aiosqlite runs the
+        statement in its own thread: unless it is interrupted it runs on, and the batch's
+        transaction keeps the file's write lock all that time (the writers fail)."""
+        journal = new_journal(busy_timeout=3.0)
+        await persist(journal, 1, 1)
+        entered = asyncio.Event()
+        count = "SELECT count(*) FROM c"
+        long = f"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) {count}"
+
+        async def counts(session: AsyncSession, envelope: EventEnvelope) -> None:
+            entered.set()
+            await session.execute(text(long.replace("FROM c)", "FROM c WHERE x < 50000000)")))
+
+        projection = Projection("counts", journal, counts, lease_seconds=1.0, retry_delay=30)
+        task = asyncio.create_task(projection.run())
+        try:
+            async with asyncio.timeout(BOUND):
+                await entered.wait()
+                await journal.persist("writer", [PersistedEvent(1, 1, 1.0)])  # 3 s at most
+                while (status := await projection.status()).last_error is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+                assert "HandlerOverran" in (status.last_error or ""), status.last_error
+        finally:
+            await stopped(projection, task)
+
 
 class TestPostgresCommit:
     @pytest.mark.only_backends("postgresql")
