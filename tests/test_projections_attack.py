@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -262,6 +262,35 @@ class TestSqliteWriters:
             release.set()
             await stopped(projection, task)
 
+    @pytest.mark.only_backends("sqlite")
+    async def test_a_handler_cut_inside_a_long_statement_frees_the_write_lock(
+        self, new_journal: Callable[..., SAJournal]
+    ) -> None:
+        """The cut (HandlerOverran) cancels the handler's await, but aiosqlite runs the
+        statement in its own thread: unless it is interrupted it runs on, and the batch's
+        transaction keeps the file's write lock all that time (the writers fail)."""
+        journal = new_journal(busy_timeout=3.0)
+        await persist(journal, 1, 1)
+        entered = asyncio.Event()
+        count = "SELECT count(*) FROM c"
+        long = f"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) {count}"
+
+        async def counts(session: AsyncSession, envelope: EventEnvelope) -> None:
+            entered.set()
+            await session.execute(text(long.replace("FROM c)", "FROM c WHERE x < 50000000)")))
+
+        projection = Projection("counts", journal, counts, lease_seconds=1.0, retry_delay=30)
+        task = asyncio.create_task(projection.run())
+        try:
+            async with asyncio.timeout(BOUND):
+                await entered.wait()
+                await journal.persist("writer", [PersistedEvent(1, 1, 1.0)])  # 3 s at most
+                while (status := await projection.status()).last_error is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+                assert "HandlerOverran" in (status.last_error or ""), status.last_error
+        finally:
+            await stopped(projection, task)
+
 
 class TestPostgresCommit:
     @pytest.mark.only_backends("postgresql")
@@ -377,3 +406,37 @@ class TestJournalClosed:
             with pytest.raises(JournalClosed):
                 await asyncio.wait_for(task, 15)
             assert repr(projection).endswith("failed)")  # status() needs the journal
+
+
+class TestSlowBatch:
+    async def test_a_batch_slower_than_the_lease_is_split_and_gets_through(
+        self,
+        journal: SAJournal,
+        sessions: async_sessionmaker[AsyncSession],
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        """A batch handler whose whole batch takes longer than the lease (each event is quick)
+        is cut (HandlerOverran) and its batch applied one event at a time: the worker keeps
+        its lease and what it learnt (the split) instead of starting over with the same
+        batch for ever, and says so at WARNING."""
+        await persist(journal, 4, 5)
+        calls: list[int] = []
+
+        async def slow(session: AsyncSession, envelopes: Sequence[EventEnvelope]) -> None:
+            calls.append(len(envelopes))
+            for envelope in envelopes:
+                await asyncio.sleep(0.1)  # 20 events: 2 s, five times the lease
+                await see(session, envelope)
+
+        projection = Projection.batched(
+            "slow-batch", journal, slow, lease_seconds=0.5, batch_size=100
+        )
+        caplog.set_level(logging.INFO, logger="casty_sa.projections")
+        async with asyncio.timeout(20):
+            assert await projection.catch_up() == 20
+        assert await seen(sessions) == await fold(journal)
+        assert calls[0] == 20 and calls[1:] == [1] * 20, calls
+        assert any(
+            r.levelno == logging.WARNING and "HandlerOverran" in r.getMessage()
+            for r in caplog.records
+        )

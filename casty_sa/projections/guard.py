@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,6 +39,12 @@ class TransactionGuard:
         self._session = session.sync_session
         self._transaction = self._session.get_transaction()
         self._refused = False
+        # the batch's sqlite3 connection, that aiosqlite drives from a thread of its own
+        self._sqlite: sqlite3.Connection | None = None
+        if self._session.get_bind().dialect.name == "sqlite":
+            driver = self._session.connection().connection.driver_connection
+            raw = getattr(driver, "_connection", None)
+            self._sqlite = raw if isinstance(raw, sqlite3.Connection) else None
         event.listen(self._session, "before_commit", self._before_commit)
 
     def _before_commit(self, session: Any) -> None:
@@ -48,11 +55,22 @@ class TransactionGuard:
     @contextlib.asynccontextmanager
     async def bounded(self) -> AsyncIterator[None]:
         """A handler call, cut (:class:`HandlerOverran`) once the batch's time is over."""
+        loop = asyncio.get_running_loop()
+        interrupt = loop.call_at(self._deadline, self._interrupt)
         try:
             async with asyncio.timeout_at(self._deadline):
                 yield
         except TimeoutError as exc:
             raise HandlerOverran(self._seconds) from exc
+        finally:
+            interrupt.cancel()
+
+    def _interrupt(self) -> None:
+        """SQLite: stop the statement the handler runs, now, before the rollback is queued
+        behind it. The cut cancels only its await: aiosqlite's thread would run it to its
+        end, the file's write lock held meanwhile. With no statement running it is a no-op."""
+        if self._sqlite is not None:
+            self._sqlite.interrupt()
 
     def check(self) -> None:
         """Raise :class:`HandlerEndedTransaction` if the handler ended the transaction

@@ -86,6 +86,20 @@ class Leases:
         """Take slice ``index`` if nobody holds it: its row, or ``None``."""
         return await settled(self._acquire(index))
 
+    async def revived(self, index: int) -> Lease | None:
+        """The lease of slice ``index``, renewed at once if it lapsed here (a batch as long
+        as a lease kept the renewals off its row): ``None`` if the database says it is lost
+        (or it is not held). The renewal holds only while owner and fence match: nobody
+        took the slice meanwhile."""
+        lease, held = self.valid(index), self.held.get(index)
+        if lease is not None or held is None:
+            return lease
+        started = time.monotonic()
+        if not await settled(self._renew(held.lease)):
+            return None
+        held.renewed = max(held.renewed, started)
+        return held.lease
+
     async def rows(self, index: int | None = None) -> list[OffsetRow]:
         """The projection's rows (or slice ``index``'s), read in a transaction of their own."""
         return await settled(self._rows(index))

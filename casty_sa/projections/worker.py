@@ -46,6 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from casty_sa.diagnosis import describe
 from casty_sa.envelopes import EventEnvelope
 from casty_sa.errors import (
+    HandlerOverran,
     JournalClosed,
     PayloadDecodeError,
     ProjectionFailed,
@@ -176,7 +177,9 @@ class Worker:
             except _HandlerFailed as failed:
                 await self._failed(failed.envelope, failed.__cause__)
             except _SplitBatch as split:
-                log.info(
+                slow = isinstance(split.__cause__, HandlerOverran)  # lease_seconds too short
+                log.log(
+                    logging.WARNING if slow else logging.INFO,
                     "projection %r slice %d: the batch handler failed (%s); applying the "
                     "batch's events one at a time to find the event it fails on",
                     self.settings.name,
@@ -189,7 +192,7 @@ class Worker:
 
     async def _stored_offset(self) -> str | None:
         """The slice's offset as stored, its lease checked (nothing in memory is trusted)."""
-        lease = self._lease()
+        lease = await self._lease()
         settings = self.settings
         row = await settled(self._row())
         if row.owner != lease.owner or row.fence != lease.fence:
@@ -217,8 +220,8 @@ class Worker:
             [row] = await settings.table.rows(session, settings.name, self.index)
         return row
 
-    def _lease(self) -> Lease:
-        lease = self.leases.valid(self.index)
+    async def _lease(self) -> Lease:
+        lease = await self.leases.revived(self.index)
         if lease is None:
             raise ProjectionLeaseLost(
                 f"slice {self.index} of projection {self.settings.name!r}: the lease was "
@@ -232,8 +235,9 @@ class Worker:
                 batch = await self._take(stream)
                 if not batch:
                     return
+                lease = await self._lease()
                 # a batch runs to its end (commit or rollback) before a cancellation passes
-                await settled(self._apply(self._lease(), after, batch))
+                await settled(self._apply(lease, after, batch))
                 after = batch[-1].offset
                 self._attempt = 0
                 if self._solo_until is not None and after >= self._solo_until:
