@@ -137,12 +137,15 @@ class Leases:
             await self.table.release(session, lease)
             await session.commit()
 
-    async def renew(self) -> list[int]:
-        """Renew every lease held; the slices found lost (taken over, reset) are dropped
-        and returned. A renewal that fails is logged and tried at the next round."""
+    async def renew(self, older_than: float = 0.0) -> list[int]:
+        """Renew every lease held (those renewed within ``older_than`` seconds, by a batch's
+        commit, are left alone); the slices found lost (taken over, reset) are dropped and
+        returned. A renewal that fails is logged and tried at the next round."""
         lost = []
         for index, held in list(self.held.items()):
             started = time.monotonic()
+            if started - held.renewed < older_than:
+                continue  # a batch renewed it: on SQLite a renewal would queue behind the next
             try:
                 renewed = await settled(self._renew(held.lease))
             except Exception as exc:  # noqa: BLE001 - a lease that is not renewed expires; next round
@@ -164,7 +167,7 @@ class Leases:
         """Renew the leases every third of ``lease_seconds``, until cancelled."""
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
-            await self.renew()
+            await self.renew(older_than=self.lease_seconds / 3)
 
     async def release(self, index: int) -> None:
         """Give slice ``index`` up, so that another worker takes it at once (a failure is
