@@ -36,6 +36,8 @@ from casty_sa import (
 )
 from casty_sa.projections import LEASE_KEY, slice_of
 
+from support.projections import eventually, fold
+
 pytestmark = pytest.mark.shared_database
 
 #: Seconds any one test may take.
@@ -77,18 +79,6 @@ async def applied(sessions: async_sessionmaker[AsyncSession]) -> list[tuple[str,
             text("SELECT entity_id, sequence_nr FROM applied ORDER BY entity_id, sequence_nr")
         )
         return [(row[0], row[1]) for row in rows]
-
-
-async def fold(journal: SAJournal) -> list[tuple[str, int]]:
-    """Every event of the journal, as the read model should hold it (each once)."""
-    return sorted([(e.entity_id, e.sequence_nr) async for e in journal.events()])
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 30.0) -> None:
-    """Wait (bounded) until ``check()`` holds: a condition, looked at every 20 ms."""
-    async with asyncio.timeout(within):
-        while not await check():  # noqa: ASYNC110 (a row in a table sets no event)
-            await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -25,6 +25,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from casty_sa import EventEnvelope, JournalClosed, Projection, ProjectionFailed, SAJournal
+
+from support.projections import eventually, fold
 
 pytestmark = pytest.mark.shared_database
 
@@ -70,16 +72,6 @@ async def seen(sessions: async_sessionmaker[AsyncSession]) -> list[tuple[str, in
     async with sessions() as session:
         rows = await session.execute(text("SELECT * FROM seen ORDER BY entity_id, sequence_nr"))
         return [(row[0], row[1]) for row in rows]
-
-
-async def fold(journal: SAJournal) -> list[tuple[str, int]]:
-    return sorted([(e.entity_id, e.sequence_nr) async for e in journal.events()])
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 20.0) -> None:
-    async with asyncio.timeout(within):
-        while not await check():  # noqa: ASYNC110 (a row in a table sets no event)
-            await asyncio.sleep(0.02)
 
 
 async def stopped(projection: Projection, task: asyncio.Task[None]) -> None:
