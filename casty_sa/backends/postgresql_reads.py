@@ -101,13 +101,11 @@ class PostgresReading(PooledBackend):
         variant = (prefix is not None, types is not None)
         statement = self._backlogs.get(variant)
         if statement is None:
-            types_in = (
-                (lambda column: column == any_(bindparam("types", type_=ARRAY(String))))
-                if types is not None
-                else None
-            )
             built = event_backlog(
-                self.events, self.events.c.timestamp, prefix=variant[0], types_in=types_in
+                self.events,
+                self.events.c.timestamp,
+                prefix=variant[0],
+                types_in=_types_in(variant[1]),
             )
             statement = self._backlogs[variant] = prepare(built, self._engine.dialect)
         values = page_values(after, after, limit) | {"prefix": prefix, "types": types}
@@ -165,6 +163,13 @@ class PostgresReading(PooledBackend):
         }
 
 
+def _types_in(typed: bool) -> Callable[[Any], Any] | None:
+    """The filter by event types (bound as one array), when the read has one."""
+    return (
+        (lambda column: column == any_(bindparam("types", type_=ARRAY(String)))) if typed else None
+    )
+
+
 def _event_page(events: Table, prefix: bool, types: bool) -> Any:
     """A page of events and, in the same statement, the horizon it stopped at."""
     era, below = read_horizon(events)
@@ -181,14 +186,11 @@ def _event_page(events: Table, prefix: bool, types: bool) -> Any:
         .scalar_subquery()
         .label("h_newest_transaction_id"),
     ).cte("horizon")
-    types_in = (
-        (lambda column: column == any_(bindparam("types", type_=ARRAY(String)))) if types else None
-    )
     page = event_page(
         events,
         events.c.timestamp,
         prefix=prefix,
-        types_in=types_in,
+        types_in=_types_in(types),
         below=tuple_(horizon.c.h_era, horizon.c.h_below),
     ).lateral("page")
     return (

@@ -14,6 +14,7 @@ readers after each of its commits at once.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import bindparam, func, select
@@ -24,6 +25,7 @@ from casty_sa.backends.pooled import PooledBackend
 from casty_sa.backends.read_statements import (
     EventPage,
     Place,
+    Prepared,
     entity_id_walk,
     event_backlog,
     event_page,
@@ -61,32 +63,21 @@ class SqliteReading(PooledBackend):
         events, dialect = self.events, engine.dialect
         self._newest = prepare(newest_place(events), dialect)
         types = func.json_each(bindparam("types")).table_valued("value")
-        self._event_pages = {
-            (prefix, typed): prepare(
-                event_page(
-                    events,
-                    self._timestamp(events),
-                    prefix=prefix,
-                    types_in=(lambda column: column.in_(select(types.c.value))) if typed else None,
-                ),
-                dialect,
+
+        def types_in(typed: bool) -> Callable[[Any], Any] | None:
+            return (lambda column: column.in_(select(types.c.value))) if typed else None
+
+        timestamp = self._timestamp(events)
+        self._event_pages = _by_filters(
+            lambda prefix, typed: prepare(
+                event_page(events, timestamp, prefix=prefix, types_in=types_in(typed)), dialect
             )
-            for prefix in (False, True)
-            for typed in (False, True)
-        }
-        self._backlogs = {
-            (prefix, typed): prepare(
-                event_backlog(
-                    events,
-                    self._timestamp(events),
-                    prefix=prefix,
-                    types_in=(lambda column: column.in_(select(types.c.value))) if typed else None,
-                ),
-                dialect,
+        )
+        self._backlogs = _by_filters(
+            lambda prefix, typed: prepare(
+                event_backlog(events, timestamp, prefix=prefix, types_in=types_in(typed)), dialect
             )
-            for prefix in (False, True)
-            for typed in (False, True)
-        }
+        )
         self._entity_walks = {
             contiguous: prepare(entity_id_walk(events, contiguous_prefix=contiguous), dialect)
             for contiguous in (False, True)
@@ -147,3 +138,10 @@ class SqliteReading(PooledBackend):
     async def highest_sequence_nr(self, entity_id: str) -> int:
         rows = await self._read(self._highest.sql, (entity_id,))
         return 0 if not rows or rows[0][0] is None else int(rows[0][0])
+
+
+def _by_filters(build: Callable[[bool, bool], Prepared]) -> dict[tuple[bool, bool], Prepared]:
+    """A statement for each use of the filters: ``(by prefix, by types)``."""
+    return {
+        (prefix, typed): build(prefix, typed) for prefix in (False, True) for typed in (False, True)
+    }

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from sqlalchemy import event
@@ -71,6 +71,12 @@ class TransactionGuard:
         end, the file's write lock held meanwhile. With no statement running it is a no-op."""
         if self._sqlite is not None:
             self._sqlite.interrupt()
+
+    async def call(self, handler_call: Awaitable[object]) -> None:
+        """Await a handler call within the batch's time, then :meth:`check`."""
+        async with self.bounded():
+            await handler_call
+        self.check()
 
     def check(self) -> None:
         """Raise :class:`HandlerEndedTransaction` if the handler ended the transaction

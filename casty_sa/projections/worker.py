@@ -305,9 +305,7 @@ class Worker:
         for index, envelope in enumerate(batch):
             if mine[index]:
                 try:
-                    async with guard.bounded():
-                        await handler(session, envelope)
-                    guard.check()
+                    await guard.call(handler(session, envelope))
                 except BaseException as exc:  # the handler's failure, whatever it is
                     if not handler_failure(exc):
                         raise
@@ -330,9 +328,7 @@ class Worker:
         if not events:
             return
         try:
-            async with guard.bounded():
-                await handler(session, events)
-            guard.check()
+            await guard.call(handler(session, events))
         except BaseException as exc:  # the handler's failure, whatever it is
             if not handler_failure(exc):
                 raise
