@@ -1,5 +1,6 @@
 # casty-sa: every target does its own set-up on a fresh machine.
-#   make test   - the whole suite (SQLite files and a real PostgreSQL started by the suite)
+#   make test   - the whole suite (SQLite files, and a real PostgreSQL and MariaDB started by
+#                 the suite; Debian's mariadb-server is installed first where missing)
 #   make demo   - the bank-account example, run twice to show recovery, then the bank's
 #                 balances read model (a projection), run twice
 #   make lint   - ruff + mypy --strict
@@ -24,6 +25,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
+	tools/install-mariadb.sh
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)

@@ -19,7 +19,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +138,13 @@ class Dialect:
     timed : bool
         The journal's calls are bounded by :class:`Timeouts`, on an application's
         engine too.
+    url_names : frozenset[str]
+        The aliases a URL keeps as it is written, because SQLAlchemy knows them and they
+        mean something to it (``mariadb``: the server is MariaDB); other aliases are
+        rewritten to ``name``.
+    extras : Mapping[str, tuple[str, str]]
+        For each driver: the module it imports and the extra of casty-sa that installs it
+        (``{"psycopg": ("psycopg", "psycopg")}``), for the message of a missing driver.
     check_url : Callable[[URL], None] | None
         Refuses (with ``UnsupportedDatabase``) a URL of this database casty-sa cannot open.
     write_failure : Callable[[Exception, int | None], BaseException | bool] | None
@@ -156,6 +163,8 @@ class Dialect:
     drivers: frozenset[str] = frozenset()
     aliases: frozenset[str] = frozenset()
     timed: bool = False
+    url_names: frozenset[str] = frozenset()
+    extras: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     check_url: Callable[[URL], None] | None = None
     write_failure: Callable[[Exception, int | None], BaseException | bool] | None = None
 

@@ -24,7 +24,7 @@ from casty_sa.dialects import (
     Timeouts,
 )
 from casty_sa.errors import UnsupportedDatabase
-from casty_sa.urls import dialect_of, to_async_url
+from casty_sa.urls import dialect_of, require_driver, to_async_url
 
 __all__ = [
     "AUTOCOMMIT_ENGINES",
@@ -84,6 +84,7 @@ def build_engine(
     request = EngineRequest(
         busy_timeout, sqlite_synchronous, connect_timeout, statement_timeout, options, connect_args
     )
+    require_driver(url)
     return dialect_of(url).engine(url, request)
 
 

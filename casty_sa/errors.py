@@ -12,6 +12,7 @@ __all__ = [
     "DatabaseAccessDenied",
     "DatabaseFileReplaced",
     "DatabaseUnavailable",
+    "DriverNotInstalled",
     "HandlerEndedTransaction",
     "HandlerOverran",
     "InvalidEventError",
@@ -147,8 +148,14 @@ class SchemaError(JournalError):
 class UnsupportedDatabase(JournalError):
     """The URL or engine names a database or driver casty-sa does not support.
 
-    Supported: SQLite through ``aiosqlite`` and PostgreSQL through ``asyncpg``.
+    Supported: SQLite through ``aiosqlite``, PostgreSQL through ``asyncpg`` or
+    ``psycopg`` (3), MySQL and MariaDB through ``asyncmy`` or ``aiomysql``.
     """
+
+
+class DriverNotInstalled(UnsupportedDatabase):
+    """The URL names a supported driver that is not installed; the message names the
+    extra of casty-sa that installs it (``pip install 'casty-sa[psycopg]'``)."""
 
 
 class DatabaseUnavailable(JournalError):

@@ -29,6 +29,7 @@ Examples
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from urllib.parse import quote, quote_plus
@@ -38,7 +39,7 @@ from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from casty_sa.dialects import Dialect, find, supported
-from casty_sa.errors import UnsupportedDatabase
+from casty_sa.errors import DriverNotInstalled, UnsupportedDatabase
 
 __all__ = [
     "UrlLike",
@@ -48,6 +49,7 @@ __all__ = [
     "is_secret_parameter",
     "kind_of",
     "mask_secrets",
+    "require_driver",
     "safe_url",
     "to_async_url",
     "url_secrets",
@@ -216,15 +218,36 @@ def to_async_url(url: str | URL | os.PathLike[str] | os.PathLike[bytes]) -> URL:
             f"database {backend!r} (in {safe_url(parsed)}) is not supported by casty-sa; "
             f"use {supported(examples=True)}"
         )
-    backend = dialect.name
+    backend = backend if backend in dialect.url_names else dialect.name
     if not dialect.accepts(driver):
+        others = "".join(f", '{backend}+{name}://…'" for name in sorted(dialect.drivers))
         raise UnsupportedDatabase(
             f"driver {driver!r} for {backend} is not supported: casty-sa needs an "
-            f"async driver; use '{backend}+{dialect.driver}://…' or plain '{backend}://…'"
+            f"async driver; use '{backend}+{dialect.driver}://…'{others} or plain "
+            f"'{backend}://…'"
         )
     if dialect.check_url is not None:
         dialect.check_url(parsed)
-    return parsed.set(drivername=f"{backend}+{dialect.driver}")
+    return parsed.set(drivername=f"{backend}+{driver or dialect.driver}")
+
+
+def require_driver(url: URL) -> None:
+    """Raise ``DriverNotInstalled`` when the (normalized) URL's driver cannot be imported,
+    naming the extra of casty-sa that installs it.
+
+    Examples
+    --------
+    >>> require_driver(to_async_url("sqlite:///journal.db"))  # aiosqlite comes with casty-sa
+    """
+    dialect = dialect_of(url)
+    driver = url.get_driver_name()
+    module, extra = dialect.extras.get(driver, (driver, ""))
+    if importlib.util.find_spec(module) is not None:
+        return
+    install = f"pip install 'casty-sa[{extra}]'" if extra else f"pip install {module}"
+    raise DriverNotInstalled(
+        f"{safe_url(url)} needs the {driver} driver, which is not installed: {install}"
+    )
 
 
 def dialect_of(url: URL) -> Dialect:

@@ -1,16 +1,21 @@
-"""Shared fixtures: real SQLite files and a real PostgreSQL server.
+"""Shared fixtures: real SQLite files, a real PostgreSQL server and a real MariaDB server.
 
 PostgreSQL comes from ``CASTY_SA_TEST_POSTGRES_URL`` when set, otherwise the
-suite starts its own server with the ``pgserver`` wheel. It is never skipped:
-a PostgreSQL that cannot start fails the run.
+suite starts its own server with the ``pgserver`` wheel; MySQL from
+``CASTY_SA_TEST_MYSQL_URL``, otherwise the suite starts Debian's ``mariadbd``
+on a private data directory (:mod:`support.mariadb`). Neither is ever skipped:
+a server that cannot start fails the run.
 
 Every test that takes ``db_url`` (or ``journal``, ``backend``…) runs once per
-backend: ``[sqlite]`` (a file) and ``[postgresql]``. The protocol and semantics
-suites (``pytestmark = pytest.mark.matrix``) run on every :data:`MATRIX` setup
-instead: SQLite file, SQLite memory, an application's engine, PostgreSQL, each
+setup of :data:`DEFAULT_SETUPS`: ``[sqlite]`` (a file), ``[postgresql]``
+(asyncpg), ``[psycopg]`` (PostgreSQL through psycopg 3) and ``[mariadb]``
+(through asyncmy). The protocol and semantics suites (``pytestmark =
+pytest.mark.matrix``) run on every :data:`MATRIX` setup instead: SQLite file,
+SQLite memory, an application's engine, each server database and driver, each
 with group commit on (``-gc``) and off (``-direct``). Each test gets a fresh
-database (a SQLite file in its tmp dir, a private memory database, or a
-PostgreSQL database cloned from a template migrated to head), and every journal
+database (a SQLite file in its tmp dir, a private memory database, a
+PostgreSQL database cloned from a template migrated to head, or a MySQL
+database whose tables are copied from one), and every journal
 made through ``make_journal`` or ``new_journal`` is checked, after the test, to
 have no connection left checked out.
 """
@@ -36,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 import casty_sa
 from casty_sa import SAJournal
 
-from support import dbtools, pools
+from support import dbtools, mariadb, pools
 
 os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="casty-sa-xdg-"))  # for pgserver
 
@@ -166,11 +171,97 @@ async def new_postgres_db(
         await admin_execute(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(scope="session")
+def mysql_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[URL]:
+    """An admin URL (``mysql+asyncmy://root@…/``, no database) of a running MariaDB (or
+    MySQL): ``CASTY_SA_TEST_MYSQL_URL`` when set, else a private server the suite starts."""
+    given = os.environ.get("CASTY_SA_TEST_MYSQL_URL")
+    if given:
+        yield casty_sa.urls.to_async_url(given).set(database=None)
+        return
+    server = mariadb.MariaDBServer.start(Path(tempfile.mkdtemp(prefix="casty-sa-mariadb-")))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+async def mysql_admin_execute(server: URL, *statements: str) -> list[Any]:
+    """Run statements on a MySQL server without a database; the last one's rows."""
+    import asyncmy  # type: ignore[import-untyped,unused-ignore]
+
+    conn = await asyncmy.connect(
+        host=server.host,
+        port=server.port or 3306,
+        user=server.username,
+        password=server.password or "",
+        autocommit=True,
+    )
+    rows: list[Any] = []
+    try:
+        async with conn.cursor() as cursor:
+            for statement in statements:
+                await cursor.execute(statement)
+                rows = list(await cursor.fetchall())
+    finally:
+        conn.close()
+    return rows
+
+
+@pytest.fixture(scope="session")
+def mysql_template(mysql_server_url: URL) -> str:
+    """A database migrated to head, copied table by table for each test (MySQL has no
+    template databases)."""
+
+    async def make() -> None:
+        await mysql_admin_execute(
+            mysql_server_url,
+            f"DROP DATABASE IF EXISTS `{_TEMPLATE}`",
+            f"CREATE DATABASE `{_TEMPLATE}` CHARACTER SET utf8mb4",
+        )
+        await casty_sa.upgrade(mysql_server_url.set(database=_TEMPLATE))
+
+    asyncio.run(make())
+    return _TEMPLATE
+
+
+@pytest.fixture
+async def new_mysql_db(
+    mysql_server_url: URL, mysql_template: str
+) -> AsyncIterator[Callable[..., Awaitable[URL]]]:
+    """Factory of fresh MySQL databases: ``await new_mysql_db(migrated=True)``."""
+    made: list[str] = []
+
+    async def create(*, migrated: bool = True) -> URL:
+        name = f"t_{os.getpid()}_{next(_counter)}"
+        made.append(name)
+        statements = [f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"]
+        if migrated:
+            tables = await mysql_admin_execute(
+                mysql_server_url,
+                "SELECT table_name FROM information_schema.tables "
+                f"WHERE table_schema = '{mysql_template}' ORDER BY table_name",
+            )
+            for (table,) in tables:
+                statements += [
+                    f"CREATE TABLE `{name}`.`{table}` LIKE `{mysql_template}`.`{table}`",
+                    f"INSERT INTO `{name}`.`{table}` SELECT * FROM `{mysql_template}`.`{table}`",
+                ]
+        await mysql_admin_execute(mysql_server_url, *statements)
+        return mysql_server_url.set(database=name)
+
+    yield create
+    for name in made:
+        await mysql_admin_execute(mysql_server_url, f"DROP DATABASE IF EXISTS `{name}`")
+
+
 @dataclass(frozen=True)
 class Setup:
     """One way to run a journal: its database, who owns its engine, group commit on or off."""
 
-    database: str  # "sqlite-file", "sqlite-memory" or "postgresql"
+    #: "sqlite-file", "sqlite-memory", "postgresql" (asyncpg), "postgresql-psycopg" or
+    #: "mysql" (MariaDB through asyncmy)
+    database: str
     #: the test creates the ``AsyncEngine``, gives it to ``SAJournal`` and disposes it
     app_engine: bool = False
     group_commit: bool = True
@@ -178,7 +269,18 @@ class Setup:
 
     @property
     def backend(self) -> str:
+        """The dialect: ``sqlite``, ``postgresql`` or ``mysql``."""
         return self.database.partition("-")[0]
+
+    @property
+    def driver(self) -> str:
+        """The async driver: ``aiosqlite``, ``asyncpg``, ``psycopg`` or ``asyncmy``."""
+        return {
+            "sqlite": "aiosqlite",
+            "postgresql": "asyncpg",
+            "postgresql-psycopg": "psycopg",
+            "mysql": "asyncmy",
+        }[self.database.removesuffix("-file").removesuffix("-memory")]
 
     @property
     def shared(self) -> bool:
@@ -190,11 +292,19 @@ class Setup:
     def id(self) -> str:
         engine = ["app-engine"] if self.app_engine else []
         commits = "gc" if self.group_commit else "direct"
-        return self.name or "-".join([self.database, *engine, commits])
+        database = {"postgresql-psycopg": "psycopg", "mysql": "mariadb"}.get(
+            self.database, self.database
+        )
+        return self.name or "-".join([database, *engine, commits])
 
 
 #: every test on a database runs on these, with their ids since before the matrix
-DEFAULT_SETUPS = (Setup("sqlite-file", name="sqlite"), Setup("postgresql", name="postgresql"))
+DEFAULT_SETUPS = (
+    Setup("sqlite-file", name="sqlite"),
+    Setup("postgresql", name="postgresql"),
+    Setup("postgresql-psycopg", name="psycopg"),
+    Setup("mysql", name="mariadb"),
+)
 #: the suites marked ``matrix`` run on all of these
 MATRIX = tuple(
     Setup(database, app_engine, group_commit)
@@ -204,6 +314,10 @@ MATRIX = tuple(
         ("sqlite-file", True),
         ("postgresql", False),
         ("postgresql", True),
+        ("postgresql-psycopg", False),
+        ("postgresql-psycopg", True),
+        ("mysql", False),
+        ("mysql", True),
     ]
     for group_commit in (True, False)
 )
@@ -237,14 +351,33 @@ def journal_setup(request: pytest.FixtureRequest) -> Setup:
 
 @pytest.fixture
 def backend(journal_setup: Setup) -> str:
-    """``"sqlite"`` or ``"postgresql"``: the test's backend."""
+    """``"sqlite"``, ``"postgresql"`` or ``"mysql"``: the test's dialect (the driver is
+    :attr:`Setup.driver`)."""
     return journal_setup.backend
 
 
 @pytest.fixture
-async def db_url(
-    journal_setup: Setup, tmp_path: Path, new_postgres_db: Callable[..., Awaitable[URL]]
-) -> URL:
+async def new_server_db(
+    journal_setup: Setup, request: pytest.FixtureRequest
+) -> Callable[..., Awaitable[URL]]:
+    """Factory of fresh databases on the test's server (PostgreSQL or MySQL), with the
+    setup's driver: ``await new_server_db(migrated=True)``."""
+    if journal_setup.backend == "mysql":
+        new_mysql: Callable[..., Awaitable[URL]] = request.getfixturevalue("new_mysql_db")
+        return new_mysql
+    new_postgres: Callable[..., Awaitable[URL]] = request.getfixturevalue("new_postgres_db")
+    if journal_setup.driver == "asyncpg":
+        return new_postgres
+
+    async def create(*, migrated: bool = True) -> URL:
+        url = await new_postgres(migrated=migrated)
+        return url.set(drivername=f"postgresql+{journal_setup.driver}")
+
+    return create
+
+
+@pytest.fixture
+async def db_url(journal_setup: Setup, tmp_path: Path, request: pytest.FixtureRequest) -> URL:
     """A fresh database at head on the test's backend (in memory: a private one, that a
     journal migrates when it starts)."""
     if journal_setup.database == "sqlite-memory":
@@ -253,17 +386,17 @@ async def db_url(
         url = make_url(f"sqlite+aiosqlite:///{tmp_path / 'journal.db'}")
         await casty_sa.upgrade(url)
         return url
-    return await new_postgres_db(migrated=True)
+    new_db: Callable[..., Awaitable[URL]] = request.getfixturevalue("new_server_db")
+    return await new_db(migrated=True)
 
 
 @pytest.fixture
-async def empty_db_url(
-    backend: str, tmp_path: Path, new_postgres_db: Callable[..., Awaitable[URL]]
-) -> URL:
+async def empty_db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> URL:
     """A fresh database without casty-sa's tables on the test's backend."""
     if backend == "sqlite":
         return make_url(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
-    return await new_postgres_db(migrated=False)
+    new_db: Callable[..., Awaitable[URL]] = request.getfixturevalue("new_server_db")
+    return await new_db(migrated=False)
 
 
 @pytest.fixture

@@ -392,6 +392,8 @@ register(
         label="PostgreSQL",
         example="postgresql://…",
         driver="asyncpg",
+        drivers=frozenset({"psycopg", "psycopg_async"}),
+        extras={"psycopg": ("psycopg", "psycopg"), "psycopg_async": ("psycopg", "psycopg")},
         kind=JournalKind.centralized,
         timed=True,
         engine=postgresql_engine,
