@@ -121,6 +121,8 @@ class Timestamp(TypeDecorator[float]):
     cache_ok = True
 
     def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        if dialect.name in ("mysql", "mariadb"):
+            return _refuse_on_mysql
         if dialect.name != "sqlite":
             return super().bind_processor(dialect)
 
@@ -186,6 +188,33 @@ MYSQL_TABLE = {
     for name in ("mysql", "mariadb")
     for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"))
 }
+
+
+def mysql_cannot_hold(value: float) -> str | None:
+    """Why MySQL's ``DOUBLE`` cannot hold ``value`` as it is (``None``: it can).
+
+    It stores ``-0.0`` as ``0.0`` (the sign lost) and has no infinities or NaN; every
+    other double, subnormals included, comes back bit for bit.
+
+    >>> mysql_cannot_hold(-0.0)
+    'timestamp -0.0 cannot be stored on MySQL/MariaDB, whose DOUBLE turns -0.0 into 0.0 and holds no infinity or NaN'
+    >>> mysql_cannot_hold(5e-324) is None
+    True
+    """
+    if is_negative_zero(value) or (isinstance(value, float) and not math.isfinite(value)):
+        shown = "-0.0" if is_negative_zero(value) else repr(value)
+        return (
+            f"timestamp {shown} cannot be stored on MySQL/MariaDB, whose DOUBLE turns -0.0 "
+            "into 0.0 and holds no infinity or NaN"
+        )
+    return None
+
+
+def _refuse_on_mysql(value: Any) -> Any:
+    reason = None if value is None else mysql_cannot_hold(value)
+    if reason is not None:
+        raise ValueError(reason)
+    return value
 
 
 class Base(DeclarativeBase):

@@ -51,7 +51,7 @@ from casty_sa.dialects import (
     Timeouts,
     register,
 )
-from casty_sa.models import is_negative_zero, newer_snapshot_wins
+from casty_sa.models import mysql_cannot_hold, newer_snapshot_wins
 from casty_sa.ordering import counter_seed, take_positions
 
 __all__ = ["MySQLBackend", "mysql_engine", "session_settings"]
@@ -61,6 +61,10 @@ STRICT_SQL_MODE = "STRICT_ALL_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTI
 #: Bytes of a statement besides its values, and of each row besides its payload.
 _STATEMENT_OVERHEAD = 1024
 _ROW_OVERHEAD = 64
+#: Payloads from this size on are measured as escaped (the drivers escape these bytes with
+#: a backslash), not taken at twice their size.
+_EXACT_FROM = 2**16
+_ESCAPED = (b"\0", b"\\", b"\n", b"\r", b"\x1a", b'"', b"'")
 
 
 class MySQLBackend(MySQLReading):
@@ -231,26 +235,21 @@ class _CounterMissing(Exception):
 
 
 def _row_size(entity_id: str, payload: bytes, event_type: str | None) -> int:
-    """The most bytes a row takes in a statement: escaping may double each byte."""
-    return 2 * (len(payload) + 4 * (len(entity_id) + len(event_type or ""))) + _ROW_OVERHEAD
+    """The most bytes a row takes in a statement: escaping may double each byte (a large
+    payload's escaped size is counted exactly)."""
+    text = 2 * 4 * (len(entity_id) + len(event_type or "")) + _ROW_OVERHEAD
+    if len(payload) < _EXACT_FROM:
+        return 2 * len(payload) + text
+    return len(payload) + sum(payload.count(byte) for byte in _ESCAPED) + text
 
 
 def _refuse_timestamps(events: Sequence[EventRow], snapshots: Sequence[Row]) -> None:
-    """Refuse timestamps MySQL's ``DOUBLE`` cannot hold as they are (nothing is sent).
-
-    It stores ``-0.0`` as ``0.0`` (the sign lost) and has no infinities or NaN; every
-    other double, subnormals included, comes back bit for bit.
-    """
+    """Refuse timestamps MySQL's ``DOUBLE`` cannot hold as they are (nothing is sent; see
+    :func:`~casty_sa.models.mysql_cannot_hold`)."""
     for stamp in (*(row[2] for row in events), *(row[2] for row in snapshots)):
-        if is_negative_zero(stamp) or not math.isfinite(stamp):
-            shown = "-0.0" if is_negative_zero(stamp) else repr(stamp)
-            raise WriteRefused(
-                ValueError(
-                    f"timestamp {shown} cannot be stored on MySQL/MariaDB, whose DOUBLE "
-                    "turns -0.0 into 0.0 and holds no infinity or NaN"
-                ),
-                duplicate=False,
-            )
+        reason = mysql_cannot_hold(stamp)
+        if reason is not None:
+            raise WriteRefused(ValueError(reason), duplicate=False)
 
 
 def _refuse_oversized(size: int, limit: int) -> WriteRefused:
