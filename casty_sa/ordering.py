@@ -298,8 +298,10 @@ def take_positions(preparer: Any, schema: str | None = None) -> str:
     Examples
     --------
     >>> from sqlalchemy.dialects import mysql
-    >>> take_positions(mysql.dialect().identifier_preparer)
-    'DO LAST_INSERT_ID(0); UPDATE casty_sa_event_counter SET `position` = LAST_INSERT_ID(`position` + %s) WHERE id = 1'
+    >>> for sql in take_positions(mysql.dialect().identifier_preparer).split("; "):
+    ...     print(sql)
+    DO LAST_INSERT_ID(0)
+    UPDATE casty_sa_event_counter SET position = LAST_INSERT_ID(position + %s) WHERE id = 1
     """
     counter = _qualified(preparer, "casty_sa_event_counter", schema)
     position = preparer.quote("position")

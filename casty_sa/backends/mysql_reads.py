@@ -25,7 +25,7 @@ import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, func
+from sqlalchemy import String, bindparam, func, literal_column
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa.backends.base import BackendSettings
@@ -91,13 +91,19 @@ class MySQLReading(PooledBackend):
         self._events_table = preparer.format_table(events)
         self._snapshots_table = preparer.format_table(self.snapshots)
         self._newest = prepare(newest_place(events), dialect)
-        types = bindparam("types")
+        types = bindparam("types", type_=String)
 
         def types_in(typed: bool) -> Callable[[Any], Any] | None:
             # the list travels as JSON and is compared as JSON strings, exactly
-            return (lambda column: func.json_contains(types, func.json_quote(column)) == 1) if (
-                typed
-            ) else None
+            return (
+                (
+                    lambda column: (
+                        func.json_contains(types, func.json_quote(column)) == literal_column("1")
+                    )
+                )
+                if (typed)
+                else None
+            )
 
         self._event_pages = {
             (prefix, typed): prepare(
@@ -217,7 +223,8 @@ class MySQLReading(PooledBackend):
             )
         if not newest:
             return EventPage([], horizon=BOTTOM, ceiling=None)
-        horizon: Place = tuple(newest[0])  # type: ignore[assignment]
+        era, transaction_id, position = newest[0]
+        horizon: Place = (era, transaction_id, position)
         # read after the horizon, the page may hold rows above it (on READ COMMITTED): they
         # are committed too, but left for the next page, which sees the ones below them
         page = [tuple(row) for row in rows if tuple(row[:3]) <= horizon]

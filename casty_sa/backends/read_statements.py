@@ -130,7 +130,7 @@ def _place(prefix: str) -> Any:
     )
 
 
-class char_length(FunctionElement[int]):  # noqa: N801 - SQL's name
+class char_length(FunctionElement[int]):
     """The length of a string in characters: ``length`` (SQLite, PostgreSQL), ``CHAR_LENGTH``
     on MySQL/MariaDB (whose ``length`` counts bytes)."""
 

@@ -120,9 +120,7 @@ def downgrade() -> None:
 
 def _upgrade_in_one_transaction() -> None:
     if not already_there(table="casty_sa_events", column="event_type"):
-        op.add_column(
-            "casty_sa_events", sa.Column("event_type", ExactString(EVENT_TYPE_LENGTH))
-        )
+        op.add_column("casty_sa_events", sa.Column("event_type", ExactString(EVENT_TYPE_LENGTH)))
     for name, type_ in (
         ("era", sa.SmallInteger()),
         ("transaction_id", sa.BigInteger()),
