@@ -30,6 +30,20 @@ def asyncpg_args(url: URL) -> dict[str, Any]:
     return {key: value for key, value in args.items() if value}
 
 
+async def mysql_connect(url: URL, **options: Any) -> Any:
+    """A raw asyncmy connection to the URL's MySQL/MariaDB database (autocommit off)."""
+    import asyncmy  # type: ignore[import-untyped,unused-ignore]
+
+    return await asyncmy.connect(
+        host=url.host,
+        port=url.port or 3306,
+        user=url.username,
+        password=url.password or "",
+        database=url.database,
+        **options,
+    )
+
+
 async def execute(url: URL | str, *statements: str) -> None:
     """Run statements in one transaction on a short-lived engine."""
     engine, _ = open_engine(url)
@@ -64,14 +78,20 @@ async def table_names(url: URL | str) -> set[str]:
 async def open_connections(url: URL | str, *, within: float = 5.0) -> int:
     """Connections left open on the database once those closing have had ``within`` seconds.
 
-    SQLite: this process's file handles on the database file (Linux's ``/proc``); PostgreSQL:
-    the server's sessions on the database, other than the one asking.
+    SQLite: this process's file handles on the database file (Linux's ``/proc``); PostgreSQL
+    and MySQL: the server's sessions on the database, other than the one asking.
     """
     url = make_url(url) if isinstance(url, str) else url
     deadline = time.monotonic() + within
     while True:
         if url.get_backend_name() == "sqlite":
             count = _file_handles(url.database or "")
+        elif url.get_backend_name() in ("mysql", "mariadb"):
+            [(count,)] = await query(
+                url,
+                "SELECT count(*) FROM information_schema.processlist"
+                " WHERE db = DATABASE() AND id <> CONNECTION_ID()",
+            )
         else:
             [(count,)] = await query(
                 url,
