@@ -24,16 +24,13 @@ import asyncpg
 import pytest
 from casty import PersistedEvent
 from sqlalchemy import URL
-from sqlalchemy.dialects import mysql
 
 from casty_sa import EventEnvelope, InvalidOffset, JournalClosed, PayloadDecodeError, SAJournal
 from casty_sa.ordering import format_offset, notify_channel, parse_offset, take_positions
 
 from support import dbtools, internals
-from support.dbtools import mysql_connect
+from support.dbtools import MYSQL_QUOTES, mysql_connect
 from support.processes import EVENT_WRITER
-
-MYSQL_QUOTES = mysql.dialect().identifier_preparer
 
 pytestmark = pytest.mark.shared_database
 

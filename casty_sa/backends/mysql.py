@@ -70,6 +70,10 @@ _ESCAPED = (b"\0", b"\\", b"\n", b"\r", b"\x1a", b'"', b"'")
 class MySQLBackend(MySQLReading):
     """asyncmy/aiomysql: a whole group in one packet, ``COMMIT`` included."""
 
+    # a second group in flight waits for the counter's lock on the server, its packet
+    # already there: it commits (and flushes, with the first one's) right after
+    write_pipeline = 2
+
     def __init__(self, engine: AsyncEngine, schema: str | None, settings: BackendSettings) -> None:
         super().__init__(engine, schema, settings)
         self._upsert_sql: str | None = None  # compiled once the server is known
@@ -83,7 +87,9 @@ class MySQLBackend(MySQLReading):
             f"era, transaction_id, {preparer.quote('position')}) VALUES "
         )
 
-    async def write(self, events: Sequence[EventRow], snapshots: Sequence[Row]) -> None:
+    async def write(
+        self, events: Sequence[EventRow], snapshots: Sequence[Row], *, seeded: bool = False
+    ) -> None:
         snapshots = latest_per_entity(snapshots)  # a row may be upserted once per statement
         _refuse_timestamps(events, snapshots)
         fairy = await self.take_writer()
@@ -98,11 +104,11 @@ class MySQLBackend(MySQLReading):
                 committing = number == len(packets)
                 await self._bounded(self._run(conn, sql, args, counts))
         except BaseException as exc:
-            if events and counts[1:2] == [0]:  # the counter's UPDATE matched no row
+            if events and counts[1:2] == [0] and not seeded:  # the counter has no row
                 await self._abandon(conn)
                 await self.give_back_writer(fairy, None)
                 await self._seed_counter()
-                await self.write(events, snapshots)
+                await self.write(events, snapshots, seeded=True)
                 return
             if not isinstance(exc, ConnectionLost) and not self.is_disconnect(exc):
                 await self._abandon(conn)  # the server ran what came before the error
