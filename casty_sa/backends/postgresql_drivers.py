@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
@@ -254,6 +255,9 @@ class PsycopgDriver(PgDriver):
 #: psycopg's messages when it refuses to use a connection it knows to be closed
 _NEVER_SENT = frozenset({"the connection is closed", "the connection is lost"})
 
+#: libpq's ``PQTRANS_IDLE``
+_IDLE = 0
+
 _ASYNCPG = PgDriver()
 _PSYCOPG = PsycopgDriver()
 _DRIVERS = {"asyncpg": _ASYNCPG, "psycopg": _PSYCOPG, "psycopg_async": _PSYCOPG}
@@ -285,6 +289,7 @@ async def _bounded[T](conn: Any, work: Coroutine[Any, Any, T], bound: float) -> 
     it (seconds, against a server that does not answer). Shut, the socket reads as closed
     at once, the statement fails, and the connection is broken: never reused.
     """
+    _refuse_if_ended(conn)
     loop = asyncio.get_running_loop()
     fired = False
 
@@ -302,6 +307,28 @@ async def _bounded[T](conn: Any, work: Coroutine[Any, Any, T], bound: float) -> 
         raise
     finally:
         timer.cancel()
+
+
+def _refuse_if_ended(conn: Any) -> None:
+    """Refuse, before sending anything, a statement on an idle connection the server has
+    ended: its goodbye (a FATAL message, then the end of the stream) waits in the socket.
+
+    asyncpg reads such a goodbye as it arrives and refuses to send; psycopg reads only when
+    it waits for an answer, so without this look the statement would leave and its
+    outcome (a COMMIT's) be unknown, although the server never saw it. One ``select`` of
+    the socket: a live idle connection of the journal has nothing to read (it does not
+    ``LISTEN``), so anything there is taken for a goodbye, and the connection, shut, for
+    lost; the statement goes on another one.
+    """
+    pgconn = conn.pgconn
+    if pgconn.transaction_status != _IDLE or not select.select([pgconn.socket], [], [], 0)[0]:
+        return
+    _shut(conn)
+    with contextlib.suppress(Exception):
+        pgconn.consume_input()  # the end of the stream marks the connection bad
+    import psycopg
+
+    raise psycopg.OperationalError("the connection is lost")
 
 
 def _shut(conn: Any) -> None:
