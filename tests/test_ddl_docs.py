@@ -63,6 +63,24 @@ def test_every_dialect_has_its_ddl_shown() -> None:
     assert shown == {dialect.name for dialect in dialects()}
 
 
-def test_the_postgresql_ddl_does_not_depend_on_the_driver() -> None:
-    """The page shows one PostgreSQL script for both drivers: that must stay true."""
-    assert _printed("postgresql+psycopg://") == _shown()["PostgreSQL"]
+@pytest.mark.parametrize(
+    ("heading", "url"),
+    [
+        ("PostgreSQL", "postgresql+psycopg://"),
+        ("MySQL 8", "mysql+aiomysql://"),
+        ("MariaDB", "mariadb+aiomysql://"),
+    ],
+)
+def test_the_ddl_does_not_depend_on_the_driver(heading: str, url: str) -> None:
+    """The page shows one script per database, whichever driver the URL names."""
+    assert _printed(url) == _shown()[heading]
+
+
+def test_mysql_and_mariadb_differ_as_the_page_says() -> None:
+    """MySQL 8's binary no-pad collation offline, MariaDB's for mariadb://; LONGBLOB both."""
+    shown = _shown()
+    assert "utf8mb4_0900_bin" in shown["MySQL 8"] and "utf8mb4_nopad_bin" not in shown["MySQL 8"]
+    assert "utf8mb4_nopad_bin" in shown["MariaDB"] and "utf8mb4_0900_bin" not in shown["MariaDB"]
+    for heading in ("MySQL 8", "MariaDB"):
+        assert "payload LONGBLOB NOT NULL" in shown[heading]
+        assert "BEGIN" not in shown[heading] and "COMMIT" not in shown[heading]

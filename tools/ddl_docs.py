@@ -49,6 +49,20 @@ TARGETS = (
         "sqlite://",
         "A file is migrated by the journal on first use; this is the same DDL.",
     ),
+    Target(
+        "MySQL 8",
+        "mysql://",
+        "Offline, a `mysql://` URL means MySQL 8 (collation `utf8mb4_0900_bin`); online, the "
+        "server decides, so a `mysql://` URL of a MariaDB server gets MariaDB's DDL. The same "
+        "with `+asyncmy` or `+aiomysql`. Each statement commits on its own: there is no "
+        "transaction around the script.",
+    ),
+    Target(
+        "MariaDB",
+        "mariadb://",
+        "The same as MySQL 8's but for the collation, `utf8mb4_nopad_bin`, and the quoting of "
+        "`position`, which MariaDB reserves. This is the DDL the suite's MariaDB 10.11 runs.",
+    ),
 )
 
 _INTRO = """\
