@@ -101,10 +101,11 @@ def names(mysql_server_url: URL) -> Iterator[Names]:
         )
 
 
-def _casty_file(path: Path) -> Path:
+def _casty_file(path: Path, entity: str) -> Path:
+    """A journal file of casty's own SqliteJournal, one event of ``entity`` in it."""
     journal = SqliteJournal(path)
     try:
-        asyncio.run(journal.persist("imported", [PersistedEvent(1, ("ev", 1), 1.5)]))
+        asyncio.run(journal.persist(entity, [PersistedEvent(1, ("ev", 1), 1.5)]))
     finally:
         journal.close()
     return path
@@ -174,7 +175,7 @@ def test_the_documented_grants_are_enough_and_needed(
 
     asyncio.run(_journal_round_trip(app))
     code, _, err = run(
-        capsys, "import", "--from", str(_casty_file(tmp_path / "c.db")), "--url", app
+        capsys, "import", "--from", str(_casty_file(tmp_path / "c.db", "imported")), "--url", app
     )
     assert code == ExitCode.OK, err
     # the read model: the application's table, made by the application's migrations
@@ -203,13 +204,18 @@ def test_the_documented_grants_are_enough_and_needed(
 
     # and no more: the reader cannot write, the application cannot drop the tables
     code, _, err = run(
-        capsys, "import", "--from", str(_casty_file(tmp_path / "d.db")), "--url", reader
+        capsys,
+        "import",
+        "--from",
+        str(_casty_file(tmp_path / "d.db", "not-imported")),
+        "--url",
+        reader,
     )
-    assert code == ExitCode.DATABASE_ERROR, err
+    assert code == ExitCode.DATABASE_ERROR and "UPDATE command denied" in err, err
     code, _, err = run(capsys, "projections", "reset", "balances", "--yes", "--url", reader)
-    assert code == ExitCode.DATABASE_ERROR, err
+    assert code == ExitCode.DATABASE_ERROR and "DELETE command denied" in err, err
     code, _, err = run(capsys, "downgrade", "--yes", "--url", app)
-    assert code == ExitCode.DATABASE_ERROR, err
+    assert code == ExitCode.DATABASE_ERROR and "DROP command denied" in err, err
     code, _, err = run(
         capsys, "downgrade", "--yes", "--url", names.url(mysql_server_url, "migrator")
     )
