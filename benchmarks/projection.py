@@ -227,7 +227,7 @@ class P1(Workload):
                 "P1 other db",
                 "events/s",
                 "the same projection with its read model and offsets in another database "
-                "(a second SQLite file; a second database on the same PostgreSQL server)",
+                "(a second SQLite file; a second database on the same PostgreSQL or MySQL server)",
             ),
         )
 
