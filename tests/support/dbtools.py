@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import URL, inspect, make_url, text
+from sqlalchemy.dialects import mysql
 
 from casty_sa.engine import open_engine
 
@@ -28,6 +29,24 @@ def asyncpg_args(url: URL) -> dict[str, Any]:
         "port": url.port,
     }
     return {key: value for key, value in args.items() if value}
+
+
+#: Quotes names in raw MySQL statements (``casty_sa.ordering.take_positions(MYSQL_QUOTES)``).
+MYSQL_QUOTES = mysql.dialect().identifier_preparer
+
+
+async def mysql_connect(url: URL, **options: Any) -> Any:
+    """A raw asyncmy connection to the URL's MySQL/MariaDB database (autocommit off)."""
+    import asyncmy  # type: ignore[import-untyped,unused-ignore]
+
+    return await asyncmy.connect(
+        host=url.host,
+        port=url.port or 3306,
+        user=url.username,
+        password=url.password or "",
+        database=url.database,
+        **options,
+    )
 
 
 async def execute(url: URL | str, *statements: str) -> None:
@@ -64,14 +83,20 @@ async def table_names(url: URL | str) -> set[str]:
 async def open_connections(url: URL | str, *, within: float = 5.0) -> int:
     """Connections left open on the database once those closing have had ``within`` seconds.
 
-    SQLite: this process's file handles on the database file (Linux's ``/proc``); PostgreSQL:
-    the server's sessions on the database, other than the one asking.
+    SQLite: this process's file handles on the database file (Linux's ``/proc``); PostgreSQL
+    and MySQL: the server's sessions on the database, other than the one asking.
     """
     url = make_url(url) if isinstance(url, str) else url
     deadline = time.monotonic() + within
     while True:
         if url.get_backend_name() == "sqlite":
             count = _file_handles(url.database or "")
+        elif url.get_backend_name() in ("mysql", "mariadb"):
+            [(count,)] = await query(
+                url,
+                "SELECT count(*) FROM information_schema.processlist"
+                " WHERE db = DATABASE() AND id <> CONNECTION_ID()",
+            )
         else:
             [(count,)] = await query(
                 url,
