@@ -54,7 +54,7 @@ def test_quick_run_covers_every_journal_and_workload(
         env=env,
         capture_output=True,
         text=True,
-        timeout=150,  # about 40 s on 2 idle cores, 80 s under a load of 6
+        timeout=150,  # 80 s measured under a load of 6 on 2 cores
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
