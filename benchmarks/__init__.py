@@ -5,15 +5,17 @@ says what is measured. The modules, in the order a run uses them:
 
 - ``cli``: the flags and ``main``.
 - ``data``: the events and snapshots the workloads write, and the checks of what comes back.
-- ``raw``: the raw-driver baselines (aiosqlite, asyncpg) on casty-sa's tables.
+- ``raw``: the raw-driver baselines (aiosqlite, asyncpg, asyncmy) on casty-sa's tables.
 - ``postgres``: the PostgreSQL server and a fresh database per repetition.
+- ``mysql``: the MariaDB (MySQL) server and a fresh database per repetition.
 - ``journals``: the journals under test by name, each opened on a fresh store and warmed up.
 - ``workloads``: the workloads W1 to W6, and every workload of a run in order.
 - ``read_side``: the read-side workloads R1 and R2.
 - ``projection``: the projection workloads P1 and P2.
 - ``machine``: the machine the run is on (description, load average, peak RSS).
 - ``measure``: the run itself: every workload over every journal, repetitions interleaved.
-- ``report``: the Markdown table, the targets and the JSON.
+- ``targets``: the targets of the issues, and whether a run meets them.
+- ``report``: the Markdown table, the targets' verdicts and the JSON.
 - ``rss_scan``: W2 alone in a fresh process per journal and entity count (``--rss-scan``).
 - ``progress``: progress lines on stderr.
 - ``chart``: the SVG chart of a run's JSON (a script of its own).

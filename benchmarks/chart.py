@@ -34,6 +34,8 @@ SERIES = (
     ("sa-sqlite vs casty SqliteJournal", "sa-sqlite", "casty-sqlite", "#2f6db5"),
     ("sa-sqlite vs raw aiosqlite", "sa-sqlite", "raw-aiosqlite", "#8fb4e3"),
     ("sa-postgresql vs raw asyncpg", "sa-postgresql", "raw-asyncpg", "#d9822b"),
+    ("sa-pg-psycopg vs sa-postgresql (asyncpg)", "sa-pg-psycopg", "sa-postgresql", "#7a4fa3"),
+    ("sa-mariadb vs raw asyncmy", "sa-mariadb", "raw-asyncmy", "#3a9a5b"),
 )
 #: rows compared with another row of the same journal, and that row
 SAME_JOURNAL = {
@@ -43,7 +45,10 @@ SAME_JOURNAL = {
     "P1 other db": "P1 read",
 }
 
-_LEFT, _RIGHT, _TOP = 90, 30, 70
+#: the legend: two entries a line, then a line of notes, then the bars
+_LEGEND_COLUMNS, _LEGEND_WIDTH, _LINE = 2, 335, 16
+_LEGEND_LINES = -(-len(SERIES) // _LEGEND_COLUMNS)
+_LEFT, _RIGHT, _TOP = 90, 30, 54 + _LINE * _LEGEND_LINES
 _BAR, _GAP, _GROUP_GAP = 12, 2, 16
 _WIDTH = 760
 _LOW, _HIGH = 0.125, 64.0  # the axis: ratios outside are drawn at its edge, labelled truly
@@ -134,12 +139,13 @@ def render(report: dict[str, Any], title: str) -> str:
         f'<text x="{_LEFT}" y="20" font-size="15" font-weight="bold">{escape(title)}</text>',
     ]
     for index, (label, _journal, _reference, shade) in enumerate(SERIES):
-        key = _LEFT + index * 220
-        parts.append(f'<rect x="{key}" y="32" width="12" height="12" fill="{shade}"/>')
-        parts.append(f'<text x="{key + 16}" y="42">{escape(label)}</text>')
+        key = _LEFT + index % _LEGEND_COLUMNS * _LEGEND_WIDTH
+        top = 32 + index // _LEGEND_COLUMNS * _LINE
+        parts.append(f'<rect x="{key}" y="{top}" width="12" height="12" fill="{shade}"/>')
+        parts.append(f'<text x="{key + 16}" y="{top + 10}">{escape(label)}</text>')
     same = "; ".join(f"{compared} vs {against}" for compared, against in SAME_JOURNAL.items())
     parts.append(
-        f'<text x="{_LEFT}" y="58" font-size="10">each journal against its own row '
+        f'<text x="{_LEFT}" y="{_TOP - 12}" font-size="10">each journal against its own row '
         f"({escape(same)}), in its journal's colour</text>"
     )
     bottom = _TOP + len(workloads) * group

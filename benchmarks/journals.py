@@ -20,8 +20,9 @@ import casty_sa
 from casty_sa import SAJournal
 
 from .data import BASE_TS, check_events, check_snapshot, event_of, state_of
+from .mysql import MySQLStores, mysql_args
 from .postgres import PostgresStores, asyncpg_args
-from .raw import RawAiosqliteJournal, RawAsyncpgJournal
+from .raw import RawAiosqliteJournal, RawAsyncmyJournal, RawAsyncpgJournal
 
 
 class Journal(Protocol):
@@ -53,9 +54,12 @@ _SYNCHRONOUS = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 class Stores:
     """Makes a fresh store for each journal name."""
 
-    def __init__(self, root: Path, postgres: PostgresStores | None) -> None:
+    def __init__(
+        self, root: Path, postgres: PostgresStores | None, mysql: MySQLStores | None = None
+    ) -> None:
         self._root = root
         self._postgres = postgres
+        self._mysql = mysql
         self._counter = itertools.count()
 
     def _file(self) -> Path:
@@ -72,6 +76,11 @@ class Stores:
         if self._postgres is None:
             raise RuntimeError("PostgreSQL was not started")
         return self._postgres
+
+    def _my(self) -> MySQLStores:
+        if self._mysql is None:
+            raise RuntimeError("MariaDB was not started")
+        return self._mysql
 
     async def open(self, name: str) -> Opened:
         opener = OPENERS.get(name)
@@ -97,6 +106,20 @@ class Stores:
         sa = SAJournal(url)
         await sa.start()
         return Opened(sa, _then(sa.close, lambda: pg.drop(url)))
+
+    async def sa_pg_psycopg(self) -> Opened:
+        pg = self._pg()
+        url = await pg.fresh()
+        sa = SAJournal(url.set(drivername="postgresql+psycopg"))
+        await sa.start()
+        return Opened(sa, _then(sa.close, lambda: pg.drop(url)))
+
+    async def sa_mariadb(self) -> Opened:
+        my = self._my()
+        url = await my.fresh()
+        sa = SAJournal(url)
+        await sa.start()
+        return Opened(sa, _then(sa.close, lambda: my.drop(url)))
 
     async def casty_memory(self) -> Opened:
         async def nothing() -> None:
@@ -130,23 +153,35 @@ class Stores:
         await rawpg.open()
         return Opened(rawpg, _then(rawpg.close, lambda: pg.drop(url)))
 
+    async def raw_asyncmy(self) -> Opened:
+        my = self._my()
+        url = await my.fresh()
+        rawmy = RawAsyncmyJournal(mysql_args(url))
+        await rawmy.open()
+        return Opened(rawmy, _then(rawmy.close, lambda: my.drop(url)))
+
 
 #: every journal under test and how it is opened, in the table's order
 OPENERS: dict[str, Callable[[Stores], Awaitable[Opened]]] = {
     "sa-sqlite": Stores.sa_sqlite,
     "sa-postgresql": Stores.sa_postgresql,
+    "sa-pg-psycopg": Stores.sa_pg_psycopg,
+    "sa-mariadb": Stores.sa_mariadb,
     "casty-memory": Stores.casty_memory,
     "casty-sqlite": Stores.casty_sqlite,
     "raw-aiosqlite": Stores.raw_aiosqlite,
     "raw-asyncpg": Stores.raw_asyncpg,
+    "raw-asyncmy": Stores.raw_asyncmy,
 }
 JOURNALS = tuple(OPENERS)
 #: the journals that need a PostgreSQL server
-ON_POSTGRES = frozenset({"sa-postgresql", "raw-asyncpg"})
+ON_POSTGRES = frozenset({"sa-postgresql", "sa-pg-psycopg", "raw-asyncpg"})
+#: the journals that need a MySQL (MariaDB) server
+ON_MYSQL = frozenset({"sa-mariadb", "raw-asyncmy"})
 #: journals whose failures are findings about someone else's code, not errors of this run
 THIRD_PARTY = frozenset({"casty-memory", "casty-sqlite"})
 #: the journals with casty-sa's read side (``events``), which the R workloads run on
-READ_SIDE = frozenset({"sa-sqlite", "sa-postgresql"})
+READ_SIDE = frozenset({"sa-sqlite", "sa-postgresql", "sa-pg-psycopg", "sa-mariadb"})
 
 
 async def _sa_synchronous(journal: SAJournal) -> str | None:

@@ -51,8 +51,24 @@ def load_average() -> float:
         return -1.0
 
 
+#: the packages whose versions the report records
+_PACKAGES = [
+    "casty",
+    "casty-sa",
+    "sqlalchemy",
+    "aiosqlite",
+    "asyncpg",
+    "psycopg",
+    "asyncmy",
+    "greenlet",
+]
+
+
 def describe_machine(
-    root: Path, pg_settings: dict[str, str], synchronous: dict[str, str | None]
+    root: Path,
+    pg_settings: dict[str, str],
+    mysql_settings: dict[str, str],
+    synchronous: dict[str, str | None],
 ) -> dict[str, Any]:
     memory_kb = 0
     with contextlib.suppress(OSError, ValueError, IndexError):
@@ -67,10 +83,8 @@ def describe_machine(
         "sqlite_files": f"{root.parent} ({_filesystem(root)})",
         "sqlite_synchronous": {k: v for k, v in synchronous.items() if v is not None},
         "postgresql": pg_settings,
-        "packages": {
-            name: _version(name)
-            for name in ("casty", "casty-sa", "sqlalchemy", "aiosqlite", "asyncpg", "greenlet")
-        },
+        "mysql": mysql_settings,
+        "packages": {name: _version(name) for name in _PACKAGES},
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 

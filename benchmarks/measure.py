@@ -23,8 +23,9 @@ from typing import Any
 
 from .base import Row, Sample, Sizes, Workload
 from .data import WrongAnswer
-from .journals import ON_POSTGRES, Opened, Stores
+from .journals import ON_MYSQL, ON_POSTGRES, Opened, Stores
 from .machine import describe_machine, load_average, peak_rss_mb, reset_peak_rss
+from .mysql import MySQLStores, mysql_server
 from .postgres import PostgresStores, postgres_server
 from .progress import progress
 from .workloads import make_workloads
@@ -73,6 +74,7 @@ async def run_benchmark(
         if workload.runs_on(name)
     }
     needs_pg = any(name in ON_POSTGRES for name in journals)
+    needs_mysql = any(name in ON_MYSQL for name in journals)
     resettable = reset_peak_rss()
     load_at_start = load_average()
     if load_at_start > 0.5 * (os.cpu_count() or 1):
@@ -87,19 +89,27 @@ async def run_benchmark(
             postgres = PostgresStores(exits.enter_context(postgres_server()))
             await postgres.setup()
             pg_settings = await postgres.describe()
+        mysql: MySQLStores | None = None
+        mysql_settings: dict[str, str] = {}
+        if needs_mysql:
+            mysql = MySQLStores(exits.enter_context(mysql_server()))
+            await mysql.setup()
+            mysql_settings = await mysql.describe()
         root = Path(exits.enter_context(tempfile.TemporaryDirectory(prefix="casty-sa-bench-")))
         total = sum(
             (sizes.reps + (0 if w.fresh_per_rep else 1)) * sum(map(w.runs_on, journals))
             for w in selected
         )
-        run = _Run(journals, sizes.reps, Stores(root, postgres), cells, limit, resettable, total)
+        stores = Stores(root, postgres, mysql)
+        run = _Run(journals, sizes.reps, stores, cells, limit, resettable, total)
         try:
             for workload in selected:
                 await run.workload(workload)
         finally:
-            if postgres is not None:
-                await postgres.teardown()
-        machine = describe_machine(root, pg_settings, run.synchronous)
+            for server in (postgres, mysql):
+                if server is not None:
+                    await server.teardown()
+        machine = describe_machine(root, pg_settings, mysql_settings, run.synchronous)
         machine["load_average"] = {"start": load_at_start, "end": load_average()}
     return Results(
         machine=machine,

@@ -43,6 +43,7 @@ from casty_sa.models import ProjectionOffsetRecord
 from .base import Row, Sample, Sizes, Workload, sample
 from .data import WrongAnswer, event_of
 from .journals import READ_SIDE, Journal
+from .mysql import mysql_execute
 from .postgres import asyncpg_args
 from .read_side import read_side
 
@@ -58,12 +59,21 @@ BALANCES = Table(
     Column("balance", BigInteger, nullable=False),
     Column("events", BigInteger, nullable=False),
 )
-#: the same text on SQLite (3.24+) and PostgreSQL
-_UPSERT = text(
-    "INSERT INTO bench_balances (account, balance, events) VALUES (:account, :amount, :n) "
-    "ON CONFLICT (account) DO UPDATE SET balance = bench_balances.balance + excluded.balance, "
-    "events = bench_balances.events + excluded.events"
-)
+_INSERT = "INSERT INTO bench_balances (account, balance, events) VALUES (:account, :amount, :n) "
+#: the upsert by dialect name: one text on SQLite (3.24+) and PostgreSQL, another on MySQL
+_UPSERTS = {
+    "sqlite": text(
+        _INSERT + "ON CONFLICT (account) DO UPDATE SET "
+        "balance = bench_balances.balance + excluded.balance, "
+        "events = bench_balances.events + excluded.events"
+    ),
+    "mysql": text(
+        _INSERT + "ON DUPLICATE KEY UPDATE "
+        "balance = balance + VALUES(balance), events = events + VALUES(events)"
+    ),
+}
+_UPSERTS["postgresql"] = _UPSERTS["sqlite"]
+_UPSERTS["mariadb"] = _UPSERTS["mysql"]
 #: ``session.info`` keys: the events handled in the open transaction, and who hears of commits
 _PENDING, _ON_COMMIT = "bench.pending", "bench.on_commit"
 
@@ -71,7 +81,8 @@ _PENDING, _ON_COMMIT = "bench.pending", "bench.on_commit"
 async def upsert_balance(session: AsyncSession, envelope: EventEnvelope) -> None:
     """The read model's handler: the entity's row gains the deposit (one statement)."""
     amount = envelope.event.amount
-    await session.execute(_UPSERT, {"account": envelope.entity_id, "amount": amount, "n": 1})
+    upsert = _UPSERTS[session.get_bind().dialect.name]
+    await session.execute(upsert, {"account": envelope.entity_id, "amount": amount, "n": 1})
 
 
 async def upsert_totals(session: AsyncSession, envelopes: Sequence[EventEnvelope]) -> None:
@@ -82,7 +93,7 @@ async def upsert_totals(session: AsyncSession, envelopes: Sequence[EventEnvelope
         total[0] += envelope.event.amount
         total[1] += 1
     rows = [{"account": e, "amount": a, "n": n} for e, (a, n) in totals.items()]
-    await session.execute(_UPSERT, rows)
+    await session.execute(_UPSERTS[session.get_bind().dialect.name], rows)
 
 
 async def install_read_model(engine: AsyncEngine, *, offsets: bool = False) -> None:
@@ -138,7 +149,8 @@ async def noting_totals(session: AsyncSession, envelopes: Sequence[EventEnvelope
 @contextlib.asynccontextmanager
 async def other_database(journal: SAJournal) -> AsyncIterator[AsyncEngine]:
     """A database of its own beside the journal's (a file beside it, or a database on the
-    same PostgreSQL server), holding the read model and its offsets, dropped afterwards."""
+    same PostgreSQL or MySQL server), holding the read model and its offsets, dropped
+    afterwards."""
     url = journal.engine.url
     if url.get_backend_name() == "sqlite":
         path = f"{url.database}-read-model.db"
@@ -150,18 +162,25 @@ async def other_database(journal: SAJournal) -> AsyncIterator[AsyncEngine]:
             _remove_sqlite_files(path)
         return
     name = f"{url.database}_read_model"
-    await _admin(url, f'CREATE DATABASE "{name}"')
+    mysql = url.get_backend_name() in ("mysql", "mariadb")
+    quoted = f"`{name}`" if mysql else f'"{name}"'
+    admin = _admin_mysql if mysql else _admin
+    await admin(url, f"CREATE DATABASE {quoted}")
     engine = create_async_engine(url.set(database=name))
     try:
         yield engine
     finally:
         await engine.dispose()
-        await _admin(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin(url, f"DROP DATABASE IF EXISTS {quoted}" + ("" if mysql else " WITH (FORCE)"))
 
 
 def _remove_sqlite_files(path: str) -> None:
     for suffix in ("", "-wal", "-shm", "-journal"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+async def _admin_mysql(url: URL, statement: str) -> None:
+    await mysql_execute(url.set(database=None), statement)
 
 
 async def _admin(url: URL, statement: str) -> None:
@@ -208,7 +227,7 @@ class P1(Workload):
                 "P1 other db",
                 "events/s",
                 "the same projection with its read model and offsets in another database "
-                "(a second SQLite file; a second database on the same PostgreSQL server)",
+                "(a second SQLite file; a second database on the same PostgreSQL or MySQL server)",
             ),
         )
 

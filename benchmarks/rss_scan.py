@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .base import Sizes
-from .journals import ON_POSTGRES
+from .journals import ON_MYSQL, ON_POSTGRES
+from .mysql import mysql_server
 from .postgres import postgres_server
 from .progress import progress
 
@@ -31,6 +32,9 @@ def rss_scan(counts: list[int], journals: list[str], reps: int, as_json: bool) -
         if any(name in ON_POSTGRES for name in journals):
             url = exits.enter_context(postgres_server())
             env["CASTY_SA_BENCH_POSTGRES_URL"] = url.render_as_string(hide_password=False)
+        if any(name in ON_MYSQL for name in journals):
+            url = exits.enter_context(mysql_server())
+            env["CASTY_SA_BENCH_MYSQL_URL"] = url.render_as_string(hide_password=False)
         for name in journals:
             for count in counts:
                 progress(f"rss scan: {name}, W2 with {count:,} entities, in a fresh process")

@@ -7,7 +7,12 @@ Markdown table of absolute figures and ratios:
 ``sa-sqlite``
     ``casty_sa.SAJournal`` on a SQLite file (WAL, ``synchronous=FULL``).
 ``sa-postgresql``
-    ``casty_sa.SAJournal`` on PostgreSQL.
+    ``casty_sa.SAJournal`` on PostgreSQL (asyncpg: ``postgresql://``).
+``sa-pg-psycopg``
+    ``casty_sa.SAJournal`` on the same PostgreSQL through psycopg 3
+    (``postgresql+psycopg://``).
+``sa-mariadb``
+    ``casty_sa.SAJournal`` on MariaDB through asyncmy (``mysql+asyncmy://``).
 ``casty-memory``
     casty's ``InMemoryJournal`` (no I/O: the ceiling of the protocol).
 ``casty-sqlite``
@@ -19,6 +24,9 @@ Markdown table of absolute figures and ratios:
 ``raw-asyncpg``
     The physical reference on PostgreSQL: an asyncpg pool with its defaults
     (10 connections), one transaction per ``persist``.
+``raw-asyncmy``
+    The physical reference on MariaDB: an asyncmy pool of 10 connections in
+    autocommit, one ``INSERT`` per ``persist``.
 
 Every journal stores pickled events in the same tables (the raw baselines use
 casty-sa's schema). Write workloads get a fresh store (file or database) for
@@ -28,7 +36,10 @@ and repeat the reads. Every result is checked: a wrong answer is reported as
 
 PostgreSQL comes from ``CASTY_SA_BENCH_POSTGRES_URL`` (an admin URL allowed to
 create databases) when set; otherwise a throwaway server is started from the
-``pgserver`` wheel in a temporary directory and removed afterwards.
+``pgserver`` wheel in a temporary directory and removed afterwards. MariaDB
+likewise comes from ``CASTY_SA_BENCH_MYSQL_URL`` (e.g.
+``mysql://root@127.0.0.1:3306/``), or a throwaway ``mariadbd`` (Debian's
+``mariadb-server``, as the test suite starts it).
 
 Examples
 --------
@@ -37,6 +48,8 @@ Examples
 ``python benchmarks/run.py --journals sa-sqlite,casty-sqlite --workloads W1,W2``,
 ``python benchmarks/run.py --journals sa-sqlite,sa-postgresql --workloads R1,P1,P2``
 (the read side and the projections),
+``python benchmarks/run.py --journals sa-postgresql,sa-pg-psycopg,raw-asyncpg --workloads W2``
+(psycopg against asyncpg),
 ``python benchmarks/run.py --rss-scan 200,2000 --journals sa-sqlite,sa-postgresql``.
 
 This file is the entry point; the harness is the ``benchmarks`` package beside
