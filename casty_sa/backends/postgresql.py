@@ -185,8 +185,8 @@ class PostgresBackend(PostgresReading):
             if events and snapshots:
                 await driver.command(conn, "BEGIN", timeout)
                 try:
-                    await driver.execute(conn, self._insert, _columns(events), timeout)
-                    await driver.execute(conn, self._upsert, _columns(snapshots), timeout)
+                    await driver.execute(conn, self._insert, self._events(events), timeout)
+                    await driver.execute(conn, self._upsert, self._snapshots(snapshots), timeout)
                 except BaseException:
                     await quietly(driver.command(conn, "ROLLBACK", timeout))
                     raise
@@ -195,9 +195,9 @@ class PostgresBackend(PostgresReading):
             else:
                 committing = True  # one statement in autocommit: it commits on its own
                 if events:
-                    await driver.execute(conn, self._insert, _columns(events), timeout)
+                    await driver.execute(conn, self._insert, self._events(events), timeout)
                 else:
-                    await driver.execute(conn, self._upsert, _columns(snapshots), timeout)
+                    await driver.execute(conn, self._upsert, self._snapshots(snapshots), timeout)
         except BaseException as exc:
             if events and committing:
                 self._announcer.committed()  # it may have committed
@@ -209,6 +209,14 @@ class PostgresBackend(PostgresReading):
         if events:
             self._announcer.committed()
         await self.give_back_writer(fairy, None)
+
+    def _events(self, rows: Sequence[EventRow]) -> Sequence[Any]:
+        """The arrays of the events' insert."""
+        return self._driver.arrays(_columns(rows), _EVENT_TYPES)
+
+    def _snapshots(self, rows: Sequence[Row]) -> Sequence[Any]:
+        """The arrays of the snapshots' upsert."""
+        return self._driver.arrays(_columns(rows), _EVENT_TYPES[:4])
 
     async def _notify_alone(self) -> None:
         async with self.connection() as conn:
@@ -242,7 +250,10 @@ class PostgresBackend(PostgresReading):
         entity_ids, from_nrs = zip(*keys, strict=True)
         async with self.connection() as conn:
             return await self._driver.fetch(
-                conn, self._load_events_batch, (list(entity_ids), list(from_nrs)), self._timeout
+                conn,
+                self._load_events_batch,
+                self._driver.arrays([list(entity_ids), list(from_nrs)], ("text", "int8")),
+                self._timeout,
             )
 
     async def _fetch_snapshots_batch(
@@ -250,13 +261,20 @@ class PostgresBackend(PostgresReading):
     ) -> Sequence[tuple[int, int, bytes, float]]:
         async with self.connection() as conn:
             return await self._driver.fetch(
-                conn, self._load_snapshots_batch, (list(entity_ids),), self._timeout
+                conn,
+                self._load_snapshots_batch,
+                self._driver.arrays([list(entity_ids)], ("text",)),
+                self._timeout,
             )
 
 
 def _columns(rows: Sequence[Row] | Sequence[EventRow]) -> list[list[Any]]:
     """Rows to the column arrays ``unnest`` takes."""
     return [list(column) for column in zip(*rows, strict=True)]
+
+
+#: the element types of an event row's columns (a snapshot row: the first four)
+_EVENT_TYPES = ("text", "int8", "float8", "bytea", "text")
 
 
 #: deadlock_detected, serialization_failure: the server rolled the whole transaction back
