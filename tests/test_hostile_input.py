@@ -739,11 +739,11 @@ async def test_tables_dropped_under_a_running_journal(journal: SAJournal) -> Non
         await journal.save_snapshot("acct", Snapshot(3, "s", 1.0))
     with pytest.raises(SchemaError):
         await journal.load_snapshot("acct")
-    # an operator re-creates the schema (what is left of it dropped first, the projections'
-    # offsets too): the running journal carries on
+    # an operator re-creates the schema (what is left of it dropped first: the version table,
+    # the projections' offsets and the event counter): the running journal carries on
     async with journal.engine.begin() as conn:
-        await conn.execute(text("DROP TABLE casty_sa_alembic_version"))
-        await conn.execute(text("DROP TABLE casty_sa_projection_offsets"))
+        for table in [casty_sa.VERSION_TABLE, *casty_sa.metadata.tables]:
+            await conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
     await casty_sa.upgrade(journal.engine)
     assert await journal.load("acct") == []
     await assert_still_usable(journal, "acct")
