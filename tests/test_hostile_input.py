@@ -391,7 +391,8 @@ def full_text(exc: BaseException) -> str:
 @pytest.mark.parametrize(
     "url",
     [
-        f"mysql://app:{PASSWORD}@127.0.0.1/bank",
+        f"mssql+aioodbc://app:{PASSWORD}@127.0.0.1/bank",
+        f"mysql+pymysql://app:{PASSWORD}@127.0.0.1/bank",
         f"oracle+oracledb://app:{PASSWORD}@127.0.0.1/bank",
         f"http://app:{PASSWORD}@127.0.0.1/bank",
         f"sqlite+pysqlite:///{PASSWORD}.db",
@@ -402,7 +403,8 @@ def full_text(exc: BaseException) -> str:
         "",
     ],
     ids=[
-        "mysql",
+        "mssql",
+        "mysql-pymysql",
         "oracle",
         "http",
         "sqlite-pysqlite",
