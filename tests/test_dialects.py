@@ -102,12 +102,13 @@ async def test_an_unregistered_dialect_is_refused_everywhere(tmp_path: Path) -> 
         dialects.unregister(TWIN.name)
     try:
         with pytest.raises(
-            UnsupportedDatabase, match=r"'sqlitetwin'.*use SQLite \(.*\), Postgre.* or MySQL/MariaDB \("
+            UnsupportedDatabase,
+            match=r"'sqlitetwin'.*use SQLite \(.*\), Postgre.* or MySQL/MariaDB \(",
         ):
             to_async_url("sqlitetwin:///bank.db")
         with pytest.raises(UnsupportedDatabase, match="'twin'"):
             to_async_url("twin:///bank.db")
-        with pytest.raises(UnsupportedDatabase, match="use SQLite, PostgreSQL or MySQL/MariaDB$"):
+        with pytest.raises(UnsupportedDatabase, match=r"use SQLite, PostgreSQL or MySQL/MariaDB$"):
             kind_of(make_url("sqlitetwin+aiosqlite:///bank.db"))
         with pytest.raises(UnsupportedDatabase, match="it supports mysql, postgresql and sqlite"):
             backend_for(engine, None)
