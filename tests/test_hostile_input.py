@@ -308,6 +308,30 @@ async def test_tens_of_mib_payloads_round_trip(journal: SAJournal) -> None:
     await assert_still_usable(journal)
 
 
+@pytest.mark.only_backends("mysql")
+async def test_a_row_over_max_allowed_packet_is_refused_and_nothing_stored(
+    journal: SAJournal,
+) -> None:
+    """MySQL takes no statement over the server's ``max_allowed_packet``, nor sends back a
+    row over it: such a row is refused before anything is sent, naming the setting, and its
+    neighbours in the call and in the group are not held back."""
+    async with journal.engine.connect() as conn:
+        limit = int((await conn.execute(text("SELECT @@max_allowed_packet"))).scalar_one())
+    blob = b"x" * limit
+    huge = journal.persist("huge", [ev(1, "small"), ev(2, blob)])
+    neighbour = journal.persist("neighbour", [ev(1, "fine")])
+    results = await asyncio.gather(huge, neighbour, return_exceptions=True)
+    assert isinstance(results[0], InvalidEventError), results[0]
+    assert f"over the server's max_allowed_packet ({limit:,} bytes" in str(results[0])
+    assert str(results[0]).endswith("nothing was stored")
+    assert results[1] is None
+    with pytest.raises(InvalidEventError, match="max_allowed_packet"):
+        await journal.save_snapshot("huge", Snapshot(1, blob, 1.0))
+    assert await journal.load("huge") == []
+    assert await journal.load_snapshot("huge") is None
+    assert [e.event for e in await journal.load("neighbour")] == ["fine"]
+
+
 _EVENTS_MODULE = """
 from dataclasses import dataclass
 
