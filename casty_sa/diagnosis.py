@@ -109,6 +109,18 @@ _SQLITE_SCHEMA_MISMATCH = (
     "has no column named",
     "does not match any primary key or unique constraint",
 )
+#: MySQL/MariaDB error numbers of the same: ER_BAD_FIELD_ERROR, ER_NO_SUCH_TABLE
+_MYSQL_SCHEMA_MISMATCH = frozenset({1054, 1146})
+#: the modules of the MySQL drivers' errors (aiomysql raises PyMySQL's)
+_MYSQL_DRIVERS = frozenset({"asyncmy", "pymysql", "aiomysql"})
+
+
+def _mysql_error_number(exc: BaseException) -> int | None:
+    """The error number of a MySQL driver's error (its first argument); ``None`` for others."""
+    if type(exc).__module__.partition(".")[0] not in _MYSQL_DRIVERS:
+        return None
+    first = exc.args[0] if exc.args else None
+    return first if isinstance(first, int) else None
 
 
 def is_schema_mismatch(exc: BaseException) -> bool:
@@ -122,6 +134,8 @@ def is_schema_mismatch(exc: BaseException) -> bool:
         text = str(original).lower()
         return any(marker in text for marker in _SQLITE_SCHEMA_MISMATCH)
     if sqlstate(exc) in _PG_SCHEMA_MISMATCH:
+        return True
+    if _mysql_error_number(original) in _MYSQL_SCHEMA_MISMATCH:
         return True
     # a driver's error without a code (or one wrapped twice) naming one of casty-sa's tables
     text = describe(exc).lower()

@@ -63,10 +63,10 @@ def test_a_registered_dialect_is_known_to_urls_and_messages(twin: dialects.Diale
     with pytest.raises(UnsupportedDatabase, match=r"use 'sqlitetwin\+aiosqlite://…'"):
         to_async_url("sqlitetwin+pysqlite:///bank.db")
     with pytest.raises(UnsupportedDatabase) as info:
-        to_async_url("mysql://db/bank")
+        to_async_url("oracle://db/bank")
     assert str(info.value).endswith(
-        "use SQLite ('sqlite:///journal.db'), PostgreSQL ('postgresql://…') "
-        "or SQLite twin ('sqlitetwin:///journal.db')"
+        "use SQLite ('sqlite:///journal.db'), PostgreSQL ('postgresql://…'), "
+        "MySQL/MariaDB ('mysql://…') or SQLite twin ('sqlitetwin:///journal.db')"
     )
 
 
@@ -102,14 +102,15 @@ async def test_an_unregistered_dialect_is_refused_everywhere(tmp_path: Path) -> 
         dialects.unregister(TWIN.name)
     try:
         with pytest.raises(
-            UnsupportedDatabase, match=r"'sqlitetwin'.*use SQLite \(.*\) or Postgre"
+            UnsupportedDatabase,
+            match=r"'sqlitetwin'.*use SQLite \(.*\), Postgre.* or MySQL/MariaDB \(",
         ):
             to_async_url("sqlitetwin:///bank.db")
         with pytest.raises(UnsupportedDatabase, match="'twin'"):
             to_async_url("twin:///bank.db")
-        with pytest.raises(UnsupportedDatabase, match="use SQLite or PostgreSQL"):
+        with pytest.raises(UnsupportedDatabase, match=r"use SQLite, PostgreSQL or MySQL/MariaDB$"):
             kind_of(make_url("sqlitetwin+aiosqlite:///bank.db"))
-        with pytest.raises(UnsupportedDatabase, match="it supports postgresql and sqlite"):
+        with pytest.raises(UnsupportedDatabase, match="it supports mysql, postgresql and sqlite"):
             backend_for(engine, None)
     finally:
         await engine.dispose()
@@ -120,7 +121,7 @@ def test_a_name_is_registered_once() -> None:
     assert sqlite is not None
     with pytest.raises(ValueError, match="already registered: sqlite"):
         dialects.register(sqlite)
-    assert [d.name for d in dialects.dialects()] == ["sqlite", "postgresql"]
+    assert [d.name for d in dialects.dialects()] == ["sqlite", "postgresql", "mysql"]
 
 
 def test_a_failed_write_on_a_dialect_without_its_own_rule_is_never_read_by_another() -> None:

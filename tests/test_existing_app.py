@@ -78,12 +78,7 @@ class TestPostgresSchema:
                 )
         finally:
             await engine.dispose()
-        assert names["casty"] == {
-            "casty_sa_events",
-            "casty_sa_projection_offsets",
-            "casty_sa_snapshots",
-            casty_sa.VERSION_TABLE,
-        }
+        assert names["casty"] == {*casty_sa.metadata.tables, casty_sa.VERSION_TABLE}
         assert names["public"] == set()
         await casty_sa.downgrade(url, "base", schema="casty")
         assert await casty_sa.current(url, schema="casty") is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import math
 import socket
 import sys
 import threading
@@ -229,9 +230,23 @@ async def test_non_numeric_timestamps_are_refused(journal: SAJournal, timestamp:
     await assert_still_usable(journal, "acct")
 
 
-async def test_infinite_and_integer_timestamps_round_trip(journal: SAJournal) -> None:
-    await journal.persist("acct", [ev(1, ts=float("inf")), ev(2, ts=-float("inf")), ev(3, ts=7)])
-    assert [e.timestamp for e in await journal.load("acct")] == [float("inf"), -float("inf"), 7.0]
+async def test_infinite_and_integer_timestamps_round_trip(journal: SAJournal, backend: str) -> None:
+    """MySQL's and MariaDB's DOUBLE holds no infinity: there the call is refused with its
+    reason and nothing of it is stored; an integer timestamp round-trips everywhere."""
+    infinite = [ev(1, ts=float("inf")), ev(2, ts=-float("inf")), ev(3, ts=7)]
+    if backend != "mysql":
+        await journal.persist("acct", infinite)
+        assert [e.timestamp for e in await journal.load("acct")] == [math.inf, -math.inf, 7.0]
+        return
+    for events in (infinite, infinite[1:]):
+        with pytest.raises(InvalidEventError, match=r"cannot be stored on MySQL/MariaDB") as info:
+            await journal.persist("acct", events)
+        assert str(info.value).endswith("nothing was stored")
+    with pytest.raises(InvalidEventError, match=r"timestamp -inf cannot be stored"):
+        await journal.save_snapshot("acct", Snapshot(3, "s", -math.inf))
+    assert await stored_rows(journal) == (0, 0)
+    await journal.persist("acct", [ev(1, ts=7)])
+    assert [e.timestamp for e in await journal.load("acct")] == [7.0]
 
 
 @pytest.mark.parametrize("timestamp", [float("nan"), 10**400], ids=["nan", "10**400"])
@@ -291,6 +306,30 @@ async def test_tens_of_mib_payloads_round_trip(journal: SAJournal) -> None:
     snapshot = await journal.load_snapshot("huge")
     assert snapshot is not None and snapshot.state == blob
     await assert_still_usable(journal)
+
+
+@pytest.mark.only_backends("mysql")
+async def test_a_row_over_max_allowed_packet_is_refused_and_nothing_stored(
+    journal: SAJournal,
+) -> None:
+    """MySQL takes no statement over the server's ``max_allowed_packet``, nor sends back a
+    row over it: such a row is refused before anything is sent, naming the setting, and its
+    neighbours in the call and in the group are not held back."""
+    async with journal.engine.connect() as conn:
+        limit = int((await conn.execute(text("SELECT @@max_allowed_packet"))).scalar_one())
+    blob = b"x" * limit
+    huge = journal.persist("huge", [ev(1, "small"), ev(2, blob)])
+    neighbour = journal.persist("neighbour", [ev(1, "fine")])
+    results = await asyncio.gather(huge, neighbour, return_exceptions=True)
+    assert isinstance(results[0], InvalidEventError), results[0]
+    assert f"over the server's max_allowed_packet ({limit:,} bytes" in str(results[0])
+    assert str(results[0]).endswith("nothing was stored")
+    assert results[1] is None
+    with pytest.raises(InvalidEventError, match="max_allowed_packet"):
+        await journal.save_snapshot("huge", Snapshot(1, blob, 1.0))
+    assert await journal.load("huge") == []
+    assert await journal.load_snapshot("huge") is None
+    assert [e.event for e in await journal.load("neighbour")] == ["fine"]
 
 
 _EVENTS_MODULE = """
@@ -391,7 +430,8 @@ def full_text(exc: BaseException) -> str:
 @pytest.mark.parametrize(
     "url",
     [
-        f"mysql://app:{PASSWORD}@127.0.0.1/bank",
+        f"mssql+aioodbc://app:{PASSWORD}@127.0.0.1/bank",
+        f"mysql+pymysql://app:{PASSWORD}@127.0.0.1/bank",
         f"oracle+oracledb://app:{PASSWORD}@127.0.0.1/bank",
         f"http://app:{PASSWORD}@127.0.0.1/bank",
         f"sqlite+pysqlite:///{PASSWORD}.db",
@@ -402,7 +442,8 @@ def full_text(exc: BaseException) -> str:
         "",
     ],
     ids=[
-        "mysql",
+        "mssql",
+        "mysql-pymysql",
         "oracle",
         "http",
         "sqlite-pysqlite",
@@ -739,11 +780,11 @@ async def test_tables_dropped_under_a_running_journal(journal: SAJournal) -> Non
         await journal.save_snapshot("acct", Snapshot(3, "s", 1.0))
     with pytest.raises(SchemaError):
         await journal.load_snapshot("acct")
-    # an operator re-creates the schema (what is left of it dropped first, the projections'
-    # offsets too): the running journal carries on
+    # an operator re-creates the schema (what is left of it dropped first: the version table,
+    # the projections' offsets and the event counter): the running journal carries on
     async with journal.engine.begin() as conn:
-        await conn.execute(text("DROP TABLE casty_sa_alembic_version"))
-        await conn.execute(text("DROP TABLE casty_sa_projection_offsets"))
+        for table in [casty_sa.VERSION_TABLE, *casty_sa.metadata.tables]:
+            await conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
     await casty_sa.upgrade(journal.engine)
     assert await journal.load("acct") == []
     await assert_still_usable(journal, "acct")

@@ -28,7 +28,12 @@ async def _collide_next_write(url: URL) -> None:
     SQLite numbers a write one past the last row in the global order: a row of a later era
     at position 1 makes that 2, which ``("a", 2)`` holds. PostgreSQL takes the transaction id
     and the sequence: a trigger gives entity ``"bad"``'s rows the place of ``("a", 1)``.
+    MySQL numbers a write up from the event counter: set back to 0, the next write takes
+    position 1, which ``("a", 1)`` holds.
     """
+    if url.get_backend_name() == "mysql":
+        await execute(url, "UPDATE casty_sa_event_counter SET position = 0")
+        return
     if url.get_backend_name() == "sqlite":
         await execute(
             url,
@@ -67,8 +72,11 @@ async def test_a_global_order_violation_is_no_sequence_conflict(
         assert await query(
             db_url, f"SELECT count(*) FROM casty_sa_events WHERE entity_id = '{entity}'"
         ) == [(0,)]
-        # the primary key's violation still is one (SQLite reports one violation of a row:
-        # with both, the order of its checks would decide; the colliding row goes first)
+        # the primary key's violation still is one (SQLite and MySQL report one violation of
+        # a row: with both, the order of their checks would decide; the global order is put
+        # right first)
         await execute(db_url, "DELETE FROM casty_sa_events WHERE entity_id = 'z'")
+        if db_url.get_backend_name() == "mysql":
+            await execute(db_url, "UPDATE casty_sa_event_counter SET position = 2")
         with pytest.raises(SequenceConflict):
             await journal.persist("a", [PersistedEvent(2, "again", 4.0)])

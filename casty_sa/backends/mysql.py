@@ -231,8 +231,9 @@ class MySQLBackend(MySQLReading):
             async with conn.cursor() as cursor:
                 await self._bounded(cursor.execute("SELECT @@max_allowed_packet"))
                 (server,) = await cursor.fetchone()
-            client = getattr(conn, "_max_allowed_packet", server) or server
-            self._packet_limit = min(int(server), int(client)) - _STATEMENT_OVERHEAD
+            # the server's alone: the drivers' own max_allowed_packet bounds no query they
+            # send (they split it into 16 MiB protocol packets)
+            self._packet_limit = int(server) - _STATEMENT_OVERHEAD
         return self._packet_limit
 
 
@@ -262,7 +263,8 @@ def _refuse_oversized(size: int, limit: int) -> WriteRefused:
     return WriteRefused(
         PayloadTooLarge(
             f"a row of up to {size:,} bytes once escaped is over the server's "
-            f"max_allowed_packet ({limit:,} bytes); raise it on the server"
+            f"max_allowed_packet ({limit + _STATEMENT_OVERHEAD:,} bytes, less "
+            f"{_STATEMENT_OVERHEAD:,} for the statement around it); raise it on the server"
         ),
         duplicate=False,
     )

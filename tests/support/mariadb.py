@@ -106,6 +106,8 @@ class MariaDBServer:
                 "--collation-server=utf8mb4_general_ci",
                 "--innodb-buffer-pool-size=128M",
                 "--max-connections=500",
+                # MySQL 8's default (MariaDB's is 16 MiB): rows of tens of MiB round-trip
+                "--max-allowed-packet=64M",
                 *user,
                 *extra_options,
             ],
