@@ -33,10 +33,10 @@ from casty_sa.backends.failures import (
     WriteRefused,
     classify_write_failure,
 )
-from casty_sa.ordering import take_positions
+from casty_sa.ordering import parse_offset, take_positions
 from casty_sa.urls import to_async_url
 
-from support import dbtools, pools
+from support import dbtools, internals, pools
 from support.dbtools import mysql_connect, query
 from support.processes import EVENT_WRITER
 
@@ -86,6 +86,25 @@ async def test_a_payload_past_64_kb_round_trips_bit_for_bit(
     assert [e.event for e in await journal.load("big")] == [blob, b"small"]
     snapshot = await journal.load_snapshot("big")
     assert snapshot is not None and snapshot.state == blob
+
+
+async def test_a_value_the_driver_cannot_escape_is_refused_before_anything_is_sent(
+    new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
+) -> None:
+    # (a list is no SQL value for either driver; the journal never hands one over, so the
+    # backend is called directly: what matters is the verdict on what reached the server)
+    journal = make_journal(await new_mysql_db())
+    await journal.persist("kept", [ev(1, "x")])
+    backend = internals.backend(journal)
+    unescapable = ("bad", 1, 1.0, b"payload", ["not", "a", "value"])
+    with pytest.raises(WriteRefused) as info:
+        await backend.write([("fine", 1, 1.0, b"payload", "str"), unescapable], [])
+    assert not info.value.duplicate and isinstance(info.value.cause, TypeError)
+    # nothing went out: no row, the counter untouched, and the connection writes on
+    await journal.persist("after", [ev(1, "y")])
+    everything = [(e.entity_id, e.offset) async for e in journal.events()]
+    assert [entity_id for entity_id, _ in everything] == ["kept", "after"]
+    assert [parse_offset(offset)[2] for _, offset in everything] == [1, 2]
 
 
 async def test_a_session_without_strict_mode_is_refused(
