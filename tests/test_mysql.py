@@ -107,6 +107,34 @@ async def test_a_value_the_driver_cannot_escape_is_refused_before_anything_is_se
     assert [parse_offset(offset)[2] for _, offset in everything] == [1, 2]
 
 
+async def test_reads_and_writes_go_back_to_the_pool_without_a_rollback(
+    new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
+) -> None:
+    url = await new_mysql_db()
+    journal, other = make_journal(url), make_journal(url)
+    await journal.persist("a", [ev(1, "x")])
+    await other.start()
+
+    async def rollbacks() -> int:  # the whole server's (its tests run one at a time)
+        conn = await mysql_connect(url)
+        try:
+            async with conn.cursor() as cursor:
+                await cursor.execute("SHOW GLOBAL STATUS LIKE 'Com_rollback'")
+                [(_, count)] = await cursor.fetchall()
+        finally:
+            conn.close()
+        return int(count)
+
+    before = await rollbacks()
+    for n in range(2, 12):
+        # each read and write ended with COMMIT: no transaction left open, no reset
+        assert len(await journal.load("a")) == n - 1
+        await other.persist("a", [ev(n, "y")])  # another pool's writes are seen at once
+        assert await journal.highest_sequence_nr("a") == n
+    assert [e.sequence_nr async for e in journal.events()] == list(range(1, 12))
+    assert await rollbacks() == before
+
+
 async def test_a_session_without_strict_mode_is_refused(
     new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
 ) -> None:

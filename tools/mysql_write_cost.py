@@ -8,20 +8,23 @@ machine; the ratios are printed per repetition, then their range.
 The workloads are the benchmark's (``benchmarks/workloads.py``) at its default sizes:
 W1 2,000 sequential persists of one event; W2 200 entities at once, 20 persists each;
 W3 200 persists of 100 events; W4 a replay of 20,000 events (and 10 loads of the last
-1,000). Raw asyncmy: a pool of 10 autocommit connections, one ``INSERT`` (one commit)
-per persist, positions from a client counter (no lock: the baseline pays nothing for
-the read side's order). ``--no-counter`` also runs casty-sa with positions from
-``UUID_SHORT()`` instead of the counter: unsafe for readers, to measure the counter.
+1,000; W4 here: both together). Each workload runs on raw asyncmy, then on casty-sa,
+back to back. Raw asyncmy: a pool of 10 autocommit connections, one ``INSERT`` (one
+commit; a multi-row ``INSERT`` for a batch) per persist, positions from a client counter
+(no lock: the baseline pays nothing for the read side's order). ``--no-counter`` also
+runs casty-sa with positions from ``UUID_SHORT()`` instead of the counter: unsafe for
+readers, to measure the counter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import pickle
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, cast
 
 import asyncmy  # type: ignore[import-untyped,unused-ignore]
@@ -34,10 +37,11 @@ W1, W2_ENTITIES, W2_PERSISTS, W3, W3_BATCH, W4, W4_TAIL, W4_CALLS = (
     2000, 200, 20, 200, 100, 20_000, 1_000, 10,
 )  # fmt: skip
 PAYLOAD = "event-payload-" * 3
-_INSERT = (
+_INSERT_HEAD = (
     "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload, event_type,"
-    " era, transaction_id, position) VALUES (%s, %s, %s, %s, %s, 0, 0, %s)"
+    " era, transaction_id, position) VALUES "
 )
+_ROW = "(%s, %s, %s, %s, %s, 0, 0, %s)"
 _SELECT = (
     "SELECT sequence_nr, payload, timestamp FROM casty_sa_events "
     "WHERE entity_id = %s AND sequence_nr >= %s ORDER BY sequence_nr"
@@ -78,10 +82,8 @@ class Raw:
         conn = await self.pool.get()
         try:
             async with conn.cursor() as cursor:
-                if len(rows) == 1:
-                    await cursor.execute(_INSERT, rows[0])
-                else:
-                    await cursor.executemany(_INSERT, rows)  # one multi-row INSERT
+                values = ", ".join([_ROW] * len(rows))
+                await cursor.execute(_INSERT_HEAD + values, [v for row in rows for v in row])
         finally:
             self.pool.put_nowait(conn)
 
@@ -115,49 +117,57 @@ def ev(seq: int) -> PersistedEvent[Any]:
     return PersistedEvent(seq, PAYLOAD, time.time())
 
 
-async def workloads(persist: Persist, load: Load) -> dict[str, float]:
-    """events/s of W1, W2, W3, W4 all and W4 tail through ``persist`` and ``load``."""
-    clock = time.perf_counter
-    rates: dict[str, float] = {}
-    start = clock()
+async def w1(persist: Persist, _load: Load) -> float:
+    start = time.perf_counter()
     for seq in range(1, W1 + 1):
         await persist("w1", [ev(seq)])
-    rates["W1"] = W1 / (clock() - start)
+    return W1 / (time.perf_counter() - start)
 
+
+async def w2(persist: Persist, _load: Load) -> float:
     async def writer(entity: str) -> None:
         for seq in range(1, W2_PERSISTS + 1):
             await persist(entity, [ev(seq)])
 
-    start = clock()
+    start = time.perf_counter()
     await asyncio.gather(*(writer(f"w2-{i:05d}") for i in range(W2_ENTITIES)))
-    rates["W2"] = W2_ENTITIES * W2_PERSISTS / (clock() - start)
-    start = clock()
+    return W2_ENTITIES * W2_PERSISTS / (time.perf_counter() - start)
+
+
+async def w3(persist: Persist, _load: Load) -> float:
+    start = time.perf_counter()
     for first in range(1, W3 * W3_BATCH + 1, W3_BATCH):
         await persist("w3", [ev(seq) for seq in range(first, first + W3_BATCH)])
-    rates["W3"] = W3 * W3_BATCH / (clock() - start)
+    return W3 * W3_BATCH / (time.perf_counter() - start)
+
+
+async def w4(persist: Persist, load: Load) -> float:
+    """events/s of the whole replay and the tail loads together (W4 all + W4 tail)."""
     for first in range(1, W4 + 1, 1000):
         await persist("w4", [ev(seq) for seq in range(first, first + 1000)])
-    start = clock()
+    start = time.perf_counter()
     assert len(await load("w4", 0)) == W4
-    rates["W4 all"] = W4 / (clock() - start)
-    start = clock()
     for _ in range(W4_CALLS):
         assert len(await load("w4", W4 - W4_TAIL + 1)) == W4_TAIL
-    rates["W4 tail"] = W4_TAIL * W4_CALLS / (clock() - start)
-    return rates
+    return (W4 + W4_TAIL * W4_CALLS) / (time.perf_counter() - start)
 
 
-async def raw(port: int, name: str) -> dict[str, float]:
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4}
+
+
+@contextlib.asynccontextmanager
+async def raw(port: int, name: str) -> AsyncIterator[tuple[Persist, Load]]:
     await fresh(port, name)
     journal = Raw(port, name)
     await journal.open()
     try:
-        return await workloads(journal.persist, journal.load)
+        yield journal.persist, journal.load
     finally:
         journal.close()
 
 
-async def sa(port: int, name: str, *, counter: bool = True) -> dict[str, float]:
+@contextlib.asynccontextmanager
+async def sa(port: int, name: str, *, counter: bool = True) -> AsyncIterator[tuple[Persist, Load]]:
     journal = SAJournal(await fresh(port, name))
     await journal.start()
     if not counter:
@@ -167,23 +177,26 @@ async def sa(port: int, name: str, *, counter: bool = True) -> dict[str, float]:
         return list(await journal.load(entity_id, from_nr))
 
     try:
-        return await workloads(journal.persist, load)
+        yield journal.persist, load
     finally:
         await journal.close()
 
 
 async def main(port: int, reps: int, no_counter: bool) -> None:
-    ratios: dict[str, list[float]] = {}
+    """Each workload on raw asyncmy then casty-sa, back to back, ``reps`` times."""
+    ratios: dict[str, list[float]] = {key: [] for key in WORKLOADS}
     for rep in range(1, reps + 1):
-        base = await raw(port, "b_raw")
-        ours = await sa(port, "b_sa")
         line = []
-        for key, rate in ours.items():
-            ratios.setdefault(key, []).append(rate / base[key])
-            line.append(f"{key} {base[key]:,.0f} -> {rate:,.0f} ({rate / base[key]:.2f}x)")
-        if no_counter:
-            bare = await sa(port, "b_sa_bare", counter=False)
-            line.append(f"[no counter: W1 {bare['W1']:,.0f}, W2 {bare['W2']:,.0f}]")
+        for key, workload in WORKLOADS.items():
+            async with raw(port, "b_raw") as (persist, load):
+                base = await workload(persist, load)
+            async with sa(port, "b_sa") as (persist, load):
+                ours = await workload(persist, load)
+            ratios[key].append(ours / base)
+            line.append(f"{key} {base:,.0f} -> {ours:,.0f} ({ours / base:.2f}x)")
+            if no_counter and key in ("W1", "W2"):
+                async with sa(port, "b_sa_bare", counter=False) as (persist, load):
+                    line[-1] += f" [no counter {await workload(persist, load):,.0f}]"
         print(f"rep {rep}: raw asyncmy -> casty-sa events/s: " + "; ".join(line), flush=True)
     print("casty-sa / raw asyncmy:", end=" ")
     print("; ".join(f"{key} {min(r):.2f}-{max(r):.2f}x" for key, r in ratios.items()))

@@ -387,9 +387,12 @@ class _RecordingCursor:
 
 
 async def _mysql_rows(backend: Any, sql: str, args: tuple[Any, ...]) -> list[Any]:
-    async with backend.connection() as conn, conn.cursor() as cursor:
-        await cursor.execute(sql, args or None)
-        return list(await cursor.fetchall())
+    async with backend.connection() as conn:
+        async with conn.cursor() as cursor:
+            await cursor.execute(sql, args or None)
+            rows = list(await cursor.fetchall())
+        await conn.rollback()  # the backend's connections go back with no transaction open
+        return rows
 
 
 async def _explain_mysql(backend: Any, statement: Statement) -> list[str]:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import String, bindparam, func, literal_column
@@ -44,7 +45,12 @@ from casty_sa.backends.read_statements import (
 from casty_sa.codec import Stored
 from casty_sa.ordering import newest_place
 
-__all__ = ["MySQLReading", "error_code", "is_mysql_disconnect"]
+__all__ = ["LEFT_CLEAN", "MySQLReading", "error_code", "is_mysql_disconnect"]
+
+#: In a pooled connection's ``info``: its last user ended with ``COMMIT`` and no error, so
+#: it goes back to the pool without the reset's ``ROLLBACK`` round trip (see
+#: :func:`casty_sa.backends.mysql.mysql_engine`; an error leaves the mark off).
+LEFT_CLEAN = "casty_sa_left_clean"
 
 #: below every place a row can have
 BOTTOM: Place = (0, 0, -(2**63))
@@ -154,6 +160,21 @@ class MySQLReading(PooledBackend):
 
     def is_disconnect(self, exc: BaseException) -> bool:
         return is_mysql_disconnect(exc)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """:meth:`PooledBackend.connection`, the connection marked :data:`LEFT_CLEAN` when
+        its user is done without an error: every user of it ends its work with ``COMMIT``
+        (the reads here, the counter's seed)."""
+        fairy = await self._acquire(take_held=self.capacity == 1)
+        fairy.info.pop(LEFT_CLEAN, None)
+        try:
+            yield fairy.driver_connection
+        except BaseException as exc:
+            await self._give_back(fairy, exc if self.is_disconnect(exc) else None)
+            raise
+        fairy.info[LEFT_CLEAN] = True
+        await self._give_back(fairy, None)
 
     async def _bounded[T](self, work: Awaitable[T]) -> T:
         """``work`` within the statement timeout (``TimeoutError`` after it)."""
@@ -298,17 +319,24 @@ def _filters(prefix: str | None, types: list[str] | None) -> dict[str, Any]:
 
 
 async def _fetch_all(conn: Any, sql: str, args: Sequence[Any]) -> list[Any]:
+    """The rows of one statement, its transaction ended in the same packet (``COMMIT``:
+    the connection goes back to the pool with no transaction open, and no ``ROLLBACK``)."""
     async with conn.cursor() as cursor:
-        await cursor.execute(sql, tuple(args) or None)
-        return list(await cursor.fetchall())
+        await cursor.execute(f"{sql}; COMMIT", tuple(args) or None)
+        rows = list(await cursor.fetchall())
+        await cursor.nextset()
+        return rows
 
 
 async def _fetch_both(
     conn: Any, first: Prepared, second: Prepared, args: Sequence[Any]
 ) -> tuple[list[Any], list[Any]]:
-    """The rows of two statements sent in one packet (one round trip)."""
+    """The rows of two statements sent in one packet (one round trip, ``COMMIT`` in it
+    too: see :func:`_fetch_all`)."""
     async with conn.cursor() as cursor:
-        await cursor.execute(f"{first.sql}; {second.sql}", tuple(args))
+        await cursor.execute(f"{first.sql}; {second.sql}; COMMIT", tuple(args))
         head = list(await cursor.fetchall())
         await cursor.nextset()
-        return head, list(await cursor.fetchall())
+        rows = list(await cursor.fetchall())
+        await cursor.nextset()
+        return head, rows
