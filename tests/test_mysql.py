@@ -33,10 +33,10 @@ from casty_sa.backends.failures import (
     WriteRefused,
     classify_write_failure,
 )
-from casty_sa.ordering import take_positions
+from casty_sa.ordering import parse_offset, take_positions
 from casty_sa.urls import to_async_url
 
-from support import dbtools, pools
+from support import dbtools, internals, pools
 from support.dbtools import mysql_connect, query
 from support.processes import EVENT_WRITER
 
@@ -86,6 +86,53 @@ async def test_a_payload_past_64_kb_round_trips_bit_for_bit(
     assert [e.event for e in await journal.load("big")] == [blob, b"small"]
     snapshot = await journal.load_snapshot("big")
     assert snapshot is not None and snapshot.state == blob
+
+
+async def test_a_value_the_driver_cannot_escape_is_refused_before_anything_is_sent(
+    new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
+) -> None:
+    # (a list is no SQL value for either driver; the journal never hands one over, so the
+    # backend is called directly: what matters is the verdict on what reached the server)
+    journal = make_journal(await new_mysql_db())
+    await journal.persist("kept", [ev(1, "x")])
+    backend = internals.backend(journal)
+    unescapable = ("bad", 1, 1.0, b"payload", ["not", "a", "value"])
+    with pytest.raises(WriteRefused) as info:
+        await backend.write([("fine", 1, 1.0, b"payload", "str"), unescapable], [])
+    assert not info.value.duplicate and isinstance(info.value.cause, TypeError)
+    # nothing went out: no row, the counter untouched, and the connection writes on
+    await journal.persist("after", [ev(1, "y")])
+    everything = [(e.entity_id, e.offset) async for e in journal.events()]
+    assert [entity_id for entity_id, _ in everything] == ["kept", "after"]
+    assert [parse_offset(offset)[2] for _, offset in everything] == [1, 2]
+
+
+async def test_reads_and_writes_go_back_to_the_pool_without_a_rollback(
+    new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
+) -> None:
+    url = await new_mysql_db()
+    journal, other = make_journal(url), make_journal(url)
+    await journal.persist("a", [ev(1, "x")])
+    await other.start()
+
+    async def rollbacks() -> int:  # the whole server's (its tests run one at a time)
+        conn = await mysql_connect(url)
+        try:
+            async with conn.cursor() as cursor:
+                await cursor.execute("SHOW GLOBAL STATUS LIKE 'Com_rollback'")
+                [(_, count)] = await cursor.fetchall()
+        finally:
+            conn.close()
+        return int(count)
+
+    before = await rollbacks()
+    for n in range(2, 12):
+        # each read and write ended with COMMIT: no transaction left open, no reset
+        assert len(await journal.load("a")) == n - 1
+        await other.persist("a", [ev(n, "y")])  # another pool's writes are seen at once
+        assert await journal.highest_sequence_nr("a") == n
+    assert [e.sequence_nr async for e in journal.events()] == list(range(1, 12))
+    assert await rollbacks() == before
 
 
 async def test_a_session_without_strict_mode_is_refused(

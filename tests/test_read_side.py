@@ -306,7 +306,7 @@ class HeldWrite:
         self._sqlite: sqlite3.Connection | None = None
 
     async def begin(self) -> None:
-        if self.url.get_backend_name() == "mysql":
+        if self.url.get_backend_name() in ("mysql", "mariadb"):
             self._my = await mysql_connect(self.url)
             async with self._my.cursor() as cursor:
                 await cursor.execute(f"BEGIN; {take_positions(MYSQL_QUOTES)}", (1,))

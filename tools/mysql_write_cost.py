@@ -1,118 +1,213 @@
-"""W1/W2 persists on MySQL/MariaDB: casty-sa (with and without the counter) vs raw asyncmy.
+"""W1-W4 on MySQL/MariaDB: casty-sa against raw asyncmy, side by side, repeated.
 
-Usage: python tools/mysql_write_cost.py PORT   (root without password on 127.0.0.1; it
-creates and drops databases b_*). "Without the counter" numbers positions from
-UUID_SHORT() instead: unsafe for readers, measurement only.
+Usage: ``python tools/mysql_write_cost.py PORT [REPS] [--no-counter]`` (root without
+password on 127.0.0.1; it creates and drops databases ``b_*``). Each repetition runs
+raw asyncmy and casty-sa one after the other on fresh databases, so both meet the same
+machine; the ratios are printed per repetition, then their range.
+
+The workloads are the benchmark's (``benchmarks/workloads.py``) at its default sizes:
+W1 2,000 sequential persists of one event; W2 200 entities at once, 20 persists each;
+W3 200 persists of 100 events; W4 a replay of 20,000 events (and 10 loads of the last
+1,000; W4 here: both together). Each workload runs on raw asyncmy, then on casty-sa,
+back to back. Raw asyncmy: a pool of 10 autocommit connections, one ``INSERT`` (one
+commit; a multi-row ``INSERT`` for a batch) per persist, positions from a client counter
+(no lock: the baseline pays nothing for the read side's order). ``--no-counter`` also
+runs casty-sa with positions from ``UUID_SHORT()`` instead of the counter: unsafe for
+readers, to measure the counter.
 """
 
+from __future__ import annotations
+
 import asyncio
+import contextlib
+import itertools
 import pickle
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, cast
 
-import asyncmy
+import asyncmy  # type: ignore[import-untyped,unused-ignore]
 from casty import PersistedEvent
 
 import casty_sa
 from casty_sa import SAJournal
 
-PORT = int(sys.argv[1])
-N1, N2, C2 = 2000, 10000, 200
+W1, W2_ENTITIES, W2_PERSISTS, W3, W3_BATCH, W4, W4_TAIL, W4_CALLS = (
+    2000, 200, 20, 200, 100, 20_000, 1_000, 10,
+)  # fmt: skip
+PAYLOAD = "event-payload-" * 3
+_INSERT_HEAD = (
+    "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload, event_type,"
+    " era, transaction_id, position) VALUES "
+)
+_ROW = "(%s, %s, %s, %s, %s, 0, 0, %s)"
+_SELECT = (
+    "SELECT sequence_nr, payload, timestamp FROM casty_sa_events "
+    "WHERE entity_id = %s AND sequence_nr >= %s ORDER BY sequence_nr"
+)
+_NO_COUNTER = (
+    "DO LAST_INSERT_ID(0); SELECT LAST_INSERT_ID((UUID_SHORT() & 0xffffffffff) * 100000 + %s)"
+)
+
+Persist = Callable[[str, list[PersistedEvent[Any]]], Awaitable[None]]
+Load = Callable[[str, int], Awaitable[list[Any]]]
 
 
-async def admin(*qs):
-    c = await asyncmy.connect(host="127.0.0.1", port=PORT, user="root", autocommit=True)
-    async with c.cursor() as cur:
-        for q in qs:
-            await cur.execute(q)
-    c.close()
+class Raw:
+    """A minimal asyncmy journal: 10 autocommit connections, one commit per persist."""
+
+    def __init__(self, port: int, database: str) -> None:
+        self.port, self.database = port, database
+        self.pool: asyncio.Queue[Any] = asyncio.Queue()
+        self.positions: Iterator[int] = itertools.count(1)
+
+    async def open(self) -> None:
+        for _ in range(10):
+            conn = await asyncmy.connect(
+                host="127.0.0.1", port=self.port, user="root", db=self.database, autocommit=True
+            )
+            self.pool.put_nowait(conn)
+
+    def close(self) -> None:
+        while not self.pool.empty():
+            self.pool.get_nowait().close()
+
+    async def persist(self, entity_id: str, events: list[PersistedEvent[Any]]) -> None:
+        positions = self.positions
+        rows = [
+            (entity_id, e.sequence_nr, e.timestamp, pickle.dumps(e.event), "str", next(positions))
+            for e in events
+        ]
+        conn = await self.pool.get()
+        try:
+            async with conn.cursor() as cursor:
+                values = ", ".join([_ROW] * len(rows))
+                await cursor.execute(_INSERT_HEAD + values, [v for row in rows for v in row])
+        finally:
+            self.pool.put_nowait(conn)
+
+    async def load(self, entity_id: str, from_nr: int) -> list[Any]:
+        conn = await self.pool.get()
+        try:
+            async with conn.cursor() as cursor:
+                await cursor.execute(_SELECT, (entity_id, from_nr))
+                rows = await cursor.fetchall()
+        finally:
+            self.pool.put_nowait(conn)
+        return [PersistedEvent(seq, pickle.loads(payload), ts) for seq, payload, ts in rows]
 
 
-async def fresh(name):
-    await admin(f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}")
-    url = f"mysql://root@127.0.0.1:{PORT}/{name}"
+async def admin(port: int, *statements: str) -> None:
+    conn = await asyncmy.connect(host="127.0.0.1", port=port, user="root", autocommit=True)
+    async with conn.cursor() as cursor:
+        for statement in statements:
+            await cursor.execute(statement)
+    conn.close()
+
+
+async def fresh(port: int, name: str) -> str:
+    await admin(port, f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}")
+    url = f"mysql://root@127.0.0.1:{port}/{name}"
     await casty_sa.upgrade(url)
     return url
 
 
-async def raw(name, n, conc):
-    await fresh(name)
-    conns = [
-        await asyncmy.connect(host="127.0.0.1", port=PORT, user="root", db=name, autocommit=True)
-        for _ in range(min(conc, 10))
-    ]
-    sql = (
-        "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload, event_type,"
-        " era, transaction_id, position) VALUES (%s,%s,%s,%s,%s,0,0,%s)"
-    )
-    payload = pickle.dumps("event-payload-" * 3)
-    counter = iter(range(1, 10**9))
-    pool = asyncio.Queue()
-    for c in conns:
-        pool.put_nowait(c)
-
-    async def one(e, s):
-        c = await pool.get()
-        try:
-            async with c.cursor() as cur:
-                await cur.execute(sql, (e, s, time.time(), payload, "str", next(counter)))
-        finally:
-            pool.put_nowait(c)
-
-    t = time.perf_counter()
-    if conc == 1:
-        for i in range(n):
-            await one(f"e{i % 100}", i // 100 + 1)
-    else:
-
-        async def worker(w):
-            for i in range(n // conc):
-                await one(f"w{w}", i + 1)
-
-        await asyncio.gather(*(worker(w) for w in range(conc)))
-    dt = time.perf_counter() - t
-    for c in conns:
-        c.close()
-    return n / dt
+def ev(seq: int) -> PersistedEvent[Any]:
+    return PersistedEvent(seq, PAYLOAD, time.time())
 
 
-async def sa(name, n, conc, counter=True):
-    url = await fresh(name)
-    j = SAJournal(url)
-    await j.start()
+async def w1(persist: Persist, _load: Load) -> float:
+    start = time.perf_counter()
+    for seq in range(1, W1 + 1):
+        await persist("w1", [ev(seq)])
+    return W1 / (time.perf_counter() - start)
+
+
+async def w2(persist: Persist, _load: Load) -> float:
+    async def writer(entity: str) -> None:
+        for seq in range(1, W2_PERSISTS + 1):
+            await persist(entity, [ev(seq)])
+
+    start = time.perf_counter()
+    await asyncio.gather(*(writer(f"w2-{i:05d}") for i in range(W2_ENTITIES)))
+    return W2_ENTITIES * W2_PERSISTS / (time.perf_counter() - start)
+
+
+async def w3(persist: Persist, _load: Load) -> float:
+    start = time.perf_counter()
+    for first in range(1, W3 * W3_BATCH + 1, W3_BATCH):
+        await persist("w3", [ev(seq) for seq in range(first, first + W3_BATCH)])
+    return W3 * W3_BATCH / (time.perf_counter() - start)
+
+
+async def w4(persist: Persist, load: Load) -> float:
+    """events/s of the whole replay and the tail loads together (W4 all + W4 tail)."""
+    for first in range(1, W4 + 1, 1000):
+        await persist("w4", [ev(seq) for seq in range(first, first + 1000)])
+    start = time.perf_counter()
+    assert len(await load("w4", 0)) == W4
+    for _ in range(W4_CALLS):
+        assert len(await load("w4", W4 - W4_TAIL + 1)) == W4_TAIL
+    return (W4 + W4_TAIL * W4_CALLS) / (time.perf_counter() - start)
+
+
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4}
+
+
+@contextlib.asynccontextmanager
+async def raw(port: int, name: str) -> AsyncIterator[tuple[Persist, Load]]:
+    await fresh(port, name)
+    journal = Raw(port, name)
+    await journal.open()
+    try:
+        yield journal.persist, journal.load
+    finally:
+        journal.close()
+
+
+@contextlib.asynccontextmanager
+async def sa(port: int, name: str, *, counter: bool = True) -> AsyncIterator[tuple[Persist, Load]]:
+    journal = SAJournal(await fresh(port, name))
+    await journal.start()
     if not counter:
-        j._backend._take = (
-            "DO LAST_INSERT_ID(0); "
-            "SELECT LAST_INSERT_ID((UUID_SHORT() & 0xffffffffff) * 100000 + %s)"
+        cast(Any, journal)._backend._take = _NO_COUNTER
+
+    async def load(entity_id: str, from_nr: int) -> list[Any]:
+        return list(await journal.load(entity_id, from_nr))
+
+    try:
+        yield journal.persist, load
+    finally:
+        await journal.close()
+
+
+async def main(port: int, reps: int, no_counter: bool) -> None:
+    """Each workload on raw asyncmy then casty-sa, back to back, ``reps`` times."""
+    ratios: dict[str, list[float]] = {key: [] for key in WORKLOADS}
+    for rep in range(1, reps + 1):
+        line = []
+        for key, workload in WORKLOADS.items():
+            async with raw(port, "b_raw") as (persist, load):
+                base = await workload(persist, load)
+            async with sa(port, "b_sa") as (persist, load):
+                ours = await workload(persist, load)
+            ratios[key].append(ours / base)
+            line.append(f"{key} {base:,.0f} -> {ours:,.0f} ({ours / base:.2f}x)")
+            if no_counter and key in ("W1", "W2"):
+                async with sa(port, "b_sa_bare", counter=False) as (persist, load):
+                    line[-1] += f" [no counter {await workload(persist, load):,.0f}]"
+        print(f"rep {rep}: raw asyncmy -> casty-sa events/s: " + "; ".join(line), flush=True)
+    print("casty-sa / raw asyncmy:", end=" ")
+    print("; ".join(f"{key} {min(r):.2f}-{max(r):.2f}x" for key, r in ratios.items()))
+
+
+if __name__ == "__main__":
+    arguments = [a for a in sys.argv[1:] if not a.startswith("--")]
+    asyncio.run(
+        main(
+            int(arguments[0]),
+            int(arguments[1]) if len(arguments) > 1 else 1,
+            "--no-counter" in sys.argv,
         )
-    payload = "event-payload-" * 3
-    t = time.perf_counter()
-    if conc == 1:
-        for i in range(n):
-            await j.persist(f"e{i % 100}", [PersistedEvent(i // 100 + 1, payload, time.time())])
-    else:
-
-        async def worker(w):
-            for i in range(n // conc):
-                await j.persist(f"w{w}", [PersistedEvent(i + 1, payload, time.time())])
-
-        await asyncio.gather(*(worker(w) for w in range(conc)))
-    dt = time.perf_counter() - t
-    await j.close()
-    return n / dt
-
-
-async def main():
-    r1 = await raw("b_raw1", N1, 1)
-    s1 = await sa("b_sa1", N1, 1)
-    s1n = await sa("b_sa1n", N1, 1, counter=False)
-    r2 = await raw("b_raw2", N2, C2)
-    s2 = await sa("b_sa2", N2, C2)
-    s2n = await sa("b_sa2n", N2, C2, counter=False)
-    print(f"W1 sequential persists/s: raw asyncmy {r1:,.0f}; casty-sa {s1:,.0f}", end=" ")
-    print(f"({s1 / r1:.2f}x); casty-sa without the counter {s1n:,.0f}")
-    print(f"W2 {C2} concurrent persists/s: raw asyncmy (10 connections) {r2:,.0f};", end=" ")
-    print(f"casty-sa {s2:,.0f} ({s2 / r2:.2f}x); without the counter {s2n:,.0f}")
-
-
-asyncio.run(main())
+    )

@@ -41,7 +41,12 @@ from casty_sa.backends.failures import (
     WriteRefused,
     classify_write_failure,
 )
-from casty_sa.backends.mysql_reads import MySQLReading, error_code, is_mysql_disconnect
+from casty_sa.backends.mysql_reads import (
+    LEFT_CLEAN,
+    MySQLReading,
+    error_code,
+    is_mysql_disconnect,
+)
 from casty_sa.codec import ROW_COLUMNS, EventRow, Row
 from casty_sa.dialects import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -93,16 +98,18 @@ class MySQLBackend(MySQLReading):
         snapshots = latest_per_entity(snapshots)  # a row may be upserted once per statement
         _refuse_timestamps(events, snapshots)
         fairy = await self.take_writer()
+        fairy.info.pop(LEFT_CLEAN, None)
         conn = fairy.driver_connection
         committing = False
         counts: list[int] = []
         try:
             if not self.usable(conn):  # the server ended it: nothing goes out
                 raise ConnectionLost(OSError("connection closed"), during_commit=False)
-            packets = await self._packets(conn, events, snapshots)
-            for number, (sql, args) in enumerate(packets, start=1):
+            # escaped and encoded before anything is sent: a failure here stored nothing
+            packets = [_wire(conn, *p) for p in await self._packets(conn, events, snapshots)]
+            for number, packet in enumerate(packets, start=1):
                 committing = number == len(packets)
-                await self._bounded(self._run(conn, sql, args, counts))
+                await self._bounded(self._run(conn, packet, counts))
         except BaseException as exc:
             if events and counts[1:2] == [0] and not seeded:  # the counter has no row
                 await self._abandon(conn)
@@ -119,13 +126,14 @@ class MySQLBackend(MySQLReading):
             if failure is exc:
                 raise
             raise failure from exc
+        fairy.info[LEFT_CLEAN] = True  # the packet ended with COMMIT
         await self.give_back_writer(fairy, None)
 
-    async def _run(self, conn: Any, sql: str, args: list[Any], counts: list[int]) -> None:
-        """Send one packet of statements and read every result, their row counts to
-        ``counts`` as they come (the counter's ``UPDATE`` is the second statement)."""
+    async def _run(self, conn: Any, packet: bytes, counts: list[int]) -> None:
+        """Send one packet of statements (see :func:`_wire`) and read every result, their
+        row counts to ``counts`` as they come (the counter's ``UPDATE`` is the second)."""
         async with conn.cursor() as cursor:
-            await cursor.execute(sql, args)
+            await cursor.execute(packet)  # no arguments: the driver sends it as it is
             counts.append(int(cursor.rowcount))
             while await cursor.nextset():
                 counts.append(int(cursor.rowcount))
@@ -137,7 +145,7 @@ class MySQLBackend(MySQLReading):
     async def _seed_counter(self) -> None:
         """Make the counter's row (tables made without migration 0004's seed)."""
         async with self.connection() as conn:
-            await self._bounded(self._run(conn, self._seed + "; COMMIT", [], []))
+            await self._bounded(self._run(conn, _wire(conn, self._seed + "; COMMIT", []), []))
 
     async def _packets(
         self, conn: Any, events: Sequence[EventRow], snapshots: Sequence[Row]
@@ -241,6 +249,50 @@ class _CounterMissing(Exception):
     """The counter's row is not there (the ``UPDATE`` matched nothing): nothing stored."""
 
 
+def _wire(conn: Any, sql: str, args: Sequence[Any]) -> bytes:
+    """``sql`` with ``args`` in it, as the bytes that go out (what the drivers' ``execute``
+    does, done before anything is sent, so that a value that cannot be escaped or encoded
+    is a refusal of the rows, never a commit of unknown outcome).
+
+    The driver escapes where it can (asyncmy, compiled); bytes are escaped here where
+    it cannot (aiomysql's escaping of bytes breaks with PyMySQL 1.2:
+    aio-libs/aiomysql#1080), the rest by the driver. Bytes go as
+    ``_binary'…'``, each byte that needs it backslash-escaped (quotes doubled instead
+    in a session with ``NO_BACKSLASH_ESCAPES``), the other bytes as they are (by way of
+    ``surrogateescape``): about the payload's size, not twice it.
+    """
+    try:
+        if _ESCAPES_BYTES.get(type(conn)) is None:
+            _ESCAPES_BYTES[type(conn)] = _escapes_bytes(conn)
+        if _ESCAPES_BYTES[type(conn)]:  # asyncmy: its own escaping, compiled
+            text = conn.cursor().mogrify(sql, tuple(args))
+        else:
+            text = sql % tuple(
+                _bytes_literal(conn, value) if isinstance(value, bytes) else conn.escape(value)
+                for value in args
+            )
+        return bytes(text.encode(conn._encoding, "surrogateescape"))
+    except Exception as exc:  # whatever the driver's escaping raised
+        raise WriteRefused(exc, duplicate=False) from exc
+
+
+#: per driver connection class: whether the driver escapes bytes itself
+_ESCAPES_BYTES: dict[type, bool] = {}
+
+
+def _escapes_bytes(conn: Any) -> bool:
+    """Whether the driver escapes bytes, and as :func:`_bytes_literal` does."""
+    probe = bytes(range(256))
+    try:
+        return bool(conn.escape(probe) == _bytes_literal(conn, probe))
+    except Exception:  # noqa: BLE001 - aiomysql with PyMySQL 1.2: TypeError
+        return False
+
+
+def _bytes_literal(conn: Any, value: bytes) -> str:
+    return f"_binary'{conn.escape_string(value.decode('ascii', 'surrogateescape'))}'"
+
+
 def _row_size(entity_id: str, payload: bytes, event_type: str | None) -> int:
     """The most bytes a row takes in a statement: escaping may double each byte (a large
     payload's escaped size is counted exactly)."""
@@ -306,8 +358,12 @@ def mysql_engine(url: URL, request: EngineRequest) -> tuple[AsyncEngine, Timeout
         "connect_timeout": max(1, math.ceil(connect_timeout)),
         **request.connect_args,
     }
-    defaults = {"pool_size": 10, "max_overflow": 0}
-    engine = create_async_engine(url, connect_args=connect_args, **{**defaults, **request.options})
+    # the pool's reset on return is the listener below (unless the caller chose one)
+    defaults = {"pool_size": 10, "max_overflow": 0, "pool_reset_on_return": None}
+    options = {**defaults, **request.options}
+    engine = create_async_engine(url, connect_args=connect_args, **options)
+    if options["pool_reset_on_return"] is None:
+        event.listen(engine.sync_engine, "reset", _reset)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _set_session(dbapi_connection: Any, _record: Any) -> None:
@@ -319,6 +375,19 @@ def mysql_engine(url: URL, request: EngineRequest) -> tuple[AsyncEngine, Timeout
             cursor.close()
 
     return engine, Timeouts(float(connect_timeout), float(statement_timeout))
+
+
+def _reset(dbapi_connection: Any, record: Any, state: Any) -> None:
+    """The pool's reset of a connection coming back: ``ROLLBACK``, as SQLAlchemy's own,
+    unless casty-sa's backend left it :data:`~casty_sa.backends.mysql_reads.LEFT_CLEAN`:
+    its work ended with ``COMMIT`` in the same packet and without an error (one round
+    trip saved per read, and per write group not kept for the next). The mark, not the
+    server's status flags: asyncmy leaves them stale after a ``COMMIT`` that follows a
+    statement in one packet."""
+    clean = record.info.pop(LEFT_CLEAN, False)
+    if clean or state.transaction_was_reset or not state.asyncio_safe:
+        return
+    dbapi_connection.rollback()
 
 
 #: ER_LOCK_DEADLOCK (the server rolled the transaction back), ER_LOCK_WAIT_TIMEOUT (the

@@ -23,7 +23,8 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +35,12 @@ from sqlalchemy import (
     Select,
     String,
     Table,
+    and_,
     bindparam,
     case,
     func,
     literal_column,
+    or_,
     select,
     tuple_,
 )
@@ -122,11 +125,36 @@ def page_values(after: Place, stop: Place, limit: int) -> dict[str, Any]:
     }
 
 
-def _place(prefix: str) -> Any:
-    return tuple_(
+def _place(prefix: str) -> tuple[Any, ...]:
+    return (
         bindparam(f"{prefix}_era"),
         bindparam(f"{prefix}_transaction_id"),
         bindparam(f"{prefix}_position"),
+    )
+
+
+def _beyond(order: Sequence[Any], place: str, *, above: bool, spelled: bool) -> Any:
+    """``(era, transaction_id, position) > place`` (``above``) or ``<= place``.
+
+    A row comparison, which SQLite and PostgreSQL seek in the global-order index
+    with; ``spelled``: column by column instead, the form MySQL's and MariaDB's range
+    optimizer turns into one range of the index (given the row comparison, MariaDB
+    walks the whole index from its start).
+    """
+    bound = _place(place)
+    strictly, last = (operator.gt, operator.gt) if above else (operator.lt, operator.le)
+    if not spelled:
+        return last(tuple_(*order), tuple_(*bound))
+    (era, transaction_id, position), (at_era, at_transaction_id, at_position) = order, bound
+    return or_(
+        strictly(era, at_era),
+        and_(
+            era == at_era,
+            or_(
+                strictly(transaction_id, at_transaction_id),
+                and_(transaction_id == at_transaction_id, last(position, at_position)),
+            ),
+        ),
     )
 
 
@@ -168,20 +196,22 @@ def event_page(
     prefix: bool,
     types_in: TypesIn | None,
     below: Any = None,
+    spelled: bool = False,
 ) -> Select[Any]:
     """Events after the place bound as ``after_*``, up to ``stop_*``, ``limit`` of them.
 
     ``prefix``: only entity ids starting with the string bound as ``prefix``.
     ``types_in``: only rows whose ``event_type`` is in the bound list, or unknown
     (``NULL``: the caller decodes them to tell). ``below``: a further bound of
-    ``(era, transaction_id)`` (PostgreSQL's horizon).
+    ``(era, transaction_id)`` (PostgreSQL's horizon). ``spelled``: the places compared
+    column by column (MySQL, see :func:`_beyond`).
     """
     order = global_order(events)
     statement = (
         select(*order, events.c.entity_id, events.c.sequence_nr, events.c.payload)
         .add_columns(timestamp, events.c.event_type)
-        .where(tuple_(*order) > _place("after"))
-        .where(tuple_(*order) <= _place("stop"))
+        .where(_beyond(order, "after", above=True, spelled=spelled))
+        .where(_beyond(order, "stop", above=False, spelled=spelled))
     )
     if below is not None:
         statement = statement.where(tuple_(events.c.era, events.c.transaction_id) < below)
@@ -194,7 +224,14 @@ def event_page(
     return statement.order_by(*order).limit(bindparam("limit")).offset(literal_column("0"))
 
 
-def event_backlog(events: Table, timestamp: Any, *, prefix: bool, types_in: TypesIn | None) -> Any:
+def event_backlog(
+    events: Table,
+    timestamp: Any,
+    *,
+    prefix: bool,
+    types_in: TypesIn | None,
+    spelled: bool = False,
+) -> Any:
     """How many events follow the place bound as ``after`` (counted up to ``limit``), and
     the oldest ``timestamp`` among them: a projection's lag, at the cost of ``limit``
     steps through the global-order index at most.
@@ -202,7 +239,9 @@ def event_backlog(events: Table, timestamp: Any, *, prefix: bool, types_in: Type
     The filters are :func:`event_page`'s; rows of an unknown type are counted.
     """
     order = global_order(events)
-    following = select(timestamp.label("timestamp")).where(tuple_(*order) > _place("after"))
+    following = select(timestamp.label("timestamp")).where(
+        _beyond(order, "after", above=True, spelled=spelled)
+    )
     if prefix:
         following = following.where(starts_with(events.c.entity_id, "prefix"))
     if types_in is not None:
