@@ -352,16 +352,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     ``matrix``, :data:`DEFAULT_SETUPS` otherwise; a test marked ``shared_database`` leaves
     out the setups whose database no second journal can reach, and one marked
     ``only_backends("postgresql")`` runs on those backends alone (what it tests exists
-    nowhere else)."""
+    nowhere else), and one marked ``only_drivers("asyncpg")`` on those drivers alone (what
+    it tests is the server's, the same whatever the driver)."""
     if "journal_setup" not in metafunc.fixturenames:
         return
     matrix = metafunc.definition.get_closest_marker("matrix") is not None
     only = metafunc.definition.get_closest_marker("only_backends")
+    drivers = metafunc.definition.get_closest_marker("only_drivers")
     setups = [
         setup
         for setup in (MATRIX if matrix else DEFAULT_SETUPS)
         if setup.shared or metafunc.definition.get_closest_marker("shared_database") is None
         if only is None or setup.backend in only.args
+        if drivers is None or setup.driver in drivers.args
     ]
     metafunc.parametrize("journal_setup", setups, ids=[s.id for s in setups], indirect=True)
 
