@@ -91,15 +91,16 @@ async def test_a_payload_past_64_kb_round_trips_bit_for_bit(
 async def test_a_value_the_driver_cannot_escape_is_refused_before_anything_is_sent(
     new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
 ) -> None:
-    # (a list is no SQL value for either driver; the journal never hands one over, so the
-    # backend is called directly: what matters is the verdict on what reached the server)
+    # (a lone surrogate has no UTF-8 form, whichever driver escapes it; the journal never
+    # hands one over, so the backend is called directly: what matters is the verdict on
+    # what reached the server)
     journal = make_journal(await new_mysql_db())
     await journal.persist("kept", [ev(1, "x")])
     backend = internals.backend(journal)
-    unescapable = ("bad", 1, 1.0, b"payload", ["not", "a", "value"])
+    unencodable = ("bad", 1, 1.0, b"payload", "type\ud800")
     with pytest.raises(WriteRefused) as info:
-        await backend.write([("fine", 1, 1.0, b"payload", "str"), unescapable], [])
-    assert not info.value.duplicate and isinstance(info.value.cause, TypeError)
+        await backend.write([("fine", 1, 1.0, b"payload", "str"), unencodable], [])
+    assert not info.value.duplicate and isinstance(info.value.cause, UnicodeEncodeError)
     # nothing went out: no row, the counter untouched, and the connection writes on
     await journal.persist("after", [ev(1, "y")])
     everything = [(e.entity_id, e.offset) async for e in journal.events()]

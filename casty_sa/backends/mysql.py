@@ -262,10 +262,13 @@ def _wire(conn: Any, sql: str, args: Sequence[Any]) -> bytes:
     ``surrogateescape``): about the payload's size, not twice it.
     """
     try:
-        if _ESCAPES_BYTES.get(type(conn)) is None:
-            _ESCAPES_BYTES[type(conn)] = _escapes_bytes(conn)
-        if _ESCAPES_BYTES[type(conn)]:  # asyncmy: its own escaping, compiled
+        escaping = _ESCAPING.get(type(conn))
+        if escaping is None:
+            escaping = _ESCAPING[type(conn)] = _escaping_of(conn)
+        if escaping == "mogrify":  # asyncmy: its own escaping, compiled
             text = conn.cursor().mogrify(sql, tuple(args))
+        elif escaping == "driver":  # aiomysql with a PyMySQL that escapes bytes right
+            text = sql % tuple(conn.escape(value) for value in args)
         else:
             text = sql % tuple(
                 _bytes_literal(conn, value) if isinstance(value, bytes) else conn.escape(value)
@@ -276,17 +279,23 @@ def _wire(conn: Any, sql: str, args: Sequence[Any]) -> bytes:
         raise WriteRefused(exc, duplicate=False) from exc
 
 
-#: per driver connection class: whether the driver escapes bytes itself
-_ESCAPES_BYTES: dict[type, bool] = {}
+#: per driver connection class, who escapes a statement's values: the driver's compiled
+#: ``mogrify`` (asyncmy), its ``escape`` (aiomysql), or its ``escape`` with bytes escaped
+#: here (aiomysql on a PyMySQL whose escaping of bytes is broken)
+_ESCAPING: dict[type, str] = {}
 
 
-def _escapes_bytes(conn: Any) -> bool:
-    """Whether the driver escapes bytes, and as :func:`_bytes_literal` does."""
+def _escaping_of(conn: Any) -> str:
+    """How :func:`_wire` escapes values on connections of ``conn``'s class."""
     probe = bytes(range(256))
     try:
-        return bool(conn.escape(probe) == _bytes_literal(conn, probe))
+        right = bool(conn.escape(probe) == _bytes_literal(conn, probe))
     except Exception:  # noqa: BLE001 - aiomysql with PyMySQL 1.2: TypeError
-        return False
+        right = False
+    if not right:
+        return "own"
+    # asyncmy's cursor() is a plain cursor; aiomysql's is an awaitable context manager
+    return "mogrify" if type(conn).__module__.startswith("asyncmy") else "driver"
 
 
 def _bytes_literal(conn: Any, value: bytes) -> str:
