@@ -357,11 +357,21 @@ def backend(journal_setup: Setup) -> str:
 
 
 @pytest.fixture
-async def new_server_db(
+def new_server_db(
     journal_setup: Setup, request: pytest.FixtureRequest
 ) -> Callable[..., Awaitable[URL]]:
     """Factory of fresh databases on the test's server (PostgreSQL or MySQL), with the
-    setup's driver: ``await new_server_db(migrated=True)``."""
+    setup's driver: ``await new_server_db(migrated=True)``.
+
+    A plain fixture, so the server's (async) fixtures are set up outside any running loop
+    (pytest-asyncio cannot set one up from inside another async fixture); on SQLite it
+    starts no server, and its factory refuses."""
+    if journal_setup.backend == "sqlite":
+
+        async def no_server(*, migrated: bool = True) -> URL:
+            raise RuntimeError(f"{journal_setup.id} has no database server")
+
+        return no_server
     if journal_setup.backend == "mysql":
         new_mysql: Callable[..., Awaitable[URL]] = request.getfixturevalue("new_mysql_db")
         return new_mysql
@@ -377,7 +387,9 @@ async def new_server_db(
 
 
 @pytest.fixture
-async def db_url(journal_setup: Setup, tmp_path: Path, request: pytest.FixtureRequest) -> URL:
+async def db_url(
+    journal_setup: Setup, tmp_path: Path, new_server_db: Callable[..., Awaitable[URL]]
+) -> URL:
     """A fresh database at head on the test's backend (in memory: a private one, that a
     journal migrates when it starts)."""
     if journal_setup.database == "sqlite-memory":
@@ -386,17 +398,17 @@ async def db_url(journal_setup: Setup, tmp_path: Path, request: pytest.FixtureRe
         url = make_url(f"sqlite+aiosqlite:///{tmp_path / 'journal.db'}")
         await casty_sa.upgrade(url)
         return url
-    new_db: Callable[..., Awaitable[URL]] = request.getfixturevalue("new_server_db")
-    return await new_db(migrated=True)
+    return await new_server_db(migrated=True)
 
 
 @pytest.fixture
-async def empty_db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> URL:
+async def empty_db_url(
+    backend: str, tmp_path: Path, new_server_db: Callable[..., Awaitable[URL]]
+) -> URL:
     """A fresh database without casty-sa's tables on the test's backend."""
     if backend == "sqlite":
         return make_url(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
-    new_db: Callable[..., Awaitable[URL]] = request.getfixturevalue("new_server_db")
-    return await new_db(migrated=False)
+    return await new_server_db(migrated=False)
 
 
 @pytest.fixture
