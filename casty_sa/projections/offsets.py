@@ -26,6 +26,9 @@ Examples
 "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
 >>> str(database_ms().compile(dialect=postgresql.dialect()))
 'CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)'
+>>> from sqlalchemy.dialects import mysql
+>>> str(database_ms().compile(dialect=mysql.dialect()))
+"TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) DIV 1000"
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy import insert as generic_insert
@@ -84,7 +88,9 @@ def _sqlite_ms(element: database_ms, compiler: SQLCompiler, **kw: Any) -> str:
 @compiles(database_ms, "mysql")
 @compiles(database_ms, "mariadb")
 def _mysql_ms(element: database_ms, compiler: SQLCompiler, **kw: Any) -> str:
-    return "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)"
+    # UTC arithmetic: UNIX_TIMESTAMP(NOW()) goes through the session's time zone, and in a
+    # zone with daylight saving time the hour that repeats in autumn would turn it back
+    return "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) DIV 1000"
 
 
 class SliceCountChanged(ProjectionError):
@@ -362,22 +368,36 @@ def _insert_ignoring_duplicates(session: AsyncSession, table: Table) -> Insert:
 
 
 async def _end_if_frozen(session: AsyncSession, lease_ms: int) -> None:
-    """On PostgreSQL, make the server end this transaction if its client goes quiet in
-    it for longer than a lease (``SET LOCAL idle_in_transaction_session_timeout``), and
-    wait at most a lease for a lock (``lock_timeout``).
+    """Make the server end this transaction if its client goes quiet in it for longer than a
+    lease, and wait at most a lease for a lock.
 
     A process frozen (stopped, paused, cut off behind a half-open connection) between a
     statement on the slice's row and its ``COMMIT`` holds the row's lock: without this
     no other worker could ever take the slice over (its ``acquire`` waits on the lock),
     and the open transaction would hold back the horizon of every live reader of the
     server. A transaction that went quiet that long had lost its lease anyway.
+
+    PostgreSQL: ``SET LOCAL idle_in_transaction_session_timeout`` and ``lock_timeout``
+    (this transaction's). MySQL/MariaDB: ``innodb_lock_wait_timeout`` and, on MariaDB,
+    ``idle_transaction_timeout``, in whole seconds and for the session (neither has a
+    transaction's own setting): the read model's connection keeps them. MySQL 8 has no
+    idle-transaction bound: a frozen worker's row stays locked until its connection ends
+    (``wait_timeout``), and meanwhile the other workers' attempts fail after a lease and
+    are retried.
     """
-    if session.get_bind().dialect.name == "postgresql":
+    dialect = session.get_bind().dialect
+    if dialect.name == "postgresql":
         idle = func.set_config("idle_in_transaction_session_timeout", f"{lease_ms}ms", True)
         # and a row some other session keeps locked fails the statement after a lease
         # (a retried failure) instead of holding the worker, its renewals and stop()
         locked = func.set_config("lock_timeout", f"{lease_ms}ms", True)
         await session.execute(select(idle, locked))
+    elif dialect.name in ("mysql", "mariadb"):
+        await session.connection()  # the dialect knows MariaDB from MySQL once connected
+        seconds = max(1, -(-lease_ms // 1000))
+        mariadb = getattr(dialect, "is_mariadb", False)
+        quiet = f", idle_transaction_timeout = {seconds}" if mariadb else ""
+        await session.execute(text(f"SET SESSION innodb_lock_wait_timeout = {seconds}{quiet}"))
 
 
 def _rowcount(result: Any) -> int:
