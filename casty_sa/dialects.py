@@ -11,10 +11,12 @@ Examples
 --------
 >>> find("postgres").name
 'postgresql'
->>> find("mysql") is None
+>>> find("mariadb").name
+'mysql'
+>>> find("oracle") is None
 True
->>> supported(examples=True)
-"SQLite ('sqlite:///journal.db') or PostgreSQL ('postgresql://…')"
+>>> supported()
+'SQLite, PostgreSQL or MySQL/MariaDB'
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from casty_sa.engine import (
     open_journal_engine,
     read_connection,
 )
-from casty_sa.errors import JournalError, SchemaError
+from casty_sa.errors import JournalError, SchemaError, UnsupportedDatabase
 from casty_sa.models import VERSION_TABLE, metadata
 from casty_sa.revisions import (
     alembic_config,
@@ -60,6 +60,7 @@ log = logging.getLogger("casty_sa")
 
 __all__ = [
     "SchemaNotSupported",
+    "already_there",
     "check_schema",
     "checked_engine",
     "current",
@@ -171,6 +172,59 @@ def unsupported_schema(dialect: str, schema: str | None, option: str = "schema="
     if schema is None or dialect == "postgresql":
         return None
     return f"{option}{schema!r} needs PostgreSQL; {dialect} has no schemas"
+
+
+def already_there(*, table: str, column: str | None = None, index: str | None = None) -> bool:
+    """In a migration: whether a step's table (its ``column``, its ``index``) exists already.
+
+    Only ever true on MySQL/MariaDB, online. There each DDL statement commits on its own
+    (no transaction spans a migration), so a run that failed half-way leaves the steps
+    it did behind while the version table still names the revision before; run again,
+    a migration skips them. Elsewhere a migration runs in one transaction, rolled back
+    whole, and ``--sql`` prints every step.
+    """
+    from alembic import op
+
+    context = op.get_context()
+    if context.as_sql or context.dialect.name not in ("mysql", "mariadb"):
+        return False
+    inspector = inspect(op.get_bind())
+    schema = context.version_table_schema
+    if not inspector.has_table(table, schema=schema):
+        return False
+    if column is not None:
+        return column in {found["name"] for found in inspector.get_columns(table, schema=schema)}
+    if index is not None:
+        return index in {found["name"] for found in inspector.get_indexes(table, schema=schema)}
+    return True
+
+
+def refuse_lax_session(connection: Connection, url: URL) -> None:
+    """Refuse a MySQL/MariaDB session without strict mode (casty-sa's own engines set it).
+
+    Without ``STRICT_TRANS_TABLES`` or ``STRICT_ALL_TABLES`` the server stores a value
+    that does not fit cut or changed, with only a warning: the journal would report
+    stored what is not. An application's engine gets the mode from the server's
+    default or its own ``init_command``.
+
+    Raises
+    ------
+    UnsupportedDatabase
+        The session's ``sql_mode`` is not strict.
+    """
+    if connection.dialect.name not in ("mysql", "mariadb"):
+        return
+    mode = str(connection.exec_driver_sql("SELECT @@SESSION.sql_mode").scalar() or "")
+    if {"STRICT_TRANS_TABLES", "STRICT_ALL_TABLES"} & set(mode.upper().split(",")):
+        return
+    raise UnsupportedDatabase(
+        f"the engine's sessions on {safe_url(url)} are not in strict mode (sql_mode is "
+        f"{mode!r}): MySQL/MariaDB would store a value that does not fit cut short, with a "
+        "warning only, and the journal would report it stored. Give the engine "
+        "connect_args={'init_command': \"SET SESSION sql_mode = CONCAT(@@sql_mode, "
+        "',STRICT_ALL_TABLES')\"} (or set it on the server), or let casty-sa create the "
+        "engine from the URL"
+    )
 
 
 class SchemaNotSupported(ValueError):
@@ -320,6 +374,7 @@ async def ensure_schema(
     try:
         async with turn(), read_connection(bind_schema(engine, schema)) as connection:
             await connection.run_sync(refuse_casty_tables, url)
+            await connection.run_sync(refuse_lax_session, url)
             state = await connection.run_sync(read_state, schema)
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
         raise database_error(

@@ -7,8 +7,9 @@ hand-written migrations can name them.
 
 Examples
 --------
->>> sorted(metadata.tables)
-['casty_sa_events', 'casty_sa_projection_offsets', 'casty_sa_snapshots']
+>>> sorted(metadata.tables)  # doctest: +NORMALIZE_WHITESPACE
+['casty_sa_event_counter', 'casty_sa_events', 'casty_sa_projection_offsets',
+ 'casty_sa_snapshots']
 >>> [c.name for c in EventRecord.__table__.primary_key]
 ['entity_id', 'sequence_nr']
 """
@@ -34,8 +35,10 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    func,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.schema import SchemaConst
 from sqlalchemy.types import TypeDecorator
@@ -51,17 +54,22 @@ __all__ = [
     "SQLITE_NEGATIVE_ZERO",
     "VERSION_TABLE",
     "Base",
+    "EventCounterRecord",
     "EventRecord",
+    "ExactString",
     "ProjectionOffsetRecord",
     "SnapshotRecord",
     "Timestamp",
+    "binary_collation",
     "journal_tables",
     "metadata",
     "newer_snapshot_wins",
 ]
 
 #: Longest entity id, in characters. 512 characters of UTF-8 stay under
-#: PostgreSQL's btree limit for an index entry.
+#: PostgreSQL's btree limit for an index entry; on MySQL/MariaDB a key of
+#: ``VARCHAR(512)`` in utf8mb4 (4 bytes a character: 2,048 bytes) and a ``BIGINT``
+#: stays under InnoDB's 3,072-byte limit for an index key.
 MAX_ENTITY_ID_LENGTH = 512
 
 #: Alembic version table of casty-sa's own migration history. Never
@@ -113,6 +121,8 @@ class Timestamp(TypeDecorator[float]):
     cache_ok = True
 
     def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        if dialect.name in ("mysql", "mariadb"):
+            return _refuse_on_mysql
         if dialect.name != "sqlite":
             return super().bind_processor(dialect)
 
@@ -129,6 +139,82 @@ class Timestamp(TypeDecorator[float]):
             return -0.0 if value == SQLITE_NEGATIVE_ZERO else value
 
         return process
+
+
+class ExactString(String):
+    """A ``VARCHAR`` that compares exactly, byte for byte, on every database.
+
+    MySQL's and MariaDB's default collations compare case-insensitively and pad
+    trailing spaces, so ``"alice"``, ``"Alice"`` and ``"alice "`` would be one key
+    there; this type gives the column ``utf8mb4`` with a binary ``NO PAD`` collation
+    (:func:`binary_collation`). Elsewhere it is a plain ``VARCHAR`` (SQLite's and
+    PostgreSQL's keys already compare exactly).
+
+    Examples
+    --------
+    >>> from sqlalchemy.dialects import mysql
+    >>> print(ExactString(512).compile(dialect=mysql.dialect(is_mariadb=True)))
+    VARCHAR(512) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin
+    >>> print(ExactString(512).compile(dialect=mysql.dialect()))
+    VARCHAR(512) CHARACTER SET utf8mb4 COLLATE utf8mb4_0900_bin
+    """
+
+
+def binary_collation(dialect: Dialect) -> str:
+    """The utf8mb4 collation comparing code points with no padding: MariaDB's or MySQL 8's.
+
+    Online the dialect knows its server; offline (``--sql``) the URL says which:
+    ``mariadb://`` is MariaDB, ``mysql://`` MySQL 8 (8.0.17 or later).
+    """
+    return "utf8mb4_nopad_bin" if getattr(dialect, "is_mariadb", False) else "utf8mb4_0900_bin"
+
+
+@compiles(ExactString, "mysql")
+@compiles(ExactString, "mariadb")
+def _exact_on_mysql(type_: ExactString, compiler: Any, **_kw: Any) -> str:
+    return (
+        f"VARCHAR({type_.length}) CHARACTER SET utf8mb4 "
+        f"COLLATE {binary_collation(compiler.dialect)}"
+    )
+
+
+#: Payloads: ``BLOB`` holds 64 KB on MySQL/MariaDB, ``LONGBLOB`` 4 GB.
+Payload = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+
+#: Table options on MySQL/MariaDB: InnoDB (transactions, row locks) and utf8mb4 (under
+#: both names: SQLAlchemy reads the ``mariadb_`` ones for a ``mariadb://`` URL).
+MYSQL_TABLE = {
+    f"{name}_{option}": value
+    for name in ("mysql", "mariadb")
+    for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"))
+}
+
+
+def mysql_cannot_hold(value: float) -> str | None:
+    """Why MySQL's ``DOUBLE`` cannot hold ``value`` as it is (``None``: it can).
+
+    It stores ``-0.0`` as ``0.0`` (the sign lost) and has no infinities or NaN; every
+    other double, subnormals included, comes back bit for bit.
+
+    >>> mysql_cannot_hold(-0.0).split(",")[0]
+    'timestamp -0.0 cannot be stored on MySQL/MariaDB'
+    >>> mysql_cannot_hold(5e-324) is None
+    True
+    """
+    if is_negative_zero(value) or (isinstance(value, float) and not math.isfinite(value)):
+        shown = "-0.0" if is_negative_zero(value) else repr(value)
+        return (
+            f"timestamp {shown} cannot be stored on MySQL/MariaDB, whose DOUBLE turns -0.0 "
+            "into 0.0 and holds no infinity or NaN"
+        )
+    return None
+
+
+def _refuse_on_mysql(value: Any) -> Any:
+    reason = None if value is None else mysql_cannot_hold(value)
+    if reason is not None:
+        raise ValueError(reason)
+    return value
 
 
 class Base(DeclarativeBase):
@@ -157,16 +243,20 @@ class EventRecord(Base):
     """
 
     __tablename__ = "casty_sa_events"
-    __table_args__ = (Index(GLOBAL_ORDER_INDEX, "era", "transaction_id", "position", unique=True),)
+    __table_args__ = (
+        Index(GLOBAL_ORDER_INDEX, "era", "transaction_id", "position", unique=True),
+        MYSQL_TABLE,
+    )
 
-    entity_id: Mapped[str] = mapped_column(String(MAX_ENTITY_ID_LENGTH), primary_key=True)
+    entity_id: Mapped[str] = mapped_column(ExactString(MAX_ENTITY_ID_LENGTH), primary_key=True)
     sequence_nr: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     timestamp: Mapped[float] = mapped_column(Double)
-    payload: Mapped[bytes] = mapped_column(LargeBinary)
-    event_type: Mapped[str | None] = mapped_column(String(EVENT_TYPE_LENGTH))
+    payload: Mapped[bytes] = mapped_column(Payload)
+    event_type: Mapped[str | None] = mapped_column(ExactString(EVENT_TYPE_LENGTH))
     era: Mapped[int] = mapped_column(SmallInteger)
     transaction_id: Mapped[int] = mapped_column(BigInteger)
-    # PostgreSQL: an identity column; SQLite: the journal numbers it (see casty_sa.ordering)
+    # PostgreSQL: an identity column; SQLite and MySQL: the journal numbers it (see
+    # casty_sa.ordering; MySQL renders no identity here)
     position: Mapped[int] = mapped_column(BigInteger, Identity())
 
 
@@ -174,11 +264,29 @@ class SnapshotRecord(Base):
     """The latest snapshot of one entity (at most one row per entity)."""
 
     __tablename__ = "casty_sa_snapshots"
+    __table_args__ = (MYSQL_TABLE,)
 
-    entity_id: Mapped[str] = mapped_column(String(MAX_ENTITY_ID_LENGTH), primary_key=True)
+    entity_id: Mapped[str] = mapped_column(ExactString(MAX_ENTITY_ID_LENGTH), primary_key=True)
     sequence_nr: Mapped[int] = mapped_column(BigInteger)
     timestamp: Mapped[float] = mapped_column(Double)
-    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    payload: Mapped[bytes] = mapped_column(Payload)
+
+
+class EventCounterRecord(Base):
+    """MySQL/MariaDB: the highest position handed out, in one row (migration ``0004``).
+
+    Every writer of events there takes its positions with ``UPDATE … SET position =
+    LAST_INSERT_ID(position + n)`` first in its transaction, and holds the row's lock
+    until it commits: writers commit in position order, so a reader never passes a row
+    that commits late (see :mod:`casty_sa.ordering`). On PostgreSQL and SQLite the table
+    is created empty and never used.
+    """
+
+    __tablename__ = "casty_sa_event_counter"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"), MYSQL_TABLE)
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    position: Mapped[int] = mapped_column(BigInteger)
 
 
 #: Longest projection name, in characters.
@@ -208,9 +316,10 @@ class ProjectionOffsetRecord(Base):
     __table_args__ = (
         CheckConstraint("slice_count >= 1", name="slice_count"),
         CheckConstraint("slice >= 0 AND slice < slice_count", name="slice"),
+        MYSQL_TABLE,
     )
 
-    projection: Mapped[str] = mapped_column(String(PROJECTION_NAME_LENGTH), primary_key=True)
+    projection: Mapped[str] = mapped_column(ExactString(PROJECTION_NAME_LENGTH), primary_key=True)
     slice: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
     slice_count: Mapped[int] = mapped_column(SmallInteger)
     last_offset: Mapped[str | None] = mapped_column(String(36))
@@ -249,9 +358,12 @@ def journal_tables(schema: str | None = None) -> tuple[Table, Table]:
     return events, snapshots
 
 
+type DialectInsert = postgresql.Insert | sqlite.Insert | mysql.Insert
+
+
 def newer_snapshot_wins(
-    insert: postgresql.Insert | sqlite.Insert, table: Table, *, replace_equal: bool
-) -> postgresql.Insert | sqlite.Insert:
+    insert: DialectInsert, table: Table, *, replace_equal: bool
+) -> DialectInsert:
     """``insert`` (the dialect's ``INSERT`` into a snapshots ``table``) that never moves back.
 
     An entity keeps one snapshot. A row for an entity that already has one
@@ -273,6 +385,8 @@ def newer_snapshot_wins(
     >>> str(statement.compile(dialect=sqlite.dialect())).split("WHERE ")[1]
     'excluded.sequence_nr > casty_sa_snapshots.sequence_nr'
     """
+    if isinstance(insert, mysql.Insert):
+        return _newer_snapshot_wins_mysql(insert, table, replace_equal=replace_equal)
     excluded = insert.excluded
     newer = (
         excluded.sequence_nr >= table.c.sequence_nr
@@ -284,3 +398,25 @@ def newer_snapshot_wins(
         index_elements=[table.c.entity_id], set_=updated, where=newer
     )
     return upsert
+
+
+def _newer_snapshot_wins_mysql(
+    insert: mysql.Insert, table: Table, *, replace_equal: bool
+) -> mysql.Insert:
+    """:func:`newer_snapshot_wins` on MySQL/MariaDB: ``ON DUPLICATE KEY UPDATE``.
+
+    It has no ``WHERE``: each column keeps its value unless the row is newer. MySQL
+    assigns the ``SET`` list left to right, each assignment seeing the ones before,
+    so ``sequence_nr`` comes last: every condition reads the stored one.
+    """
+    new = insert.inserted
+    newer = (
+        new.sequence_nr >= table.c.sequence_nr
+        if replace_equal
+        else new.sequence_nr > table.c.sequence_nr
+    )
+    names = [c.name for c in table.c if not c.primary_key and c.name != "sequence_nr"]
+    assignments = [
+        (name, func.if_(newer, new[name], table.c[name])) for name in [*names, "sequence_nr"]
+    ]
+    return insert.on_duplicate_key_update(assignments)

@@ -53,6 +53,7 @@ __all__ = [
     "MAX_ERA",
     "MAX_TRANSACTION_ID",
     "InvalidOffset",
+    "counter_seed",
     "current_era",
     "current_transaction_id",
     "event_type_name",
@@ -72,6 +73,7 @@ __all__ = [
     "positioned_insert",
     "read_horizon",
     "stored_type_name",
+    "take_positions",
 ]
 
 #: Highest era and transaction id the columns hold (``SMALLINT``, ``BIGINT``).
@@ -280,3 +282,47 @@ def next_transaction_id() -> ColumnElement[int]:
 def notify_channel(schema: str | None) -> str:
     """The ``LISTEN``/``NOTIFY`` channel a PostgreSQL journal announces commits on."""
     return "casty_sa_events" if schema is None else f"casty_sa_events.{schema}"
+
+
+def take_positions(preparer: Any, schema: str | None = None) -> str:
+    """MySQL/MariaDB: the statements that take a writer's positions, ``n`` bound as ``%s``.
+
+    First in the writer's transaction: the counter's row (migration ``0004``) moves up by
+    ``n`` and stays locked until the commit, so writers commit in position order and a
+    reader that has seen a row has seen every row below it. ``LAST_INSERT_ID(expr)``
+    keeps the new value for the session; the rows take ``value - n + 1 … value``.
+    ``LAST_INSERT_ID`` is reset first, so a counter without its row leaves it at 0
+    (which no taken value is), and the positions ``NULLIF(LAST_INSERT_ID(), 0) - k``
+    are ``NULL``: refused, never numbered from a stale value.
+
+    Examples
+    --------
+    >>> from sqlalchemy.dialects import mysql
+    >>> for sql in take_positions(mysql.dialect().identifier_preparer).split("; "):
+    ...     print(sql)
+    DO LAST_INSERT_ID(0)
+    UPDATE casty_sa_event_counter SET position = LAST_INSERT_ID(position + %s) WHERE id = 1
+    """
+    counter = _qualified(preparer, "casty_sa_event_counter", schema)
+    position = preparer.quote("position")
+    return (
+        f"DO LAST_INSERT_ID(0); UPDATE {counter} SET {position} = "
+        f"LAST_INSERT_ID({position} + %s) WHERE id = 1"
+    )
+
+
+def counter_seed(preparer: Any, schema: str | None = None) -> str:
+    """MySQL/MariaDB: make the counter's row, at the highest stored position (or 0), unless
+    it is there (tables an application made from the models have none)."""
+    counter = _qualified(preparer, "casty_sa_event_counter", schema)
+    events = _qualified(preparer, "casty_sa_events", schema)
+    position = preparer.quote("position")
+    return (
+        f"INSERT INTO {counter} (id, {position}) SELECT 1, "
+        f"GREATEST(COALESCE(MAX({position}), 0), 0) FROM {events} ON DUPLICATE KEY UPDATE id = id"
+    )
+
+
+def _qualified(preparer: Any, name: str, schema: str | None) -> str:
+    quoted = preparer.quote(name)
+    return quoted if schema is None else f"{preparer.quote_schema(schema)}.{quoted}"

@@ -23,12 +23,13 @@ have no connection left checked out.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import os
 import signal
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,15 +149,18 @@ def postgres_template(postgres_server_url: URL) -> str:
         await admin_execute(postgres_server_url, f'CREATE DATABASE "{_TEMPLATE}"')
         await casty_sa.upgrade(postgres_server_url.set(database=_TEMPLATE))
 
-    asyncio.run(make())
+    _run_outside_loop(make())
     return _TEMPLATE
 
 
 @pytest.fixture
-async def new_postgres_db(
+def new_postgres_db(
     postgres_server_url: URL, postgres_template: str
-) -> AsyncIterator[Callable[..., Awaitable[URL]]]:
-    """Factory of fresh databases: ``await new_postgres_db(migrated=True)``."""
+) -> Iterator[Callable[..., Awaitable[URL]]]:
+    """Factory of fresh databases: ``await new_postgres_db(migrated=True)``.
+
+    A sync fixture (its clean-up runs outside the loop): an async fixture's
+    ``request.getfixturevalue`` may ask for it inside the test's running loop."""
     made: list[str] = []
 
     async def create(*, migrated: bool = True) -> URL:
@@ -167,8 +171,14 @@ async def new_postgres_db(
         return postgres_server_url.set(database=name)
 
     yield create
-    for name in made:
-        await admin_execute(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    async def drop() -> None:
+        for name in made:
+            await admin_execute(
+                postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+            )
+
+    _run_outside_loop(drop())
 
 
 @pytest.fixture(scope="session")
@@ -221,15 +231,23 @@ def mysql_template(mysql_server_url: URL) -> str:
         )
         await casty_sa.upgrade(mysql_server_url.set(database=_TEMPLATE))
 
-    asyncio.run(make())
+    _run_outside_loop(make())
     return _TEMPLATE
 
 
+def _run_outside_loop(work: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run(work)`` in a thread of its own: a session fixture first requested by an
+    async fixture's ``request.getfixturevalue`` is set up inside the test's running loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, work).result()
+
+
 @pytest.fixture
-async def new_mysql_db(
+def new_mysql_db(
     mysql_server_url: URL, mysql_template: str
-) -> AsyncIterator[Callable[..., Awaitable[URL]]]:
-    """Factory of fresh MySQL databases: ``await new_mysql_db(migrated=True)``."""
+) -> Iterator[Callable[..., Awaitable[URL]]]:
+    """Factory of fresh MySQL databases: ``await new_mysql_db(migrated=True)`` (a sync
+    fixture, as :func:`new_postgres_db`)."""
     made: list[str] = []
 
     async def create(*, migrated: bool = True) -> URL:
@@ -251,8 +269,12 @@ async def new_mysql_db(
         return mysql_server_url.set(database=name)
 
     yield create
-    for name in made:
-        await mysql_admin_execute(mysql_server_url, f"DROP DATABASE IF EXISTS `{name}`")
+
+    async def drop() -> None:
+        for name in made:
+            await mysql_admin_execute(mysql_server_url, f"DROP DATABASE IF EXISTS `{name}`")
+
+    _run_outside_loop(drop())
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from casty import EventJournal, InMemoryJournal, JournalKind, PersistedEvent, Snapshot
 from sqlalchemy import insert, select, text
+from sqlalchemy.exc import StatementError
 
-from casty_sa import SAJournal
+from casty_sa import InvalidEventError, SAJournal
 from casty_sa.models import journal_tables
 
 pytestmark = pytest.mark.matrix
@@ -106,29 +107,63 @@ _STAMPS = [
 ]
 
 
-async def test_timestamps_round_trip_bit_for_bit(journal: SAJournal) -> None:
-    await journal.persist("t", [ev(i + 1, i, ts) for i, ts in enumerate(_STAMPS)])
-    assert _bits([e.timestamp for e in await journal.load("t")]) == _bits(_STAMPS)
-    for seq, stamp in enumerate(_STAMPS, start=1):
+#: What MySQL's DOUBLE cannot hold as it is: it stores -0.0 as 0.0 and has no infinities.
+_NOT_ON_MYSQL = _bits([-0.0, math.inf, -math.inf])
+
+
+def _stamps(backend: str) -> list[float]:
+    """The timestamps a backend stores bit for bit (on MySQL the others are refused)."""
+    if backend != "mysql":
+        return _STAMPS
+    return [stamp for stamp in _STAMPS if _bits([stamp])[0] not in _NOT_ON_MYSQL]
+
+
+async def test_timestamps_round_trip_bit_for_bit(journal: SAJournal, backend: str) -> None:
+    stamps = _stamps(backend)
+    await journal.persist("t", [ev(i + 1, i, ts) for i, ts in enumerate(stamps)])
+    assert _bits([e.timestamp for e in await journal.load("t")]) == _bits(stamps)
+    for seq, stamp in enumerate(stamps, start=1):
         await journal.save_snapshot(f"s{seq}", Snapshot(seq, "s", stamp))
         snapshot = await journal.load_snapshot(f"s{seq}")
         assert snapshot is not None and _bits([snapshot.timestamp]) == _bits([stamp])
     # many loads at once go as one batched query per kind
-    entities = [f"s{seq}" for seq in range(1, len(_STAMPS) + 1)]
+    entities = [f"s{seq}" for seq in range(1, len(stamps) + 1)]
     snapshots = await asyncio.gather(*(journal.load_snapshot(e) for e in entities))
-    assert _bits([s.timestamp for s in snapshots if s is not None]) == _bits(_STAMPS)
+    assert _bits([s.timestamp for s in snapshots if s is not None]) == _bits(stamps)
     loads = await asyncio.gather(*(journal.load("t", seq) for seq in range(1, 6)))
     assert [_bits([e.timestamp for e in events]) for events in loads] == [
-        _bits(_STAMPS[seq - 1 :]) for seq in range(1, 6)
+        _bits(stamps[seq - 1 :]) for seq in range(1, 6)
     ]
 
 
-async def test_timestamps_are_the_same_through_sqlalchemy(journal: SAJournal) -> None:
+@pytest.mark.only_backends("mysql")
+@pytest.mark.parametrize("stamp", [-0.0, math.inf, -math.inf])
+async def test_timestamps_mysql_cannot_hold_are_refused(journal: SAJournal, stamp: float) -> None:
+    """MySQL's DOUBLE turns -0.0 into 0.0 and holds no infinity: such a timestamp is refused
+    with its reason, and nothing of the call is stored, never stored changed (NaN is
+    refused on every database)."""
+    with pytest.raises(InvalidEventError, match="cannot be stored on MySQL/MariaDB"):
+        await journal.persist("t", [ev(1, "a", 1.0), ev(2, "b", stamp)])
+    with pytest.raises(InvalidEventError, match="cannot be stored on MySQL/MariaDB"):
+        await journal.save_snapshot("t", Snapshot(1, "s", stamp))
+    assert await journal.load("t") == []
+    assert await journal.load_snapshot("t") is None
+    events, _ = journal_tables()
+    async with journal.engine.begin() as conn:
+        with pytest.raises(StatementError, match="cannot be stored on MySQL/MariaDB"):
+            await conn.execute(
+                insert(events),
+                [{"entity_id": "app", "sequence_nr": 1, "timestamp": stamp, "payload": b"x"}],
+            )
+
+
+async def test_timestamps_are_the_same_through_sqlalchemy(journal: SAJournal, backend: str) -> None:
     """casty-sa's tools (import, export, inspect) run SQLAlchemy statements on
     ``journal_tables()``, whose ``Timestamp`` type keeps timestamps bit for bit too,
     both ways."""
     events, _ = journal_tables()
-    await journal.persist("journal", [ev(1, "a", -0.0), ev(2, "b", 2.0)])
+    zero = 5e-324 if backend == "mysql" else -0.0  # (MySQL refuses -0.0: see above)
+    await journal.persist("journal", [ev(1, "a", zero), ev(2, "b", 2.0)])
     async with journal.engine.begin() as conn:
         rows = (
             await conn.execute(
@@ -137,14 +172,14 @@ async def test_timestamps_are_the_same_through_sqlalchemy(journal: SAJournal) ->
                 .order_by(events.c.sequence_nr)
             )
         ).scalars()
-        assert _bits(list(rows)) == _bits([-0.0, 2.0])
+        assert _bits(list(rows)) == _bits([zero, 2.0])
         await conn.execute(
             insert(events),
             [
                 {
                     "entity_id": "app",
                     "sequence_nr": 1,
-                    "timestamp": -0.0,
+                    "timestamp": zero,
                     "payload": pickle.dumps("x"),
                 }
             ],
@@ -154,7 +189,7 @@ async def test_timestamps_are_the_same_through_sqlalchemy(journal: SAJournal) ->
     assert stored == 3
     # and the journal's own reads, on the driver's connection, see what SQLAlchemy wrote
     [row] = await journal.load("app")
-    assert _bits([row.timestamp]) == _bits([-0.0])
+    assert _bits([row.timestamp]) == _bits([zero])
 
 
 async def test_snapshot_round_trip_and_replace(journal: SAJournal) -> None:

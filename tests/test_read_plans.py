@@ -14,6 +14,7 @@ also run, counting the instructions they take.
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import URL
 
 from support import tools
@@ -24,6 +25,9 @@ STEPS_PER_ROW = 60
 plans_tool = tools.load("read_plans")
 
 
+@pytest.mark.only_backends(
+    "sqlite", "postgresql"
+)  # MySQL: tools/read_plans.py has no EXPLAIN of it yet
 async def test_every_statement_uses_its_index(db_url: URL, backend: str) -> None:
     await plans_tool.fill(db_url, 200_000)
     plans = await plans_tool.read_plans(db_url)

@@ -24,12 +24,16 @@ import asyncpg
 import pytest
 from casty import PersistedEvent
 from sqlalchemy import URL
+from sqlalchemy.dialects import mysql
 
 from casty_sa import EventEnvelope, InvalidOffset, JournalClosed, PayloadDecodeError, SAJournal
-from casty_sa.ordering import format_offset, notify_channel, parse_offset
+from casty_sa.ordering import format_offset, notify_channel, parse_offset, take_positions
 
 from support import dbtools, internals
+from support.dbtools import mysql_connect
 from support.processes import EVENT_WRITER
+
+MYSQL_QUOTES = mysql.dialect().identifier_preparer
 
 pytestmark = pytest.mark.shared_database
 
@@ -293,16 +297,31 @@ class HeldWrite:
     PostgreSQL: a raw asyncpg transaction whose INSERT takes its transaction id and
     position from the column defaults, before the journal's later commits take theirs.
     SQLite: a connection holding the write lock (``BEGIN IMMEDIATE``), as another
-    process's writer would, with the next position.
+    process's writer would, with the next position. MySQL: a raw asyncmy transaction that
+    takes its position from the counter, as every writer there does, and holds its lock.
     """
 
     def __init__(self, url: URL, entity_id: str) -> None:
         self.url, self.entity_id = url, entity_id
         self.payload = pickle.dumps(f"{entity_id}:1")
         self._pg: Any = None
+        self._my: Any = None
         self._sqlite: sqlite3.Connection | None = None
 
     async def begin(self) -> None:
+        if self.url.get_backend_name() == "mysql":
+            self._my = await mysql_connect(self.url)
+            async with self._my.cursor() as cursor:
+                await cursor.execute(f"BEGIN; {take_positions(MYSQL_QUOTES)}", (1,))
+                while await cursor.nextset():
+                    pass
+                await cursor.execute(
+                    "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload, "
+                    "event_type, era, transaction_id, `position`) VALUES "
+                    "(%s, 1, 1.0, %s, 'str', 0, 0, LAST_INSERT_ID())",
+                    (self.entity_id, self.payload),
+                )
+            return
         if self.url.get_backend_name() == "postgresql":
             self._pg = await asyncpg.connect(**dbtools.asyncpg_args(self.url))
             await self._pg.execute("BEGIN")
@@ -324,6 +343,10 @@ class HeldWrite:
 
     async def end(self, *, commit: bool) -> None:
         verb = "COMMIT" if commit else "ROLLBACK"
+        if self._my is not None:
+            async with self._my.cursor() as cursor:
+                await cursor.execute(verb)
+            self._my.close()
         if self._pg is not None:
             await self._pg.execute(verb)
             await self._pg.close()

@@ -13,7 +13,8 @@ The package holds one module per job:
 - :mod:`~casty_sa.backends.pooled`: connections from the pool (gate, ping, kept writer);
 - :mod:`~casty_sa.backends.failures`: what a failed write means for what was stored;
 - :mod:`~casty_sa.backends.sqlite` (with :mod:`~casty_sa.backends.sqlite_file` and
-  :mod:`~casty_sa.backends.sqlite_rows`) and :mod:`~casty_sa.backends.postgresql`: one
+  :mod:`~casty_sa.backends.sqlite_rows`), :mod:`~casty_sa.backends.postgresql` and
+  :mod:`~casty_sa.backends.mysql` (with :mod:`~casty_sa.backends.mysql_reads`): one
   module per dialect.
 
 Adding a dialect takes one module here, ``casty_sa/backends/<name>.py``,
@@ -57,6 +58,7 @@ from casty_sa.backends.failures import (
 # isort: off
 from casty_sa.backends.sqlite import SqliteBackend
 from casty_sa.backends.postgresql import PostgresBackend
+from casty_sa.backends.mysql import MySQLBackend
 
 # isort: on
 from casty_sa.dialects import Timeouts, find, supported
@@ -66,6 +68,7 @@ __all__ = [
     "Backend",
     "ConnectionLost",
     "Contended",
+    "MySQLBackend",
     "PostgresBackend",
     "SqliteBackend",
     "WriteRefused",

@@ -1,6 +1,6 @@
 """The read side's statements (events in the global order, entity ids), built for a dialect.
 
-What both dialects share is here: the page of events after a place and up to a
+What the dialects share is here: the page of events after a place and up to a
 stop, in ``(era, transaction_id, position)`` order through the global-order
 index, with the optional filters (an entity id prefix compared character for
 character, never as a ``LIKE`` pattern; a list of event types, with the rows whose
@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Dialect,
+    Integer,
     Select,
     String,
     Table,
@@ -40,6 +41,8 @@ from sqlalchemy import (
     select,
     tuple_,
 )
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from casty_sa.ordering import MAX_ERA, MAX_TRANSACTION_ID, global_order
 
@@ -127,14 +130,35 @@ def _place(prefix: str) -> Any:
     )
 
 
+class char_length(FunctionElement[int]):
+    """The length of a string in characters: ``length`` (SQLite, PostgreSQL), ``CHAR_LENGTH``
+    on MySQL/MariaDB (whose ``length`` counts bytes)."""
+
+    name = "char_length"
+    type = Integer()
+    inherit_cache = True
+
+
+@compiles(char_length)
+def _length(element: char_length, compiler: Any, **kw: Any) -> str:
+    return f"length({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(char_length, "mysql")
+@compiles(char_length, "mariadb")
+def _char_length(element: char_length, compiler: Any, **kw: Any) -> str:
+    return f"CHAR_LENGTH({compiler.process(element.clauses, **kw)})"
+
+
 def starts_with(column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
     """``column`` begins with the string bound as ``name``: compared as text, no pattern.
 
-    ``substr`` counts characters on both dialects, and ``=`` compares them exactly
-    (a ``%`` or ``_`` in the prefix is just a character).
+    ``substr`` and :class:`char_length` count characters on every dialect, and ``=``
+    compares them exactly (a ``%`` or ``_`` in the prefix is just a character; on
+    MySQL the column's binary collation decides).
     """
     prefix = bindparam(name, type_=String)
-    return func.substr(column, literal_column("1"), func.length(prefix)) == prefix
+    return func.substr(column, literal_column("1"), char_length(prefix)) == prefix
 
 
 def event_page(

@@ -25,7 +25,10 @@ on a table of any size, in three steps, each safe to run again after a crash
 3. the unique index is built CONCURRENTLY, which never blocks a writer.
 
 SQLite (migrated by the journal's first use, one writer at a time) does all of
-it in the one transaction the migration runs in.
+it in the one transaction the migration runs in. MySQL/MariaDB do the same steps,
+but commit each DDL statement on their own: a run that failed half-way is finished
+by running it again (each step done is skipped; the rows are numbered in one
+statement, so either all of them or none).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 from alembic import op
+
+from casty_sa.migrate import already_there
+from casty_sa.models import ExactString
 
 revision: str = "0002"
 down_revision: str | None = "0001"
@@ -87,6 +93,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if op.get_context().dialect.name != "postgresql":
+        # (MySQL: the index first, then the columns, each committed on its own)
         op.drop_index(INDEX, table_name="casty_sa_events")
         for name in ("position", "transaction_id", "era", "event_type"):
             op.drop_column("casty_sa_events", name)
@@ -108,30 +115,44 @@ def downgrade() -> None:
         )
 
 
-# -- SQLite ------------------------------------------------------------------------------------
+# -- SQLite, MySQL/MariaDB ---------------------------------------------------------------------
 
 
 def _upgrade_in_one_transaction() -> None:
-    op.add_column("casty_sa_events", sa.Column("event_type", sa.String(EVENT_TYPE_LENGTH)))
+    if not already_there(table="casty_sa_events", column="event_type"):
+        op.add_column("casty_sa_events", sa.Column("event_type", ExactString(EVENT_TYPE_LENGTH)))
     for name, type_ in (
         ("era", sa.SmallInteger()),
         ("transaction_id", sa.BigInteger()),
         ("position", sa.BigInteger()),
     ):
-        op.add_column(
-            "casty_sa_events",
-            sa.Column(name, type_, nullable=False, server_default=sa.text("0")),
-        )
+        if not already_there(table="casty_sa_events", column=name):
+            op.add_column(
+                "casty_sa_events",
+                sa.Column(name, type_, nullable=False, server_default=sa.text("0")),
+            )
     events = _events()
+    position = _quoted("position")
     # positions -1, -2, … walking the primary key down: ascending in primary-key order
-    op.execute(
-        f"UPDATE {events} SET position = -numbered.k FROM ("
+    numbered = (
         "SELECT entity_id AS e, sequence_nr AS s, "
         "row_number() OVER (ORDER BY entity_id DESC, sequence_nr DESC) AS k "
-        f"FROM {events} WHERE position = 0) AS numbered "
-        f"WHERE {events}.entity_id = numbered.e AND {events}.sequence_nr = numbered.s"
+        f"FROM {events} WHERE {position} = 0"
     )
-    op.create_index(INDEX, "casty_sa_events", ["era", "transaction_id", "position"], unique=True)
+    if op.get_context().dialect.name in ("mysql", "mariadb"):
+        op.execute(
+            f"UPDATE {events} JOIN ({numbered}) AS numbered ON {events}.entity_id = "
+            f"numbered.e AND {events}.sequence_nr = numbered.s SET {position} = -numbered.k"
+        )
+    else:
+        op.execute(
+            f"UPDATE {events} SET position = -numbered.k FROM ({numbered}) AS numbered "
+            f"WHERE {events}.entity_id = numbered.e AND {events}.sequence_nr = numbered.s"
+        )
+    if not already_there(table="casty_sa_events", index=INDEX):
+        op.create_index(
+            INDEX, "casty_sa_events", ["era", "transaction_id", "position"], unique=True
+        )
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------

@@ -9,13 +9,17 @@ last event it handled, updated in the same transaction as the read model's
 writes, and the lease (owner, expiry on the database's clock, fence) that lets
 exactly one worker apply events to a slice. A new, empty table: creating it
 takes no lock on the journal's tables, on any database. Constraint names follow
-casty_sa.models.NAMING_CONVENTION.
+casty_sa.models.NAMING_CONVENTION. On MySQL/MariaDB projection names compare
+byte for byte (see 0001), and a run again after a failure finds the table made.
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+
+from casty_sa.migrate import already_there
+from casty_sa.models import MYSQL_TABLE, ExactString
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -28,9 +32,11 @@ TABLE = "casty_sa_projection_offsets"
 
 
 def upgrade() -> None:
+    if already_there(table=TABLE):
+        return
     op.create_table(
         TABLE,
-        sa.Column("projection", sa.String(NAME_LENGTH), nullable=False),
+        sa.Column("projection", ExactString(NAME_LENGTH), nullable=False),
         sa.Column("slice", sa.SmallInteger(), autoincrement=False, nullable=False),
         sa.Column("slice_count", sa.SmallInteger(), nullable=False),
         sa.Column("last_offset", sa.String(36), nullable=True),
@@ -44,6 +50,7 @@ def upgrade() -> None:
         sa.CheckConstraint("slice_count >= 1", name=op.f(f"ck_{TABLE}_slice_count")),
         sa.CheckConstraint("slice >= 0 AND slice < slice_count", name=op.f(f"ck_{TABLE}_slice")),
         sa.PrimaryKeyConstraint("projection", "slice", name=f"pk_{TABLE}"),
+        **MYSQL_TABLE,
     )
 
 

@@ -31,6 +31,20 @@ def asyncpg_args(url: URL) -> dict[str, Any]:
     return {key: value for key, value in args.items() if value}
 
 
+async def mysql_connect(url: URL, **options: Any) -> Any:
+    """A raw asyncmy connection to the URL's MySQL/MariaDB database (autocommit off)."""
+    import asyncmy  # type: ignore[import-untyped,unused-ignore]
+
+    return await asyncmy.connect(
+        host=url.host,
+        port=url.port or 3306,
+        user=url.username,
+        password=url.password or "",
+        database=url.database,
+        **options,
+    )
+
+
 async def execute(url: URL | str, *statements: str) -> None:
     """Run statements in one transaction on a short-lived engine."""
     engine, _ = open_engine(url)

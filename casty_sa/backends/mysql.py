@@ -1,0 +1,357 @@
+"""MySQL and MariaDB through ``asyncmy`` (or ``aiomysql``): a write group in one packet.
+
+The whole MySQL dialect (see :mod:`casty_sa.dialects`): the URLs it accepts
+(``mysql://``, ``mariadb://``, each with ``+asyncmy`` or ``+aiomysql``), the engine
+and the backend.
+
+The engine: a fixed pool of ten connections in ``utf8mb4``, a connect timeout, and
+per session a strict ``sql_mode`` (without it MySQL cuts a value that does not fit
+and only warns), the server's own statement bound (MariaDB ``max_statement_time``,
+MySQL ``max_execution_time``, which bounds ``SELECT`` only), a lock wait shorter
+than the statement timeout (a wait that ends is a contention the journal retries),
+and on MariaDB ``idle_write_transaction_timeout``: a client frozen in a transaction
+loses its session, and the locks it held, instead of stalling every writer.
+
+The backend: a write group is one transaction sent as one packet of statements
+(both drivers enable multi-statements): the events take their positions from the
+one-row counter (``UPDATE … SET position = LAST_INSERT_ID(position + n)``, see
+:class:`~casty_sa.models.EventCounterRecord`), are inserted in one multi-row
+``INSERT``, the snapshots upserted, and ``COMMIT`` ends it. The counter's row lock,
+held until that commit, makes writers commit in position order: the read side's
+no-gap guarantee (:mod:`casty_sa.backends.mysql_reads`). A group over the server's
+``max_allowed_packet`` goes in several packets, ``COMMIT`` in the last.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from casty import JournalKind
+from sqlalchemy import URL, event
+from sqlalchemy.dialects import mysql
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from casty_sa.backends.base import BackendSettings, latest_per_entity, quietly
+from casty_sa.backends.failures import (
+    ConnectionLost,
+    Contended,
+    PayloadTooLarge,
+    WriteRefused,
+    classify_write_failure,
+)
+from casty_sa.backends.mysql_reads import MySQLReading, error_code, is_mysql_disconnect
+from casty_sa.codec import ROW_COLUMNS, EventRow, Row
+from casty_sa.dialects import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_STATEMENT_TIMEOUT,
+    Dialect,
+    EngineRequest,
+    Timeouts,
+    register,
+)
+from casty_sa.models import mysql_cannot_hold, newer_snapshot_wins
+from casty_sa.ordering import counter_seed, take_positions
+
+__all__ = ["MySQLBackend", "mysql_engine", "session_settings"]
+
+#: ``sql_mode`` of casty-sa's sessions: a value that does not fit is an error, never cut.
+STRICT_SQL_MODE = "STRICT_ALL_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION"
+#: Bytes of a statement besides its values, and of each row besides its payload.
+_STATEMENT_OVERHEAD = 1024
+_ROW_OVERHEAD = 64
+#: Payloads from this size on are measured as escaped (the drivers escape these bytes with
+#: a backslash), not taken at twice their size.
+_EXACT_FROM = 2**16
+_ESCAPED = (b"\0", b"\\", b"\n", b"\r", b"\x1a", b'"', b"'")
+
+
+class MySQLBackend(MySQLReading):
+    """asyncmy/aiomysql: a whole group in one packet, ``COMMIT`` included."""
+
+    def __init__(self, engine: AsyncEngine, schema: str | None, settings: BackendSettings) -> None:
+        super().__init__(engine, schema, settings)
+        self._upsert_sql: str | None = None  # compiled once the server is known
+        self._packet_limit: int | None = None
+        preparer = engine.dialect.identifier_preparer
+        self._take = take_positions(preparer, schema)
+        self._seed = counter_seed(preparer, schema)
+        events = preparer.format_table(self.events)
+        self._insert_head = (
+            f"INSERT INTO {events} (entity_id, sequence_nr, timestamp, payload, event_type, "
+            f"era, transaction_id, {preparer.quote('position')}) VALUES "
+        )
+
+    async def write(self, events: Sequence[EventRow], snapshots: Sequence[Row]) -> None:
+        snapshots = latest_per_entity(snapshots)  # a row may be upserted once per statement
+        _refuse_timestamps(events, snapshots)
+        fairy = await self.take_writer()
+        conn = fairy.driver_connection
+        committing = False
+        counts: list[int] = []
+        try:
+            if not self.usable(conn):  # the server ended it: nothing goes out
+                raise ConnectionLost(OSError("connection closed"), during_commit=False)
+            packets = await self._packets(conn, events, snapshots)
+            for number, (sql, args) in enumerate(packets, start=1):
+                committing = number == len(packets)
+                await self._bounded(self._run(conn, sql, args, counts))
+        except BaseException as exc:
+            if events and counts[1:2] == [0]:  # the counter's UPDATE matched no row
+                await self._abandon(conn)
+                await self.give_back_writer(fairy, None)
+                await self._seed_counter()
+                await self.write(events, snapshots)
+                return
+            if not isinstance(exc, ConnectionLost) and not self.is_disconnect(exc):
+                await self._abandon(conn)  # the server ran what came before the error
+            await self.give_back_writer(fairy, exc)
+            if isinstance(exc, ConnectionLost):
+                raise
+            failure = classify_write_failure(exc, committing=committing, dialect="mysql")
+            if failure is exc:
+                raise
+            raise failure from exc
+        await self.give_back_writer(fairy, None)
+
+    async def _run(self, conn: Any, sql: str, args: list[Any], counts: list[int]) -> None:
+        """Send one packet of statements and read every result, their row counts to
+        ``counts`` as they come (the counter's ``UPDATE`` is the second statement)."""
+        async with conn.cursor() as cursor:
+            await cursor.execute(sql, args)
+            counts.append(int(cursor.rowcount))
+            while await cursor.nextset():
+                counts.append(int(cursor.rowcount))
+
+    async def _abandon(self, conn: Any) -> None:
+        """Roll back what the failed packet left open (bounded; a failure here is moot)."""
+        await quietly(self._bounded(conn.rollback()))
+
+    async def _seed_counter(self) -> None:
+        """Make the counter's row (tables made without migration 0004's seed)."""
+        async with self.connection() as conn:
+            await self._bounded(self._run(conn, self._seed + "; COMMIT", [], []))
+
+    async def _packets(
+        self, conn: Any, events: Sequence[EventRow], snapshots: Sequence[Row]
+    ) -> list[tuple[str, list[Any]]]:
+        """The group's statements, in as few packets as the server takes, ``COMMIT`` last."""
+        limit = await self._limit(conn)
+        statements: list[tuple[str, list[Any], int]] = []
+        if events:
+            statements.append((self._take, [len(events)], _STATEMENT_OVERHEAD))
+            statements += self._event_inserts(events, limit)
+        if snapshots:
+            statements += await self._snapshot_upserts(conn, snapshots, limit)
+        packets: list[tuple[str, list[Any]]] = []
+        sql: list[str] = []
+        args: list[Any] = []
+        size = 0
+        for text, values, length in statements:
+            if sql and size + length > limit:
+                packets.append(("; ".join(sql), args))
+                sql, args, size = [], [], 0
+            sql.append(text)
+            args += values
+            size += length
+        sql.append("COMMIT")
+        packets.append(("; ".join(sql), args))
+        return packets
+
+    def _event_inserts(
+        self, events: Sequence[EventRow], limit: int
+    ) -> list[tuple[str, list[Any], int]]:
+        """Multi-row ``INSERT`` statements of the events, each within ``limit`` bytes; each
+        row's position is counted down from the counter's new value (``LAST_INSERT_ID()``,
+        ``NULL`` should the counter not have moved: refused as a ``NULL`` position)."""
+        statements: list[tuple[str, list[Any], int]] = []
+        rows: list[str] = []
+        args: list[Any] = []
+        size = _STATEMENT_OVERHEAD
+        below = len(events)
+        for entity_id, sequence_nr, timestamp, payload, event_type in events:
+            below -= 1
+            length = _row_size(entity_id, payload, event_type)
+            if length > limit - _STATEMENT_OVERHEAD:
+                raise _refuse_oversized(length, limit)
+            if rows and size + length > limit:
+                statements.append((self._insert_head + ", ".join(rows), args, size))
+                rows, args, size = [], [], _STATEMENT_OVERHEAD
+            rows.append(f"(%s, %s, %s, %s, %s, 0, 0, NULLIF(LAST_INSERT_ID(), 0) - {below})")
+            args += (entity_id, sequence_nr, timestamp, payload, event_type)
+            size += length
+        statements.append((self._insert_head + ", ".join(rows), args, size))
+        return statements
+
+    async def _snapshot_upserts(
+        self, conn: Any, snapshots: Sequence[Row], limit: int
+    ) -> list[tuple[str, list[Any], int]]:
+        """Multi-row upserts of the snapshots (never moving one back), each within ``limit``."""
+        head, tail = await self._upsert_parts()
+        statements: list[tuple[str, list[Any], int]] = []
+        rows: list[str] = []
+        args: list[Any] = []
+        size = _STATEMENT_OVERHEAD
+        for row in snapshots:
+            length = _row_size(row[0], row[3], None)
+            if length > limit - _STATEMENT_OVERHEAD:
+                raise _refuse_oversized(length, limit)
+            if rows and size + length > limit:
+                statements.append((f"{head}{', '.join(rows)}{tail}", args, size))
+                rows, args, size = [], [], _STATEMENT_OVERHEAD
+            rows.append("(%s, %s, %s, %s)")
+            args += row
+            size += length
+        statements.append((f"{head}{', '.join(rows)}{tail}", args, size))
+        return statements
+
+    async def _upsert_parts(self) -> tuple[str, str]:
+        """The upsert around its ``VALUES`` rows, compiled once SQLAlchemy knows the server
+        (``VALUES(col)`` on MariaDB, a row alias on MySQL 8.0.20 and later)."""
+        if self._upsert_sql is None:
+            values = [dict.fromkeys(ROW_COLUMNS, None)]
+            statement = newer_snapshot_wins(
+                mysql.insert(self.snapshots).values(values), self.snapshots, replace_equal=True
+            )
+            self._upsert_sql = self._compile(statement)
+        head, _, rest = self._upsert_sql.partition(" VALUES (")
+        tail = rest[rest.index(")") + 1 :]
+        return f"{head} VALUES ", tail
+
+    async def _limit(self, conn: Any) -> int:
+        """Bytes a packet may carry: the server's ``max_allowed_packet`` (read once)."""
+        if self._packet_limit is None:
+            async with conn.cursor() as cursor:
+                await self._bounded(cursor.execute("SELECT @@max_allowed_packet"))
+                (server,) = await cursor.fetchone()
+            client = getattr(conn, "_max_allowed_packet", server) or server
+            self._packet_limit = min(int(server), int(client)) - _STATEMENT_OVERHEAD
+        return self._packet_limit
+
+
+class _CounterMissing(Exception):
+    """The counter's row is not there (the ``UPDATE`` matched nothing): nothing stored."""
+
+
+def _row_size(entity_id: str, payload: bytes, event_type: str | None) -> int:
+    """The most bytes a row takes in a statement: escaping may double each byte (a large
+    payload's escaped size is counted exactly)."""
+    text = 2 * 4 * (len(entity_id) + len(event_type or "")) + _ROW_OVERHEAD
+    if len(payload) < _EXACT_FROM:
+        return 2 * len(payload) + text
+    return len(payload) + sum(payload.count(byte) for byte in _ESCAPED) + text
+
+
+def _refuse_timestamps(events: Sequence[EventRow], snapshots: Sequence[Row]) -> None:
+    """Refuse timestamps MySQL's ``DOUBLE`` cannot hold as they are (nothing is sent; see
+    :func:`~casty_sa.models.mysql_cannot_hold`)."""
+    for stamp in (*(row[2] for row in events), *(row[2] for row in snapshots)):
+        reason = mysql_cannot_hold(stamp)
+        if reason is not None:
+            raise WriteRefused(ValueError(reason), duplicate=False)
+
+
+def _refuse_oversized(size: int, limit: int) -> WriteRefused:
+    return WriteRefused(
+        PayloadTooLarge(
+            f"a row of up to {size:,} bytes once escaped is over the server's "
+            f"max_allowed_packet ({limit:,} bytes); raise it on the server"
+        ),
+        duplicate=False,
+    )
+
+
+def session_settings(statement_timeout: float, *, mariadb: bool) -> str:
+    """The ``SET SESSION`` of each connection casty-sa opens (see the module's docstring).
+
+    >>> session_settings(30.0, mariadb=False)  # doctest: +NORMALIZE_WHITESPACE
+    "SET SESSION sql_mode = 'STRICT_ALL_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION',
+    innodb_lock_wait_timeout = 10, max_execution_time = 30000"
+    """
+    settings = [
+        f"sql_mode = '{STRICT_SQL_MODE}'",
+        f"innodb_lock_wait_timeout = {max(1, int(statement_timeout / 3))}",
+    ]
+    if mariadb:
+        settings += [
+            f"max_statement_time = {statement_timeout:g}",
+            f"idle_write_transaction_timeout = {max(1, math.ceil(2 * statement_timeout))}",
+        ]
+    else:
+        settings.append(f"max_execution_time = {max(1, round(statement_timeout * 1000))}")
+    return "SET SESSION " + ", ".join(settings)
+
+
+def mysql_engine(url: URL, request: EngineRequest) -> tuple[AsyncEngine, Timeouts | None]:
+    """An asyncmy (or aiomysql) engine: utf8mb4, strict sessions, timeouts, a fixed pool."""
+    query_timeout = url.query.get("connect_timeout")
+    connect_timeout = request.connect_timeout
+    if connect_timeout is None:
+        connect_timeout = float(str(query_timeout)) if query_timeout else DEFAULT_CONNECT_TIMEOUT
+    statement_timeout = request.statement_timeout
+    if statement_timeout is None:
+        statement_timeout = DEFAULT_STATEMENT_TIMEOUT
+    url = url.difference_update_query(["connect_timeout"])
+    connect_args = {
+        "charset": "utf8mb4",
+        "connect_timeout": max(1, math.ceil(connect_timeout)),
+        **request.connect_args,
+    }
+    defaults = {"pool_size": 10, "max_overflow": 0}
+    engine = create_async_engine(url, connect_args=connect_args, **{**defaults, **request.options})
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _set_session(dbapi_connection: Any, _record: Any) -> None:
+        server = dbapi_connection.driver_connection.get_server_info()
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(session_settings(statement_timeout, mariadb="MariaDB" in server))
+        finally:
+            cursor.close()
+
+    return engine, Timeouts(float(connect_timeout), float(statement_timeout))
+
+
+#: ER_LOCK_DEADLOCK (the server rolled the transaction back), ER_LOCK_WAIT_TIMEOUT (the
+#: statement only: the backend rolls the rest back itself)
+_CONTENDED = frozenset({1213, 1205})
+#: ER_DUP_ENTRY, ER_DUP_ENTRY_WITH_KEY_NAME
+_DUPLICATE = frozenset({1062, 1586})
+#: values refused: too long, out of range, bad value, NULL, bad string, check constraint
+_REFUSED = frozenset({1406, 1264, 1366, 1048, 1292, 3819, 4025, 1153, 1301, 1690})
+
+
+def _write_failure(exc: Exception, _max_length: int | None) -> BaseException | bool:
+    """asyncmy's (or aiomysql's) error of a failed write (see ``WriteFailureRule``)."""
+    code = error_code(exc)
+    if code in _DUPLICATE:
+        # only the events' primary key is a sequence number already stored: MySQL names it
+        # PRIMARY ('casty_sa_events.PRIMARY' on 8.0); the global order's index is another
+        return WriteRefused(exc, duplicate="PRIMARY'" in str(exc))
+    if code in _REFUSED:
+        return WriteRefused(exc, duplicate=False)
+    if code in _CONTENDED:
+        return Contended(exc)
+    # a server's answer (an error code below 2000: CR_* codes are the client's) means
+    # the packet stopped there, COMMIT unrun; a lost connection leaves it open
+    return code is not None and code < 2000 and not is_mysql_disconnect(exc)
+
+
+register(
+    Dialect(
+        name="mysql",
+        aliases=frozenset({"mariadb"}),
+        url_names=frozenset({"mariadb"}),
+        label="MySQL/MariaDB",
+        example="mysql://…",
+        driver="asyncmy",
+        drivers=frozenset({"aiomysql"}),
+        extras={"asyncmy": ("asyncmy", "mysql"), "aiomysql": ("aiomysql", "aiomysql")},
+        kind=JournalKind.centralized,
+        timed=True,
+        engine=mysql_engine,
+        backend=MySQLBackend,
+        write_failure=_write_failure,
+    )
+)
