@@ -71,12 +71,14 @@ class JournalDatabase:
         self._reader = read_only(self._engine)
         self._name = safe_url(engine.url)
         self._mysql = engine.dialect.name in ("mysql", "mariadb")
-        postgres = engine.dialect.name == "postgresql"
-        if self._mysql:
+        self._insert_events: Insert | None = None
+        self._upsert_snapshots: Insert
+        if self._mysql:  # no RETURNING, no ON CONFLICT: see write_events, write_snapshots
             self._upsert_snapshots = newer_snapshot_wins(
                 mysql.insert(_snapshots), _snapshots, replace_equal=False
             )
             return
+        postgres = engine.dialect.name == "postgresql"
         insert = postgresql.insert if postgres else sqlite.insert
         events = _in_global_order(insert(_events), postgresql=postgres)
         self._insert_events = events.on_conflict_do_nothing(
@@ -134,8 +136,9 @@ class JournalDatabase:
 
     @property
     def keeps_zero_sign(self) -> bool:
-        """True: casty-sa's timestamp columns keep ``-0.0`` on every backend."""
-        return True
+        """Whether the timestamp columns keep ``-0.0``: all but MySQL's and MariaDB's
+        ``DOUBLE`` (the journal refuses ``-0.0`` there)."""
+        return not self._mysql
 
     async def stats(self) -> JournalStats:
         """Per-entity event statistics and snapshot positions of the database."""
@@ -212,7 +215,7 @@ class JournalDatabase:
         do (see :func:`_in_global_order`), and keeps the source's ``event_type``.
         """
         async with self._engine.begin() as connection:
-            if self._mysql:
+            if self._insert_events is None:
                 return await _write_events_mysql(connection, rows)
             params = [
                 {**_params(row), "event_type": row.event_type, "step": step}
@@ -251,7 +254,7 @@ async def _write_events_mysql(connection: AsyncConnection, rows: Sequence[Row]) 
             "casty_sa_event_counter has no row: run `casty-sa upgrade` (migration 0004 makes it)"
         )
     top = int((await connection.execute(select(func.last_insert_id()))).scalar_one())
-    held = set()
+    held: set[tuple[str, int]] = set()
     c = _events.c
     for chunk in chunks([(row.entity_id, row.sequence_nr) for row in rows], LOOKUP_CHUNK):
         found = select(c.entity_id, c.sequence_nr).where(
