@@ -180,7 +180,7 @@ class TestMigrations:
     ) -> None:
         asyncio.run(execute(db_url, "SELECT 1"))  # the database exists (SQLite: the file)
         assert run(capsys, "upgrade", "--url", plain(db_url))[0] == ExitCode.OK
-        code, out, err = run(capsys, "downgrade", "-1", "--url", plain(db_url))
+        code, out, err = run(capsys, "downgrade", "0002", "--url", plain(db_url))
         assert code == ExitCode.OK, err
         assert "to 0002" in out
 

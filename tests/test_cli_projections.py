@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,10 @@ from casty_sa.cli import ExitCode, main
 from casty_sa.errors import ProjectionFailed, ProjectionLeaseLost
 from casty_sa.projections.offsets import OffsetTable
 
-from support.dbtools import execute, plain, query, run_script
+from support.dbtools import execute, mysql_script, plain, query, run_script
 from support.offsets import advance, install, on_offsets
 from support.processes import free_port
+from support.projections import add_to
 
 ENTITIES = ("acct-1", "acct-2", "acct-3", "acct-4", "acct-5", "acct-6")
 PER_ENTITY = 3
@@ -68,6 +70,22 @@ async def other_database(
         await casty_sa.upgrade(url)
         return url
     return await new_server_db(migrated=True)
+
+
+async def with_password(url: URL, password: str) -> URL:
+    """``url`` with a password the server takes: the suite's PostgreSQL trusts local logins
+    (any password); on MySQL, an account of its own with every privilege on the database."""
+    if url.get_backend_name() != "mysql":
+        return url.set(password=password)
+    user = f"pw_{uuid.uuid4().hex[:8]}"
+    await mysql_script(
+        url.set(database=None),
+        [
+            f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'",
+            f"GRANT ALL ON `{url.database}`.* TO '{user}'@'%'",
+        ],
+    )
+    return url.set(username=user, password=password)
 
 
 async def _bare(new_server_db: Callable[..., Awaitable[URL]]) -> URL:
@@ -203,7 +221,7 @@ class TestReadModelElsewhere:
         capsys: pytest.CaptureFixture[str],
     ) -> None:
         bare = asyncio.run(_bare(new_server_db))
-        secret = bare.set(password=PASSWORD)
+        secret = asyncio.run(with_password(bare, PASSWORD))
         code, out, err = run(
             capsys, "projections", "--url", plain(db_url), "--offsets-url", plain(secret)
         )
@@ -365,12 +383,10 @@ class TestWithAProjection:
         async def handler(session: AsyncSession, envelope: EventEnvelope) -> None:
             if envelope.entity_id == failing:
                 raise ValueError(f"no account {envelope.entity_id}")
+            dialect = session.get_bind().dialect.name
             await session.execute(
-                text(
-                    "INSERT INTO rm_balances VALUES (:e, :n) ON CONFLICT (entity_id) "
-                    "DO UPDATE SET balance = rm_balances.balance + :n"
-                ),
-                {"e": envelope.entity_id, "n": envelope.event},
+                text(add_to("rm_balances", "entity_id", "balance", dialect)),
+                {"k": envelope.entity_id, "n": envelope.event},
             )
 
         async with asyncio.timeout(30), SAJournal(url) as journal:
