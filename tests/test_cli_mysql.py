@@ -55,8 +55,13 @@ class TestPrintedDDL:
         assert f"COLLATE {COLLATION[scheme]}" in ddl
         other = COLLATION["mariadb" if scheme == "mysql" else "mysql"]
         assert other not in ddl
-        for foreign in ("RETURNING", "ON CONFLICT", "BYTEA", "::", "SERIAL", "search_path"):
+        for foreign in ("ON CONFLICT", "BYTEA", "::", "SERIAL", "search_path"):
             assert foreign not in ddl, foreign
+        # MySQL has no RETURNING; MariaDB has it since 10.5, and SQLAlchemy's offline
+        # mariadb dialect lets Alembic use it for its version row
+        returning = [line for line in ddl.splitlines() if "RETURNING" in line]
+        assert all("casty_sa_alembic_version" in line for line in returning), returning
+        assert scheme == "mariadb" or not returning, returning
         assert PASSWORD not in ddl + err
         code, down, err = run(capsys, "downgrade", "--sql", "--url", url)
         assert code == ExitCode.OK, err
@@ -228,7 +233,9 @@ class TestRefusals:
         code, out, err = run(capsys, "check", "--url", wrong)
         assert code == ExitCode.DATABASE_ERROR, err
         assert "check the user name and password" in err and PASSWORD not in out + err
-        root = plain(account.set(username="root", password=None, database="no_such_db"))
+        root = plain(
+            URL.create(account.drivername, "root", None, account.host, account.port, "nodb")
+        )
         code, _, err = run(capsys, "check", "--url", root)
         assert code == ExitCode.DATABASE_ERROR and "create the database" in err, err
 
