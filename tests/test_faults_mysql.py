@@ -152,6 +152,12 @@ def frozen(server: MariaDBServer) -> Iterator[None]:
 # -- the server hangs, crashes and comes back --------------------------------------------------
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="library defect (backends/pooled.py, mysql_reads.py): a read whose statement timed "
+    "out gives its connection back to the pool, whose reset (ROLLBACK) waits for a frozen "
+    "server without a bound; the connection must be aborted, as after a ping's timeout",
+)
 async def test_a_frozen_server_fails_each_call_within_its_budget(
     maria: MariaDBServer, fault_db: URL, make_journal: Callable[..., SAJournal]
 ) -> None:
@@ -179,7 +185,10 @@ async def test_a_frozen_server_fails_each_call_within_its_budget(
         for name, call in calls.items():
             started = time.monotonic()
             with pytest.raises(DatabaseUnavailable) as info:
-                await asyncio.wait_for(call(), 60)
+                try:
+                    await asyncio.wait_for(call(), 2 * bound)
+                except TimeoutError as exc:
+                    raise AssertionError(f"{name} hung against a frozen server") from exc
             elapsed = time.monotonic() - started
             assert elapsed < bound, f"{name} took {elapsed:.1f}s against a frozen server"
             errors[name] = info.value
@@ -262,11 +271,15 @@ async def test_a_session_killed_mid_commit_is_commit_outcome_unknown(
     await admin(maria, "SET GLOBAL binlog_commit_wait_count = 0")
     stored = [e.event for e in await journal.load("acct")]
     assert stored in ([], ["a", "b"]), stored
-    if stored:
-        with pytest.raises(SequenceConflict):
-            await journal.persist("acct", events)
-    else:
+    # sent again, as casty's entity would after reloading: stored once. The killed commit
+    # may still land after the load above (its session's commit goes on without it), so
+    # the retry either stores the events or says another write has them
+    try:
         await journal.persist("acct", events)
+        retried = "stored"
+    except SequenceConflict:
+        retried = "conflict"
+    assert stored == [] or retried == "conflict", (stored, retried)
     assert [e.event for e in await journal.load("acct")] == ["a", "b"]
     await journal.persist("acct", [PersistedEvent(3, "c", 1.0)])
     assert [e.event for e in await journal.load("acct")] == ["a", "b", "c"]
