@@ -10,6 +10,7 @@ no message ever carries a password.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 
 from sqlalchemy import URL
@@ -66,6 +67,15 @@ _MYSQL_TIMED_OUT = frozenset({1969, 3024, 1205})
 _MYSQL_DDL_REFUSED = frozenset({1142, 1227})
 
 
+#: The values MySQL/MariaDB quote in an error's text: ``Duplicate entry 'alice-1' for key``
+#: (1062), ``Incorrect integer value: 'x' for column`` (1366), ``Truncated incorrect DOUBLE
+#: value: 'x'`` (1292): data of the application's, where PostgreSQL puts it on a DETAIL line
+_MYSQL_QUOTED_VALUE = (
+    re.compile(r"(entry |value: )'.*'(?= for (?:key|column) )"),  # up to the last " for key"
+    re.compile(r"(value: )'.*'(?=\W*$)"),  # or to the end
+)
+
+
 def describe(exc: BaseException, secrets: frozenset[str] = frozenset()) -> str:
     """A short, password-free description of a driver error (no SQL, no parameters).
 
@@ -79,9 +89,17 @@ def describe(exc: BaseException, secrets: frozenset[str] = frozenset()) -> str:
     --------
     >>> describe(ValueError("login as app with hunter2 refused"), frozenset({"hunter2"}))
     'ValueError: login as app with *** refused'
+    >>> import pymysql
+    >>> print(describe(pymysql.err.IntegrityError(1062, "Duplicate entry 'a-1' for key 'PRIMARY'")))
+    IntegrityError: (1062, "Duplicate entry '…' for key 'PRIMARY'")
     """
     original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
     first = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    if mysql_code(original) is not None:  # MySQL quotes the row's values in its first line
+        for quoted in _MYSQL_QUOTED_VALUE:
+            first, found = quoted.subn(r"\1'…'", first)
+            if found:
+                break
     text = mask_secrets(first, secrets)
     if len(text) > 300:
         text = text[:300] + "…"
