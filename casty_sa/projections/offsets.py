@@ -46,10 +46,8 @@ from sqlalchemy import (
     Update,
     and_,
     delete,
-    func,
     or_,
     select,
-    text,
     update,
 )
 from sqlalchemy import insert as generic_insert
@@ -62,6 +60,7 @@ from sqlalchemy.sql.schema import SchemaConst
 
 from casty_sa.errors import ProjectionError, ProjectionLeaseLost
 from casty_sa.models import NAMING_CONVENTION, ProjectionOffsetRecord
+from casty_sa.projections.bounds import end_if_frozen
 
 __all__ = ["Lease", "OffsetRow", "OffsetTable", "SliceCountChanged", "database_ms"]
 
@@ -189,7 +188,7 @@ class OffsetTable:
             table.c.lease_expires_ms.is_(None),
             table.c.lease_expires_ms <= database_ms(),
         )
-        await _end_if_frozen(session, lease_ms)
+        await end_if_frozen(session, lease_ms)
         taken = await session.execute(
             update(table)
             .where(table.c.projection == name, table.c.slice == index, free)
@@ -207,7 +206,7 @@ class OffsetTable:
 
     async def renew(self, session: AsyncSession, lease: Lease, lease_ms: int) -> bool:
         """Extend ``lease`` by ``lease_ms`` from now; ``False`` if it was lost."""
-        await _end_if_frozen(session, lease_ms)
+        await end_if_frozen(session, lease_ms)
         renewed = await session.execute(
             update(self.table)
             .where(self._held_by(lease))
@@ -228,7 +227,7 @@ class OffsetTable:
         the lease; :class:`ProjectionLeaseLost` if the row is no longer ``lease``'s at
         ``after``. Run it first in the batch's transaction (it locks the row)."""
         table = self.table
-        await _end_if_frozen(session, lease_ms)
+        await end_if_frozen(session, lease_ms)
         moved = await session.execute(
             update(table)
             .where(self._held_by(lease), table.c.last_offset.is_not_distinct_from(after))
@@ -365,39 +364,6 @@ def _insert_ignoring_duplicates(session: AsyncSession, table: Table) -> Insert:
     if dialect == "sqlite":
         return sqlite.insert(table).on_conflict_do_nothing()
     return mysql.insert(table).prefix_with("IGNORE")
-
-
-async def _end_if_frozen(session: AsyncSession, lease_ms: int) -> None:
-    """Make the server end this transaction if its client goes quiet in it for longer than a
-    lease, and wait at most a lease for a lock.
-
-    A process frozen (stopped, paused, cut off behind a half-open connection) between a
-    statement on the slice's row and its ``COMMIT`` holds the row's lock: without this
-    no other worker could ever take the slice over (its ``acquire`` waits on the lock),
-    and the open transaction would hold back the horizon of every live reader of the
-    server. A transaction that went quiet that long had lost its lease anyway.
-
-    PostgreSQL: ``SET LOCAL idle_in_transaction_session_timeout`` and ``lock_timeout``
-    (this transaction's). MySQL/MariaDB: ``innodb_lock_wait_timeout`` and, on MariaDB,
-    ``idle_transaction_timeout``, in whole seconds and for the session (neither has a
-    transaction's own setting): the read model's connection keeps them. MySQL 8 has no
-    idle-transaction bound: a frozen worker's row stays locked until its connection ends
-    (``wait_timeout``), and meanwhile the other workers' attempts fail after a lease and
-    are retried.
-    """
-    dialect = session.get_bind().dialect
-    if dialect.name == "postgresql":
-        idle = func.set_config("idle_in_transaction_session_timeout", f"{lease_ms}ms", True)
-        # and a row some other session keeps locked fails the statement after a lease
-        # (a retried failure) instead of holding the worker, its renewals and stop()
-        locked = func.set_config("lock_timeout", f"{lease_ms}ms", True)
-        await session.execute(select(idle, locked))
-    elif dialect.name in ("mysql", "mariadb"):
-        await session.connection()  # the dialect knows MariaDB from MySQL once connected
-        seconds = max(1, -(-lease_ms // 1000))
-        mariadb = getattr(dialect, "is_mariadb", False)
-        quiet = f", idle_transaction_timeout = {seconds}" if mariadb else ""
-        await session.execute(text(f"SET SESSION innodb_lock_wait_timeout = {seconds}{quiet}"))
 
 
 def _rowcount(result: Any) -> int:
