@@ -72,11 +72,9 @@ class SAJournal(ReadSideCalls):
     url : str | URL | os.PathLike | AsyncEngine | async_sessionmaker
         ``sqlite:///journal.db`` (or ``pathlib.Path("journal.db")``),
         ``sqlite://`` (memory, one database for the journal's lifetime),
-        ``postgresql://user:pw@host/db`` (libpq's ``sslmode``,
-        ``application_name``, ``connect_timeout`` and ``options=-c name=value``
-        are honoured; another parameter asyncpg cannot honour is refused;
-        ``postgresql+psycopg://`` takes psycopg 3), ``mysql://user:pw@host/db`` or
-        ``mariadb://…`` (asyncmy; ``mysql+aiomysql://`` takes aiomysql), or an
+        ``postgresql://user:pw@host/db`` (libpq's ``sslmode``, ``application_name``,
+        ``connect_timeout``, ``options=-c name=value``; ``postgresql+psycopg://``: psycopg 3),
+        ``mysql://…`` or ``mariadb://…`` (asyncmy; ``mysql+aiomysql://``), or an
         application's ``AsyncEngine`` or ``async_sessionmaker`` (its pool is
         shared; ``close()`` leaves it open).
     kind : JournalKind | None
@@ -112,16 +110,14 @@ class SAJournal(ReadSideCalls):
         SQLite: ``FULL`` (default, durable on power loss), ``NORMAL`` (faster, may lose
         the last commits on power loss), ``OFF``.
     connect_timeout : float | None
-        Server databases: seconds a connection attempt takes at most (the URL's
-        ``connect_timeout``; 10).
+        Servers: seconds a connection attempt takes at most (the URL's ``connect_timeout``; 10).
     statement_timeout : float | None
-        Server databases: seconds before a statement fails, on the client and on
-        the server (PostgreSQL's ``statement_timeout``, MariaDB's ``max_statement_time``,
-        MySQL's ``max_execution_time``; default: on PostgreSQL the URL's ``options=-c
-        statement_timeout=…``, else 30). A call's budget is the two together:
-        a pooled connection that does not answer a liveness ping within the
-        shorter of them fails the call (the server is taken for hung), and
-        reads are not retried once the budget is spent.
+        Servers: seconds before a statement fails, on the client and the server
+        (``statement_timeout``, MariaDB ``max_statement_time``, MySQL ``max_execution_time``;
+        default: PostgreSQL's URL's ``options=-c statement_timeout=…``, else 30). A call's
+        budget is the two together: a pooled connection that does not answer a liveness
+        ping within the shorter of them fails the call (the server is taken for hung),
+        and reads are not retried once the budget is spent.
     **engine_options
         Passed to ``create_async_engine`` (``pool_size``, ``echo``, …). ``echo``
         and SQLAlchemy instrumentation (OpenTelemetry, Sentry) see the schema
