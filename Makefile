@@ -12,6 +12,9 @@ PYTHON ?= $(shell for p in python3.12 python3.13 $$(ls -d $${PYENV_ROOT:-$$HOME/
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest-xdist workers of `make test`: most tests wait on servers and subprocesses, not on a
+# core, so four share two cores well; each worker starts its own PostgreSQL and MariaDB
+TEST_WORKERS ?= 4
 
 .PHONY: venv test demo lint bench docs clean
 
@@ -26,7 +29,7 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	tools/install-mariadb.sh
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 demo: $(STAMP)
 	rm -f examples/bank.db examples/bank.db-wal examples/bank.db-shm

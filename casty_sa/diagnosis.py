@@ -115,6 +115,9 @@ def sqlstate(exc: BaseException) -> str | None:
         state = getattr(current, "sqlstate", None)
         if isinstance(state, str):
             return state
+        login = _refused_login(current)
+        if login is not None:
+            return login
         orig = getattr(current, "orig", None)
         current = orig if isinstance(orig, BaseException) else current.__cause__
     return None
@@ -149,6 +152,27 @@ def mysql_code(exc: BaseException) -> int | None:
 
 #: The modules whose errors carry MySQL's error numbers (aiomysql raises PyMySQL's)
 _MYSQL_DRIVERS = frozenset({"asyncmy", "pymysql", "aiomysql"})
+
+
+#: What a server's refusal of a login says (in English, the default), by SQLSTATE: psycopg
+#: raises it without one (libpq keeps only the message of a failed connection)
+_LOGIN_REFUSALS = (
+    ("password authentication failed", "28P01"),
+    ("no pg_hba.conf entry", "28000"),
+    ('role "', "28000"),  # role "x" does not exist
+    ('database "', "3D000"),  # database "x" does not exist
+)
+
+
+def _refused_login(exc: BaseException) -> str | None:
+    """The SQLSTATE of psycopg's failed connection, read from the server's FATAL message."""
+    if not type(exc).__module__.startswith("psycopg") or "FATAL:" not in str(exc):
+        return None
+    fatal = str(exc).partition("FATAL:")[2]
+    for says, state in _LOGIN_REFUSALS:
+        if says in fatal and (not says.endswith('"') or "does not exist" in fatal):
+            return state
+    return None
 
 
 #: PostgreSQL SQLSTATEs of a table, column, schema or ON CONFLICT key that is not there

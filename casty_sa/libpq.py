@@ -27,7 +27,7 @@ from sqlalchemy import URL
 from casty_sa.errors import UnsupportedDatabase
 from casty_sa.urls import is_secret_parameter, safe_url
 
-__all__ = ["DEFAULT_APPLICATION_NAME", "PostgresOptions", "postgres_options"]
+__all__ = ["DEFAULT_APPLICATION_NAME", "PostgresOptions", "libpq_timeouts", "postgres_options"]
 
 #: The ``application_name`` of casty-sa's PostgreSQL connections (``pg_stat_activity``),
 #: unless the URL (``?application_name=``) or ``connect_args`` name another.
@@ -174,6 +174,34 @@ def postgres_options(url: URL) -> PostgresOptions:
         url = url.set(database=single["dbname"])
     options.url = url.difference_update_query(_TLS_PARAMETERS | _INTEGER_PARAMETERS | _TRANSLATED)
     return options
+
+
+def libpq_timeouts(url: URL) -> tuple[float | None, float | None]:
+    """The URL's ``connect_timeout`` and ``options=-c statement_timeout=…``, in seconds.
+
+    For psycopg, which takes every libpq parameter itself: casty-sa only needs to
+    know the bounds they set (``None``: the URL sets none).
+
+    Examples
+    --------
+    >>> from sqlalchemy import make_url
+    >>> options = "options=-c%20statement_timeout%3D5s"
+    >>> libpq_timeouts(make_url(f"postgresql://db/x?connect_timeout=3&{options}"))
+    (3.0, 5.0)
+    """
+    query = dict(url.query)
+    connect = query.get("connect_timeout")
+    options = query.get("options")
+    settings = {}
+    if options is not None:
+        try:
+            settings = _parse_options(_single("options", options))
+        except UnsupportedDatabase:
+            settings = {}  # switches libpq passes on to the server: no timeout among them
+    statement = settings.get("statement_timeout")
+    if connect is not None:
+        connect = _number("connect_timeout", _single("connect_timeout", connect), float)
+    return connect, None if statement is None else _duration(statement)
 
 
 def _plural(items: list[str], word: str) -> str:

@@ -182,8 +182,9 @@ def _exact_on_mysql(type_: ExactString, compiler: Any, **_kw: Any) -> str:
 Payload = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 
 #: Table options on MySQL/MariaDB: InnoDB (transactions, row locks) and utf8mb4 (under
-#: both names: SQLAlchemy reads the ``mariadb_`` ones for a ``mariadb://`` URL).
-MYSQL_TABLE = {
+#: both names: SQLAlchemy reads the ``mariadb_`` ones for a ``mariadb://`` URL). Typed
+#: ``Any`` so that it spreads into ``op.create_table(…, **MYSQL_TABLE)`` beside its flags.
+MYSQL_TABLE: dict[str, Any] = {
     f"{name}_{option}": value
     for name in ("mysql", "mariadb")
     for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"))

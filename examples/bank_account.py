@@ -8,6 +8,7 @@ recovery::
     python examples/bank_account.py                      # sqlite:///bank.db next to this file
     python examples/bank_account.py --url sqlite:///examples/bank.db
     python examples/bank_account.py --url postgresql://user:password@localhost/bank
+    python examples/bank_account.py --url mysql://user:password@localhost/bank  # or mariadb://
 
 The account replies to a command only once its events are stored: the
 command handler tells the account itself to confirm, and casty handles that
@@ -171,7 +172,7 @@ def recovery_line(journal: ReportingJournal, account: Account) -> str:
 
 
 async def run(url: str) -> None:
-    # migrate=True creates the tables on a fresh PostgreSQL database too; in
+    # migrate=True creates the tables on a fresh server database too; in
     # production, run `casty-sa upgrade` instead and leave it off.
     async with (
         ReportingJournal(url, migrate=True) as journal,

@@ -10,6 +10,7 @@ from its stored offset, applying each event exactly once::
 
     python examples/bank_balances.py                      # sqlite:///bank_balances.db here
     python examples/bank_balances.py --url postgresql://user:password@localhost/bank
+    python examples/bank_balances.py --url mysql://user:password@localhost/bank  # or mariadb://
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ async def caught_up(projection: Projection) -> ProjectionStatus:
 
 
 async def run(url: str) -> None:
-    # migrate=True creates casty-sa's tables on a fresh PostgreSQL database too; in
+    # migrate=True creates casty-sa's tables on a fresh server database too; in
     # production, run `casty-sa upgrade` instead and leave it off.
     async with SAJournal(url, migrate=True) as journal:
         async with journal.engine.begin() as connection:

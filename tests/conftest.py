@@ -109,7 +109,9 @@ def _print_pending_tasks(item: pytest.Item) -> None:
             awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
 
 
-_TEMPLATE = "casty_sa_template"
+#: The migrated database each test's is cloned from: one per pytest-xdist worker, which may
+#: share a server given by the environment.
+_TEMPLATE = f"casty_sa_template_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
 _counter = itertools.count()
 
 

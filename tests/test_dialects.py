@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from casty import JournalKind
@@ -143,3 +144,48 @@ def test_a_failed_write_on_a_dialect_without_its_own_rule_is_never_read_by_anoth
         dialects.unregister("ruleless")
     with pytest.raises(ValueError, match="'nonsense-typo'"):
         classify_write_failure(error, committing=True, dialect="nonsense-typo")
+
+
+def test_a_missing_driver_names_the_extra_that_installs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``postgresql+psycopg://`` without psycopg: ``DriverNotInstalled`` says which extra to
+    install (and never shows the password); a plain ``postgresql://`` keeps asyncpg."""
+    import importlib.util
+
+    from casty_sa import DriverNotInstalled
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "psycopg" else found(name)
+    )
+    with pytest.raises(DriverNotInstalled) as info:
+        open_engine("postgresql+psycopg://app:s3cret-pw@127.0.0.1/bank")
+    assert "pip install 'casty-sa[psycopg]'" in str(info.value)
+    assert "s3cret-pw" not in str(info.value)
+    assert to_async_url("postgresql://app@h/db").drivername == "postgresql+asyncpg"
+    assert to_async_url("postgresql+psycopg://app@h/db").drivername == "postgresql+psycopg"
+
+
+@pytest.mark.only_backends("postgresql")
+async def test_the_journals_connections_are_named_bounded_and_left_as_the_pool_gave_them(
+    new_server_db: Any, make_journal: Any
+) -> None:
+    """On either driver: casty-sa's engine names its connections ``casty-sa`` and gives the
+    server its statement timeout; the journal works in autocommit (psycopg's connection is
+    switched while the journal holds it) and gives it back to the pool as it came."""
+    from casty import PersistedEvent
+
+    url = await new_server_db()
+    journal = make_journal(url, statement_timeout=7.0)
+    await journal.persist("acct", [PersistedEvent(1, "a", 1.0)])
+    backend = journal._backend
+    sql = "SELECT current_setting('application_name'), current_setting('statement_timeout')"
+    async with backend.connection() as conn:
+        found = await backend._driver.fetchrow(conn, sql, (), 5.0)
+        if backend._driver.name == "psycopg":
+            assert conn.autocommit
+    assert tuple(found) == ("casty-sa", "7s")
+    await backend.release_held()
+    async with journal._engine.connect() as app:  # an application's turn on the same pool
+        driver = (await app.get_raw_connection()).driver_connection
+        if backend._driver.name == "psycopg":
+            assert not driver.autocommit, "an application got an autocommit connection"

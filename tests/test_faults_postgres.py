@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import psycopg
 import pytest
 from casty import PersistedEvent, Snapshot
 from sqlalchemy import URL, text
@@ -178,14 +179,21 @@ async def pg(dedicated_pg: DedicatedPostgres) -> AsyncIterator[DedicatedPostgres
         dedicated_pg.start()
 
 
+@pytest.fixture(params=["asyncpg", "psycopg"])
+def fault_driver(request: pytest.FixtureRequest) -> str:
+    """The driver the journal of a fault test runs on: every fault, both drivers."""
+    driver: str = request.param
+    return driver
+
+
 @pytest.fixture
-async def fault_db(pg: DedicatedPostgres) -> AsyncIterator[URL]:
-    """A fresh database at head on the dedicated server (admin URL)."""
+async def fault_db(pg: DedicatedPostgres, fault_driver: str) -> AsyncIterator[URL]:
+    """A fresh database at head on the dedicated server (admin URL, the test's driver)."""
     name = f"fault_{os.getpid()}_{next(_db_counter)}"
     await pg.admin(f'CREATE DATABASE "{name}"')
     url = pg.url(db=name)
     await casty_sa.upgrade(url)
-    yield url
+    yield url.set(drivername=f"postgresql+{fault_driver}")
     if not pg.running():
         pg.start()
     await pg.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -198,9 +206,16 @@ def fault_journal(make_journal: Callable[..., SAJournal], url: URL, **options: A
         "statement_timeout": 10.0,
         "read_retries": 2,
         "retry_backoff": 0.05,
-        "connect_args": {"server_settings": {"application_name": APP_NAME}},
+        "connect_args": named(url, APP_NAME),
     }
     return make_journal(url, **{**defaults, **options})
+
+
+def named(url: URL, application_name: str) -> dict[str, Any]:
+    """``connect_args`` naming the connections of ``url``'s driver in ``pg_stat_activity``."""
+    if url.get_driver_name() == "psycopg":
+        return {"application_name": application_name}
+    return {"server_settings": {"application_name": application_name}}
 
 
 async def journal_backends(pg: DedicatedPostgres, db: str, *, waiting: bool = False) -> list[int]:
@@ -446,6 +461,37 @@ async def test_read_killed_mid_statement_is_retried_transparently(
     assert "retry 1 of 3" in caplog.text
 
 
+def server_pid(driver: Any) -> int:
+    """The server process of an asyncpg or psycopg connection."""
+    if hasattr(driver, "get_server_pid"):
+        return int(driver.get_server_pid())
+    return int(driver.info.backend_pid)
+
+
+@contextlib.asynccontextmanager
+async def goodbye_arrived(driver: Any) -> AsyncIterator[None]:
+    """Wait, on leaving, until the server's goodbye to ``driver`` (ended in the block) has
+    reached the client: asyncpg has read it (the connection is closed), or it waits in
+    psycopg's socket."""
+    gone = asyncio.Event()
+    if hasattr(driver, "add_termination_listener"):
+        driver.add_termination_listener(lambda _connection: gone.set())
+        yield
+        async with asyncio.timeout(5):
+            await gone.wait()
+        assert driver.is_closed()
+        return
+    loop = asyncio.get_running_loop()
+    socket = driver.pgconn.socket
+    yield
+    loop.add_reader(socket, gone.set)
+    try:
+        async with asyncio.timeout(5):
+            await gone.wait()
+    finally:
+        loop.remove_reader(socket)
+
+
 async def test_a_write_on_a_connection_the_server_just_ended_is_sent_on_another(
     pg: DedicatedPostgres,
     fault_db: URL,
@@ -453,11 +499,12 @@ async def test_a_write_on_a_connection_the_server_just_ended_is_sent_on_another(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The server ends the writer's kept session between the journal's look at it and the
-    write: asyncpg, which has read the server's goodbye by then, refuses the statement
-    before sending it, and the journal sends it on another connection instead of reporting
-    an unknown outcome. The session is ended at that exact point (the backend hands the
-    connection out, then the test ends it and waits until the client knows), so the test
-    never depends on how fast the goodbye travels."""
+    write: the driver, which has the server's goodbye by then (asyncpg has read it, psycopg
+    finds it waiting in the socket), refuses the statement before sending it, and the
+    journal sends it on another connection instead of reporting an unknown outcome. The
+    session is ended at that exact point (the backend hands the connection out, then the
+    test ends it and waits until the goodbye reached the client), so the test never
+    depends on how fast the goodbye travels."""
     db = fault_db.database or ""
     journal = fault_journal(make_journal, fault_db)
     await journal.persist("acct", [PersistedEvent(1, "a", 1.0)])
@@ -472,13 +519,9 @@ async def test_a_write_on_a_connection_the_server_just_ended_is_sent_on_another(
         fairy = await take_writer()
         if not ended:
             driver = fairy.driver_connection
-            gone = asyncio.Event()
-            driver.add_termination_listener(lambda _connection: gone.set())
-            ended.append(driver.get_server_pid())
-            await admin.execute("SELECT pg_terminate_backend($1)", ended[0])
-            async with asyncio.timeout(5):
-                await gone.wait()  # the client has read the goodbye: asyncpg knows
-            assert driver.is_closed()
+            ended.append(server_pid(driver))
+            async with goodbye_arrived(driver):
+                await admin.execute("SELECT pg_terminate_backend($1)", ended[0])
         return fairy
 
     backend.take_writer = take_then_end
@@ -510,14 +553,15 @@ async def test_writes_racing_the_end_of_their_session_are_stored_or_said_unknown
             await journal.persist(f"acct-{k}", [PersistedEvent(1, k, 1.0)])
             held = internals.held_writer(journal)
             assert held is not None, "the flusher keeps its connection between writes"
-            pid = held.driver_connection.get_server_pid()
+            pid = server_pid(held.driver_connection)
             await admin.execute("SELECT pg_terminate_backend($1)", pid)
             try:
                 await journal.persist(f"acct-{k}", [PersistedEvent(2, k, 1.0)])
             except CommitOutcomeUnknown as unknown:
                 # sent before the goodbye arrived: a lost connection mid-statement
                 cause = unknown.__cause__
-                assert isinstance(cause, asyncpg.ConnectionDoesNotExistError), repr(cause)
+                lost = (asyncpg.ConnectionDoesNotExistError, psycopg.OperationalError)
+                assert isinstance(cause, lost), repr(cause)
                 reported[k] = False
             else:
                 reported[k] = True
@@ -1264,9 +1308,12 @@ async def test_a_frozen_server_bounds_calls_on_an_applications_engine_too(
     from sqlalchemy.ext.asyncio import create_async_engine
 
     connect, statement = 1.0, 2.0
-    engine = create_async_engine(
-        fault_db, connect_args={"timeout": connect}, pool_size=10, max_overflow=0
+    bounded = (
+        {"connect_timeout": str(round(connect))}  # libpq waits 2 seconds at least
+        if fault_db.get_driver_name() == "psycopg"
+        else {"timeout": connect}
     )
+    engine = create_async_engine(fault_db, connect_args=bounded, pool_size=10, max_overflow=0)
     try:
         journal = make_journal(
             engine, read_retries=3, connect_timeout=connect, statement_timeout=statement

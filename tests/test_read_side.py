@@ -24,16 +24,13 @@ import asyncpg
 import pytest
 from casty import PersistedEvent
 from sqlalchemy import URL
-from sqlalchemy.dialects import mysql
 
 from casty_sa import EventEnvelope, InvalidOffset, JournalClosed, PayloadDecodeError, SAJournal
 from casty_sa.ordering import format_offset, notify_channel, parse_offset, take_positions
 
 from support import dbtools, internals
-from support.dbtools import mysql_connect
+from support.dbtools import MYSQL_QUOTES, mysql_connect
 from support.processes import EVENT_WRITER
-
-MYSQL_QUOTES = mysql.dialect().identifier_preparer
 
 pytestmark = pytest.mark.shared_database
 
@@ -309,7 +306,7 @@ class HeldWrite:
         self._sqlite: sqlite3.Connection | None = None
 
     async def begin(self) -> None:
-        if self.url.get_backend_name() == "mysql":
+        if self.url.get_backend_name() in ("mysql", "mariadb"):
             self._my = await mysql_connect(self.url)
             async with self._my.cursor() as cursor:
                 await cursor.execute(f"BEGIN; {take_positions(MYSQL_QUOTES)}", (1,))

@@ -1,46 +1,28 @@
 """Regenerate the generated parts of README.md.
 
-- DDL blocks (``<!-- ddl:postgresql -->`` … ``<!-- /ddl -->``): the exact DDL a
-  DBA reviews (``casty-sa upgrade --sql``) for each dialect, from the migrations.
-- Sections (``<!-- section:NAME -->`` … ``<!-- /section -->``): the text of
-  ``docs/_sections/NAME.md``, which the documentation site includes too, so
-  each text has one source.
+Sections (``<!-- section:NAME -->`` … ``<!-- /section -->``) are the text of
+``docs/_sections/NAME.md``, which the documentation site includes too, so each
+text has one source. One of them, ``ddl``, is itself generated from the
+migrations by ``tools/ddl_docs.py``: this script brings it up to date first.
 
-Run ``python tools/sync_readme.py`` after changing either;
-``tests/test_readme.py`` fails while the README is stale.
+Run ``python tools/sync_readme.py`` after changing a section or a migration;
+``tests/test_readme.py`` fails while the README is stale (and
+``tests/test_ddl_docs.py`` while the DDL section is).
 """
 
 from __future__ import annotations
 
-import io
+import importlib.util
 import re
 import sys
 from pathlib import Path
-
-from alembic import command
-
-from casty_sa.revisions import alembic_config
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 SECTIONS = REPO / "docs" / "_sections"
-DIALECTS = {"postgresql": "postgresql://", "sqlite": "sqlite://"}
-_BLOCK = re.compile(r"(<!-- ddl:(\w+) -->\n```sql\n)(.*?)(```\n<!-- /ddl -->)", re.S)
 _SITE_LINK = re.compile(r"\]\((assets/|[\w-]+\.md)")
 _SECTION = re.compile(r"(<!-- section:([\w-]+) -->\n)(.*?)(<!-- /section -->)", re.S)
-
-
-def ddl(dialect: str) -> str:
-    """The offline upgrade script from empty to head for ``dialect``."""
-    buffer = io.StringIO()
-    command.upgrade(alembic_config(DIALECTS[dialect], stdout=buffer), "head", sql=True)
-    lines = [line.rstrip() for line in buffer.getvalue().strip().splitlines()]
-    return "\n".join(lines) + "\n"
-
-
-def render(text: str) -> str:
-    """``text`` with every DDL block replaced by the current DDL."""
-    return _BLOCK.sub(lambda m: m.group(1) + ddl(m.group(2)) + m.group(4), text)
 
 
 def section(name: str) -> str:
@@ -55,12 +37,21 @@ def section(name: str) -> str:
 
 
 def render_readme(text: str) -> str:
-    """``text`` with its sections and DDL blocks regenerated."""
-    with_sections = _SECTION.sub(lambda m: m.group(1) + section(m.group(2)) + m.group(4), text)
-    return render(with_sections)
+    """``text`` with its sections regenerated from ``docs/_sections``."""
+    return _SECTION.sub(lambda m: m.group(1) + section(m.group(2)) + m.group(4), text)
+
+
+def _ddl_docs() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ddl_docs", REPO / "tools" / "ddl_docs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("ddl_docs", module)  # its dataclass looks its module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> int:
+    _ddl_docs().main([])
     text = README.read_text()
     updated = render_readme(text)
     if updated != text:

@@ -70,6 +70,10 @@ _ESCAPED = (b"\0", b"\\", b"\n", b"\r", b"\x1a", b'"', b"'")
 class MySQLBackend(MySQLReading):
     """asyncmy/aiomysql: a whole group in one packet, ``COMMIT`` included."""
 
+    # a second group in flight waits for the counter's lock on the server, its packet
+    # already there: it commits (and flushes, with the first one's) right after
+    write_pipeline = 2
+
     def __init__(self, engine: AsyncEngine, schema: str | None, settings: BackendSettings) -> None:
         super().__init__(engine, schema, settings)
         self._upsert_sql: str | None = None  # compiled once the server is known
@@ -83,7 +87,9 @@ class MySQLBackend(MySQLReading):
             f"era, transaction_id, {preparer.quote('position')}) VALUES "
         )
 
-    async def write(self, events: Sequence[EventRow], snapshots: Sequence[Row]) -> None:
+    async def write(
+        self, events: Sequence[EventRow], snapshots: Sequence[Row], *, seeded: bool = False
+    ) -> None:
         snapshots = latest_per_entity(snapshots)  # a row may be upserted once per statement
         _refuse_timestamps(events, snapshots)
         fairy = await self.take_writer()
@@ -93,16 +99,17 @@ class MySQLBackend(MySQLReading):
         try:
             if not self.usable(conn):  # the server ended it: nothing goes out
                 raise ConnectionLost(OSError("connection closed"), during_commit=False)
-            packets = await self._packets(conn, events, snapshots)
-            for number, (sql, args) in enumerate(packets, start=1):
+            # escaped and encoded before anything is sent: a failure here stored nothing
+            packets = [_wire(conn, *p) for p in await self._packets(conn, events, snapshots)]
+            for number, packet in enumerate(packets, start=1):
                 committing = number == len(packets)
-                await self._bounded(self._run(conn, sql, args, counts))
+                await self._bounded(self._run(conn, packet, counts))
         except BaseException as exc:
-            if events and counts[1:2] == [0]:  # the counter's UPDATE matched no row
+            if events and counts[1:2] == [0] and not seeded:  # the counter has no row
                 await self._abandon(conn)
                 await self.give_back_writer(fairy, None)
                 await self._seed_counter()
-                await self.write(events, snapshots)
+                await self.write(events, snapshots, seeded=True)
                 return
             if not isinstance(exc, ConnectionLost) and not self.is_disconnect(exc):
                 await self._abandon(conn)  # the server ran what came before the error
@@ -115,11 +122,11 @@ class MySQLBackend(MySQLReading):
             raise failure from exc
         await self.give_back_writer(fairy, None)
 
-    async def _run(self, conn: Any, sql: str, args: list[Any], counts: list[int]) -> None:
-        """Send one packet of statements and read every result, their row counts to
-        ``counts`` as they come (the counter's ``UPDATE`` is the second statement)."""
+    async def _run(self, conn: Any, packet: bytes, counts: list[int]) -> None:
+        """Send one packet of statements (see :func:`_wire`) and read every result, their
+        row counts to ``counts`` as they come (the counter's ``UPDATE`` is the second)."""
         async with conn.cursor() as cursor:
-            await cursor.execute(sql, args)
+            await cursor.execute(packet)  # no arguments: the driver sends it as it is
             counts.append(int(cursor.rowcount))
             while await cursor.nextset():
                 counts.append(int(cursor.rowcount))
@@ -131,7 +138,7 @@ class MySQLBackend(MySQLReading):
     async def _seed_counter(self) -> None:
         """Make the counter's row (tables made without migration 0004's seed)."""
         async with self.connection() as conn:
-            await self._bounded(self._run(conn, self._seed + "; COMMIT", [], []))
+            await self._bounded(self._run(conn, _wire(conn, self._seed + "; COMMIT", []), []))
 
     async def _packets(
         self, conn: Any, events: Sequence[EventRow], snapshots: Sequence[Row]
@@ -232,6 +239,29 @@ class MySQLBackend(MySQLReading):
 
 class _CounterMissing(Exception):
     """The counter's row is not there (the ``UPDATE`` matched nothing): nothing stored."""
+
+
+def _wire(conn: Any, sql: str, args: Sequence[Any]) -> bytes:
+    """``sql`` with ``args`` in it, as the bytes that go out (what the drivers' ``execute``
+    does, done before anything is sent, so that a value that cannot be escaped or encoded
+    is a refusal of the rows, never a commit of unknown outcome).
+
+    Bytes are escaped here, the same for both drivers (aiomysql's own escaping of bytes
+    breaks with PyMySQL 1.2: aio-libs/aiomysql#1080); the rest by the driver. Bytes go as
+    ``_binary'…'``, each byte that needs it backslash-escaped (quotes doubled instead
+    in a session with ``NO_BACKSLASH_ESCAPES``), the other bytes as they are (by way of
+    ``surrogateescape``): about the payload's size, not twice it.
+    """
+    try:
+        literals = tuple(
+            f"_binary'{conn.escape_string(value.decode('ascii', 'surrogateescape'))}'"
+            if isinstance(value, bytes)
+            else conn.escape(value)
+            for value in args
+        )
+        return (sql % literals).encode(conn._encoding, "surrogateescape")
+    except Exception as exc:  # whatever the driver's escaping raised
+        raise WriteRefused(exc, duplicate=False) from exc
 
 
 def _row_size(entity_id: str, payload: bytes, event_type: str | None) -> int:

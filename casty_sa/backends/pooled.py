@@ -81,6 +81,14 @@ class PooledBackend(Backend):
     def abort(self, driver_connection: Any) -> None:
         """Close a connection at once, without a word to the server (no-op where not needed)."""
 
+    async def lend(self, driver_connection: Any) -> None:
+        """Ready a connection the pool just handed out for the backend's use (no-op where
+        not needed; psycopg's goes to autocommit)."""
+
+    async def reclaim(self, driver_connection: Any) -> None:
+        """Undo :meth:`lend` before the connection goes back to the pool, which discards it
+        when this raises."""
+
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
         # a place at the gate, like any other user of a connection
@@ -237,12 +245,21 @@ class PooledBackend(Backend):
     async def _pooled(self) -> Any:
         """A connection from the pool, which a cancelled caller does not cut off half-way
         (see :meth:`_uncut`): one that comes after its caller was cancelled goes back."""
-        checkout = self._pool_work.start(self._engine.raw_connection())
+        checkout = self._pool_work.start(self._lent())
         try:
             return await asyncio.shield(checkout)
         except asyncio.CancelledError:
             checkout.add_done_callback(self._unclaimed)
             raise
+
+    async def _lent(self) -> Any:
+        fairy = await self._engine.raw_connection()
+        try:
+            await self.lend(fairy.driver_connection)
+        except BaseException as exc:
+            await self._return(fairy, exc)
+            raise
+        return fairy
 
     def _unclaimed(self, checkout: asyncio.Task[Any]) -> None:
         """Give back the connection of a checkout whose caller was cancelled."""
@@ -300,6 +317,11 @@ class PooledBackend(Backend):
 
     async def _return(self, fairy: Any, exc: BaseException | None) -> None:
         fairy.info[_RELEASED] = time.monotonic()
+        if exc is None:
+            try:
+                await self.reclaim(fairy.driver_connection)
+            except Exception as refused:  # noqa: BLE001 - any refusal: not reusable
+                exc = refused  # in no state to go back: discarded
         if exc is not None:
             await greenlet_spawn(fairy.invalidate, exc if isinstance(exc, Exception) else None)
         await greenlet_spawn(fairy.close)

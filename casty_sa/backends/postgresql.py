@@ -1,17 +1,10 @@
-"""PostgreSQL through ``asyncpg``: a whole write group in one round trip.
+"""PostgreSQL through asyncpg or psycopg 3: a whole write group in one round trip.
 
 The whole PostgreSQL dialect (see :mod:`casty_sa.dialects`): the URLs it
-accepts (``postgresql://``, ``postgres://``), the engine and the backend.
-
-The engine: a fixed pool of ten connections, each checked on checkout
-(asyncpg knows when the server or the network closed it, so no round trip is
-spent; pass ``pool_pre_ping=True`` for SQLAlchemy's full ping), a connect
-timeout and a statement timeout, so a call during an outage fails promptly
-instead of hanging. The statement timeout is also the server's
-``statement_timeout``, and connections are named ``casty-sa`` in
-``pg_stat_activity`` (the URL's ``application_name`` overrides it). The URL's
-libpq parameters (``sslmode``, ``connect_timeout``, ``options=-c …``) are
-translated for asyncpg (:mod:`casty_sa.libpq`); one it cannot honour is refused.
+accepts (``postgresql://``, ``postgres://``, which take asyncpg, and
+``postgresql+psycopg://``), the engine (:mod:`casty_sa.backends.postgresql_engines`)
+and the backend. The two drivers differ in one place,
+:mod:`casty_sa.backends.postgresql_drivers`; the statements and the rules are the same.
 
 The backend: one statement per write group in autocommit: the rows travel as four arrays
 and are inserted from ``unnest(...)``, so a group of any size costs one round
@@ -29,19 +22,16 @@ from typing import Any
 from casty import JournalKind
 from sqlalchemy import (
     ARRAY,
-    URL,
     BigInteger,
     String,
     Table,
     bindparam,
-    event,
     func,
     insert,
     select,
 )
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from casty_sa.backends.base import BackendSettings, latest_per_entity, quietly
 from casty_sa.backends.failures import (
@@ -50,17 +40,11 @@ from casty_sa.backends.failures import (
     WriteRefused,
     classify_write_failure,
 )
+from casty_sa.backends.postgresql_drivers import driver_of_error
+from casty_sa.backends.postgresql_engines import postgresql_engine
 from casty_sa.backends.postgresql_reads import PostgresReading
 from casty_sa.codec import ROW_COLUMNS, EventRow, Row, Stored
-from casty_sa.dialects import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_STATEMENT_TIMEOUT,
-    Dialect,
-    EngineRequest,
-    Timeouts,
-    register,
-)
-from casty_sa.libpq import DEFAULT_APPLICATION_NAME, postgres_options
+from casty_sa.dialects import Dialect, register
 from casty_sa.models import EVENTS_PRIMARY_KEY
 from casty_sa.ordering import (
     current_era,
@@ -126,7 +110,7 @@ class _Announcer:
 
 
 class PostgresBackend(PostgresReading):
-    """asyncpg: a whole group in one ``INSERT … SELECT FROM unnest(…)`` round trip."""
+    """A whole group in one ``INSERT … SELECT FROM unnest(…)`` round trip."""
 
     # the server commits transactions of several connections in parallel (and groups their
     # WAL flushes), so a second group in flight overlaps the client's work with the server's
@@ -182,27 +166,12 @@ class PostgresBackend(PostgresReading):
             singles, singles.c.k, singles.c.entity_id
         )
 
-    def usable(self, driver_connection: Any) -> bool:
-        return not driver_connection.is_closed()
-
-    async def ping(self, driver_connection: Any) -> None:
-        # bounded on its own: the statement timeout is for real work, far longer than a
-        # live server needs to answer SELECT 1
-        await driver_connection.execute("SELECT 1", timeout=self.ping_timeout)
-
-    def abort(self, driver_connection: Any) -> None:
-        driver_connection.terminate()
-
     def is_disconnect(self, exc: BaseException) -> bool:
-        import asyncpg
-
         if isinstance(exc, OSError | ConnectionLost | TimeoutError):
             return True
-        if isinstance(
-            exc,
-            asyncpg.PostgresConnectionError | asyncpg.InterfaceError | asyncpg.InternalClientError,
-        ):
-            return True  # the last: the protocol was left mid-way, e.g. by a server's FATAL
+        driver = driver_of_error(exc)
+        if driver is not None and driver.broken(exc):
+            return True
         sqlstate = getattr(exc, "sqlstate", None) or ""
         return sqlstate.startswith(("08", "57P"))  # connection exception, operator intervention
 
@@ -210,25 +179,25 @@ class PostgresBackend(PostgresReading):
         snapshots = latest_per_entity(snapshots)  # ON CONFLICT may touch a row only once
         fairy = await self.take_writer()
         conn = fairy.driver_connection
+        driver, timeout = self._driver, self._timeout
         committing = False
         try:
             if events and snapshots:
-                transaction = conn.transaction()
-                await transaction.start()
+                await driver.command(conn, "BEGIN", timeout)
                 try:
-                    await conn.execute(self._insert, *_columns(events), timeout=self._timeout)
-                    await conn.execute(self._upsert, *_columns(snapshots), timeout=self._timeout)
+                    await driver.execute(conn, self._insert, _columns(events), timeout)
+                    await driver.execute(conn, self._upsert, _columns(snapshots), timeout)
                 except BaseException:
-                    await quietly(transaction.rollback())
+                    await quietly(driver.command(conn, "ROLLBACK", timeout))
                     raise
                 committing = True
-                await transaction.commit()
+                await driver.command(conn, "COMMIT", timeout)
             else:
                 committing = True  # one statement in autocommit: it commits on its own
                 if events:
-                    await conn.execute(self._insert, *_columns(events), timeout=self._timeout)
+                    await driver.execute(conn, self._insert, _columns(events), timeout)
                 else:
-                    await conn.execute(self._upsert, *_columns(snapshots), timeout=self._timeout)
+                    await driver.execute(conn, self._upsert, _columns(snapshots), timeout)
         except BaseException as exc:
             if events and committing:
                 self._announcer.committed()  # it may have committed
@@ -243,7 +212,7 @@ class PostgresBackend(PostgresReading):
 
     async def _notify_alone(self) -> None:
         async with self.connection() as conn:
-            await conn.execute(self._notify, timeout=self._timeout)
+            await self._driver.command(conn, self._notify, self._timeout)
 
     async def close(self) -> None:
         await self._announcer.close()
@@ -251,20 +220,20 @@ class PostgresBackend(PostgresReading):
 
     async def fetch_events(self, entity_id: str, from_nr: int) -> list[Stored]:
         async with self.connection() as conn:
-            return await conn.fetch(  # type: ignore[no-any-return]
-                self._load_events, entity_id, from_nr, timeout=self._timeout
+            return await self._driver.fetch(
+                conn, self._load_events, (entity_id, from_nr), self._timeout
             )
 
     async def fetch_snapshot(self, entity_id: str) -> Stored | None:
         async with self.connection() as conn:
-            return await conn.fetchrow(  # type: ignore[no-any-return]
-                self._load_snapshot, entity_id, timeout=self._timeout
+            return await self._driver.fetchrow(  # type: ignore[no-any-return]
+                conn, self._load_snapshot, (entity_id,), self._timeout
             )
 
     async def min_stored(self, entity_id: str, low: int, high: int) -> int | None:
         async with self.connection() as conn:
-            return await conn.fetchval(  # type: ignore[no-any-return]
-                self._min_stored, entity_id, low, high, timeout=self._timeout
+            return await self._driver.fetchval(  # type: ignore[no-any-return]
+                conn, self._min_stored, (entity_id, low, high), self._timeout
             )
 
     async def _fetch_events_batch(
@@ -272,16 +241,16 @@ class PostgresBackend(PostgresReading):
     ) -> Sequence[tuple[int, int, bytes, float]]:
         entity_ids, from_nrs = zip(*keys, strict=True)
         async with self.connection() as conn:
-            return await conn.fetch(  # type: ignore[no-any-return]
-                self._load_events_batch, entity_ids, from_nrs, timeout=self._timeout
+            return await self._driver.fetch(
+                conn, self._load_events_batch, (list(entity_ids), list(from_nrs)), self._timeout
             )
 
     async def _fetch_snapshots_batch(
         self, entity_ids: Sequence[str]
     ) -> Sequence[tuple[int, int, bytes, float]]:
         async with self.connection() as conn:
-            return await conn.fetch(  # type: ignore[no-any-return]
-                self._load_snapshots_batch, list(entity_ids), timeout=self._timeout
+            return await self._driver.fetch(
+                conn, self._load_snapshots_batch, (list(entity_ids),), self._timeout
             )
 
 
@@ -290,99 +259,31 @@ def _columns(rows: Sequence[Row] | Sequence[EventRow]) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)]
 
 
-def postgresql_engine(url: URL, request: EngineRequest) -> tuple[AsyncEngine, Timeouts | None]:
-    """An asyncpg engine: the URL's libpq parameters translated, timeouts, a fixed pool."""
-    # libpq parameters of the URL (sslmode=, application_name=, …), in asyncpg's terms
-    libpq = postgres_options(url)
-    # an explicit argument wins over the URL, which wins over the defaults
-    connect_timeout = request.connect_timeout
-    if connect_timeout is None:
-        connect_timeout = libpq.connect_timeout or DEFAULT_CONNECT_TIMEOUT
-    statement_timeout = request.statement_timeout
-    if statement_timeout is None:
-        statement_timeout = libpq.statement_timeout or DEFAULT_STATEMENT_TIMEOUT
-    user_connect_args = dict(request.connect_args)
-    # The server enforces the statement timeout too, so a statement whose client is cut
-    # off (a network partition, a frozen process) does not run on, holding its locks;
-    # and connections carry a name a DBA sees in pg_stat_activity.
-    server_settings = {
-        "application_name": DEFAULT_APPLICATION_NAME,
-        **libpq.server_settings,
-        "statement_timeout": str(max(1, round(statement_timeout * 1000))),
-        **user_connect_args.pop("server_settings", {}),
-    }
-    connect_args = {
-        **libpq.connect_args,
-        "timeout": connect_timeout,
-        "command_timeout": statement_timeout,
-        "server_settings": server_settings,
-    }
-    # A fixed pool (no overflow connections opened and closed in bursts), checked on
-    # checkout without a round trip: SQLAlchemy's pre-ping costs three on asyncpg
-    # (BEGIN, SELECT, ROLLBACK), more than the journal's own statement.
-    defaults = {"pool_size": 10, "max_overflow": 0}
-    final_connect_args = {**connect_args, **user_connect_args}
-    engine = create_async_engine(
-        libpq.url, connect_args=final_connect_args, **{**defaults, **request.options}
-    )
-    timeouts = Timeouts(
-        float(final_connect_args["timeout"]), float(final_connect_args["command_timeout"])
-    )
-    if not request.options.get("pool_pre_ping"):
-
-        @event.listens_for(engine.sync_engine, "checkout")
-        def _check_alive(_dbapi: Any, record: Any, _proxy: Any) -> None:
-            driver = record.driver_connection
-            if driver is not None and driver.is_closed():
-                # the pool discards it and hands out (or opens) another
-                raise DisconnectionError("connection closed by the server or the network")
-
-    return engine, timeouts
-
-
 #: deadlock_detected, serialization_failure: the server rolled the whole transaction back
 #: (a single autocommit statement, or the explicit transaction whose COMMIT failed)
 _ROLLED_BACK = frozenset({"40P01", "40001"})
 
 
 def _write_failure(exc: Exception, _max_length: int | None) -> BaseException | bool:
-    """asyncpg's error of a failed write (see ``WriteFailureRule``)."""
-    import asyncpg
-
-    if isinstance(exc, asyncpg.UniqueViolationError):
+    """asyncpg's or psycopg's error of a failed write (see ``WriteFailureRule``)."""
+    driver = driver_of_error(exc)
+    if driver is None:
+        return False  # a client-side bound, a socket error: no answer from the server
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    if sqlstate == "23505":  # unique_violation
         # only the primary key's is a sequence number already stored; the global order's
         # index (or an application's) refused the rows for another reason: nothing stored
-        return WriteRefused(exc, duplicate=exc.constraint_name == EVENTS_PRIMARY_KEY)
-    if isinstance(exc, asyncpg.DataError):  # a value refused, by asyncpg or the server
+        return WriteRefused(exc, duplicate=driver.constraint(exc) == EVENTS_PRIMARY_KEY)
+    if driver.bad_value(exc):  # a value refused, by the driver or the server
         return WriteRefused(exc, duplicate=False)
-    if getattr(exc, "sqlstate", None) in _ROLLED_BACK:
+    if sqlstate in _ROLLED_BACK:
         return Contended(exc)  # the server rolled the transaction back whole
-    if _never_sent(exc):
+    if driver.never_sent(exc):
         return ConnectionLost(exc, during_commit=False)
-    sqlstate = getattr(exc, "sqlstate", None) or ""
     # an error the server answered the statement with (a timeout, a cancel, a failed
     # deferred check) means it rolled the transaction back; a broken connection, a
     # client-side timeout or a protocol error leaves the commit's outcome open
-    return isinstance(exc, asyncpg.PostgresError) and not (
-        isinstance(exc, asyncpg.PostgresConnectionError) or sqlstate.startswith(("08", "57P"))
-    )
-
-
-def _never_sent(exc: BaseException) -> bool:
-    """Whether asyncpg refused an operation before sending anything to the server.
-
-    It checks its protocol state first: a connection the server has just ended (its
-    FATAL message read, the protocol left consuming it) or one already closed fails
-    there, so the statement (and any COMMIT) never left the client.
-    """
-    import asyncpg
-
-    text = str(exc)
-    if isinstance(exc, asyncpg.InternalClientError):
-        return text.startswith("cannot switch to state")
-    if isinstance(exc, asyncpg.InterfaceError):
-        return text.startswith("cannot perform operation") or text == "connection is closed"
-    return False
+    return driver.server_error(exc) and not sqlstate.startswith(("08", "57P"))
 
 
 register(

@@ -15,7 +15,7 @@ the pool's count (:class:`PostgresReading.open_listener`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import (
@@ -33,6 +33,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from casty_sa.backends.base import BackendSettings, Listener, quietly
 from casty_sa.backends.pooled import PooledBackend
+from casty_sa.backends.postgresql_drivers import PgDriver, driver_for
 from casty_sa.backends.read_statements import (
     TOP,
     EventPage,
@@ -65,6 +66,10 @@ class PostgresReading(PooledBackend):
     live_poll = 1.0
 
     def __init__(self, engine: AsyncEngine, schema: str | None, settings: BackendSettings) -> None:
+        #: what differs between asyncpg and psycopg (set first: the base compiles statements)
+        self._driver = driver_for(engine.dialect.driver)
+        #: the dialect statements are compiled for: the engine's, with positional parameters
+        self._dialect = self._driver.statement_dialect(engine.dialect)
         super().__init__(engine, schema, settings)
         # every statement carries the journal's statement timeout, so it is bounded on an
         # application's engine too (whose connections may have no command_timeout)
@@ -72,9 +77,29 @@ class PostgresReading(PooledBackend):
         #: the channel writers NOTIFY on commit
         self.channel = notify_channel(schema)
         self._event_pages: dict[tuple[bool, bool], Prepared] = {}
-        self._highest = prepare(highest_sequence_nr(self.events), engine.dialect)
+        self._highest = prepare(highest_sequence_nr(self.events), self._dialect)
         self._bytewise_ids: bool | None = None
         self._backlogs: dict[tuple[bool, bool], Prepared] = {}
+
+    def _compile(self, statement: Any) -> str:
+        return str(statement.compile(dialect=self._dialect))
+
+    def usable(self, driver_connection: Any) -> bool:
+        return self._driver.usable(driver_connection)
+
+    async def ping(self, driver_connection: Any) -> None:
+        # bounded on its own: the statement timeout is for real work, far longer than a
+        # live server needs to answer SELECT 1
+        await self._driver.ping(driver_connection, self.ping_timeout)
+
+    def abort(self, driver_connection: Any) -> None:
+        self._driver.abort(driver_connection)
+
+    async def lend(self, driver_connection: Any) -> None:
+        await self._driver.lend(driver_connection)
+
+    async def reclaim(self, driver_connection: Any) -> None:
+        await self._driver.reclaim(driver_connection)
 
     async def event_page(
         self, after: Place, stop: Place, limit: int, prefix: str | None, types: list[str] | None
@@ -82,11 +107,13 @@ class PostgresReading(PooledBackend):
         variant = (prefix is not None, types is not None)
         statement = self._event_pages.get(variant)
         if statement is None:
-            statement = prepare(_event_page(self.events, *variant), self._engine.dialect)
+            statement = prepare(_event_page(self.events, *variant), self._dialect)
             self._event_pages[variant] = statement
         values = page_values(after, stop, limit) | {"prefix": prefix, "types": types}
         async with self.connection() as conn:
-            found = await conn.fetch(statement.sql, *statement.args(values), timeout=self._timeout)
+            found = await self._driver.fetch(
+                conn, statement.sql, statement.args(values), self._timeout
+            )
         era, below, writing_era, following, newest_era, newest_transaction_id = found[0][:6]
         return EventPage(
             [tuple(row[6:]) for row in found if row[6] is not None],
@@ -107,11 +134,11 @@ class PostgresReading(PooledBackend):
                 prefix=variant[0],
                 types_in=_types_in(variant[1]),
             )
-            statement = self._backlogs[variant] = prepare(built, self._engine.dialect)
+            statement = self._backlogs[variant] = prepare(built, self._dialect)
         values = page_values(after, after, limit) | {"prefix": prefix, "types": types}
         async with self.connection() as conn:
-            found = await conn.fetchrow(
-                statement.sql, *statement.args(values), timeout=self._timeout
+            found = await self._driver.fetchrow(
+                conn, statement.sql, statement.args(values), self._timeout
             )
         return int(found[0]), None if found[1] is None else float(found[1])
 
@@ -120,12 +147,16 @@ class PostgresReading(PooledBackend):
         statement = self._entity_walks[contiguous]
         values = {"after": after, "limit": limit, "prefix": prefix}
         async with self.connection() as conn:
-            found = await conn.fetch(statement.sql, *statement.args(values), timeout=self._timeout)
+            found = await self._driver.fetch(
+                conn, statement.sql, statement.args(values), self._timeout
+            )
         return [row[0] for row in found]
 
     async def highest_sequence_nr(self, entity_id: str) -> int:
         async with self.connection() as conn:
-            found = await conn.fetchval(self._highest.sql, entity_id, timeout=self._timeout)
+            found = await self._driver.fetchval(
+                conn, self._highest.sql, (entity_id,), self._timeout
+            )
         return 0 if found is None else int(found)
 
     async def open_listener(self, woken: Callable[[], None]) -> Listener:
@@ -135,13 +166,12 @@ class PostgresReading(PooledBackend):
             fairy = await self._engine.raw_connection()
             conn: Any = fairy.driver_connection  # a detached one no longer names it
             await greenlet_spawn(fairy.detach)
-        listener = _Listener(fairy, conn, self.channel, woken)
         try:
-            await conn.add_listener(self.channel, listener.notified)
+            stop = await self._driver.listen(conn, self.channel, woken)
         except BaseException:
             await quietly(greenlet_spawn(fairy.close))
             raise
-        return listener
+        return _Listener(fairy, conn, self._driver, stop)
 
     async def _ids_sort_bytewise(self) -> bool:
         """Whether ``entity_id`` sorts by bytes here (``C``): then the ids with a prefix are
@@ -149,7 +179,8 @@ class PostgresReading(PooledBackend):
         if self._bytewise_ids is None:
             table = self._engine.dialect.identifier_preparer.format_table(self.events)
             async with self.connection() as conn:
-                found = await conn.fetchrow(_COLLATION, table, timeout=self._timeout)
+                sql = _COLLATION.replace("$1", self._driver.placeholder(1))
+                found = await self._driver.fetchrow(conn, sql, (table,), self._timeout)
             self._bytewise_ids = found is not None and _bytewise(*found)
         return self._bytewise_ids
 
@@ -157,7 +188,7 @@ class PostgresReading(PooledBackend):
     def _entity_walks(self) -> dict[bool, Prepared]:
         return {
             contiguous: prepare(
-                entity_id_walk(self.events, contiguous_prefix=contiguous), self._engine.dialect
+                entity_id_walk(self.events, contiguous_prefix=contiguous), self._dialect
             )
             for contiguous in (False, True)
         }
@@ -224,19 +255,17 @@ def _bytewise(collation: str, database: str, provider: str | None, locale: str |
 class _Listener:
     """The connection a journal's live readers LISTEN on (see :mod:`casty_sa.live`)."""
 
-    def __init__(self, fairy: Any, conn: Any, channel: str, woken: Callable[[], None]) -> None:
+    def __init__(
+        self, fairy: Any, conn: Any, driver: PgDriver, stop: Callable[[], Awaitable[None]]
+    ) -> None:
         self._fairy = fairy
         self._conn = conn
-        self._channel = channel
-        self._woken = woken
-
-    def notified(self, *_args: Any) -> None:
-        self._woken()
+        self._driver = driver
+        self._stop = stop
 
     def alive(self) -> bool:
-        return not self._conn.is_closed()
+        return self._driver.usable(self._conn)
 
     async def close(self) -> None:
-        if not self._conn.is_closed():
-            await quietly(self._conn.remove_listener(self._channel, self.notified))
+        await quietly(self._stop())
         await quietly(greenlet_spawn(self._fairy.close))

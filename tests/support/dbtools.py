@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import URL, inspect, make_url, text
+from sqlalchemy.dialects import mysql
 
 from casty_sa.engine import open_engine
 
@@ -29,6 +30,10 @@ def asyncpg_args(url: URL) -> dict[str, Any]:
         "port": url.port,
     }
     return {key: value for key, value in args.items() if value}
+
+
+#: Quotes names in raw MySQL statements (``casty_sa.ordering.take_positions(MYSQL_QUOTES)``).
+MYSQL_QUOTES = mysql.dialect().identifier_preparer
 
 
 async def mysql_connect(url: URL, **options: Any) -> Any:

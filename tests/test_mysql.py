@@ -1,0 +1,346 @@
+"""What MySQL and MariaDB get wrong for a journal, and what casty-sa does about it.
+
+On the suite's MariaDB, whose server collation (``utf8mb4_general_ci``) compares
+case-insensitively and pads trailing spaces: the key columns still compare exactly;
+payloads past ``BLOB``'s 64 KB round-trip; a session without strict mode is refused;
+writers in several journals and processes lose and duplicate nothing, contended
+transactions are retried; a snapshot never moves back; a migration that stopped
+half-way (MySQL commits each DDL statement) finishes when run again; and the rule
+that reads a failed write's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import pickle
+import random
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from casty import PersistedEvent, Snapshot
+from sqlalchemy import URL
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import casty_sa
+from casty_sa import SAJournal, UnsupportedDatabase
+from casty_sa.backends.failures import (
+    ConnectionLost,
+    Contended,
+    WriteRefused,
+    classify_write_failure,
+)
+from casty_sa.ordering import parse_offset, take_positions
+from casty_sa.urls import to_async_url
+
+from support import dbtools, internals, pools
+from support.dbtools import mysql_connect, query
+from support.processes import EVENT_WRITER
+
+#: Seconds any one wait of these tests may take.
+BOUND = 60.0
+
+NewDb = Callable[..., Awaitable[URL]]
+
+
+def ev(n: int, event: Any, ts: float = 1.0) -> PersistedEvent[Any]:
+    return PersistedEvent(sequence_nr=n, event=event, timestamp=ts)
+
+
+async def test_ids_differing_in_case_or_trailing_spaces_are_three_entities(
+    new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
+) -> None:
+    journal = make_journal(await new_mysql_db())
+    ids = ["alice", "Alice", "alice "]
+    for n, entity_id in enumerate(ids):
+        await journal.persist(entity_id, [ev(1, f"{entity_id}!")])
+        await journal.save_snapshot(entity_id, Snapshot(1, f"state of {entity_id!r}", float(n)))
+    for entity_id in ids:
+        assert [e.event for e in await journal.load(entity_id)] == [f"{entity_id}!"]
+        snapshot = await journal.load_snapshot(entity_id)
+        assert snapshot is not None and snapshot.state == f"state of {entity_id!r}"
+    # batched reads (one statement for many entities) tell them apart too
+    loads = await asyncio.gather(*(journal.load(entity_id) for entity_id in ids))
+    assert [[e.event for e in events] for events in loads] == [[f"{i}!"] for i in ids]
+    snapshots = await asyncio.gather(*(journal.load_snapshot(entity_id) for entity_id in ids))
+    assert [s.state for s in snapshots if s] == [f"state of {i!r}" for i in ids]
+    # the read side's prefix filter compares exactly: "alice" is no prefix of "Alice"
+    by_prefix = [e.entity_id async for e in journal.events(entity_prefix="alice")]
+    assert sorted(by_prefix) == ["alice", "alice "]
+    assert [e.entity_id async for e in journal.events(entity_prefix="alice ")] == ["alice "]
+    assert sorted([i async for i in journal.entity_ids()]) == sorted(ids)
+    assert sorted([i async for i in journal.entity_ids(prefix="A")]) == ["Alice"]
+    assert await journal.highest_sequence_nr("ALICE") == 0
+
+
+async def test_a_payload_past_64_kb_round_trips_bit_for_bit(
+    new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
+) -> None:
+    journal = make_journal(await new_mysql_db())
+    blob = random.Random(14).randbytes(5 * 2**20)  # every byte value, quotes included
+    await journal.persist("big", [ev(1, blob), ev(2, b"small")])
+    await journal.save_snapshot("big", Snapshot(2, blob, 2.0))
+    assert [e.event for e in await journal.load("big")] == [blob, b"small"]
+    snapshot = await journal.load_snapshot("big")
+    assert snapshot is not None and snapshot.state == blob
+
+
+async def test_a_value_the_driver_cannot_escape_is_refused_before_anything_is_sent(
+    new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
+) -> None:
+    # (a list is no SQL value for either driver; the journal never hands one over, so the
+    # backend is called directly: what matters is the verdict on what reached the server)
+    journal = make_journal(await new_mysql_db())
+    await journal.persist("kept", [ev(1, "x")])
+    backend = internals.backend(journal)
+    unescapable = ("bad", 1, 1.0, b"payload", ["not", "a", "value"])
+    with pytest.raises(WriteRefused) as info:
+        await backend.write([("fine", 1, 1.0, b"payload", "str"), unescapable], [])
+    assert not info.value.duplicate and isinstance(info.value.cause, TypeError)
+    # nothing went out: no row, the counter untouched, and the connection writes on
+    await journal.persist("after", [ev(1, "y")])
+    everything = [(e.entity_id, e.offset) async for e in journal.events()]
+    assert [entity_id for entity_id, _ in everything] == ["kept", "after"]
+    assert [parse_offset(offset)[2] for _, offset in everything] == [1, 2]
+
+
+async def test_a_session_without_strict_mode_is_refused(
+    new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
+) -> None:
+    url = await new_mysql_db()
+    # an application's engine whose sessions would cut a value that does not fit
+    lax = create_async_engine(url, connect_args={"init_command": "SET SESSION sql_mode = ''"})
+    pools.watch(lax)
+    try:
+        journal = make_journal(lax)
+        with pytest.raises(UnsupportedDatabase, match="not in strict mode"):
+            await journal.persist("a", [ev(1, "x")])
+        await journal.close()
+    finally:
+        await lax.dispose()
+    # casty-sa's own engine sets it on every session, whatever the server's default
+    own = make_journal(url)
+    await own.persist("a", [ev(1, "x")])
+    async with own.engine.connect() as conn:
+        mode = (await conn.exec_driver_sql("SELECT @@SESSION.sql_mode")).scalar_one()
+    assert "STRICT_ALL_TABLES" in mode.split(",")
+
+
+async def test_writers_in_journals_and_processes_lose_and_duplicate_nothing(
+    new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
+) -> None:
+    """Three journals (three pools) and two processes write at once, the journals claiming
+    the same sequence numbers: each number is stored once, every event exactly once in
+    the global order, and the conflicts are reported as such."""
+    url = await new_mysql_db()
+    journals = [make_journal(url) for _ in range(3)]
+    writers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(EVENT_WRITER),
+            dbtools.plain(url),
+            prefix,
+            "20",
+            "10",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for prefix in ("p", "q")
+    ]
+
+    async def claim(journal: SAJournal, entity: int, seq: int) -> bool:
+        try:
+            await journal.persist(f"shared-{entity}", [ev(seq, f"{id(journal)}:{seq}")])
+        except casty_sa.SequenceConflict:
+            return False
+        return True
+
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(
+            *(
+                claim(journal, entity, seq)
+                for seq in range(1, 11)
+                for entity in range(10)
+                for journal in journals
+            )
+        ),
+        BOUND,
+    )
+    outputs = [await asyncio.wait_for(w.communicate(), BOUND) for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], outputs
+    stored = await query(
+        url, "SELECT entity_id, sequence_nr FROM casty_sa_events WHERE entity_id LIKE 'shared-%'"
+    )
+    assert sum(outcomes) == len(stored) == len(set(stored))
+    assert {(e, s) for e, s in stored} <= {(f"shared-{e}", s) for e in range(10) for s in range(11)}
+    everything = [(e.entity_id, e.sequence_nr) async for e in journals[0].events()]
+    assert len(everything) == len(set(everything)) == len(stored) + 2 * 20 * 10
+    [(count,)] = await query(url, "SELECT count(*) FROM casty_sa_events")
+    [(top,)] = await query(url, "SELECT `position` FROM casty_sa_event_counter")
+    assert count == len(everything) and top == count  # positions 1 … n, no gap, no reuse
+
+
+async def test_a_snapshot_never_moves_back_under_concurrent_upserts(
+    new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
+) -> None:
+    url = await new_mysql_db()
+    journals = [make_journal(url) for _ in range(3)]
+    numbers = list(range(1, 61))
+    random.Random(7).shuffle(numbers)
+    await asyncio.wait_for(
+        asyncio.gather(
+            *(
+                journals[n % 3].save_snapshot(f"s{k}", Snapshot(n, f"at {n}", float(n)))
+                for n in numbers
+                for k in range(4)
+            )
+        ),
+        BOUND,
+    )
+    for k in range(4):
+        assert await journals[0].load_snapshot(f"s{k}") == Snapshot(60, "at 60", 60.0)
+
+
+async def test_a_writer_holding_the_counter_makes_others_wait_then_retry(
+    new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
+) -> None:
+    """A lock wait that times out (1205) rolls the write back: it is sent again, and goes
+    through once the counter is free; nothing is stored twice."""
+    url = await new_mysql_db()
+    journal = make_journal(url, statement_timeout=3.0)  # the lock wait: 1 s
+    await journal.persist("a", [ev(1, "first")])
+    holder = await mysql_connect(url)
+    try:
+        async with holder.cursor() as cursor:
+            await cursor.execute(f"BEGIN; {take_positions(dbtools.MYSQL_QUOTES)}", (1,))
+            while await cursor.nextset():
+                pass
+        retried = asyncio.Event()
+        seen = _Seen("rolled back a write", retried)
+        logger = logging.getLogger("casty_sa")
+        level = logger.level
+        logger.addHandler(seen)
+        logger.setLevel(logging.INFO)
+        try:
+            write = asyncio.ensure_future(journal.persist("a", [ev(2, "second")]))
+            await asyncio.wait_for(retried.wait(), BOUND)
+        finally:
+            logger.removeHandler(seen)
+            logger.setLevel(level)
+        assert not write.done()
+    finally:
+        async with holder.cursor() as cursor:
+            await cursor.execute("ROLLBACK")
+        holder.close()
+    await asyncio.wait_for(write, BOUND)
+    assert [e.event for e in await journal.load("a")] == ["first", "second"]
+    assert [e.sequence_nr async for e in journal.events()] == [1, 2]
+
+
+class _Seen(logging.Handler):
+    """Sets ``event`` once a record containing ``text`` is logged."""
+
+    def __init__(self, text: str, event: asyncio.Event) -> None:
+        super().__init__(logging.INFO)
+        self.text, self.event = text, event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+async def test_a_migration_that_stopped_half_way_finishes_when_run_again(
+    new_mysql_db: NewDb,
+) -> None:
+    """MySQL commits each DDL statement: a 0002 that died after its first ``ALTER`` leaves
+    that column behind, with the version table still at 0001. Run again, it goes on."""
+    url = await new_mysql_db(migrated=False)
+    await casty_sa.upgrade(url, "0001")
+    await dbtools.execute(
+        url,
+        f"INSERT INTO casty_sa_events VALUES ('old', 1, 1.0, X'{pickle.dumps('o').hex()}')",
+        "ALTER TABLE casty_sa_events ADD COLUMN event_type VARCHAR(255) "
+        "CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin",
+    )
+    assert await casty_sa.current(url) == "0001"
+    await casty_sa.upgrade(url)
+    assert await casty_sa.current(url) == casty_sa.head_revision()
+    rows = await query(url, "SELECT entity_id, `position` FROM casty_sa_events")
+    assert rows == [("old", -1)]  # numbered below every new position
+    assert await query(url, "SELECT `position` FROM casty_sa_event_counter") == [(0,)]
+    async with SAJournal(url, migrate=False) as journal:
+        await journal.persist("new", [ev(1, "n")])
+        assert [e.entity_id async for e in journal.events()] == ["old", "new"]
+
+
+@pytest.mark.parametrize("url", ["mysql://", "mariadb://"])
+def test_the_script_is_mysql_ddl(url: str) -> None:
+    out = io.StringIO()
+    casty_sa.migrate.write_sql(url, "head", out)
+    script = out.getvalue()
+    collation = "utf8mb4_nopad_bin" if url.startswith("mariadb") else "utf8mb4_0900_bin"
+    key = f"entity_id VARCHAR(512) CHARACTER SET utf8mb4 COLLATE {collation} NOT NULL"
+    assert script.count(key) == 2  # events and snapshots
+    assert "payload LONGBLOB NOT NULL" in script and "BLOB," not in script
+    assert script.count(")ENGINE=InnoDB CHARSET=utf8mb4") == 4  # (not Alembic's version table)
+    assert "CREATE TABLE casty_sa_event_counter" in script
+    assert "INSERT INTO casty_sa_event_counter" in script
+    assert "GENERATED" not in script and "IDENTITY" not in script
+
+
+def _error(code: int, text: str) -> Exception:
+    import asyncmy.errors  # type: ignore[import-untyped,unused-ignore]
+
+    kind = asyncmy.errors.IntegrityError if code == 1062 else asyncmy.errors.OperationalError
+    error: Exception = kind(code, text)
+    return error
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "committing", "verdict"),
+    [
+        (1062, "Duplicate entry 'a-1' for key 'PRIMARY'", True, "sequence taken"),
+        (1062, "Duplicate entry 'a-1' for key 'casty_sa_events.PRIMARY'", True, "sequence taken"),
+        (
+            1062,
+            "Duplicate entry '0-0-7' for key 'ix_casty_sa_events_global_order'",
+            True,
+            "refused",
+        ),
+        (1213, "Deadlock found when trying to get lock", True, "contended"),
+        (1205, "Lock wait timeout exceeded", False, "contended"),
+        (1406, "Data too long for column 'entity_id'", True, "refused"),
+        (2013, "Lost connection to MySQL server during query", True, "unknown"),
+        (2006, "MySQL server has gone away", False, "nothing stored"),
+        (
+            1969,
+            "Query execution was interrupted (max_statement_time exceeded)",
+            True,
+            "nothing stored",
+        ),
+    ],
+)
+def test_what_a_failed_write_means(code: int, text: str, committing: bool, verdict: str) -> None:
+    failure = classify_write_failure(_error(code, text), committing=committing, dialect="mysql")
+    assert _verdict(failure) == verdict
+
+
+def _verdict(failure: BaseException) -> str:
+    if isinstance(failure, WriteRefused):
+        return "sequence taken" if failure.duplicate else "refused"
+    if isinstance(failure, Contended):
+        return "contended"
+    if isinstance(failure, ConnectionLost):
+        return "unknown" if failure.during_commit else "not sent"
+    return "nothing stored"  # the error itself: the server answered, the packet stopped
+
+
+def test_urls_name_the_drivers() -> None:
+    assert str(to_async_url("mysql://u@h/db")) == "mysql+asyncmy://u@h/db"
+    assert str(to_async_url("mariadb://u@h/db")) == "mariadb+asyncmy://u@h/db"
+    assert str(to_async_url("mariadb+aiomysql://u@h/db")) == "mariadb+aiomysql://u@h/db"
+    with pytest.raises(UnsupportedDatabase, match="asyncmy"):
+        to_async_url("mysql+pymysql://u@h/db")
