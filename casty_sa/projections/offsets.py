@@ -363,7 +363,9 @@ def _insert_ignoring_duplicates(session: AsyncSession, table: Table) -> Insert:
         return postgresql.insert(table).on_conflict_do_nothing()
     if dialect == "sqlite":
         return sqlite.insert(table).on_conflict_do_nothing()
-    return mysql.insert(table).prefix_with("IGNORE")
+    # not INSERT IGNORE, which would also turn a value that does not fit into a warning
+    upsert = mysql.insert(table)
+    return upsert.on_duplicate_key_update(projection=table.c.projection)
 
 
 def _rowcount(result: Any) -> int:
