@@ -10,6 +10,7 @@ no message ever carries a password.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 
 from sqlalchemy import URL
@@ -26,6 +27,7 @@ __all__ = [
     "describe",
     "is_schema_mismatch",
     "migration_error",
+    "mysql_code",
     "sqlstate",
     "upgrade_hint",
 ]
@@ -38,6 +40,40 @@ ACCESS_HINTS = {
     "42501": "grant the role the privileges casty-sa needs (see the README's least-privilege "
     "section)",
 }
+
+
+#: What to do about a refusal by MySQL/MariaDB, by error number: the login (1045, 1698 and
+#: an account that may not use the server's authentication plugin), the database's
+#: existence (1049) and privileges (1044 on the database, 1142/1143 on a table or column).
+MYSQL_ACCESS_HINTS = {
+    1045: "check the user name and password of the URL, and that the account exists for "
+    "this client's host ('app'@'%' or 'app'@'10.0.0.5': CREATE USER)",
+    1698: "check the user name and password of the URL, and that the account may log in "
+    "with a password (not only through the server's unix socket)",
+    1049: "create the database (then run `casty-sa upgrade`) or fix its name in the URL",
+    1044: "grant the account the privileges casty-sa needs on this database (see the "
+    "README's least-privilege section)",
+    1142: "grant the account the privileges casty-sa needs (see the README's least-privilege "
+    "section)",
+    1143: "grant the account the privileges casty-sa needs (see the README's least-privilege "
+    "section)",
+}
+#: MySQL/MariaDB error numbers of a table or column that is not there
+_MYSQL_SCHEMA_MISMATCH = frozenset({1146, 1054})
+#: ... of a statement the server ended at its time limit (MariaDB ``max_statement_time``,
+#: MySQL ``max_execution_time``) or a lock not granted in ``innodb_lock_wait_timeout``
+_MYSQL_TIMED_OUT = frozenset({1969, 3024, 1205})
+#: ... of a refused DDL (create, alter, drop, index: the migrations' statements)
+_MYSQL_DDL_REFUSED = frozenset({1142, 1227})
+
+
+#: The values MySQL/MariaDB quote in an error's text: ``Duplicate entry 'alice-1' for key``
+#: (1062), ``Incorrect integer value: 'x' for column`` (1366), ``Truncated incorrect DOUBLE
+#: value: 'x'`` (1292): data of the application's, where PostgreSQL puts it on a DETAIL line
+_MYSQL_QUOTED_VALUE = (
+    re.compile(r"(entry |value: )'.*'(?= for (?:key|column) )"),  # up to the last " for key"
+    re.compile(r"(value: )'.*'(?=\W*$)"),  # or to the end
+)
 
 
 def describe(exc: BaseException, secrets: frozenset[str] = frozenset()) -> str:
@@ -53,9 +89,17 @@ def describe(exc: BaseException, secrets: frozenset[str] = frozenset()) -> str:
     --------
     >>> describe(ValueError("login as app with hunter2 refused"), frozenset({"hunter2"}))
     'ValueError: login as app with *** refused'
+    >>> import pymysql
+    >>> print(describe(pymysql.err.IntegrityError(1062, "Duplicate entry 'a-1' for key 'PRIMARY'")))
+    IntegrityError: (1062, "Duplicate entry '…' for key 'PRIMARY'")
     """
     original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
     first = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    if mysql_code(original) is not None:  # MySQL quotes the row's values in its first line
+        for quoted in _MYSQL_QUOTED_VALUE:
+            first, found = quoted.subn(r"\1'…'", first)
+            if found:
+                break
     text = mask_secrets(first, secrets)
     if len(text) > 300:
         text = text[:300] + "…"
@@ -77,6 +121,37 @@ def sqlstate(exc: BaseException) -> str | None:
         orig = getattr(current, "orig", None)
         current = orig if isinstance(orig, BaseException) else current.__cause__
     return None
+
+
+def mysql_code(exc: BaseException) -> int | None:
+    """The error number of a MySQL/MariaDB driver's error (asyncmy, PyMySQL/aiomysql),
+    wrapped by SQLAlchemy or not; ``None`` for anything else.
+
+    Both drivers raise ``Error(number, message)``; their SQLSTATE (``42000``) is too
+    coarse to tell a missing privilege from a syntax error, so the number decides.
+
+    Examples
+    --------
+    >>> import pymysql
+    >>> mysql_code(pymysql.err.OperationalError(1146, "Table 'bank.x' doesn't exist"))
+    1146
+    >>> mysql_code(ValueError(1146)) is None
+    True
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        module = type(current).__module__.partition(".")[0]
+        if module in _MYSQL_DRIVERS and current.args and isinstance(current.args[0], int):
+            return current.args[0]
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return None
+
+
+#: The modules whose errors carry MySQL's error numbers (aiomysql raises PyMySQL's)
+_MYSQL_DRIVERS = frozenset({"asyncmy", "pymysql", "aiomysql"})
 
 
 #: What a server's refusal of a login says (in English, the default), by SQLSTATE: psycopg
@@ -133,7 +208,7 @@ def is_schema_mismatch(exc: BaseException) -> bool:
     if isinstance(original, sqlite3.OperationalError):
         text = str(original).lower()
         return any(marker in text for marker in _SQLITE_SCHEMA_MISMATCH)
-    if sqlstate(exc) in _PG_SCHEMA_MISMATCH:
+    if sqlstate(exc) in _PG_SCHEMA_MISMATCH or mysql_code(exc) in _MYSQL_SCHEMA_MISMATCH:
         return True
     if _mysql_error_number(original) in _MYSQL_SCHEMA_MISMATCH:
         return True
@@ -159,13 +234,17 @@ def access_denied(
     """A ``DatabaseAccessDenied`` when ``exc`` is a refusal calling again cannot fix.
 
     A login the server refused (SQLSTATE class 28: wrong password, unknown
-    role, pg_hba.conf), a database that does not exist, a missing privilege,
-    or a SQLite file whose directory is missing or not writable; ``None`` for
-    anything else.
+    role, pg_hba.conf; MySQL's 1045), a database that does not exist, a missing
+    privilege, or a SQLite file whose directory is missing or not writable;
+    ``None`` for anything else.
     """
     text = describe(exc, secrets)
-    state = sqlstate(exc)
-    if state is not None and (state.startswith("28") or state in ACCESS_HINTS):
+    code = mysql_code(exc)
+    state = None if code is not None else sqlstate(exc)  # MySQL's SQLSTATEs are too coarse
+    if code in MYSQL_ACCESS_HINTS:
+        cause = f"{safe_url(url)} refused casty-sa ({text})"
+        hint = MYSQL_ACCESS_HINTS[code]
+    elif state is not None and (state.startswith("28") or state in ACCESS_HINTS):
         cause = f"{safe_url(url)} refused casty-sa ({text})"
         hint = ACCESS_HINTS.get(state[:2] if state.startswith("28") else state, "")
     else:
@@ -245,6 +324,7 @@ def database_error(
         isinstance(exc, TimeoutError)
         or isinstance(getattr(exc, "orig", None), TimeoutError)
         or sqlstate(exc) == "57014"  # the server's statement_timeout
+        or mysql_code(exc) in _MYSQL_TIMED_OUT
     ):
         hint = (
             "it timed out: check the database's load and reachability, or raise "
@@ -299,6 +379,16 @@ def migration_error(exc: BaseException, url: URL, what: str) -> JournalError:
     """
     secrets = url_secrets(url)
     text = describe(exc, secrets)
+    code = mysql_code(exc)
+    if code in _MYSQL_DDL_REFUSED:
+        return SchemaError(
+            f"the account connecting to {safe_url(url)} may not change casty-sa's tables "
+            f"({text}). Run the migrations (`casty-sa upgrade`) with an account that may "
+            "(CREATE, ALTER, DROP, INDEX, REFERENCES on the database); the journal itself "
+            "needs only SELECT and INSERT on casty_sa_events, SELECT and UPDATE on "
+            "casty_sa_event_counter, SELECT, INSERT and UPDATE on casty_sa_snapshots, and "
+            f"SELECT on {VERSION_TABLE}. Nothing was changed."
+        )
     if sqlstate(exc) == "42501" or "permission denied" in text or "must be owner" in text:
         return SchemaError(
             f"the role connecting to {safe_url(url)} may not change casty-sa's tables "

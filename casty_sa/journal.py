@@ -61,8 +61,8 @@ class SAJournal(ReadSideCalls):
     """casty ``EventJournal`` storing events and snapshots through SQLAlchemy.
 
     A drop-in for casty's ``SqliteJournal``: SQLite files are node-local,
-    PostgreSQL is shared by the whole cluster (``JournalKind.centralized``, so
-    casty's replicas skip persisting). All methods are safe to call
+    PostgreSQL, MySQL and MariaDB are shared by the whole cluster
+    (``JournalKind.centralized``, so casty's replicas skip persisting). All methods are safe to call
     concurrently from many entities; concurrent ``persist`` calls are written
     together in one transaction (group commit) and each returns only once its
     own events are committed.
@@ -72,9 +72,9 @@ class SAJournal(ReadSideCalls):
     url : str | URL | os.PathLike | AsyncEngine | async_sessionmaker
         ``sqlite:///journal.db`` (or ``pathlib.Path("journal.db")``),
         ``sqlite://`` (memory, one database for the journal's lifetime),
-        ``postgresql://user:pw@host/db`` (libpq's ``sslmode``,
-        ``application_name``, ``connect_timeout`` and ``options=-c name=value``
-        are honoured; another parameter asyncpg cannot honour is refused), or an
+        ``postgresql://user:pw@host/db`` (libpq's ``sslmode``, ``application_name``,
+        ``connect_timeout``, ``options=-c name=value``; ``postgresql+psycopg://``: psycopg 3),
+        ``mysql://…`` or ``mariadb://…`` (asyncmy; ``mysql+aiomysql://``), or an
         application's ``AsyncEngine`` or ``async_sessionmaker`` (its pool is
         shared; ``close()`` leaves it open).
     kind : JournalKind | None
@@ -110,14 +110,14 @@ class SAJournal(ReadSideCalls):
         SQLite: ``FULL`` (default, durable on power loss), ``NORMAL`` (faster, may lose
         the last commits on power loss), ``OFF``.
     connect_timeout : float | None
-        PostgreSQL: seconds a connection attempt takes at most (the URL's ``connect_timeout``; 10).
+        Servers: seconds a connection attempt takes at most (the URL's ``connect_timeout``; 10).
     statement_timeout : float | None
-        PostgreSQL: seconds before a statement fails, on the client and as the
-        server's ``statement_timeout`` (default: the URL's ``options=-c
-        statement_timeout=…``, else 30). A call's budget is the two together:
-        a pooled connection that does not answer a liveness ping within the
-        shorter of them fails the call (the server is taken for hung), and
-        reads are not retried once the budget is spent.
+        Servers: seconds before a statement fails, on the client and the server
+        (``statement_timeout``, MariaDB ``max_statement_time``, MySQL ``max_execution_time``;
+        default: PostgreSQL's URL's ``options=-c statement_timeout=…``, else 30). A call's
+        budget is the two together: a pooled connection that does not answer a liveness
+        ping within the shorter of them fails the call (the server is taken for hung),
+        and reads are not retried once the budget is spent.
     **engine_options
         Passed to ``create_async_engine`` (``pool_size``, ``echo``, …). ``echo``
         and SQLAlchemy instrumentation (OpenTelemetry, Sentry) see the schema
@@ -185,7 +185,7 @@ class SAJournal(ReadSideCalls):
         self._backend = backend_for(
             self._engine, schema, timeouts, hold_writes=group_commit, hold_linger=_WRITER_LINGER
         )
-        # a call's budget, end to end (PostgreSQL; SQLite's calls wait at most busy_timeout)
+        # a call's budget, end to end (servers; SQLite's calls wait at most busy_timeout)
         budget = None if timeouts is None else timeouts.budget
         self._inflight = Inflight()
         self._life = Lifecycle(self._ensure_schema, self._close, self._inflight, name="casty_sa")
@@ -214,7 +214,7 @@ class SAJournal(ReadSideCalls):
 
     @property
     def kind(self) -> JournalKind:
-        """``local`` for SQLite, ``centralized`` for PostgreSQL, unless overridden."""
+        """``local`` for SQLite, ``centralized`` for a server database, unless overridden."""
         return self._kind
 
     @property

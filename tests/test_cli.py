@@ -180,7 +180,7 @@ class TestMigrations:
     ) -> None:
         asyncio.run(execute(db_url, "SELECT 1"))  # the database exists (SQLite: the file)
         assert run(capsys, "upgrade", "--url", plain(db_url))[0] == ExitCode.OK
-        code, out, err = run(capsys, "downgrade", "-1", "--url", plain(db_url))
+        code, out, err = run(capsys, "downgrade", "0002", "--url", plain(db_url))
         assert code == ExitCode.OK, err
         assert "to 0002" in out
 
@@ -493,7 +493,7 @@ class TestPasswords:
         assert run(capsys, "frobnicate")[0] == ExitCode.USAGE
         code, _, err = run(capsys, "current", "--url", f"postgresql://u:{PASSWORD}@db:port/x")
         assert code == ExitCode.USAGE and "does not parse" in err and PASSWORD not in err
-        code, _, err = run(capsys, "current", "--url", "mysql://u@db/app")
+        code, _, err = run(capsys, "current", "--url", "oracle://u@db/app")
         assert code == ExitCode.DATABASE_ERROR and "not supported" in err
         code, _, err = run(capsys, "upgrade", "--url", "sqlite:///x.db", "--schema", "casty")
         assert code == ExitCode.USAGE and "needs PostgreSQL" in err

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,10 @@ from casty_sa.cli import ExitCode, main
 from casty_sa.errors import ProjectionFailed, ProjectionLeaseLost
 from casty_sa.projections.offsets import OffsetTable
 
-from support.dbtools import execute, plain, query
+from support.dbtools import execute, mysql_script, plain, query, run_script
 from support.offsets import advance, install, on_offsets
 from support.processes import free_port
+from support.projections import add_to
 
 ENTITIES = ("acct-1", "acct-2", "acct-3", "acct-4", "acct-5", "acct-6")
 PER_ENTITY = 3
@@ -61,18 +62,34 @@ def slices(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 
 
 async def other_database(
-    backend: str, tmp_path: Path, new_postgres_db: Callable[..., Awaitable[URL]]
+    backend: str, tmp_path: Path, new_server_db: Callable[..., Awaitable[URL]]
 ) -> URL:
-    """A second database at head: the read model's."""
+    """A second database at head: the read model's (on the test's server)."""
     if backend == "sqlite":
         url = make_url(f"sqlite+aiosqlite:///{tmp_path / 'readmodel.db'}")
         await casty_sa.upgrade(url)
         return url
-    return await new_postgres_db(migrated=True)
+    return await new_server_db(migrated=True)
 
 
-async def _bare(new_postgres_db: Callable[..., Awaitable[URL]]) -> URL:
-    return await new_postgres_db(migrated=False)
+async def with_password(url: URL, password: str) -> URL:
+    """``url`` with a password the server takes: the suite's PostgreSQL trusts local logins
+    (any password); on MySQL, an account of its own with every privilege on the database."""
+    if url.get_backend_name() != "mysql":
+        return url.set(password=password)
+    user = f"pw_{uuid.uuid4().hex[:8]}"
+    await mysql_script(
+        url.set(database=None),
+        [
+            f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'",
+            f"GRANT ALL ON `{url.database}`.* TO '{user}'@'%'",
+        ],
+    )
+    return url.set(username=user, password=password)
+
+
+async def _bare(new_server_db: Callable[..., Awaitable[URL]]) -> URL:
+    return await new_server_db(migrated=False)
 
 
 @pytest.mark.shared_database
@@ -160,11 +177,11 @@ class TestReadModelElsewhere:
         db_url: URL,
         backend: str,
         tmp_path: Path,
-        new_postgres_db: Callable[..., Awaitable[URL]],
+        new_server_db: Callable[..., Awaitable[URL]],
         capsys: pytest.CaptureFixture[str],
     ) -> None:
         events = asyncio.run(fill(db_url, time.time()))
-        readmodel = asyncio.run(other_database(backend, tmp_path, new_postgres_db))
+        readmodel = asyncio.run(other_database(backend, tmp_path, new_server_db))
         asyncio.run(install(readmodel, ("balances", 1)))
         asyncio.run(advance(readmodel, "balances", 0, events[4][0], 5))
         code, out, err = run(
@@ -196,15 +213,15 @@ class TestReadModelElsewhere:
             (0,)
         ]
 
-    @pytest.mark.only_backends("postgresql")
+    @pytest.mark.only_backends("postgresql", "mysql")
     def test_a_database_without_the_table_and_no_password_shown(
         self,
         db_url: URL,
-        new_postgres_db: Callable[..., Awaitable[URL]],
+        new_server_db: Callable[..., Awaitable[URL]],
         capsys: pytest.CaptureFixture[str],
     ) -> None:
-        bare = asyncio.run(_bare(new_postgres_db))
-        secret = bare.set(password=PASSWORD)
+        bare = asyncio.run(_bare(new_server_db))
+        secret = asyncio.run(with_password(bare, PASSWORD))
         code, out, err = run(
             capsys, "projections", "--url", plain(db_url), "--offsets-url", plain(secret)
         )
@@ -276,7 +293,7 @@ class TestReset:
         assert code == ExitCode.OK and "warning: no --clear given" in err
 
     def test_the_sql_script_resets_and_clears(
-        self, db_url: URL, backend: str, capsys: pytest.CaptureFixture[str]
+        self, db_url: URL, capsys: pytest.CaptureFixture[str]
     ) -> None:
         events = asyncio.run(fill(db_url, time.time()))
         asyncio.run(install(db_url, ("balances", 1)))
@@ -301,7 +318,7 @@ class TestReset:
         )
         assert code == ExitCode.OK, err
         assert "BEGIN;\nDELETE FROM rm_balances;\nUPDATE casty_sa_projection_offsets" in script
-        asyncio.run(self._run_script(db_url, backend, script))
+        asyncio.run(run_script(db_url, script))
         assert self._offsets(db_url) == [(None, 0)]
         assert asyncio.run(query(db_url, "SELECT count(*) FROM rm_balances")) == [(0,)]
         fence = asyncio.run(query(db_url, "SELECT fence FROM casty_sa_projection_offsets"))
@@ -325,26 +342,6 @@ class TestReset:
             await table.advance(session, lease, None, to, 1, 60_000)  # type: ignore[arg-type]
 
         await on_offsets(url, move)
-
-    @staticmethod
-    async def _run_script(url: URL, backend: str, script: str) -> None:
-        if backend == "sqlite":
-            database = url.database
-            assert database is not None
-            connection = sqlite3.connect(database, isolation_level=None)
-            try:
-                connection.executescript(script)
-            finally:
-                connection.close()
-            return
-        import asyncpg
-
-        dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
-        connection = await asyncpg.connect(dsn)
-        try:
-            await connection.execute(script)
-        finally:
-            await connection.close()
 
 
 @pytest.mark.shared_database
@@ -386,12 +383,10 @@ class TestWithAProjection:
         async def handler(session: AsyncSession, envelope: EventEnvelope) -> None:
             if envelope.entity_id == failing:
                 raise ValueError(f"no account {envelope.entity_id}")
+            dialect = session.get_bind().dialect.name
             await session.execute(
-                text(
-                    "INSERT INTO rm_balances VALUES (:e, :n) ON CONFLICT (entity_id) "
-                    "DO UPDATE SET balance = rm_balances.balance + :n"
-                ),
-                {"e": envelope.entity_id, "n": envelope.event},
+                text(add_to("rm_balances", "entity_id", "balance", dialect)),
+                {"k": envelope.entity_id, "n": envelope.event},
             )
 
         async with asyncio.timeout(30), SAJournal(url) as journal:

@@ -562,14 +562,14 @@ class TestAnotherDatabase:
         journal: SAJournal,
         backend: str,
         tmp_path: Path,
-        new_postgres_db: Callable[..., Awaitable[URL]],
+        new_server_db: Callable[..., Awaitable[URL]],
     ) -> None:
         async with asyncio.timeout(BOUND):
             if backend == "sqlite":
                 url: URL | str = f"sqlite+aiosqlite:///{tmp_path / 'readmodel.db'}"
                 await casty_sa.upgrade(url)
             else:
-                url = await new_postgres_db(migrated=True)
+                url = await new_server_db(migrated=True)
             engine = create_async_engine(url)
             try:
                 async with engine.begin() as conn:

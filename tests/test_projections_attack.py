@@ -284,6 +284,50 @@ class TestSqliteWriters:
             await stopped(projection, task)
 
 
+class TestMySQLCut:
+    @pytest.mark.only_backends("mysql")
+    async def test_a_handler_cut_inside_a_long_statement_has_it_killed(
+        self, journal: SAJournal
+    ) -> None:
+        """The cut (HandlerOverran) cancels only the handler's await: the server would run
+        its statement to the end, the batch's row locks held all that time. KILL QUERY from
+        another connection stops it, so the rollback frees the locks at once."""
+        await persist(journal, 1, 1)
+        async with journal.engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE gate (id INT PRIMARY KEY, n INT)"))
+            await conn.execute(text("INSERT INTO gate VALUES (1, 0)"))
+        entered = asyncio.Event()
+
+        async def sleeps(session: AsyncSession, envelope: EventEnvelope) -> None:
+            await session.execute(text("UPDATE gate SET n = n + 1 WHERE id = 1"))  # locked
+            entered.set()
+            await session.execute(text("SELECT SLEEP(30)"))
+
+        projection = Projection("sleeps", journal, sleeps, lease_seconds=1.0, retry_delay=30)
+        task = asyncio.create_task(projection.run())
+        try:
+            async with asyncio.timeout(BOUND):
+                await entered.wait()
+                started = asyncio.get_running_loop().time()
+                async with journal.engine.begin() as conn:  # waits for the batch's row lock
+                    await conn.execute(text("UPDATE gate SET n = 100 WHERE id = 1"))
+                waited = asyncio.get_running_loop().time() - started
+                assert waited < 3.0, f"the row stayed locked {waited:.1f}s"
+                while (status := await projection.status()).last_error is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+                assert "HandlerOverran" in (status.last_error or ""), status.last_error
+                async with journal.engine.connect() as conn:
+                    sleeping = await conn.execute(
+                        text(
+                            "SELECT count(*) FROM information_schema.processlist "
+                            "WHERE info LIKE 'SELECT SLEEP%'"
+                        )
+                    )
+                    assert sleeping.scalar() == 0
+        finally:
+            await stopped(projection, task)
+
+
 class TestPostgresCommit:
     @pytest.mark.only_backends("postgresql")
     async def test_a_commit_cut_off_by_terminating_the_backend_is_settled(

@@ -33,6 +33,7 @@ from casty_sa.cli import ExitCode, main
 from casty_sa.projections import LEASE_KEY
 
 from support.dbtools import execute, plain, query
+from support.projections import add_to
 
 #: Seconds any one test may take.
 BOUND = 60.0
@@ -49,12 +50,10 @@ async def fill(journal: SAJournal, start: int = 1, count: int = 2) -> None:
 
 
 async def add(session: AsyncSession, envelope: EventEnvelope) -> None:
+    dialect = session.get_bind().dialect.name
     await session.execute(
-        text(
-            "INSERT INTO balances VALUES (:a, :n) "
-            "ON CONFLICT (account) DO UPDATE SET balance = balances.balance + :n"
-        ),
-        {"a": envelope.entity_id, "n": envelope.event},
+        text(add_to("balances", "account", "balance", dialect)),
+        {"k": envelope.entity_id, "n": envelope.event},
     )
 
 

@@ -246,7 +246,7 @@ class TestImport:
         capsys: pytest.CaptureFixture[str],
     ) -> None:
         url = plain(empty_db_url)
-        if backend == "postgresql":  # a server database is never migrated implicitly
+        if backend != "sqlite":  # a server database is never migrated implicitly
             code, _, err = run(capsys, "import", "--from", str(source), "--url", url)
             assert code == ExitCode.DATABASE_ERROR and "casty-sa upgrade" in err
             # the command line's words, not the library's
@@ -635,11 +635,13 @@ class TestExport:
         assert run(capsys, "import", "--from", str(exported), "--url", back)[0] == ExitCode.OK
         assert load_database(back, entities) == in_database
 
+    @pytest.mark.only_backends("sqlite", "postgresql")
     def test_a_negative_zero_timestamp_is_written_as_zero_and_said_so(
         self, db_url: URL, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """casty's file format (a REAL column) cannot hold the sign of zero: the export says
-        so, compares every other bit, and a rerun is the same history, not another one."""
+        so, compares every other bit, and a rerun is the same history, not another one.
+        (MySQL's DOUBLE cannot hold it either: the journal refuses -0.0 there.)"""
 
         async def write() -> None:
             async with SAJournal(db_url) as journal:

@@ -87,7 +87,8 @@ class ExitCode(IntEnum):
 EPILOG = f"""\
 The database URL comes from --url or the {URL_ENV} environment variable (prefer the
 variable for URLs with a password: command lines are visible to other users).
-Plain sqlite:///file.db and postgresql://user@host/db URLs get their async driver.
+Plain sqlite:///file.db, postgresql://user@host/db and mysql://user@host/db (or
+mariadb://) URLs get their async driver.
 
 exit codes:
   0    success (check: the database is at head)
@@ -201,7 +202,7 @@ def url(args: argparse.Namespace) -> str:
     if found is None:
         raise UsageError(
             f"no database URL: pass --url URL or set {URL_ENV} "
-            "(e.g. sqlite:///journal.db or postgresql://user@host/dbname)"
+            "(e.g. sqlite:///journal.db, postgresql://user@host/dbname or mysql://user@host/dbname)"
         )
     return found
 

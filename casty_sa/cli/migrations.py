@@ -35,7 +35,8 @@ def register(commands: Commands) -> None:
         "--sql",
         action="store_true",
         help="print the DDL for the URL's dialect instead of running it (no connection; "
-        "--url postgresql:// or sqlite:// is enough); REV may be a FROM:TO range",
+        "--url postgresql://, mysql://, mariadb:// or sqlite:// is enough); REV may be a "
+        "FROM:TO range",
     )
     upgrade.set_defaults(handler=_cmd_upgrade)
 

@@ -7,6 +7,13 @@ applied again). :class:`TransactionGuard` refuses the first (its ``COMMIT`` rais
 a savepoint's release is fine) and notices the others after each handler call, so
 either is a failing handler: the batch rolls back and nothing of it is applied.
 
+A handler call still running when the batch's lease is over is cut
+(:class:`~casty_sa.errors.HandlerOverran`), and the statement it runs is stopped on the
+database too, so the batch's locks go with it: SQLite's is interrupted in its thread;
+MySQL's and MariaDB's by ``KILL QUERY`` from another connection of the same engine (the
+cut connection cannot send anything until its statement ends). PostgreSQL's server ends
+the transaction itself (the offsets table sets its idle and lock timeouts).
+
 Examples
 --------
 >>> str(HandlerEndedTransaction())[:40]
@@ -17,16 +24,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Engine, event
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from casty_sa.diagnosis import describe
 from casty_sa.errors import HandlerEndedTransaction, HandlerOverran
 
 __all__ = ["TransactionGuard", "handler_failure"]
+
+_log = logging.getLogger("casty_sa.projections")
+
+#: Seconds a ``KILL QUERY`` may take (a connection from the pool, one statement)
+_KILL_WITHIN = 5.0
+#: The ``KILL QUERY`` tasks under way (a reference, so none is collected half-way)
+_killing: set[asyncio.Task[None]] = set()
 
 
 class TransactionGuard:
@@ -41,10 +58,15 @@ class TransactionGuard:
         self._refused = False
         # the batch's sqlite3 connection, that aiosqlite drives from a thread of its own
         self._sqlite: sqlite3.Connection | None = None
-        if self._session.get_bind().dialect.name == "sqlite":
+        # the server's id of the batch's MySQL connection (its handshake's, no round trip)
+        self._mysql_thread: int | None = None
+        dialect = self._session.get_bind().dialect.name
+        if dialect in ("sqlite", "mysql", "mariadb"):
             driver = self._session.connection().connection.driver_connection
             raw = getattr(driver, "_connection", None)
             self._sqlite = raw if isinstance(raw, sqlite3.Connection) else None
+            thread_id = getattr(driver, "thread_id", None)  # asyncmy's and PyMySQL's
+            self._mysql_thread = int(thread_id()) if callable(thread_id) else None
         event.listen(self._session, "before_commit", self._before_commit)
 
     def _before_commit(self, session: Any) -> None:
@@ -71,6 +93,23 @@ class TransactionGuard:
         end, the file's write lock held meanwhile. With no statement running it is a no-op."""
         if self._sqlite is not None:
             self._sqlite.interrupt()
+        if self._mysql_thread is not None:
+            task = asyncio.get_running_loop().create_task(self._kill_query(self._mysql_thread))
+            _killing.add(task)
+            task.add_done_callback(_killing.discard)
+
+    async def _kill_query(self, thread: int) -> None:
+        """MySQL: stop the cut connection's statement from another connection (its locks
+        are released, and the batch's rollback gets through); a no-op on an idle one."""
+        bind = self._session.get_bind()
+        engine = AsyncEngine(bind if isinstance(bind, Engine) else bind.engine)
+        try:
+            async with asyncio.timeout(_KILL_WITHIN), engine.connect() as connection:
+                await connection.exec_driver_sql(f"KILL QUERY {thread}")
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:  # it runs on to its end
+            _log.warning(
+                "could not stop the statement of an overrunning handler: %s", describe(exc)
+            )
 
     async def call(self, handler_call: Awaitable[object]) -> None:
         """Await a handler call within the batch's time, then :meth:`check`."""

@@ -26,6 +26,9 @@ Examples
 "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
 >>> str(database_ms().compile(dialect=postgresql.dialect()))
 'CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)'
+>>> from sqlalchemy.dialects import mysql
+>>> str(database_ms().compile(dialect=mysql.dialect()))
+"TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) DIV 1000"
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ from sqlalchemy import (
     Update,
     and_,
     delete,
-    func,
     or_,
     select,
     update,
@@ -58,6 +60,7 @@ from sqlalchemy.sql.schema import SchemaConst
 
 from casty_sa.errors import ProjectionError, ProjectionLeaseLost
 from casty_sa.models import NAMING_CONVENTION, ProjectionOffsetRecord
+from casty_sa.projections.bounds import end_if_frozen
 
 __all__ = ["Lease", "OffsetRow", "OffsetTable", "SliceCountChanged", "database_ms"]
 
@@ -84,7 +87,9 @@ def _sqlite_ms(element: database_ms, compiler: SQLCompiler, **kw: Any) -> str:
 @compiles(database_ms, "mysql")
 @compiles(database_ms, "mariadb")
 def _mysql_ms(element: database_ms, compiler: SQLCompiler, **kw: Any) -> str:
-    return "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)"
+    # UTC arithmetic: UNIX_TIMESTAMP(NOW()) goes through the session's time zone, and in a
+    # zone with daylight saving time the hour that repeats in autumn would turn it back
+    return "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) DIV 1000"
 
 
 class SliceCountChanged(ProjectionError):
@@ -183,7 +188,7 @@ class OffsetTable:
             table.c.lease_expires_ms.is_(None),
             table.c.lease_expires_ms <= database_ms(),
         )
-        await _end_if_frozen(session, lease_ms)
+        await end_if_frozen(session, lease_ms)
         taken = await session.execute(
             update(table)
             .where(table.c.projection == name, table.c.slice == index, free)
@@ -201,7 +206,7 @@ class OffsetTable:
 
     async def renew(self, session: AsyncSession, lease: Lease, lease_ms: int) -> bool:
         """Extend ``lease`` by ``lease_ms`` from now; ``False`` if it was lost."""
-        await _end_if_frozen(session, lease_ms)
+        await end_if_frozen(session, lease_ms)
         renewed = await session.execute(
             update(self.table)
             .where(self._held_by(lease))
@@ -222,7 +227,7 @@ class OffsetTable:
         the lease; :class:`ProjectionLeaseLost` if the row is no longer ``lease``'s at
         ``after``. Run it first in the batch's transaction (it locks the row)."""
         table = self.table
-        await _end_if_frozen(session, lease_ms)
+        await end_if_frozen(session, lease_ms)
         moved = await session.execute(
             update(table)
             .where(self._held_by(lease), table.c.last_offset.is_not_distinct_from(after))
@@ -358,26 +363,9 @@ def _insert_ignoring_duplicates(session: AsyncSession, table: Table) -> Insert:
         return postgresql.insert(table).on_conflict_do_nothing()
     if dialect == "sqlite":
         return sqlite.insert(table).on_conflict_do_nothing()
-    return mysql.insert(table).prefix_with("IGNORE")
-
-
-async def _end_if_frozen(session: AsyncSession, lease_ms: int) -> None:
-    """On PostgreSQL, make the server end this transaction if its client goes quiet in
-    it for longer than a lease (``SET LOCAL idle_in_transaction_session_timeout``), and
-    wait at most a lease for a lock (``lock_timeout``).
-
-    A process frozen (stopped, paused, cut off behind a half-open connection) between a
-    statement on the slice's row and its ``COMMIT`` holds the row's lock: without this
-    no other worker could ever take the slice over (its ``acquire`` waits on the lock),
-    and the open transaction would hold back the horizon of every live reader of the
-    server. A transaction that went quiet that long had lost its lease anyway.
-    """
-    if session.get_bind().dialect.name == "postgresql":
-        idle = func.set_config("idle_in_transaction_session_timeout", f"{lease_ms}ms", True)
-        # and a row some other session keeps locked fails the statement after a lease
-        # (a retried failure) instead of holding the worker, its renewals and stop()
-        locked = func.set_config("lock_timeout", f"{lease_ms}ms", True)
-        await session.execute(select(idle, locked))
+    # not INSERT IGNORE, which would also turn a value that does not fit into a warning
+    upsert = mysql.insert(table)
+    return upsert.on_duplicate_key_update(projection=table.c.projection)
 
 
 def _rowcount(result: Any) -> int:

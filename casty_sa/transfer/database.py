@@ -2,13 +2,16 @@
 
 Reads take no write lock on SQLite and stop a batch at a byte budget summed in the database,
 so a copy never holds up the application's writer nor reads a payload past the budget.
+Writes skip what the target holds: ``ON CONFLICT DO NOTHING`` (PostgreSQL, SQLite), and on
+MySQL/MariaDB, which has neither that nor ``RETURNING``, a look-up of the keys under the
+position counter's lock (every writer of events takes it first, so none can slip in).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -18,18 +21,21 @@ from sqlalchemy import (
     and_,
     bindparam,
     func,
+    insert,
     literal_column,
     or_,
     select,
     tuple_,
+    update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from casty_sa.batching import ROW_OVERHEAD
 from casty_sa.engine import bind_schema, read_only
+from casty_sa.errors import SchemaError
 from casty_sa.migrate import checked_engine
-from casty_sa.models import journal_tables, newer_snapshot_wins
+from casty_sa.models import EventCounterRecord, journal_tables, newer_snapshot_wins
 from casty_sa.ordering import (
     current_era,
     current_transaction_id,
@@ -43,6 +49,7 @@ from casty_sa.urls import UrlLike, safe_url
 __all__ = ["JournalDatabase"]
 
 _events, _snapshots = journal_tables()
+_counter = cast(Table, EventCounterRecord.__table__)
 
 
 class JournalDatabase:
@@ -63,9 +70,17 @@ class JournalDatabase:
         # SQLite: an export never waits for, nor holds up, the application's writer
         self._reader = read_only(self._engine)
         self._name = safe_url(engine.url)
-        self._postgresql = engine.dialect.name == "postgresql"
-        insert = postgresql.insert if self._postgresql else sqlite.insert
-        events = _in_global_order(insert(_events), postgresql=self._postgresql)
+        self._mysql = engine.dialect.name in ("mysql", "mariadb")
+        self._insert_events: Insert | None = None
+        self._upsert_snapshots: Insert
+        if self._mysql:  # no RETURNING, no ON CONFLICT: see write_events, write_snapshots
+            self._upsert_snapshots = newer_snapshot_wins(
+                mysql.insert(_snapshots), _snapshots, replace_equal=False
+            )
+            return
+        postgres = engine.dialect.name == "postgresql"
+        insert = postgresql.insert if postgres else sqlite.insert
+        events = _in_global_order(insert(_events), postgresql=postgres)
         self._insert_events = events.on_conflict_do_nothing(
             index_elements=[_events.c.entity_id, _events.c.sequence_nr]
         ).returning(_events.c.sequence_nr)
@@ -121,8 +136,9 @@ class JournalDatabase:
 
     @property
     def keeps_zero_sign(self) -> bool:
-        """True: casty-sa's timestamp columns keep ``-0.0`` on every backend."""
-        return True
+        """Whether the timestamp columns keep ``-0.0``: all but MySQL's and MariaDB's
+        ``DOUBLE`` (the journal refuses ``-0.0`` there)."""
+        return not self._mysql
 
     async def stats(self) -> JournalStats:
         """Per-entity event statistics and snapshot positions of the database."""
@@ -199,6 +215,8 @@ class JournalDatabase:
         do (see :func:`_in_global_order`), and keeps the source's ``event_type``.
         """
         async with self._engine.begin() as connection:
+            if self._insert_events is None:
+                return await _write_events_mysql(connection, rows)
             params = [
                 {**_params(row), "event_type": row.event_type, "step": step}
                 for step, row in enumerate(rows, 1)
@@ -209,8 +227,60 @@ class JournalDatabase:
     async def write_snapshots(self, rows: Sequence[Row]) -> int:
         """Insert snapshots, or advance those with a lower sequence number; return how many."""
         async with self._engine.begin() as connection:
+            if self._mysql:  # no RETURNING: the rows that win, found first
+                rows = await _newer_snapshots(connection, rows)
+                if rows:
+                    await connection.execute(self._upsert_snapshots, [_params(r) for r in rows])
+                return len(rows)
             result = await connection.execute(self._upsert_snapshots, [_params(r) for r in rows])
             return len(result.all())
+
+
+async def _write_events_mysql(connection: AsyncConnection, rows: Sequence[Row]) -> int:
+    """MySQL/MariaDB: the events the target lacks, numbered from the position counter.
+
+    The counter goes first (as in every writer of events there, see
+    :func:`casty_sa.ordering.take_positions`): its row stays locked until the commit,
+    so the rows commit in position order and no writer stores one of these keys between
+    the look-up and the insert. A key the target holds leaves its position unused.
+    """
+    taken = await connection.execute(
+        update(_counter)
+        .where(_counter.c.id == 1)
+        .values(position=func.last_insert_id(_counter.c.position + len(rows)))
+    )
+    if int(taken.rowcount) != 1:
+        raise SchemaError(
+            "casty_sa_event_counter has no row: run `casty-sa upgrade` (migration 0004 makes it)"
+        )
+    top = int((await connection.execute(select(func.last_insert_id()))).scalar_one())
+    held: set[tuple[str, int]] = set()
+    c = _events.c
+    for chunk in chunks([(row.entity_id, row.sequence_nr) for row in rows], LOOKUP_CHUNK):
+        found = select(c.entity_id, c.sequence_nr).where(
+            tuple_(c.entity_id, c.sequence_nr).in_(chunk)
+        )
+        held.update((entity, seq) for entity, seq in await connection.execute(found))
+    first = top - len(rows)
+    params = [
+        {**_params(row), "event_type": row.event_type, "era": 0, "transaction_id": 0,
+         "position": first + step}
+        for step, row in enumerate(rows, 1)
+        if (row.entity_id, row.sequence_nr) not in held
+    ]  # fmt: skip
+    if params:
+        await connection.execute(insert(_events), params)
+    return len(params)
+
+
+async def _newer_snapshots(connection: AsyncConnection, rows: Sequence[Row]) -> list[Row]:
+    """The snapshots of ``rows`` that the target lacks or holds at a lower sequence number."""
+    stored: dict[str, int] = {}
+    c = _snapshots.c
+    for chunk in chunks([row.entity_id for row in rows], LOOKUP_CHUNK):
+        found = select(c.entity_id, c.sequence_nr).where(c.entity_id.in_(chunk))
+        stored.update({entity: seq for entity, seq in await connection.execute(found)})
+    return [row for row in rows if stored.get(row.entity_id, -1) < row.sequence_nr]
 
 
 def _in_global_order(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,55 @@ def _file_handles(database: str) -> int:
     """This process's open file descriptors on ``database`` (Linux)."""
     path = os.path.realpath(database)
     return sum(1 for fd in Path("/proc/self/fd").iterdir() if os.path.realpath(fd) == path)
+
+
+async def run_script(url: URL | str, script: str) -> None:
+    """Run a printed SQL script as its database's own client would, on a raw connection:
+    SQLite's ``executescript``, the whole text on asyncpg (``psql -f``), and on MySQL one
+    statement at a time in autocommit (``mysql < script``: its ``BEGIN``/``COMMIT`` count)."""
+    url = make_url(url) if isinstance(url, str) else url
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        connection = sqlite3.connect(url.database or "", isolation_level=None)
+        try:
+            connection.executescript(script)
+        finally:
+            connection.close()
+    elif backend in ("mysql", "mariadb"):
+        await mysql_script(url, mysql_statements(script))
+    else:
+        import asyncpg
+
+        dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        pg = await asyncpg.connect(dsn)
+        try:
+            await pg.execute(script)
+        finally:
+            await pg.close()
+
+
+def mysql_statements(script: str) -> list[str]:
+    """A MySQL script's statements, as the ``mysql`` client splits them (at ``;`` ending a
+    line; ``--`` comment lines dropped)."""
+    lines = [line for line in script.splitlines() if not line.lstrip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";\n") if s.strip().rstrip(";")]
+
+
+async def mysql_script(url: URL, statements: list[str]) -> None:
+    """Run ``statements`` one by one on a raw asyncmy connection in autocommit."""
+    import asyncmy  # type: ignore[import-untyped,unused-ignore]
+
+    connection = await asyncmy.connect(
+        host=url.host,
+        port=url.port or 3306,
+        user=url.username,
+        password=url.password or "",
+        db=url.database,
+        autocommit=True,
+    )
+    try:
+        async with connection.cursor() as cursor:
+            for statement in statements:
+                await cursor.execute(statement.rstrip(";"))
+    finally:
+        connection.close()

@@ -23,7 +23,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import URL
@@ -59,6 +59,8 @@ class MariaDBServer:
     directory: Path
     port: int
     process: subprocess.Popen[bytes]
+    #: the server's command line, to :meth:`restart` it on the same data directory
+    command: list[str] = field(default_factory=list)
 
     @property
     def socket_path(self) -> Path:
@@ -91,33 +93,39 @@ class MariaDBServer:
         )
         port = _free_port()
         log = directory / "error.log"
-        process = subprocess.Popen(
-            [
-                server,
-                "--no-defaults",
-                f"--datadir={data}",
-                f"--socket={directory / 'mysqld.sock'}",
-                f"--pid-file={directory / 'mysqld.pid'}",
-                f"--log-error={log}",
-                f"--port={port}",
-                "--bind-address=127.0.0.1",
-                "--skip-name-resolve",
-                "--character-set-server=utf8mb4",
-                "--collation-server=utf8mb4_general_ci",
-                "--innodb-buffer-pool-size=128M",
-                "--max-connections=500",
-                # MySQL 8's default (MariaDB's is 16 MiB): rows of tens of MiB round-trip
-                "--max-allowed-packet=64M",
-                *user,
-                *extra_options,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # a ^C of the test run is the suite's to handle
-        )
-        running = cls(directory, port, process)
+        command = [
+            server,
+            "--no-defaults",
+            f"--datadir={data}",
+            f"--socket={directory / 'mysqld.sock'}",
+            f"--pid-file={directory / 'mysqld.pid'}",
+            f"--log-error={log}",
+            f"--port={port}",
+            "--bind-address=127.0.0.1",
+            "--skip-name-resolve",
+            "--character-set-server=utf8mb4",
+            "--collation-server=utf8mb4_general_ci",
+            "--innodb-buffer-pool-size=128M",
+            "--max-connections=500",
+            # MySQL 8's default (MariaDB's is 16 MiB): rows of tens of MiB round-trip
+            "--max-allowed-packet=64M",
+            *user,
+            *extra_options,
+        ]
+        running = cls(directory, port, _launch(command), command)
         running._wait_until_up(log)
         return running
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: nothing flushed, no clean shutdown)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def restart(self) -> None:
+        """Start the server again on its data directory and port (after :meth:`kill`)."""
+        self.process = _launch(self.command)
+        self._wait_until_up(self.directory / "error.log")
 
     def _wait_until_up(self, log: Path) -> None:
         deadline = time.monotonic() + _START_WITHIN
@@ -153,3 +161,12 @@ class MariaDBServer:
                 self.process.kill()
                 self.process.wait(timeout=30)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _launch(command: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a ^C of the test run is the suite's to handle
+    )

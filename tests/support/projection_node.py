@@ -98,7 +98,8 @@ applied = Table(
 fences = Table(
     "rm_fences",
     metadata,
-    Column("slice", Integer, primary_key=True),
+    # not AUTO_INCREMENT on MySQL, where inserting slice 0 would store the next number
+    Column("slice", Integer, primary_key=True, autoincrement=False),
     Column("fence", BigInteger, nullable=False),
 )
 violations = Table(

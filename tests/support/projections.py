@@ -19,3 +19,17 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 30.0)
     async with asyncio.timeout(within):
         while not await check():  # noqa: ASYNC110 (a row in a table sets no event)
             await asyncio.sleep(0.02)
+
+
+def add_to(table: str, key: str, column: str, dialect: str) -> str:
+    """An ``INSERT`` of ``(:k, :n)`` into ``table`` that adds ``:n`` to ``column`` of the row
+    already there under the same ``key``: ``ON CONFLICT`` or, on MySQL/MariaDB, ``ON
+    DUPLICATE KEY``."""
+    if dialect in ("mysql", "mariadb"):
+        return (
+            f"INSERT INTO {table} VALUES (:k, :n) ON DUPLICATE KEY UPDATE {column} = {column} + :n"
+        )
+    return (
+        f"INSERT INTO {table} VALUES (:k, :n) "
+        f"ON CONFLICT ({key}) DO UPDATE SET {column} = {table}.{column} + :n"
+    )
