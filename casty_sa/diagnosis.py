@@ -37,8 +37,7 @@ ACCESS_HINTS = {
     "28": "check the user name and password of the URL, that the role exists and may log in, "
     "and the server's pg_hba.conf",
     "3D000": "create the database (then run `casty-sa upgrade`) or fix its name in the URL",
-    "42501": "grant the role the privileges casty-sa needs (see the README's least-privilege "
-    "section)",
+    "42501": "grant the role the privileges casty-sa needs (see the README's Privileges section)",
 }
 
 
@@ -52,13 +51,14 @@ MYSQL_ACCESS_HINTS = {
     "with a password (not only through the server's unix socket)",
     1049: "create the database (then run `casty-sa upgrade`) or fix its name in the URL",
     1044: "grant the account the privileges casty-sa needs on this database (see the "
-    "README's least-privilege section)",
-    1142: "grant the account the privileges casty-sa needs (see the README's least-privilege "
-    "section)",
-    1143: "grant the account the privileges casty-sa needs (see the README's least-privilege "
-    "section)",
+    "README's privileges per database)",
+    1142: "grant the account the privileges casty-sa needs (see the README's privileges per "
+    "database)",
+    1143: "grant the account the privileges casty-sa needs (see the README's privileges per "
+    "database)",
 }
-#: MySQL/MariaDB error numbers of a table or column that is not there
+#: MySQL/MariaDB error numbers of a table or column that is not there: ER_NO_SUCH_TABLE,
+#: ER_BAD_FIELD_ERROR
 _MYSQL_SCHEMA_MISMATCH = frozenset({1146, 1054})
 #: ... of a statement the server ended at its time limit (MariaDB ``max_statement_time``,
 #: MySQL ``max_execution_time``) or a lock not granted in ``innodb_lock_wait_timeout``
@@ -184,18 +184,6 @@ _SQLITE_SCHEMA_MISMATCH = (
     "has no column named",
     "does not match any primary key or unique constraint",
 )
-#: MySQL/MariaDB error numbers of the same: ER_BAD_FIELD_ERROR, ER_NO_SUCH_TABLE
-_MYSQL_SCHEMA_MISMATCH = frozenset({1054, 1146})
-#: the modules of the MySQL drivers' errors (aiomysql raises PyMySQL's)
-_MYSQL_DRIVERS = frozenset({"asyncmy", "pymysql", "aiomysql"})
-
-
-def _mysql_error_number(exc: BaseException) -> int | None:
-    """The error number of a MySQL driver's error (its first argument); ``None`` for others."""
-    if type(exc).__module__.partition(".")[0] not in _MYSQL_DRIVERS:
-        return None
-    first = exc.args[0] if exc.args else None
-    return first if isinstance(first, int) else None
 
 
 def is_schema_mismatch(exc: BaseException) -> bool:
@@ -209,8 +197,6 @@ def is_schema_mismatch(exc: BaseException) -> bool:
         text = str(original).lower()
         return any(marker in text for marker in _SQLITE_SCHEMA_MISMATCH)
     if sqlstate(exc) in _PG_SCHEMA_MISMATCH or mysql_code(exc) in _MYSQL_SCHEMA_MISMATCH:
-        return True
-    if _mysql_error_number(original) in _MYSQL_SCHEMA_MISMATCH:
         return True
     # a driver's error without a code (or one wrapped twice) naming one of casty-sa's tables
     text = describe(exc).lower()
@@ -384,7 +370,8 @@ def migration_error(exc: BaseException, url: URL, what: str) -> JournalError:
         return SchemaError(
             f"the account connecting to {safe_url(url)} may not change casty-sa's tables "
             f"({text}). Run the migrations (`casty-sa upgrade`) with an account that may "
-            "(CREATE, ALTER, DROP, INDEX, REFERENCES on the database); the journal itself "
+            "(SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, ALTER, INDEX on the database); the "
+            "journal itself "
             "needs only SELECT and INSERT on casty_sa_events, SELECT and UPDATE on "
             "casty_sa_event_counter, SELECT, INSERT and UPDATE on casty_sa_snapshots, and "
             f"SELECT on {VERSION_TABLE}. Nothing was changed."

@@ -54,7 +54,13 @@ from casty_sa.projections.offsets import OffsetRow, OffsetTable
 from support import processes
 from support import projection_node as node
 
-pytestmark = [pytest.mark.slow, pytest.mark.shared_database]
+# slow, and about the offsets table's statements, the same on either PostgreSQL driver:
+# [postgresql] proves them there
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.shared_database,
+    pytest.mark.only_drivers("aiosqlite", "asyncpg", "asyncmy"),
+]
 
 NAME = "balances"
 LEASE = 1.0
@@ -307,15 +313,10 @@ def slice_of(entity_id: str, slices: int) -> int:
 
 @pytest.fixture
 async def setup(
-    db_url: URL, make_journal: Callable[..., SAJournal], journal_setup: Any
+    db_url: URL, make_journal: Callable[..., SAJournal]
 ) -> AsyncIterator[Callable[[int], Awaitable[tuple[str, SAJournal, ReadModel]]]]:
     """``await setup(slices)``: the database's URL for the nodes, the test's journal, and
-    the read model (its tables made).
-
-    Not on ``[psycopg]``: these slow tests are about the offsets table's statements,
-    the same on either PostgreSQL driver, so ``[postgresql]`` proves them there."""
-    if journal_setup.driver == "psycopg":
-        pytest.skip("the offsets' statements are proved on PostgreSQL by [postgresql]")
+    the read model (its tables made)."""
     engine = create_async_engine(db_url)
 
     async def make(slices: int) -> tuple[str, SAJournal, ReadModel]:
