@@ -136,6 +136,35 @@ async def test_reads_and_writes_go_back_to_the_pool_without_a_rollback(
     assert await rollbacks() == before
 
 
+async def test_a_password_outside_ascii_logs_in_and_is_never_shown(
+    new_mysql_db: NewDb, mysql_server_url: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    # the server hashes the password as the utf8mb4 session gave it (UTF-8); both drivers
+    # encode a str password as latin-1: "é" is denied, "€" fails in the driver with a
+    # UnicodeEncodeError that names the character
+    url = await new_mysql_db()
+    user = f"pw_{url.database}"
+    password = "p@:/?#%&=+ é€"
+    await dbtools.mysql_script(
+        mysql_server_url,
+        [
+            f"CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'",
+            f"GRANT ALL ON `{url.database}`.* TO '{user}'@'%'",
+        ],
+    )
+    try:
+        journal = make_journal(url.set(username=user, password=password))
+        await journal.persist("a", [ev(1, "x")])
+        assert [e.event for e in await journal.load("a")] == ["x"]
+        wrong = make_journal(url.set(username=user, password=password + "€"))
+        with pytest.raises(casty_sa.DatabaseAccessDenied) as info:
+            await asyncio.wait_for(wrong.load("a"), BOUND)
+        for shown in (str(info.value), repr(info.value)):
+            assert "é" not in shown and "€" not in shown and "\\u20ac" not in shown, shown
+    finally:
+        await dbtools.mysql_script(mysql_server_url, [f"DROP USER '{user}'@'%'"])
+
+
 async def test_a_session_without_strict_mode_is_refused(
     new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
 ) -> None:

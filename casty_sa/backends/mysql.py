@@ -373,6 +373,7 @@ def mysql_engine(url: URL, request: EngineRequest) -> tuple[AsyncEngine, Timeout
     engine = create_async_engine(url, connect_args=connect_args, **options)
     if options["pool_reset_on_return"] is None:
         event.listen(engine.sync_engine, "reset", _reset)
+    event.listen(engine.sync_engine, "do_connect", _utf8_password)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _set_session(dbapi_connection: Any, _record: Any) -> None:
@@ -384,6 +385,12 @@ def mysql_engine(url: URL, request: EngineRequest) -> tuple[AsyncEngine, Timeout
             cursor.close()
 
     return engine, Timeouts(float(connect_timeout), float(statement_timeout))
+
+
+def _utf8_password(_dialect: Any, _record: Any, _args: Any, params: dict[str, Any]) -> None:
+    """The password's UTF-8 (as the server hashed it), as the latin-1 both drivers send."""
+    if isinstance(password := params.get("password"), str):
+        params["password"] = password.encode("utf-8", "surrogateescape").decode("latin-1")
 
 
 def _reset(dbapi_connection: Any, record: Any, state: Any) -> None:
