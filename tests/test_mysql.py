@@ -165,6 +165,30 @@ async def test_a_password_outside_ascii_logs_in_and_is_never_shown(
         await dbtools.mysql_script(mysql_server_url, [f"DROP USER '{user}'@'%'"])
 
 
+async def test_an_application_engine_in_autocommit_still_writes_a_group_whole(
+    new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
+) -> None:
+    # in autocommit each statement of the group's packets would commit on its own: the
+    # counter's lock let go at once (no-gap lost) and a group over two packets torn
+    url = await new_mysql_db()
+    app = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    pools.watch(app)
+    try:
+        own, journal = make_journal(url), make_journal(app)
+        [(limit,)] = await query(url, "SELECT @@max_allowed_packet")
+        blob = b"A" * (int(limit) * 3 // 5)  # two of these go in two packets
+        await own.persist("n", [ev(1, b"first")])
+        await own.persist("n", [ev(3, b"third")])  # (a gap the journal allows)
+        with pytest.raises(casty_sa.SequenceConflict):
+            # n#2 in the first packet, n#3 (already stored) in the second: nothing stored
+            await journal.persist("n", [ev(2, blob), ev(3, blob)])
+        assert [e.sequence_nr for e in await own.load("n")] == [1, 3]
+        await journal.persist("n", [ev(2, b"second")])
+        assert [e.sequence_nr async for e in own.events()] == [1, 3, 2]
+    finally:
+        await app.dispose()
+
+
 async def test_a_session_without_strict_mode_is_refused(
     new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
 ) -> None:

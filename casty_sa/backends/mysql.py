@@ -111,7 +111,7 @@ class MySQLBackend(MySQLReading):
                 committing = number == len(packets)
                 await self._bounded(self._run(conn, packet, counts))
         except BaseException as exc:
-            if events and counts[1:2] == [0] and not seeded:  # the counter has no row
+            if events and counts[2:3] == [0] and not seeded:  # the counter has no row
                 await self._abandon(conn)
                 await self.give_back_writer(fairy, None)
                 await self._seed_counter()
@@ -131,7 +131,7 @@ class MySQLBackend(MySQLReading):
 
     async def _run(self, conn: Any, packet: bytes, counts: list[int]) -> None:
         """Send one packet of statements (see :func:`_wire`) and read every result, their
-        row counts to ``counts`` as they come (the counter's ``UPDATE`` is the second)."""
+        row counts to ``counts`` as they come (the counter's ``UPDATE`` is the third)."""
         async with conn.cursor() as cursor:
             await cursor.execute(packet)  # no arguments: the driver sends it as it is
             counts.append(int(cursor.rowcount))
@@ -159,7 +159,7 @@ class MySQLBackend(MySQLReading):
         if snapshots:
             statements += await self._snapshot_upserts(conn, snapshots, limit)
         packets: list[tuple[str, list[Any]]] = []
-        sql: list[str] = []
+        sql = ["START TRANSACTION"]  # one, even on an application's engine in autocommit
         args: list[Any] = []
         size = 0
         for text, values, length in statements:
