@@ -80,3 +80,47 @@ async def test_a_global_order_violation_is_no_sequence_conflict(
             await execute(db_url, "UPDATE casty_sa_event_counter SET position = 2")
         with pytest.raises(SequenceConflict):
             await journal.persist("a", [PersistedEvent(2, "again", 4.0)])
+
+
+async def _refusing_trigger(url: URL) -> None:
+    """An application's trigger that refuses entity ``"boom"``'s events (and no other's)."""
+    if url.get_backend_name() == "mysql":
+        await execute(
+            url,
+            "CREATE TRIGGER no_boom BEFORE INSERT ON casty_sa_events FOR EACH ROW "
+            "BEGIN IF NEW.entity_id = 'boom' THEN "
+            "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'no boom here'; END IF; END",
+        )
+        return
+    await execute(
+        url,
+        "CREATE FUNCTION no_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.entity_id = 'boom' THEN RAISE EXCEPTION 'no boom here'; END IF; "
+        "RETURN NEW; END $$",
+        "CREATE TRIGGER no_boom BEFORE INSERT ON casty_sa_events FOR EACH ROW "
+        "EXECUTE FUNCTION no_boom()",
+    )
+
+
+@pytest.mark.only_backends("postgresql", "mysql")
+async def test_a_trigger_refusing_one_caller_fails_that_caller_alone(
+    db_url: URL, new_journal: Callable[..., SAJournal]
+) -> None:
+    """A trigger that raises refuses the rows of one caller of a write group: that caller is
+    told its write was refused and nothing stored; its neighbours in the group are stored."""
+    await _refusing_trigger(db_url)
+    journal = new_journal(group_commit=True)
+    await journal.start()
+    names = [f"ok{n}" for n in range(20)] + ["boom"]
+    async with asyncio.timeout(TIMEOUT):
+        results = await asyncio.gather(
+            *(journal.persist(name, [PersistedEvent(1, name, 1.0)]) for name in names),
+            return_exceptions=True,
+        )
+    outcome = dict(zip(names, results, strict=True))
+    refused = outcome.pop("boom")
+    assert isinstance(refused, InvalidEventError) and not isinstance(refused, SequenceConflict)
+    assert "refused the write" in str(refused) and "nothing was stored" in str(refused)
+    assert all(result is None for result in outcome.values()), outcome
+    rows = await query(db_url, "SELECT entity_id FROM casty_sa_events ORDER BY entity_id")
+    assert sorted(entity for (entity,) in rows) == sorted(outcome)

@@ -65,7 +65,7 @@ __all__ = ["MySQLBackend", "mysql_engine", "session_settings"]
 STRICT_SQL_MODE = "STRICT_ALL_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION"
 #: Bytes of a statement besides its values, and of each row besides its payload.
 _STATEMENT_OVERHEAD = 1024
-_ROW_OVERHEAD = 64
+_ROW_OVERHEAD = 128
 #: Payloads from this size on are measured as escaped (the drivers escape these bytes with
 #: a backslash), not taken at twice their size.
 _EXACT_FROM = 2**16
@@ -411,8 +411,8 @@ def _reset(dbapi_connection: Any, record: Any, state: Any) -> None:
 _CONTENDED = frozenset({1213, 1205})
 #: ER_DUP_ENTRY, ER_DUP_ENTRY_WITH_KEY_NAME
 _DUPLICATE = frozenset({1062, 1586})
-#: values refused: too long, out of range, bad value, NULL, bad string, check constraint
-_REFUSED = frozenset({1406, 1264, 1366, 1048, 1292, 3819, 4025, 1153, 1301, 1690})
+#: values refused (too long, out of range, bad value, NULL, check…) or an app's trigger's SIGNAL
+_REFUSED = frozenset({1406, 1264, 1366, 1048, 1292, 3819, 4025, 1153, 1301, 1690, 1644})
 
 
 def _write_failure(exc: Exception, _max_length: int | None) -> BaseException | bool:

@@ -292,7 +292,9 @@ def _write_failure(exc: Exception, _max_length: int | None) -> BaseException | b
         # only the primary key's is a sequence number already stored; the global order's
         # index (or an application's) refused the rows for another reason: nothing stored
         return WriteRefused(exc, duplicate=driver.constraint(exc) == EVENTS_PRIMARY_KEY)
-    if driver.bad_value(exc):  # a value refused, by the driver or the server
+    # a value refused (by the driver or the server), another constraint, or an application's
+    # trigger raising (RAISE EXCEPTION): these rows, not the database, are the trouble
+    if driver.bad_value(exc) or sqlstate.startswith("23") or sqlstate == "P0001":
         return WriteRefused(exc, duplicate=False)
     if sqlstate in _ROLLED_BACK:
         return Contended(exc)  # the server rolled the transaction back whole
