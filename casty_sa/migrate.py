@@ -54,13 +54,13 @@ from casty_sa.revisions import (
     tables_match_models,
     unknown_revision,
 )
+from casty_sa.table_owners import interrupted_first_run
 from casty_sa.urls import UrlLike, engine_secrets, safe_url, to_async_url
 
 log = logging.getLogger("casty_sa")
 
 __all__ = [
     "SchemaNotSupported",
-    "already_there",
     "check_schema",
     "checked_engine",
     "current",
@@ -174,31 +174,6 @@ def unsupported_schema(dialect: str, schema: str | None, option: str = "schema="
     return f"{option}{schema!r} needs PostgreSQL; {dialect} has no schemas"
 
 
-def already_there(*, table: str, column: str | None = None, index: str | None = None) -> bool:
-    """In a migration: whether a step's table (its ``column``, its ``index``) exists already.
-
-    Only ever true on MySQL/MariaDB, online. There each DDL statement commits on its own
-    (no transaction spans a migration), so a run that failed half-way leaves the steps
-    it did behind while the version table still names the revision before; run again,
-    a migration skips them. Elsewhere a migration runs in one transaction, rolled back
-    whole, and ``--sql`` prints every step.
-    """
-    from alembic import op
-
-    context = op.get_context()
-    if context.as_sql or context.dialect.name not in ("mysql", "mariadb"):
-        return False
-    inspector = inspect(op.get_bind())
-    schema = context.version_table_schema
-    if not inspector.has_table(table, schema=schema):
-        return False
-    if column is not None:
-        return column in {found["name"] for found in inspector.get_columns(table, schema=schema)}
-    if index is not None:
-        return index in {found["name"] for found in inspector.get_indexes(table, schema=schema)}
-    return True
-
-
 def refuse_lax_session(connection: Connection, url: URL) -> None:
     """Refuse a MySQL/MariaDB session without strict mode (casty-sa's own engines set it).
 
@@ -263,7 +238,9 @@ async def upgrade(
     ------
     SchemaError
         casty-sa's tables exist without casty-sa's version table (the
-        application's own migrations made them): nothing is changed.
+        application's own migrations made them): nothing is changed. (The
+        empty tables a first migration stopped half-way left on MySQL/MariaDB
+        are no such tables: the upgrade finishes that migration.)
     """
     await _on_engine(target, _upgrade_own_tables, (revision,), schema)
 
@@ -272,14 +249,22 @@ def _upgrade_own_tables(config: Config, revision: str) -> None:
     """``alembic upgrade``, refusing tables casty-sa's history did not make.
 
     Without this, the first migration's ``CREATE TABLE`` fails with "relation
-    already exists", although the journal uses such tables as they are.
+    already exists", although the journal uses such tables as they are. The
+    empty tables of a first migration stopped half-way on MySQL/MariaDB are
+    casty-sa's own: the run finishes it (see :mod:`casty_sa.table_owners`).
     """
     connection: Connection = config.attributes["connection"]
     schema: str | None = config.attributes.get("schema")
     if current_revision(connection, schema) is None:
         present = set(inspect(connection).get_table_names(schema=schema))
         ours = sorted(present & set(metadata.tables))
-        if ours:
+        if ours and interrupted_first_run(connection, schema):
+            log.warning(
+                "casty_sa: finishing a first migration that stopped half-way (it left %s, "
+                "empty, and no revision)",
+                ", ".join(ours),
+            )
+        elif ours:
             if tables_match_models(connection, schema):
                 made = (
                     "they match this casty-sa's models: the application's own migrations "

@@ -3,8 +3,8 @@
 The queries :mod:`casty_sa.migrate` and the ``casty-sa`` command share: the
 Alembic configuration of casty-sa's own migrations (read from disk once), the
 head, the revision a database is at and whether an application's own
-migrations made the tables (:class:`SchemaState`), which tables are
-casty-sa's (and which are casty's own ``SqliteJournal``'s), and every sentence
+migrations made the tables (:class:`SchemaState`, with
+:mod:`casty_sa.table_owners`' answers for tables without a revision), and every sentence
 that describes a database's state, so the journal's schema check and
 ``casty-sa check`` say it the same way.
 
@@ -37,7 +37,14 @@ from casty_sa.diagnosis import database_error, upgrade_hint
 from casty_sa.engine import open_engine, read_connection
 from casty_sa.errors import SchemaError
 from casty_sa.models import VERSION_TABLE, metadata
-from casty_sa.urls import UrlLike, safe_url, url_secrets
+from casty_sa.table_owners import (
+    CASTY_EVENT_COLUMNS,
+    CASTY_SNAPSHOT_COLUMNS,
+    casty_tables,
+    interrupted_first_run,
+    refuse_casty_tables,
+)
+from casty_sa.urls import UrlLike, url_secrets
 
 __all__ = [
     "CASTY_EVENT_COLUMNS",
@@ -245,11 +252,15 @@ class SchemaState:
     stray : tuple[str, ...]
         No revision, and casty-sa's tables that do not match the models: an
         application's own migrations made them from an older casty-sa.
+    interrupted : tuple[str, ...]
+        No revision, and the empty tables a first migration stopped half-way left on
+        MySQL/MariaDB (:mod:`casty_sa.first_run`): upgrading finishes it.
     """
 
     revision: str | None
     app_managed: bool
     stray: tuple[str, ...] = ()
+    interrupted: tuple[str, ...] = ()
 
     @property
     def usable(self) -> bool:
@@ -269,6 +280,8 @@ def read_state(connection: Connection, schema: str | None = None) -> SchemaState
         return SchemaState(revision, False)
     if tables_match_models(connection, schema):
         return SchemaState(None, True)
+    if interrupted := interrupted_first_run(connection, schema):
+        return SchemaState(None, False, interrupted=interrupted)
     present = set(inspect(connection).get_table_names(schema=schema))
     return SchemaState(None, False, tuple(sorted(present & set(metadata.tables))))
 
@@ -297,61 +310,7 @@ async def schema_state(
             await engine.dispose()
 
 
-# -- whose tables a database holds ----------------------------------------------------------
-
-
-#: The columns of casty's own ``SqliteJournal`` tables ``events`` and ``snapshots`` (casty 0.21).
-CASTY_EVENT_COLUMNS = frozenset({"entity_id", "sequence_nr", "event_data", "timestamp"})
-CASTY_SNAPSHOT_COLUMNS = frozenset({"entity_id", "sequence_nr", "state_data", "timestamp"})
-
-
-def casty_tables(connection: Connection) -> list[str]:
-    """The tables of casty's own ``SqliteJournal`` a SQLite database holds (none elsewhere).
-
-    ``SqliteJournal`` keeps its journal in ``events`` and ``snapshots`` tables
-    with the columns :data:`CASTY_EVENT_COLUMNS` and
-    :data:`CASTY_SNAPSHOT_COLUMNS`; casty-sa never reads them.
-    """
-    if connection.dialect.name != "sqlite":
-        return []  # SqliteJournal writes SQLite files only
-    expected = {"events": CASTY_EVENT_COLUMNS, "snapshots": CASTY_SNAPSHOT_COLUMNS}
-    # one query on the schema table: this runs on every journal's start
-    found = connection.exec_driver_sql(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('events', 'snapshots')"
-    ).all()
-    inspector = inspect(connection)
-    return sorted(
-        name
-        for (name,) in found
-        if expected[name] <= {column["name"] for column in inspector.get_columns(name)}
-    )
-
-
-def refuse_casty_tables(connection: Connection, url: URL) -> None:
-    """Refuse a SQLite file written by casty's own ``SqliteJournal``.
-
-    casty-sa keeps its journal in tables of its own, so on such a file every
-    entity would recover from nothing, silently, beside its real history.
-
-    Raises
-    ------
-    SchemaError
-        The file holds ``SqliteJournal``'s tables; the message gives the
-        ``casty-sa import`` command that copies them into a new file.
-    """
-    tables = casty_tables(connection)
-    if not tables:
-        return
-    database = url.database or "journal.db"
-    old = Path(database)
-    new = old.with_name(f"{old.stem}-casty-sa{old.suffix or '.db'}")
-    raise SchemaError(
-        f"{safe_url(url)} is a journal file of casty's own SqliteJournal (it holds its "
-        f"{' and '.join(repr(t) for t in tables)} tables), which SAJournal does not read: "
-        "opening it would recover every entity from nothing. Copy it into a new file, "
-        f"`casty-sa import --from '{old}' --url 'sqlite:///{new}'`, and give SAJournal that "
-        f"file (SAJournal('sqlite:///{new}')); nothing was written to {old}."
-    )
+# -- casty-sa's tables beside an application's -----------------------------------------------
 
 
 def exclude_journal_tables(
@@ -405,6 +364,8 @@ def not_at_head(where: str, state: SchemaState, schema: str | None) -> SchemaErr
     if state.stray:
         return SchemaError(f"{where} {_stray(state)}")
     found = "has " + NO_TABLES if state.revision is None else f"is at revision {state.revision!r}"
+    if state.interrupted:
+        found = _interrupted(state)
     return SchemaError(
         f"{where} {found}; casty-sa needs revision {head_revision()!r}. "
         f"{upgrade_hint(schema)}, or `await casty_sa.upgrade(url)`, or pass "
@@ -424,11 +385,19 @@ def check_report(where: str, state: SchemaState) -> str:
         )
     if state.stray:
         return f"{where}: {_stray(state)}"
+    if state.interrupted:
+        return f"{where}: {_interrupted(state)}; head is {head}. Run: casty-sa upgrade"
     if state.revision is None:
         return f"{where}: {NO_TABLES}; head is {head}. Run: casty-sa upgrade"
     if state.unknown:
         return f"{where}: at {describe_revision(state.revision)}; upgrade the casty-sa package"
     return f"{where}: at {state.revision}, head is {head}. Run: casty-sa upgrade"
+
+
+def _interrupted(state: SchemaState) -> str:
+    """What to say of the tables a first migration stopped half-way left."""
+    tables = ", ".join(state.interrupted)
+    return f"holds only {tables} (empty), left by a first migration that stopped half-way"
 
 
 def _stray(state: SchemaState) -> str:

@@ -119,14 +119,6 @@ async def test_sigkill_during_the_first_migration_leaves_a_startable_database(
     request: pytest.FixtureRequest,
 ) -> None:
     """The first writer on a fresh database dies half-way through creating the tables."""
-    if backend == "mysql":
-        reason = (
-            "library defect (migrations on MySQL): DDL commits at once there, so a first "
-            "migration killed after CREATE TABLE casty_sa_events leaves that table (revision "
-            "0001's shape) without the version table, and every later start or upgrade "
-            "refuses the database (SchemaError: tables exist without the version table)"
-        )
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     url = empty_db_url.render_as_string(hide_password=False)
     log = tmp_path / "acks.log"
     proc = start_writer(url, log, 1.0, "--migrate", "--kill-after-sql", statement)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from casty import PersistedEvent, Snapshot
-from sqlalchemy import URL
+from sqlalchemy import URL, inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import casty_sa
@@ -34,6 +34,7 @@ from casty_sa.backends.failures import (
     classify_write_failure,
 )
 from casty_sa.ordering import parse_offset, take_positions
+from casty_sa.table_owners import FIRST_TABLES
 from casty_sa.urls import to_async_url
 
 from support import dbtools, internals, pools
@@ -356,6 +357,105 @@ async def test_a_migration_that_stopped_half_way_finishes_when_run_again(
     async with SAJournal(url, migrate=False) as journal:
         await journal.persist("new", [ev(1, "n")])
         assert [e.entity_id async for e in journal.events()] == ["old", "new"]
+
+
+async def _first_run_left(new_mysql_db: NewDb, *statements: str) -> URL:
+    """A database as a first migration killed half-way leaves it: revision 0001's tables
+    and no revision (the version row comes after the tables), then ``statements``."""
+    url = await new_mysql_db(migrated=False)
+    await casty_sa.upgrade(url, "0001")
+    await dbtools.execute(url, "DELETE FROM casty_sa_alembic_version", *statements)
+    assert await casty_sa.current(url) is None
+    return url
+
+
+async def test_revision_0001_makes_the_tables_a_stopped_first_run_is_recognised_by(
+    new_mysql_db: NewDb,
+) -> None:
+    url = await new_mysql_db(migrated=False)
+    await casty_sa.upgrade(url, "0001")
+    engine = create_async_engine(to_async_url(url))
+    try:
+        async with engine.connect() as conn:
+
+            def shapes(sync: Any) -> list[tuple[str, frozenset[str], tuple[str, ...]]]:
+                inspector = inspect(sync)
+                return [
+                    (
+                        name,
+                        frozenset(c["name"] for c in inspector.get_columns(name)),
+                        tuple(inspector.get_pk_constraint(name)["constrained_columns"]),
+                    )
+                    for name, _columns, _key in FIRST_TABLES
+                ]
+
+            assert await conn.run_sync(shapes) == list(FIRST_TABLES)
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "left",
+    [
+        pytest.param((), id="both-tables"),
+        pytest.param(("DROP TABLE casty_sa_snapshots",), id="events-only"),
+        pytest.param(
+            ("DROP TABLE casty_sa_snapshots", "DROP TABLE casty_sa_alembic_version"),
+            id="no-version-table",
+        ),
+    ],
+)
+async def test_a_first_migration_stopped_half_way_is_finished_on_start_or_upgrade(
+    new_mysql_db: NewDb, left: tuple[str, ...], make_journal: Callable[..., SAJournal]
+) -> None:
+    """What a killed first run leaves (a prefix of 0001's tables, empty, no revision): the
+    journal without ``migrate`` says so and how to finish it; ``upgrade`` (or a journal's
+    migration on start) finishes it."""
+    url = await _first_run_left(new_mysql_db, *left)
+    with pytest.raises(casty_sa.SchemaError, match="stopped half-way") as info:
+        await make_journal(url, migrate=False).start()
+    assert "casty-sa upgrade" in str(info.value)
+    if left:
+        await casty_sa.upgrade(url)
+    journal = make_journal(url, migrate=True)
+    await journal.persist("a", [ev(1, "x")])
+    assert await casty_sa.current(url) == casty_sa.head_revision()
+    assert [e.event for e in await journal.load("a")] == ["x"]
+
+
+@pytest.mark.parametrize(
+    "statements",
+    [
+        pytest.param(
+            (f"INSERT INTO casty_sa_events VALUES ('a', 1, 1.0, X'{pickle.dumps(1).hex()}')",),
+            id="an-event",
+        ),
+        pytest.param(
+            (f"INSERT INTO casty_sa_snapshots VALUES ('a', 1, 1.0, X'{pickle.dumps(1).hex()}')",),
+            id="a-snapshot",
+        ),
+        pytest.param(("DROP TABLE casty_sa_events",), id="snapshots-without-events"),
+        pytest.param(("ALTER TABLE casty_sa_events ADD COLUMN note INT",), id="another-shape"),
+        pytest.param(
+            ("CREATE TABLE casty_sa_event_counter (id SMALLINT PRIMARY KEY)",),
+            id="a-later-table",
+        ),
+    ],
+)
+async def test_tables_no_stopped_first_run_leaves_are_never_taken_over(
+    new_mysql_db: NewDb, statements: tuple[str, ...], make_journal: Callable[..., SAJournal]
+) -> None:
+    """casty-sa's tables without a revision that hold data, or are not exactly a prefix of
+    revision 0001's, stay refused by ``upgrade`` and by a journal's migration, and are
+    left as they were."""
+    url = await _first_run_left(new_mysql_db, *statements)
+    before = await dbtools.table_names(url)
+    with pytest.raises(casty_sa.SchemaError, match="without casty-sa's version table"):
+        await casty_sa.upgrade(url)
+    with pytest.raises(casty_sa.SchemaError):
+        await make_journal(url, migrate=True).start()
+    assert await dbtools.table_names(url) == before
+    assert await casty_sa.current(url) is None
 
 
 @pytest.mark.parametrize("url", ["mysql://", "mariadb://"])

@@ -2,15 +2,7 @@
 
 The whole MySQL dialect (see :mod:`casty_sa.dialects`): the URLs it accepts
 (``mysql://``, ``mariadb://``, each with ``+asyncmy`` or ``+aiomysql``), the engine
-and the backend.
-
-The engine: a fixed pool of ten connections in ``utf8mb4``, a connect timeout, and
-per session a strict ``sql_mode`` (without it MySQL cuts a value that does not fit
-and only warns), the server's own statement bound (MariaDB ``max_statement_time``,
-MySQL ``max_execution_time``, which bounds ``SELECT`` only), a lock wait shorter
-than the statement timeout (a wait that ends is a contention the journal retries),
-and on MariaDB ``idle_write_transaction_timeout``: a client frozen in a transaction
-loses its session, and the locks it held, instead of stalling every writer.
+(:mod:`casty_sa.backends.mysql_engines`) and the backend.
 
 The backend: a write group is one transaction sent as one packet of statements
 (both drivers enable multi-statements): the events take their positions from the
@@ -24,16 +16,14 @@ no-gap guarantee (:mod:`casty_sa.backends.mysql_reads`). A group over the server
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 from casty import JournalKind
-from sqlalchemy import URL, event
 from sqlalchemy.dialects import mysql
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from casty_sa.backends.base import BackendSettings, latest_per_entity, quietly
+from casty_sa.backends.base import BackendSettings, latest_per_entity
 from casty_sa.backends.failures import (
     ConnectionLost,
     Contended,
@@ -41,6 +31,7 @@ from casty_sa.backends.failures import (
     WriteRefused,
     classify_write_failure,
 )
+from casty_sa.backends.mysql_engines import mysql_engine
 from casty_sa.backends.mysql_reads import (
     LEFT_CLEAN,
     MySQLReading,
@@ -48,21 +39,12 @@ from casty_sa.backends.mysql_reads import (
     is_mysql_disconnect,
 )
 from casty_sa.codec import ROW_COLUMNS, EventRow, Row
-from casty_sa.dialects import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_STATEMENT_TIMEOUT,
-    Dialect,
-    EngineRequest,
-    Timeouts,
-    register,
-)
+from casty_sa.dialects import Dialect, register
 from casty_sa.models import mysql_cannot_hold, newer_snapshot_wins
 from casty_sa.ordering import counter_seed, take_positions
 
-__all__ = ["MySQLBackend", "mysql_engine", "session_settings"]
+__all__ = ["MySQLBackend"]
 
-#: ``sql_mode`` of casty-sa's sessions: a value that does not fit is an error, never cut.
-STRICT_SQL_MODE = "STRICT_ALL_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION"
 #: Bytes of a statement besides its values, and of each row besides its payload.
 _STATEMENT_OVERHEAD = 1024
 _ROW_OVERHEAD = 128
@@ -111,15 +93,17 @@ class MySQLBackend(MySQLReading):
                 committing = number == len(packets)
                 await self._bounded(self._run(conn, packet, counts))
         except BaseException as exc:
-            if events and counts[2:3] == [0] and not seeded:  # the counter has no row
-                await self._abandon(conn)
-                await self.give_back_writer(fairy, None)
-                await self._seed_counter()
+            # a server that answered with an error ran what came before it: rolled back here;
+            # a connection gone, silent or cut off half-way is dropped, never reset
+            broken = isinstance(exc, ConnectionLost) or self.broken(exc)
+            drop = exc if broken else await self._abandon(fairy)
+            await self.give_back_writer(fairy, drop)
+            if drop is not None and drop is not exc and not isinstance(drop, Exception):
+                raise drop from exc  # cancelled while rolling back
+            if drop is None and events and counts[2:3] == [0] and not seeded:
+                await self._seed_counter()  # the counter has no row: nothing was stored
                 await self.write(events, snapshots, seeded=True)
                 return
-            if not isinstance(exc, ConnectionLost) and not self.is_disconnect(exc):
-                await self._abandon(conn)  # the server ran what came before the error
-            await self.give_back_writer(fairy, exc)
             if isinstance(exc, ConnectionLost):
                 raise
             failure = classify_write_failure(exc, committing=committing, dialect="mysql")
@@ -138,9 +122,15 @@ class MySQLBackend(MySQLReading):
             while await cursor.nextset():
                 counts.append(int(cursor.rowcount))
 
-    async def _abandon(self, conn: Any) -> None:
-        """Roll back what the failed packet left open (bounded; a failure here is moot)."""
-        await quietly(self._bounded(conn.rollback()))
+    async def _abandon(self, fairy: Any) -> BaseException | None:
+        """Roll back what the failed packet left open, within the statement timeout: how
+        that failed (the connection is then dropped), or ``None`` (it is clean again)."""
+        try:
+            await self._bounded(fairy.driver_connection.rollback())
+        except BaseException as exc:  # noqa: BLE001 - the caller drops the connection
+            return exc
+        fairy.info[LEFT_CLEAN] = True  # the pool's reset need not roll back again
+        return None
 
     async def _seed_counter(self) -> None:
         """Make the counter's row (tables made without migration 0004's seed)."""
@@ -329,81 +319,6 @@ def _refuse_oversized(size: int, limit: int) -> WriteRefused:
         ),
         duplicate=False,
     )
-
-
-def session_settings(statement_timeout: float, *, mariadb: bool) -> str:
-    """The ``SET SESSION`` of each connection casty-sa opens (see the module's docstring).
-
-    >>> session_settings(30.0, mariadb=False)  # doctest: +NORMALIZE_WHITESPACE
-    "SET SESSION sql_mode = 'STRICT_ALL_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION',
-    innodb_lock_wait_timeout = 10, max_execution_time = 30000"
-    """
-    settings = [
-        f"sql_mode = '{STRICT_SQL_MODE}'",
-        f"innodb_lock_wait_timeout = {max(1, int(statement_timeout / 3))}",
-    ]
-    if mariadb:
-        settings += [
-            f"max_statement_time = {statement_timeout:g}",
-            f"idle_write_transaction_timeout = {max(1, math.ceil(2 * statement_timeout))}",
-        ]
-    else:
-        settings.append(f"max_execution_time = {max(1, round(statement_timeout * 1000))}")
-    return "SET SESSION " + ", ".join(settings)
-
-
-def mysql_engine(url: URL, request: EngineRequest) -> tuple[AsyncEngine, Timeouts | None]:
-    """An asyncmy (or aiomysql) engine: utf8mb4, strict sessions, timeouts, a fixed pool."""
-    query_timeout = url.query.get("connect_timeout")
-    connect_timeout = request.connect_timeout
-    if connect_timeout is None:
-        connect_timeout = float(str(query_timeout)) if query_timeout else DEFAULT_CONNECT_TIMEOUT
-    statement_timeout = request.statement_timeout
-    if statement_timeout is None:
-        statement_timeout = DEFAULT_STATEMENT_TIMEOUT
-    url = url.difference_update_query(["connect_timeout"])
-    connect_args = {
-        "charset": "utf8mb4",
-        "connect_timeout": max(1, math.ceil(connect_timeout)),
-        **request.connect_args,
-    }
-    # the pool's reset on return is the listener below (unless the caller chose one)
-    defaults = {"pool_size": 10, "max_overflow": 0, "pool_reset_on_return": None}
-    options = {**defaults, **request.options}
-    engine = create_async_engine(url, connect_args=connect_args, **options)
-    if options["pool_reset_on_return"] is None:
-        event.listen(engine.sync_engine, "reset", _reset)
-    event.listen(engine.sync_engine, "do_connect", _utf8_password)
-
-    @event.listens_for(engine.sync_engine, "connect")
-    def _set_session(dbapi_connection: Any, _record: Any) -> None:
-        server = dbapi_connection.driver_connection.get_server_info()
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(session_settings(statement_timeout, mariadb="MariaDB" in server))
-        finally:
-            cursor.close()
-
-    return engine, Timeouts(float(connect_timeout), float(statement_timeout))
-
-
-def _utf8_password(_dialect: Any, _record: Any, _args: Any, params: dict[str, Any]) -> None:
-    """The password's UTF-8 (as the server hashed it), as the latin-1 both drivers send."""
-    if isinstance(password := params.get("password"), str):
-        params["password"] = password.encode("utf-8", "surrogateescape").decode("latin-1")
-
-
-def _reset(dbapi_connection: Any, record: Any, state: Any) -> None:
-    """The pool's reset of a connection coming back: ``ROLLBACK``, as SQLAlchemy's own,
-    unless casty-sa's backend left it :data:`~casty_sa.backends.mysql_reads.LEFT_CLEAN`:
-    its work ended with ``COMMIT`` in the same packet and without an error (one round
-    trip saved per read, and per write group not kept for the next). The mark, not the
-    server's status flags: asyncmy leaves them stale after a ``COMMIT`` that follows a
-    statement in one packet."""
-    clean = record.info.pop(LEFT_CLEAN, False)
-    if clean or state.transaction_was_reset or not state.asyncio_safe:
-        return
-    dbapi_connection.rollback()
 
 
 #: ER_LOCK_DEADLOCK (the server rolled the transaction back), ER_LOCK_WAIT_TIMEOUT (the

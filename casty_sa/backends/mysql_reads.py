@@ -9,7 +9,9 @@ stay as they are, so the two need no shared snapshot. Live readers poll.
 
 Every call is bounded on the client (:meth:`MySQLReading._bounded`): a statement
 without an answer in time fails with ``TimeoutError``, and its connection, left
-half-way through the protocol, is discarded.
+half-way through the protocol, is closed at the socket and discarded, never reset
+over the wire (a server that does not answer would not answer the ``ROLLBACK``
+either); so is one whose caller was cancelled mid-call.
 
 Batched reads ask for many entities in one statement: ``(entity_id = %s AND
 sequence_nr >= %s) OR …`` (ranges of the primary key) and ``entity_id IN (…)``;
@@ -86,6 +88,9 @@ class MySQLReading(PooledBackend):
 
     #: another process's commits are seen by polling: a look at the index's last entry
     live_poll = 0.05
+    # a cancelled call leaves the rest of its answer on the wire, where the pool's ROLLBACK
+    # would read it as its own (and wait, without a bound, for a server that froze)
+    cut_breaks = True
 
     def __init__(self, engine: AsyncEngine, schema: str | None, settings: BackendSettings) -> None:
         super().__init__(engine, schema, settings)
@@ -171,7 +176,7 @@ class MySQLReading(PooledBackend):
         try:
             yield fairy.driver_connection
         except BaseException as exc:
-            await self._give_back(fairy, exc if self.is_disconnect(exc) else None)
+            await self._give_back(fairy, exc if self.broken(exc) else None)
             raise
         fairy.info[LEFT_CLEAN] = True
         await self._give_back(fairy, None)

@@ -71,9 +71,21 @@ class PooledBackend(Backend):
         # calls into the pool that cancelled callers left running, and idle releases
         self._pool_work = Inflight()
 
+    #: a call cut off half-way (its caller cancelled) leaves the driver's protocol where it
+    #: was: the connection can only be dropped (MySQL's drivers), not reset by the pool
+    cut_breaks = False
+
     def usable(self, driver_connection: Any) -> bool:
         """Whether a held connection may be used again without asking the pool."""
         return True
+
+    def broken(self, exc: BaseException) -> bool:
+        """Whether a connection whose call raised ``exc`` must be discarded, not reused
+        nor reset: it is gone, its call got no answer in time, or (where
+        :attr:`cut_breaks`) its call was cut off half-way."""
+        if self.is_disconnect(exc) or isinstance(exc, TimeoutError):
+            return True
+        return self.cut_breaks and not isinstance(exc, Exception)
 
     async def ping(self, driver_connection: Any) -> None:
         """Prove the connection alive with one round trip (no-op where not needed)."""
@@ -110,7 +122,7 @@ class PooledBackend(Backend):
         try:
             yield fairy.driver_connection
         except BaseException as exc:
-            await self._give_back(fairy, exc if self.is_disconnect(exc) else None)
+            await self._give_back(fairy, exc if self.broken(exc) else None)
             raise
         await self._give_back(fairy, None)
 
@@ -170,7 +182,7 @@ class PooledBackend(Backend):
         connection goes back to the pool, whose reset (a rollback queued behind that
         statement) leaves it clean, instead of being kept for the next write.
         """
-        if exc is not None and self.is_disconnect(exc):
+        if exc is not None and self.broken(exc):
             await self._give_back(fairy, exc)
         elif self.hold_writes and (exc is None or isinstance(exc, Exception)):
             await self._keep(fairy)
@@ -300,11 +312,6 @@ class PooledBackend(Backend):
         except BaseException as exc:
             # whatever failed ``SELECT 1`` (a server that ended the session, a protocol left
             # mid-way, a caller cancelled mid-ping) makes this connection one not to reuse
-            if isinstance(exc, TimeoutError):
-                # nor wait for a server that does not answer to acknowledge a goodbye
-                # (SQLAlchemy's invalidation tries a graceful close first); a ping leaves
-                # nothing on the server that a cancel request would have to stop
-                self.abort(driver)
             await self._release(fairy, exc)
             if not isinstance(exc, Exception) or isinstance(exc, TimeoutError):
                 raise
@@ -323,6 +330,10 @@ class PooledBackend(Backend):
             except Exception as refused:  # noqa: BLE001 - any refusal: not reusable
                 exc = refused  # in no state to go back: discarded
         if exc is not None:
+            if isinstance(exc, TimeoutError) or not isinstance(exc, Exception):
+                # a call without an answer in time, or cut off: no goodbye either (SQLAlchemy's
+                # invalidation tries a graceful close first), for a server that may not answer
+                self.abort(fairy.driver_connection)
             await greenlet_spawn(fairy.invalidate, exc if isinstance(exc, Exception) else None)
         await greenlet_spawn(fairy.close)
 

@@ -23,8 +23,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import mysql
 
-from casty_sa.migrate import already_there
 from casty_sa.models import MYSQL_TABLE, ExactString
+from casty_sa.table_owners import already_there
 
 revision: str = "0001"
 down_revision: str | None = None

@@ -40,8 +40,8 @@ from contextlib import contextmanager
 import sqlalchemy as sa
 from alembic import op
 
-from casty_sa.migrate import already_there
 from casty_sa.models import ExactString
+from casty_sa.table_owners import already_there
 
 revision: str = "0002"
 down_revision: str | None = "0001"

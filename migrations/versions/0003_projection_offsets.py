@@ -18,8 +18,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from casty_sa.migrate import already_there
 from casty_sa.models import MYSQL_TABLE, ExactString
+from casty_sa.table_owners import already_there
 
 revision: str = "0003"
 down_revision: str | None = "0002"

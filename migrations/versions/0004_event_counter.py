@@ -20,8 +20,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from casty_sa.migrate import already_there
 from casty_sa.models import MYSQL_TABLE
+from casty_sa.table_owners import already_there
 
 revision: str = "0004"
 down_revision: str | None = "0003"
