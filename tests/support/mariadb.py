@@ -32,6 +32,8 @@ __all__ = ["MariaDBServer", "find_program"]
 
 #: Seconds the server has to accept connections after it starts.
 _START_WITHIN = 60.0
+#: Ports tried before giving up (another process may bind a free port before the server)
+_START_ATTEMPTS = 5
 
 
 def find_program(*names: str) -> str:
@@ -91,9 +93,25 @@ class MariaDBServer:
             capture_output=True,
             timeout=120,
         )
-        port = _free_port()
         log = directory / "error.log"
-        command = [
+        for _ in range(_START_ATTEMPTS - 1):
+            port = _free_port()
+            command = [*cls._command(server, data, directory, port, user), *extra_options]
+            logged = log.stat().st_size if log.exists() else 0
+            running = cls(directory, port, _launch(command), command)
+            with contextlib.suppress(_PortTaken):
+                running._wait_until_up(log, logged)
+                return running
+        port = _free_port()  # the last attempt: its failure is the caller's
+        command = [*cls._command(server, data, directory, port, user), *extra_options]
+        running = cls(directory, port, _launch(command), command)
+        running._wait_until_up(log, log.stat().st_size if log.exists() else 0)
+        return running
+
+    @staticmethod
+    def _command(server: str, data: Path, directory: Path, port: int, user: list[str]) -> list[str]:
+        log = directory / "error.log"
+        return [
             server,
             "--no-defaults",
             f"--datadir={data}",
@@ -110,11 +128,7 @@ class MariaDBServer:
             # MySQL 8's default (MariaDB's is 16 MiB): rows of tens of MiB round-trip
             "--max-allowed-packet=64M",
             *user,
-            *extra_options,
         ]
-        running = cls(directory, port, _launch(command), command)
-        running._wait_until_up(log)
-        return running
 
     def kill(self) -> None:
         """SIGKILL the server (a crash: nothing flushed, no clean shutdown)."""
@@ -124,23 +138,30 @@ class MariaDBServer:
 
     def restart(self) -> None:
         """Start the server again on its data directory and port (after :meth:`kill`)."""
+        log = self.directory / "error.log"
+        logged = log.stat().st_size if log.exists() else 0
         self.process = _launch(self.command)
-        self._wait_until_up(self.directory / "error.log")
+        self._wait_until_up(log, logged)
 
-    def _wait_until_up(self, log: Path) -> None:
+    def _wait_until_up(self, log: Path, logged: int) -> None:
+        """Until this server (its own log, after byte ``logged``: a TCP connection could
+        reach another test process's server on a port taken meanwhile) is ready."""
         deadline = time.monotonic() + _START_WITHIN
+        said = ""
         while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), log.open("rb") as lines:
+                lines.seek(logged)
+                said = lines.read().decode(errors="replace")
+            if "ready for connections" in said and self.process.poll() is None:
+                return
             if self.process.poll() is not None:
                 break
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=1.0),
-            ):
-                return
             time.sleep(0.05)
-        tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
-        self.stop()
-        raise RuntimeError(f"mariadbd did not start on port {self.port}:\n{tail}")
+        self.stop(remove=False)
+        if "Address already in use" in said:
+            raise _PortTaken(self.port)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        raise RuntimeError(f"mariadbd did not start on port {self.port}:\n{said[-2000:]}")
 
     def freeze(self) -> None:
         """SIGSTOP the server (a hung database); :meth:`thaw` resumes it."""
@@ -149,7 +170,7 @@ class MariaDBServer:
     def thaw(self) -> None:
         os.kill(self.process.pid, signal.SIGCONT)
 
-    def stop(self) -> None:
+    def stop(self, *, remove: bool = True) -> None:
         """End the server (SIGTERM, then SIGKILL) and remove its directory."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.process.pid, signal.SIGCONT)
@@ -160,7 +181,12 @@ class MariaDBServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=30)
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if remove:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _PortTaken(RuntimeError):
+    """Another process bound the port between its choice and the server's start."""
 
 
 def _launch(command: list[str]) -> subprocess.Popen[bytes]:
