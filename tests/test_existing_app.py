@@ -46,6 +46,51 @@ async def test_shares_an_async_sessionmaker(db_url: URL) -> None:
         await engine.dispose()
 
 
+def _client_cursor() -> dict[str, Any]:
+    import psycopg
+
+    return {"connect_args": {"cursor_factory": psycopg.AsyncClientCursor}}
+
+
+@pytest.mark.parametrize(
+    "app_options",
+    [
+        pytest.param(lambda: {"isolation_level": "AUTOCOMMIT"}, id="isolation-autocommit"),
+        pytest.param(lambda: {"connect_args": {"autocommit": True}}, id="connect-autocommit"),
+        # the client-side binding SQLAlchemy documents for psycopg (e.g. behind PgBouncer)
+        pytest.param(_client_cursor, id="client-cursor"),
+    ],
+)
+async def test_an_app_psycopg_engine_works_and_keeps_its_connections_as_configured(
+    new_postgres_db: Callable[..., Awaitable[URL]], app_options: Callable[[], dict[str, Any]]
+) -> None:
+    """REVIEW (review-pg): an application's psycopg engine configured its own way (autocommit
+    connections; psycopg's client-side cursors) shares it with the journal: the journal
+    works, and the application's next session gets its connection as configured, not one
+    the journal switched out of autocommit (whose writes would then roll back unseen)."""
+    url = (await new_postgres_db()).set(drivername="postgresql+psycopg")
+    options = app_options()
+    engine = create_async_engine(url, pool_size=1, max_overflow=0, **options)
+    try:
+        async with engine.connect() as app:
+            before = (await app.get_raw_connection()).driver_connection.autocommit
+        async with SAJournal(engine) as journal:
+            await journal.persist("acct", [ev(1), ev(2)])
+            await journal.save_snapshot("acct", Snapshot(2, "s", 2.0))
+            await journal.persist("acct", [ev(3)])
+            assert [e.sequence_nr for e in await journal.load("acct")] == [1, 2, 3]
+        async with engine.connect() as app:
+            assert (await app.get_raw_connection()).driver_connection.autocommit == before
+            await app.execute(text("CREATE TABLE app_note (n int)"))
+            await app.execute(text("INSERT INTO app_note VALUES (1)"))
+            if not before:
+                await app.commit()
+        async with engine.connect() as app:  # an autocommit app's writes landed unasked
+            assert (await app.execute(text("SELECT count(*) FROM app_note"))).scalar() == 1
+    finally:
+        await engine.dispose()
+
+
 async def test_engine_options_with_an_app_engine_are_refused(db_url: URL) -> None:
     engine = create_async_engine(db_url)
     try:
