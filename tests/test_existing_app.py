@@ -46,6 +46,11 @@ async def test_shares_an_async_sessionmaker(db_url: URL) -> None:
         await engine.dispose()
 
 
+def _driver(fairy: Any) -> Any:
+    """The driver connection of a pooled one."""
+    return fairy.driver_connection
+
+
 def _client_cursor() -> dict[str, Any]:
     import psycopg
 
@@ -73,14 +78,14 @@ async def test_an_app_psycopg_engine_works_and_keeps_its_connections_as_configur
     engine = create_async_engine(url, pool_size=1, max_overflow=0, **options)
     try:
         async with engine.connect() as app:
-            before = (await app.get_raw_connection()).driver_connection.autocommit
+            before = _driver(await app.get_raw_connection()).autocommit
         async with SAJournal(engine) as journal:
             await journal.persist("acct", [ev(1), ev(2)])
             await journal.save_snapshot("acct", Snapshot(2, "s", 2.0))
             await journal.persist("acct", [ev(3)])
             assert [e.sequence_nr for e in await journal.load("acct")] == [1, 2, 3]
         async with engine.connect() as app:
-            assert (await app.get_raw_connection()).driver_connection.autocommit == before
+            assert _driver(await app.get_raw_connection()).autocommit == before
             await app.execute(text("CREATE TABLE app_note (n int)"))
             await app.execute(text("INSERT INTO app_note VALUES (1)"))
             if not before:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -24,6 +25,7 @@ import subprocess
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,6 +423,34 @@ async def test_idle_pooled_connections_killed_are_replaced_silently(
     await journal.persist("acct", [PersistedEvent(2, "y", 1.0)])
     await journal.save_snapshot("acct", Snapshot(2, "s", 1.0))
     assert set(await journal_backends(pg, fault_db.database or "")).isdisjoint(victims)
+
+
+async def test_a_psycopg_connection_ended_while_idle_is_replaced_without_a_warning(
+    new_postgres_db: Callable[..., Awaitable[URL]], make_journal: Callable[..., SAJournal]
+) -> None:
+    """REVIEW (review-pg): psycopg finds the server's goodbye waiting in an idle connection's
+    socket and the journal takes another connection; the statement it had ready was never
+    awaited, and Python printed ``RuntimeWarning: coroutine 'AsyncCursor.execute' was never
+    awaited`` into the application's output at each such replacement."""
+    url = (await new_postgres_db()).set(drivername="postgresql+psycopg")
+    journal = make_journal(url, pool_size=1)
+    await journal.persist("acct", [PersistedEvent(1, "x", 1.0)])
+    backend = internals.backend(journal)
+    await backend.release_held()
+    async with backend.connection() as conn:
+        victim = conn.info.backend_pid
+    admin = await psycopg.AsyncConnection.connect(
+        dbtools.plain(url.set(drivername="postgresql")), autocommit=True
+    )
+    try:
+        await admin.execute("SELECT pg_terminate_backend(%s)", (victim,))
+    finally:
+        await admin.close()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert len(await journal.load("acct")) == 1
+        gc.collect()
+    assert not [w for w in seen if "never awaited" in str(w.message)]
 
 
 async def _locked_table(pg: DedicatedPostgres, db: str) -> asyncpg.Connection:

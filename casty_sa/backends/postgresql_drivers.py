@@ -344,7 +344,11 @@ async def _bounded[T](conn: Any, work: Coroutine[Any, Any, T], bound: float) -> 
     it (seconds, against a server that does not answer). Shut, the socket reads as closed
     at once, the statement fails, and the connection is broken: never reused.
     """
-    _refuse_if_ended(conn)
+    try:
+        _refuse_if_ended(conn)
+    except BaseException:
+        work.close()  # never started: no "coroutine … was never awaited" warning
+        raise
     loop = asyncio.get_running_loop()
     fired = False
 
