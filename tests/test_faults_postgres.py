@@ -453,6 +453,58 @@ async def test_a_psycopg_connection_ended_while_idle_is_replaced_without_a_warni
     assert not [w for w in seen if "never awaited" in str(w.message)]
 
 
+async def test_a_killed_psycopg_listener_is_replaced_without_an_error_in_the_log(
+    new_postgres_db: Callable[..., Awaitable[URL]],
+    make_journal: Callable[..., SAJournal],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """REVIEW (review-pg): the live readers' LISTEN connection ended by the server is closed
+    and replaced; closing it through SQLAlchemy's pool ran a reset (a ROLLBACK) on the dead
+    psycopg connection, and the pool logged "Exception during reset or similar" at ERROR,
+    with a traceback, in the application's log."""
+    url = (await new_postgres_db()).set(drivername="postgresql+psycopg")
+    reader_journal, writer_journal = make_journal(url), make_journal(url)
+    admin = await psycopg.AsyncConnection.connect(
+        dbtools.plain(url.set(drivername="postgresql")), autocommit=True
+    )
+    listening = "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%%' AND datname = %s"
+
+    async def listeners() -> list[int]:
+        found = await (await admin.execute(listening, (url.database,))).fetchall()
+        return [row[0] for row in found]
+
+    async def until(check: Callable[[list[int]], bool]) -> list[int]:
+        async with asyncio.timeout(10):
+            while True:
+                pids = await listeners()
+                if check(pids):
+                    return pids
+                await asyncio.sleep(0.02)
+
+    stream = reader_journal.events(live=True)
+    seen: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def read() -> None:
+        async for event in stream:
+            seen.put_nowait(event)
+
+    reading = asyncio.create_task(read())
+    try:
+        caplog.set_level(logging.ERROR)
+        [first] = await until(lambda pids: len(pids) == 1)
+        await admin.execute("SELECT pg_terminate_backend(%s)", (first,))
+        for n in (1, 2):  # read through the poll, then on the new LISTEN connection
+            await writer_journal.persist("acct", [PersistedEvent(n, "x", 1.0)])
+            async with asyncio.timeout(10):
+                await seen.get()
+        await until(lambda pids: len(pids) == 1 and first not in pids)
+    finally:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        await admin.close()
+    assert "Exception during reset" not in caplog.text
+
+
 async def _locked_table(pg: DedicatedPostgres, db: str) -> asyncpg.Connection:
     """An admin connection holding an exclusive lock on the events table (open transaction)."""
     conn = await asyncpg.connect(

@@ -101,6 +101,10 @@ class PgDriver:
         """Close the connection at once, without a word to the server."""
         conn.terminate()
 
+    async def close(self, conn: Any) -> None:
+        """Free a connection (its socket) that is not the pool's, e.g. one already ended."""
+        conn.terminate()
+
     async def listen(self, conn: Any, channel: str, woken: Callable[[], None]) -> Unlisten:
         """Call ``woken`` on each notification on ``channel``; returns how to stop."""
 
@@ -228,6 +232,9 @@ class PsycopgDriver(PgDriver):
 
     def abort(self, conn: Any) -> None:
         _shut(conn)
+
+    async def close(self, conn: Any) -> None:
+        await conn.close()
 
     async def listen(self, conn: Any, channel: str, woken: Callable[[], None]) -> Unlisten:
         await conn.set_autocommit(True)
