@@ -117,9 +117,12 @@ def safe_url(url: str | URL | os.PathLike[str] | os.PathLike[bytes]) -> str:
     if not parsed.query:
         return parsed.render_as_string(hide_password=True)
     rendered = parsed.set(query={}).render_as_string(hide_password=True)
-    # rendered by hand: render_as_string would percent-encode the mask itself
+    # rendered by hand: render_as_string would percent-encode the mask itself; a value may
+    # itself be a libpq conninfo or URI with a password (``?dbname=…``): masked before its
+    # ``=`` and ``@`` are percent-encoded out of the mask's sight
     pairs = [
-        f"{quote_plus(key)}={_MASK if is_secret_parameter(key) else quote_plus(value)}"
+        f"{quote_plus(key)}="
+        f"{_MASK if is_secret_parameter(key) else quote_plus(mask_secrets(value), safe='*')}"
         for key in sorted(parsed.query)
         for value in _values(parsed.query[key])
     ]

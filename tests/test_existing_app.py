@@ -18,6 +18,7 @@ from alembic.runtime.migration import MigrationContext
 from casty import PersistedEvent, Snapshot
 from sqlalchemy import URL, Connection, MetaData, inspect, text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
 
 import casty_sa
 from casty_sa import SAJournal, SchemaError
@@ -44,6 +45,100 @@ async def test_shares_an_async_sessionmaker(db_url: URL) -> None:
         assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
         await engine.dispose()
+
+
+def _driver(fairy: Any) -> Any:
+    """The driver connection of a pooled one."""
+    return fairy.driver_connection
+
+
+def _client_cursor() -> dict[str, Any]:
+    import psycopg
+
+    return {"connect_args": {"cursor_factory": psycopg.AsyncClientCursor}}
+
+
+@pytest.mark.parametrize(
+    "app_options",
+    [
+        pytest.param(lambda: {"isolation_level": "AUTOCOMMIT"}, id="isolation-autocommit"),
+        pytest.param(lambda: {"connect_args": {"autocommit": True}}, id="connect-autocommit"),
+        # the client-side binding SQLAlchemy documents for psycopg (e.g. behind PgBouncer)
+        pytest.param(_client_cursor, id="client-cursor"),
+    ],
+)
+async def test_an_app_psycopg_engine_works_and_keeps_its_connections_as_configured(
+    new_postgres_db: Callable[..., Awaitable[URL]], app_options: Callable[[], dict[str, Any]]
+) -> None:
+    """REVIEW (review-pg): an application's psycopg engine configured its own way (autocommit
+    connections; psycopg's client-side cursors) shares it with the journal: the journal
+    works, and the application's next session gets its connection as configured, not one
+    the journal switched out of autocommit (whose writes would then roll back unseen)."""
+    url = (await new_postgres_db()).set(drivername="postgresql+psycopg")
+    options = app_options()
+    engine = create_async_engine(url, pool_size=1, max_overflow=0, **options)
+    try:
+        async with engine.connect() as app:
+            before = _driver(await app.get_raw_connection()).autocommit
+        async with SAJournal(engine) as journal:
+            await journal.persist("acct", [ev(1), ev(2)])
+            await journal.save_snapshot("acct", Snapshot(2, "s", 2.0))
+            await journal.persist("acct", [ev(3)])
+            assert [e.sequence_nr for e in await journal.load("acct")] == [1, 2, 3]
+        async with engine.connect() as app:
+            assert _driver(await app.get_raw_connection()).autocommit == before
+            await app.execute(text("CREATE TABLE app_note (n int)"))
+            await app.execute(text("INSERT INTO app_note VALUES (1)"))
+            if not before:
+                await app.commit()
+        async with engine.connect() as app:  # an autocommit app's writes landed unasked
+            assert (await app.execute(text("SELECT count(*) FROM app_note"))).scalar() == 1
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="REVIEW DEFECT (review-pg, not fixed): psycopg's _refuse_if_ended takes any byte "
+    "waiting on an idle connection (here an application's notification) for the server's "
+    "goodbye, and shuts the application's healthy connection",
+)
+async def test_an_app_connection_with_a_pending_notification_is_not_destroyed(
+    new_postgres_db: Callable[..., Awaitable[URL]],
+) -> None:
+    """An application LISTENs on a connection of the engine it shares with the journal; a
+    notification from elsewhere waits in that connection's socket while it sits in the pool.
+    The journal's next use of it must not take it for ended and close it: the application's
+    session (and its LISTEN) goes on."""
+    url = (await new_postgres_db()).set(drivername="postgresql+psycopg")
+    engine = create_async_engine(url, pool_size=1, max_overflow=0)
+    other = create_async_engine(url, poolclass=NullPool)
+    try:
+        async with SAJournal(engine) as journal:
+            await journal.persist("acct", [ev(1)])
+            await journal._backend.release_held()
+            async with engine.connect() as app:
+                await app.execute(text("LISTEN app_events"))
+                await app.commit()
+                listener = _driver(await app.get_raw_connection())
+                pid = listener.info.backend_pid
+            async with other.connect() as notifier:
+                await notifier.execute(text("NOTIFY app_events, 'hello'"))
+                await notifier.commit()
+            arrived = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            loop.add_reader(listener.pgconn.socket, arrived.set)
+            try:
+                async with asyncio.timeout(5):
+                    await arrived.wait()
+            finally:
+                loop.remove_reader(listener.pgconn.socket)
+            assert len(await journal.load("acct")) == 1
+        async with engine.connect() as app:
+            assert _driver(await app.get_raw_connection()).info.backend_pid == pid
+    finally:
+        await engine.dispose()
+        await other.dispose()
 
 
 async def test_engine_options_with_an_app_engine_are_refused(db_url: URL) -> None:

@@ -499,11 +499,16 @@ SECRET_QUERY_URLS = [
     f"postgres://app:{PASSWORD}@db.example:6543/bank?application_name=x&password={PASSWORD}",
     URL.create("postgresql", "app", None, "db.example", None, "bank", {"password": PASSWORD}),
     f"postgresql://app@db.example:not-a-port/bank?password={PASSWORD}",  # unparseable
+    # REVIEW (review-pg): a libpq conninfo string or URI as a parameter's value (psycopg
+    # passes `dbname` on to libpq): its password was shown, `=` percent-encoded past the mask
+    f"postgresql+psycopg://app@db.example/bank?dbname=host%3Ddb+password%3D{PASSWORD}",
+    f"postgresql+psycopg://app@db.example/bank?dbname=postgresql%3A%2F%2Fapp%3A{PASSWORD}%40db",
 ]
 
 
 @pytest.mark.parametrize("url", SECRET_QUERY_URLS, ids=["password", "sslpassword", "both",
-                                                        "URL-object", "unparseable"])  # fmt: skip
+                                                        "URL-object", "unparseable",
+                                                        "conninfo-value", "uri-value"])  # fmt: skip
 def test_secrets_in_the_query_string_are_masked(url: str | URL) -> None:
     shown = urls.safe_url(url)
     assert_password_hidden(shown)

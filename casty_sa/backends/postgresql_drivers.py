@@ -101,6 +101,10 @@ class PgDriver:
         """Close the connection at once, without a word to the server."""
         conn.terminate()
 
+    async def close(self, conn: Any) -> None:
+        """Free a connection (its socket) that is not the pool's, e.g. one already ended."""
+        conn.terminate()
+
     async def listen(self, conn: Any, channel: str, woken: Callable[[], None]) -> Unlisten:
         """Call ``woken`` on each notification on ``channel``; returns how to stop."""
 
@@ -203,6 +207,9 @@ class PsycopgDriver(PgDriver):
         await _bounded(conn, _cursor(conn).execute(sql), bound)
 
     async def lend(self, conn: Any) -> None:
+        # an application's engine may hand out autocommit connections (its isolation_level
+        # "AUTOCOMMIT", or connect_args): reclaim() gives each back as it came
+        setattr(conn, _LENT_AUTOCOMMIT, conn.autocommit)
         await conn.set_autocommit(True)
 
     async def reclaim(self, conn: Any) -> None:
@@ -210,9 +217,12 @@ class PsycopgDriver(PgDriver):
         # pool lets go would wait for the garbage collector to be closed)
         with contextlib.suppress(AttributeError):
             delattr(conn, _CURSOR)
-        # refused (ProgrammingError) unless the connection is idle: one left mid-query or
-        # mid-transaction never goes back
-        await conn.set_autocommit(False)
+        autocommit = getattr(conn, _LENT_AUTOCOMMIT, False)
+        with contextlib.suppress(AttributeError):
+            delattr(conn, _LENT_AUTOCOMMIT)
+        # refused (ProgrammingError) unless the connection is idle, whatever the value: one
+        # left mid-query or mid-transaction never goes back
+        await conn.set_autocommit(autocommit)
 
     def usable(self, conn: Any) -> bool:
         return not conn.closed
@@ -222,6 +232,9 @@ class PsycopgDriver(PgDriver):
 
     def abort(self, conn: Any) -> None:
         _shut(conn)
+
+    async def close(self, conn: Any) -> None:
+        await conn.close()
 
     async def listen(self, conn: Any, channel: str, woken: Callable[[], None]) -> Unlisten:
         await conn.set_autocommit(True)
@@ -280,6 +293,8 @@ _IDLE = 0
 
 #: the attribute of a psycopg connection that holds the journal's cursor (see _cursor)
 _CURSOR = "_casty_sa_cursor"
+#: the attribute of a psycopg connection that holds its autocommit before lend()
+_LENT_AUTOCOMMIT = "_casty_sa_autocommit"
 
 _ASYNCPG = PgDriver()
 _PSYCOPG = PsycopgDriver()
@@ -305,12 +320,19 @@ def _cursor(conn: Any) -> Any:
 
     A fresh cursor per statement would cost a fifth of a short statement's time (its
     adapters looked up anew), e.g. on a writer connection the journal keeps between
-    groups. Results come in binary: nothing to parse.
+    groups. Results come in binary: nothing to parse. The cursor is psycopg's own, with
+    tuples for rows, whatever ``cursor_factory`` or ``row_factory`` an application's engine
+    gave its connections (a client-side cursor, which SQLAlchemy documents for psycopg,
+    refuses binary results).
     """
     cursor = getattr(conn, _CURSOR, None)
     if cursor is None:
+        import psycopg
+        from psycopg.rows import tuple_row
+
         adapt_arrays(conn)
-        cursor = conn.cursor(binary=True)
+        cursor = psycopg.AsyncCursor(conn, row_factory=tuple_row)
+        cursor.format = psycopg.pq.Format.BINARY
         setattr(conn, _CURSOR, cursor)
     return cursor
 
@@ -329,7 +351,11 @@ async def _bounded[T](conn: Any, work: Coroutine[Any, Any, T], bound: float) -> 
     it (seconds, against a server that does not answer). Shut, the socket reads as closed
     at once, the statement fails, and the connection is broken: never reused.
     """
-    _refuse_if_ended(conn)
+    try:
+        _refuse_if_ended(conn)
+    except BaseException:
+        work.close()  # never started: no "coroutine … was never awaited" warning
+        raise
     loop = asyncio.get_running_loop()
     fired = False
 

@@ -268,4 +268,10 @@ class _Listener:
 
     async def close(self) -> None:
         await quietly(self._stop())
-        await quietly(greenlet_spawn(self._fairy.close))
+        if self.alive():
+            await quietly(greenlet_spawn(self._fairy.close))
+        else:
+            # ended (by the server, the network): the pool's close would first reset it (a
+            # ROLLBACK psycopg cannot send), and log that failure as an error
+            self._driver.abort(self._conn)
+            await quietly(self._driver.close(self._conn))
