@@ -17,7 +17,6 @@ import itertools
 import logging
 import os
 import pickle
-import random
 import shutil
 import signal
 import sqlite3
@@ -27,7 +26,6 @@ import time
 import traceback
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +50,7 @@ from casty_sa.backends import ConnectionLost, WriteRefused, classify_write_failu
 
 from support import dbtools, internals
 from support.processes import free_port
+from support.writers import check_outcomes, run_writers_through
 
 ADMIN_PASSWORD = "adm1n-Pw-casty"
 APP_PASSWORD = "app-Pw-9f3c-casty"
@@ -233,113 +232,6 @@ async def journal_backends(pg: DedicatedPostgres, db: str, *, waiting: bool = Fa
 async def terminate(pg: DedicatedPostgres, pids: list[int]) -> None:
     if pids:
         await pg.admin(f"SELECT pg_terminate_backend(pid) FROM unnest(ARRAY{pids}) AS pid")
-
-
-# -- writers that keep going through faults ----------------------------------------------------
-
-
-@dataclass
-class Outcomes:
-    """What the writers saw: acknowledged, failed (nothing stored), unknown attempts."""
-
-    acked: set[tuple[str, int, int, int]] = field(default_factory=set)
-    failed: set[tuple[str, int, int, int]] = field(default_factory=set)
-    unknown: set[tuple[str, int, int, int]] = field(default_factory=set)
-    errors: list[BaseException] = field(default_factory=list)
-    acked_after: int = 0  # acknowledged after the fault ended
-    recovered_at: int = 1  # how many of those prove the journal recovered
-    recovered: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-_attempts = itertools.count()
-
-
-def attempt_batch(entity_id: str, first: int, size: int) -> tuple[int, list[PersistedEvent[Any]]]:
-    """A batch whose events carry a unique attempt id, so a re-sent batch is told apart."""
-    attempt = next(_attempts)
-    events = [PersistedEvent(first + i, (entity_id, attempt, size, i), 1.0) for i in range(size)]
-    return attempt, events
-
-
-async def keep_writing(
-    journal: SAJournal, entity_id: str, outcomes: Outcomes, stop: asyncio.Event,
-    fault_over: asyncio.Event,
-) -> None:  # fmt: skip
-    """Persist batches until ``stop``; after an error, reload to learn where to go on."""
-    rng = random.Random(entity_id)
-    next_seq = 1
-    while not stop.is_set():
-        size = rng.randint(1, 4)
-        attempt, events = attempt_batch(entity_id, next_seq, size)
-        key = (entity_id, attempt, next_seq, size)
-        try:
-            await journal.persist(entity_id, events)
-        except JournalError as exc:
-            outcomes.errors.append(exc)
-            (outcomes.unknown if isinstance(exc, CommitOutcomeUnknown) else outcomes.failed).add(
-                key
-            )
-            while not stop.is_set():  # resynchronise like casty: reload the entity
-                try:
-                    stored = await journal.load(entity_id)
-                except JournalError:
-                    await asyncio.sleep(0.05)
-                    continue
-                next_seq = stored[-1].sequence_nr + 1 if stored else 1
-                break
-            continue
-        outcomes.acked.add(key)
-        if fault_over.is_set():
-            outcomes.acked_after += 1
-            if outcomes.acked_after >= outcomes.recovered_at:
-                outcomes.recovered.set()
-        next_seq += size
-
-
-async def check_outcomes(journal: SAJournal, entities: list[str], outcomes: Outcomes) -> None:
-    """Acknowledged: stored whole. Failed: absent. Unknown: whole or absent. No partials."""
-    stored: set[tuple[str, int, int, int]] = set()
-    for entity_id in entities:
-        events = await journal.load(entity_id)
-        seqs = [e.sequence_nr for e in events]
-        assert seqs == list(range(1, len(seqs) + 1)), f"{entity_id}: {seqs[:20]}"
-        i = 0
-        while i < len(events):
-            owner, attempt, size, index = events[i].event
-            members = events[i : i + size]
-            assert (owner, index) == (entity_id, 0), f"{entity_id}: partial batch at {i + 1}"
-            assert [e.event for e in members] == [
-                (entity_id, attempt, size, k) for k in range(size)
-            ]
-            stored.add((entity_id, attempt, events[i].sequence_nr, size))
-            i += size
-    assert outcomes.acked <= stored, f"acknowledged batches lost: {outcomes.acked - stored}"
-    assert not (outcomes.failed & stored), (
-        f"writes reported as failed (nothing stored) were stored: {outcomes.failed & stored}"
-    )
-    # every stored batch was attempted by a writer, and none is half there
-    attempted = outcomes.acked | outcomes.failed | outcomes.unknown
-    assert stored <= attempted
-
-
-async def run_writers_through(
-    journal: SAJournal, fault: Callable[[], Any], entities: list[str], *, settle: float = 0.4
-) -> Outcomes:
-    outcomes = Outcomes(recovered_at=3 * len(entities))
-    stop, fault_over = asyncio.Event(), asyncio.Event()
-    tasks = [
-        asyncio.ensure_future(keep_writing(journal, e, outcomes, stop, fault_over))
-        for e in entities
-    ]
-    await asyncio.sleep(settle)
-    await fault()
-    fault_over.set()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(outcomes.recovered.wait(), 20)
-    stop.set()
-    await asyncio.wait_for(asyncio.gather(*tasks), 30)
-    assert outcomes.acked_after >= 3 * len(entities), "the journal did not recover"
-    return outcomes
 
 
 # -- the server goes away and comes back -------------------------------------------------------
