@@ -80,19 +80,26 @@ class MariaDBServer:
         install = find_program("mariadb-install-db", "mysql_install_db")
         server = find_program("mariadbd", "mysqld")
         user = ["--user=root"] if os.geteuid() == 0 else []
-        subprocess.run(
+        # a temporary directory of its own: a starting server clears its tmpdir of the
+        # '#sql…' files other servers sharing it are working on
+        tmp = directory / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        installed = subprocess.run(
             [
                 install,
                 "--no-defaults",
                 f"--datadir={data}",
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
+                f"--tmpdir={tmp}",
                 *user,
             ],
-            check=True,
             capture_output=True,
             timeout=120,
         )
+        if installed.returncode != 0:
+            said = (installed.stdout + installed.stderr).decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{install} failed ({installed.returncode}):\n{said}")
         log = directory / "error.log"
         for _ in range(_START_ATTEMPTS - 1):
             port = _free_port()
@@ -117,6 +124,7 @@ class MariaDBServer:
             f"--datadir={data}",
             f"--socket={directory / 'mysqld.sock'}",
             f"--pid-file={directory / 'mysqld.pid'}",
+            f"--tmpdir={directory / 'tmp'}",
             f"--log-error={log}",
             f"--port={port}",
             "--bind-address=127.0.0.1",
