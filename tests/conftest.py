@@ -200,24 +200,7 @@ def mysql_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[URL]:
 
 async def mysql_admin_execute(server: URL, *statements: str) -> list[Any]:
     """Run statements on a MySQL server without a database; the last one's rows."""
-    import asyncmy  # type: ignore[import-untyped,unused-ignore]
-
-    conn = await asyncmy.connect(
-        host=server.host,
-        port=server.port or 3306,
-        user=server.username,
-        password=server.password or "",
-        autocommit=True,
-    )
-    rows: list[Any] = []
-    try:
-        async with conn.cursor() as cursor:
-            for statement in statements:
-                await cursor.execute(statement)
-                rows = list(await cursor.fetchall())
-    finally:
-        conn.close()
-    return rows
+    return await dbtools.mysql_execute(server.set(database=None), *statements)
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,7 @@ from casty_sa import (
     SequenceConflict,
 )
 
+from support import dbtools
 from support.mariadb import MariaDBServer
 from support.writers import check_outcomes, run_writers_through
 
@@ -75,18 +76,7 @@ def _running(server: MariaDBServer) -> None:
 
 async def admin(server: MariaDBServer, *statements: str, db: str | None = None) -> list[Any]:
     """Run statements as root in autocommit; the rows of the last one."""
-    connection = await asyncmy.connect(
-        host="127.0.0.1", port=server.port, user="root", db=db, autocommit=True
-    )
-    rows: list[Any] = []
-    try:
-        async with connection.cursor() as cursor:
-            for statement in statements:
-                await cursor.execute(statement)
-                rows = list(await cursor.fetchall())
-    finally:
-        connection.close()
-    return rows
+    return await dbtools.mysql_execute(server.url.set(database=db), *statements)
 
 
 @pytest.fixture

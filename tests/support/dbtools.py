@@ -149,19 +149,19 @@ def mysql_statements(script: str) -> list[str]:
 
 async def mysql_script(url: URL, statements: list[str]) -> None:
     """Run ``statements`` one by one on a raw asyncmy connection in autocommit."""
-    import asyncmy  # type: ignore[import-untyped,unused-ignore]
+    await mysql_execute(url, *(statement.rstrip(";") for statement in statements))
 
-    connection = await asyncmy.connect(
-        host=url.host,
-        port=url.port or 3306,
-        user=url.username,
-        password=url.password or "",
-        db=url.database,
-        autocommit=True,
-    )
+
+async def mysql_execute(url: URL, *statements: str) -> list[Any]:
+    """Run statements on a raw asyncmy connection in autocommit (on the URL's database, or
+    none); the rows of the last one."""
+    connection = await mysql_connect(url, autocommit=True)
+    rows: list[Any] = []
     try:
         async with connection.cursor() as cursor:
             for statement in statements:
-                await cursor.execute(statement.rstrip(";"))
+                await cursor.execute(statement)
+                rows = list(await cursor.fetchall())
     finally:
         connection.close()
+    return rows
