@@ -105,44 +105,31 @@ class MySQLReading(PooledBackend):
 
         def types_in(typed: bool) -> Callable[[Any], Any] | None:
             # the list travels as JSON and is compared as JSON strings, exactly
-            return (
-                (
-                    lambda column: (
-                        func.json_contains(types, func.json_quote(column)) == literal_column("1")
-                    )
-                )
-                if (typed)
-                else None
+            if not typed:
+                return None
+            return lambda column: (
+                func.json_contains(types, func.json_quote(column)) == literal_column("1")
             )
 
-        self._event_pages = {
-            (prefix, typed): prepare(
-                event_page(
-                    events,
-                    events.c.timestamp,
-                    prefix=prefix,
-                    types_in=types_in(typed),
-                    spelled=True,  # a range of the index (see read_statements._beyond)
-                ),
-                dialect,
-            )
-            for prefix in (False, True)
-            for typed in (False, True)
-        }
-        self._backlogs = {
-            (prefix, typed): prepare(
-                event_backlog(
-                    events,
-                    events.c.timestamp,
-                    prefix=prefix,
-                    types_in=types_in(typed),
-                    spelled=True,
-                ),
-                dialect,
-            )
-            for prefix in (False, True)
-            for typed in (False, True)
-        }
+        def per_filter(build: Callable[..., Any]) -> dict[tuple[bool, bool], Prepared]:
+            # spelled: a range of the index (see read_statements._beyond)
+            return {
+                (prefix, typed): prepare(
+                    build(
+                        events,
+                        events.c.timestamp,
+                        prefix=prefix,
+                        types_in=types_in(typed),
+                        spelled=True,
+                    ),
+                    dialect,
+                )
+                for prefix in (False, True)
+                for typed in (False, True)
+            }
+
+        self._event_pages = per_filter(event_page)
+        self._backlogs = per_filter(event_backlog)
         self._highest = prepare(highest_sequence_nr(events), dialect)
         self._bytewise_ids: bool | None = None
 
