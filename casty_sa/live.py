@@ -166,8 +166,10 @@ class Wakeups:
         if self._opening is not None:
             await asyncio.gather(self._opening, return_exceptions=True)
         self._drop_listener()
-        while self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+        # a finished task whose discard never ran (its loop is gone) is not waited for again
+        while pending := [task for task in self._closing if not task.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._closing.clear()
 
     async def _open(self) -> None:
         try:
