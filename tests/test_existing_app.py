@@ -97,12 +97,6 @@ async def test_an_app_psycopg_engine_works_and_keeps_its_connections_as_configur
         await engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REVIEW DEFECT (review-pg, not fixed): psycopg's _refuse_if_ended takes any byte "
-    "waiting on an idle connection (here an application's notification) for the server's "
-    "goodbye, and shuts the application's healthy connection",
-)
 async def test_an_app_connection_with_a_pending_notification_is_not_destroyed(
     new_postgres_db: Callable[..., Awaitable[URL]],
 ) -> None:

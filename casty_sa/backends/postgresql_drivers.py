@@ -382,12 +382,13 @@ def _refuse_if_ended(conn: Any) -> None:
     asyncpg reads such a goodbye as it arrives and refuses to send; psycopg reads only when
     it waits for an answer, so without this look the statement would leave and its
     outcome (a COMMIT's) be unknown, although the server never saw it. One ``select`` of
-    the socket: a live idle connection of the journal has nothing to read (it does not
-    ``LISTEN``), so anything there is taken for a goodbye, and the connection, shut, for
-    lost; the statement goes on another one.
+    the socket, and when something waits there, a look at it that leaves it in place
+    (:func:`_ended`); the connection, shut, is lost, and the statement goes on another one.
     """
     pgconn = conn.pgconn
     if pgconn.transaction_status != _IDLE or not select.select([pgconn.socket], [], [], 0)[0]:
+        return
+    if not _ended(pgconn):
         return
     _shut(conn)
     with contextlib.suppress(Exception):
@@ -395,6 +396,39 @@ def _refuse_if_ended(conn: Any) -> None:
     import psycopg
 
     raise psycopg.OperationalError("the connection is lost")
+
+
+#: Messages a server may send an idle connection that leave it usable: a notification (an
+#: application's ``LISTEN`` on a connection of the engine it shares), a notice, a parameter's
+#: new value
+_HARMLESS = frozenset(b"ANS")
+
+
+def _ended(pgconn: Any) -> bool:
+    """Whether what waits in an idle connection's socket is the server's goodbye.
+
+    Read with ``MSG_PEEK``, so nothing is taken from psycopg: the end of the stream, or any
+    message but whole notifications, notices and parameter changes, is a goodbye. Over TLS
+    the bytes cannot be read without being consumed, so anything waiting counts as one
+    (an application's pending notification then costs it that connection).
+    """
+    if pgconn.ssl_in_use:
+        return True
+    with socket.socket(fileno=os.dup(pgconn.socket)) as sock:
+        try:
+            waiting = sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+    at = 0
+    while at < len(waiting):
+        if waiting[at] not in _HARMLESS:
+            return True
+        if at + 5 > len(waiting):
+            break  # a harmless message still arriving
+        at += 1 + int.from_bytes(waiting[at + 1 : at + 5], "big")
+    return not waiting
 
 
 def _shut(conn: Any) -> None:
