@@ -392,3 +392,22 @@ class TestAppOwnsTheTables:
         journal = make_journal(empty_db_url, migrate=False)
         await journal.persist("acct", [ev(1)])
         assert await asyncio.to_thread(main, ["check", "--url", plain(empty_db_url)]) == 0
+
+
+async def test_a_transaction_on_a_memory_journals_engine_outlives_the_journal_giving_back() -> None:
+    """A memory database is one connection that every checkout shares. When the journal gives
+    back the connection it held for writes, no reset ROLLBACK may end the transaction another
+    user of ``journal.engine`` has open on it (a suite run once lost a row this way)."""
+    async with SAJournal("sqlite://") as journal:
+        await journal.persist("acct", [PersistedEvent(1, "opened", 1.0)])
+        async with journal.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO casty_sa_events (entity_id, sequence_nr, timestamp, payload, "
+                    "era, transaction_id, position) VALUES ('app', 1, 1.0, x'00', 0, 0, 2)"
+                )
+            )
+            await journal._backend.release_held()  # the journal's linger ends mid-transaction
+        async with journal.engine.connect() as conn:
+            stored = (await conn.execute(text("SELECT count(*) FROM casty_sa_events"))).scalar()
+        assert stored == 2
