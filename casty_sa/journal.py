@@ -42,8 +42,10 @@ from casty_sa.codec import (
 from casty_sa.diagnosis import Diagnosis
 from casty_sa.engine import open_journal_engine
 from casty_sa.event_stream import ReadSide
+from casty_sa.health import HealthCall
 from casty_sa.lifecycle import Lifecycle
 from casty_sa.live import Wakeups
+from casty_sa.metrics import DEFAULT_SLOW_CALL_THRESHOLD, Metrics
 from casty_sa.migrate import check_schema, ensure_schema
 from casty_sa.read_calls import ReadSideCalls
 from casty_sa.reads import RetryingReader
@@ -57,7 +59,7 @@ __all__ = ["MAX_SEQUENCE_NR", "SAJournal"]
 _WRITER_LINGER = 0.01
 
 
-class SAJournal(ReadSideCalls):
+class SAJournal(ReadSideCalls, HealthCall):
     """casty ``EventJournal`` storing events and snapshots through SQLAlchemy.
 
     A drop-in for casty's ``SqliteJournal``: SQLite files are node-local,
@@ -118,6 +120,11 @@ class SAJournal(ReadSideCalls):
         budget is the two together: a pooled connection that does not answer a liveness
         ping within the shorter of them fails the call (the server is taken for hung),
         and reads are not retried once the budget is spent.
+    slow_call_threshold : float | None
+        Seconds after which a call is logged as slow, naming the call and the entity
+        (``None``: never; default 0.3). See :mod:`casty_sa.metrics`.
+    meter_provider : opentelemetry.metrics.MeterProvider | None
+        Where the metrics go (``casty-sa[otel]``); ``None``: OpenTelemetry's global one.
     **engine_options
         Passed to ``create_async_engine`` (``pool_size``, ``echo``, …). ``echo``
         and SQLAlchemy instrumentation (OpenTelemetry, Sentry) see the schema
@@ -162,6 +169,8 @@ class SAJournal(ReadSideCalls):
         sqlite_synchronous: str | None = None,
         connect_timeout: float | None = None,
         statement_timeout: float | None = None,
+        slow_call_threshold: float | None = DEFAULT_SLOW_CALL_THRESHOLD,
+        meter_provider: Any = None,
         **engine_options: Any,
     ) -> None:
         settings = {
@@ -187,6 +196,8 @@ class SAJournal(ReadSideCalls):
         )
         # a call's budget, end to end (servers; SQLite's calls wait at most busy_timeout)
         budget = None if timeouts is None else timeouts.budget
+        dialect = self._engine.dialect.name
+        self._metrics = metrics = Metrics(dialect, meter_provider, slow_call_threshold)
         self._inflight = Inflight()
         self._life = Lifecycle(self._ensure_schema, self._close, self._inflight, name="casty_sa")
         self._reads = RetryingReader(
@@ -197,20 +208,27 @@ class SAJournal(ReadSideCalls):
             backoff=retry_backoff,
             budget=budget,
             closed=lambda: self._life.closed,
+            metrics=metrics,
         )
-        self._writer = Writer(self._backend, self._diagnosis, self._reads, budget=budget)
+        self._writer = Writer(
+            self._backend, self._diagnosis, self._reads, budget=budget, metrics=metrics
+        )
         # live readers of this journal are woken after each of its commits
         self._wakeups = Wakeups(self._backend.open_listener, self._diagnosis.describe)
         write = self._wakeups.after_each(self._writer.write_group)
         self._committer: GroupCommitter | OneByOne = (
-            _committer(self._backend, write, max_batch_events, max_batch_bytes, max_pending)
+            _committer(
+                self._backend, write, metrics, max_batch_events, max_batch_bytes, max_pending
+            )
             if group_commit
             else OneByOne(write, self._inflight)
         )
         self._read_side = ReadSide(
             self._backend, self._reads, deserialize, self._wakeups, self._life
         )
-        self._event_reads, self._snapshot_reads = _coalescers(self._backend, self._inflight)
+        self._event_reads, self._snapshot_reads = _coalescers(
+            self._backend, self._inflight, metrics
+        )
 
     @property
     def kind(self) -> JournalKind:
@@ -225,6 +243,11 @@ class SAJournal(ReadSideCalls):
     @property
     def schema(self) -> str | None:
         return self._schema  # of the journal's tables (None: the connection's default)
+
+    @property
+    def metrics(self) -> Metrics:
+        """The journal's metrics hooks (for casty-sa's projections; see :mod:`casty_sa.metrics`)."""
+        return self._metrics
 
     def __repr__(self) -> str:
         schema = f", schema={self._schema!r}" if self._schema is not None else ""
@@ -303,7 +326,9 @@ class SAJournal(ReadSideCalls):
         if not events:
             return
         rows = encode_events(entity_id, events, self._serialize)
-        await self._submit(WriteRequest(entity_id, events=rows))
+        await self._metrics.measured(
+            "persist", entity_id, self._submit(WriteRequest(entity_id, events=rows))
+        )
 
     async def load(self, entity_id: str, from_sequence_nr: int = 0) -> list[PersistedEvent[Any]]:
         """Events of ``entity_id`` with ``sequence_nr >= from_sequence_nr``, ascending.
@@ -319,9 +344,10 @@ class SAJournal(ReadSideCalls):
         if key is None:
             return []  # beyond any sequence number a column holds
         await self.start()
-        rows = await self._reads.read(
+        reading = self._reads.read(
             self._event_reads.get, (key,), f"load events of {entity_id!r}", in_task=True
         )
+        rows = await self._metrics.measured("load", entity_id, reading)
         return decode_events(entity_id, rows, self._deserialize)
 
     async def save_snapshot(self, entity_id: str, snapshot: Snapshot[Any]) -> None:
@@ -331,18 +357,20 @@ class SAJournal(ReadSideCalls):
         so a late write from a deposed node never moves recovery backwards.
         """
         row = encode_snapshot(entity_id, snapshot, self._serialize)
-        await self._submit(WriteRequest(entity_id, snapshot=row))
+        saving = self._submit(WriteRequest(entity_id, snapshot=row))
+        await self._metrics.measured("save_snapshot", entity_id, saving)
 
     async def load_snapshot(self, entity_id: str) -> Snapshot[Any] | None:
         """The entity's latest snapshot, or ``None``."""
         check_entity_id(entity_id)
         await self.start()
-        row = await self._reads.read(
+        reading = self._reads.read(
             self._snapshot_reads.get,
             (entity_id,),
             f"load the snapshot of {entity_id!r}",
             in_task=True,
         )
+        row = await self._metrics.measured("load_snapshot", entity_id, reading)
         return decode_snapshot(entity_id, row, self._deserialize)
 
     async def _submit(self, request: WriteRequest) -> None:
@@ -362,6 +390,7 @@ class SAJournal(ReadSideCalls):
 def _committer(
     backend: Backend,
     write: GroupWriter,
+    metrics: Metrics,
     max_batch_events: int,
     max_batch_bytes: int,
     max_pending: int,
@@ -376,11 +405,12 @@ def _committer(
         on_idle=backend.release_held,
         pipeline=min(backend.write_pipeline, max(1, backend.capacity - 1)),
         direct=backend.cancel_safe,
+        metrics=metrics,
     )
 
 
 def _coalescers(
-    backend: Backend, inflight: Inflight
+    backend: Backend, inflight: Inflight, metrics: Metrics
 ) -> tuple[ReadCoalescer[Any, Any], ReadCoalescer[Any, Any]]:
     """Coalescers of event and snapshot reads: reads that queue up (many entities
     recovering at once) share one query each."""
@@ -391,6 +421,8 @@ def _coalescers(
         "inline": backend.cancel_safe,
     }
     return (
-        ReadCoalescer(backend.fetch_events_of, **options),
-        ReadCoalescer(backend.fetch_snapshots_of, **options),
+        ReadCoalescer(backend.fetch_events_of, on_batch=metrics.read_batches("events"), **options),
+        ReadCoalescer(
+            backend.fetch_snapshots_of, on_batch=metrics.read_batches("snapshots"), **options
+        ),
     )
