@@ -111,6 +111,8 @@ async def probe(
             if isinstance(failure, JournalError)
             else diagnosis.error(failure, "read the schema revision")
         )
+        if error is not failure:
+            error.__cause__ = failure
         answered = isinstance(error, DatabaseAccessDenied | SchemaError)
         return Health(False, answered, None, head, latency, str(error), error)
     state = task.result()
