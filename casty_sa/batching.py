@@ -158,6 +158,7 @@ class GroupCommitter:
         self._closed = False
         self._direct = direct
         self._metrics = metrics
+        metrics.watch_queue(self)  # its depth, observed while it lives
         self._flushing = False  # the flusher is cutting and writing groups
         self._single = True  # the last write carried one call: the load looks sequential
         self._direct_done = asyncio.Event()  # clear while a direct write runs

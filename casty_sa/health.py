@@ -35,7 +35,7 @@ from casty_sa.backends import Backend
 from casty_sa.calls import Inflight
 from casty_sa.diagnosis import Diagnosis
 from casty_sa.engine import bind_schema, open_engine, read_connection
-from casty_sa.errors import DatabaseAccessDenied, JournalError, SchemaError
+from casty_sa.errors import JournalError, SchemaError
 from casty_sa.lifecycle import Lifecycle
 from casty_sa.revisions import SchemaState, check_report, head_revision, read_state
 from casty_sa.urls import UrlLike, engine_secrets, safe_url
@@ -57,7 +57,8 @@ class Health:
         The database answered and the journal can use its tables as they are (at head,
         or made by the application's own migrations): ready.
     reachable : bool
-        The database answered (possibly to refuse the login, or with old tables).
+        The journal connected and read the schema (possibly to find old tables); a refused
+        login, a missing database or SQLite directory count as unreachable.
     revision : str | None
         The database's casty-sa schema revision (``None``: none, or not read).
     head : str
@@ -113,8 +114,7 @@ async def probe(
         )
         if error is not failure:
             error.__cause__ = failure
-        answered = isinstance(error, DatabaseAccessDenied | SchemaError)
-        return Health(False, answered, None, head, latency, str(error), error)
+        return Health(False, isinstance(error, SchemaError), None, head, latency, str(error), error)
     state = task.result()
     return Health(state.usable, True, state.revision, head, latency, check_report(where, state))
 
