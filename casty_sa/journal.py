@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from casty import JournalKind, PersistedEvent, Snapshot
 from sqlalchemy import URL
@@ -43,9 +42,9 @@ from casty_sa.diagnosis import Diagnosis
 from casty_sa.engine import open_journal_engine
 from casty_sa.event_stream import ReadSide
 from casty_sa.health import HealthCall
-from casty_sa.lifecycle import Lifecycle
+from casty_sa.lifecycle import AsyncContext, Lifecycle
 from casty_sa.live import Wakeups
-from casty_sa.metrics import DEFAULT_SLOW_CALL_THRESHOLD, Metrics
+from casty_sa.metrics import DEFAULT_SLOW_CALL_THRESHOLD, Instrumented, Metrics
 from casty_sa.migrate import check_schema, ensure_schema
 from casty_sa.read_calls import ReadSideCalls
 from casty_sa.reads import RetryingReader
@@ -59,7 +58,7 @@ __all__ = ["MAX_SEQUENCE_NR", "SAJournal"]
 _WRITER_LINGER = 0.01
 
 
-class SAJournal(ReadSideCalls, HealthCall):
+class SAJournal(ReadSideCalls, HealthCall, Instrumented, AsyncContext):
     """casty ``EventJournal`` storing events and snapshots through SQLAlchemy.
 
     A drop-in for casty's ``SqliteJournal``: SQLite files are node-local,
@@ -120,11 +119,9 @@ class SAJournal(ReadSideCalls, HealthCall):
         budget is the two together: a pooled connection that does not answer a liveness
         ping within the shorter of them fails the call (the server is taken for hung),
         and reads are not retried once the budget is spent.
-    slow_call_threshold : float | None
-        Seconds after which a call is logged as slow, naming the call and the entity
-        (``None``: never; default 0.3). See :mod:`casty_sa.metrics`.
-    meter_provider : opentelemetry.metrics.MeterProvider | None
-        Where the metrics go (``casty-sa[otel]``); ``None``: OpenTelemetry's global one.
+    slow_call_threshold, meter_provider : float | None, MeterProvider | None
+        Seconds after which a call is logged as slow (``None``: never); where the metrics
+        go (``None``: OpenTelemetry's global provider). See :mod:`casty_sa.metrics`.
     **engine_options
         Passed to ``create_async_engine`` (``pool_size``, ``echo``, …). ``echo``
         and SQLAlchemy instrumentation (OpenTelemetry, Sentry) see the schema
@@ -196,8 +193,7 @@ class SAJournal(ReadSideCalls, HealthCall):
         )
         # a call's budget, end to end (servers; SQLite's calls wait at most busy_timeout)
         budget = None if timeouts is None else timeouts.budget
-        dialect = self._engine.dialect.name
-        self._metrics = metrics = Metrics(dialect, meter_provider, slow_call_threshold)
+        self._metrics = hooks = Metrics(self._engine, meter_provider, slow_call_threshold)
         self._inflight = Inflight()
         self._life = Lifecycle(self._ensure_schema, self._close, self._inflight, name="casty_sa")
         self._reads = RetryingReader(
@@ -208,27 +204,21 @@ class SAJournal(ReadSideCalls, HealthCall):
             backoff=retry_backoff,
             budget=budget,
             closed=lambda: self._life.closed,
-            metrics=metrics,
+            metrics=hooks,
         )
-        self._writer = Writer(
-            self._backend, self._diagnosis, self._reads, budget=budget, metrics=metrics
-        )
+        self._writer = Writer(self._backend, self._diagnosis, self._reads, hooks, budget=budget)
         # live readers of this journal are woken after each of its commits
         self._wakeups = Wakeups(self._backend.open_listener, self._diagnosis.describe)
         write = self._wakeups.after_each(self._writer.write_group)
         self._committer: GroupCommitter | OneByOne = (
-            _committer(
-                self._backend, write, metrics, max_batch_events, max_batch_bytes, max_pending
-            )
+            _committer(self._backend, write, hooks, max_batch_events, max_batch_bytes, max_pending)
             if group_commit
             else OneByOne(write, self._inflight)
         )
         self._read_side = ReadSide(
             self._backend, self._reads, deserialize, self._wakeups, self._life
         )
-        self._event_reads, self._snapshot_reads = _coalescers(
-            self._backend, self._inflight, metrics
-        )
+        self._event_reads, self._snapshot_reads = _coalescers(self._backend, self._inflight, hooks)
 
     @property
     def kind(self) -> JournalKind:
@@ -244,26 +234,9 @@ class SAJournal(ReadSideCalls, HealthCall):
     def schema(self) -> str | None:
         return self._schema  # of the journal's tables (None: the connection's default)
 
-    @property
-    def metrics(self) -> Metrics:
-        """The journal's metrics hooks (for casty-sa's projections; see :mod:`casty_sa.metrics`)."""
-        return self._metrics
-
     def __repr__(self) -> str:
         schema = f", schema={self._schema!r}" if self._schema is not None else ""
         return f"SAJournal({safe_url(self._url)!r}, kind={self._kind.value}{schema})"
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         """Connect and check (or, when allowed, migrate) the schema.
@@ -326,9 +299,7 @@ class SAJournal(ReadSideCalls, HealthCall):
         if not events:
             return
         rows = encode_events(entity_id, events, self._serialize)
-        await self._metrics.measured(
-            "persist", entity_id, self._submit(WriteRequest(entity_id, events=rows))
-        )
+        await self._submit(WriteRequest(entity_id, events=rows))
 
     async def load(self, entity_id: str, from_sequence_nr: int = 0) -> list[PersistedEvent[Any]]:
         """Events of ``entity_id`` with ``sequence_nr >= from_sequence_nr``, ascending.
@@ -357,8 +328,7 @@ class SAJournal(ReadSideCalls, HealthCall):
         so a late write from a deposed node never moves recovery backwards.
         """
         row = encode_snapshot(entity_id, snapshot, self._serialize)
-        saving = self._submit(WriteRequest(entity_id, snapshot=row))
-        await self._metrics.measured("save_snapshot", entity_id, saving)
+        await self._submit(WriteRequest(entity_id, snapshot=row))
 
     async def load_snapshot(self, entity_id: str) -> Snapshot[Any] | None:
         """The entity's latest snapshot, or ``None``."""
@@ -375,7 +345,7 @@ class SAJournal(ReadSideCalls, HealthCall):
 
     async def _submit(self, request: WriteRequest) -> None:
         await self.start()
-        await self._committer.submit(request)
+        await self._metrics.write(request, self._committer.submit(request))
 
     async def _ensure_schema(self) -> None:
         await ensure_schema(

@@ -29,6 +29,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence, Sized
 from typing import Any, Protocol
 from weakref import WeakKeyDictionary
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from casty_sa.revisions import package_version
 
 try:
@@ -41,6 +43,7 @@ __all__ = [
     "INSTRUMENTS",
     "METER_NAME",
     "NO_METRICS",
+    "Instrumented",
     "Metrics",
     "SliceLag",
 ]
@@ -100,7 +103,11 @@ _COUNTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 class _Call(Protocol):
     @property
+    def entity_id(self) -> str: ...
+    @property
     def events(self) -> Sized: ...
+    @property
+    def snapshot(self) -> object: ...
 
 
 class _Queue(Protocol):
@@ -172,8 +179,9 @@ class Metrics:
 
     Parameters
     ----------
-    db_system : str
-        ``sqlite``, ``postgresql`` or ``mysql`` (the ``db.system`` attribute).
+    engine : AsyncEngine | str
+        The journal's engine, or its dialect's name: ``sqlite``, ``postgresql`` or
+        ``mysql`` (the ``db.system`` attribute).
     meter_provider : Any
         An OpenTelemetry ``MeterProvider``; ``None``: the global one (which may be set
         after the journal is made).
@@ -187,13 +195,13 @@ class Metrics:
 
     def __init__(
         self,
-        db_system: str,
+        engine: AsyncEngine | str,
         meter_provider: Any = None,
         slow_call_threshold: float | None = DEFAULT_SLOW_CALL_THRESHOLD,
         *,
         record: bool = True,
     ) -> None:
-        self.db_system = db_system
+        self.db_system = db_system = engine if isinstance(engine, str) else engine.dialect.name
         self._on = _instruments(meter_provider) if record else None
         self._slow = slow_call_threshold
         self._attributes = {"db.system": db_system}
@@ -226,6 +234,11 @@ class Metrics:
                     elapsed,
                     self._slow,
                 )
+
+    async def write(self, request: _Call, call: Awaitable[None]) -> None:
+        """:meth:`measured` for a write call (a persist, or a snapshot's save)."""
+        operation = "persist" if request.snapshot is None else "save_snapshot"
+        await self.measured(operation, request.entity_id, call)
 
     def failed(self, operation: str, exc: BaseException) -> None:
         """Count a call that raised ``exc`` (a cancelled caller is not an error)."""
@@ -272,6 +285,17 @@ class Metrics:
         if self._on is not None:
             self._on.slices[lag] = {"projection": projection, "slice": index}
         return lag
+
+
+class Instrumented:
+    """The ``metrics`` property of :class:`~casty_sa.SAJournal` (its ``_metrics``)."""
+
+    _metrics: Metrics
+
+    @property
+    def metrics(self) -> Metrics:
+        """The journal's hooks, for casty-sa's own layers (projections)."""
+        return self._metrics
 
 
 class SliceLag:

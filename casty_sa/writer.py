@@ -70,9 +70,9 @@ class Writer:
         backend: Backend,
         diagnosis: Diagnosis,
         reads: RetryingReader,
+        metrics: Metrics = NO_METRICS,
         *,
         budget: float | None,
-        metrics: Metrics = NO_METRICS,
     ) -> None:
         self._backend = backend
         self._metrics = metrics

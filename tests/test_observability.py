@@ -57,7 +57,7 @@ class Meter:
             for scope in resource.scope_metrics:
                 if scope.scope.name == "casty_sa":
                     for metric in scope.metrics:
-                        found[metric.name] = (metric.unit, list(metric.data.data_points))
+                        found[metric.name] = (metric.unit or "", list(metric.data.data_points))
         return found
 
 
@@ -348,3 +348,19 @@ async def test_check_of_a_database_that_is_down(
     out, err = capsys.readouterr()
     assert code == ExitCode.DATABASE_ERROR
     assert "could not" in err and PASSWORD not in out + err
+
+
+def test_the_docs_table_lists_each_instrument_as_the_code_records_it() -> None:
+    """docs/observability.md's table: one row per instrument, as casty_sa.metrics has it."""
+    page = Path(__file__).resolve().parent.parent / "docs" / "observability.md"
+    rows = {}
+    for line in page.read_text().splitlines():
+        if line.startswith("| `casty_sa."):
+            name, kind, unit, attributes, meaning = (c.strip() for c in line.strip("|").split("|"))
+            rows[name.strip("`")] = (
+                kind,
+                unit.strip("`"),
+                tuple(a.strip(" `") for a in attributes.split(",")),
+                meaning.replace("`", ""),
+            )
+    assert rows == INSTRUMENTS
