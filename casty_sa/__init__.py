@@ -36,6 +36,7 @@ from casty_sa.errors import (
     UnsupportedDatabase,
 )
 from casty_sa.event_stream import EventStream
+from casty_sa.health import Health
 from casty_sa.journal import MAX_SEQUENCE_NR, SAJournal
 from casty_sa.migrate import current, downgrade, upgrade
 from casty_sa.models import (
@@ -69,6 +70,7 @@ __all__ = [
     "EventStream",
     "HandlerEndedTransaction",
     "HandlerOverran",
+    "Health",
     "InvalidEventError",
     "InvalidOffset",
     "JournalClosed",

@@ -40,6 +40,7 @@ from typing import Any
 
 from casty_sa.calls import Inflight
 from casty_sa.errors import JournalClosed
+from casty_sa.metrics import NO_METRICS, Metrics
 
 __all__ = ["DEFAULT_MAX_BATCH_BYTES", "GroupCommitter", "OneByOne", "WriteRequest", "row_bytes"]
 
@@ -121,6 +122,8 @@ class GroupCommitter:
     direct : bool
         Let a caller of a quiet journal write its own call (see above); only
         where ``write`` survives its caller's cancellation.
+    metrics : Metrics
+        Where back-pressure waits are recorded.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class GroupCommitter:
         on_idle: Callable[[], Awaitable[None]] | None = None,
         pipeline: int = 1,
         direct: bool = False,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         if min(max_batch_events, max_pending, max_batch_bytes, pipeline) < 1:
             raise ValueError(
@@ -153,6 +157,8 @@ class GroupCommitter:
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
         self._direct = direct
+        self._metrics = metrics
+        metrics.watch_queue(self)  # its depth, observed while it lives
         self._flushing = False  # the flusher is cutting and writing groups
         self._single = True  # the last write carried one call: the load looks sequential
         self._direct_done = asyncio.Event()  # clear while a direct write runs
@@ -160,11 +166,8 @@ class GroupCommitter:
 
     async def submit(self, request: WriteRequest) -> None:
         """Queue ``request`` and return once it is committed (or raise its error)."""
-        while len(self._queue) >= self._max_pending:
-            if self._closed:
-                raise JournalClosed("the journal was closed while this write waited for room")
-            self._room.clear()
-            await self._room.wait()
+        if len(self._queue) >= self._max_pending:
+            await self._wait_for_room()
         if self._closed:
             raise JournalClosed()
         # while a direct write runs, calls queue behind it: it hands the queue over when done
@@ -177,6 +180,21 @@ class GroupCommitter:
         if not direct_running:
             self._run_flusher()
         await future
+
+    @property
+    def pending(self) -> int:
+        """Write calls queued (not yet in a transaction)."""
+        return len(self._queue)
+
+    async def _wait_for_room(self) -> None:
+        """Back-pressure: wait until the queue holds fewer than ``max_pending`` calls."""
+        started = time.perf_counter()
+        while len(self._queue) >= self._max_pending:
+            if self._closed:
+                raise JournalClosed("the journal was closed while this write waited for room")
+            self._room.clear()
+            await self._room.wait()
+        self._metrics.waited_for_room(time.perf_counter() - started)
 
     def _run_flusher(self) -> None:
         """Start the flusher, or wake it if it lingers."""

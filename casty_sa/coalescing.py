@@ -53,6 +53,8 @@ class ReadCoalescer[K: Hashable, V]:
         instead of a batch task (saves a task and a turn of the event loop).
         Only for a ``fetch`` that a cancelled caller cannot cut off half-way,
         such as one queued on a driver's own thread.
+    on_batch : Callable | None
+        Called with the number of keys of each query sent (metrics).
 
     Examples
     --------
@@ -76,6 +78,7 @@ class ReadCoalescer[K: Hashable, V]:
         concurrency: int,
         track: Callable[[asyncio.Task[None]], None] | None = None,
         inline: bool = False,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if max_keys < 1 or concurrency < 1:
             raise ValueError("max_keys and concurrency must be >= 1")
@@ -84,6 +87,7 @@ class ReadCoalescer[K: Hashable, V]:
         self._concurrency = concurrency
         self._track = track
         self._inline = inline
+        self._on_batch = on_batch
         self._pending: dict[K, list[asyncio.Future[V]]] = {}
         self._workers = 0
         self._fetching = 0  # workers with a batch in flight
@@ -112,6 +116,8 @@ class ReadCoalescer[K: Hashable, V]:
         """Fetch ``key`` in the caller's task; lookups arriving meanwhile queue up."""
         self._workers += 1
         self._fetching += 1
+        if self._on_batch is not None:
+            self._on_batch(1)
         try:
             values = await self._fetch([key])
         finally:
@@ -154,6 +160,8 @@ class ReadCoalescer[K: Hashable, V]:
                 if not batch:
                     continue
                 self._fetching += 1
+                if self._on_batch is not None:
+                    self._on_batch(len(batch))
                 try:
                     values = await self._fetch([key for key, _ in batch])
                     if len(values) != len(batch):

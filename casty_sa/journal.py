@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from casty import JournalKind, PersistedEvent, Snapshot
 from sqlalchemy import URL
@@ -42,8 +41,10 @@ from casty_sa.codec import (
 from casty_sa.diagnosis import Diagnosis
 from casty_sa.engine import open_journal_engine
 from casty_sa.event_stream import ReadSide
-from casty_sa.lifecycle import Lifecycle
+from casty_sa.health import HealthCall
+from casty_sa.lifecycle import AsyncContext, Lifecycle
 from casty_sa.live import Wakeups
+from casty_sa.metrics import DEFAULT_SLOW_CALL_THRESHOLD, Instrumented, Metrics
 from casty_sa.migrate import check_schema, ensure_schema
 from casty_sa.read_calls import ReadSideCalls
 from casty_sa.reads import RetryingReader
@@ -57,7 +58,7 @@ __all__ = ["MAX_SEQUENCE_NR", "SAJournal"]
 _WRITER_LINGER = 0.01
 
 
-class SAJournal(ReadSideCalls):
+class SAJournal(ReadSideCalls, HealthCall, Instrumented, AsyncContext):
     """casty ``EventJournal`` storing events and snapshots through SQLAlchemy.
 
     A drop-in for casty's ``SqliteJournal``: SQLite files are node-local,
@@ -118,6 +119,9 @@ class SAJournal(ReadSideCalls):
         budget is the two together: a pooled connection that does not answer a liveness
         ping within the shorter of them fails the call (the server is taken for hung),
         and reads are not retried once the budget is spent.
+    slow_call_threshold, meter_provider : float | None, MeterProvider | None
+        Seconds after which a call is logged as slow (``None``: never); where the metrics
+        go (``None``: OpenTelemetry's global provider). See :mod:`casty_sa.metrics`.
     **engine_options
         Passed to ``create_async_engine`` (``pool_size``, ``echo``, …). ``echo``
         and SQLAlchemy instrumentation (OpenTelemetry, Sentry) see the schema
@@ -162,6 +166,8 @@ class SAJournal(ReadSideCalls):
         sqlite_synchronous: str | None = None,
         connect_timeout: float | None = None,
         statement_timeout: float | None = None,
+        slow_call_threshold: float | None = DEFAULT_SLOW_CALL_THRESHOLD,
+        meter_provider: Any = None,
         **engine_options: Any,
     ) -> None:
         settings = {
@@ -187,6 +193,7 @@ class SAJournal(ReadSideCalls):
         )
         # a call's budget, end to end (servers; SQLite's calls wait at most busy_timeout)
         budget = None if timeouts is None else timeouts.budget
+        self._metrics = hooks = Metrics(self._engine, meter_provider, slow_call_threshold)
         self._inflight = Inflight()
         self._life = Lifecycle(self._ensure_schema, self._close, self._inflight, name="casty_sa")
         self._reads = RetryingReader(
@@ -197,20 +204,21 @@ class SAJournal(ReadSideCalls):
             backoff=retry_backoff,
             budget=budget,
             closed=lambda: self._life.closed,
+            metrics=hooks,
         )
-        self._writer = Writer(self._backend, self._diagnosis, self._reads, budget=budget)
+        self._writer = Writer(self._backend, self._diagnosis, self._reads, hooks, budget=budget)
         # live readers of this journal are woken after each of its commits
         self._wakeups = Wakeups(self._backend.open_listener, self._diagnosis.describe)
         write = self._wakeups.after_each(self._writer.write_group)
         self._committer: GroupCommitter | OneByOne = (
-            _committer(self._backend, write, max_batch_events, max_batch_bytes, max_pending)
+            _committer(self._backend, write, hooks, max_batch_events, max_batch_bytes, max_pending)
             if group_commit
             else OneByOne(write, self._inflight)
         )
         self._read_side = ReadSide(
             self._backend, self._reads, deserialize, self._wakeups, self._life
         )
-        self._event_reads, self._snapshot_reads = _coalescers(self._backend, self._inflight)
+        self._event_reads, self._snapshot_reads = _coalescers(self._backend, self._inflight, hooks)
 
     @property
     def kind(self) -> JournalKind:
@@ -229,18 +237,6 @@ class SAJournal(ReadSideCalls):
     def __repr__(self) -> str:
         schema = f", schema={self._schema!r}" if self._schema is not None else ""
         return f"SAJournal({safe_url(self._url)!r}, kind={self._kind.value}{schema})"
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         """Connect and check (or, when allowed, migrate) the schema.
@@ -319,9 +315,10 @@ class SAJournal(ReadSideCalls):
         if key is None:
             return []  # beyond any sequence number a column holds
         await self.start()
-        rows = await self._reads.read(
+        reading = self._reads.read(
             self._event_reads.get, (key,), f"load events of {entity_id!r}", in_task=True
         )
+        rows = await self._metrics.measured("load", entity_id, reading)
         return decode_events(entity_id, rows, self._deserialize)
 
     async def save_snapshot(self, entity_id: str, snapshot: Snapshot[Any]) -> None:
@@ -337,17 +334,18 @@ class SAJournal(ReadSideCalls):
         """The entity's latest snapshot, or ``None``."""
         check_entity_id(entity_id)
         await self.start()
-        row = await self._reads.read(
+        reading = self._reads.read(
             self._snapshot_reads.get,
             (entity_id,),
             f"load the snapshot of {entity_id!r}",
             in_task=True,
         )
+        row = await self._metrics.measured("load_snapshot", entity_id, reading)
         return decode_snapshot(entity_id, row, self._deserialize)
 
     async def _submit(self, request: WriteRequest) -> None:
         await self.start()
-        await self._committer.submit(request)
+        await self._metrics.write(request, self._committer.submit(request))
 
     async def _ensure_schema(self) -> None:
         await ensure_schema(
@@ -362,6 +360,7 @@ class SAJournal(ReadSideCalls):
 def _committer(
     backend: Backend,
     write: GroupWriter,
+    metrics: Metrics,
     max_batch_events: int,
     max_batch_bytes: int,
     max_pending: int,
@@ -376,11 +375,12 @@ def _committer(
         on_idle=backend.release_held,
         pipeline=min(backend.write_pipeline, max(1, backend.capacity - 1)),
         direct=backend.cancel_safe,
+        metrics=metrics,
     )
 
 
 def _coalescers(
-    backend: Backend, inflight: Inflight
+    backend: Backend, inflight: Inflight, metrics: Metrics
 ) -> tuple[ReadCoalescer[Any, Any], ReadCoalescer[Any, Any]]:
     """Coalescers of event and snapshot reads: reads that queue up (many entities
     recovering at once) share one query each."""
@@ -391,6 +391,8 @@ def _coalescers(
         "inline": backend.cancel_safe,
     }
     return (
-        ReadCoalescer(backend.fetch_events_of, **options),
-        ReadCoalescer(backend.fetch_snapshots_of, **options),
+        ReadCoalescer(backend.fetch_events_of, on_batch=metrics.read_batches("events"), **options),
+        ReadCoalescer(
+            backend.fetch_snapshots_of, on_batch=metrics.read_batches("snapshots"), **options
+        ),
     )

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from casty_sa.calls import Inflight, SharedAttempt, copy_error
 from casty_sa.errors import JournalClosed, JournalError
 
-__all__ = ["Lifecycle"]
+__all__ = ["AsyncContext", "Lifecycle"]
 
 
 class Lifecycle:
@@ -93,3 +94,25 @@ class Lifecycle:
                 self._close(), name=f"{self._name}-close"
             )
         await asyncio.shield(self._closing)
+
+
+class AsyncContext:
+    """``async with obj:`` runs ``await obj.start()`` on entry and ``await obj.close()`` on exit."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

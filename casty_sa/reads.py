@@ -21,6 +21,7 @@ from casty_sa.backends import Backend
 from casty_sa.calls import Inflight, deadline, past
 from casty_sa.diagnosis import Diagnosis
 from casty_sa.errors import DatabaseAccessDenied, JournalClosed, JournalError, SchemaError
+from casty_sa.metrics import NO_METRICS, Metrics
 
 __all__ = ["RetryingReader"]
 
@@ -44,6 +45,8 @@ class RetryingReader:
         Seconds a call may take in all (``None``: unbounded); no retry starts past it.
     closed : Callable[[], bool]
         Whether the journal was closed (a retry is then refused).
+    metrics : Metrics
+        Where retries are recorded.
     """
 
     def __init__(
@@ -56,7 +59,9 @@ class RetryingReader:
         backoff: float,
         budget: float | None,
         closed: Callable[[], bool],
+        metrics: Metrics = NO_METRICS,
     ) -> None:
+        self._metrics = metrics
         self._backend = backend
         self._diagnosis = diagnosis
         self._inflight = inflight
@@ -104,6 +109,7 @@ class RetryingReader:
                 if not internal:
                     self._refuse_if_closed(what, exc)
                 attempt += 1
+                self._metrics.retried("read", "connection")
                 log.warning(
                     "casty_sa: %s failed (%s); retry %d of %d in %.2fs",
                     what,

@@ -28,6 +28,7 @@ from casty_sa.errors import (
     JournalError,
     SequenceConflict,
 )
+from casty_sa.metrics import NO_METRICS, Metrics
 from casty_sa.reads import RetryingReader
 from casty_sa.urls import safe_url
 
@@ -60,6 +61,8 @@ class Writer:
         For the one read a refusal needs: which sequence number is already stored.
     budget : float | None
         Seconds a write may take in all, resends included (``None``: unbounded).
+    metrics : Metrics
+        Where groups and resends are recorded.
     """
 
     def __init__(
@@ -67,16 +70,19 @@ class Writer:
         backend: Backend,
         diagnosis: Diagnosis,
         reads: RetryingReader,
+        metrics: Metrics = NO_METRICS,
         *,
         budget: float | None,
     ) -> None:
         self._backend = backend
+        self._metrics = metrics
         self._diagnosis = diagnosis
         self._reads = reads
         self._budget = budget
 
     async def write_group(self, group: Sequence[WriteRequest]) -> list[BaseException | None]:
         """Write ``group`` in one transaction: each call's outcome, ``None`` when stored."""
+        self._metrics.group_written(group)
         failure = await self._attempt(group)
         if failure is None:
             return [None] * len(group)
@@ -181,6 +187,7 @@ class Writer:
                 if lost.during_commit or not resends or past(ends):
                     raise
                 resends -= 1
+                self._metrics.retried("write", "connection")
                 log.warning(
                     "casty_sa: a write was not sent (%s); sending it on another connection",
                     self._diagnosis.describe(lost.cause),
@@ -190,6 +197,7 @@ class Writer:
                     raise
                 delay = _CONTENTION_BACKOFF * 2**contended * (0.5 + random.random())
                 contended += 1
+                self._metrics.retried("write", "contended")
                 log.info(
                     "casty_sa: the database rolled back a write of %d events and %d "
                     "snapshots (%s); nothing was stored, sending it again in %.3fs",

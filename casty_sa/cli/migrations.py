@@ -12,9 +12,10 @@ import sys
 
 from casty_sa import migrate, migration_runs
 from casty_sa.cli.common import Commands, ExitCode, UsageError, optional_url, url, where
+from casty_sa.errors import DatabaseUnavailable
+from casty_sa.health import health_of
 from casty_sa.revisions import (
     SchemaState,
-    check_report,
     check_revision,
     describe_revision,
     history,
@@ -23,7 +24,11 @@ from casty_sa.revisions import (
 )
 from casty_sa.transfer import require_existing_database
 
-__all__ = ["register"]
+__all__ = ["CHECK_WITHIN", "register"]
+
+#: Seconds ``casty-sa check`` waits for the database's answer (a connection's own timeouts
+#: end an unreachable one sooner).
+CHECK_WITHIN = 60.0
 
 
 def register(commands: Commands) -> None:
@@ -176,11 +181,18 @@ def _cmd_current(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    """``casty-sa check``: exit 0 at head, 1 otherwise, saying what to run."""
+    """``casty-sa check``: exit 0 at head, 1 otherwise, saying what to run; the check is
+    ``journal.health()``'s (a database error exits as any command's, 2)."""
     database = url(args)
-    state = _read_state(args, database)
-    print(check_report(where(database), state))
-    return ExitCode.OK if state.usable else ExitCode.NOT_AT_HEAD
+    require_existing_database(database)
+    options = {"schema": args.schema, "connect_timeout": args.connect_timeout}
+    health = asyncio.run(health_of(database, within=CHECK_WITHIN, **options))
+    if health.error is not None:
+        raise health.error
+    if not health.reachable:  # no answer in time
+        raise DatabaseUnavailable(health.message)
+    print(health.message)
+    return ExitCode.OK if health.ok else ExitCode.NOT_AT_HEAD
 
 
 def _cmd_history(args: argparse.Namespace) -> int:

@@ -164,6 +164,7 @@ class Worker:
         self._attempt = 0  # failures in a row
         self._solo_until: str | None = None  # batches of one event up to this offset
         self._uncertain: tuple[str, int] | None = None  # a commit of unknown outcome
+        self.lag = settings.journal.metrics.slice_lag(settings.name, index)  # (metrics)
 
     async def work(self, live: bool) -> int:
         """Apply the slice's events (``live``: until stopped; else those committed when it
@@ -235,9 +236,11 @@ class Worker:
                 batch = await self._take(stream)
                 if not batch:
                     return
+                self.lag.holding(batch[0].timestamp)
                 lease = await self._lease()
                 # a batch runs to its end (commit or rollback) before a cancellation passes
                 await settled(self._apply(lease, after, batch))
+                self.lag.applied()
                 after = batch[-1].offset
                 self._attempt = 0
                 if self._solo_until is not None and after >= self._solo_until:
