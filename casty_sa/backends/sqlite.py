@@ -387,10 +387,8 @@ def sqlite_engine(url: URL, request: EngineRequest) -> tuple[AsyncEngine, Timeou
     # than waiting for a pooled one.
     defaults: dict[str, Any] = {}
     if memory:
-        # every checkout is the same connection: a reset ROLLBACK when the journal gives its
-        # held writer back would end whatever transaction another user of the engine has open
-        # on it; each user ends its own transactions (the journal explicitly, SQLAlchemy's
-        # Connection on close)
+        # every checkout is the one connection: a reset ROLLBACK (the journal giving its writer
+        # back) would end another user's open transaction; each user ends its own
         defaults.update(poolclass=StaticPool, pool_reset_on_return=None)
     else:
         defaults.update(pool_size=5, max_overflow=0)
