@@ -387,8 +387,7 @@ def sqlite_engine(url: URL, request: EngineRequest) -> tuple[AsyncEngine, Timeou
     # than waiting for a pooled one.
     defaults: dict[str, Any] = {}
     if memory:
-        # every checkout is the one connection: a reset ROLLBACK (the journal giving its writer
-        # back) would end another user's open transaction; each user ends its own
+        # no reset ROLLBACK: it would end what another checkout of the one connection has open
         defaults.update(poolclass=StaticPool, pool_reset_on_return=None)
     else:
         defaults.update(pool_size=5, max_overflow=0)
