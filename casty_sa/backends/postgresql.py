@@ -45,11 +45,8 @@ from casty_sa.backends.postgresql_engines import postgresql_engine
 from casty_sa.backends.postgresql_reads import PostgresReading
 from casty_sa.codec import ROW_COLUMNS, EventRow, Row, Stored
 from casty_sa.dialects import Dialect, register
-from casty_sa.models import EVENTS_PRIMARY_KEY
-from casty_sa.ordering import (
-    current_era,
-    current_transaction_id,
-)
+from casty_sa.models import EVENTS_PRIMARY_KEY, tombstone_table
+from casty_sa.ordering import current_era, current_transaction_id, unless_deleted
 
 __all__ = ["PostgresBackend", "postgresql_engine"]
 
@@ -121,15 +118,24 @@ class PostgresBackend(PostgresReading):
         super().__init__(engine, schema, settings)  # the statement timeout, the read side
         events = self.events
 
-        def from_arrays(table: Table, columns: Sequence[str], *more: Any) -> Any:
+        def from_arrays(table: Table, columns: Sequence[str]) -> Any:
             arrays = [bindparam(name, type_=ARRAY(table.c[name].type)) for name in columns]
-            rows = func.unnest(*arrays).table_valued(*columns).render_derived()
-            return select(*(rows.c[name] for name in columns), *more)
+            return func.unnest(*arrays).table_valued(*columns).render_derived()
 
         event_columns = [*ROW_COLUMNS, "event_type"]
-        placed = from_arrays(
-            events,
-            event_columns,
+        rows = from_arrays(events, event_columns)
+        # a deleted sequence number becomes NULL, refused by NOT NULL in this statement: a
+        # subquery per row (one probe of the key), never a join, whose plan could change the
+        # order of the rows and so of their positions
+        tombstones = tombstone_table(schema)
+        tombstone = (
+            select(tombstones.c.sequence_nr)
+            .where(tombstones.c.entity_id == rows.c.entity_id)
+            .scalar_subquery()
+        )
+        checked = unless_deleted(rows.c.sequence_nr, tombstone)
+        placed = select(
+            *(checked if name == "sequence_nr" else rows.c[name] for name in event_columns),
             # once per statement (an InitPlan), so a journal that runs on across a restore
             # of its database writes in the era the table needs (casty_sa.ordering)
             select(current_era(events)).scalar_subquery(),
@@ -148,7 +154,7 @@ class PostgresBackend(PostgresReading):
         self._announcer = _Announcer(self._notify_alone)
         self._upsert = self._newer_snapshot_wins(
             postgresql.insert(self.snapshots).from_select(
-                ROW_COLUMNS, from_arrays(self.snapshots, ROW_COLUMNS)
+                ROW_COLUMNS, select(from_arrays(self.snapshots, ROW_COLUMNS))
             )
         )
         # batched reads: the keys travel as arrays, numbered from 1 by WITH ORDINALITY
@@ -292,6 +298,9 @@ def _write_failure(exc: Exception, _max_length: int | None) -> BaseException | b
         # only the primary key's is a sequence number already stored; the global order's
         # index (or an application's) refused the rows for another reason: nothing stored
         return WriteRefused(exc, duplicate=driver.constraint(exc) == EVENTS_PRIMARY_KEY)
+    if sqlstate == "23502":  # not_null_violation: a deleted sequence number (unless_deleted)
+        deleted = driver.column(exc) == ("casty_sa_events", "sequence_nr")
+        return WriteRefused(exc, duplicate=deleted)
     # a value refused (by the driver or the server), another constraint, or an application's
     # trigger raising (RAISE EXCEPTION): these rows, not the database, are the trouble
     if driver.bad_value(exc) or sqlstate.startswith("23") or sqlstate == "P0001":
