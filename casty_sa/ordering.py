@@ -44,7 +44,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy import Dialect, Select, Table, case, func, literal_column, null, select
+from sqlalchemy import Dialect, Select, Table, and_, case, func, literal_column, null, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from casty_sa.models import EVENT_TYPE_LENGTH, tombstone_table
@@ -191,15 +191,20 @@ def sqlite_values_checked(events: Table, dialect: Dialect, position: str, more: 
     )
 
 
-def unless_deleted(sequence_nr: Any, tombstone: Any) -> ColumnElement[Any]:
+def unless_deleted(sequence_nr: Any, tombstone: Any, *, only_if: Any = None) -> ColumnElement[Any]:
     """``sequence_nr``, or ``NULL`` when it is at or below the entity's ``tombstone``.
 
     Every insert of events puts this in its ``sequence_nr`` column: a row whose number
     was deleted (:mod:`casty_sa.retention`) is refused by the column's ``NOT NULL`` in
     the statement that inserts it, and the failure rules of the dialects report that as
-    a sequence number taken (``WriteRefused(duplicate=True)``).
+    a sequence number taken (``WriteRefused(duplicate=True)``). ``only_if``: a condition
+    evaluated first, the tombstone looked up only when it holds (PostgreSQL evaluates
+    ``AND`` from the left and stops at a false).
     """
-    checked: ColumnElement[Any] = case((sequence_nr <= tombstone, null()), else_=sequence_nr)
+    deleted = sequence_nr <= tombstone
+    if only_if is not None:
+        deleted = and_(only_if, deleted)
+    checked: ColumnElement[Any] = case((deleted, null()), else_=sequence_nr)
     return checked
 
 

@@ -26,8 +26,10 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    exists,
     func,
     insert,
+    literal_column,
     select,
 )
 from sqlalchemy.dialects import postgresql
@@ -123,24 +125,23 @@ class PostgresBackend(PostgresReading):
             return func.unnest(*arrays).table_valued(*columns).render_derived()
 
         event_columns = [*ROW_COLUMNS, "event_type"]
-        rows = from_arrays(events, event_columns)
-        # a deleted sequence number becomes NULL, refused by NOT NULL in this statement: a
-        # subquery per row (one probe of the key), never a join, whose plan could change the
-        # order of the rows and so of their positions
-        tombstones = tombstone_table(schema)
-        tombstone = (
-            select(tombstones.c.sequence_nr)
-            .where(tombstones.c.entity_id == rows.c.entity_id)
-            .scalar_subquery()
+        # the arrays through a subquery the planner keeps (OFFSET 0): it estimates as many
+        # rows for a custom plan as for the generic one, so the statement, prepared, keeps
+        # its generic plan instead of being planned anew at each write (the check's cost
+        # per row would otherwise make a one-row custom plan look far cheaper)
+        given = (
+            select(*(bindparam(n, type_=ARRAY(events.c[n].type)).label(n) for n in event_columns))
+            .offset(literal_column("0"))
+            .subquery("given")
         )
-        checked = unless_deleted(rows.c.sequence_nr, tombstone)
+        rows = func.unnest(*given.c).table_valued(*event_columns).render_derived()
         placed = select(
-            *(checked if name == "sequence_nr" else rows.c[name] for name in event_columns),
+            *(_checked(rows, schema) if n == "sequence_nr" else rows.c[n] for n in event_columns),
             # once per statement (an InitPlan), so a journal that runs on across a restore
             # of its database writes in the era the table needs (casty_sa.ordering)
             select(current_era(events)).scalar_subquery(),
             current_transaction_id(),
-        )
+        ).select_from(given, rows)
         insert_events = insert(events).from_select(
             [*event_columns, "era", "transaction_id"], placed
         )
@@ -272,6 +273,20 @@ class PostgresBackend(PostgresReading):
                 self._driver.arrays([list(entity_ids)], ("text",)),
                 self._timeout,
             )
+
+
+def _checked(rows: Any, schema: str | None) -> Any:
+    """The rows' ``sequence_nr``, ``NULL`` when deleted (see ``unless_deleted``): refused by
+    ``NOT NULL`` in the statement that inserts it. A subquery per row (one probe of the
+    key), never a join, whose plan could change the order of the rows and so of their
+    positions; skipped while the table holds no tombstone at all (one look a statement)."""
+    tombstones = tombstone_table(schema)
+    tombstone = (
+        select(tombstones.c.sequence_nr)
+        .where(tombstones.c.entity_id == rows.c.entity_id)
+        .scalar_subquery()
+    )
+    return unless_deleted(rows.c.sequence_nr, tombstone, only_if=exists(tombstones.select()))
 
 
 def _columns(rows: Sequence[Row] | Sequence[EventRow]) -> list[list[Any]]:
