@@ -258,6 +258,7 @@ class TestRefusals:
             "casty_sa_snapshots": "SELECT, INSERT, UPDATE",
             "casty_sa_alembic_version": "SELECT",
             "casty_sa_projection_offsets": "SELECT, INSERT, UPDATE, DELETE",
+            "casty_sa_tombstones": "SELECT",
         }
         asyncio.run(
             mysql_script(

@@ -952,6 +952,7 @@ GRANTS = (
     "GRANT SELECT, INSERT ON casty_sa_events TO {app}",
     "GRANT SELECT, INSERT, UPDATE ON casty_sa_snapshots TO {app}",
     "GRANT SELECT ON casty_sa_alembic_version TO {app}",
+    "GRANT SELECT ON casty_sa_tombstones TO {app}",
 )
 
 

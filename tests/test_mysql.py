@@ -465,9 +465,9 @@ def test_the_script_is_mysql_ddl(url: str) -> None:
     script = out.getvalue()
     collation = "utf8mb4_nopad_bin" if url.startswith("mariadb") else "utf8mb4_0900_bin"
     key = f"entity_id VARCHAR(512) CHARACTER SET utf8mb4 COLLATE {collation} NOT NULL"
-    assert script.count(key) == 2  # events and snapshots
+    assert script.count(key) == 3  # events, snapshots and tombstones
     assert "payload LONGBLOB NOT NULL" in script and "BLOB," not in script
-    assert script.count(")ENGINE=InnoDB CHARSET=utf8mb4") == 4  # (not Alembic's version table)
+    assert script.count(")ENGINE=InnoDB CHARSET=utf8mb4") == 5  # (not Alembic's version table)
     assert "CREATE TABLE casty_sa_event_counter" in script
     assert "INSERT INTO casty_sa_event_counter" in script
     assert "GENERATED" not in script and "IDENTITY" not in script
