@@ -19,6 +19,7 @@ from casty_sa.errors import (
     DatabaseAccessDenied,
     DatabaseFileReplaced,
     DatabaseUnavailable,
+    DeletionRefused,
     DriverNotInstalled,
     HandlerEndedTransaction,
     HandlerOverran,
@@ -45,11 +46,13 @@ from casty_sa.models import (
     Base,
     EventRecord,
     SnapshotRecord,
+    TombstoneRecord,
     metadata,
 )
 from casty_sa.ordering import InvalidOffset
 from casty_sa.projections import Projection, ProjectionStatus, SliceCountChanged, SliceStatus
 from casty_sa.replication import LocalReplication
+from casty_sa.retention import Cut, Forgotten
 from casty_sa.revisions import exclude_journal_tables, head_revision
 from casty_sa.serializers import JsonSerializer, SerializationError, UnknownTypeError
 
@@ -60,13 +63,16 @@ __all__ = [
     "VERSION_TABLE",
     "Base",
     "CommitOutcomeUnknown",
+    "Cut",
     "DatabaseAccessDenied",
     "DatabaseFileReplaced",
     "DatabaseUnavailable",
+    "DeletionRefused",
     "DriverNotInstalled",
     "EventEnvelope",
     "EventRecord",
     "EventStream",
+    "Forgotten",
     "HandlerEndedTransaction",
     "HandlerOverran",
     "InvalidEventError",
@@ -90,6 +96,7 @@ __all__ = [
     "SliceCountChanged",
     "SliceStatus",
     "SnapshotRecord",
+    "TombstoneRecord",
     "UnknownTypeError",
     "UnsupportedDatabase",
     "current",

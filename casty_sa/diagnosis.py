@@ -374,7 +374,7 @@ def migration_error(exc: BaseException, url: URL, what: str) -> JournalError:
             "journal itself "
             "needs only SELECT and INSERT on casty_sa_events, SELECT and UPDATE on "
             "casty_sa_event_counter, SELECT, INSERT and UPDATE on casty_sa_snapshots, and "
-            f"SELECT on {VERSION_TABLE}. Nothing was changed."
+            f"SELECT on casty_sa_tombstones and {VERSION_TABLE}. Nothing was changed."
         )
     if sqlstate(exc) == "42501" or "permission denied" in text or "must be owner" in text:
         return SchemaError(
@@ -382,7 +382,8 @@ def migration_error(exc: BaseException, url: URL, what: str) -> JournalError:
             f"({text}). Run the migrations (`casty-sa upgrade`) with a DDL-capable role, "
             "such as the owner of the database or schema; the journal itself needs only "
             "SELECT and INSERT on casty_sa_events, SELECT, INSERT and UPDATE on "
-            f"casty_sa_snapshots, and SELECT on {VERSION_TABLE}. Nothing was changed."
+            f"casty_sa_snapshots, and SELECT on casty_sa_tombstones and {VERSION_TABLE}. "
+            "Nothing was changed."
         )
     # a refused login, a missing database or directory: not transient, whoever met it
     return access_denied(exc, url, what, secrets) or DatabaseUnavailable(

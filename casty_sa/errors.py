@@ -12,6 +12,7 @@ __all__ = [
     "DatabaseAccessDenied",
     "DatabaseFileReplaced",
     "DatabaseUnavailable",
+    "DeletionRefused",
     "DriverNotInstalled",
     "HandlerEndedTransaction",
     "HandlerOverran",
@@ -41,20 +42,22 @@ class JournalError(Exception):
 
 
 class SequenceConflict(JournalError):
-    """A sequence number is already stored for this entity.
+    """A sequence number is already stored for this entity, or was deleted.
 
     Raised by ``persist`` when another writer (a second node running the same
     entity, or a replayed command) already stored one of the call's sequence
-    numbers. Nothing of the failed call is stored. casty stops the entity; its
-    next message re-activates it from the journal, which then includes the
-    other writer's events.
+    numbers, or when it is at or below the highest number deleted of the entity
+    (``delete_events``: a number is never used twice). Nothing of the failed call
+    is stored. casty stops the entity; its next message re-activates it from the
+    journal, which then includes the other writer's events.
 
     Parameters
     ----------
     entity_id : str
         The entity whose history already holds the sequence number.
     sequence_nr : int
-        The lowest sequence number of the call that is already stored.
+        The lowest sequence number of the call that is already stored (the call's
+        lowest when the number was deleted).
 
     Examples
     --------
@@ -67,13 +70,47 @@ class SequenceConflict(JournalError):
         self.entity_id = entity_id
         self.sequence_nr = sequence_nr
         super().__init__(
-            f"entity {entity_id!r} already has an event with sequence number "
-            f"{sequence_nr}; nothing of this persist call was stored. Another writer "
-            "got there first: reload the entity from the journal before writing again."
+            f"entity {entity_id!r} already used sequence number {sequence_nr} (an event "
+            "is stored with it, or one was and has been deleted: a number is never used "
+            "twice); nothing of this persist call was stored. Another writer got there "
+            "first: reload the entity from the journal before writing again."
         )
 
     def __reduce__(self) -> tuple[type[SequenceConflict], tuple[str, int]]:
         return (type(self), (self.entity_id, self.sequence_nr))
+
+
+class DeletionRefused(JournalError):
+    """A deletion of events beyond the entity's latest snapshot, refused: nothing deleted.
+
+    Recovery starts from the latest snapshot and replays the events after it; events
+    deleted beyond it would leave the entity to recover without them. Snapshot first,
+    or pass ``force=True`` to delete anyway.
+
+    Examples
+    --------
+    >>> err = DeletionRefused("acct-1", 9, 5)
+    >>> (err.entity_id, err.sequence_nr, err.snapshot_sequence_nr)
+    ('acct-1', 9, 5)
+    """
+
+    def __init__(self, entity_id: str, sequence_nr: int, snapshot_sequence_nr: int | None) -> None:
+        self.entity_id = entity_id
+        self.sequence_nr = sequence_nr
+        self.snapshot_sequence_nr = snapshot_sequence_nr
+        held = (
+            "it has no snapshot"
+            if snapshot_sequence_nr is None
+            else f"its latest snapshot is at sequence number {snapshot_sequence_nr}"
+        )
+        super().__init__(
+            f"refused to delete the events of entity {entity_id!r} up to sequence number "
+            f"{sequence_nr}: {held}, so it could not recover without them; nothing was "
+            "deleted. Delete up to the snapshot, save a newer one first, or pass force=True"
+        )
+
+    def __reduce__(self) -> tuple[type[DeletionRefused], tuple[str, int, int | None]]:
+        return (type(self), (self.entity_id, self.sequence_nr, self.snapshot_sequence_nr))
 
 
 class InvalidEventError(JournalError, ValueError):

@@ -47,6 +47,7 @@ from casty_sa.live import Wakeups
 from casty_sa.migrate import check_schema, ensure_schema
 from casty_sa.read_calls import ReadSideCalls
 from casty_sa.reads import RetryingReader
+from casty_sa.retention import RetentionCalls
 from casty_sa.urls import engine_secrets, kind_of, safe_url
 from casty_sa.writer import Writer
 
@@ -57,7 +58,7 @@ __all__ = ["MAX_SEQUENCE_NR", "SAJournal"]
 _WRITER_LINGER = 0.01
 
 
-class SAJournal(ReadSideCalls):
+class SAJournal(ReadSideCalls, RetentionCalls):
     """casty ``EventJournal`` storing events and snapshots through SQLAlchemy.
 
     A drop-in for casty's ``SqliteJournal``: SQLite files are node-local,

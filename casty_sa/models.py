@@ -9,7 +9,7 @@ Examples
 --------
 >>> sorted(metadata.tables)  # doctest: +NORMALIZE_WHITESPACE
 ['casty_sa_event_counter', 'casty_sa_events', 'casty_sa_projection_offsets',
- 'casty_sa_snapshots']
+ 'casty_sa_snapshots', 'casty_sa_tombstones']
 >>> [c.name for c in EventRecord.__table__.primary_key]
 ['entity_id', 'sequence_nr']
 """
@@ -60,10 +60,12 @@ __all__ = [
     "ProjectionOffsetRecord",
     "SnapshotRecord",
     "Timestamp",
+    "TombstoneRecord",
     "binary_collation",
     "journal_tables",
     "metadata",
     "newer_snapshot_wins",
+    "tombstone_table",
 ]
 
 #: Longest entity id, in characters. 512 characters of UTF-8 stay under
@@ -290,6 +292,21 @@ class EventCounterRecord(Base):
     position: Mapped[int] = mapped_column(BigInteger)
 
 
+class TombstoneRecord(Base):
+    """The highest sequence number ever deleted of one entity (migration ``0005``).
+
+    Every insert of events refuses a row at or below it (:mod:`casty_sa.ordering`), so
+    a deleted sequence number is never used again; ``forget`` removes the row with the
+    entity's events and snapshot (:mod:`casty_sa.retention`).
+    """
+
+    __tablename__ = "casty_sa_tombstones"
+    __table_args__ = (MYSQL_TABLE,)
+
+    entity_id: Mapped[str] = mapped_column(ExactString(MAX_ENTITY_ID_LENGTH), primary_key=True)
+    sequence_nr: Mapped[int] = mapped_column(BigInteger)
+
+
 #: Longest projection name, in characters.
 PROJECTION_NAME_LENGTH = 255
 #: Longest owner tag of a projection's lease (``host:pid:random``).
@@ -357,6 +374,13 @@ def journal_tables(schema: str | None = None) -> tuple[Table, Table]:
     for table in (events, snapshots):
         table.c.timestamp.type = Timestamp()
     return events, snapshots
+
+
+@functools.cache
+def tombstone_table(schema: str | None = None) -> Table:
+    """The tombstones table in ``schema`` (see :func:`journal_tables`)."""
+    table = cast(Table, TombstoneRecord.__table__)
+    return table if schema is None else table.to_metadata(MetaData(), schema=schema)
 
 
 type DialectInsert = postgresql.Insert | sqlite.Insert | mysql.Insert

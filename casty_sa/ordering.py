@@ -44,10 +44,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy import Dialect, Select, Table, case, func, literal_column, select
+from sqlalchemy import Dialect, Select, Table, and_, case, func, literal_column, null, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from casty_sa.models import EVENT_TYPE_LENGTH
+from casty_sa.models import EVENT_TYPE_LENGTH, tombstone_table
 
 __all__ = [
     "MAX_ERA",
@@ -74,6 +74,7 @@ __all__ = [
     "read_horizon",
     "stored_type_name",
     "take_positions",
+    "unless_deleted",
 ]
 
 #: Highest era and transaction id the columns hold (``SMALLINT``, ``BIGINT``).
@@ -157,24 +158,54 @@ def numbered_insert(events: Table, dialect: Dialect) -> str:
     (:func:`casty_sa.backends.sqlite_rows.multi_row`). The highest stored position
     is read once for the statement, joined to the rows, where the same subquery in
     each row of ``VALUES`` would be run once per row (a third of the write's cost).
+    A deleted sequence number is refused (:func:`sqlite_values_checked`).
 
     Examples
     --------
     >>> from sqlalchemy.dialects import sqlite
     >>> from casty_sa.models import journal_tables
     >>> sql = numbered_insert(journal_tables()[0], sqlite.dialect())
-    >>> sql.split(" SELECT ")[1].split(" FROM ")[0]
-    'v.column1, v.column2, v.column3, v.column4, v.column5, 0, 0, h.top + v.column6'
+    >>> sql.split(" FROM ")[0].split(", v.column3")[1]
+    ', v.column4, v.column5, 0, 0, h.top + v.column6'
     """
     highest = select(_highest_position(events).label("top"))
     compiled = highest.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
-    table = dialect.identifier_preparer.format_table(events)
+    return sqlite_values_checked(events, dialect, "h.top + v.column6", f", ({compiled}) AS h")
+
+
+def sqlite_values_checked(events: Table, dialect: Dialect, position: str, more: str = "") -> str:
+    """SQLite: the ``INSERT … SELECT`` of one row of ``VALUES`` (six values, the sixth
+    giving ``position``), joined to the tombstones: a row at or below its entity's
+    tombstone gets a ``NULL`` sequence number, refused by the column's ``NOT NULL`` in
+    the same statement (see :func:`unless_deleted`). A join, not a subquery per row of
+    ``VALUES``, which SQLite would run once per row."""
+    preparer = dialect.identifier_preparer
+    table = preparer.format_table(events)
+    tombstones = preparer.format_table(tombstone_table(events.schema))
     return (
         f"INSERT INTO {table} (entity_id, sequence_nr, timestamp, payload, event_type, era, "
-        "transaction_id, position) SELECT v.column1, v.column2, v.column3, v.column4, "
-        "v.column5, 0, 0, h.top + v.column6 FROM (VALUES (?, ?, ?, ?, ?, ?)) AS v, "
-        f"({compiled}) AS h"
+        "transaction_id, position) SELECT v.column1, CASE WHEN v.column2 <= t.sequence_nr "
+        "THEN NULL ELSE v.column2 END, v.column3, v.column4, v.column5, 0, 0, "
+        f"{position} FROM (VALUES (?, ?, ?, ?, ?, ?)) AS v{more} "
+        f"LEFT JOIN {tombstones} AS t ON t.entity_id = v.column1"
     )
+
+
+def unless_deleted(sequence_nr: Any, tombstone: Any, *, only_if: Any = None) -> ColumnElement[Any]:
+    """``sequence_nr``, or ``NULL`` when it is at or below the entity's ``tombstone``.
+
+    Every insert of events puts this in its ``sequence_nr`` column: a row whose number
+    was deleted (:mod:`casty_sa.retention`) is refused by the column's ``NOT NULL`` in
+    the statement that inserts it, and the failure rules of the dialects report that as
+    a sequence number taken (``WriteRefused(duplicate=True)``). ``only_if``: a condition
+    evaluated first, the tombstone looked up only when it holds (PostgreSQL evaluates
+    ``AND`` from the left and stops at a false).
+    """
+    deleted = sequence_nr <= tombstone
+    if only_if is not None:
+        deleted = and_(only_if, deleted)
+    checked: ColumnElement[Any] = case((deleted, null()), else_=sequence_nr)
+    return checked
 
 
 def highest_position(events: Table, dialect: Dialect) -> str:
@@ -192,11 +223,7 @@ def positioned_insert(events: Table, dialect: Dialect) -> str:
     """SQLite: the ``INSERT`` of event rows with their positions bound (see
     :func:`highest_position`); one row of ``VALUES``: :func:`numbered_insert`'s, with the
     position where the step is."""
-    table = dialect.identifier_preparer.format_table(events)
-    return (
-        f"INSERT INTO {table} (entity_id, sequence_nr, timestamp, payload, event_type, era, "
-        "transaction_id, position) VALUES (?, ?, ?, ?, ?, 0, 0, ?)"
-    )
+    return sqlite_values_checked(events, dialect, "v.column6")
 
 
 def global_order(events: Table) -> tuple[ColumnElement[Any], ...]:

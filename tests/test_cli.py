@@ -35,6 +35,7 @@ from casty_sa.revisions import revision_ids
 from support.dbtools import execute, plain, query, table_names
 from support.offsets import install
 from support.processes import free_port
+from support.retention import maintainer_deletes
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "_sections" / "cli.md"
@@ -791,10 +792,11 @@ class TestDocumentation:
     ) -> None:
         before_upgrade, after_upgrade = _blocks("sql")
         suffix = uuid.uuid4().hex[:8]
-        roles = {name: f"casty_{name}_{suffix}" for name in ("migrator", "app", "reader")}
+        jobs = ("migrator", "app", "reader", "maintainer")
+        roles = {name: f"casty_{name}_{suffix}" for name in jobs}
 
         def named(sql: str) -> str:
-            return re.sub(r"\bcasty_(migrator|app|reader)\b", lambda m: roles[m[1]], sql)
+            return re.sub(r"\bcasty_(migrator|app|reader|maintainer)\b", lambda m: roles[m[1]], sql)
 
         database = asyncio.run(_new_db(new_postgres_db))
 
@@ -846,8 +848,11 @@ class TestDocumentation:
             assert code == ExitCode.DATABASE_ERROR and "must be owner" in err
             assert (  # what the journal needs, exactly as the table above says
                 "the journal itself needs only SELECT and INSERT on casty_sa_events, SELECT, "
-                "INSERT and UPDATE on casty_sa_snapshots, and SELECT on casty_sa_alembic_version"
+                "INSERT and UPDATE on casty_sa_snapshots, and SELECT on casty_sa_tombstones and "
+                "casty_sa_alembic_version"
             ) in err
+            # deleting is the maintainer's alone
+            asyncio.run(maintainer_deletes(as_role("app"), as_role("maintainer")))
             code, _, err = run(capsys, "downgrade", "--yes", "--url", as_role("migrator"))
             assert code == ExitCode.OK, err
         finally:

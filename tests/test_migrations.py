@@ -32,6 +32,7 @@ OUR_TABLES = {
     "casty_sa_snapshots",
     "casty_sa_projection_offsets",
     "casty_sa_event_counter",
+    "casty_sa_tombstones",
 }
 
 

@@ -23,6 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from casty_sa import EventEnvelope, Projection, ProjectionFailed, SAJournal
 from casty_sa.cli import ExitCode, main
 
+from support.retention import maintainer_deletes
+
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "_sections" / "databases.md"
 PASSWORD = "change-me"  # the documented one
@@ -70,10 +72,12 @@ class Names:
     def __init__(self) -> None:
         suffix = uuid.uuid4().hex[:8]
         self.database = f"casty_priv_{suffix}"
-        self.users = {job: f"casty_{job}_{suffix}" for job in ("migrator", "app", "reader")}
+        jobs = ("migrator", "app", "reader", "maintainer")
+        self.users = {job: f"casty_{job}_{suffix}" for job in jobs}
 
     def sql(self, block: str) -> list[str]:
-        renamed = re.sub(r"\bcasty_(migrator|app|reader)\b", lambda m: self.users[m[1]], block)
+        jobs = r"\bcasty_(migrator|app|reader|maintainer)\b"
+        renamed = re.sub(jobs, lambda m: self.users[m[1]], block)
         return _statements(re.sub(r"\bapp\.", f"{self.database}.", renamed))
 
     def url(self, server: URL, job: str) -> str:
@@ -216,6 +220,8 @@ def test_the_documented_grants_are_enough_and_needed(
     assert code == ExitCode.DATABASE_ERROR and "DELETE command denied" in err, err
     code, _, err = run(capsys, "downgrade", "--yes", "--url", app)
     assert code == ExitCode.DATABASE_ERROR and "DROP command denied" in err, err
+    # deleting is the maintainer's alone
+    asyncio.run(maintainer_deletes(app, names.url(mysql_server_url, "maintainer")))
     code, _, err = run(
         capsys, "downgrade", "--yes", "--url", names.url(mysql_server_url, "migrator")
     )

@@ -40,14 +40,14 @@ from casty_sa.backends.mysql_reads import (
 )
 from casty_sa.codec import ROW_COLUMNS, EventRow, Row
 from casty_sa.dialects import Dialect, register
-from casty_sa.models import mysql_cannot_hold, newer_snapshot_wins
+from casty_sa.models import mysql_cannot_hold, newer_snapshot_wins, tombstone_table
 from casty_sa.ordering import counter_seed, take_positions
 
 __all__ = ["MySQLBackend"]
 
 #: Bytes of a statement besides its values, and of each row besides its payload.
 _STATEMENT_OVERHEAD = 1024
-_ROW_OVERHEAD = 128
+_ROW_OVERHEAD = 256
 #: Payloads from this size on are measured as escaped (the drivers escape these bytes with
 #: a backslash), not taken at twice their size.
 _EXACT_FROM = 2**16
@@ -69,6 +69,13 @@ class MySQLBackend(MySQLReading):
         self._take = take_positions(preparer, schema)
         self._seed = counter_seed(preparer, schema)
         events = preparer.format_table(self.events)
+        # a deleted sequence number becomes NULL, refused by NOT NULL in the statement that
+        # inserts it (casty_sa.ordering.unless_deleted): one probe of the key per row
+        tombstones = preparer.format_table(tombstone_table(schema))
+        self._checked = (
+            f"IF(%s <= (SELECT t.sequence_nr FROM {tombstones} AS t WHERE t.entity_id = %s), "
+            "NULL, %s)"
+        )
         self._insert_head = (
             f"INSERT INTO {events} (entity_id, sequence_nr, timestamp, payload, event_type, "
             f"era, transaction_id, {preparer.quote('position')}) VALUES "
@@ -182,8 +189,10 @@ class MySQLBackend(MySQLReading):
             if rows and size + length > limit:
                 statements.append((self._insert_head + ", ".join(rows), args, size))
                 rows, args, size = [], [], _STATEMENT_OVERHEAD
-            rows.append(f"(%s, %s, %s, %s, %s, 0, 0, NULLIF(LAST_INSERT_ID(), 0) - {below})")
-            args += (entity_id, sequence_nr, timestamp, payload, event_type)
+            rows.append(
+                f"(%s, {self._checked}, %s, %s, %s, 0, 0, NULLIF(LAST_INSERT_ID(), 0) - {below})"
+            )
+            args += (entity_id, sequence_nr, entity_id, sequence_nr, timestamp, payload, event_type)
             size += length
         statements.append((self._insert_head + ", ".join(rows), args, size))
         return statements
@@ -295,7 +304,7 @@ def _bytes_literal(conn: Any, value: bytes) -> str:
 def _row_size(entity_id: str, payload: bytes, event_type: str | None) -> int:
     """The most bytes a row takes in a statement: escaping may double each byte (a large
     payload's escaped size is counted exactly)."""
-    text = 2 * 4 * (len(entity_id) + len(event_type or "")) + _ROW_OVERHEAD
+    text = 2 * 4 * (2 * len(entity_id) + len(event_type or "")) + _ROW_OVERHEAD
     if len(payload) < _EXACT_FROM:
         return 2 * len(payload) + text
     return len(payload) + sum(payload.count(byte) for byte in _ESCAPED) + text
@@ -337,6 +346,9 @@ def _write_failure(exc: Exception, _max_length: int | None) -> BaseException | b
         # only the events' primary key is a sequence number already stored: MySQL names it
         # PRIMARY ('casty_sa_events.PRIMARY' on 8.0); the global order's index is another
         return WriteRefused(exc, duplicate="PRIMARY'" in str(exc))
+    if code == 1048:  # ER_BAD_NULL_ERROR: only the events' insert makes a NULL sequence_nr
+        deleted = "Column 'sequence_nr' cannot be null" in str(exc)  # (unless_deleted)
+        return WriteRefused(exc, duplicate=deleted)
     if code in _REFUSED:
         return WriteRefused(exc, duplicate=False)
     if code in _CONTENDED:

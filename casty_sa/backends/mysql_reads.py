@@ -276,7 +276,7 @@ class MySQLReading(PooledBackend):
         return [row[0] for row in await self._query(walk, [*args, limit])]
 
     async def highest_sequence_nr(self, entity_id: str) -> int:
-        rows = await self._query(self._highest.sql, (entity_id,))
+        rows = await self._query(self._highest.sql, (entity_id, entity_id))
         return 0 if not rows or rows[0][0] is None else int(rows[0][0])
 
     async def _ids_sort_bytewise(self) -> bool:

@@ -26,8 +26,10 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    exists,
     func,
     insert,
+    literal_column,
     select,
 )
 from sqlalchemy.dialects import postgresql
@@ -45,11 +47,8 @@ from casty_sa.backends.postgresql_engines import postgresql_engine
 from casty_sa.backends.postgresql_reads import PostgresReading
 from casty_sa.codec import ROW_COLUMNS, EventRow, Row, Stored
 from casty_sa.dialects import Dialect, register
-from casty_sa.models import EVENTS_PRIMARY_KEY
-from casty_sa.ordering import (
-    current_era,
-    current_transaction_id,
-)
+from casty_sa.models import EVENTS_PRIMARY_KEY, tombstone_table
+from casty_sa.ordering import current_era, current_transaction_id, unless_deleted
 
 __all__ = ["PostgresBackend", "postgresql_engine"]
 
@@ -121,20 +120,28 @@ class PostgresBackend(PostgresReading):
         super().__init__(engine, schema, settings)  # the statement timeout, the read side
         events = self.events
 
-        def from_arrays(table: Table, columns: Sequence[str], *more: Any) -> Any:
+        def from_arrays(table: Table, columns: Sequence[str]) -> Any:
             arrays = [bindparam(name, type_=ARRAY(table.c[name].type)) for name in columns]
-            rows = func.unnest(*arrays).table_valued(*columns).render_derived()
-            return select(*(rows.c[name] for name in columns), *more)
+            return func.unnest(*arrays).table_valued(*columns).render_derived()
 
         event_columns = [*ROW_COLUMNS, "event_type"]
-        placed = from_arrays(
-            events,
-            event_columns,
+        # the arrays through a subquery the planner keeps (OFFSET 0): it estimates as many
+        # rows for a custom plan as for the generic one, so the statement, prepared, keeps
+        # its generic plan instead of being planned anew at each write (the check's cost
+        # per row would otherwise make a one-row custom plan look far cheaper)
+        given = (
+            select(*(bindparam(n, type_=ARRAY(events.c[n].type)).label(n) for n in event_columns))
+            .offset(literal_column("0"))
+            .subquery("given")
+        )
+        rows = func.unnest(*given.c).table_valued(*event_columns).render_derived()
+        placed = select(
+            *(_checked(rows, schema) if n == "sequence_nr" else rows.c[n] for n in event_columns),
             # once per statement (an InitPlan), so a journal that runs on across a restore
             # of its database writes in the era the table needs (casty_sa.ordering)
             select(current_era(events)).scalar_subquery(),
             current_transaction_id(),
-        )
+        ).select_from(given, rows)
         insert_events = insert(events).from_select(
             [*event_columns, "era", "transaction_id"], placed
         )
@@ -148,7 +155,7 @@ class PostgresBackend(PostgresReading):
         self._announcer = _Announcer(self._notify_alone)
         self._upsert = self._newer_snapshot_wins(
             postgresql.insert(self.snapshots).from_select(
-                ROW_COLUMNS, from_arrays(self.snapshots, ROW_COLUMNS)
+                ROW_COLUMNS, select(from_arrays(self.snapshots, ROW_COLUMNS))
             )
         )
         # batched reads: the keys travel as arrays, numbered from 1 by WITH ORDINALITY
@@ -268,6 +275,20 @@ class PostgresBackend(PostgresReading):
             )
 
 
+def _checked(rows: Any, schema: str | None) -> Any:
+    """The rows' ``sequence_nr``, ``NULL`` when deleted (see ``unless_deleted``): refused by
+    ``NOT NULL`` in the statement that inserts it. A subquery per row (one probe of the
+    key), never a join, whose plan could change the order of the rows and so of their
+    positions; skipped while the table holds no tombstone at all (one look a statement)."""
+    tombstones = tombstone_table(schema)
+    tombstone = (
+        select(tombstones.c.sequence_nr)
+        .where(tombstones.c.entity_id == rows.c.entity_id)
+        .scalar_subquery()
+    )
+    return unless_deleted(rows.c.sequence_nr, tombstone, only_if=exists(tombstones.select()))
+
+
 def _columns(rows: Sequence[Row] | Sequence[EventRow]) -> list[list[Any]]:
     """Rows to the column arrays ``unnest`` takes."""
     return [list(column) for column in zip(*rows, strict=True)]
@@ -292,6 +313,9 @@ def _write_failure(exc: Exception, _max_length: int | None) -> BaseException | b
         # only the primary key's is a sequence number already stored; the global order's
         # index (or an application's) refused the rows for another reason: nothing stored
         return WriteRefused(exc, duplicate=driver.constraint(exc) == EVENTS_PRIMARY_KEY)
+    if sqlstate == "23502":  # not_null_violation: a deleted sequence number (unless_deleted)
+        deleted = driver.column(exc) == ("casty_sa_events", "sequence_nr")
+        return WriteRefused(exc, duplicate=deleted)
     # a value refused (by the driver or the server), another constraint, or an application's
     # trigger raising (RAISE EXCEPTION): these rows, not the database, are the trouble
     if driver.bad_value(exc) or sqlstate.startswith("23") or sqlstate == "P0001":

@@ -129,6 +129,10 @@ class PgDriver:
         """The constraint an integrity error names."""
         return getattr(exc, "constraint_name", None)
 
+    def column(self, exc: BaseException) -> tuple[str | None, str | None]:
+        """The table and column a ``NOT NULL`` violation names."""
+        return getattr(exc, "table_name", None), getattr(exc, "column_name", None)
+
     def bad_value(self, exc: BaseException) -> bool:
         """A value refused, by the driver or the server."""
         import asyncpg
@@ -258,6 +262,10 @@ class PsycopgDriver(PgDriver):
     def constraint(self, exc: BaseException) -> str | None:
         diag = getattr(exc, "diag", None)
         return None if diag is None else diag.constraint_name
+
+    def column(self, exc: BaseException) -> tuple[str | None, str | None]:
+        diag = getattr(exc, "diag", None)
+        return (None, None) if diag is None else (diag.table_name, diag.column_name)
 
     def bad_value(self, exc: BaseException) -> bool:
         import psycopg

@@ -155,7 +155,7 @@ class PostgresReading(PooledBackend):
     async def highest_sequence_nr(self, entity_id: str) -> int:
         async with self.connection() as conn:
             found = await self._driver.fetchval(
-                conn, self._highest.sql, (entity_id,), self._timeout
+                conn, self._highest.sql, (entity_id, entity_id), self._timeout
             )
         return 0 if found is None else int(found)
 

@@ -18,7 +18,7 @@ Examples
 >>> from casty_sa.models import journal_tables
 >>> events = journal_tables()[0]
 >>> prepare(highest_sequence_nr(events), sqlite.dialect()).names
-('entity_id',)
+('entity_id', 'tombstone_id')
 """
 
 from __future__ import annotations
@@ -43,10 +43,12 @@ from sqlalchemy import (
     or_,
     select,
     tuple_,
+    union_all,
 )
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
+from casty_sa.models import tombstone_table
 from casty_sa.ordering import MAX_ERA, MAX_TRANSACTION_ID, global_order
 
 __all__ = [
@@ -297,7 +299,16 @@ def _first_id(
 
 
 def highest_sequence_nr(events: Table) -> Select[Any]:
-    """The highest sequence number stored for the entity bound as ``entity_id`` (or NULL)."""
-    return select(func.max(events.c.sequence_nr)).where(
-        events.c.entity_id == bindparam("entity_id", type_=String)
-    )
+    """The highest sequence number stored for the entity bound as ``entity_id`` and
+    ``tombstone_id`` (the same id twice; NULL for none), its deleted ones counted (the
+    tombstone: :mod:`casty_sa.retention`)."""
+    tombstones = tombstone_table(events.schema)
+    both = union_all(
+        select(func.max(events.c.sequence_nr).label("n")).where(
+            events.c.entity_id == bindparam("entity_id", type_=String)
+        ),
+        select(tombstones.c.sequence_nr.label("n")).where(
+            tombstones.c.entity_id == bindparam("tombstone_id", type_=String)
+        ),
+    ).subquery()
+    return select(func.max(both.c.n))

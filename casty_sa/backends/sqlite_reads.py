@@ -136,7 +136,7 @@ class SqliteReading(PooledBackend):
         return [row[0] for row in await self._read(statement.sql, tuple(statement.args(values)))]
 
     async def highest_sequence_nr(self, entity_id: str) -> int:
-        rows = await self._read(self._highest.sql, (entity_id,))
+        rows = await self._read(self._highest.sql, (entity_id, entity_id))
         return 0 if not rows or rows[0][0] is None else int(rows[0][0])
 
 

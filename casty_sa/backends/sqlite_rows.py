@@ -87,8 +87,8 @@ def _zero_kept(row: Any) -> Any:
     return (*row[:2], SQLITE_NEGATIVE_ZERO, *row[3:]) if is_negative_zero(row[2]) else row
 
 
-#: SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE
-_SQLITE_PRIMARY_KEY, _SQLITE_UNIQUE = 1555, 2067
+#: SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE, SQLITE_CONSTRAINT_NOTNULL
+_SQLITE_PRIMARY_KEY, _SQLITE_UNIQUE, _SQLITE_NOT_NULL = 1555, 2067, 1299
 #: the columns of the events' primary key, as SQLite names them in a violation's message
 _KEY_COLUMNS = "casty_sa_events.entity_id, casty_sa_events.sequence_nr"
 #: SQLite primary result codes: SQLITE_NOMEM, SQLITE_IOERR. Raised by a statement that
@@ -111,16 +111,20 @@ def write_failure(exc: Exception, max_length: int | None) -> BaseException | boo
 
 
 def _sequence_nr_taken(code: int | None, message: str) -> bool:
-    """Whether an integrity error is the events' primary key refusing a stored sequence number.
+    """Whether an integrity error is a sequence number taken: stored, or deleted.
 
     SQLite reports a primary key's violation as such; a key made a ``UNIQUE`` index (an
-    application's own table) is known by its columns. The global order's unique index, or
-    any other constraint, refused the rows for another reason: not a sequence conflict.
+    application's own table) is known by its columns; a deleted number is a ``NULL``
+    sequence number (see :func:`casty_sa.ordering.unless_deleted`). The global order's
+    unique index, or any other constraint, refused the rows for another reason: not a
+    sequence conflict.
 
     Examples
     --------
     >>> _sequence_nr_taken(1555, "UNIQUE constraint failed: casty_sa_events.entity_id, "
     ...                    "casty_sa_events.sequence_nr")
+    True
+    >>> _sequence_nr_taken(1299, "NOT NULL constraint failed: casty_sa_events.sequence_nr")
     True
     >>> _sequence_nr_taken(2067, "UNIQUE constraint failed: casty_sa_events.era, "
     ...                    "casty_sa_events.transaction_id, casty_sa_events.position")
@@ -128,4 +132,6 @@ def _sequence_nr_taken(code: int | None, message: str) -> bool:
     """
     if code == _SQLITE_PRIMARY_KEY:
         return True
+    if code == _SQLITE_NOT_NULL:
+        return message.endswith("failed: casty_sa_events.sequence_nr")
     return code == _SQLITE_UNIQUE and message.endswith(f"failed: {_KEY_COLUMNS}")

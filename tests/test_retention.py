@@ -1,0 +1,209 @@
+"""Retention: ``delete_events`` and ``forget`` on every backend (see casty_sa.retention).
+
+What is deleted is exactly what was asked and allowed; a deleted sequence number is never
+used again (its write is a ``SequenceConflict`` for that caller alone, its neighbours in the
+same group stored); deletions under concurrent writers and readers lose nothing they should
+keep; ``forget`` leaves nothing of the entity behind; and a real casty entity whose old
+events were deleted recovers to the same state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from casty import PersistedEvent, Snapshot
+
+from casty_sa import (
+    DeletionRefused,
+    Forgotten,
+    InvalidEventError,
+    SAJournal,
+    SequenceConflict,
+    metadata,
+)
+from casty_sa.models import tombstone_table
+from casty_sa.retention import delete_up_to
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def events(*numbers: int, tag: str = "e") -> list[PersistedEvent[Any]]:
+    return [PersistedEvent(n, f"{tag}{n}", float(n)) for n in numbers]
+
+
+async def numbers(journal: SAJournal, entity_id: str) -> list[int]:
+    return [event.sequence_nr for event in await journal.load(entity_id)]
+
+
+async def rows_of(journal: SAJournal, entity_id: str) -> dict[str, int]:
+    """How many rows of ``entity_id`` each casty-sa table holds (tables without an entity
+    column: none of it can be there)."""
+    from sqlalchemy import func, select
+
+    counts: dict[str, int] = {}
+    async with journal.engine.connect() as conn:
+        for table in metadata.tables.values():
+            if "entity_id" in table.c:
+                found = select(func.count()).where(table.c.entity_id == entity_id)
+                counts[table.name] = (await conn.execute(found)).scalar_one()
+    return counts
+
+
+async def test_delete_below_the_snapshot(new_journal: Callable[..., SAJournal]) -> None:
+    journal = new_journal()
+    await journal.persist("a", events(1, 2, 3, 4, 5))
+    await journal.persist("b", events(1, 2, 3))
+    await journal.save_snapshot("a", Snapshot(3, "state-3", 3.0))
+    assert await journal.delete_events("a", 3) == 3
+    assert await numbers(journal, "a") == [4, 5]
+    assert await numbers(journal, "b") == [1, 2, 3]  # another entity is never touched
+    assert await journal.highest_sequence_nr("a") == 5
+    # asking again, or below, deletes nothing more and never lowers the tombstone
+    assert await journal.delete_events("a", 3) == 0
+    assert await journal.delete_events("a", 1) == 0
+    await journal.persist("a", events(6))
+    assert await numbers(journal, "a") == [4, 5, 6]
+
+
+async def test_refused_beyond_the_snapshot_without_force(
+    new_journal: Callable[..., SAJournal],
+) -> None:
+    journal = new_journal()
+    await journal.persist("a", events(1, 2, 3, 4))
+    with pytest.raises(DeletionRefused) as no_snapshot:
+        await journal.delete_events("a", 2)
+    assert no_snapshot.value.snapshot_sequence_nr is None
+    await journal.save_snapshot("a", Snapshot(2, "state-2", 2.0))
+    with pytest.raises(DeletionRefused, match="latest snapshot is at sequence number 2"):
+        await journal.delete_events("a", 3)
+    assert await numbers(journal, "a") == [1, 2, 3, 4]  # nothing deleted
+    # a whole batch is refused when one of its cuts is: nothing of it deleted
+    await journal.persist("b", events(1, 2))
+    await journal.save_snapshot("b", Snapshot(2, "s", 2.0))
+    with pytest.raises(DeletionRefused):
+        await delete_up_to(journal.engine, [("b", 2), ("a", 4)], turn=journal._backend.turn)
+    assert await numbers(journal, "b") == [1, 2]
+    # beyond what is stored counts as the highest stored
+    assert await journal.delete_events("a", 2) == 2
+    with pytest.raises(InvalidEventError):
+        await journal.delete_events("a", "2")  # type: ignore[arg-type]
+
+
+async def test_force_deletes_beyond_the_snapshot(new_journal: Callable[..., SAJournal]) -> None:
+    journal = new_journal()
+    await journal.persist("a", events(1, 2, 3, 4))
+    assert await journal.delete_events("a", 10**20, force=True) == 4
+    assert await journal.load("a") == []
+    # an entity whose events were all deleted still has its highest number
+    assert await journal.highest_sequence_nr("a") == 4
+    with pytest.raises(SequenceConflict):
+        await journal.persist("a", events(4))
+    await journal.persist("a", events(5))
+    assert await numbers(journal, "a") == [5]
+    assert await journal.delete_events("nobody", 3, force=True) == 0  # makes no tombstone
+    assert (await rows_of(journal, "nobody"))["casty_sa_tombstones"] == 0
+
+
+async def test_a_deleted_number_is_a_conflict_for_its_caller_alone(
+    new_journal: Callable[..., SAJournal],
+) -> None:
+    journal = new_journal()
+    await journal.persist("a", events(1, 2, 3))
+    await journal.delete_events("a", 2, force=True)
+    # one group (queued together): the caller of a deleted number fails, its neighbours
+    # are stored
+    calls = [
+        journal.persist("n1", events(1)),
+        journal.persist("a", events(2, tag="again")),
+        journal.persist("n2", events(1, 2)),
+        journal.persist("a", events(4)),
+    ]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert outcomes[0] is None and outcomes[2] is None and outcomes[3] is None
+    assert isinstance(outcomes[1], SequenceConflict)
+    assert (outcomes[1].entity_id, outcomes[1].sequence_nr) == ("a", 2)
+    assert "deleted" in str(outcomes[1])
+    assert await numbers(journal, "a") == [3, 4]
+    assert await numbers(journal, "n1") == [1]
+    assert await numbers(journal, "n2") == [1, 2]
+
+
+async def test_forget_leaves_nothing_of_the_entity(
+    new_journal: Callable[..., SAJournal],
+) -> None:
+    journal = new_journal()
+    await journal.persist("gone", events(1, 2, 3))
+    await journal.save_snapshot("gone", Snapshot(2, "s", 2.0))
+    await journal.delete_events("gone", 2)
+    await journal.persist("kept", events(1))
+    assert (await rows_of(journal, "gone"))["casty_sa_tombstones"] == 1
+    assert await journal.forget("gone") == Forgotten("gone", events=1, snapshots=1)
+    assert set((await rows_of(journal, "gone")).values()) == {0}
+    assert await journal.highest_sequence_nr("gone") == 0
+    assert await journal.load_snapshot("gone") is None
+    assert await numbers(journal, "kept") == [1]
+    assert await journal.forget("gone") == Forgotten("gone", events=0, snapshots=0)
+    # the id is free again: nothing kept it (see docs/operations.md)
+    await journal.persist("gone", events(1))
+    assert await numbers(journal, "gone") == [1]
+    assert tombstone_table().name in metadata.tables
+
+
+@pytest.mark.shared_database
+async def test_deleting_under_writers_and_readers(new_journal: Callable[..., SAJournal]) -> None:
+    """Writers persist, readers load, deleters delete below each entity's snapshot, all at
+    once on two journals: every event above a deletion is kept, every number below it is
+    gone, no number is ever stored twice, and a write of a deleted number fails."""
+    writer, deleter = new_journal(), new_journal()
+    entities = [f"acct-{k}" for k in range(4)]
+    rounds = 12
+    deleted_to: dict[str, int] = dict.fromkeys(entities, 0)
+    refused: list[str] = []
+
+    async def write(entity: str) -> None:
+        for n in range(1, rounds + 1):
+            await writer.persist(entity, events(n))
+            if n % 3 == 0:
+                await writer.save_snapshot(entity, Snapshot(n, f"s{n}", float(n)))
+
+    async def delete(entity: str) -> None:
+        for _ in range(rounds):
+            snapshot = await deleter.load_snapshot(entity)
+            if snapshot is not None:
+                await deleter.delete_events(entity, snapshot.sequence_nr)
+                deleted_to[entity] = max(deleted_to[entity], snapshot.sequence_nr)
+            await asyncio.sleep(0)
+
+    async def read(entity: str) -> None:
+        for _ in range(rounds):
+            loaded = await numbers(deleter, entity)
+            assert loaded == sorted(set(loaded))  # never a number twice, always in order
+            if loaded:  # what a load returns is contiguous: nothing missing in between
+                assert loaded == list(range(loaded[0], loaded[-1] + 1))
+
+    async def stale(entity: str) -> None:
+        # a write of a number at or below a deletion is refused, whatever the timing
+        for _ in range(rounds):
+            low = deleted_to[entity]
+            if low:
+                with pytest.raises(SequenceConflict):
+                    await writer.persist(entity, events(low))
+            await asyncio.sleep(0)
+            if refused:
+                return
+
+    work = [f(entity) for entity in entities for f in (write, delete, read, stale)]
+    await asyncio.wait_for(asyncio.gather(*work), 90)
+    for entity in entities:
+        snapshot = await writer.load_snapshot(entity)
+        assert snapshot is not None and snapshot.sequence_nr == rounds
+        await writer.delete_events(entity, rounds)  # the last snapshot covers everything
+        kept = await numbers(writer, entity)
+        assert kept == []
+        assert await writer.highest_sequence_nr(entity) == rounds
+    for entity in entities:  # before the last deletion, each kept what the snapshot did not cover
+        await writer.persist(entity, events(rounds + 1))
+        assert await numbers(writer, entity) == [rounds + 1]
