@@ -53,6 +53,7 @@ from casty_sa.models import journal_tables
 from casty_sa.ordering import global_order, parse_offset
 from casty_sa.projections.offsets import OffsetTable
 from casty_sa.projections.worker import slice_of
+from casty_sa.retention import Cut, delete_up_to
 from casty_sa.urls import UrlLike, engine_secrets
 
 __all__ = [
@@ -261,12 +262,21 @@ async def prune(
         covered = await run.read("read snapshots", functools.partial(_snapshots, entity_ids=chunk))
         for entity in chunk:
             if not await run.entity(entity, covered.get(entity)):
-                return run.report
+                break
+        else:
+            continue
+        break
+    await run.flush()
     return run.report
 
 
 class _Run:
-    """One prune: its settings, what it did so far, and each entity's plan carried out."""
+    """One prune: its settings, what it did so far, and the batch being filled.
+
+    A batch takes rows of one entity after another (a cut per entity: ``(entity_id,
+    to_sequence_nr, rows)``) until it holds ``batch_size``; an entity with more is cut
+    where the batch is full, and goes on in the next one.
+    """
 
     def __init__(self, journal: SAJournal, rule: Rule, holds: Holds, dry_run: bool) -> None:
         self.journal = journal
@@ -278,6 +288,10 @@ class _Run:
         self.on_progress: OnProgress | None = None
         self.total: int | None = None
         self._reader = bind_schema(journal.engine, journal.schema)
+        self._batch: list[tuple[str, int, int]] = []
+        self._rows = 0  # in the batch
+        self._force = False  # the batch's cuts go beyond a snapshot
+        self._last_pruned: str | None = None
 
     async def read[T](self, what: str, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """``work`` on a connection that only reads, in a short transaction of its own; a
@@ -293,9 +307,10 @@ class _Run:
             ) from exc
 
     async def entity(self, entity_id: str, snapshot: int | None) -> bool:
-        """Plan and carry out ``entity_id``'s prune; ``False`` once ``max_rows`` is reached."""
+        """Plan ``entity_id``'s prune and put its rows in batches; ``False`` once
+        ``max_rows`` is reached."""
         report = self.report
-        if self.max_rows is not None and report.events >= self.max_rows:
+        if self.max_rows is not None and report.events + self._rows >= self.max_rows:
             report.capped = True
             return False
         report.entities += 1
@@ -304,20 +319,23 @@ class _Run:
         else:
             plan = await self.read(
                 f"plan the prune of {entity_id!r}",
-                lambda c: plan_entity(c, entity_id, snapshot, self.rule, self.holds),
-            )
+                functools.partial(
+                    plan_entity, entity_id=entity_id, snapshot=snapshot, rule=self.rule,
+                    holds=self.holds,
+                ),
+            )  # fmt: skip
             _note_held(report, plan)
             if plan.count:
-                await self._carry_out(plan)
+                await self._take(plan)
         self._progress()
         return True
 
-    async def _carry_out(self, plan: Plan) -> None:
-        """Delete the plan's rows (or count them: a dry run), a batch per transaction."""
+    async def _take(self, plan: Plan) -> None:
+        """Put the plan's rows into batches (a dry run counts them), deleting each full one."""
         report = self.report
         left = plan.count
-        if self.max_rows is not None and self.max_rows - report.events < left:
-            left = self.max_rows - report.events
+        if self.max_rows is not None and self.max_rows - report.events - self._rows < left:
+            left = self.max_rows - report.events - self._rows
             report.capped = True
         if report.dry_run:
             report.events += left
@@ -325,27 +343,58 @@ class _Run:
             return
         # the snapshot bounds the delete unless the rule says otherwise (retention checks it)
         force = self.rule.force and (plan.snapshot is None or plan.upto > plan.snapshot)
-        gone = 0
+        if self._batch and force != self._force:
+            await self.flush()
+        taken = 0
         while left > 0:
-            size = min(self.batch_size, left)
+            size = min(self.batch_size - self._rows, left)
             to = plan.upto
-            if size < plan.count - gone:
+            if size < plan.count - taken:  # part of the entity: cut after its size-th row
                 nth = functools.partial(_nth, plan=plan, n=size)
-                found = await self.read(f"find a batch of {plan.entity_id!r}", nth)
+                found = await self.read(f"cut a batch of {plan.entity_id!r}", nth)
                 to = plan.upto if found is None else found
-            try:
-                deleted = await self.journal.delete_events(plan.entity_id, to, force=force)
-            except DeletionRefused:  # the snapshot went away meanwhile (forget)
-                report.refused += 1
-                break
-            report.batches += 1
-            report.events += deleted
-            gone += deleted
-            left -= deleted
-            if deleted == 0:  # another prune got there first
-                break
-            self._progress()
-        report.pruned += gone > 0
+            self._batch.append((plan.entity_id, to, size))
+            self._rows += size
+            self._force = force
+            taken += size
+            left -= size
+            if self._rows >= self.batch_size:
+                await self.flush()
+
+    async def flush(self) -> None:
+        """Delete the batch's cuts in one transaction (:func:`casty_sa.retention.delete_up_to`).
+
+        Refused (a snapshot went away meanwhile: ``forget``), nothing of it was deleted:
+        each cut goes again alone, and the refused ones are counted.
+        """
+        batch, force = self._batch, self._force
+        self._batch, self._rows = [], 0
+        if not batch:
+            return
+        cuts = [(entity, to) for entity, to, _ in batch]
+        try:
+            done = await self._delete(cuts, force)
+        except DeletionRefused:
+            done = []
+            for single in cuts:
+                try:
+                    done += await self._delete([single], force)
+                except DeletionRefused:
+                    self.report.refused += 1
+        for cut in done:
+            self.report.events += cut.deleted
+            if cut.deleted and cut.entity_id != self._last_pruned:
+                self.report.pruned += 1
+                self._last_pruned = cut.entity_id
+        self._progress()
+
+    async def _delete(self, cuts: list[tuple[str, int]], force: bool) -> list[Cut]:
+        self.report.batches += 1
+        journal = self.journal
+        # the journal's own settings: its schema, its wording of errors, a memory database's
+        # one connection taken in turn
+        options = journal._retention()
+        return await delete_up_to(journal.engine, cuts, force=force, **options)
 
     def _progress(self) -> None:
         if self.on_progress is not None:

@@ -18,7 +18,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,9 +26,11 @@ import pytest
 from casty import PersistedEvent, Snapshot
 from sqlalchemy import URL
 
-from casty_sa import EventEnvelope, Projection, SAJournal
+import casty_sa.prune
+from casty_sa import EventEnvelope, Projection, SAJournal, retention
 from casty_sa.cli import ExitCode, main
 from casty_sa.prune import Rule, projection_holds, prune
+from casty_sa.retention import Cut
 
 from support.dbtools import plain, query
 from support.processes import PRUNE_RUNNER
@@ -53,7 +55,7 @@ SNAPSHOTS: dict[str, int | None] = {
 
 async def fill(
     url: URL,
-    snapshots: dict[str, int | None] = SNAPSHOTS,
+    snapshots: Mapping[str, int | None] = SNAPSHOTS,
     per_entity: int = PER_ENTITY,
     first: int = 1,
 ) -> None:
@@ -107,7 +109,8 @@ class TestSnapshotRule:
         code, done, err = cli(capsys, "--url", url, "--all", "--snapshot", "--batch-size", "5")
         assert code == ExitCode.OK, err
         assert done["events"] == dry["events"] and done["pruned"] == dry["pruned"]
-        assert done["batches"] == sum(math.ceil(at / 5) for at in COVERED.values())
+        # batches of 5 rows, across entities: one transaction each
+        assert done["batches"] == math.ceil(sum(COVERED.values()) / 5)
         assert asyncio.run(stored(db_url)) == remaining(COVERED)
 
         # nothing left to do: a second run deletes nothing; recovery is intact
@@ -129,12 +132,15 @@ class TestSnapshotRule:
         assert asyncio.run(stored(db_url)) == remaining({"a-4": 8})
 
     async def test_batches_and_max_rows_bound_each_run(
-        self, db_url: URL, make_journal: Callable[..., SAJournal]
+        self,
+        db_url: URL,
+        make_journal: Callable[..., SAJournal],
+        monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         async with asyncio.timeout(BOUND):
             await fill(db_url)
             journal = make_journal(db_url)
-            sizes = spy_on_deletes(journal)
+            sizes = spy_on_deletes(monkeypatch)
             counted = await prune(journal, Rule(), batch_size=3, max_rows=7, dry_run=True)
             assert (counted.events, counted.capped, sizes) == (7, True, [])
             report = await prune(journal, Rule(), batch_size=3, max_rows=7)
@@ -246,7 +252,8 @@ class TestInterrupted:
         entities = {f"p-{n}": 25 for n in range(4)}
         asyncio.run(fill(db_url, entities, 30))
         argv = ["prune", "--url", plain(db_url), "--all", "--snapshot", "--batch-size", "7"]
-        # the 5th batch's DELETE has run, its transaction is open: SIGKILL
+        # batches of 7 rows: p-0's 1-7, 8-14, 15-21, then 22-25 with p-1's 1-3, whose
+        # second DELETE (the 5th in all, p-1's) has run when the process is killed
         killed = subprocess.run(
             [sys.executable, str(PRUNE_RUNNER), "--kill-in-delete", "5", "--", *argv],
             capture_output=True,
@@ -254,13 +261,13 @@ class TestInterrupted:
             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
         )
         assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
-        # four batches committed (7 + 7 + 7 + 4: all of p-0's), nothing of the fifth
+        # three batches committed, nothing of the fourth
         left = asyncio.run(stored(db_url))
-        assert left["p-0"] == list(range(26, 31))
+        assert left["p-0"] == list(range(22, 31))
         assert all(left[f"p-{n}"] == list(range(1, 31)) for n in (1, 2, 3))
 
         code, again, err = cli(capsys, *argv[1:])
-        assert (code, again["events"]) == (ExitCode.OK, 25 * 3), err
+        assert (code, again["events"]) == (ExitCode.OK, 25 * 4 - 21), err
         assert asyncio.run(stored(db_url)) == {e: list(range(26, 31)) for e in entities}
 
 
@@ -271,7 +278,7 @@ class TestConcurrentWriters:
         async with asyncio.timeout(BOUND):
             writer, pruner = make_journal(db_url), make_journal(db_url)
             entities = [f"w-{n}" for n in range(6)]
-            done = asyncio.Event()
+            done, pruned = asyncio.Event(), asyncio.Event()
 
             async def write(entity: str) -> None:
                 for seq in range(1, 41, 2):
@@ -279,12 +286,16 @@ class TestConcurrentWriters:
                     await writer.persist(entity, events)
                     if (seq + 1) % 10 == 0 and seq + 1 < 40:
                         await writer.save_snapshot(entity, Snapshot(seq + 1, seq + 1, T0))
+                    if seq + 1 == 20:  # the rest is written while the pruner deletes
+                        await pruned.wait()
 
             async def keep_pruning() -> int:
                 deleted = 0
                 while not done.is_set():
                     deleted += (await prune(pruner, Rule(), batch_size=3)).events
                     await check_covered(db_url)
+                    if deleted:
+                        pruned.set()
                 return deleted
 
             pruning = asyncio.create_task(keep_pruning())
@@ -334,15 +345,14 @@ async def check_covered(url: URL) -> None:
         assert snapshot is not None and deleted <= snapshot, (entity, deleted, snapshot)
 
 
-def spy_on_deletes(journal: SAJournal) -> list[int]:
-    """The rows each ``delete_events`` call of ``journal`` deleted, in order."""
+def spy_on_deletes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows each of prune's deleting transactions deleted, in order."""
     sizes: list[int] = []
-    original = journal.delete_events
 
-    async def delete_events(entity_id: str, to_sequence_nr: int, **options: Any) -> int:
-        deleted = await original(entity_id, to_sequence_nr, **options)
-        sizes.append(deleted)
-        return deleted
+    async def delete_up_to(*args: Any, **options: Any) -> list[Cut]:
+        cuts = await retention.delete_up_to(*args, **options)
+        sizes.append(sum(cut.deleted for cut in cuts))
+        return cuts
 
-    journal.delete_events = delete_events  # type: ignore[method-assign]
+    monkeypatch.setattr(casty_sa.prune, "delete_up_to", delete_up_to)
     return sizes
