@@ -12,6 +12,7 @@ batch's transaction is open.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
 import os
@@ -20,19 +21,23 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from casty import PersistedEvent, Snapshot
-from sqlalchemy import URL
+from sqlalchemy import URL, make_url
 
+import casty_sa
 import casty_sa.prune
 from casty_sa import EventEnvelope, Projection, SAJournal, retention
 from casty_sa.cli import ExitCode, main
-from casty_sa.prune import Rule, projection_holds, prune
+from casty_sa.cli.prune import ProgressLine
+from casty_sa.prune import Progress, Rule, projection_holds, prune
 from casty_sa.retention import Cut
 
 from support.dbtools import plain, query
+from support.offsets import install
 from support.processes import PRUNE_RUNNER
 
 pytestmark = pytest.mark.shared_database
@@ -242,6 +247,31 @@ class TestProjectionsHoldBack:
             sum(COVERED.values()),
             {},
         ), err
+
+    @pytest.mark.only_backends("sqlite")
+    def test_a_read_model_in_another_database(
+        self, db_url: URL, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        asyncio.run(fill(db_url))
+        readmodel = make_url(f"sqlite+aiosqlite:///{tmp_path / 'readmodel.db'}")
+        asyncio.run(casty_sa.upgrade(readmodel))
+        asyncio.run(install(readmodel, ("remote", 1)))
+        argv = ["--url", plain(db_url), "--all", "--snapshot", "--dry-run"]
+        code, here, err = cli(capsys, *argv)
+        assert (code, here["events"], here["held"]) == (ExitCode.OK, sum(COVERED.values()), {})
+        code, there, err = cli(capsys, *argv, "--offsets-url", plain(readmodel))
+        assert (code, there["events"]) == (ExitCode.OK, 0), err
+        assert there["held"]["remote"]["events"] == sum(COVERED.values())
+
+
+def test_the_progress_bar_shows_the_share_done() -> None:
+    stream = io.StringIO()
+    bar = ProgressLine(stream, "prune", bar=True, every=0.0)
+    bar(Progress(entities=2, events=50, total=200))
+    bar.close()
+    drawn = stream.getvalue()
+    assert drawn.startswith("\rprune [" + "#" * 2) and " 25% 50/200 events " in drawn
+    assert drawn.endswith("\n") and bar.last == Progress(2, 50, 200)
 
 
 @pytest.mark.only_drivers("aiosqlite", "asyncpg", "asyncmy")

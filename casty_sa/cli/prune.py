@@ -226,20 +226,33 @@ async def _holds(args: argparse.Namespace, journal: SAJournal) -> Holds | None:
 
 class ProgressLine:
     """Progress on stderr: a bar redrawn at most ten times a second (``bar``), else a line
-    every few seconds. ``last`` is the latest progress it was given."""
+    every ``every`` seconds. ``last`` is the latest progress it was given.
 
-    def __init__(self, stream: TextIO, label: str, *, bar: bool) -> None:
+    Examples
+    --------
+    >>> import io
+    >>> stream = io.StringIO()
+    >>> line = ProgressLine(stream, "prune", bar=False, every=0.0)
+    >>> line(Progress(entities=3, events=1200))
+    >>> stream.getvalue()  # doctest: +ELLIPSIS
+    'casty-sa: prune: 1,200 events, 3 entities, ...s\\n'
+    """
+
+    def __init__(
+        self, stream: TextIO, label: str, *, bar: bool, every: float = _LINE_EVERY
+    ) -> None:
         self.bar = bar
         self.last: Progress | None = None
         self._stream = stream
         self._label = label
+        self._every = min(0.1, every) if bar else every
         self._started = self._drawn = time.monotonic()
         self._open = False
 
     def __call__(self, progress: Progress) -> None:
         self.last = progress
         now = time.monotonic()
-        if now - self._drawn < (0.1 if self.bar else _LINE_EVERY):
+        if now - self._drawn < self._every:
             return
         self._drawn = now
         counts = f"{progress.events:,} events, {progress.entities:,} entities"
