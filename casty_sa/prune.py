@@ -69,8 +69,9 @@ _CHUNK = 500
 
 @dataclass(slots=True)
 class HeldBack:
-    """Events a projection keeps: it has not handled them yet (``offset``: the lowest
-    offset among its slices that did; ``None``: a slice that has handled nothing)."""
+    """Events a projection keeps because it has not handled them yet, of how many entities,
+    and the slices that keep them: ``(slice, slice_count, offset)`` (``offset`` ``None``: the
+    slice has handled nothing)."""
 
     events: int = 0
     entities: int = 0
@@ -81,7 +82,8 @@ class HeldBack:
 class PruneReport:
     """What a prune did (or, ``dry_run``, would do).
 
-    ``events`` deleted (would be) of ``pruned`` entities in ``batches`` transactions,
+    ``events`` deleted (would be) of ``pruned`` entities in ``batches`` transactions
+    (a refused batch, tried again one entity at a time, counts each attempt),
     of ``entities`` looked at; ``no_snapshot`` of those kept everything for want of a
     snapshot; ``refused``: deletes refused because the snapshot went away meanwhile
     (:class:`~casty_sa.errors.DeletionRefused`, nothing of those deleted); ``capped``:
@@ -148,15 +150,8 @@ async def prune(
     run.batch_size, run.max_rows = batch_size, max_rows
     run.on_progress, run.total = on_progress, total
     async for chunk in _entities(journal, entity_id):
-        covered = await run.read(
-            "read snapshots", functools.partial(snapshots_of, entity_ids=chunk)
-        )
-        for entity in chunk:
-            if not await run.entity(entity, covered.get(entity)):
-                break
-        else:
-            continue
-        break
+        if not await run.entities(chunk):
+            break
     await run.flush()
     return run.report
 
@@ -196,6 +191,16 @@ class _Run:
             raise database_error(
                 exc, engine.url, what, secrets=secrets, schema=self.journal.schema
             ) from exc
+
+    async def entities(self, chunk: list[str]) -> bool:
+        """Each entity of ``chunk`` in turn (their snapshots read at once); ``False`` once
+        ``max_rows`` is reached."""
+        snapshots = functools.partial(snapshots_of, entity_ids=chunk)
+        covered = await self.read("read the snapshots' sequence numbers", snapshots)
+        for entity_id in chunk:
+            if not await self.entity(entity_id, covered.get(entity_id)):
+                return False
+        return True
 
     async def entity(self, entity_id: str, snapshot: int | None) -> bool:
         """Plan ``entity_id``'s prune and put its rows in batches; ``False`` once
@@ -255,7 +260,7 @@ class _Run:
     async def flush(self) -> None:
         """Delete the batch's cuts in one transaction (:func:`casty_sa.retention.delete_up_to`).
 
-        Refused (a snapshot went away meanwhile: ``forget``), nothing of it was deleted:
+        Refused (a snapshot went away meanwhile, its events still there), nothing of it was deleted:
         each cut goes again alone, and the refused ones are counted.
         """
         batch, force = self._batch, self._force

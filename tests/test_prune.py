@@ -36,7 +36,7 @@ from casty_sa.cli.prune import ProgressLine
 from casty_sa.prune import Progress, Rule, projection_holds, prune
 from casty_sa.retention import Cut
 
-from support.dbtools import plain, query
+from support.dbtools import execute, plain, query
 from support.offsets import install
 from support.processes import PRUNE_RUNNER
 
@@ -159,6 +159,33 @@ class TestSnapshotRule:
                 total += report.events
             assert total == sum(COVERED.values()) and max(sizes) <= 3
             assert await stored(db_url) == remaining(COVERED)
+
+    @pytest.mark.only_backends("sqlite")
+    async def test_an_entity_whose_snapshot_went_away_meanwhile_is_refused_alone(
+        self,
+        db_url: URL,
+        make_journal: Callable[..., SAJournal],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        async with asyncio.timeout(BOUND):
+            await fill(db_url)
+            journal = make_journal(db_url)
+            calls: list[list[tuple[str, int]]] = []
+
+            async def forgetting_first(engine: Any, cuts: Any, **options: Any) -> list[Cut]:
+                if not calls:  # between the plans and the batch, a-3 loses its snapshot
+                    await execute(db_url, "DELETE FROM casty_sa_snapshots WHERE entity_id = 'a-3'")
+                calls.append(list(cuts))
+                return await retention.delete_up_to(engine, cuts, **options)
+
+            monkeypatch.setattr(casty_sa.prune, "delete_up_to", forgetting_first)
+            report = await prune(journal, Rule())
+            # the batch held every entity's cut: refused whole, then each alone
+            assert len(calls[0]) == len(COVERED) and len(calls) == 1 + len(COVERED)
+            assert (report.refused, report.pruned) == (1, 3)
+            assert report.events == sum(COVERED.values()) - COVERED["a-3"]
+            kept = {entity: at for entity, at in COVERED.items() if entity != "a-3"}
+            assert await stored(db_url) == remaining(kept)
 
 
 class TestBeforeRule:

@@ -307,8 +307,8 @@ def summary(report: PruneReport) -> list[str]:
             )
     if report.refused:
         lines.append(
-            f"{_n(report.refused, 'entity', 'entities')} lost their snapshot meanwhile "
-            "(forgotten?): nothing of them deleted"
+            f"{_n(report.refused, 'entity', 'entities')} lost their snapshot while the prune "
+            "ran (refused: nothing of them deleted)"
         )
     if report.capped:
         lines.append("stopped at --max-rows: run the same command again to go on")
