@@ -10,7 +10,7 @@ password before it is written.
 Each command group is a module that registers its sub-commands and holds
 their handlers: ``migrations`` (upgrade, downgrade, current, check, history,
 heads), ``transfer`` (import, export), ``inspect``, ``events``, ``projections``
-(list, reset); ``common`` holds what they
+(list, reset), ``prune``; ``common`` holds what they
 share, ``secrecy`` the scrubbing of passwords, ``text`` the terminal output.
 
 Examples
@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from alembic.util.exc import CommandError
 from sqlalchemy.exc import SQLAlchemyError
 
-from casty_sa.cli import events, inspect, migrations, projections, transfer
+from casty_sa.cli import events, inspect, migrations, projections, prune, transfer
 from casty_sa.cli.common import (
     EPILOG,
     URL_ENV,
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"casty-sa {package_version()}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logs on stderr")
     commands = Commands(parser)
-    for group in (migrations, transfer, inspect, events, projections):
+    for group in (migrations, transfer, inspect, events, projections, prune):
         group.register(commands)
     return parser
 
@@ -130,8 +130,8 @@ def _run(args: argparse.Namespace, redact: Redactor) -> int:
         error(redact(describe_failure(exc, args)))
         return ExitCode.DATABASE_ERROR
     except KeyboardInterrupt:
-        copying = args.command in ("import", "export")
-        error("interrupted" + (" (run the same command again to copy the rest)" * copying))
+        again = {"import": "copy", "export": "copy", "prune": "delete"}.get(args.command)
+        error("interrupted" + (f" (run the same command again to {again} the rest)" * bool(again)))
         return ExitCode.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a raw traceback
         error(redact(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)"))

@@ -80,7 +80,7 @@ class ExitCode(IntEnum):
     USAGE = 64
     #: A bug in casty-sa: please report it (``-v`` shows the traceback).
     INTERNAL = 70
-    #: Interrupted (Ctrl-C); an interrupted ``import``/``export`` resumes when run again.
+    #: Interrupted (Ctrl-C); an interrupted ``import``/``export``/``prune`` resumes when run again.
     INTERRUPTED = 130
 
 
@@ -100,7 +100,7 @@ exit codes:
   4    import/export: the file is missing or not a casty SqliteJournal file
   64   usage error: bad or missing arguments (e.g. no URL), unknown revision
   70   internal error (a bug: run with -v and report the traceback)
-  130  interrupted; an interrupted import/export resumes when run again
+  130  interrupted; an interrupted import/export/prune resumes when run again
 """
 
 

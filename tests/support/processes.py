@@ -17,6 +17,7 @@ EIO_WRITER = HERE / "eio_writer.py"
 CLUSTER_NODE = HERE / "cluster_node.py"
 EVENT_WRITER = HERE / "event_writer.py"
 PROJECTION_NODE = HERE / "projection_node.py"
+PRUNE_RUNNER = HERE / "prune_runner.py"
 WAL_FSYNC_SHIM = HERE / "fail_wal_fsync.c"
 
 
