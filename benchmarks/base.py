@@ -44,6 +44,8 @@ class Sizes:
     r1_per_entity: int = 5_000
     p1_entities: int = 500
     p1_per_entity: int = 40
+    w7_entities: int = 1_000
+    w7_commands: int = 10
 
 
 QUICK = Sizes(
@@ -62,6 +64,8 @@ QUICK = Sizes(
     r1_per_entity=200,
     p1_entities=20,
     p1_per_entity=10,
+    w7_entities=20,
+    w7_commands=3,
 )
 
 

@@ -1,4 +1,4 @@
-"""The targets of issues 4, 12, 13 and 14, and how a run's figures meet them.
+"""The targets of issues 4, 12, 13, 14 and 15, and how a run's figures meet them.
 
 Every ratio is a ratio of medians of the same run: against casty's
 ``SqliteJournal`` (``REFERENCE``), against the raw driver of the same database
@@ -87,6 +87,14 @@ def _read_side(database: str, journal: str) -> tuple[Target, ...]:
     )  # fmt: skip
 
 
+#: issue 15: casty end to end against its ceiling
+ISSUE_15 = (
+    Target(
+        "SQLite W7 (casty end to end) >= 0.5x casty InMemoryJournal", "W7", "sa-sqlite",
+        "casty-memory", 0.5,
+    ),
+)  # fmt: skip
+
 TARGETS = (
     Target("SQLite W2 >= 15x casty SqliteJournal", "W2", "sa-sqlite", "casty-sqlite", 15.0),
     Target("SQLite W1 >= 0.9x casty SqliteJournal", "W1", "sa-sqlite", "casty-sqlite", 0.9),
@@ -102,6 +110,7 @@ TARGETS = (
     *_read_side("PostgreSQL", "sa-postgresql"),
     *_read_side("PostgreSQL psycopg", "sa-pg-psycopg"),
     *_read_side("MariaDB", "sa-mariadb"),
+    *ISSUE_15,
 )
 LATENCY_TARGETS = (
     LatencyTarget("SQLite R2 live tail p99 < 250 ms (polling)", "R2", "sa-sqlite", 250.0),

@@ -15,6 +15,7 @@ from typing import Any
 from casty import PersistedEvent, Snapshot
 
 from .base import Row, Sample, Sizes, Workload, persist_in_turn, sample
+from .casty_e2e import W7
 from .data import BASE_TS, WrongAnswer, check_events, check_snapshot, event_of, state_of
 from .journals import Journal
 from .projection import P1, P2
@@ -242,7 +243,7 @@ class W6(Workload):
 
 
 #: every workload, in the table's order
-WORKLOAD_TYPES: tuple[type[Workload], ...] = (W1, W2, W3, W4, W5, W6, R1, R2, P1, P2)
+WORKLOAD_TYPES: tuple[type[Workload], ...] = (W1, W2, W3, W4, W5, W6, W7, R1, R2, P1, P2)
 WORKLOADS = tuple(w.key for w in WORKLOAD_TYPES)
 
 
