@@ -46,6 +46,12 @@ class Sizes:
     p1_per_entity: int = 40
     w7_entities: int = 1_000
     w7_commands: int = 10
+    #: G: events already stored before W1, W2, W4 tail and W5 run again (opt-in: ``--grown``)
+    grown_events: int = 10_000_000
+    #: M: the numbers of writer processes, each running W2
+    m_processes: tuple[int, ...] = (1, 2, 4)
+    #: M: the persists each of W2's entities makes in each process (W2's own: 20)
+    m_persists: int = 100
 
 
 QUICK = Sizes(
@@ -66,6 +72,9 @@ QUICK = Sizes(
     p1_per_entity=10,
     w7_entities=20,
     w7_commands=3,
+    grown_events=5_000,
+    m_processes=(1, 2),
+    m_persists=5,
 )
 
 
@@ -114,6 +123,10 @@ class Workload(ABC):
     async def prepare(self, journal: Journal) -> None:
         """Write what a read workload reads (untimed); a write workload has nothing to do."""
         return None
+
+    def prepare_limit(self, limit: float) -> float:
+        """The seconds ``prepare`` may take, given the run's limit for one measurement."""
+        return limit
 
     @abstractmethod
     async def measure(self, journal: Journal) -> dict[str, Sample]:

@@ -151,7 +151,7 @@ class _Run:
                 for name in journals:
                     self._say(f"{workload.key} {name}: writing the data (untimed)")
                     try:
-                        async with asyncio.timeout(self.limit):
+                        async with asyncio.timeout(workload.prepare_limit(self.limit)):
                             opened = await self.stores.open(name)
                             prepared[name] = opened
                             await workload.prepare(opened.journal)

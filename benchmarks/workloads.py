@@ -17,9 +17,11 @@ from casty import PersistedEvent, Snapshot
 from .base import Row, Sample, Sizes, Workload, persist_in_turn, sample
 from .casty_e2e import W7
 from .data import BASE_TS, WrongAnswer, check_events, check_snapshot, event_of, state_of
+from .grown import G
 from .journals import Journal
 from .projection import P1, P2
 from .read_side import R1, R2
+from .writers import M
 
 
 class W1(Workload):
@@ -243,8 +245,12 @@ class W6(Workload):
 
 
 #: every workload, in the table's order
-WORKLOAD_TYPES: tuple[type[Workload], ...] = (W1, W2, W3, W4, W5, W6, W7, R1, R2, P1, P2)
+WORKLOAD_TYPES: tuple[type[Workload], ...] = (W1, W2, W3, W4, W5, W6, W7, M, R1, R2, P1, P2, G)
 WORKLOADS = tuple(w.key for w in WORKLOAD_TYPES)
+#: the workloads a run leaves out unless asked for (or ``--quick``): G fills millions of rows
+OPT_IN = frozenset({"G"})
+#: what G compares itself with: the same run's rows on an empty table
+NEEDED_BY = {"G": ("W1", "W2", "W4", "W5")}
 
 
 def make_workloads(sizes: Sizes) -> dict[str, Workload]:
