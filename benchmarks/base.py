@@ -52,6 +52,8 @@ class Sizes:
     m_processes: tuple[int, ...] = (1, 2, 4)
     #: M: the persists each of W2's entities makes in each process (W2's own: 20)
     m_persists: int = 100
+    #: D: entities written (20 events each) before the files are measured
+    d_entities: int = 1_000
 
 
 QUICK = Sizes(
@@ -75,6 +77,7 @@ QUICK = Sizes(
     grown_events=5_000,
     m_processes=(1, 2),
     m_persists=5,
+    d_entities=50,
 )
 
 
