@@ -10,6 +10,7 @@ import argparse
 import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from .base import QUICK, Sizes
 from .journals import JOURNALS, THIRD_PARTY
@@ -91,7 +92,7 @@ def _selected(args: argparse.Namespace) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = QUICK if args.quick else Sizes()
-    overrides: dict[str, int] = {}
+    overrides: dict[str, Any] = {}
     if args.reps is not None:
         overrides["reps"] = max(1, args.reps)
     if args.entities is not None:

@@ -159,15 +159,17 @@ async def _postgres_sizes(journal: SAJournal) -> dict[str, float]:
 async def _mysql_sizes(journal: SAJournal) -> dict[str, float]:
     async with journal.engine.connect() as conn:
         await conn.exec_driver_sql("ANALYZE TABLE casty_sa_events")
-        rows, payload = (
-            await conn.exec_driver_sql("SELECT count(*), sum(length(payload)) FROM casty_sa_events")
-        ).one()
-        data, index = (
-            await conn.exec_driver_sql(
-                "SELECT data_length, index_length FROM information_schema.tables "
-                "WHERE table_schema = DATABASE() AND table_name = 'casty_sa_events'"
-            )
-        ).one()
+        counted = await conn.exec_driver_sql(
+            "SELECT count(*), sum(length(payload)) FROM casty_sa_events"
+        )
+        counts = counted.one()
+        rows, payload = counts[0], counts[1]
+        allocated = await conn.exec_driver_sql(
+            "SELECT data_length, index_length FROM information_schema.tables "
+            "WHERE table_schema = DATABASE() AND table_name = 'casty_sa_events'"
+        )
+        lengths = allocated.one()
+        data, index = lengths[0], lengths[1]
     sizes: dict[str, Any] = {
         "rows": float(rows),
         "D total": float(data + index),

@@ -87,12 +87,29 @@ def _read_side(database: str, journal: str) -> tuple[Target, ...]:
     )  # fmt: skip
 
 
-#: issue 15: casty end to end against its ceiling
+def _issue_15(database: str, journal: str) -> tuple[Target, ...]:
+    """Issue 15: group commit against its own ceiling, and a grown table against an empty one."""
+    grown = (
+        Target(
+            f"{database} {empty} with the table grown >= 0.85x empty", f"{empty} grown",
+            journal, journal, 0.85, empty,
+        )
+        for empty in ("W1", "W2", "W4 tail", "W5")
+    )  # fmt: skip
+    return (
+        Target(f"{database} W2 >= 0.85x its W3 (group commit's ceiling)", "W2", journal, journal,
+               0.85, "W3"),
+        *grown,
+    )  # fmt: skip
+
+
 ISSUE_15 = (
     Target(
         "SQLite W7 (casty end to end) >= 0.5x casty InMemoryJournal", "W7", "sa-sqlite",
         "casty-memory", 0.5,
     ),
+    *_issue_15("SQLite", "sa-sqlite"),
+    *_issue_15("PostgreSQL", "sa-postgresql"),
 )  # fmt: skip
 
 TARGETS = (
