@@ -162,13 +162,13 @@ async def _mysql_sizes(journal: SAJournal) -> dict[str, float]:
         counted = await conn.exec_driver_sql(
             "SELECT count(*), sum(length(payload)) FROM casty_sa_events"
         )
-        counts = counted.one()
+        counts: Any = counted.one()
         rows, payload = counts[0], counts[1]
         allocated = await conn.exec_driver_sql(
             "SELECT data_length, index_length FROM information_schema.tables "
             "WHERE table_schema = DATABASE() AND table_name = 'casty_sa_events'"
         )
-        lengths = allocated.one()
+        lengths: Any = allocated.one()
         data, index = lengths[0], lengths[1]
     sizes: dict[str, Any] = {
         "rows": float(rows),
