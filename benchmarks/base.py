@@ -113,6 +113,8 @@ class Workload(ABC):
     fresh_per_rep: ClassVar[bool] = True
     #: the journals it runs on (None: every journal)
     journals: ClassVar[frozenset[str] | None] = None
+    #: a read workload that compares two stores of each journal (G: grown, and empty)
+    two_stores: ClassVar[bool] = False
     rows: tuple[Row, ...]
 
     @classmethod
@@ -126,6 +128,10 @@ class Workload(ABC):
     async def prepare(self, journal: Journal) -> None:
         """Write what a read workload reads (untimed); a write workload has nothing to do."""
         return None
+
+    async def prepare_beside(self, journal: Journal, other: Journal) -> None:
+        """``prepare`` of a workload with ``two_stores``: ``other`` is a second fresh store."""
+        raise NotImplementedError(f"{self.key} compares no two stores")
 
     def prepare_limit(self, limit: float) -> float:
         """The seconds ``prepare`` may take, given the run's limit for one measurement."""

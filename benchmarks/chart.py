@@ -47,10 +47,10 @@ SAME_JOURNAL = {
     "P1 batched": "P1 read",
     "P1 other db": "P1 read",
     # issue 15: a grown table against an empty one, more writer processes against one
-    "W1 grown": "W1",
-    "W2 grown": "W2",
-    "W4 tail grown": "W4 tail",
-    "W5 grown": "W5",
+    "W1 grown": "W1 empty",
+    "W2 grown": "W2 empty",
+    "W4 tail grown": "W4 tail empty",
+    "W5 grown": "W5 empty",
     "M2": "M1",
     "M4": "M1",
 }
@@ -65,6 +65,8 @@ CEILINGS = {
 }
 #: rows that are no rate (bytes, a fill's time): written under the chart, never bars
 NOT_RATES = ("D ", "G build")
+#: rows only other rows are compared with: no bars of their own
+YARDSTICKS = ("W1 empty", "W2 empty", "W4 tail empty", "W5 empty")
 
 #: the legend: two entries a line, then a line of notes, then the bars
 _LEGEND_COLUMNS, _LEGEND_WIDTH, _LINE = 2, 335, 16
@@ -77,7 +79,7 @@ _LOW, _HIGH = 0.125, 64.0  # the axis: ratios outside are drawn at its edge, lab
 
 def comparisons(workload: str) -> list[tuple[str, tuple[str, str], tuple[str, str]]]:
     """The bars a workload row may have: (label, (row, journal), (row, reference journal))."""
-    if workload.startswith(NOT_RATES):
+    if workload.startswith(NOT_RATES) or workload in YARDSTICKS:
         return []
     derived = {label: (row, against) for label, row, against in DERIVED}
     if workload in SAME_JOURNAL or workload in derived:

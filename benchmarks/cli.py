@@ -17,7 +17,7 @@ from .journals import JOURNALS, THIRD_PARTY
 from .measure import run_benchmark
 from .report import render_table, to_json, write_json
 from .rss_scan import rss_scan
-from .workloads import NEEDED_BY, OPT_IN, WORKLOADS
+from .workloads import OPT_IN, WORKLOADS
 
 
 def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:
@@ -51,8 +51,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--grown",
         type=int,
         metavar="N",
-        help="add G: W1, W2, W4 tail and W5 again on a table of N events (10,000,000 for the "
-        "README; SQLite and PostgreSQL), beside the same rows on an empty table",
+        help="add G: W1, W2, W4 tail and W5 on a table of N events (10,000,000 for the "
+        "README) and on an empty one beside it (SQLite and PostgreSQL)",
     )
     parser.add_argument("--reps", type=int, help="repetitions per measurement (default 5)")
     parser.add_argument("--entities", type=int, help="W2: number of concurrent entities (200)")
@@ -76,16 +76,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _selected(args: argparse.Namespace) -> list[str]:
-    """The workloads of the run: as asked, plus G and the rows G compares itself with."""
+    """The workloads of the run: as asked, plus G with ``--grown``."""
     if args.workloads is not None:
         chosen = set(args.workloads)
     else:
         chosen = {w for w in WORKLOADS if args.quick or w not in OPT_IN}
     if args.grown is not None:
         chosen.add("G")
-    for workload, needed in NEEDED_BY.items():
-        if workload in chosen:
-            chosen.update(needed)
     return [w for w in WORKLOADS if w in chosen]
 
 

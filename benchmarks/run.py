@@ -51,9 +51,9 @@ Examples
 ``python benchmarks/run.py --journals sa-postgresql,sa-pg-psycopg,raw-asyncpg --workloads W2``
 (psycopg against asyncpg),
 ``python benchmarks/run.py --rss-scan 200,2000 --journals sa-sqlite,sa-postgresql``,
-``python benchmarks/run.py --journals sa-sqlite,sa-postgresql --grown 10000000``
-(issue 15's grown table: W1, W2, W4 tail and W5 on 10 million stored events, against
-the same rows on an empty table; opt-in, about 6 minutes on 2 cores).
+``python benchmarks/run.py --journals sa-sqlite,sa-postgresql --workloads G --grown 10000000``
+(issue 15's grown table: W1, W2, W4 tail and W5 on 10 million stored events and on an
+empty table beside it; opt-in).
 
 This file is the entry point; the harness is the ``benchmarks`` package beside
 it (its docstring lists the modules).

@@ -91,10 +91,10 @@ def _issue_15(database: str, journal: str) -> tuple[Target, ...]:
     """Issue 15: group commit against its own ceiling, and a grown table against an empty one."""
     grown = (
         Target(
-            f"{database} {empty} with the table grown >= 0.85x empty", f"{empty} grown",
-            journal, journal, 0.85, empty,
+            f"{database} {row} with the table grown >= 0.85x empty", f"{row} grown",
+            journal, journal, 0.85, f"{row} empty",
         )
-        for empty in ("W1", "W2", "W4 tail", "W5")
+        for row in ("W1", "W2", "W4 tail", "W5")
     )  # fmt: skip
     return (
         Target(f"{database} W2 >= 0.85x its W3 (group commit's ceiling)", "W2", journal, journal,

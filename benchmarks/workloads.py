@@ -250,8 +250,6 @@ WORKLOAD_TYPES: tuple[type[Workload], ...] = (W1, W2, W3, W4, W5, W6, W7, M, D, 
 WORKLOADS = tuple(w.key for w in WORKLOAD_TYPES)
 #: the workloads a run leaves out unless asked for (or ``--quick``): G fills millions of rows
 OPT_IN = frozenset({"G"})
-#: what G compares itself with: the same run's rows on an empty table
-NEEDED_BY = {"G": ("W1", "W2", "W4", "W5")}
 
 
 def make_workloads(sizes: Sizes) -> dict[str, Workload]:
