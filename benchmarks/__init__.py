@@ -10,6 +10,10 @@ says what is measured. The modules, in the order a run uses them:
 - ``mysql``: the MariaDB (MySQL) server and a fresh database per repetition.
 - ``journals``: the journals under test by name, each opened on a fresh store and warmed up.
 - ``workloads``: the workloads W1 to W6, and every workload of a run in order.
+- ``casty_e2e``: W7, casty end to end (event-sourced entities in an ``ActorSystem``).
+- ``writers``: M, several writer processes on one PostgreSQL (and the writer process itself).
+- ``disk``: D, bytes on disk per event and where they go.
+- ``grown``: G, W1, W2, W4 tail and W5 again on a table of millions of events (opt-in).
 - ``read_side``: the read-side workloads R1 and R2.
 - ``projection``: the projection workloads P1 and P2.
 - ``machine``: the machine the run is on (description, load average, peak RSS).

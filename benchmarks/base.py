@@ -44,6 +44,16 @@ class Sizes:
     r1_per_entity: int = 5_000
     p1_entities: int = 500
     p1_per_entity: int = 40
+    w7_entities: int = 1_000
+    w7_commands: int = 10
+    #: G: events already stored before W1, W2, W4 tail and W5 run again (opt-in: ``--grown``)
+    grown_events: int = 10_000_000
+    #: M: the numbers of writer processes, each running W2
+    m_processes: tuple[int, ...] = (1, 2, 4)
+    #: M: the persists each of W2's entities makes in each process (W2's own: 20)
+    m_persists: int = 100
+    #: D: entities written (20 events each) before the files are measured
+    d_entities: int = 1_000
 
 
 QUICK = Sizes(
@@ -62,6 +72,12 @@ QUICK = Sizes(
     r1_per_entity=200,
     p1_entities=20,
     p1_per_entity=10,
+    w7_entities=20,
+    w7_commands=3,
+    grown_events=5_000,
+    m_processes=(1, 2),
+    m_persists=5,
+    d_entities=50,
 )
 
 
@@ -97,6 +113,8 @@ class Workload(ABC):
     fresh_per_rep: ClassVar[bool] = True
     #: the journals it runs on (None: every journal)
     journals: ClassVar[frozenset[str] | None] = None
+    #: a read workload that compares two stores of each journal (G: grown, and empty)
+    two_stores: ClassVar[bool] = False
     rows: tuple[Row, ...]
 
     @classmethod
@@ -110,6 +128,14 @@ class Workload(ABC):
     async def prepare(self, journal: Journal) -> None:
         """Write what a read workload reads (untimed); a write workload has nothing to do."""
         return None
+
+    async def prepare_beside(self, journal: Journal, other: Journal) -> None:
+        """``prepare`` of a workload with ``two_stores``: ``other`` is a second fresh store."""
+        raise NotImplementedError(f"{self.key} compares no two stores")
+
+    def prepare_limit(self, limit: float) -> float:
+        """The seconds ``prepare`` may take, given the run's limit for one measurement."""
+        return limit
 
     @abstractmethod
     async def measure(self, journal: Journal) -> dict[str, Sample]:

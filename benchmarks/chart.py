@@ -7,7 +7,10 @@ same run: ``sa-sqlite`` against casty's ``SqliteJournal`` and against raw
 aiosqlite, ``sa-postgresql`` against raw asyncpg; for the read-side catch-up
 (R1), each journal's ``events()`` against its own replay of the same events;
 for the projections (P1), each journal's projection against its own read of
-the same events. The axis is logarithmic (the ratios span 0.1x to 30x) with a
+the same events; for issue 15, casty end to end (W7) against casty's
+``InMemoryJournal`` too, each row on a grown table against the same row on an
+empty one, several writer processes (M2, M4) against one, and group commit
+(W2) against its own ceiling (W3). The axis is logarithmic (the ratios span 0.1x to 30x) with a
 line at 1x: a bar right of it is faster. A ratio the run could not measure (a
 journal that answered wrongly) is left out and named under the chart; the
 live-tail latencies (R2) are written under it, against their targets, and the
@@ -43,7 +46,27 @@ SAME_JOURNAL = {
     "P1 projection": "P1 read",
     "P1 batched": "P1 read",
     "P1 other db": "P1 read",
+    # issue 15: a grown table against an empty one, more writer processes against one
+    "W1 grown": "W1 empty",
+    "W2 grown": "W2 empty",
+    "W4 tail grown": "W4 tail empty",
+    "W5 grown": "W5 empty",
+    "M2": "M1",
+    "M4": "M1",
 }
+#: bars of their own, not rows of the run: (label, row, against row), each journal against itself
+DERIVED = (("W2 vs W3", "W2", "W3"),)
+#: more bars of one row: (label, journal, reference journal), in the journal's colour
+CEILINGS = {
+    "W7": (
+        ("sa-sqlite vs casty InMemoryJournal", "sa-sqlite", "casty-memory"),
+        ("sa-postgresql vs casty InMemoryJournal", "sa-postgresql", "casty-memory"),
+    ),
+}
+#: rows that are no rate (bytes, a fill's time): written under the chart, never bars
+NOT_RATES = ("D ", "G build")
+#: rows only other rows are compared with: no bars of their own
+YARDSTICKS = ("W1 empty", "W2 empty", "W4 tail empty", "W5 empty")
 
 #: the legend: two entries a line, then a line of notes, then the bars
 _LEGEND_COLUMNS, _LEGEND_WIDTH, _LINE = 2, 335, 16
@@ -56,15 +79,21 @@ _LOW, _HIGH = 0.125, 64.0  # the axis: ratios outside are drawn at its edge, lab
 
 def comparisons(workload: str) -> list[tuple[str, tuple[str, str], tuple[str, str]]]:
     """The bars a workload row may have: (label, (row, journal), (row, reference journal))."""
-    if workload in SAME_JOURNAL:
-        against = SAME_JOURNAL[workload]
+    if workload.startswith(NOT_RATES) or workload in YARDSTICKS:
+        return []
+    derived = {label: (row, against) for label, row, against in DERIVED}
+    if workload in SAME_JOURNAL or workload in derived:
+        row, against = derived.get(workload, (workload, SAME_JOURNAL.get(workload, "")))
         return [
-            (f"{journal} vs its {against}", (workload, journal), (against, journal))
+            (f"{journal} vs its {against}", (row, journal), (against, journal))
             for journal in dict.fromkeys(journal for _, journal, _, _ in SERIES)
         ]
     return [
         (label, (workload, journal), (workload, reference))
         for label, journal, reference, _colour in SERIES
+    ] + [
+        (label, (workload, journal), (workload, reference))
+        for label, journal, reference in CEILINGS.get(workload, ())
     ]
 
 
@@ -78,7 +107,8 @@ def ratios(report: dict[str, Any]) -> tuple[list[str], dict[tuple[str, str], flo
     workloads: list[str] = []
     found: dict[tuple[str, str], float] = {}
     missing: list[str] = []
-    for workload in dict.fromkeys(r["workload"] for r in report["results"]):
+    names = [*dict.fromkeys(r["workload"] for r in report["results"])]
+    for workload in [*names, *(label for label, _, _ in DERIVED)]:
         measured = False
         for label, ours, theirs in comparisons(workload):
             if ours not in rates or theirs not in rates:
@@ -96,7 +126,7 @@ def ratios(report: dict[str, Any]) -> tuple[list[str], dict[tuple[str, str], flo
 def colour(label: str) -> str:
     """The colour of a comparison: its series', or its journal's for a same-journal bar."""
     for name, journal, _reference, shade in SERIES:
-        if label == name or label.startswith(f"{journal} vs its "):
+        if label == name or label.startswith((f"{journal} vs its ", f"{journal} vs casty In")):
             return shade
     return "#888"
 
@@ -110,6 +140,7 @@ def latencies(report: dict[str, Any]) -> list[str]:
         if "maximum_p99_ms" in t
     ]
     rows = {(r["workload"], r["journal"]): r for r in report["results"]}
+    lines += _not_rates(rows)
     for (workload, journal), row in rows.items():
         end = rows.get(("P2 end lag", journal), {}).get("rate")
         if workload == "P2" and row["rate"] and end is not None:
@@ -117,6 +148,20 @@ def latencies(report: dict[str, Any]) -> list[str]:
                 f"P2 live projection under W2 load, {journal}: lag p50 {row['p50_ms']:.1f} ms, "
                 f"p99 {row['p99_ms']:.1f} ms, {end:.0f} ms at the end"
             )
+    return lines
+
+
+def _not_rates(rows: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """A line for the bytes per event (D) and one for the grown table's fill (G build)."""
+    lines = []
+    total = [(j, r["rate"]) for (w, j), r in rows.items() if w == "D total" and r["rate"]]
+    if total:
+        shown = ", ".join(f"{journal} {rate:.0f}" for journal, rate in total)
+        lines.append(f"D bytes on disk per event (table and indexes): {shown}")
+    built = [(j, r) for (w, j), r in rows.items() if w == "G build" and r["rate"]]
+    if built:
+        shown = ", ".join(f"{journal} {r['p50_ms'] / 1000:.1f} s" for journal, r in built)
+        lines.append(f"G: the grown table filled in {shown}")
     return lines
 
 
@@ -130,8 +175,9 @@ def render(report: dict[str, Any], title: str) -> str:
     """The SVG document for a run's JSON report."""
     workloads, found, missing = ratios(report)
     notes = latencies(report)
-    group = len(SERIES) * (_BAR + _GAP) + _GROUP_GAP
-    height = _TOP + len(workloads) * group + 40 + 16 * (len(missing) + len(notes))
+    groups = [len(comparisons(w)) * (_BAR + _GAP) + _GROUP_GAP for w in workloads]
+    tops = [_TOP + sum(groups[:row]) for row in range(len(workloads))]
+    height = _TOP + sum(groups) + 40 + 16 * (len(missing) + len(notes))
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{height}" '
         f'viewBox="0 0 {_WIDTH} {height}" font-family="sans-serif" font-size="12">',
@@ -143,12 +189,12 @@ def render(report: dict[str, Any], title: str) -> str:
         top = 32 + index // _LEGEND_COLUMNS * _LINE
         parts.append(f'<rect x="{key}" y="{top}" width="12" height="12" fill="{shade}"/>')
         parts.append(f'<text x="{key + 16}" y="{top + 10}">{escape(label)}</text>')
-    same = "; ".join(f"{compared} vs {against}" for compared, against in SAME_JOURNAL.items())
     parts.append(
-        f'<text x="{_LEFT}" y="{_TOP - 12}" font-size="10">each journal against its own row '
-        f"({escape(same)}), in its journal's colour</text>"
+        f'<text x="{_LEFT}" y="{_TOP - 12}" font-size="10">a bar "J vs its R": journal J against '
+        "its own row R (R1, P1, a grown table against an empty one, M processes against one, "
+        "W2 against W3), in J's colour</text>"
     )
-    bottom = _TOP + len(workloads) * group
+    bottom = _TOP + sum(groups)
     tick = _LOW
     while tick <= _HIGH:
         x = _x(tick)
@@ -158,8 +204,7 @@ def render(report: dict[str, Any], title: str) -> str:
         )
         parts.append(f'<text x="{x:.1f}" y="{bottom + 16}" text-anchor="middle">{tick:g}x</text>')
         tick *= 2
-    for row, workload in enumerate(workloads):
-        top = _TOP + row * group
+    for workload, top, group in zip(workloads, tops, groups, strict=True):
         parts.append(
             f'<text x="{_LEFT - 8}" y="{top + group / 2 - _GROUP_GAP / 2 + 4:.1f}" '
             f'text-anchor="end">{escape(workload)}</text>'

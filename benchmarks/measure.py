@@ -145,16 +145,21 @@ class _Run:
     async def workload(self, workload: Workload) -> None:
         """Prepare a read workload's data once per journal, then every repetition in turn."""
         prepared: dict[str, Opened] = {}
+        beside: list[Opened] = []  # the second store of a workload that compares two
         journals = [name for name in self.journals if workload.runs_on(name)]
         try:
             if not workload.fresh_per_rep:
                 for name in journals:
                     self._say(f"{workload.key} {name}: writing the data (untimed)")
                     try:
-                        async with asyncio.timeout(self.limit):
+                        async with asyncio.timeout(workload.prepare_limit(self.limit)):
                             opened = await self.stores.open(name)
                             prepared[name] = opened
-                            await workload.prepare(opened.journal)
+                            if workload.two_stores:
+                                beside.append(await self.stores.open(name))
+                                await workload.prepare_beside(opened.journal, beside[-1].journal)
+                            else:
+                                await workload.prepare(opened.journal)
                     except Exception as exc:  # noqa: BLE001 - any failure is reported in the table
                         self._fail(workload, name, exc)
             for rep in range(1, self.reps + 1):
@@ -162,7 +167,7 @@ class _Run:
                     if not self._failed(workload, name):
                         await self._repetition(workload, name, rep, prepared.get(name))
         finally:
-            for opened in prepared.values():
+            for opened in [*prepared.values(), *beside]:
                 with contextlib.suppress(Exception):
                     await opened.close()
 

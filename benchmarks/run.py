@@ -50,7 +50,10 @@ Examples
 (the read side and the projections),
 ``python benchmarks/run.py --journals sa-postgresql,sa-pg-psycopg,raw-asyncpg --workloads W2``
 (psycopg against asyncpg),
-``python benchmarks/run.py --rss-scan 200,2000 --journals sa-sqlite,sa-postgresql``.
+``python benchmarks/run.py --rss-scan 200,2000 --journals sa-sqlite,sa-postgresql``,
+``python benchmarks/run.py --journals sa-sqlite,sa-postgresql --workloads G --grown 10000000``
+(issue 15's grown table: W1, W2, W4 tail and W5 on 10 million stored events and on an
+empty table beside it; opt-in).
 
 This file is the entry point; the harness is the ``benchmarks`` package beside
 it (its docstring lists the modules).

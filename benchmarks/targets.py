@@ -1,4 +1,4 @@
-"""The targets of issues 4, 12, 13 and 14, and how a run's figures meet them.
+"""The targets of issues 4, 12, 13, 14 and 15, and how a run's figures meet them.
 
 Every ratio is a ratio of medians of the same run: against casty's
 ``SqliteJournal`` (``REFERENCE``), against the raw driver of the same database
@@ -87,6 +87,31 @@ def _read_side(database: str, journal: str) -> tuple[Target, ...]:
     )  # fmt: skip
 
 
+def _issue_15(database: str, journal: str) -> tuple[Target, ...]:
+    """Issue 15: group commit against its own ceiling, and a grown table against an empty one."""
+    grown = (
+        Target(
+            f"{database} {row} with the table grown >= 0.85x empty", f"{row} grown",
+            journal, journal, 0.85, f"{row} empty",
+        )
+        for row in ("W1", "W2", "W4 tail", "W5")
+    )  # fmt: skip
+    return (
+        Target(f"{database} W2 >= 0.85x its W3 (group commit's ceiling)", "W2", journal, journal,
+               0.85, "W3"),
+        *grown,
+    )  # fmt: skip
+
+
+ISSUE_15 = (
+    Target(
+        "SQLite W7 (casty end to end) >= 0.5x casty InMemoryJournal", "W7", "sa-sqlite",
+        "casty-memory", 0.5,
+    ),
+    *_issue_15("SQLite", "sa-sqlite"),
+    *_issue_15("PostgreSQL", "sa-postgresql"),
+)  # fmt: skip
+
 TARGETS = (
     Target("SQLite W2 >= 15x casty SqliteJournal", "W2", "sa-sqlite", "casty-sqlite", 15.0),
     Target("SQLite W1 >= 0.9x casty SqliteJournal", "W1", "sa-sqlite", "casty-sqlite", 0.9),
@@ -102,6 +127,7 @@ TARGETS = (
     *_read_side("PostgreSQL", "sa-postgresql"),
     *_read_side("PostgreSQL psycopg", "sa-pg-psycopg"),
     *_read_side("MariaDB", "sa-mariadb"),
+    *ISSUE_15,
 )
 LATENCY_TARGETS = (
     LatencyTarget("SQLite R2 live tail p99 < 250 ms (polling)", "R2", "sa-sqlite", 250.0),

@@ -15,10 +15,14 @@ from typing import Any
 from casty import PersistedEvent, Snapshot
 
 from .base import Row, Sample, Sizes, Workload, persist_in_turn, sample
+from .casty_e2e import W7
 from .data import BASE_TS, WrongAnswer, check_events, check_snapshot, event_of, state_of
+from .disk import D
+from .grown import G
 from .journals import Journal
 from .projection import P1, P2
 from .read_side import R1, R2
+from .writers import M
 
 
 class W1(Workload):
@@ -242,8 +246,10 @@ class W6(Workload):
 
 
 #: every workload, in the table's order
-WORKLOAD_TYPES: tuple[type[Workload], ...] = (W1, W2, W3, W4, W5, W6, R1, R2, P1, P2)
+WORKLOAD_TYPES: tuple[type[Workload], ...] = (W1, W2, W3, W4, W5, W6, W7, M, D, R1, R2, P1, P2, G)
 WORKLOADS = tuple(w.key for w in WORKLOAD_TYPES)
+#: the workloads a run leaves out unless asked for (or ``--quick``): G fills millions of rows
+OPT_IN = frozenset({"G"})
 
 
 def make_workloads(sizes: Sizes) -> dict[str, Workload]:
