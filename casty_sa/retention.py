@@ -57,7 +57,13 @@ from casty_sa.backends.base import Backend
 from casty_sa.codec import check_entity_id
 from casty_sa.diagnosis import Diagnosis
 from casty_sa.engine import AUTOCOMMIT_ENGINES
-from casty_sa.errors import DeletionRefused, InvalidEventError, JournalError, SchemaError
+from casty_sa.errors import (
+    CommitOutcomeUnknown,
+    DeletionRefused,
+    InvalidEventError,
+    JournalError,
+    SchemaError,
+)
 from casty_sa.models import journal_tables, tombstone_table
 from casty_sa.urls import safe_url
 
@@ -182,7 +188,9 @@ async def delete_up_to(
     DeletionRefused
         Without ``force``, a cut beyond the entity's latest snapshot; nothing deleted.
     DatabaseUnavailable, SchemaError
-        The database failed (nothing deleted: the transaction rolled back).
+        The database failed before the commit (nothing deleted: the transaction rolled back).
+    CommitOutcomeUnknown
+        The commit was sent and got no answer: the deletion may have happened.
     """
     entities = [entity_id for entity_id, _ in cuts]
     for entity_id, to in cuts:
@@ -272,15 +280,28 @@ async def _locked(
     lock_timeout: float,
 ) -> AsyncIterator[AsyncConnection]:
     """A transaction holding the lock every writer of events conflicts with (see the
-    module's docstring); committed when the block ends, rolled back on any failure."""
+    module's docstring); committed when the block ends, rolled back on any failure.
+
+    A ``COMMIT`` that fails may have committed (the connection lost with it on its way):
+    :class:`CommitOutcomeUnknown`, never "nothing deleted". A deletion is safe to repeat.
+    """
     diagnosis = diagnosis or Diagnosis(engine.url, schema=schema)
+    committing = False
     try:
-        async with (turn or nullcontext)(), engine.begin() as conn:
+        async with (turn or nullcontext)(), engine.connect() as conn, conn.begin() as transaction:
             await _lock(conn, engine, schema, lock_timeout)
             yield conn
+            committing = True
+            await transaction.commit()
     except Exception as exc:
         if isinstance(exc, JournalError):
             raise
+        if committing:
+            raise CommitOutcomeUnknown(
+                f"could not {what} on {safe_url(diagnosis.url)}: "
+                f"{diagnosis.describe(exc)}, after the commit was sent. The events may or may "
+                "not be deleted; run the same deletion again (it is safe to repeat)"
+            ) from exc
         raise diagnosis.error(exc, what) from exc
 
 

@@ -39,6 +39,7 @@ from casty_sa import (
     InvalidEventError,
     JournalError,
     SAJournal,
+    SequenceConflict,
 )
 
 from support import crash_writer as writer
@@ -469,6 +470,38 @@ async def test_an_io_error_while_committing_is_commit_outcome_unknown(
         assert [e.sequence_nr for e in target] in ([], list(range(1, len(target) + 1)))
         assert len(target) in (0, {"single": 3, "transaction": 1500, "app-engine": 3}[mode])
         assert len(await fresh.load("warm-up")) == 1
+    finally:
+        await fresh.close()
+
+
+async def test_an_io_error_while_committing_a_deletion_is_commit_outcome_unknown(
+    tmp_path: Path, wal_fsync_shim: Path
+) -> None:
+    """A deletion's COMMIT hits the failing fsync: "nothing deleted" would be a lie (the
+    commit frame may be in the WAL); whatever the next process finds, it is the whole
+    deletion with its tombstone, or none of it."""
+    path = tmp_path / "eio.db"
+    flag = tmp_path / "fail-now"
+    env = {**os.environ, "LD_PRELOAD": str(wal_fsync_shim), "FAIL_WAL_SYNC_FLAG": str(flag)}
+    run = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(processes.EIO_WRITER), sqlite_url(path), str(flag), "delete"],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    outcome = json.loads(run.stdout.decode().strip().splitlines()[-1])
+    assert outcome["error"] == "CommitOutcomeUnknown", outcome
+    assert "may or may not be deleted" in outcome["message"]
+    fresh = SAJournal(sqlite_url(path))
+    try:
+        left = [e.sequence_nr for e in await asyncio.wait_for(fresh.load("target"), 30)]
+        assert left in ([], [1, 2, 3])
+        assert await fresh.highest_sequence_nr("target") == 3
+        if not left:  # deleted: the tombstone came with it, so 3 is never written again
+            with pytest.raises(SequenceConflict):
+                await fresh.persist("target", [PersistedEvent(3, "again", 1.0)])
     finally:
         await fresh.close()
 

@@ -9,6 +9,8 @@ that crashes: what reached the WAL stays there for the next process to find.
 MODE picks the path of the write: ``single`` (one multi-row ``INSERT`` that commits on its
 own), ``transaction`` (more rows than one statement holds: ``BEGIN IMMEDIATE`` … ``COMMIT``)
 or ``app-engine`` (an application's engine, whose driver begins the transaction itself).
+MODE ``delete`` stores ``target``'s events 1-3 and a snapshot first, and the failing call is
+``delete_events("target", 3)``.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from casty import PersistedEvent
+from casty import PersistedEvent, Snapshot
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from casty_sa import JournalError, SAJournal
 
 #: events of the failing call in each mode
-SIZES = {"single": 3, "transaction": 1500, "app-engine": 3}
+SIZES = {"single": 3, "transaction": 1500, "app-engine": 3, "delete": 3}
 
 
 def journal_for(url: str, mode: str) -> SAJournal:
@@ -48,10 +50,16 @@ def journal_for(url: str, mode: str) -> SAJournal:
 async def main(url: str, flag: Path, mode: str) -> None:
     journal = journal_for(url, mode)
     await journal.persist("warm-up", [PersistedEvent(1, "warm", 1.0)])
-    await asyncio.to_thread(flag.touch)
     events = [PersistedEvent(i, ("target", i), 1.0) for i in range(1, SIZES[mode] + 1)]
+    if mode == "delete":
+        await journal.persist("target", events)
+        await journal.save_snapshot("target", Snapshot(3, "state", 1.0))
+    await asyncio.to_thread(flag.touch)
     try:
-        await asyncio.wait_for(journal.persist("target", events), 30)
+        if mode == "delete":
+            await asyncio.wait_for(journal.delete_events("target", 3), 30)
+        else:
+            await asyncio.wait_for(journal.persist("target", events), 30)
         outcome = {"error": None, "message": ""}
     except JournalError as exc:
         outcome = {"error": type(exc).__name__, "message": str(exc)}
