@@ -181,6 +181,7 @@ class SAJournal(ReadSideCalls, RetentionCalls, HealthCall, Instrumented, AsyncCo
             url, engine_options | settings
         )
         self._url = self._engine.url
+        self._timeouts = timeouts  # a deletion's statements are bounded by them too
         check_schema(self._engine.dialect.name, schema)
         self._schema = schema
         self._kind = kind if kind is not None else kind_of(self._url)

@@ -44,6 +44,7 @@ Examples
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
@@ -54,8 +55,10 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from casty_sa.backends.base import Backend
+from casty_sa.backends.postgresql_drivers import driver_for
 from casty_sa.codec import check_entity_id
 from casty_sa.diagnosis import Diagnosis
+from casty_sa.dialects import Timeouts
 from casty_sa.engine import AUTOCOMMIT_ENGINES
 from casty_sa.errors import (
     CommitOutcomeUnknown,
@@ -106,6 +109,7 @@ class RetentionCalls:
     _schema: str | None
     _backend: Backend
     _diagnosis: Diagnosis
+    _timeouts: Timeouts | None
 
     async def start(self) -> None:  # SAJournal's
         raise NotImplementedError
@@ -139,7 +143,13 @@ class RetentionCalls:
         return await forget(self._engine, entity_id, **self._retention())
 
     def _retention(self) -> dict[str, Any]:
-        return {"schema": self._schema, "turn": self._backend.turn, "diagnosis": self._diagnosis}
+        timeouts = self._timeouts
+        return {
+            "schema": self._schema,
+            "turn": self._backend.turn,
+            "diagnosis": self._diagnosis,
+            "statement_timeout": None if timeouts is None else timeouts.statement,
+        }
 
 
 async def delete_up_to(
@@ -151,6 +161,7 @@ async def delete_up_to(
     turn: Turn | None = None,
     diagnosis: Diagnosis | None = None,
     lock_timeout: float = LOCK_TIMEOUT,
+    statement_timeout: float | None = None,
 ) -> list[Cut]:
     """Delete each entity's events up to a sequence number, in one transaction.
 
@@ -177,6 +188,10 @@ async def delete_up_to(
         How driver errors are worded (secrets masked); the engine's URL's by default.
     lock_timeout : float
         PostgreSQL: seconds to wait for the lock against writers.
+    statement_timeout : float | None
+        Seconds the client waits for each statement's answer (the lock's: ``lock_timeout``
+        more), so a server that stopped answering fails the call instead of hanging it;
+        ``None``: no bound of the client's.
 
     Returns
     -------
@@ -204,7 +219,8 @@ async def delete_up_to(
         if len(cuts) != 1
         else (f"delete events of {entities[0]!r}")
     )
-    async with _locked(engine, schema, turn, diagnosis, what, lock_timeout) as conn:
+    bounds = (lock_timeout, statement_timeout)
+    async with _locked(engine, schema, turn, diagnosis, what, bounds) as conn:
         return [await _cut(conn, schema, entity, to, force=force) for entity, to in cuts]
 
 
@@ -216,15 +232,15 @@ async def forget(
     turn: Turn | None = None,
     diagnosis: Diagnosis | None = None,
     lock_timeout: float = LOCK_TIMEOUT,
+    statement_timeout: float | None = None,
 ) -> Forgotten:
     """Remove every event, the snapshot and the tombstone of ``entity_id``, in one
     transaction: nothing of it is left in casty-sa's tables (see
     :meth:`casty_sa.SAJournal.forget` for a casty entity still running)."""
     events, snapshots = journal_tables(schema)
     tombstones = tombstone_table(schema)
-    async with _locked(
-        engine, schema, turn, diagnosis, f"forget {entity_id!r}", lock_timeout
-    ) as conn:
+    bounds = (lock_timeout, statement_timeout)
+    async with _locked(engine, schema, turn, diagnosis, f"forget {entity_id!r}", bounds) as conn:
         removed = [
             (await conn.execute(delete(table).where(table.c.entity_id == entity_id))).rowcount
             for table in (events, snapshots, tombstones)
@@ -232,9 +248,64 @@ async def forget(
     return Forgotten(entity_id, removed[0], removed[1])
 
 
-async def _cut(
-    conn: AsyncConnection, schema: str | None, entity_id: str, to: int, *, force: bool
-) -> Cut:
+class _Steps:
+    """Each statement of a deletion answered within ``each`` seconds (``None``: no bound):
+    the call's timeout moved on before each one. On PostgreSQL the connection is aborted
+    at the bound (a statement waiting on it fails at once): psycopg answers a cancelled
+    await by asking the server to cancel, and waits for an answer it never gets."""
+
+    def __init__(self, timer: asyncio.Timeout, each: float | None) -> None:
+        self._timer = timer
+        self._each = each
+        self._abort: Callable[[], None] | None = None
+        self._aborting: asyncio.TimerHandle | None = None
+
+    def arm(self, more: float = 0.0) -> None:
+        """The next statement's bound: ``each``, and ``more`` seconds."""
+        if self._each is None:
+            return
+        loop = asyncio.get_running_loop()
+        bound = self._each + more
+        if self._aborting is not None:
+            self._aborting.cancel()
+        if self._abort is not None:
+            self._aborting = loop.call_later(bound, self._abort)
+            bound += 1.0  # the abort fails the statement first; the timeout is a backstop
+        self._timer.reschedule(loop.time() + bound)
+
+    def disarm(self) -> None:
+        if self._aborting is not None:
+            self._aborting.cancel()
+
+    def on(self, conn: AsyncConnection) -> _Bounded:
+        if conn.dialect.name == "postgresql" and self._abort is None:
+            raw = (
+                conn.sync_connection.connection.driver_connection if conn.sync_connection else None
+            )
+            driver = driver_for(conn.dialect.driver)
+            self._abort = lambda: driver.abort(raw)
+        return _Bounded(conn, self)
+
+
+class _Bounded:
+    """The deletion's connection, its statements bounded by :class:`_Steps`."""
+
+    def __init__(self, conn: AsyncConnection, steps: _Steps) -> None:
+        self.dialect = conn.dialect
+        self._conn = conn
+        self._steps = steps
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        self._steps.arm()
+        return await self._conn.execute(statement, parameters)
+
+    async def exec_driver_sql(self, sql: str, *, waits: float = 0.0) -> Any:
+        """``sql``, bounded by the statement's bound and ``waits`` more (a lock's wait)."""
+        self._steps.arm(waits)
+        return await self._conn.exec_driver_sql(sql)
+
+
+async def _cut(conn: _Bounded, schema: str | None, entity_id: str, to: int, *, force: bool) -> Cut:
     """One entity's deletion, inside the locked transaction."""
     events, snapshots = journal_tables(schema)
     stored = select(func.max(events.c.sequence_nr)).where(events.c.entity_id == entity_id)
@@ -253,7 +324,7 @@ async def _cut(
     return Cut(entity_id, upto if deleted else None, deleted)
 
 
-def _raise_tombstone(conn: AsyncConnection, schema: str | None) -> Any:
+def _raise_tombstone(conn: _Bounded, schema: str | None) -> Any:
     """The upsert that raises an entity's tombstone to ``:n``, never lowering it."""
     table = tombstone_table(schema)
     values: dict[str, Any] = {"entity_id": bindparam("entity_id"), "sequence_nr": bindparam("n")}
@@ -277,22 +348,34 @@ async def _locked(
     turn: Turn | None,
     diagnosis: Diagnosis | None,
     what: str,
-    lock_timeout: float,
-) -> AsyncIterator[AsyncConnection]:
+    bounds: tuple[float, float | None],
+) -> AsyncIterator[_Bounded]:
     """A transaction holding the lock every writer of events conflicts with (see the
     module's docstring); committed when the block ends, rolled back on any failure.
 
     A ``COMMIT`` that fails may have committed (the connection lost with it on its way):
     :class:`CommitOutcomeUnknown`, never "nothing deleted". A deletion is safe to repeat.
+    ``bounds``: the lock's wait (PostgreSQL) and each statement's answer on the client
+    (``None``: unbounded): a server that stops answering fails the call (its connection
+    dropped, never reset over the wire) instead of hanging it.
     """
     diagnosis = diagnosis or Diagnosis(engine.url, schema=schema)
+    lock_timeout, each = bounds
     committing = False
     try:
-        async with (turn or nullcontext)(), engine.connect() as conn, conn.begin() as transaction:
-            await _lock(conn, engine, schema, lock_timeout)
-            yield conn
-            committing = True
-            await transaction.commit()
+        async with (turn or nullcontext)(), asyncio.timeout(None) as timer:
+            step = _Steps(timer, each)
+            step.arm(each or 0.0)  # a checkout may open a connection
+            try:
+                async with engine.connect() as conn, conn.begin() as transaction:
+                    bounded = step.on(conn)
+                    await _lock(bounded, engine, schema, lock_timeout)
+                    yield bounded
+                    committing = True
+                    step.arm()
+                    await transaction.commit()
+            finally:
+                step.disarm()
     except Exception as exc:
         if isinstance(exc, JournalError):
             raise
@@ -306,7 +389,7 @@ async def _locked(
 
 
 async def _lock(
-    conn: AsyncConnection, engine: AsyncEngine, schema: str | None, lock_timeout: float
+    conn: _Bounded, engine: AsyncEngine, schema: str | None, lock_timeout: float
 ) -> None:
     """Take the writers' lock, first in the transaction (see the module's docstring)."""
     events, _ = journal_tables(schema)
@@ -322,7 +405,8 @@ async def _lock(
         milliseconds = max(1, round(lock_timeout * 1000))
         await conn.exec_driver_sql(f"SET LOCAL lock_timeout = {milliseconds}")
         table = preparer.format_table(events)
-        await conn.exec_driver_sql(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
+        lock = f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"
+        await conn.exec_driver_sql(lock, waits=lock_timeout)
         return
     counter = preparer.quote("casty_sa_event_counter")
     if schema is not None:

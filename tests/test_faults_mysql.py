@@ -429,3 +429,53 @@ async def test_a_missing_privilege_is_access_denied_and_nothing_is_stored(
     assert "grant the account the privileges" in str(info.value), str(info.value)
     assert "Nothing was stored" in str(info.value)
     assert await reader.load("acct") == []
+
+
+async def test_a_server_frozen_during_a_deletion_fails_it_within_its_budget(
+    maria: MariaDBServer, fault_db: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    """SIGSTOP while ``delete_events`` waits for the counter's lock (another session holds
+    it): the deletion fails within a small multiple of its budget, never hangs, and says
+    truly what was deleted; so does a ``forget`` sent to the frozen server."""
+    connect, statement = 1.0, 2.0
+    journal = fault_journal(
+        make_journal, fault_db, connect_timeout=connect, statement_timeout=statement
+    )
+    await journal.persist("acct", [PersistedEvent(n, f"e{n}", 1.0) for n in (1, 2, 3)])
+    await journal.save_snapshot("acct", Snapshot(2, "s", 1.0))
+    holder = await asyncmy.connect(
+        host="127.0.0.1", port=maria.port, user="root", db=fault_db.database
+    )
+    bound = 2 * (connect + statement) + 1.0
+    errors: list[BaseException] = []
+    try:
+        async with holder.cursor() as cursor:
+            await cursor.execute("BEGIN")
+            await cursor.execute("SELECT position FROM casty_sa_event_counter FOR UPDATE")
+        deletion = asyncio.ensure_future(journal.delete_events("acct", 2))
+        await until(lambda: _waits_for_a_lock(maria, fault_db.database), "the deletion waiting")
+        with frozen(maria):
+            started = time.monotonic()
+            for call in (lambda: deletion, lambda: journal.forget("acct")):
+                with pytest.raises(DatabaseUnavailable) as info:
+                    try:
+                        await asyncio.wait_for(call(), 4 * bound)
+                    except TimeoutError as exc:
+                        raise AssertionError("a deletion hung against a frozen server") from exc
+                assert time.monotonic() - started < bound
+                errors.append(info.value)
+                started = time.monotonic()
+    finally:
+        holder.close()
+    no_password(*errors)
+    stored = [e.sequence_nr for e in await asyncio.wait_for(journal.load("acct"), 30)]
+    assert stored == [1, 2, 3]  # neither call got the lock: nothing was deleted
+
+
+async def _waits_for_a_lock(server: MariaDBServer, db: str | None) -> bool:
+    rows = await admin(
+        server,
+        "SELECT COUNT(*) FROM information_schema.processlist WHERE user = 'casty' "
+        f"AND db = '{db}' AND info LIKE '%FOR UPDATE%'",
+    )
+    return int(rows[0][0]) > 0

@@ -48,6 +48,7 @@ from casty_sa import (
     SequenceConflict,
 )
 from casty_sa.backends import ConnectionLost, WriteRefused, classify_write_failure
+from casty_sa.retention import LOCK_TIMEOUT
 
 from support import dbtools, internals
 from support.processes import free_port
@@ -1482,3 +1483,49 @@ def test_a_write_failure_is_classified_by_what_reached_the_database(
         assert isinstance(failure, WriteRefused)
     else:
         assert failure is error
+
+
+async def test_a_server_frozen_during_a_deletion_fails_it_within_its_budget(
+    pg: DedicatedPostgres, fault_db: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    """SIGSTOP while ``delete_events`` waits for its lock (another session holds the events
+    table against it): the deletion fails within its budget on either driver, never hangs,
+    and nothing was deleted."""
+    connect, statement = 1.0, 8.0  # the server's own bound must not end the wait first
+    journal = fault_journal(
+        make_journal, fault_db, connect_timeout=connect, statement_timeout=statement
+    )
+    await journal.persist("acct", [PersistedEvent(n, f"e{n}", 1.0) for n in (1, 2, 3)])
+    await journal.save_snapshot("acct", Snapshot(2, "s", 1.0))
+    holder = await _connect(pg, fault_db.database or "")
+    holding = holder.transaction()
+    await holding.start()
+    await holder.execute("LOCK TABLE casty_sa_events IN ROW EXCLUSIVE MODE")
+    try:
+        deletion = asyncio.ensure_future(journal.delete_events("acct", 2))
+
+        async def waiting() -> bool:
+            rows = await holder.fetch(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE 'LOCK TABLE%' AND datname = current_database()"
+            )
+            return bool(rows)
+
+        deadline = time.monotonic() + 10
+        while not await waiting():
+            assert time.monotonic() < deadline, "the deletion never waited for its lock"
+            await asyncio.sleep(0.01)
+        # the lock's wait (10 s) is PostgreSQL's; the frozen server answers nothing after
+        bound = LOCK_TIMEOUT + statement + 2.0
+        with frozen(pg):
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable):
+                try:
+                    await asyncio.wait_for(deletion, 3 * bound)
+                except TimeoutError as exc:
+                    raise AssertionError("a deletion hung against a frozen server") from exc
+            assert time.monotonic() - started < bound
+    finally:
+        holder.terminate()
+    stored = [e.sequence_nr for e in await asyncio.wait_for(journal.load("acct"), 30)]
+    assert stored == [1, 2, 3]

@@ -291,6 +291,19 @@ class TestProjectionsHoldBack:
         assert there["held"]["remote"]["events"] == sum(COVERED.values())
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("date", ["9" * 400 + "d", "2024-13-01", "yesterday"])
+def test_a_date_that_is_no_time_is_a_usage_error(
+    date: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--before`` with what is not a time (or more days ago than a float holds) is the
+    usage error that names it, never a traceback; nothing is opened."""
+    url = f"sqlite:///{tmp_path / 'none.db'}"
+    assert main(["prune", "--url", url, "--all", "--before", date]) == ExitCode.USAGE
+    assert "is not a date" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
+
+
 def test_the_progress_bar_shows_the_share_done() -> None:
     stream = io.StringIO()
     bar = ProgressLine(stream, "prune", bar=True, every=0.0)

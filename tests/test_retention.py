@@ -243,3 +243,53 @@ async def test_a_casty_entity_recovers_after_its_old_events_are_deleted(
     assert again == bank.Account(sum(deposits) + 1000, len(deposits) + 1)
     stored = [e.sequence_nr for e in await second.load("acct-1")]
     assert stored == list(range(snapshot.sequence_nr + 1, len(deposits) + 2))
+
+
+async def _writer_waits(journal: SAJournal) -> bool:
+    """Whether a transaction on the journal's server waits for a lock (SQLite: no one can
+    tell; its writers are serialized by the file's lock or the memory database's turn)."""
+    from sqlalchemy import text
+
+    name = journal.engine.dialect.name
+    if name == "sqlite":
+        return True
+    query = (
+        "SELECT COUNT(*) FROM pg_locks WHERE NOT granted"
+        if name == "postgresql"
+        else "SELECT COUNT(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'"
+    )
+    async with journal.engine.connect() as conn:
+        return bool((await conn.execute(text(query))).scalar())
+
+
+@pytest.mark.shared_database
+async def test_a_write_that_waited_for_a_deletion_meets_its_tombstone(
+    new_journal: Callable[..., SAJournal],
+) -> None:
+    """A deletion holds its lock (tombstone raised, rows deleted, not yet committed) while
+    another journal writes the deleted number and a neighbour: the write waits on the
+    server, then its check sees the committed tombstone (``SequenceConflict``, never a
+    deleted number stored again); the neighbour is stored."""
+    from casty_sa import retention
+
+    writer, deleter = new_journal(), new_journal()
+    await writer.persist("a", events(1, 2, 3))
+    await writer.load("a")  # the writer's connections are open before the lock is taken
+    options = deleter._retention()
+    bounds = (retention.LOCK_TIMEOUT, None)
+    async with retention._locked(
+        deleter.engine, deleter.schema, options["turn"], None, "delete", bounds
+    ) as conn:
+        assert (await retention._cut(conn, deleter.schema, "a", 2, force=True)).deleted == 2
+        stale = asyncio.ensure_future(writer.persist("a", events(2, tag="stale")))
+        fresh = asyncio.ensure_future(writer.persist("b", events(1)))
+        for _ in range(3000):  # 30 s at most
+            if await _writer_waits(deleter) or stale.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not stale.done()
+    outcomes = await asyncio.wait_for(asyncio.gather(stale, fresh, return_exceptions=True), 30)
+    assert isinstance(outcomes[0], SequenceConflict), outcomes
+    assert outcomes[1] is None, outcomes
+    assert await numbers(writer, "a") == [3]
+    assert await numbers(writer, "b") == [1]

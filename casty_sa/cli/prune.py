@@ -144,7 +144,7 @@ def parse_time(text: str, now: float | None = None) -> float:
 def _time_argument(text: str) -> float:
     try:
         return parse_time(text)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: more days ago than a float holds
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a date: give 2024-03-01, 2024-03-01T12:00:00+02:00, 30d or 12h"
         ) from None
