@@ -89,22 +89,28 @@ async def probe(
     start: Callable[[Coroutine[Any, Any, SchemaState]], asyncio.Future[SchemaState]] = (
         asyncio.ensure_future
     ),
+    bound: float | None = None,
 ) -> Health:
     """The :class:`Health` of ``engine``'s database, within ``within`` seconds.
 
     The read runs in a task of its own (``start``: the journal's, so that ``close()``
     waits for one still running): a check that times out leaves it to end on its own
-    (its connection's timeouts bound it) rather than cutting a driver off mid-statement.
+    rather than cutting a driver off mid-statement, within ``bound`` seconds (the
+    journal's call budget; ``None``: unbounded). A pooled connection to a server that
+    stopped answering (SIGSTOP, a dead host) never ends a read by itself: without
+    ``bound`` it, its connection and ``close()`` would wait for the server for ever.
     """
     head = head_revision()
     where = safe_url(diagnosis.url)
     began = time.perf_counter()
-    task = start(_read_state(engine, diagnosis.schema, turn))
+    task = start(_read_state(engine, diagnosis.schema, turn, bound))
     done, _ = await asyncio.wait({task}, timeout=within)
     latency = time.perf_counter() - began
     if not done:
         task.add_done_callback(_retrieve)
         return Health(False, False, None, head, None, f"{where}: no answer within {within:g}s")
+    if task.cancelled():
+        return Health(False, False, None, head, None, f"{where}: the check was cancelled")
     failure = task.exception()
     if failure is not None:
         error = (
@@ -127,6 +133,8 @@ class HealthCall:
     _backend: Backend
     _inflight: Inflight
     _life: Lifecycle
+    _budget: float | None
+    _health_read: asyncio.Future[SchemaState] | None = None
 
     async def health(self, within: float | None = DEFAULT_HEALTH_TIMEOUT) -> Health:
         """Whether the journal reaches its database and may use its tables as they are: a
@@ -142,8 +150,23 @@ class HealthCall:
         if self._life.closed:
             message = f"{safe_url(self._diagnosis.url)}: the journal is closed"
             return Health(False, False, None, head_revision(), None, message)
-        turn, start = self._backend.turn, self._inflight.start
-        return await probe(self._engine, self._diagnosis, within=within, turn=turn, start=start)
+        turn, start = self._backend.turn, self._start_health_read
+        return await probe(
+            self._engine, self._diagnosis, within=within, turn=turn, start=start, bound=self._budget
+        )
+
+    def _start_health_read(
+        self, work: Coroutine[Any, Any, SchemaState]
+    ) -> asyncio.Future[SchemaState]:
+        """The read of a check; a check that finds the last one still running waits for it
+        rather than taking one more connection (probes every few seconds of a database
+        that does not answer would take the whole pool)."""
+        running = self._health_read
+        if running is not None and not running.done():
+            work.close()
+            return running
+        self._health_read = self._inflight.start(work)
+        return self._health_read
 
 
 async def health_of(
@@ -172,9 +195,11 @@ async def _read_state(
     engine: AsyncEngine,
     schema: str | None,
     turn: Callable[[], AbstractAsyncContextManager[object]],
+    bound: float | None = None,
 ) -> SchemaState:
-    async with turn(), read_connection(bind_schema(engine, schema)) as connection:
-        return await connection.run_sync(read_state, schema)
+    async with asyncio.timeout(bound):
+        async with turn(), read_connection(bind_schema(engine, schema)) as connection:
+            return await connection.run_sync(read_state, schema)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

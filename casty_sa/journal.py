@@ -194,7 +194,7 @@ class SAJournal(ReadSideCalls, RetentionCalls, HealthCall, Instrumented, AsyncCo
             self._engine, schema, timeouts, hold_writes=group_commit, hold_linger=_WRITER_LINGER
         )
         # a call's budget, end to end (servers; SQLite's calls wait at most busy_timeout)
-        budget = None if timeouts is None else timeouts.budget
+        self._budget = budget = None if timeouts is None else timeouts.budget
         self._metrics = hooks = Metrics(self._engine, meter_provider, slow_call_threshold)
         self._inflight = Inflight()
         self._life = Lifecycle(self._ensure_schema, self._close, self._inflight, name="casty_sa")

@@ -159,19 +159,35 @@ class _Instruments:
 
 
 _by_provider: WeakKeyDictionary[Any, _Instruments] = WeakKeyDictionary()
+#: the global provider's instruments, made once: on the API's proxy provider when the first
+#: journal came before the application set its provider (the proxy forwards to it)
+_global: dict[str, _Instruments] = {}
 
 
 def _instruments(meter_provider: Any) -> _Instruments | None:
     """The instruments of ``meter_provider`` (``None``: the global one), or ``None``
-    without the OpenTelemetry API."""
+    without the OpenTelemetry API.
+
+    One set per provider, whenever it was set: a second set on the same meter would get
+    the SDK's first instruments back, and the observable gauges' callbacks of the first
+    set only, so the queues and slices registered with the second would never be seen.
+    """
     if otel is None:
         return None
-    provider = otel.get_meter_provider() if meter_provider is None else meter_provider
-    found = _by_provider.get(provider)
+    current = otel.get_meter_provider()
+    if meter_provider is None or meter_provider is current:
+        found = _global.get("global")
+        if found is None:
+            found = _global["global"] = _by_provider.get(current) or _make(current)
+        return found
+    found = _by_provider.get(meter_provider)
     if found is None:
-        meter = provider.get_meter(METER_NAME, package_version())
-        found = _by_provider[provider] = _Instruments(meter)
+        found = _by_provider[meter_provider] = _make(meter_provider)
     return found
+
+
+def _make(provider: Any) -> _Instruments:
+    return _Instruments(provider.get_meter(METER_NAME, package_version()))
 
 
 class Metrics:

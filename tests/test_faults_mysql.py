@@ -37,7 +37,7 @@ from casty_sa import (
     SequenceConflict,
 )
 
-from support import dbtools
+from support import dbtools, pools
 from support.mariadb import MariaDBServer
 from support.writers import check_outcomes, run_writers_through
 
@@ -191,6 +191,36 @@ async def test_a_frozen_server_fails_each_call_within_its_budget(
     await journal.save_snapshot("acct", Snapshot(3, "after", 1.0))
     assert [e.event for e in await journal.load("acct")] == [*stored, "after"]
     assert await journal.load_snapshot("acct") == Snapshot(3, "after", 1.0)
+
+
+async def test_health_probes_of_a_frozen_server_hold_one_connection_and_end_in_budget(
+    maria: MariaDBServer, fault_db: URL, make_journal: Callable[..., SAJournal]
+) -> None:
+    """Readiness probes every few seconds of a frozen server: each answers within its own
+    limit, not ok; together they hold at most one pooled connection (one each would take
+    the whole pool and the journal's places at its gate), the check's read ends within the
+    journal's call budget (a pooled connection to a stopped server never ends it on its
+    own), so close() returns; thawed, the database is healthy again."""
+    connect, statement = 1.0, 2.0
+    options = {"connect_timeout": connect, "statement_timeout": statement}
+    journal = fault_journal(make_journal, fault_db, **options)
+    assert (await journal.health()).ok
+    bound = 2 * (connect + statement) + 1.0
+    with frozen(maria):
+        for _ in range(4):
+            health = await asyncio.wait_for(journal.health(within=0.2), bound)
+            assert (health.ok, health.reachable) == (False, False)
+            assert "no answer within 0.2s" in health.message
+            no_password(Exception(repr(health)))
+            assert pools.checked_out(journal.engine) <= 1
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(journal.close(), 2 * bound)
+        except TimeoutError as exc:
+            raise AssertionError("close() waited for a frozen server's health check") from exc
+        assert time.monotonic() - started < bound
+    again = fault_journal(make_journal, fault_db, **options)
+    assert (await asyncio.wait_for(again.health(), 30)).ok
 
 
 async def _first_event(journal: SAJournal) -> object:

@@ -217,6 +217,58 @@ print("ok")
     assert done.stdout.strip() == "ok", done.stderr
 
 
+async def test_journals_made_before_and_after_the_global_provider_is_set(
+    tmp_path: Path,
+) -> None:
+    """The global provider set between two journals (in a process of its own, as the global
+    provider can be set once): the second journal's queue depth is observed too, not
+    lost behind the instruments the first one made on the API's proxy."""
+    script = f"""
+import asyncio, sqlite3, time
+from casty import PersistedEvent
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from casty_sa import SAJournal
+
+def depth(reader):
+    for resource in reader.get_metrics_data().resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == "casty_sa.write.queue_depth":
+                    return sum(point.value for point in metric.data.data_points)
+    return None
+
+async def run():
+    early = SAJournal("sqlite:///{tmp_path / "early.db"}")
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    async with early, SAJournal("sqlite:///{tmp_path / "late.db"}", busy_timeout=100) as late:
+        holder = sqlite3.connect("{tmp_path / "late.db"}", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the late journal's writes queue up behind it
+        calls = [
+            asyncio.ensure_future(late.persist(f"e{{i}}", [PersistedEvent(1, "x", 1.0)]))
+            for i in range(20)
+        ]
+        try:
+            deadline = time.monotonic() + 20
+            while not depth(reader):
+                assert time.monotonic() < deadline, "the queue's depth was never observed"
+                await asyncio.sleep(0.02)
+        finally:
+            holder.execute("ROLLBACK")
+        await asyncio.gather(*calls)
+        assert depth(reader) == 0
+asyncio.run(run())
+print("ok")
+"""
+    command = [sys.executable, "-c", script]
+    done = await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "ok", done.stderr
+
+
 # -- the slow-call warning ---------------------------------------------------------------------
 
 
