@@ -277,6 +277,7 @@ def database_error(
     *,
     secrets: frozenset[str] = frozenset(),
     schema: str | None = None,
+    nothing: str = "nothing of a failed write was stored",
 ) -> JournalError:
     """casty-sa's error for a failed call: refused, tables missing or altered, or unavailable.
 
@@ -292,6 +293,8 @@ def database_error(
         Secrets of the URL to scrub from the driver's text as well.
     schema : str | None
         PostgreSQL schema of the tables, for the ``casty-sa upgrade`` hint.
+    nothing : str
+        What the failure left undone, in lower case (a deletion: "nothing was deleted").
     """
     if isinstance(exc, JournalError):
         return exc
@@ -302,7 +305,7 @@ def database_error(
     if is_schema_mismatch(exc):
         return SchemaError(
             f"casty-sa's tables on {safe_url(url)} are missing or altered (could "
-            f"not {what}: {text}); nothing of a failed write was stored. "
+            f"not {what}: {text}); {nothing}. "
             f"{upgrade_hint(schema)} to create missing tables; a dropped or changed column "
             "must be restored by hand (casty_sa.metadata describes the expected tables)."
         )
@@ -320,8 +323,8 @@ def database_error(
         hint = "check that the database is reachable, then call again"
     return DatabaseUnavailable(
         mask_secrets(
-            f"could not {what} on {safe_url(url)}: {text}. Nothing of a failed "
-            f"write was stored; {hint}.",
+            f"could not {what} on {safe_url(url)}: {text}. {nothing[:1].upper()}{nothing[1:]}; "
+            f"{hint}.",
             secrets,
         )
     )
@@ -351,9 +354,13 @@ class Diagnosis:
         """``exc`` for a message or a log line (see :func:`describe`)."""
         return describe(exc, self.secrets)
 
-    def error(self, exc: BaseException, what: str) -> JournalError:
+    def error(
+        self, exc: BaseException, what: str, nothing: str = "nothing of a failed write was stored"
+    ) -> JournalError:
         """casty-sa's error for a failed call (see :func:`database_error`)."""
-        return database_error(exc, self.url, what, secrets=self.secrets, schema=self.schema)
+        return database_error(
+            exc, self.url, what, secrets=self.secrets, schema=self.schema, nothing=nothing
+        )
 
 
 def migration_error(exc: BaseException, url: URL, what: str) -> JournalError:

@@ -116,7 +116,7 @@ async def probe(
         error = (
             failure
             if isinstance(failure, JournalError)
-            else diagnosis.error(failure, "read the schema revision")
+            else diagnosis.error(failure, "read the schema revision", "nothing was changed")
         )
         if error is not failure:
             error.__cause__ = failure

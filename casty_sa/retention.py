@@ -385,7 +385,7 @@ async def _locked(
                 f"{diagnosis.describe(exc)}, after the commit was sent. The events may or may "
                 "not be deleted; run the same deletion again (it is safe to repeat)"
             ) from exc
-        raise diagnosis.error(exc, what) from exc
+        raise diagnosis.error(exc, what, "nothing was deleted") from exc
 
 
 async def _lock(
