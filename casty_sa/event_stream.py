@@ -242,6 +242,8 @@ class EventStream:
         self._joined = False  # counted among the live readers of the journal's Wakeups
         self._blocked = 0  # pages in a row held back by a running transaction
         self._ahead: asyncio.Future[tuple[int, EventPage]] | None = None  # the next page
+        #: live, and waiting for commits: every event committed so far was handed out
+        self.caught_up = False
 
     def __aiter__(self) -> Self:
         return self
@@ -311,6 +313,7 @@ class EventStream:
             self._after = None
         if not self._live and self._stop == TOP:
             self._stop = page.horizon  # what was committed when the stream started
+        self.caught_up = False
         if len(page.rows) == self._limit:
             # a full page: where reads run beside the loop (a server, a pool), the next one is
             # read while this one is decoded; a page that fails to decode is read again
@@ -331,6 +334,7 @@ class EventStream:
         if not self._live:
             self._done = True
         elif not self._ready:
+            self.caught_up = True  # until a page brings rows again
             await self._wait(ticket, page.blocked)
 
     async def _read(self, cursor: Place) -> tuple[int, EventPage]:

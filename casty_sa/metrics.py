@@ -93,7 +93,8 @@ INSTRUMENTS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
     "casty_sa.projection.lag": (
         "observable gauge", "s", ("projection", "slice"),
         "per slice this process runs: the age of the oldest event it holds and has not yet "
-        "applied; when it holds none, how old its last batch was when applied",
+        "applied; when it holds none: 0 once caught up (waiting for new events), else how old "
+        "its last batch was when applied",
     ),
 }  # fmt: skip
 
@@ -314,12 +315,19 @@ class Instrumented:
         return self._metrics
 
 
+class _Stream(Protocol):
+    """What :class:`SliceLag` reads of a worker's event stream."""
+
+    caught_up: bool
+
+
 class SliceLag:
     """How far behind one projection slice is (``casty_sa.projection.lag``).
 
     The worker calls :meth:`holding` with each batch it took and :meth:`applied` once the
     batch committed. While it holds events, the lag is the age of the oldest (it grows
-    while a failing event is retried); otherwise, the age that event had when applied.
+    while a failing event is retried); while its live stream (:meth:`following`) waits for
+    commits, 0; otherwise, the age the last batch's oldest event had when applied.
 
     Examples
     --------
@@ -328,11 +336,16 @@ class SliceLag:
     True
     """
 
-    __slots__ = ("__weakref__", "_applied", "_oldest")
+    __slots__ = ("__weakref__", "_applied", "_oldest", "_stream")
 
     def __init__(self) -> None:
         self._oldest: float | None = None  # timestamp of the oldest event held
         self._applied: float | None = None
+        self._stream: _Stream | None = None
+
+    def following(self, stream: _Stream | None) -> None:
+        """The stream the worker reads (``None``: none now)."""
+        self._stream = stream
 
     def holding(self, timestamp: float) -> None:
         """The worker took a batch whose oldest event has ``timestamp``."""
@@ -349,6 +362,8 @@ class SliceLag:
         """Seconds behind (``None``: nothing applied or held yet)."""
         if self._oldest is not None:
             return max(0.0, time.time() - self._oldest)
+        if self._stream is not None and self._stream.caught_up:
+            return 0.0  # (an old last batch, e.g. of a rebuild, is not a lag once caught up)
         return self._applied
 
 

@@ -193,6 +193,35 @@ async def test_projection_lag_grows_while_a_slice_holds_an_old_event(
         assert await asyncio.wait_for(catching_up, BOUND) == 1
 
 
+@pytest.mark.only_backends("sqlite")
+async def test_projection_lag_is_zero_once_a_running_slice_has_caught_up(
+    new_journal: Callable[..., SAJournal], meter: Meter
+) -> None:
+    """A running projection that applied an event written 100 s ago (a rebuild) and now waits
+    for new events is not behind: its lag is 0, not the age its last batch had."""
+    journal = new_journal(meter_provider=meter.provider)
+    await journal.persist("acct", [PersistedEvent(1, "old", time.time() - 100)])
+    applied = asyncio.Event()
+
+    async def handler(session: Any, envelope: Any) -> None:
+        applied.set()
+
+    projection = Projection("balances", journal, handler)
+    running = asyncio.ensure_future(projection.run())
+    try:
+        await asyncio.wait_for(applied.wait(), BOUND)
+        deadline = time.monotonic() + BOUND
+        while True:
+            lags = meter.collect().get("casty_sa.projection.lag", (None, []))[1]
+            if lags and lags[0].value == 0.0:
+                break
+            assert time.monotonic() < deadline, [lag.value for lag in lags]
+            await asyncio.sleep(0.02)
+    finally:
+        await projection.stop()
+        await asyncio.wait_for(running, BOUND)
+
+
 async def test_without_opentelemetry_the_journal_records_nothing(tmp_path: Path) -> None:
     """Without the API package (its import blocked) the hooks are no-ops and calls work."""
     script = f"""

@@ -232,6 +232,7 @@ class Worker:
 
     async def _follow(self, after: str | None, live: bool) -> None:
         async with self.settings.stream(after, live) as stream:
+            self.lag.following(stream)
             while not self.stopping.is_set():
                 batch = await self._take(stream)
                 if not batch:
