@@ -53,6 +53,7 @@ __all__ = [
     "MAX_ERA",
     "MAX_TRANSACTION_ID",
     "InvalidOffset",
+    "counter_name",
     "counter_seed",
     "current_era",
     "current_transaction_id",
@@ -348,6 +349,11 @@ def counter_seed(preparer: Any, schema: str | None = None) -> str:
         f"INSERT INTO {counter} (id, {position}) SELECT 1, "
         f"GREATEST(COALESCE(MAX({position}), 0), 0) FROM {events} ON DUPLICATE KEY UPDATE id = id"
     )
+
+
+def counter_name(preparer: Any, schema: str | None = None) -> str:
+    """MySQL/MariaDB: the counter table's name as statements write it."""
+    return _qualified(preparer, "casty_sa_event_counter", schema)
 
 
 def _qualified(preparer: Any, name: str, schema: str | None) -> str:

@@ -3,8 +3,9 @@ of an entity (``forget``).
 
 A deleted sequence number is never used again: each deletion raises the entity's
 tombstone (``casty_sa_tombstones``, migration ``0005``) to the highest number it
-deleted, and every insert of events refuses a row at or below it in the statement
-that inserts it (:func:`casty_sa.ordering.unless_deleted`): the writer's caller gets
+deleted, and every insert of events refuses a row at or below it in its transaction
+(SQLite, PostgreSQL: in the statement that inserts it, :func:`casty_sa.ordering.unless_deleted`;
+MySQL: one statement per packet, ``MySQLBackend._refuse_deleted``): the writer's caller gets
 ``SequenceConflict``, its neighbours in the group are stored.
 
 No write of a deleted number can slip in between: a deleting transaction first takes

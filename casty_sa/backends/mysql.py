@@ -7,7 +7,8 @@ The whole MySQL dialect (see :mod:`casty_sa.dialects`): the URLs it accepts
 The backend: a write group is one transaction sent as one packet of statements
 (both drivers enable multi-statements): the events take their positions from the
 one-row counter (``UPDATE … SET position = LAST_INSERT_ID(position + n)``, see
-:class:`~casty_sa.models.EventCounterRecord`), are inserted in one multi-row
+:class:`~casty_sa.models.EventCounterRecord`), are checked against the tombstones of
+deleted sequence numbers (one statement), are inserted in one multi-row
 ``INSERT``, the snapshots upserted, and ``COMMIT`` ends it. The counter's row lock,
 held until that commit, makes writers commit in position order: the read side's
 no-gap guarantee (:mod:`casty_sa.backends.mysql_reads`). A group over the server's
@@ -41,13 +42,13 @@ from casty_sa.backends.mysql_reads import (
 from casty_sa.codec import ROW_COLUMNS, EventRow, Row
 from casty_sa.dialects import Dialect, register
 from casty_sa.models import mysql_cannot_hold, newer_snapshot_wins, tombstone_table
-from casty_sa.ordering import counter_seed, take_positions
+from casty_sa.ordering import counter_name, counter_seed, take_positions
 
 __all__ = ["MySQLBackend"]
 
 #: Bytes of a statement besides its values, and of each row besides its payload.
 _STATEMENT_OVERHEAD = 1024
-_ROW_OVERHEAD = 256
+_ROW_OVERHEAD = 128
 #: Payloads from this size on are measured as escaped (the drivers escape these bytes with
 #: a backslash), not taken at twice their size.
 _EXACT_FROM = 2**16
@@ -69,13 +70,8 @@ class MySQLBackend(MySQLReading):
         self._take = take_positions(preparer, schema)
         self._seed = counter_seed(preparer, schema)
         events = preparer.format_table(self.events)
-        # a deleted sequence number becomes NULL, refused by NOT NULL in the statement that
-        # inserts it (casty_sa.ordering.unless_deleted): one probe of the key per row
-        tombstones = preparer.format_table(tombstone_table(schema))
-        self._checked = (
-            f"IF(%s <= (SELECT t.sequence_nr FROM {tombstones} AS t WHERE t.entity_id = %s), "
-            "NULL, %s)"
-        )
+        self._tombstones = preparer.format_table(tombstone_table(schema))
+        self._counter = counter_name(preparer, schema)
         self._insert_head = (
             f"INSERT INTO {events} (entity_id, sequence_nr, timestamp, payload, event_type, "
             f"era, transaction_id, {preparer.quote('position')}) VALUES "
@@ -152,6 +148,7 @@ class MySQLBackend(MySQLReading):
         statements: list[tuple[str, list[Any], int]] = []
         if events:
             statements.append((self._take, [len(events)], _STATEMENT_OVERHEAD))
+            statements.append(self._refuse_deleted(events))
             statements += self._event_inserts(events, limit)
         if snapshots:
             statements += await self._snapshot_upserts(conn, snapshots, limit)
@@ -169,6 +166,31 @@ class MySQLBackend(MySQLReading):
         sql.append("COMMIT")
         packets.append(("; ".join(sql), args))
         return packets
+
+    def _refuse_deleted(self, events: Sequence[EventRow]) -> tuple[str, list[Any], int]:
+        """The statement that fails the transaction when a row's sequence number was deleted.
+
+        Right after the counter's ``UPDATE`` (so after a deletion holding the counter has
+        committed: :mod:`casty_sa.retention`), one probe of the tombstones' key per entity
+        of the group, not one per row: the counter's ``id`` set to ``NULL`` (refused by its
+        ``NOT NULL``, error 1048 naming ``id``) when any entity's tombstone reaches the
+        lowest number the group writes for it. Read by the failure rule as a sequence
+        conflict, the callers isolated as for a duplicate key.
+        """
+        lowest: dict[str, int] = {}
+        for entity_id, sequence_nr, *_ in events:
+            lowest.setdefault(entity_id, sequence_nr)  # a call's events ascend, in order
+            lowest[entity_id] = min(lowest[entity_id], sequence_nr)
+        keys = ", ".join(["%s"] * len(lowest))
+        cases = " ".join(["WHEN %s THEN %s"] * len(lowest))
+        sql = (
+            f"UPDATE {self._counter} SET id = IF(EXISTS(SELECT 1 FROM {self._tombstones} AS t "
+            f"WHERE t.entity_id IN ({keys}) AND t.sequence_nr >= CASE t.entity_id {cases} END), "
+            "NULL, id) WHERE id = 1"
+        )
+        args: list[Any] = [*lowest, *(v for pair in lowest.items() for v in pair)]
+        size = _STATEMENT_OVERHEAD + sum(2 * 4 * 2 * len(e) + 48 for e in lowest)
+        return sql, args, size
 
     def _event_inserts(
         self, events: Sequence[EventRow], limit: int
@@ -189,10 +211,8 @@ class MySQLBackend(MySQLReading):
             if rows and size + length > limit:
                 statements.append((self._insert_head + ", ".join(rows), args, size))
                 rows, args, size = [], [], _STATEMENT_OVERHEAD
-            rows.append(
-                f"(%s, {self._checked}, %s, %s, %s, 0, 0, NULLIF(LAST_INSERT_ID(), 0) - {below})"
-            )
-            args += (entity_id, sequence_nr, entity_id, sequence_nr, timestamp, payload, event_type)
+            rows.append(f"(%s, %s, %s, %s, %s, 0, 0, NULLIF(LAST_INSERT_ID(), 0) - {below})")
+            args += (entity_id, sequence_nr, timestamp, payload, event_type)
             size += length
         statements.append((self._insert_head + ", ".join(rows), args, size))
         return statements
@@ -304,7 +324,7 @@ def _bytes_literal(conn: Any, value: bytes) -> str:
 def _row_size(entity_id: str, payload: bytes, event_type: str | None) -> int:
     """The most bytes a row takes in a statement: escaping may double each byte (a large
     payload's escaped size is counted exactly)."""
-    text = 2 * 4 * (2 * len(entity_id) + len(event_type or "")) + _ROW_OVERHEAD
+    text = 2 * 4 * (len(entity_id) + len(event_type or "")) + _ROW_OVERHEAD
     if len(payload) < _EXACT_FROM:
         return 2 * len(payload) + text
     return len(payload) + sum(payload.count(byte) for byte in _ESCAPED) + text
@@ -346,8 +366,8 @@ def _write_failure(exc: Exception, _max_length: int | None) -> BaseException | b
         # only the events' primary key is a sequence number already stored: MySQL names it
         # PRIMARY ('casty_sa_events.PRIMARY' on 8.0); the global order's index is another
         return WriteRefused(exc, duplicate="PRIMARY'" in str(exc))
-    if code == 1048:  # ER_BAD_NULL_ERROR: only the events' insert makes a NULL sequence_nr
-        deleted = "Column 'sequence_nr' cannot be null" in str(exc)  # (unless_deleted)
+    if code == 1048:  # ER_BAD_NULL_ERROR: the counter's NULL id is a deleted sequence number
+        deleted = "Column 'id' cannot be null" in str(exc)  # (MySQLBackend._refuse_deleted)
         return WriteRefused(exc, duplicate=deleted)
     if code in _REFUSED:
         return WriteRefused(exc, duplicate=False)
