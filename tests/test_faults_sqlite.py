@@ -441,15 +441,10 @@ def wal_fsync_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
-@pytest.mark.parametrize("mode", ["single", "transaction", "app-engine"])
-async def test_an_io_error_while_committing_is_commit_outcome_unknown(
-    tmp_path: Path, wal_fsync_shim: Path, mode: str
-) -> None:
-    """The WAL's fsync fails (EIO) at commit: the commit frame may already be in the WAL, so
-    "nothing stored" would be a lie; the rows may show up once the WAL is read again."""
-    path = tmp_path / "eio.db"
-    flag = tmp_path / "fail-now"
-    env = {**os.environ, "LD_PRELOAD": str(wal_fsync_shim), "FAIL_WAL_SYNC_FLAG": str(flag)}
+async def _eio_writer(path: Path, shim: Path, mode: str) -> dict[str, Any]:
+    """Run ``eio_writer.py`` on ``path`` under the fsync-failing shim; the outcome it printed."""
+    flag = path.parent / "fail-now"
+    env = {**os.environ, "LD_PRELOAD": str(shim), "FAIL_WAL_SYNC_FLAG": str(flag)}
     run = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, str(processes.EIO_WRITER), sqlite_url(path), str(flag), mode],
@@ -458,7 +453,18 @@ async def test_an_io_error_while_committing_is_commit_outcome_unknown(
         timeout=120,
     )
     assert run.returncode == 0, run.stderr.decode()[-2000:]
-    outcome = json.loads(run.stdout.decode().strip().splitlines()[-1])
+    outcome: dict[str, Any] = json.loads(run.stdout.decode().strip().splitlines()[-1])
+    return outcome
+
+
+@pytest.mark.parametrize("mode", ["single", "transaction", "app-engine"])
+async def test_an_io_error_while_committing_is_commit_outcome_unknown(
+    tmp_path: Path, wal_fsync_shim: Path, mode: str
+) -> None:
+    """The WAL's fsync fails (EIO) at commit: the commit frame may already be in the WAL, so
+    "nothing stored" would be a lie; the rows may show up once the WAL is read again."""
+    path = tmp_path / "eio.db"
+    outcome = await _eio_writer(path, wal_fsync_shim, mode)
     assert outcome["error"] == "CommitOutcomeUnknown", outcome
     assert "may or may not be stored" in outcome["message"]
     assert "I/O error" in outcome["message"]
@@ -481,17 +487,7 @@ async def test_an_io_error_while_committing_a_deletion_is_commit_outcome_unknown
     commit frame may be in the WAL); whatever the next process finds, it is the whole
     deletion with its tombstone, or none of it."""
     path = tmp_path / "eio.db"
-    flag = tmp_path / "fail-now"
-    env = {**os.environ, "LD_PRELOAD": str(wal_fsync_shim), "FAIL_WAL_SYNC_FLAG": str(flag)}
-    run = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, str(processes.EIO_WRITER), sqlite_url(path), str(flag), "delete"],
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr.decode()[-2000:]
-    outcome = json.loads(run.stdout.decode().strip().splitlines()[-1])
+    outcome = await _eio_writer(path, wal_fsync_shim, "delete")
     assert outcome["error"] == "CommitOutcomeUnknown", outcome
     assert "may or may not be deleted" in outcome["message"]
     fresh = SAJournal(sqlite_url(path))

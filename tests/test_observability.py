@@ -239,11 +239,7 @@ async def run():
 asyncio.run(run())
 print("ok")
 """
-    command = [sys.executable, "-c", script]
-    done = await asyncio.to_thread(
-        subprocess.run, command, capture_output=True, text=True, timeout=60
-    )
-    assert done.stdout.strip() == "ok", done.stderr
+    await _prints_ok(script)
 
 
 async def test_journals_made_before_and_after_the_global_provider_is_set(
@@ -291,11 +287,7 @@ async def run():
 asyncio.run(run())
 print("ok")
 """
-    command = [sys.executable, "-c", script]
-    done = await asyncio.to_thread(
-        subprocess.run, command, capture_output=True, text=True, timeout=60
-    )
-    assert done.stdout.strip() == "ok", done.stderr
+    await _prints_ok(script)
 
 
 # -- the slow-call warning ---------------------------------------------------------------------
@@ -445,3 +437,13 @@ def test_the_docs_table_lists_each_instrument_as_the_code_records_it() -> None:
                 meaning.replace("`", ""),
             )
     assert rows == INSTRUMENTS
+
+
+async def _prints_ok(script: str) -> None:
+    """Run ``script`` in a fresh interpreter (its process-wide OpenTelemetry state its own);
+    it must print ``ok``."""
+    command = [sys.executable, "-c", script]
+    done = await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "ok", done.stderr
