@@ -1506,6 +1506,9 @@ async def test_a_server_frozen_during_a_deletion_fails_it_within_its_budget(
         deletion = asyncio.ensure_future(journal.delete_events("acct", 2))
 
         async def waiting() -> bool:
+            # (the holder is in a transaction, where pg_stat_activity is read once and kept:
+            # a first look before the deletion waited would be all it ever sees)
+            await holder.execute("SELECT pg_stat_clear_snapshot()")
             rows = await holder.fetch(
                 "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                 "AND query LIKE 'LOCK TABLE%' AND datname = current_database()"
