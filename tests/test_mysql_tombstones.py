@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 from casty import PersistedEvent
 from sqlalchemy import URL
+from sqlalchemy.ext.asyncio import create_async_engine
 
 import casty_sa
 from casty_sa import SAJournal, SequenceConflict
 from casty_sa.backends.failures import WriteRefused
 
-from support import dbtools
+from support import dbtools, pools
 from support.mariadb import MariaDBServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -119,3 +120,24 @@ async def test_a_group_over_several_packets_is_checked_whole(
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
     assert isinstance(outcomes[90], SequenceConflict)
     assert outcomes[:90] + outcomes[91:] == [None] * 99
+
+
+async def test_a_deleted_number_is_a_conflict_in_any_language(
+    new_mysql_db: NewDb, make_journal: Callable[..., SAJournal]
+) -> None:
+    """A server (or session) answering in German says "Feld 'id' darf nicht NULL sein":
+    still a sequence conflict, not a refusal of the values."""
+    url = await new_mysql_db()
+    settings = "SET SESSION lc_messages = 'de_DE', sql_mode = 'STRICT_ALL_TABLES'"
+    app = create_async_engine(url, connect_args={"init_command": settings})
+    pools.watch(app)
+    try:
+        journal = make_journal(app)
+        await journal.persist("a", ev(1, 2))
+        await journal.delete_events("a", 1, force=True)
+        with pytest.raises(SequenceConflict):
+            await journal.persist("a", ev(1))
+        await journal.persist("a", ev(3))
+        await journal.close()
+    finally:
+        await app.dispose()

@@ -389,7 +389,8 @@ def _write_failure(exc: Exception, _max_length: int | None) -> BaseException | b
         # PRIMARY ('casty_sa_events.PRIMARY' on 8.0); the global order's index is another
         return WriteRefused(exc, duplicate="PRIMARY'" in str(exc))
     if code == 1048:  # ER_BAD_NULL_ERROR: the counter's NULL id is a deleted sequence number
-        deleted = "Column 'id' cannot be null" in str(exc)  # (MySQLBackend._refuse_deleted)
+        # (MySQLBackend._refuse_deleted); the column's name alone: lc_messages translates
+        deleted = "'id'" in str(exc)  # the rest ("Feld 'id' darf nicht NULL sein")
         return WriteRefused(exc, duplicate=deleted)
     if code in _REFUSED:
         return WriteRefused(exc, duplicate=False)
