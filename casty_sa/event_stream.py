@@ -334,7 +334,9 @@ class EventStream:
         if not self._live:
             self._done = True
         elif not self._ready:
-            self.caught_up = True  # until a page brings rows again
+            # until a page brings rows again; never while a running transaction holds
+            # committed rows back (the reader is behind them, however old they get)
+            self.caught_up = not page.blocked
             await self._wait(ticket, page.blocked)
 
     async def _read(self, cursor: Place) -> tuple[int, EventPage]:

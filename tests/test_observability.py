@@ -447,3 +447,41 @@ async def _prints_ok(script: str) -> None:
         subprocess.run, command, capture_output=True, text=True, timeout=60
     )
     assert done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.only_backends("postgresql")
+@pytest.mark.only_drivers("asyncpg")
+async def test_projection_lag_is_not_zero_while_a_running_transaction_holds_events_back(
+    new_journal: Callable[..., SAJournal], db_url: URL, meter: Meter
+) -> None:
+    """A transaction still running below a committed event 100 s old holds that event back
+    from the live stream: the slice is behind, not caught up (its lag was 0)."""
+    from test_read_side import HeldWrite
+
+    journal = new_journal(meter_provider=meter.provider)
+    held = HeldWrite(db_url, "late")
+    await held.begin()
+    try:
+        await journal.persist("acct", [PersistedEvent(1, "old", time.time() - 100)])
+
+        async def handler(session: Any, envelope: Any) -> None:
+            pass
+
+        projection = Projection("balances", journal, handler)
+        running = asyncio.ensure_future(projection.run())
+        try:
+            deadline = time.monotonic() + BOUND
+            while True:  # until the worker's stream waits at a page the transaction holds
+                workers = [worker for worker, _ in projection._workers.values()]
+                stream = workers[0].lag._stream if workers else None
+                if stream is not None and getattr(stream, "_blocked", 0) > 0:
+                    break
+                assert time.monotonic() < deadline, "the stream never met the held page"
+                await asyncio.sleep(0.02)
+            lags = meter.collect().get("casty_sa.projection.lag", (None, []))[1]
+            assert all(lag.value != 0.0 for lag in lags), [lag.value for lag in lags]
+        finally:
+            await projection.stop()
+            await asyncio.wait_for(running, BOUND)
+    finally:
+        await held.end(commit=False)
