@@ -34,6 +34,7 @@ from casty_sa.ordering import take_positions
 from casty_sa.projections import Projection
 
 from support import dbtools
+from support.held_write import HeldWrite
 from support.processes import free_port
 
 PASSWORD = "s3cret-Health-pw"
@@ -456,7 +457,6 @@ async def test_projection_lag_is_not_zero_while_a_running_transaction_holds_even
 ) -> None:
     """A transaction still running below a committed event 100 s old holds that event back
     from the live stream: the slice is behind, not caught up (its lag was 0)."""
-    from test_read_side import HeldWrite
 
     journal = new_journal(meter_provider=meter.provider)
     held = HeldWrite(db_url, "late")
