@@ -288,9 +288,11 @@ class _Run:
         self.report.batches += 1
         journal = self.journal
         # the journal's own settings: its schema, its wording of errors, a memory database's
-        # one connection taken in turn
+        # one connection taken in turn; on its own task (a cancel mid-statement would drop
+        # the connection: a memory database's whole content)
         options = journal._retention()
-        return await delete_up_to(journal.engine, cuts, force=force, **options)
+        work = delete_up_to(journal.engine, cuts, force=force, **options)
+        return await journal._inflight.shielded(work)
 
     def _progress(self) -> None:
         if self.on_progress is not None:

@@ -57,6 +57,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from casty_sa.backends.base import Backend
 from casty_sa.backends.postgresql_drivers import driver_for
+from casty_sa.calls import Inflight
 from casty_sa.codec import check_entity_id
 from casty_sa.diagnosis import Diagnosis
 from casty_sa.dialects import Timeouts
@@ -111,6 +112,7 @@ class RetentionCalls:
     _backend: Backend
     _diagnosis: Diagnosis
     _timeouts: Timeouts | None
+    _inflight: Inflight
 
     async def start(self) -> None:  # SAJournal's
         raise NotImplementedError
@@ -123,12 +125,17 @@ class RetentionCalls:
         Never beyond the latest snapshot unless ``force`` (:class:`DeletionRefused`,
         nothing deleted). A deleted sequence number is never used again: a later
         ``persist`` of it is a ``SequenceConflict``, and ``highest_sequence_nr`` still
-        counts it. Writers wait while it runs (see :mod:`casty_sa.retention`).
+        counts it. Writers wait while it runs (see :mod:`casty_sa.retention`). A caller
+        cancelled meanwhile leaves the deletion to finish (or fail) on its own, as a write.
         """
         check_entity_id(entity_id)
         await self.start()
-        cuts = await delete_up_to(
-            self._engine, [(entity_id, to_sequence_nr)], force=force, **self._retention()
+        # on its own task, as a write: a caller cancelled mid-statement would leave the
+        # connection dropped by SQLAlchemy (a memory database's one connection: all of it)
+        cuts = await self._inflight.shielded(
+            delete_up_to(
+                self._engine, [(entity_id, to_sequence_nr)], force=force, **self._retention()
+            )
         )
         return cuts[0].deleted
 
@@ -141,7 +148,7 @@ class RetentionCalls:
         """
         check_entity_id(entity_id)
         await self.start()
-        return await forget(self._engine, entity_id, **self._retention())
+        return await self._inflight.shielded(forget(self._engine, entity_id, **self._retention()))
 
     def _retention(self) -> dict[str, Any]:
         timeouts = self._timeouts

@@ -293,3 +293,45 @@ async def test_a_write_that_waited_for_a_deletion_meets_its_tombstone(
     assert outcomes[1] is None, outcomes
     assert await numbers(writer, "a") == [3]
     assert await numbers(writer, "b") == [1]
+
+
+async def test_a_cancelled_deletion_leaves_a_memory_journal_whole(
+    make_journal: Callable[..., SAJournal],
+) -> None:
+    """REVIEW (revd): the caller of ``delete_events`` on a memory journal is cancelled while
+    the DELETE runs on the database's one connection. SQLAlchemy dropped (invalidated) a
+    connection whose statement was cut off by a cancel, and the StaticPool opened a new one:
+    an empty memory database, every entity's events and the tables gone ("no such table").
+    The deletion now runs to its end on its own, as a write does: the journal stays whole."""
+    import threading
+
+    journal = make_journal("sqlite://")
+    await journal.persist("a", events(1, 2, 3))
+    await journal.persist("kept", events(1))
+    await journal.save_snapshot("a", Snapshot(2, "s", 2.0))
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> int:  # runs on aiosqlite's thread, inside the DELETE statement
+        entered.set()
+        release.wait(30)
+        return 0
+
+    async with journal._backend.turn(), journal.engine.begin() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        await raw.create_function("casty_sa_test_hold", 0, hold)
+        await conn.exec_driver_sql(
+            "CREATE TEMP TRIGGER held AFTER DELETE ON casty_sa_events "
+            "BEGIN SELECT casty_sa_test_hold(); END"
+        )
+    deletion = asyncio.ensure_future(journal.delete_events("a", 2))
+    try:
+        assert await asyncio.to_thread(entered.wait, 30), "the DELETE never ran"
+        deletion.cancel()  # (the statement's future is cancelled at once)
+    finally:
+        release.set()
+    await asyncio.wait_for(asyncio.gather(deletion, return_exceptions=True), 30)
+    assert await asyncio.wait_for(numbers(journal, "kept"), 30) == [1]
+    assert await numbers(journal, "a") in ([1, 2, 3], [3])
+    await journal.persist("a", events(4))
+    assert (await numbers(journal, "a"))[-1] == 4
