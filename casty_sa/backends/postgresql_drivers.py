@@ -410,6 +410,7 @@ def _refuse_if_ended(conn: Any) -> None:
 #: application's ``LISTEN`` on a connection of the engine it shares), a notice, a parameter's
 #: new value
 _HARMLESS = frozenset(b"ANS")
+_LOOK = 1 << 16  # bytes _ended looks at
 
 
 def _ended(pgconn: Any) -> bool:
@@ -418,13 +419,14 @@ def _ended(pgconn: Any) -> bool:
     Read with ``MSG_PEEK``, so nothing is taken from psycopg: the end of the stream, or any
     message but whole notifications, notices and parameter changes, is a goodbye. Over TLS
     the bytes cannot be read without being consumed, so anything waiting counts as one
-    (an application's pending notification then costs it that connection).
+    (an application's pending notification then costs it that connection); so does more
+    than the look takes in (a goodbye may wait behind 64 KiB of notifications).
     """
     if pgconn.ssl_in_use:
         return True
     with socket.socket(fileno=os.dup(pgconn.socket)) as sock:
         try:
-            waiting = sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            waiting = sock.recv(_LOOK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         except OSError:
@@ -436,7 +438,7 @@ def _ended(pgconn: Any) -> bool:
         if at + 5 > len(waiting):
             break  # a harmless message still arriving
         at += 1 + int.from_bytes(waiting[at + 1 : at + 5], "big")
-    return not waiting
+    return not waiting or len(waiting) == _LOOK  # (full: what is behind it is unseen)
 
 
 def _shut(conn: Any) -> None:
