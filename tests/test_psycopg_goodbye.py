@@ -1,4 +1,4 @@
-"""REVIEW (revd): the server's goodbye to an idle psycopg connection of the journal, found
+"""The server's goodbye to an idle psycopg connection of the journal, found
 behind what else waits in its socket (an application's notifications, a notice): the write
 goes on another connection, never reported as an unknown outcome."""
 
