@@ -369,7 +369,7 @@ async def _locked(
     """
     diagnosis = diagnosis or Diagnosis(engine.url, schema=schema)
     lock_timeout, each = bounds
-    committing = False
+    committing = committed = False
     try:
         async with (turn or nullcontext)(), asyncio.timeout(None) as timer:
             step = _Steps(timer, each)
@@ -382,9 +382,14 @@ async def _locked(
                     committing = True
                     step.arm()
                     await transaction.commit()
+                    committed = True
             finally:
                 step.disarm()
     except Exception as exc:
+        if committed:
+            # the bound fired while the connection went back to the pool (it is dropped, not
+            # reset): the deletion is committed, and that is the caller's answer
+            return
         if isinstance(exc, JournalError):
             raise
         if committing:
