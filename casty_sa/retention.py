@@ -223,9 +223,9 @@ async def delete_up_to(
     if len(set(entities)) != len(entities):
         raise InvalidEventError("an entity may appear once in the cuts of one deletion")
     what = (
-        f"delete events of {len(cuts)} entities"
-        if len(cuts) != 1
-        else (f"delete events of {entities[0]!r}")
+        f"delete events of {entities[0]!r}"
+        if len(cuts) == 1
+        else (f"delete events of {len(cuts)} entities")
     )
     bounds = (lock_timeout, statement_timeout)
     async with _locked(engine, schema, turn, diagnosis, what, bounds) as conn:

@@ -187,8 +187,7 @@ class MySQLBackend(MySQLReading):
         """
         lowest: dict[str, int] = {}
         for entity_id, sequence_nr, *_ in events:
-            lowest.setdefault(entity_id, sequence_nr)  # a call's events ascend, in order
-            lowest[entity_id] = min(lowest[entity_id], sequence_nr)
+            lowest[entity_id] = min(lowest.get(entity_id, sequence_nr), sequence_nr)
         statements: list[tuple[str, list[Any], int]] = []
         chunk: dict[str, int] = {}
         size = _STATEMENT_OVERHEAD

@@ -40,8 +40,11 @@ __all__ = [
     "ExitCode",
     "Parser",
     "UsageError",
+    "add_offsets_options",
+    "add_payload_options",
     "describe_failure",
     "error",
+    "offsets_place",
     "optional_url",
     "positive_int",
     "url",
@@ -264,6 +267,33 @@ def describe_failure(exc: BaseException, args: argparse.Namespace) -> str:
     # --migrate where ``import`` has it, else nothing
     hint = ", or pass --migrate to casty-sa import" if args.command == "import" else ""
     return _LIBRARY_MIGRATE_HINT.sub(hint, message)
+
+
+def add_offsets_options(parser: argparse.ArgumentParser) -> None:
+    """``--offsets-url`` and ``--offsets-schema``: where a command finds the projections'
+    offsets table when the read model lives in another database."""
+    parser.add_argument(
+        "--offsets-url",
+        metavar="URL",
+        help="the read model's database, holding casty_sa_projection_offsets "
+        "(default: --url); the password is never printed",
+    )
+    parser.add_argument(
+        "--offsets-schema", metavar="NAME", help="PostgreSQL schema of the offsets table"
+    )
+
+
+def offsets_place(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The offsets table's own database (``--offsets-url``; ``None``: the journal's) and its
+    schema; a schema the URL's database cannot have is a usage error, before connecting."""
+    if args.offsets_url is None:
+        return None, args.offsets_schema or args.schema
+    found: str = args.offsets_url
+    backend = to_async_url(found).get_backend_name()
+    refused = unsupported_schema(backend, args.offsets_schema, "--offsets-schema ")
+    if refused is not None:
+        raise UsageError(refused)
+    return found, args.offsets_schema
 
 
 def add_payload_options(parser: argparse.ArgumentParser) -> None:

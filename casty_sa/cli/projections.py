@@ -29,7 +29,15 @@ import json
 import sys
 from typing import Any
 
-from casty_sa.cli.common import Commands, ExitCode, UsageError, url, where
+from casty_sa.cli.common import (
+    Commands,
+    ExitCode,
+    UsageError,
+    add_offsets_options,
+    offsets_place,
+    url,
+    where,
+)
 from casty_sa.cli.text import (
     DIM,
     RED,
@@ -40,7 +48,6 @@ from casty_sa.cli.text import (
     table,
     terminal_style,
 )
-from casty_sa.migrate import unsupported_schema
 from casty_sa.projections.admin import (
     SliceReport,
     reset_projection,
@@ -49,7 +56,6 @@ from casty_sa.projections.admin import (
 )
 from casty_sa.projections.status import LAG_LIMIT
 from casty_sa.transfer import require_existing_database
-from casty_sa.urls import to_async_url
 
 __all__ = ["as_dict", "register", "render"]
 
@@ -64,15 +70,7 @@ def register(commands: Commands) -> None:
     )
     projections.add_argument("action", nargs="?", choices=["reset"], help="reset NAME")
     projections.add_argument("name", nargs="?", metavar="NAME", help="the projection to reset")
-    projections.add_argument(
-        "--offsets-url",
-        metavar="URL",
-        help="the read model's database, holding casty_sa_projection_offsets "
-        "(default: --url); the password is never printed",
-    )
-    projections.add_argument(
-        "--offsets-schema", metavar="NAME", help="PostgreSQL schema of the offsets table"
-    )
+    add_offsets_options(projections)
     projections.add_argument("--json", action="store_true", help="print JSON")
     projections.add_argument(
         "--no-lag", action="store_true", help="do not read the journal to measure the lag"
@@ -170,14 +168,8 @@ def _reset(args: argparse.Namespace) -> int:
 
 def _offsets(args: argparse.Namespace) -> tuple[str, str | None]:
     """The offsets table's database (``--offsets-url``, else the journal's) and schema."""
-    if args.offsets_url is None:
-        return url(args), args.offsets_schema or args.schema
-    found: str = args.offsets_url
-    backend = to_async_url(found).get_backend_name()
-    refused = unsupported_schema(backend, args.offsets_schema, "--offsets-schema ")
-    if refused is not None:
-        raise UsageError(refused)
-    return found, args.offsets_schema
+    found, schema = offsets_place(args)
+    return found or url(args), schema
 
 
 # -- output ------------------------------------------------------------------------------------

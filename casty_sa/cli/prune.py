@@ -31,7 +31,15 @@ import time
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from casty_sa.cli.common import Commands, ExitCode, UsageError, positive_int, url
+from casty_sa.cli.common import (
+    Commands,
+    ExitCode,
+    UsageError,
+    add_offsets_options,
+    offsets_place,
+    positive_int,
+    url,
+)
 from casty_sa.cli.text import printable
 from casty_sa.journal import SAJournal
 from casty_sa.prune import (
@@ -43,7 +51,6 @@ from casty_sa.prune import (
     projection_holds,
     prune,
 )
-from casty_sa.urls import to_async_url
 
 __all__ = ["ProgressLine", "as_dict", "parse_time", "register", "summary"]
 
@@ -118,14 +125,7 @@ def _add_projection_options(command: argparse.ArgumentParser) -> None:
         help="leave this projection out (one that will never run again, or whose filters "
         "skip the entities); repeat for more",
     )
-    command.add_argument(
-        "--offsets-url",
-        metavar="URL",
-        help="the read model's database, holding casty_sa_projection_offsets (default: --url)",
-    )
-    command.add_argument(
-        "--offsets-schema", metavar="NAME", help="PostgreSQL schema of the offsets table"
-    )
+    add_offsets_options(command)
 
 
 def parse_time(text: str, now: float | None = None) -> float:
@@ -209,18 +209,11 @@ async def _holds(args: argparse.Namespace, journal: SAJournal) -> Holds | None:
     """The projections whose unhandled events stay (``None``: ``--ignore-projections``)."""
     if args.ignore_projections:
         return None
-    if args.offsets_url is None:
-        return await projection_holds(
-            journal.engine,
-            schema=args.offsets_schema or args.schema,
-            ignore=args.ignore_projection,
-        )
-    to_async_url(args.offsets_url)  # an unsupported URL is refused before connecting
+    offsets, schema = offsets_place(args)  # (an unsupported URL refused before connecting)
+    if offsets is None:
+        return await projection_holds(journal.engine, schema=schema, ignore=args.ignore_projection)
     return await projection_holds(
-        args.offsets_url,
-        schema=args.offsets_schema,
-        ignore=args.ignore_projection,
-        connect_timeout=args.connect_timeout,
+        offsets, schema=schema, ignore=args.ignore_projection, connect_timeout=args.connect_timeout
     )
 
 
